@@ -1,0 +1,212 @@
+"""Capture: run a corpus through a model to one hook point and write an activation store.
+
+    monoscope capture --model default --corpus default --hook resid_post.15 --tokens 1M --out runs/x/acts
+
+The forward stops right after the hooked block. Contexts are formed deterministically from the
+corpus, batched so that every shard boundary is a batch boundary, and written shard by shard; a
+killed capture run again with the same arguments resumes after its last intact shard and ends with
+the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monoscope import __version__
+from monoscope.corpus import Corpus, iter_contexts, open_corpus
+from monoscope.errors import MonoscopeError, StoreError
+from monoscope.model import LoadedModel, load_model
+from monoscope.model.hooks import HookPoint
+from monoscope.progress import progress_bar
+from monoscope.store.manifest import Manifest, RowPolicy
+from monoscope.store.writer import StoreWriter
+
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What determines a store's content; two captures with equal configs write equal bytes."""
+
+    tokens: int
+    """How many tokens to capture (rounded up to whole contexts); the corpus may run out first."""
+    ctx_len: int = 128
+    """Tokens per context, BOS included."""
+    dtype: str = "bfloat16"
+    """Storage dtype: bfloat16 halves the disk of float32 at a relative error of ~0.2% per row."""
+    batch_contexts: int = 32
+    """Contexts per forward pass."""
+    contexts_per_shard: int = 128
+    """Contexts per shard file (a multiple of batch_contexts): ~19 MB for d_model 576 in bf16."""
+    exclude_bos: bool = True
+    """Mark position 0 as not-for-training (see RowPolicy)."""
+    outlier_factor: float = 10.0
+    """Mark rows whose norm exceeds this multiple of the median as not-for-training; 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.tokens <= 0:
+            raise MonoscopeError(f"--tokens {self.tokens}: must be a positive number of tokens, e.g. 1M")
+        if self.ctx_len < 2:
+            raise MonoscopeError(f"--ctx-len {self.ctx_len}: must be at least 2 (BOS plus one token)")
+        if self.dtype not in STORE_DTYPES:
+            raise MonoscopeError(f"--dtype {self.dtype!r}: use one of {', '.join(STORE_DTYPES)}")
+        if self.batch_contexts <= 0 or self.contexts_per_shard <= 0:
+            raise MonoscopeError("--batch-contexts and --contexts-per-shard must be positive")
+        if self.contexts_per_shard % self.batch_contexts:
+            raise MonoscopeError(
+                f"--contexts-per-shard {self.contexts_per_shard} must be a multiple of --batch-contexts "
+                f"{self.batch_contexts}, so a resumed capture batches exactly like an uninterrupted one"
+            )
+        if self.outlier_factor < 0:
+            raise MonoscopeError(f"--outlier-factor {self.outlier_factor}: must be >= 0 (0 disables)")
+
+    @property
+    def n_contexts(self) -> int:
+        return -(-self.tokens // self.ctx_len)
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    folder: Path
+    manifest: Manifest
+    resumed_contexts: int  # contexts found already written (0 for a fresh capture)
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse_count(text: str | int) -> int:
+    """`1M`, `50k`, `2.5M`, `1e6` or a plain integer."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    mult = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if mult != 1 else s)
+    except ValueError:
+        raise MonoscopeError(f"cannot read {text!r} as a count: use a number like 500000, 500k or 2M") from None
+    return int(value * mult)
+
+
+def tokenizer_record(lm: LoadedModel) -> dict[str, Any]:
+    bos, sep = lm.special_ids()
+    conv = lm.tokenizer.convert_ids_to_tokens
+    return {"sha256": lm.tokenizer_sha256, "bos_id": bos, "bos_token": conv(bos),
+            "sep_id": sep, "sep_token": None if sep is None else conv(sep),
+            "vocab_size": len(lm.tokenizer)}
+
+
+def config_key(lm: LoadedModel, hp: HookPoint, corpus_fp: str, cfg: CaptureConfig) -> str:
+    ident = {k: v for k, v in lm.identity().items() if k != "spec"}
+    blob = json.dumps({"model": ident, "hook": str(hp), "corpus": corpus_fp, "cfg": vars(cfg),
+                       "tokenizer": tokenizer_record(lm), "compute": lm.compute_dtype,
+                       "device": lm.device.type}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int) -> Iterator[torch.Tensor]:
+    """Token ids [batch, ctx_len] in the corpus's deterministic order; the last batch may be short."""
+    bos, sep = lm.special_ids()
+    it = iter(iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep))
+    while chunk := list(itertools.islice(it, batch)):
+        yield torch.as_tensor(chunk, dtype=torch.int64).reshape(len(chunk), ctx_len)
+
+
+def capture(
+    out: str | Path,
+    *,
+    model: str | LoadedModel = "default",
+    corpus: str | Corpus = "default",
+    hook: str | None = None,
+    tokens: int | str = 100_000,
+    ctx_len: int = 128,
+    dtype: str = "bfloat16",
+    batch_contexts: int = 32,
+    contexts_per_shard: int = 128,
+    exclude_bos: bool = True,
+    outlier_factor: float = 10.0,
+    device: str | None = "auto",
+    compute_dtype: str = "auto",
+    text_field: str = "text",
+    strict_utf8: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CaptureResult:
+    """Capture activations at `hook` into the store folder `out`, resuming an unfinished one."""
+    cfg = CaptureConfig(tokens=parse_count(tokens), ctx_len=ctx_len, dtype=dtype, batch_contexts=batch_contexts,
+                        contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
+                        outlier_factor=outlier_factor)
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"--out {folder} is a file: pass a folder for the store")
+    corp = open_corpus(corpus, text_field=text_field, strict_utf8=strict_utf8) if isinstance(corpus, str) else corpus
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, compute_dtype=compute_dtype)
+    hp = lm.hook(hook)
+    key = config_key(lm, hp, corp.fingerprint(), cfg)
+    writer = StoreWriter(folder, key, overwrite=overwrite)
+    if writer.complete is not None:
+        return CaptureResult(folder, writer.complete, writer.complete.n_contexts, 0, 0.0)
+
+    resumed = writer.done_contexts
+    store_dtype = STORE_DTYPES[cfg.dtype]
+    t0 = time.perf_counter()
+    new_contexts = 0
+    buf_tok: list[torch.Tensor] = []
+    buf_act: list[torch.Tensor] = []
+
+    def flush() -> None:
+        toks, acts = torch.cat(buf_tok), torch.cat(buf_act)
+        if writer.row_policy is None:
+            writer.set_row_policy(RowPolicy.measured(acts, cfg.exclude_bos, cfg.outlier_factor))
+        policy = writer.row_policy
+        assert policy is not None
+        writer.add_shard(toks, acts, policy.keep(acts))
+        buf_tok.clear()
+        buf_act.clear()
+
+    batches = batched_contexts(lm, corp, cfg.ctx_len, cfg.batch_contexts)
+    with progress_bar("capture", total=cfg.n_contexts * cfg.ctx_len, unit="tok", enabled=progress) as bar:
+        bar.update(resumed * cfg.ctx_len)
+        done = 0
+        for ids in batches:
+            if done + len(ids) <= resumed:  # already in an intact shard: tokenised, not recomputed
+                done += len(ids)
+                continue
+            ids = ids[: cfg.n_contexts - done]
+            acts = lm.acts(hp, ids).to(store_dtype).cpu()
+            buf_tok.append(ids.to(torch.int32))
+            buf_act.append(acts)
+            done += len(ids)
+            new_contexts += len(ids)
+            bar.update(len(ids) * cfg.ctx_len)
+            if sum(len(b) for b in buf_tok) >= cfg.contexts_per_shard:
+                flush()
+            if done >= cfg.n_contexts:
+                break
+        if buf_tok:
+            flush()
+    if not writer.shards:
+        raise StoreError(f"no contexts were captured from corpus {corp.describe().get('path', 'default')}")
+
+    manifest = Manifest(
+        model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
+        tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
+        corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
+        capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
+                 "monoscope_version": __version__},
+        requested_tokens=cfg.tokens,
+    )
+    writer.finish(manifest)
+    return CaptureResult(folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0)

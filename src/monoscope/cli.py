@@ -1,0 +1,129 @@
+"""The `monoscope` command: a thin layer over the Python API, one subcommand per stage.
+
+Every command checks its inputs before heavy work, prints a one-line error (no traceback) for any
+problem the user can fix, and ends by saying where its output is and what to run next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from monoscope import __version__
+from monoscope.errors import MonoscopeError
+
+DEFAULT_RUN = Path("runs/default")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="Hugging Face id, local folder, .gguf file, or 'default' (SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="forward precision: auto = bf16 autocast where fast (AMX/AVX512-BF16 CPU, CUDA), else fp32")
+
+
+def _add_capture_args(p: argparse.ArgumentParser, *, tokens_default: str | None) -> None:
+    _add_model_args(p)
+    p.add_argument("--corpus", default="default",
+                   help="'default' (offline mix of prose, code, 100+ languages), .txt, .jsonl, .parquet, "
+                        "or a local Hugging Face dataset folder")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl / column of .parquet (default: text)")
+    p.add_argument("--strict-utf8", action="store_true", help="reject non-UTF-8 bytes instead of replacing them")
+    p.add_argument("--hook", default=None, help="hook point, e.g. resid_post.15 (default: resid_post at the middle layer)")
+    p.add_argument("--tokens", default=tokens_default, required=tokens_default is None,
+                   help="tokens to capture: 500000, 500k, 2M")
+    p.add_argument("--ctx-len", type=int, default=128, help="tokens per context, BOS included (default 128)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="storage dtype")
+    p.add_argument("--batch-contexts", type=int, default=32, help="contexts per forward pass (default 32)")
+    p.add_argument("--contexts-per-shard", type=int, default=128, help="contexts per shard file (default 128)")
+    p.add_argument("--keep-bos", action="store_true", help="let training see position 0 (the BOS) too")
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="exclude rows with norm > this x the median from training (0: keep all; default 10)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different store already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _capture(args: argparse.Namespace, out: Path) -> None:
+    from monoscope.capture import capture
+    from monoscope.report import print_store_summary
+
+    res = capture(out, model=args.model, corpus=args.corpus, hook=args.hook, tokens=args.tokens,
+                  ctx_len=args.ctx_len, dtype=args.dtype, batch_contexts=args.batch_contexts,
+                  contexts_per_shard=args.contexts_per_shard, exclude_bos=not args.keep_bos,
+                  outlier_factor=args.outlier_factor, device=args.device, compute_dtype=args.compute_dtype,
+                  text_field=args.text_field, strict_utf8=args.strict_utf8, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    print_store_summary(res)
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    _capture(args, Path(args.out))
+    print(f"next: monoscope verify {args.out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from monoscope.store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    problems = store.verify()
+    for p in problems:
+        print(f"FAIL {p}", file=sys.stderr)
+    n = len(store.manifest.shards)
+    if problems:
+        print(f"{len(problems)} of {n} shards failed in {args.store}: recapture (monoscope capture resumes "
+              "from intact shards once the bad ones are removed)", file=sys.stderr)
+        return 1
+    print(f"OK {n} shards, {store.manifest.n_contexts:,} contexts, {store.n_rows:,} training rows: "
+          f"every size and sha256 matches {Path(args.store) / 'manifest.json'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    print(f"monoscope run: capture on the default model and corpus into {out}", file=sys.stderr)
+    _capture(args, out / "acts")
+    print(f"\nresult: {out / 'acts'}  (manifest: {out / 'acts' / 'manifest.json'})")
+    print(f"next: monoscope verify {out / 'acts'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monoscope", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job on the embedded default: capture (more stages follow)")
+    p.add_argument("--out", default=str(DEFAULT_RUN), help=f"run folder (default {DEFAULT_RUN})")
+    _add_capture_args(p, tokens_default="1M")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("capture", help="run a corpus through a model and store activations at a hook point")
+    p.add_argument("--out", required=True, help="store folder (created; an unfinished capture there resumes)")
+    _add_capture_args(p, tokens_default=None)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("verify", help="check every shard of an activation store against its manifest")
+    p.add_argument("store", help="store folder")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MonoscopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Open an activation store, check it is the one the caller expects, and read it back.
+
+    store = ActivationStore.open("runs/default/acts", expect_hook="resid_post.15")
+    for token_ids, acts in store.iter_contexts():      # stored order, [ctx_len] and [ctx_len, d_model]
+        ...
+    batches = store.batches(4096, seed=0)               # shuffled across shards, resumable
+    for batch in batches: ...                           # Batch(acts [4096, d_model], rows [4096])
+    state = batches.state_dict()                        # save with a checkpoint; load_state_dict resumes
+
+Every shard read checks size and sha256 first. Rows are returned in the raw scale of the model;
+`store.normaliser` is the constant c with E‖c·x‖² = d_model over the training rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from monoscope.errors import StoreError
+from monoscope.store.batches import Chunk, RowStream
+from monoscope.store.manifest import Manifest
+from monoscope.store.shard import Shard, read_shard, read_shard_bytes
+
+
+class RowLocation(NamedTuple):
+    shard: str
+    context: int  # context index within the whole store
+    position: int  # token position within the context
+
+
+@dataclass
+class ActivationStore:
+    folder: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, folder: str | Path, *, expect_model: str | None = None, expect_hook: str | None = None,
+             expect_d_model: int | None = None, expect_tokenizer: str | None = None) -> ActivationStore:
+        """Open a complete store; each `expect_*` that differs from the manifest is a one-line error.
+
+        `expect_model` matches the model id or its weights sha256.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise StoreError(f"activation store {folder} does not exist: run monoscope capture --out {folder}")
+        m = Manifest.read(folder)
+        if expect_model is not None and expect_model not in (m.model.get("id"), m.model.get("weights_sha256"),
+                                                             m.model.get("spec")):
+            raise StoreError(f"store {folder} was captured from model {m.model.get('id')}, not {expect_model}: "
+                             "capture a store with this model or use the matching one")
+        if expect_hook is not None and expect_hook != m.hook:
+            raise StoreError(f"store {folder} holds hook {m.hook}, not {expect_hook}: capture at {expect_hook} "
+                             f"or use --hook {m.hook}")
+        if expect_d_model is not None and expect_d_model != m.d_model:
+            raise StoreError(f"store {folder} has d_model {m.d_model}, but {expect_d_model} is expected: "
+                             "it was captured from a different model")
+        if expect_tokenizer is not None and expect_tokenizer != m.tokenizer.get("sha256"):
+            raise StoreError(f"store {folder} was tokenised with a different tokenizer "
+                             f"({str(m.tokenizer.get('sha256'))[:12]} vs {expect_tokenizer[:12]}): recapture it")
+        return cls(folder, m)
+
+    # ---- basic facts -------------------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        return self.manifest.d_model
+
+    @property
+    def n_rows(self) -> int:
+        """Rows available for training (after the row policy)."""
+        return self.manifest.n_rows
+
+    @property
+    def normaliser(self) -> float:
+        return self.manifest.normaliser
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read_shard(self, index: int) -> Shard:
+        info = self.manifest.shards[index]
+        return read_shard(self.folder / info.file, info)
+
+    def iter_contexts(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(token_ids [ctx_len], acts [ctx_len, d_model]) for every context, in stored order."""
+        for i in range(len(self.manifest.shards)):
+            shard = self.read_shard(i)
+            yield from zip(shard.tokens, shard.acts, strict=True)
+
+    def verify(self) -> list[str]:
+        """Check every shard's presence, size and digest; returns the problems (empty when intact)."""
+        problems = []
+        for info in self.manifest.shards:
+            try:
+                read_shard_bytes(self.folder / info.file, info)
+            except StoreError as e:
+                problems.append(str(e))
+        return problems
+
+    def _row_offsets(self) -> list[int]:
+        offs, total = [], 0
+        for s in self.manifest.shards:
+            offs.append(total)
+            total += s.rows
+        return offs
+
+    def locate(self, row: int) -> RowLocation:
+        """Where training row `row` (a `Batch.rows` entry) came from: shard, context, position."""
+        if not 0 <= row < self.n_rows:
+            raise StoreError(f"row {row} is out of range: the store has {self.n_rows} training rows")
+        offs = self._row_offsets()
+        i = bisect.bisect_right(offs, row) - 1
+        shard = self.read_shard(i)
+        ctx, pos = torch.nonzero(shard.keep)[row - offs[i]].tolist()
+        first_ctx = sum(s.contexts for s in self.manifest.shards[:i])
+        return RowLocation(self.manifest.shards[i].file, first_ctx + ctx, pos)
+
+    def batches(self, batch_size: int, *, seed: int = 0, shards_per_window: int = 8,
+                epochs: int | None = None) -> StoreBatches:
+        return StoreBatches(self, batch_size, seed=seed, shards_per_window=shards_per_window, epochs=epochs)
+
+
+class StoreBatches(RowStream):
+    """Shuffled batches over a store: each epoch permutes the shards, each window of shards its rows.
+
+    Memory is bounded by one window (`shards_per_window` shards), whatever the store's size.
+    `epochs=None` cycles forever; otherwise iteration ends after that many passes.
+    """
+
+    def __init__(self, store: ActivationStore, batch_size: int, *, seed: int = 0, shards_per_window: int = 8,
+                 epochs: int | None = None) -> None:
+        super().__init__(batch_size, seed)
+        if store.n_rows < batch_size:
+            raise StoreError(f"store {store.folder} has {store.n_rows} training rows, fewer than one batch of "
+                             f"{batch_size}: capture more tokens or lower the batch size")
+        self.store = store
+        self.spw = max(1, shards_per_window)
+        self.epochs = epochs
+        self.n_shards = len(store.manifest.shards)
+        self.windows_per_epoch = -(-self.n_shards // self.spw)
+        self._offsets = store._row_offsets()
+
+    def load_chunk(self, index: int) -> Chunk | None:
+        epoch, window = divmod(index, self.windows_per_epoch)
+        if self.epochs is not None and epoch >= self.epochs:
+            return None
+        g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+        order = torch.randperm(self.n_shards, generator=g).tolist()
+        acts, rows = [], []
+        for s in order[window * self.spw: (window + 1) * self.spw]:
+            shard = self.store.read_shard(s)
+            acts.append(shard.rows())
+            rows.append(torch.arange(self._offsets[s], self._offsets[s] + len(acts[-1]), dtype=torch.int64))
+        return Chunk(torch.cat(acts), torch.cat(rows))
+
+    @property
+    def epoch(self) -> int:
+        return self._chunk // self.windows_per_epoch

@@ -1,0 +1,75 @@
+"""One shard: a safetensors file holding contexts' token ids, activations and the keep mask.
+
+Tensors: `tokens` int32 [contexts, ctx_len], `acts` (store dtype) [contexts, ctx_len, d_model],
+`keep` uint8 [contexts, ctx_len] (1 = a training row, see `RowPolicy`). Reading checks the size
+and the sha256 before parsing, so a flipped byte is reported with both digests, never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from monoscope.errors import StoreError
+from monoscope.fileio import write_bytes_atomic
+from monoscope.store.manifest import ShardInfo
+
+SHARD_FORMAT = "monoscope-shard/1"
+
+
+class Shard(NamedTuple):
+    tokens: torch.Tensor  # [contexts, ctx_len] int32
+    acts: torch.Tensor  # [contexts, ctx_len, d_model] store dtype
+    keep: torch.Tensor  # [contexts, ctx_len] bool
+
+    def rows(self) -> torch.Tensor:
+        """Kept rows [rows, d_model] in stored order."""
+        return self.acts[self.keep]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def write_shard(path: Path, tokens: torch.Tensor, acts: torch.Tensor, keep: torch.Tensor) -> ShardInfo:
+    """Write atomically; the returned record carries the digest the manifest will hold."""
+    data = st_save(
+        {"tokens": tokens.to(torch.int32).contiguous(), "acts": acts.contiguous(),
+         "keep": keep.to(torch.uint8).contiguous()},
+        metadata={"format": SHARD_FORMAT},
+    )
+    digest = write_bytes_atomic(path, data)
+    kept = acts[keep.bool()].double()
+    return ShardInfo(file=path.name, contexts=int(tokens.shape[0]), rows=int(keep.sum()), bytes=len(data),
+                     sha256=digest, sum_sq=float(kept.pow(2).sum()))
+
+
+def read_shard_bytes(path: Path, info: ShardInfo) -> bytes:
+    """The file's bytes, after checking presence, size and digest against the manifest."""
+    if not path.is_file():
+        raise StoreError(f"shard {path.name} is missing from {path.parent}: the store is damaged; "
+                         "recapture it (or restore the file)")
+    data = path.read_bytes()
+    if len(data) != info.bytes:
+        raise StoreError(f"shard {path.name} is truncated or padded: {len(data)} bytes, the manifest says "
+                         f"{info.bytes}; recapture it (monoscope capture resumes from intact shards)")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != info.sha256:
+        raise StoreError(f"shard {path.name} is corrupt: sha256 {actual} but the manifest expects {info.sha256}")
+    return data
+
+
+def read_shard(path: Path, info: ShardInfo) -> Shard:
+    data = read_shard_bytes(path, info)
+    try:
+        t = st_load(data)
+        return Shard(t["tokens"], t["acts"], t["keep"].bool())
+    except (SafetensorError, KeyError) as e:
+        raise StoreError(f"shard {path.name} passed its checksum but cannot be parsed ({e}): "
+                         "it was written by another tool or version") from e

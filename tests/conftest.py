@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models and a tokenizer built in the test, seeded, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from monoscope.model import LoadedModel, from_module
+
+TRAIN_TEXT = [
+    "the quick brown fox jumps over the lazy dog",
+    "def add(a, b):\n    return a + b",
+    "le renard brun saute par dessus le chien paresseux",
+    "der schnelle braune fuchs springt über den faulen hund",
+    "sparse autoencoders learn interpretable features from activations",
+] * 20
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TRAIN_TEXT, trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+def make_llama(vocab: int, layers: int = 4, d: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer: PreTrainedTokenizerFast) -> LoadedModel:
+    return from_module(make_llama(len(tokenizer)), tokenizer, name="tiny-llama")
