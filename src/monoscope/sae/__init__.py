@@ -1,0 +1,40 @@
+"""Sparse autoencoders: four architectures behind one interface, and monoscope's file format.
+
+    cfg = SAEConfig(arch="topk", d_in=576, d_sae=parse_width("16x", 576), k=32, normaliser=c)
+    sae = build_sae(cfg, seed=0)
+    out = sae(c * x_raw, dead_mask=dead)      # ForwardOutput: x_hat, acts, mse, aux, total, l0, ...
+    save_sae(sae, "runs/x/sae", provenance={...}); sae = load_sae("runs/x/sae")
+    x_hat_raw = sae.reconstruct_raw(x_raw)    # raw in, raw out
+
+Never imports transformers.
+"""
+
+from monoscope.sae.base import SAE, ForwardOutput
+from monoscope.sae.config import ARCHITECTURES, SAEConfig, SAEConfigError, parse_width
+from monoscope.sae.io import SAEFileError, check_compatible, load_sae, read_sae_metadata, save_sae
+from monoscope.sae.jumprelu import JumpReLUSAE
+from monoscope.sae.registry import build_sae
+from monoscope.sae.relu import ReluL1SAE
+from monoscope.sae.sparse import gather_linear, sparse_decode
+from monoscope.sae.topk import BatchTopKSAE, TopKSAE
+
+__all__ = [
+    "ARCHITECTURES",
+    "SAE",
+    "BatchTopKSAE",
+    "ForwardOutput",
+    "JumpReLUSAE",
+    "ReluL1SAE",
+    "SAEConfig",
+    "SAEConfigError",
+    "SAEFileError",
+    "TopKSAE",
+    "build_sae",
+    "check_compatible",
+    "gather_linear",
+    "load_sae",
+    "parse_width",
+    "read_sae_metadata",
+    "save_sae",
+    "sparse_decode",
+]

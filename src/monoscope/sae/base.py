@@ -1,0 +1,317 @@
+"""The interface every SAE architecture implements, and what they share.
+
+An SAE reads activations in the *scaled* space x = c·x_raw (c = `cfg.normaliser`, chosen so that
+E‖x‖² = d_in) and returns its reconstruction in that same space. Methods without a suffix
+(`encode`, `decode`, `forward`) work in the scaled space; the `*_raw` methods take and return raw
+activations, folding c in and out, so a metric never compares a scaled input with an unscaled
+output (SAELens #518).
+
+Parameters (float32 master copies unless `cfg.dtype` says otherwise):
+    W_enc [d_sae, d_in]  encoder rows (nn.Linear layout; sparsify's encoder.weight; SAELens W_enc.T)
+    b_enc [d_sae]
+    W_dec [d_sae, d_in]  decoder rows = feature directions (SAELens and sparsify W_dec)
+    b_dec [d_in]
+plus per-architecture extras (JumpReLU `log_threshold` [d_sae], BatchTopK buffer `threshold` []).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from monoscope.sae.config import SAEConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ForwardOutput(NamedTuple):
+    """Everything a training or evaluation step needs from one forward pass (scaled space).
+
+    Loss terms are scalars; the differentiable ones (`mse`, `sparsity`, `aux`, `total`) satisfy
+    `total = mse + sparsity + aux` exactly, each already multiplied by its coefficient.
+    """
+
+    x_hat: Tensor
+    """[B, d_in] float32 reconstruction in the scaled space."""
+    acts: Tensor
+    """Feature activations. Dense [B, d_sae] for relu-l1 and jumprelu. Sparse for the topk-style
+    SAEs (building [B, d_sae] would cost more than the whole sparse step): [B, k] values for topk,
+    [nnz] values for batchtopk (rows have different counts). Zeros may appear among the kept values
+    (the ReLU after the top-k). `dense_acts()` gives the dense form."""
+    indices: Tensor | None
+    """Feature ids of `acts` when sparse ([B, k] or [nnz], int64); None when `acts` is dense."""
+    offsets: Tensor | None
+    """batchtopk: [B] start of row b's entries in `acts`/`indices`; None otherwise."""
+    mse: Tensor
+    """Mean over the batch of Σ_d (x − x̂)²: the reconstruction loss (differentiable)."""
+    sparsity: Tensor
+    """Sparsity penalty with its coefficient: relu-l1 λ·mean_b Σ_i f_i‖W_dec[i]‖₂; jumprelu
+    λ·mean_b L0 (straight-through); 0 for topk-style (differentiable)."""
+    aux: Tensor
+    """Auxiliary loss with its coefficient: AuxK for topk-style when a dead mask is given
+    (aux_coef · min(n_dead/k_aux, 1) · mean_b ‖ê − e‖², same units as `mse`), else 0."""
+    total: Tensor
+    """mse + sparsity + aux: what the trainer backpropagates."""
+    l0: Tensor
+    """Mean number of non-zero features per token (float, detached)."""
+    fvu: Tensor
+    """Fraction of variance unexplained over the batch, Σ‖x − x̂‖² / Σ‖x − x̄‖² (detached)."""
+    fired: Tensor
+    """[d_sae] bool: features with a non-zero activation somewhere in this batch (for the
+    trainer's dead-feature counters)."""
+
+    def dense_acts(self) -> Tensor:
+        """[B, d_sae] float32 activations (materialises the sparse forms)."""
+        if self.indices is None:
+            return self.acts.float()
+        d_sae = self.fired.shape[0]
+        n_rows = self.x_hat.shape[0]
+        vals = self.acts.detach().float()
+        if self.offsets is None:
+            return torch.zeros(n_rows, d_sae, device=vals.device).scatter_(1, self.indices, vals)
+        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.indices.numel()]))
+        rows = torch.repeat_interleave(torch.arange(n_rows, device=vals.device), counts)
+        out = torch.zeros(n_rows, d_sae, device=vals.device)
+        out[rows, self.indices] = vals
+        return out
+
+
+class SAE(nn.Module):
+    """Base class: parameters, initialisation, scaling, decoder constraints, shared maths.
+
+    Subclasses implement `encode` and `forward`; see the module docstring for conventions.
+    """
+
+    arch: ClassVar[str] = ""
+    fp32_names: ClassVar[tuple[str, ...]] = ()
+    """Parameters/buffers that stay float32 whatever `.to(dtype)` is asked (thresholds)."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        if cfg.arch != self.arch:
+            raise ValueError(
+                f"{type(self).__name__} builds arch {self.arch!r}, got a config for {cfg.arch!r}"
+            )
+        self.cfg = cfg
+        self.provenance: dict[str, Any] = {}
+        """Free-form record of how the SAE was made; `save_sae` writes it, `load_sae` restores it."""
+        n_feat, d = cfg.d_sae, cfg.d_in
+        self.W_enc = nn.Parameter(torch.empty(n_feat, d))  # [F, d]
+        self.b_enc = nn.Parameter(torch.zeros(n_feat))  # [F]
+        self.W_dec = nn.Parameter(torch.empty(n_feat, d))  # [F, d]
+        self.b_dec = nn.Parameter(torch.zeros(d))  # [d]
+
+    def _finish_init(self, generator: torch.Generator | None) -> None:
+        """Call at the end of a subclass __init__: initialise, then move to cfg.dtype."""
+        self.reset_parameters(generator)
+        if self.cfg.dtype != "float32":
+            self.to(_DTYPES[self.cfg.dtype])
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Decoder rows: random directions of norm `cfg.init_decoder_norm`; encoder = decoderᵀ
+        (W_enc rows = W_dec rows; Gao et al., Anthropic's April 2024 update, Gemma Scope);
+        biases zero. `generator` (a CPU generator) makes it reproducible on every device."""
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator)  # [F, d]
+        w = w / w.norm(dim=1, keepdim=True) * float(self.cfg.init_decoder_norm)  # type: ignore[arg-type]
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample: Tensor, method: str = "geometric_median", max_iter: int = 100) -> Tensor:
+        """Set b_dec to the geometric median (default, robust to outliers; as SAELens does) or the
+        mean of `sample` [N, d_in], given in the SCALED space (multiply raw activations by
+        `cfg.normaliser`, or use `self.scale(x_raw)`). Returns the new b_dec."""
+        if sample.dim() != 2 or sample.shape[1] != self.cfg.d_in:
+            raise ValueError(f"init_b_dec_ needs a sample [N, {self.cfg.d_in}], got {tuple(sample.shape)}")
+        pts = sample.detach().float().to(self.b_dec.device)
+        if method == "mean":
+            centre = pts.mean(0)
+        elif method == "geometric_median":
+            centre = geometric_median(pts, max_iter=max_iter)
+        else:
+            raise ValueError(f"init_b_dec_ method {method!r}: use 'geometric_median' or 'mean'")
+        self.b_dec.copy_(centre.to(self.b_dec.dtype))
+        return self.b_dec.detach().clone()
+
+    # ------------------------------------------------------------------ dtype handling
+    def _apply(self, fn: Any, recurse: bool = True) -> SAE:  # type: ignore[override]
+        # Keep the fp32-pinned tensors in float32 (and exact) whatever dtype the rest moves to:
+        # save them, let nn.Module convert everything, then restore on the new device.
+        saved = {n: getattr(self, n).detach().clone() for n in self.fp32_names if hasattr(self, n)}
+        super()._apply(fn, recurse)
+        for name, value in saved.items():
+            t = getattr(self, name)
+            t.data = value.to(device=t.device, dtype=torch.float32)
+        return self
+
+    def compute_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        """Dtype of the large matmuls on `device` (default: where the parameters are)."""
+        name = self.cfg.compute_dtype
+        if name == "auto":
+            dev = device if device is not None else self.W_enc.device
+            return torch.bfloat16 if bf16_is_fast(dev) else torch.float32
+        return _DTYPES[name]
+
+    # ------------------------------------------------------------------ interface
+    def encode(self, x: Tensor) -> Tensor:
+        """[B, d_in] scaled activations -> [B, d_sae] float32 feature activations."""
+        raise NotImplementedError
+
+    def decode(self, f: Tensor) -> Tensor:
+        """[B, d_sae] feature activations -> [B, d_in] float32 reconstruction (scaled space)."""
+        cd = self.compute_dtype(f.device)
+        return (f.to(cd) @ self.W_dec.to(cd)).float() + self.b_dec.float()
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
+    ) -> ForwardOutput:
+        """One training/evaluation pass on scaled activations x [B, d_in].
+
+        sparsity_coef: λ of relu-l1 (L1 on f_i‖W_dec[i]‖) or of jumprelu (L0); ignored by topk-style.
+        dead_mask: [d_sae] bool of features the trainer counts as dead; topk-style SAEs compute
+        the AuxK loss on them; ignored by the others.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ raw-space helpers
+    def scale(self, x_raw: Tensor) -> Tensor:
+        """Raw activations -> the scaled space the SAE works in: c·x_raw (float32)."""
+        return x_raw.float() * self.cfg.normaliser
+
+    def unscale(self, x: Tensor) -> Tensor:
+        """Scaled-space vectors (x, x̂) -> raw space: x / c (float32)."""
+        return x.float() / self.cfg.normaliser
+
+    def encode_raw(self, x_raw: Tensor) -> Tensor:
+        """Raw activations [B, d_in] -> features [B, d_sae] = encode(c·x_raw)."""
+        return self.encode(self.scale(x_raw))
+
+    def decode_raw(self, f: Tensor) -> Tensor:
+        """Features [B, d_sae] -> reconstruction in RAW space, decode(f) / c."""
+        return self.unscale(self.decode(f))
+
+    def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
+        """Raw activations -> raw reconstruction: decode(encode(c·x_raw)) / c. Compare this, not
+        `forward(...).x_hat`, with raw activations (for splicing into the model, raw-space MSE)."""
+        return self.unscale(self.decode(self.encode(self.scale(x_raw))))
+
+    # ------------------------------------------------------------------ decoder constraints
+    def decoder_norms(self) -> Tensor:
+        """[d_sae] L2 norm of each decoder row (float32, differentiable)."""
+        return self.W_dec.float().norm(dim=1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit L2 norm (topk, batchtopk, jumprelu: after each
+        optimiser step)."""
+        norms = self.W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_((self.W_dec.float() / norms).to(self.W_dec.dtype))
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Remove from W_dec.grad its component along each decoder row (before the optimiser step),
+        so the step moves rows along their unit sphere and `normalize_decoder_` only corrects
+        second-order drift (Bricken et al. 2023; Gao et al. 2024)."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec.float()
+        coef = (g.float() * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)  # [F, 1]
+        g.sub_((coef * w).to(g.dtype))
+
+    # ------------------------------------------------------------------ shared maths
+    def _prepare_input(self, x: Tensor, cd: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(x in float32 [B, d], encoder input in the compute dtype, centred by b_dec if configured)."""
+        if x.dim() != 2 or x.shape[1] != self.cfg.d_in:
+            raise ValueError(
+                f"{self.arch} SAE expects activations [B, {self.cfg.d_in}], got {tuple(x.shape)}"
+            )
+        x32 = x.float()
+        x_c = x32 - self.b_dec.float() if self.cfg.b_dec_to_input else x32
+        return x32, x_c.to(cd)
+
+    def _output(
+        self,
+        x32: Tensor,
+        x_hat: Tensor,
+        acts: Tensor,
+        indices: Tensor | None,
+        offsets: Tensor | None,
+        sparsity: Tensor | None,
+        aux: Tensor | None,
+        l0: Tensor,
+        fired: Tensor,
+    ) -> ForwardOutput:
+        err = x32 - x_hat  # [B, d]
+        sq = err.pow(2).sum(-1)  # [B]
+        mse = sq.mean()
+        zero = x_hat.new_zeros(())
+        sparsity = zero if sparsity is None else sparsity
+        aux = zero if aux is None else aux
+        with torch.no_grad():
+            var = (x32 - x32.mean(0)).pow(2).sum()
+            fvu = sq.sum() / var.clamp_min(1e-12)
+        return ForwardOutput(
+            x_hat=x_hat,
+            acts=acts,
+            indices=indices,
+            offsets=offsets,
+            mse=mse,
+            sparsity=sparsity,
+            aux=aux,
+            total=mse + sparsity + aux,
+            l0=l0.detach().float(),
+            fvu=fvu,
+            fired=fired,
+        )
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """True where bf16 matmuls beat float32: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        return _cpu_has_fast_bf16()
+    return False
+
+
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's iteration for argmin_y Σ_n ‖points[n] − y‖ over points [N, d] -> [d]."""
+    y = points.mean(0)
+    for _ in range(max_iter):
+        dist = (points - y).norm(dim=1).clamp_min(1e-8)  # [N]
+        w = 1.0 / dist
+        y_new = (w[:, None] * points).sum(0) / w.sum()
+        done = (y_new - y).norm() <= tol * max(1.0, float(y.norm()))
+        y = y_new
+        if done:
+            break
+    return y
+
+
+def fired_from_sparse(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
+    """[d_sae] bool: features with a non-zero value among (indices, values)."""
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=indices.device)
+    fired[indices[values != 0]] = True
+    return fired

@@ -1,0 +1,277 @@
+"""`SAEConfig`: everything needed to rebuild an SAE, checked on construction; `parse_width`.
+
+The config is what `cfg.json` stores (see `io.py`), so every field is a plain JSON value. Fields that
+only make sense for some architectures are `None` for the others; setting one where it has no
+meaning is an error rather than something silently ignored, because a mis-set `k` on a ReLU SAE is
+almost always a confusion about which SAE is being built.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+from monoscope.errors import MonoscopeError
+
+Arch = Literal["relu-l1", "topk", "batchtopk", "jumprelu"]
+ARCHITECTURES: tuple[str, ...] = get_args(Arch)
+TOPK_STYLE: tuple[str, ...] = ("topk", "batchtopk")
+
+DType = Literal["float32", "bfloat16"]
+ComputeDType = Literal["auto", "float32", "bfloat16"]
+
+# Per-architecture defaults for fields left as None (resolved in __post_init__).
+_DEFAULT_DECODER_NORM = {"relu-l1": 0.1, "topk": 1.0, "batchtopk": 1.0, "jumprelu": 1.0}
+_DEFAULT_B_DEC_TO_INPUT = {"relu-l1": False, "topk": True, "batchtopk": True, "jumprelu": False}
+
+
+class SAEConfigError(MonoscopeError):
+    """An SAE configuration value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclass
+class SAEConfig:
+    """Shape, architecture and provenance-relevant settings of one sparse autoencoder.
+
+    Conventions used throughout `monoscope.sae`: parameters are `W_enc` [d_sae, d_in] (rows are
+    encoder directions, the `nn.Linear` layout), `b_enc` [d_sae], `W_dec` [d_sae, d_in] (rows are
+    decoder directions) and `b_dec` [d_in]. The SAE works in the *scaled* space `c·x_raw` where
+    `c = normaliser`; use the `*_raw` methods of the SAE for raw activations.
+    """
+
+    arch: Arch
+    """Architecture: `relu-l1` (Anthropic's recipe), `topk` (Gao et al. 2024), `batchtopk`
+    (Bussmann et al. 2024) or `jumprelu` (Rajamanoharan et al. 2024). Never guessed on load."""
+
+    d_in: int
+    """Width of the activations the SAE reads (the model's d_model at the hook)."""
+
+    d_sae: int
+    """Number of features (latents). `parse_width("16x", d_in)` turns a multiple into a count."""
+
+    k: int | None = None
+    """Active features per token for `topk`; average active features per token for `batchtopk`
+    (k·B are kept over a batch of B). Required for those two, must be None for the others."""
+
+    k_aux: int | None = None
+    """AuxK: how many dead latents (top pre-activations among them) reconstruct the residual.
+    `topk`/`batchtopk` only; None means d_in // 2, as in Gao et al. and sparsify."""
+
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss in the total (Gao et al. use 1/32). Only read by topk-style SAEs."""
+
+    normaliser: float = 1.0
+    """Input scale c, estimated by the caller so that E‖c·x_raw‖² = d_in. Training and `forward`
+    happen on c·x_raw; the `*_raw` methods fold c in and out."""
+
+    hook: str | None = None
+    """Hook point the activations come from (e.g. `resid_post.15`); checked by `check_compatible`."""
+
+    model: str | None = None
+    """Model id (HF id, local folder or GGUF file) the activations come from."""
+
+    dtype: DType = "float32"
+    """Parameter dtype (and the dtype of the saved weights). Keep float32 for training (master
+    copies); bfloat16 halves memory and disk for inference. JumpReLU's log-threshold and
+    BatchTopK's threshold are always float32."""
+
+    compute_dtype: ComputeDType = "auto"
+    """Dtype of the large matmuls. `auto` = bfloat16 on CUDA GPUs with bf16 and on CPUs with
+    AVX512-BF16/AMX (3-6x faster there), float32 elsewhere. Losses are always computed in float32.
+    JumpReLU computes its pre-activations in float32 regardless, because bf16 rounding (≈0.4%) is
+    coarser than the STE bandwidth and would leave the threshold without a usable gradient."""
+
+    init_decoder_norm: float | None = None
+    """L2 norm of each decoder row at initialisation. None: 0.1 for relu-l1 (Anthropic, April 2024
+    update), 1.0 (unit norm) for the others."""
+
+    b_dec_to_input: bool | None = None
+    """Subtract b_dec from the input before encoding (x − b_dec). None: True for topk/batchtopk
+    (Gao et al., Bussmann et al., sparsify), False for relu-l1 and jumprelu (their papers)."""
+
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU: width ε of the rectangle kernel of the straight-through estimators (paper: 0.001,
+    in the scaled space where E‖x‖² = d_in)."""
+
+    jumprelu_init_threshold: float = 0.001
+    """JumpReLU: initial threshold θ of every feature (paper: 0.001)."""
+
+    threshold: float | None = None
+    """BatchTopK: the global inference threshold (running mean of the smallest kept activation;
+    None until training has seen a batch). `save_sae` writes the trained value here. Must be None
+    for the other architectures (JumpReLU's per-feature thresholds live in the weights file)."""
+
+    threshold_ema: float = 0.01
+    """BatchTopK: weight of each training batch's smallest kept activation in the running
+    threshold θ ← (1 − w)·θ + w·min (Bussmann et al. use 0.01)."""
+
+    sparse_kernels: bool = True
+    """topk/batchtopk: use the sparse encoder-backward and sparse decoder (only the active rows of
+    W_dec/W_enc are touched). False uses plain dense autograd (a reference, and slower)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHITECTURES, hint=_arch_hint(self.arch))
+        _check_int("d_in", self.d_in, 1, None)
+        _check_int("d_sae", self.d_sae, 1, None)
+        topk_style = self.arch in TOPK_STYLE
+        if topk_style:
+            if self.k is None:
+                raise SAEConfigError(
+                    f"SAEConfig.k is required for arch {self.arch!r}: give the number of active features "
+                    f"per token, e.g. k=32 (1 to d_sae={self.d_sae})"
+                )
+            _check_int("k", self.k, 1, self.d_sae, f"for arch {self.arch!r} with d_sae={self.d_sae}")
+            if self.k_aux is None:
+                self.k_aux = max(1, min(self.d_in // 2, self.d_sae))
+            _check_int("k_aux", self.k_aux, 1, self.d_sae, f"with d_sae={self.d_sae}")
+        else:
+            for name in ("k", "k_aux"):
+                if getattr(self, name) is not None:
+                    raise SAEConfigError(
+                        f"SAEConfig.{name}={getattr(self, name)!r} has no meaning for arch {self.arch!r}: "
+                        f"leave it None, or use arch 'topk' or 'batchtopk'"
+                    )
+        _check_float("aux_coef", self.aux_coef, lo=0.0)
+        _check_float("normaliser", self.normaliser, lo=0.0, lo_open=True)
+        for name in ("hook", "model"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise SAEConfigError(f"SAEConfig.{name}={value!r} must be a non-empty string or None")
+        _check_choice("dtype", self.dtype, get_args(DType))
+        _check_choice("compute_dtype", self.compute_dtype, get_args(ComputeDType))
+        if self.init_decoder_norm is None:
+            self.init_decoder_norm = _DEFAULT_DECODER_NORM[self.arch]
+        _check_float("init_decoder_norm", self.init_decoder_norm, lo=0.0, lo_open=True)
+        if self.b_dec_to_input is None:
+            self.b_dec_to_input = _DEFAULT_B_DEC_TO_INPUT[self.arch]
+        if not isinstance(self.b_dec_to_input, bool):
+            raise SAEConfigError(
+                f"SAEConfig.b_dec_to_input={self.b_dec_to_input!r} must be true, false or None"
+            )
+        _check_float("jumprelu_bandwidth", self.jumprelu_bandwidth, lo=0.0, lo_open=True)
+        _check_float("jumprelu_init_threshold", self.jumprelu_init_threshold, lo=0.0, lo_open=True)
+        if self.threshold is not None:
+            if self.arch != "batchtopk":
+                raise SAEConfigError(
+                    f"SAEConfig.threshold={self.threshold!r} only applies to arch 'batchtopk', not "
+                    f"{self.arch!r}: leave it None"
+                )
+            _check_float("threshold", self.threshold, lo=0.0)
+        _check_float("threshold_ema", self.threshold_ema, lo=0.0, lo_open=True, hi=1.0)
+        if not isinstance(self.sparse_kernels, bool):
+            raise SAEConfigError(f"SAEConfig.sparse_kernels={self.sparse_kernels!r} must be true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (what `cfg.json` stores)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> SAEConfig:
+        """Build from a dict such as `to_dict()`'s; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SAEConfigError(
+                f"{source}: unknown SAE config keys {unknown}: remove them (known keys: {sorted(known)})"
+            )
+        if "arch" not in data or data["arch"] in (None, ""):
+            raise SAEConfigError(
+                f"{source}: the SAE architecture is missing: it must name one of {list(ARCHITECTURES)}; "
+                "monoscope never guesses it"
+            )
+        for name in ("d_in", "d_sae"):
+            if name not in data:
+                raise SAEConfigError(f"{source}: {name} is missing: it must be a positive integer")
+        return cls(**data)
+
+
+def parse_width(width: int | str, d_in: int) -> int:
+    """Number of SAE features from a count (`9216`, `"9216"`), a multiple of d_in (`"16x"`,
+    `"1.5x"`), or thousands in binary units as SAE names use them (`"16k"` = 16384).
+
+    >>> parse_width("16x", 576)
+    9216
+    """
+    _check_int("d_in", d_in, 1, None)
+    what = f"width {width!r}"
+    fix = "use a positive count such as 9216, a multiple of d_in such as '16x', or '16k' (=16384)"
+    if isinstance(width, bool):
+        raise MonoscopeError(f"{what} is not a width: {fix}")
+    if isinstance(width, int):
+        n = width
+    elif isinstance(width, str):
+        s = width.strip().lower().replace("_", "")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([xk]?)", s)
+        if not m:
+            raise MonoscopeError(f"{what} is not understood: {fix}")
+        number, unit = float(m.group(1)), m.group(2)
+        if unit == "x":
+            exact = number * d_in
+            n = round(exact)
+            if abs(exact - n) > 1e-9:
+                raise MonoscopeError(
+                    f"{what} with d_in={d_in} gives {exact:g} features, not a whole number: "
+                    f"use a multiple that gives an integer, or a count"
+                )
+        elif unit == "k":
+            exact = number * 1024
+            n = round(exact)
+            if abs(exact - n) > 1e-9:
+                raise MonoscopeError(f"{what} gives {exact:g} features, not a whole number: {fix}")
+        else:
+            if not number.is_integer():
+                raise MonoscopeError(f"{what} is a fraction: a count must be whole; {fix}")
+            n = int(number)
+    else:
+        raise MonoscopeError(f"{what} has type {type(width).__name__}: {fix}")
+    if n < 1:
+        raise MonoscopeError(f"{what} gives {n} features: {fix}")
+    return n
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _arch_hint(value: object) -> str:
+    if isinstance(value, str):
+        v = value.strip().lower().replace("_", "-")
+        aliases = {
+            "relu": "relu-l1",
+            "standard": "relu-l1",
+            "l1": "relu-l1",
+            "relu-l1": "relu-l1",
+            "top-k": "topk",
+            "batch-topk": "batchtopk",
+            "batch-top-k": "batchtopk",
+            "jump-relu": "jumprelu",
+        }
+        if v in aliases and aliases[v] != value:
+            return f" (did you mean {aliases[v]!r}?)"
+    return ""
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...], hint: str = "") -> None:
+    if value not in choices:
+        raise SAEConfigError(f"SAEConfig.{name}={value!r} is not one of {list(choices)}{hint}")
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None, ctx: str = "") -> None:
+    ctx = f" {ctx}" if ctx else ""
+    rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SAEConfigError(f"SAEConfig.{name}={value!r} must be an integer {rng}{ctx}")
+    if value < lo or (hi is not None and value > hi):
+        raise SAEConfigError(f"SAEConfig.{name}={value} is out of range{ctx}: use an integer {rng}")
+
+
+def _check_float(
+    name: str, value: object, *, lo: float | None = None, lo_open: bool = False, hi: float | None = None
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SAEConfigError(f"SAEConfig.{name}={value!r} must be a finite number")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise SAEConfigError(f"SAEConfig.{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise SAEConfigError(f"SAEConfig.{name}={value!r} must be <= {hi}")

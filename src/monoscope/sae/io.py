@@ -1,0 +1,299 @@
+"""monoscope's SAE folder format: `cfg.json` + `sae.safetensors`, checksummed, written atomically.
+
+cfg.json (format_version 1):
+    {"format": "monoscope-sae", "format_version": 1,
+     "architecture": "topk",                       # required; never guessed (SAELens #553)
+     "d_in": 576, "d_sae": 9216, "k": 32, ...,     # every other SAEConfig field, by name
+     "weights": {"file": "sae.safetensors", "sha256": "<hex>", "bytes": 42467448},
+     "provenance": {...},                          # free dict from the caller (run, data, steps)
+     "written_by": {"monoscope": "0.1.0", "torch": "2.13.0"}}
+sae.safetensors: the module's state_dict: W_enc [d_sae, d_in], b_enc [d_sae], W_dec [d_sae, d_in],
+b_dec [d_in], plus log_threshold [d_sae] (jumprelu) or threshold [] (batchtopk), in `cfg.dtype`
+(thresholds always float32).
+
+Each file is written to a temporary name in the target folder, fsynced, then renamed over the
+final name; the weights go first and cfg.json (which holds their digest) last, so a crash leaves
+either the old SAE, or a digest mismatch that `load_sae` reports, never a silently truncated file.
+Other files in the folder (a run's JSON, say) are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+import monoscope
+from monoscope.errors import MonoscopeError
+from monoscope.sae.base import SAE
+from monoscope.sae.config import ARCHITECTURES, SAEConfig
+from monoscope.sae.registry import SAE_CLASSES
+
+FORMAT = "monoscope-sae"
+FORMAT_VERSION = 1
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae.safetensors"
+_META_KEYS = ("format", "format_version", "architecture", "weights", "provenance", "written_by")
+
+
+class SAEFileError(MonoscopeError):
+    """An SAE folder is missing, corrupt, of another format, or does not fit its config."""
+
+
+def save_sae(
+    sae: SAE,
+    path: str | os.PathLike[str],
+    provenance: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write `sae` to the folder `path` (created if needed) and return the folder.
+
+    provenance: JSON-able dict stored in cfg.json (default: `sae.provenance`, which `load_sae`
+    fills, so load -> save keeps it). overwrite: replace an SAE already in the folder.
+    For batchtopk, the trained inference threshold is written to cfg.json's `threshold` too.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SAEFileError(f"cannot save an SAE to {folder}: it is a file; give a folder path")
+    cfg_path, weights_path = folder / CFG_NAME, folder / WEIGHTS_NAME
+    if not overwrite and (cfg_path.exists() or weights_path.exists()):
+        raise SAEFileError(
+            f"{folder} already holds an SAE ({CFG_NAME} / {WEIGHTS_NAME}): pass overwrite=True to "
+            "replace it, or choose another folder"
+        )
+    prov = dict(sae.provenance if provenance is None else provenance)
+    cfg = sae.cfg.to_dict()
+    threshold = getattr(sae, "threshold", None)
+    if sae.arch == "batchtopk" and isinstance(threshold, torch.Tensor) and bool(torch.isfinite(threshold)):
+        cfg["threshold"] = float(threshold)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": cfg.pop("arch"),
+    }
+    meta.update(cfg)
+    try:
+        json.dumps(prov, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise SAEFileError(
+            f"provenance for {folder} is not JSON-serialisable ({e}): pass plain str/number/list/dict"
+        ) from e
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
+    tmp = folder / f".{WEIGHTS_NAME}.{uuid.uuid4().hex}.tmp"
+    try:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": sae.arch})
+        _fsync_file(tmp)
+        digest, size = _sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, weights_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta["weights"] = {"file": WEIGHTS_NAME, "sha256": digest, "bytes": size}
+    meta["provenance"] = prov
+    meta["written_by"] = {"monoscope": monoscope.__version__, "torch": torch.__version__}
+    _atomic_write_text(cfg_path, json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    _fsync_dir(folder)
+    return folder
+
+
+def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = None) -> SAE:
+    """Read an SAE folder written by `save_sae`; the SAE comes back in eval mode on `device`
+    (default CPU) with `sae.provenance` set. Every problem is a `SAEFileError` naming the file."""
+    folder = Path(path)
+    if not folder.exists():
+        raise SAEFileError(
+            f"SAE folder {folder} does not exist: pass the folder holding {CFG_NAME} and {WEIGHTS_NAME} "
+            "(what `monoscope train` or save_sae wrote)"
+        )
+    if not folder.is_dir():
+        hint = f" (pass its folder, {folder.parent})" if folder.name in (CFG_NAME, WEIGHTS_NAME) else ""
+        raise SAEFileError(f"{folder} is a file, not an SAE folder{hint}")
+    meta = read_sae_metadata(folder)
+    cfg = config_from_metadata(meta, source=str(folder / CFG_NAME))
+
+    weights = meta.get("weights")
+    if not isinstance(weights, dict) or not isinstance(weights.get("sha256"), str):
+        raise SAEFileError(f"{folder / CFG_NAME} has no weights.sha256: it is incomplete; re-save the SAE")
+    fname = weights.get("file", WEIGHTS_NAME)
+    if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
+        raise SAEFileError(
+            f"{folder / CFG_NAME}: weights.file={fname!r} must be a plain file name in the folder"
+        )
+    wpath = folder / fname
+    if not wpath.is_file():
+        raise SAEFileError(
+            f"SAE weights {wpath} are missing: the folder is incomplete; re-save or re-train the SAE"
+        )
+    expected = weights["sha256"].lower()
+    actual = _sha256(wpath)
+    if actual != expected:
+        raise SAEFileError(
+            f"SAE weights {wpath} are corrupt: sha256 is {actual} but {CFG_NAME} expects {expected} "
+            "(the file was changed or truncated); restore it or re-save the SAE"
+        )
+    try:
+        tensors = safetensors.torch.load_file(str(wpath), device="cpu")
+    except Exception as e:  # the checksum matched, so this is a file written wrong, not damaged
+        raise SAEFileError(f"SAE weights {wpath} cannot be read as safetensors: {e}") from e
+
+    sae = SAE_CLASSES[cfg.arch](cfg)  # type: ignore[call-arg]
+    _check_tensors(sae, tensors, wpath, cfg)
+    sae.load_state_dict(tensors, strict=True)
+    threshold = tensors.get("threshold")
+    if (
+        cfg.arch == "batchtopk"
+        and threshold is not None
+        and cfg.threshold is not None
+        and (not torch.isfinite(threshold) or float(threshold) != cfg.threshold)
+    ):
+        raise SAEFileError(
+            f"{folder}: threshold {cfg.threshold!r} in {CFG_NAME} disagrees with {float(threshold)!r} in "
+            f"{fname}: re-save the SAE (do not edit one without the other)"
+        )
+    sae.provenance = dict(meta.get("provenance") or {})
+    if device is not None:
+        from monoscope.devices import resolve_device
+
+        sae = sae.to(resolve_device(str(device)))
+    return sae.eval()
+
+
+def read_sae_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed cfg.json of an SAE folder, checked to be ours and of a version we read."""
+    folder = Path(path)
+    cfg_path = folder / CFG_NAME
+    if not cfg_path.is_file():
+        hint = ""
+        if (folder / "sae_weights.safetensors").exists():
+            hint = " (this looks like a SAELens folder: import it with the SAELens converter first)"
+        raise SAEFileError(f"{cfg_path} is missing: {folder} is not a monoscope SAE folder{hint}")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SAEFileError(f"{cfg_path} is not valid JSON ({e}): restore it or re-save the SAE") from e
+    if not isinstance(meta, dict):
+        raise SAEFileError(f"{cfg_path} must hold a JSON object, not {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise SAEFileError(
+            f"{cfg_path} is not a monoscope SAE config (format={meta.get('format')!r}, expected {FORMAT!r}); "
+            "if it is a sparsify or SAELens export, import it with the matching converter"
+        )
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise SAEFileError(
+            f"{cfg_path} has format_version={version!r}; this monoscope reads 1..{FORMAT_VERSION}: "
+            "upgrade monoscope to read SAEs written by a newer version"
+        )
+    return meta
+
+
+def config_from_metadata(meta: dict[str, Any], source: str = CFG_NAME) -> SAEConfig:
+    """SAEConfig from cfg.json contents; a missing or unknown architecture is an error."""
+    arch = meta.get("architecture")
+    if arch is None or arch == "":
+        raise SAEFileError(
+            f"{source} names no architecture: it must be one of {list(ARCHITECTURES)}; monoscope never "
+            "guesses it (an SAE loaded with the wrong one gives silently wrong features)"
+        )
+    if arch not in ARCHITECTURES:
+        raise SAEFileError(
+            f"{source}: unknown architecture {arch!r}: this monoscope knows {list(ARCHITECTURES)}"
+        )
+    fields = {k: v for k, v in meta.items() if k not in _META_KEYS}
+    fields["arch"] = arch
+    return SAEConfig.from_dict(fields, source=source)
+
+
+def check_compatible(
+    sae: SAE, *, d_model: int | None = None, hook: str | None = None, model: str | None = None
+) -> None:
+    """Raise a MonoscopeError if `sae` cannot read the given model's activations.
+
+    d_model: the model's width at the hook (must equal the SAE's d_in). hook, model: compared with
+    the SAE's recorded hook and model id when the SAE records one (an SAE with no record of its
+    hook cannot be checked and passes)."""
+    cfg = sae.cfg
+    origin = f"(trained on model={cfg.model!r}, hook={cfg.hook!r})"
+    if d_model is not None and d_model != cfg.d_in:
+        raise MonoscopeError(
+            f"the SAE reads d_in={cfg.d_in} activations but the model is {d_model} wide at the hook "
+            f"{origin}: use an SAE trained on this model"
+        )
+    if hook is not None and cfg.hook is not None and hook != cfg.hook:
+        raise MonoscopeError(
+            f"the SAE was trained on hook {cfg.hook!r}, not {hook!r}: use --hook {cfg.hook} or an SAE "
+            f"trained on {hook!r}"
+        )
+    if model is not None and cfg.model is not None and model.rstrip("/") != cfg.model.rstrip("/"):
+        raise MonoscopeError(
+            f"the SAE was trained on model {cfg.model!r}, not {model!r}: use that model or an SAE trained on "
+            f"{model!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_tensors(sae: SAE, tensors: dict[str, torch.Tensor], wpath: Path, cfg: SAEConfig) -> None:
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise SAEFileError(
+            f"{wpath} does not hold a {cfg.arch} SAE: missing tensors {missing}, unexpected {unexpected}; "
+            f"check the architecture in {CFG_NAME}"
+        )
+    for name, ref in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise SAEFileError(
+                f"{wpath}: tensor {name} has shape {list(got.shape)} but {CFG_NAME} (d_in={cfg.d_in}, "
+                f"d_sae={cfg.d_sae}) implies {list(ref.shape)}: the config and weights do not belong together"
+            )
+        if got.dtype != ref.dtype:
+            raise SAEFileError(
+                f"{wpath}: tensor {name} is {got.dtype} but {CFG_NAME} says dtype={cfg.dtype!r} "
+                f"(expected {ref.dtype}): re-save the SAE"
+            )
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

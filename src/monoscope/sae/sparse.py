@@ -1,0 +1,173 @@
+"""Sparse kernels for SAEs whose codes have few active features per token (topk, batchtopk).
+
+Why: with k=32 of d_sae=9216 features active, a dense decoder multiplies a [B, d_sae] matrix that
+is 99.7% zeros, and the dense backward of the encoder does the same. Here both only touch the
+active rows:
+
+* `sparse_decode`: x̂[b] = Σ_j vals[b, j] · W[idx[b, j]] via `embedding_bag`; its backward gives
+  d vals (one dot product per active entry) and d W (rows of W that were used, accumulated with a
+  second `embedding_bag` over the transposed pattern). No [B, d_sae] tensor is ever built.
+* `gather_linear`: the values of the active pre-activations, `(x_c @ W.T + b)[b, idx]`, taken from a
+  dense matrix the caller already computed without autograd (it needs all of them to choose the
+  top k). Its backward is sparse: d W = Σ over active entries of g · x_c[row], d b = bincount, and
+  d x_c (only when x_c needs a gradient, e.g. through b_dec) via `embedding_bag`.
+
+Both accept a `SparsePattern`: which (row, feature) pairs are active, grouped by row, with its
+transpose (grouped by feature) built lazily once and shared by every kernel of the step.
+Each op runs in the dtype of the tensors handed in (`compute_dtype`); gradients come back in the
+dtype of the inputs that asked for them (float32 master parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_MODE_SUM = 0  # embedding_bag mode id of "sum" in aten
+
+
+class SparsePattern:
+    """Active (row, feature) pairs of one batch, grouped by row.
+
+    Built either from `indices` [B, k] (every row has k entries) or from flat `indices` [nnz] plus
+    `offsets` [B] (row b owns entries offsets[b] .. offsets[b+1]-1; rows may be empty).
+    """
+
+    def __init__(self, indices: Tensor, n_features: int, offsets: Tensor | None = None) -> None:
+        if indices.dim() == 2:
+            n_rows, k = indices.shape
+            self.flat = indices.reshape(-1)  # [B*k] feature ids
+            self.offsets = torch.arange(0, n_rows * k, k, device=indices.device)  # [B]
+            self.rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)  # [B*k]
+        elif indices.dim() == 1 and offsets is not None:
+            n_rows = offsets.numel()
+            self.flat = indices
+            self.offsets = offsets
+            counts = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))  # [B]
+            self.rows = torch.repeat_interleave(torch.arange(n_rows, device=indices.device), counts)
+        else:
+            raise ValueError("SparsePattern needs indices [B, k], or indices [nnz] with offsets [B]")
+        self.n_rows = n_rows
+        self.n_features = n_features
+        self._transpose: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def nnz(self) -> int:
+        return self.flat.numel()
+
+    def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(order [nnz], rows grouped by feature [nnz], per-feature offsets [n_features]).
+
+        `order` sorts the entries by feature id (stable, so results are deterministic)."""
+        if self._transpose is None:
+            order = torch.argsort(self.flat, stable=True)  # [nnz]
+            t_rows = self.rows.index_select(0, order)  # [nnz]
+            counts = torch.bincount(self.flat, minlength=self.n_features)  # [F]
+            t_offsets = counts.cumsum(0) - counts  # [F] start of each feature's entries
+            self._transpose = (order, t_rows, t_offsets)
+        return self._transpose
+
+
+def _transposed_accumulate(pattern: SparsePattern, values: Tensor, rows_src: Tensor) -> Tensor:
+    """out[f] = Σ_{entries n with feature f} values[n] · rows_src[row_n]  -> [F, d]."""
+    order, t_rows, t_offsets = pattern.transpose()
+    return F.embedding_bag(
+        t_rows, rows_src, t_offsets, mode="sum", per_sample_weights=values.index_select(0, order)
+    )
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern, dtype: torch.dtype
+    ) -> Tensor:
+        v = values.reshape(-1).to(dtype)  # [nnz]
+        w = weight.to(dtype)  # [F, d]
+        out = F.embedding_bag(pattern.flat, w, pattern.offsets, mode="sum", per_sample_weights=v)  # [B, d]
+        ctx.save_for_backward(v, w)
+        ctx.pattern = pattern
+        ctx.values_shape, ctx.values_dtype, ctx.weight_dtype = values.shape, values.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        v, w = ctx.saved_tensors
+        p: SparsePattern = ctx.pattern
+        g = grad_out.to(w.dtype).contiguous()  # [B, d]
+        grad_v = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # d vals[n] = <g[row_n], W[idx_n]>, one dot product per active entry.
+            gv = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g, w, p.flat, p.offsets, p.rows, _MODE_SUM, -1
+            )  # [nnz]
+            grad_v = gv.reshape(ctx.values_shape).to(ctx.values_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _transposed_accumulate(p, v, g).to(
+                ctx.weight_dtype
+            )  # [F, d], zero rows for unused features
+        return grad_v, grad_w, None, None
+
+
+def sparse_decode(
+    values: Tensor,
+    indices: Tensor,
+    weight: Tensor,
+    offsets: Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    pattern: SparsePattern | None = None,
+) -> Tensor:
+    """x̂[b] = Σ_j values[b, j] · weight[indices[b, j]], differentiable in `values` and `weight`.
+
+    values, indices: [B, k] (or [nnz] with `offsets` [B]); weight: [F, d] -> returns [B, d] in
+    `dtype` (default: weight's dtype). The decoder bias is not added. Pass `pattern` to share the
+    index bookkeeping with `gather_linear` for the same entries.
+    """
+    if pattern is None:
+        pattern = SparsePattern(indices, weight.shape[0], offsets)
+    return _SparseDecode.apply(values, weight, pattern, dtype or weight.dtype)
+
+
+class _GatherLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern
+    ) -> Tensor:
+        ctx.save_for_backward(x_c, weight)
+        ctx.pattern = pattern
+        ctx.bias_dtype = bias.dtype
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, None]:
+        x_c, weight = ctx.saved_tensors
+        p: SparsePattern = ctx.pattern
+        dtype = x_c.dtype
+        g = grad.reshape(-1)  # [nnz]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_x = F.embedding_bag(
+                p.flat, weight.to(dtype), p.offsets, mode="sum", per_sample_weights=g.to(dtype)
+            )  # [B, d]
+        if ctx.needs_input_grad[2]:
+            grad_w = _transposed_accumulate(p, g.to(dtype), x_c).to(weight.dtype)  # [F, d]
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(p.n_features, dtype=torch.float32, device=g.device)
+            grad_b = grad_b.index_add_(0, p.flat, g.float()).to(ctx.bias_dtype)  # [F]
+        return None, grad_x, grad_w, grad_b, None
+
+
+def gather_linear(
+    values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern
+) -> Tensor:
+    """Make the precomputed active pre-activations differentiable, with a sparse backward.
+
+    values: [B, k] or [nnz] = (x_c @ weight.T + bias)[active entries of `pattern`], computed by the
+    caller without autograd; x_c: [B, d] the (centred) encoder input in the compute dtype; weight:
+    [F, d]; bias: [F]. Returns a copy of `values` whose gradient flows to x_c, weight and bias as if
+    the dense linear layer had been differentiated (only the active entries carry gradient).
+    """
+    return _GatherLinear.apply(values, x_c, weight, bias, pattern)

@@ -1,0 +1,227 @@
+"""TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAEs, with the AuxK loss.
+
+    pre = W_enc (x − b_dec) + b_enc                       [B, d_sae] (b_dec subtracted by default)
+    topk:       keep the k largest pre-activations of each row, then ReLU
+    batchtopk:  training: keep the k·B largest over the whole batch, then ReLU;
+                eval: keep pre > θ, a global threshold (running mean of the smallest kept value)
+    x̂ = Σ_active f_i W_dec[i] + b_dec
+
+AuxK (Gao et al. §A.2): given the trainer's boolean dead mask [d_sae], the k_aux largest
+pre-activations among dead latents (ReLU'd) reconstruct the residual e = x − x̂ (detached):
+    aux = aux_coef · min(n_dead / k_aux, 1) · mean_b ‖ê − e‖²,   ê = Σ f_aux,i W_dec[i]
+aux_coef defaults to 1/32. Using the same units as `mse` matches sparsify, where both terms are
+divided by the same batch variance; the min(…) factor scales the term down when fewer than k_aux
+latents are dead. The gradient reaches the dead latents' encoder rows and decoder rows.
+
+Training contract: decoder rows at unit norm. Per step the trainer calls
+`loss.backward()`, `sae.remove_parallel_grads_()`, (clip), `optimizer.step()`,
+`sae.normalize_decoder_()`. BatchTopK updates its threshold inside `forward` in training mode.
+
+Fast path (cfg.sparse_kernels, the default): the dense pre-activations are computed once without
+autograd (into a reused workspace), the top entries are chosen, and `sparse.gather_linear` /
+`sparse.sparse_decode` carry the gradient through the active entries only; no [B, d_sae] gradient
+or dense decoder product is built. `sparse_kernels=False` runs plain dense autograd (a reference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from monoscope.errors import MonoscopeError
+from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
+from monoscope.sae.config import SAEConfig
+from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
+
+
+class _TopKStyle(SAE):
+    """Shared machinery: pre-activations, gathering, decoding, AuxK; subclasses choose entries."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # Reused [B, d_sae] buffer for the no-grad pre-activations of the sparse path: allocating
+        # 75-150 MB per step costs page faults comparable to the matmul itself on CPU.
+        self._workspace: Tensor | None = None
+
+    # ---------------------------------------------------------------- selection (per subclass)
+    def _select(
+        self, pre: Tensor, update: bool = False
+    ) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
+        """Choose active entries of pre [B, F] (no grad); `update`: training-time state updates.
+
+        Returns (values in pre's dtype, pattern, indices as exposed in ForwardOutput, offsets)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- building blocks
+    def _pre_acts(self, x_c: Tensor, cd: torch.dtype, with_grad: bool) -> Tensor:
+        """pre = x_c W_encᵀ + b_enc  [B, F] in the compute dtype."""
+        w, b = self.W_enc.to(cd), self.b_enc.to(cd)
+        if with_grad:
+            return F.linear(x_c, w, b)
+        with torch.no_grad():
+            shape = (x_c.shape[0], self.cfg.d_sae)
+            ws = self._workspace
+            if ws is None or ws.shape != shape or ws.dtype != cd or ws.device != x_c.device:
+                ws = self._workspace = torch.empty(shape, dtype=cd, device=x_c.device)
+            return torch.addmm(b, x_c.detach(), w.t(), out=ws)
+
+    def _gather(
+        self, pre: Tensor, values: Tensor, pattern: SparsePattern, x_c: Tensor, dense: bool
+    ) -> Tensor:
+        """Differentiable active pre-activations, shaped like `values`."""
+        if dense:  # pre carries autograd: index it, the gradient is scattered back densely
+            return pre[pattern.rows, pattern.flat].reshape(values.shape)
+        return gather_linear(values, x_c, self.W_enc, self.b_enc, pattern)
+
+    def _decode_active(self, vals: Tensor, pattern: SparsePattern, cd: torch.dtype, dense: bool) -> Tensor:
+        """Σ_active vals · W_dec[feature]  -> [B, d_in] float32 (no bias)."""
+        if dense:
+            f = torch.zeros(pattern.n_rows, self.cfg.d_sae, dtype=cd, device=vals.device)
+            f = f.index_put((pattern.rows, pattern.flat), vals.reshape(-1).to(cd))  # [B, F]
+            return (f @ self.W_dec.to(cd)).float()
+        return sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
+
+    def _auxk(
+        self, pre: Tensor, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype, dense: bool
+    ) -> Tensor | None:
+        if dead_mask is None:
+            return None
+        if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
+            raise ValueError(
+                f"dead_mask must be a bool tensor [{self.cfg.d_sae}], "
+                f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        dead_idx = dead_mask.to(pre.device).nonzero().squeeze(1)  # [n_dead]
+        n_dead = dead_idx.numel()
+        if n_dead == 0:
+            return None
+        k_aux_cfg = int(self.cfg.k_aux)  # type: ignore[arg-type]
+        k_aux = min(k_aux_cfg, n_dead)
+        with torch.no_grad():
+            cand = pre.detach().index_select(1, dead_idx)  # [B, n_dead]
+            a_vals, a_local = cand.topk(k_aux, dim=1, sorted=False)  # [B, k_aux]
+            a_idx = dead_idx[a_local]  # [B, k_aux] feature ids
+        pattern = SparsePattern(a_idx, self.cfg.d_sae)
+        a_f = self._gather(pre, a_vals, pattern, x_c, dense).float().relu()
+        e_hat = self._decode_active(a_f, pattern, cd, dense)  # [B, d]
+        scale = min(n_dead / k_aux_cfg, 1.0)
+        return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+
+    # ---------------------------------------------------------------- interface
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense [B, d_sae] float32 codes (differentiable through plain autograd)."""
+        cd = self.compute_dtype(x.device)
+        _, x_c = self._prepare_input(x, cd)
+        pre = self._pre_acts(x_c, cd, with_grad=True)
+        with torch.no_grad():
+            values, pattern, _, _ = self._select(pre.detach(), update=False)
+        vals = self._gather(pre, values, pattern, x_c, dense=True).float().relu()
+        f = torch.zeros(x.shape[0], self.cfg.d_sae, device=x.device, dtype=torch.float32)
+        return f.index_put((pattern.rows, pattern.flat), vals.reshape(-1))
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
+    ) -> ForwardOutput:
+        cd = self.compute_dtype(x.device)
+        x32, x_c = self._prepare_input(x, cd)
+        dense = not self.cfg.sparse_kernels
+        pre = self._pre_acts(x_c, cd, with_grad=dense)  # [B, F]
+        with torch.no_grad():
+            values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
+        vals = self._gather(pre, values, pattern, x_c, dense).float().relu()  # like `values`
+        x_hat = self._decode_active(vals, pattern, cd, dense) + self.b_dec.float()  # [B, d]
+        aux = self._auxk(pre, x_c, x32 - x_hat, dead_mask, cd, dense)
+        with torch.no_grad():
+            l0 = (vals > 0).sum(dtype=torch.float32) / x.shape[0]
+            fired = fired_from_sparse(pattern.flat, vals.reshape(-1), self.cfg.d_sae)
+        return self._output(x32, x_hat, vals, indices, offsets, None, aux, l0, fired)
+
+
+class TopKSAE(_TopKStyle):
+    """Exactly k active features per token (some may be 0 after the ReLU)."""
+
+    arch = "topk"
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg)
+        self._finish_init(generator)
+
+    def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, None]:
+        top_v, top_i = pre.topk(int(self.cfg.k), dim=1, sorted=False)  # type: ignore[arg-type]  # [B, k]
+        return top_v, SparsePattern(top_i, self.cfg.d_sae), top_i, None
+
+
+class BatchTopKSAE(_TopKStyle):
+    """k·B active entries per training batch; a global threshold θ at inference (eval mode)."""
+
+    arch = "batchtopk"
+    fp32_names = ("threshold",)
+
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__(cfg)
+        init = math.nan if cfg.threshold is None else float(cfg.threshold)
+        self.threshold: Tensor
+        self.register_buffer("threshold", torch.tensor(init, dtype=torch.float32))  # [] NaN = unset
+        self._finish_init(generator)
+
+    @property
+    def has_threshold(self) -> bool:
+        return bool(torch.isfinite(self.threshold))
+
+    def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor]:
+        n_rows, n_feat = pre.shape
+        if self.training:
+            rows, cols, vals = _batch_topk(pre, int(self.cfg.k) * n_rows)  # type: ignore[arg-type]
+            if update:
+                self._update_threshold(vals)
+        else:
+            if not self.has_threshold:
+                raise MonoscopeError(
+                    "this batchtopk SAE has no inference threshold (it was never trained, and "
+                    "cfg.threshold is None): train it, set cfg.threshold before building it, or call "
+                    ".train() to use batch top-k selection"
+                )
+            rows, cols = (pre > self.threshold.to(pre.dtype)).nonzero(as_tuple=True)  # row-major
+            vals = pre[rows, cols]
+        counts = torch.bincount(rows, minlength=n_rows)  # [B]
+        offsets = counts.cumsum(0) - counts  # [B]
+        return vals, SparsePattern(cols, n_feat, offsets), cols, offsets
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        """θ ← (1 − w)θ + w · min(kept positive activations); the first batch sets θ."""
+        pos = kept[kept > 0]
+        if pos.numel() == 0:
+            return
+        m = pos.min().float()
+        if not self.has_threshold:
+            self.threshold.copy_(m)
+        else:
+            w = self.cfg.threshold_ema
+            self.threshold.mul_(1 - w).add_(w * m)
+
+
+def _batch_topk(pre: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-`n_keep` entries of pre [B, F] over the whole matrix -> (rows, cols, values),
+    sorted row-major.
+
+    A flat top-k over B·F entries is ~10x slower than per-row top-k on CPU, so: take each row's
+    top m as candidates, then the top n_keep among candidates, with threshold t. If every row's
+    smallest candidate is <= t, no entry outside the candidates can beat t and the result is exact
+    (ties at t are broken arbitrarily, as by any top-k); otherwise m is doubled and we retry."""
+    n_rows, n_feat = pre.shape
+    per_row = -(-n_keep // n_rows)
+    m = min(n_feat, 4 * per_row)
+    while True:
+        cand_v, cand_i = pre.topk(m, dim=1, sorted=False)  # [B, m]
+        top_v, top_pos = cand_v.reshape(-1).topk(n_keep, sorted=False)  # [n_keep]
+        if m == n_feat or bool((cand_v.min(dim=1).values <= top_v.min()).all()):
+            break
+        m = min(n_feat, 2 * m)
+    rows = top_pos // m
+    cols = cand_i.reshape(-1)[top_pos]
+    order = torch.argsort(rows * n_feat + cols)
+    return rows[order], cols[order], top_v[order]

@@ -1,0 +1,140 @@
+"""Sparse kernels equal their dense definitions in value and gradient; bf16 compute stays close."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from monoscope.sae import SAEConfig, build_sae, gather_linear, sparse_decode
+from monoscope.sae.sparse import SparsePattern
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_sparse_decode_equals_dense_value_and_gradient() -> None:
+    n_rows, k, n_feat, d = 9, 4, 30, 7
+    g = _gen(0)
+    w = torch.randn(n_feat, d, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(n_feat, generator=g)[:k] for _ in range(n_rows)])
+    idx[0] = torch.tensor([3, 3, 5, 6])  # a repeated index must accumulate
+    vals = torch.randn(n_rows, k, generator=g, requires_grad=True)
+    upstream = torch.randn(n_rows, d, generator=g)
+
+    out = sparse_decode(vals, idx, w)
+    (out * upstream).sum().backward()
+    assert vals.grad is not None and w.grad is not None
+    gv, gw = vals.grad.clone(), w.grad.clone()
+    vals.grad = w.grad = None
+
+    dense = torch.zeros(n_rows, n_feat).index_put(
+        (torch.arange(n_rows)[:, None].expand(-1, k), idx), vals, accumulate=True
+    )
+    ref = dense @ w
+    (ref * upstream).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(gv, vals.grad, atol=1e-5)
+    assert torch.allclose(gw, w.grad, atol=1e-5)
+
+
+def test_sparse_decode_with_offsets_and_empty_rows() -> None:
+    n_feat, d = 20, 5
+    g = _gen(1)
+    w = torch.randn(n_feat, d, generator=g, requires_grad=True)
+    rows = torch.tensor([0, 0, 0, 2, 3, 3])  # row 1 and row 4 are empty
+    cols = torch.tensor([1, 4, 9, 4, 0, 19])
+    offsets = torch.tensor([0, 3, 3, 4, 6])
+    vals = torch.randn(6, generator=g, requires_grad=True)
+    out = sparse_decode(vals, cols, w, offsets)
+    upstream = torch.randn(5, d, generator=g)
+    (out * upstream).sum().backward()
+    assert vals.grad is not None and w.grad is not None
+    gv, gw = vals.grad.clone(), w.grad.clone()
+    vals.grad = w.grad = None
+    ref = torch.zeros(5, n_feat).index_put((rows, cols), vals) @ w
+    (ref * upstream).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert out[1].abs().sum() == 0 and out[4].abs().sum() == 0
+    assert torch.allclose(gv, vals.grad, atol=1e-5)
+    assert torch.allclose(gw, w.grad, atol=1e-5)
+
+
+def test_gather_linear_gradient_equals_dense_linear() -> None:
+    n_rows, k, n_feat, d = 6, 3, 25, 8
+    g = _gen(2)
+    x = torch.randn(n_rows, d, generator=g, requires_grad=True)
+    w = torch.randn(n_feat, d, generator=g, requires_grad=True)
+    b = torch.randn(n_feat, generator=g, requires_grad=True)
+    upstream = torch.randn(n_rows, k, generator=g)
+
+    pre = x @ w.T + b  # [B, F], with autograd: the reference
+    idx = pre.detach().topk(k, dim=1).indices
+    ref = pre.gather(1, idx)
+    (ref * upstream).sum().backward()
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    refs = [t.grad.clone() for t in (x, w, b)]  # type: ignore[union-attr]
+    x.grad = w.grad = b.grad = None
+
+    got = gather_linear(ref.detach(), x, w, b, SparsePattern(idx, n_feat))
+    (got * upstream).sum().backward()
+    for t, r in zip((x, w, b), refs, strict=True):
+        assert t.grad is not None
+        assert torch.allclose(t.grad, r, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_and_dense_paths_agree_on_a_whole_sae(arch: str) -> None:
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=96, k=5, k_aux=6, compute_dtype="float32")  # type: ignore[arg-type]
+    x = torch.randn(32, 16, generator=_gen(3)) * 2 + 0.5
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[10:40] = True
+    results = []
+    for sparse in (True, False):
+        c = copy.deepcopy(cfg)
+        c.sparse_kernels = sparse
+        sae = build_sae(c, seed=4)
+        with torch.no_grad():
+            sae.b_dec.normal_(0, 0.3, generator=_gen(5))
+        out = sae(x, dead_mask=dead)
+        out.total.backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))  # type: ignore[union-attr]
+    (o1, g1), (o2, g2) = results
+    assert o1.aux.item() > 0
+    for name in ("x_hat", "mse", "aux", "total", "l0"):
+        assert torch.allclose(getattr(o1, name), getattr(o2, name), atol=1e-5, rtol=1e-5), name
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], atol=1e-5, rtol=1e-4), name
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+@pytest.mark.parametrize(
+    ("arch", "kw"), [("topk", {"k": 8}), ("batchtopk", {"k": 8}), ("relu-l1", {}), ("jumprelu", {})]
+)
+def test_bf16_compute_gradients_match_fp32_reference(arch: str, kw: dict) -> None:
+    """bf16 matmuls with float32 master weights: loss and every gradient stay close to float32."""
+    d, n_feat = 64, 512
+    x = torch.randn(256, d, generator=_gen(6)) * 1.3
+    dead = torch.zeros(n_feat, dtype=torch.bool)
+    dead[::5] = True
+    outs = []
+    for cd in ("float32", "bfloat16"):
+        extra = {"jumprelu_init_threshold": 0.3, "jumprelu_bandwidth": 0.05} if arch == "jumprelu" else {}
+        cfg = SAEConfig(arch=arch, d_in=d, d_sae=n_feat, compute_dtype=cd, **kw, **extra)  # type: ignore[arg-type]
+        sae = build_sae(cfg, seed=7)
+        assert sae.W_enc.dtype == torch.float32  # master copy
+        out = sae(x, 0.05, dead)
+        out.total.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))  # type: ignore[union-attr]
+        assert all(p.grad.dtype == torch.float32 for p in sae.parameters())  # type: ignore[union-attr]
+    (o32, g32), (o16, g16) = outs
+    assert o16.total.item() == pytest.approx(o32.total.item(), rel=0.02)
+    assert o16.mse.item() == pytest.approx(o32.mse.item(), rel=0.02)
+    for name in g32:
+        assert _cosine(g16[name], g32[name]) > 0.98, name
+        assert g16[name].norm().item() == pytest.approx(g32[name].norm().item(), rel=0.05), name
