@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from monoscope import __version__
@@ -119,9 +120,9 @@ def config_key(lm: LoadedModel, hp: HookPoint, corpus_fp: str, cfg: CaptureConfi
 def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int) -> Iterator[torch.Tensor]:
     """Token ids [batch, ctx_len] in the corpus's deterministic order; the last batch may be short."""
     bos, sep = lm.special_ids()
-    it = iter(iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep))
+    it = iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep, name=corpus.name)
     while chunk := list(itertools.islice(it, batch)):
-        yield torch.as_tensor(chunk, dtype=torch.int64).reshape(len(chunk), ctx_len)
+        yield torch.from_numpy(np.stack(chunk)).to(torch.int64)
 
 
 def capture(
@@ -152,6 +153,7 @@ def capture(
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"--out {folder} is a file: pass a folder for the store")
     corp = open_corpus(corpus, text_field=text_field, strict_utf8=strict_utf8) if isinstance(corpus, str) else corpus
+    next(iter(corp.documents()))  # an empty or unreadable corpus fails here, before the model loads
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, compute_dtype=compute_dtype)
     hp = lm.hook(hook)
     key = config_key(lm, hp, corp.fingerprint(), cfg)

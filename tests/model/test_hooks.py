@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,

@@ -47,7 +47,7 @@ def test_missing_path(tmp_path: Path) -> None:
 
 
 def test_folder_without_model(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         resolve_source(str(tmp_path))
 
 

@@ -232,6 +232,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = "auto",
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {}
     weights_sha: str | None = None
     if source.kind == "gguf":
