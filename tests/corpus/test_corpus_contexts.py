@@ -77,9 +77,7 @@ def test_is_lazy(tokenizer) -> None:
 
 
 def test_too_short_names_corpus_and_fix(tokenizer) -> None:
-    with pytest.raises(
-        CorpusError, match=r"corpus tiny\.txt has only 7 tokens.*context of 128.*--ctx-len <= 8"
-    ):
+    with pytest.raises(CorpusError, match=r"corpus tiny\.txt has only 7 tokens.*context of 128.*--ctx-len <= 8"):
         list(iter_contexts([doc(0, 1, 2), doc(3, 4)], tokenizer, 128, BOS, EOS, name="tiny.txt"))
 
 

@@ -27,12 +27,8 @@ def test_prefix_is_deterministic_and_mixed() -> None:
     assert kinds == {"prose", "code", "languages"}
     languages = {d.source.split(":")[1].split("_")[0] for d in top if category(d.source) == "languages"}
     assert len(languages) >= 5, languages
-    assert {"pydoc_data.topics", "stdlib-docstrings", "stdlib-code", "pkg-metadata"} <= {
-        d.source for d in top
-    }
-    assert any(d.source.startswith("django-po:") for d in top) and any(
-        d.source.startswith("cldr:") for d in top
-    )
+    assert {"pydoc_data.topics", "stdlib-docstrings", "stdlib-code", "pkg-metadata"} <= {d.source for d in top}
+    assert any(d.source.startswith("django-po:") for d in top) and any(d.source.startswith("cldr:") for d in top)
     assert all(d.text.strip() for d in first)
     assert len({d.text for d in first}) == len(first)  # repeats are dropped
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from monoscope.corpus import Corpus, CorpusError, FileCorpus, open_corpus
+from monoscope.corpus.readers import Utf8Decoder
 
 DATA = Path(__file__).parent / "data"
 
@@ -138,9 +140,7 @@ def test_parquet_reads_column_in_batches(tmp_path: Path) -> None:
 def test_parquet_missing_or_non_text_column(tmp_path: Path) -> None:
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"id": [1], "body": ["x"]}), path)
-    with pytest.raises(
-        CorpusError, match=rf"{path} has no column 'text' \(text columns: 'body'\).*--text-field"
-    ):
+    with pytest.raises(CorpusError, match=rf"{path} has no column 'text' \(text columns: 'body'\).*--text-field"):
         open_corpus(path)
     with pytest.raises(CorpusError, match=rf"{path} column 'id' holds int64, not text"):
         open_corpus(path, text_field="id")
@@ -165,9 +165,7 @@ def test_hf_dataset_folder_from_pyarrow(tmp_path: Path) -> None:
     write_arrow_stream(folder / names[0], pa.table({"text": ["a", "b", "c"], "n": [1, 2, 3]}))
     write_arrow_stream(folder / names[1], pa.table({"text": ["d", None, "e"], "n": [4, 5, 6]}))
     # state.json decides the order (here the reverse of sorted order)
-    (folder / "state.json").write_text(
-        json.dumps({"_data_files": [{"filename": n} for n in reversed(names)]})
-    )
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in reversed(names)]}))
     (folder / "dataset_info.json").write_text("{}")
     corpus = open_corpus(folder)
     assert docs(corpus) == ["d", "e", "a", "b", "c"]
@@ -194,9 +192,7 @@ def test_datasets_package_round_trip(tmp_path: Path) -> None:
 def test_dataset_dict_without_train_split(tmp_path: Path) -> None:
     shutil.copytree(DATA / "hf_datasetdict", tmp_path / "dd")
     (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["test", "validation"]}))
-    with pytest.raises(
-        CorpusError, match=r"has splits \['test', 'validation'\] and no 'train': pass one split"
-    ):
+    with pytest.raises(CorpusError, match=r"has splits \['test', 'validation'\] and no 'train': pass one split"):
         open_corpus(tmp_path / "dd")
 
 
@@ -219,9 +215,7 @@ def test_missing_and_unknown(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match=rf"corpus path {tmp_path / 'nope.txt'} does not exist: use a .txt"):
         open_corpus(tmp_path / "nope.txt")
     (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(
-        CorpusError, match=rf"unknown corpus format '.csv' for {tmp_path / 'd.csv'}: use a .txt"
-    ):
+    with pytest.raises(CorpusError, match=rf"unknown corpus format '.csv' for {tmp_path / 'd.csv'}: use a .txt"):
         open_corpus(tmp_path / "d.csv")
     with pytest.raises(CorpusError, match=r"holds no corpus files \(found: d.csv\)"):
         open_corpus(tmp_path)
@@ -241,3 +235,24 @@ def test_fingerprint_follows_content(tmp_path: Path) -> None:
     assert open_corpus(copy / "d.jsonl").fingerprint() == first  # content, not location
     write_jsonl(path, [{"text": "A", "t2": "b"}])
     assert open_corpus(path).fingerprint() != first
+
+
+def test_arrow_file_format_and_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "f.arrow"
+    table = pa.table({"text": ["x", "y"]})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert docs(open_corpus(path)) == ["x", "y"]
+    bad = tmp_path / "g.arrow"
+    bad.write_bytes(b"not arrow at all")
+    with pytest.raises(CorpusError, match=rf"{bad} is not an Arrow IPC stream or file"):
+        open_corpus(bad)
+
+
+def test_decoder_matches_python_replace() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        raw = bytes(rng.choice([0x41, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0xFF, 0x80]) for _ in range(12))
+        decoder = Utf8Decoder(strict=False)
+        assert decoder.decode(raw, lambda: "x") == raw.decode("utf-8", errors="replace")
+        assert (decoder.replacements == 0) == (raw.decode("utf-8", errors="replace") == raw.decode("utf-8", "ignore"))

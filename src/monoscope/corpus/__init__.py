@@ -20,7 +20,8 @@ __all__ = ["Corpus", "CorpusError", "DefaultCorpus", "Document", "FileCorpus", "
 
 
 def open_corpus(spec: str | Path, *, text_field: str = "text", strict_utf8: bool = False) -> Corpus:
-    """Open `spec` ("default" or a path) and check it can be read: path, format and text field.
+    """Open `spec` ("default" or a path; write "./default" for a folder of that name) and check it can be
+    read: path, format and text field.
 
     Reading is deferred to `documents()`; a missing path, an unknown format or a missing text
     field/column fails here, before any heavy work.

@@ -4,6 +4,7 @@ Nothing is loaded whole: text files are read line by line, parquet in record bat
 IPC streams (what `datasets.save_to_disk` writes) through a memory map. Formats:
 
 - `.txt`: a blank (or whitespace-only) line ends a document; the lines of a document keep their newlines.
+  A document is held in memory while it is read, so a huge file without blank lines costs its size.
 - `.jsonl` / `.ndjson`: one JSON object per line; its `text_field` string is the document.
 - `.parquet`: the `text_field` column, read in batches of rows.
 - `.arrow`: the `text_field` column of an Arrow IPC stream (or file).
