@@ -235,6 +235,10 @@ def test_fingerprint_follows_content(tmp_path: Path) -> None:
     assert open_corpus(copy / "d.jsonl").fingerprint() == first  # content, not location
     write_jsonl(path, [{"text": "A", "t2": "b"}])
     assert open_corpus(path).fingerprint() != first
+    same = open_corpus(path)
+    before = same.fingerprint()
+    write_jsonl(path, [{"text": "longer", "t2": "b"}])
+    assert same.fingerprint() != before  # remembered only while the file is unchanged
 
 
 def test_arrow_file_format_and_garbage(tmp_path: Path) -> None:

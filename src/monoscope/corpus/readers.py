@@ -332,6 +332,7 @@ class FileCorpus(Corpus):
         self.text_field = text_field
         self.strict_utf8 = strict_utf8
         self.layout = detect_layout(path)
+        self._fingerprint: tuple[list[tuple[Path, int, int]], str] | None = None
         self._check_fields()
 
     def _check_fields(self) -> None:
@@ -390,7 +391,13 @@ class FileCorpus(Corpus):
         )
 
     def fingerprint(self) -> str:
-        """sha256 of the reading settings and every file's name, size and bytes, in reading order."""
+        """sha256 of the reading settings and every file's name, size and bytes, in reading order.
+
+        Remembered while no file's size or modification time changes, so asking twice reads once.
+        """
+        stats = [(f, f.stat().st_size, f.stat().st_mtime_ns) for f in self.layout.files]
+        if self._fingerprint is not None and self._fingerprint[0] == stats:
+            return self._fingerprint[1]
         h = hashlib.sha256()
         settings = {"kind": self.layout.kind, "split": self.layout.split}
         if self.layout.kind != "txt":
@@ -402,7 +409,8 @@ class FileCorpus(Corpus):
             with file.open("rb") as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
-        return h.hexdigest()
+        self._fingerprint = (stats, h.hexdigest())
+        return self._fingerprint[1]
 
     def describe(self) -> dict[str, Any]:
         root = self.layout.root
