@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from corpus_helpers import make_raw_tokenizer, make_tokenizer
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
+
+from tests.corpus.corpus_helpers import make_raw_tokenizer, make_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from corpus_helpers import BOS, EOS, doc, word_id
 
 from monoscope.corpus import CorpusError, iter_contexts
+from tests.corpus.corpus_helpers import BOS, EOS, doc, word_id
 
 
 def test_packs_documents_with_separator(tokenizer) -> None:
