@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
+import re
 import sysconfig
 import tokenize
 from collections.abc import Iterable, Iterator
@@ -176,15 +177,40 @@ def _normalise(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def metadata_distributions(exclude: Iterable[str] = ()) -> list[importlib.metadata.Distribution]:
-    """Installed distributions with a name, one per name (first on sys.path wins), sorted by name."""
+def _requirement_names(dist: importlib.metadata.Distribution) -> list[str]:
+    """Names of a distribution's unconditional requirements (extras are not followed)."""
+    names = []
+    for req in dist.requires or []:
+        if "extra ==" in req:
+            continue
+        m = re.match(r"[A-Za-z0-9._-]+", req.strip())
+        if m:
+            names.append(m.group(0))
+    return names
+
+
+def metadata_distributions(
+    exclude: Iterable[str] = (), root: str = "monoscope"
+) -> list[importlib.metadata.Distribution]:
+    """`root`'s installed dependency closure, one per name, sorted by name.
+
+    Only what monoscope itself needs is read, so installing an unrelated package (a test extra, a
+    peer tool) never changes the default corpus or its fingerprint.
+    """
     skip = {_normalise(n) for n in exclude}
     chosen: dict[str, importlib.metadata.Distribution] = {}
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name and _normalise(name) not in skip:
-            chosen.setdefault(_normalise(name), dist)
-    return [chosen[k] for k in sorted(chosen)]
+    todo = [root]
+    while todo:
+        name = _normalise(todo.pop())
+        if name in chosen:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        chosen[name] = dist
+        todo.extend(_requirement_names(dist))
+    return [chosen[k] for k in sorted(chosen) if k not in skip]
 
 
 def _long_description(dist: importlib.metadata.Distribution) -> str:

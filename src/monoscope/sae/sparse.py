@@ -63,7 +63,8 @@ class SparsePattern:
 
         `order` sorts the entries by feature id (stable, so results are deterministic)."""
         if self._transpose is None:
-            order = torch.argsort(self.flat, stable=True)  # [nnz]
+            keys = self.flat.int() if self.n_features < 2**31 else self.flat  # int32 sorts ~2x faster
+            order = torch.argsort(keys, stable=True)  # [nnz]
             t_rows = self.rows.index_select(0, order)  # [nnz]
             counts = torch.bincount(self.flat, minlength=self.n_features)  # [F]
             t_offsets = counts.cumsum(0) - counts  # [F] start of each feature's entries

