@@ -92,9 +92,7 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         if cfg.arch != self.arch:
-            raise ValueError(
-                f"{type(self).__name__} builds arch {self.arch!r}, got a config for {cfg.arch!r}"
-            )
+            raise ValueError(f"{type(self).__name__} builds arch {self.arch!r}, got a config for {cfg.arch!r}")
         self.cfg = cfg
         self.provenance: dict[str, Any] = {}
         """Free-form record of how the SAE was made; `save_sae` writes it, `load_sae` restores it."""
@@ -230,9 +228,7 @@ class SAE(nn.Module):
     def _prepare_input(self, x: Tensor, cd: torch.dtype) -> tuple[Tensor, Tensor]:
         """(x in float32 [B, d], encoder input in the compute dtype, centred by b_dec if configured)."""
         if x.dim() != 2 or x.shape[1] != self.cfg.d_in:
-            raise ValueError(
-                f"{self.arch} SAE expects activations [B, {self.cfg.d_in}], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"{self.arch} SAE expects activations [B, {self.cfg.d_in}], got {tuple(x.shape)}")
         x32 = x.float()
         x_c = x32 - self.b_dec.float() if self.cfg.b_dec_to_input else x32
         return x32, x_c.to(cd)

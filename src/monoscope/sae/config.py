@@ -147,9 +147,7 @@ class SAEConfig:
         if self.b_dec_to_input is None:
             self.b_dec_to_input = _DEFAULT_B_DEC_TO_INPUT[self.arch]
         if not isinstance(self.b_dec_to_input, bool):
-            raise SAEConfigError(
-                f"SAEConfig.b_dec_to_input={self.b_dec_to_input!r} must be true, false or None"
-            )
+            raise SAEConfigError(f"SAEConfig.b_dec_to_input={self.b_dec_to_input!r} must be true, false or None")
         _check_float("jumprelu_bandwidth", self.jumprelu_bandwidth, lo=0.0, lo_open=True)
         _check_float("jumprelu_init_threshold", self.jumprelu_init_threshold, lo=0.0, lo_open=True)
         if self.threshold is not None:

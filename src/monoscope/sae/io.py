@@ -125,14 +125,10 @@ def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = N
         raise SAEFileError(f"{folder / CFG_NAME} has no weights.sha256: it is incomplete; re-save the SAE")
     fname = weights.get("file", WEIGHTS_NAME)
     if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
-        raise SAEFileError(
-            f"{folder / CFG_NAME}: weights.file={fname!r} must be a plain file name in the folder"
-        )
+        raise SAEFileError(f"{folder / CFG_NAME}: weights.file={fname!r} must be a plain file name in the folder")
     wpath = folder / fname
     if not wpath.is_file():
-        raise SAEFileError(
-            f"SAE weights {wpath} are missing: the folder is incomplete; re-save or re-train the SAE"
-        )
+        raise SAEFileError(f"SAE weights {wpath} are missing: the folder is incomplete; re-save or re-train the SAE")
     expected = weights["sha256"].lower()
     actual = _sha256(wpath)
     if actual != expected:
@@ -205,9 +201,7 @@ def config_from_metadata(meta: dict[str, Any], source: str = CFG_NAME) -> SAECon
             "guesses it (an SAE loaded with the wrong one gives silently wrong features)"
         )
     if arch not in ARCHITECTURES:
-        raise SAEFileError(
-            f"{source}: unknown architecture {arch!r}: this monoscope knows {list(ARCHITECTURES)}"
-        )
+        raise SAEFileError(f"{source}: unknown architecture {arch!r}: this monoscope knows {list(ARCHITECTURES)}")
     fields = {k: v for k, v in meta.items() if k not in _META_KEYS}
     fields["arch"] = arch
     return SAEConfig.from_dict(fields, source=source)
@@ -235,8 +229,7 @@ def check_compatible(
         )
     if model is not None and cfg.model is not None and model.rstrip("/") != cfg.model.rstrip("/"):
         raise MonoscopeError(
-            f"the SAE was trained on model {cfg.model!r}, not {model!r}: use that model or an SAE trained on "
-            f"{model!r}"
+            f"the SAE was trained on model {cfg.model!r}, not {model!r}: use that model or an SAE trained on {model!r}"
         )
 
 

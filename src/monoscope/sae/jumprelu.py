@@ -46,9 +46,7 @@ class _JumpReLUL0(torch.autograd.Function):
         return f, l0
 
     @staticmethod
-    def backward(
-        ctx: Any, g_f: Tensor | None, g_l0: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, g_f: Tensor | None, g_l0: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:
         pre, log_theta = ctx.saved_tensors
         eps: float = ctx.eps
         theta = log_theta.exp()  # [F]

@@ -75,16 +75,12 @@ class SparsePattern:
 def _transposed_accumulate(pattern: SparsePattern, values: Tensor, rows_src: Tensor) -> Tensor:
     """out[f] = Σ_{entries n with feature f} values[n] · rows_src[row_n]  -> [F, d]."""
     order, t_rows, t_offsets = pattern.transpose()
-    return F.embedding_bag(
-        t_rows, rows_src, t_offsets, mode="sum", per_sample_weights=values.index_select(0, order)
-    )
+    return F.embedding_bag(t_rows, rows_src, t_offsets, mode="sum", per_sample_weights=values.index_select(0, order))
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern, dtype: torch.dtype
-    ) -> Tensor:
+    def forward(ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern, dtype: torch.dtype) -> Tensor:
         v = values.reshape(-1).to(dtype)  # [nnz]
         w = weight.to(dtype)  # [F, d]
         out = F.embedding_bag(pattern.flat, w, pattern.offsets, mode="sum", per_sample_weights=v)  # [B, d]
@@ -106,9 +102,7 @@ class _SparseDecode(torch.autograd.Function):
             )  # [nnz]
             grad_v = gv.reshape(ctx.values_shape).to(ctx.values_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _transposed_accumulate(p, v, g).to(
-                ctx.weight_dtype
-            )  # [F, d], zero rows for unused features
+            grad_w = _transposed_accumulate(p, v, g).to(ctx.weight_dtype)  # [F, d], zero rows for unused features
         return grad_v, grad_w, None, None
 
 
@@ -134,9 +128,7 @@ def sparse_decode(
 
 class _GatherLinear(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern
-    ) -> Tensor:
+    def forward(ctx: Any, values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern) -> Tensor:
         ctx.save_for_backward(x_c, weight)
         ctx.pattern = pattern
         ctx.bias_dtype = bias.dtype
@@ -161,9 +153,7 @@ class _GatherLinear(torch.autograd.Function):
         return None, grad_x, grad_w, grad_b, None
 
 
-def gather_linear(
-    values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern
-) -> Tensor:
+def gather_linear(values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern) -> Tensor:
     """Make the precomputed active pre-activations differentiable, with a sparse backward.
 
     values: [B, k] or [nnz] = (x_c @ weight.T + bias)[active entries of `pattern`], computed by the

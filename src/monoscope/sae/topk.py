@@ -48,9 +48,7 @@ class _TopKStyle(SAE):
         self._w_aug: Tensor | None = None  # [F, d_in + 1] compute-dtype copy of [W_enc, b_enc]
 
     # ---------------------------------------------------------------- selection (per subclass)
-    def _select(
-        self, pre: Tensor, update: bool = False
-    ) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
+    def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
         """Choose active entries of pre [B, F] (no grad); `update`: training-time state updates.
 
         Returns (values in pre's dtype, pattern, indices as exposed in ForwardOutput, offsets)."""
@@ -83,9 +81,7 @@ class _TopKStyle(SAE):
             x_aug[:, d].fill_(1)
             return torch.mm(x_aug, w_aug.t(), out=ws)
 
-    def _gather(
-        self, pre: Tensor, values: Tensor, pattern: SparsePattern, x_c: Tensor, dense: bool
-    ) -> Tensor:
+    def _gather(self, pre: Tensor, values: Tensor, pattern: SparsePattern, x_c: Tensor, dense: bool) -> Tensor:
         """Differentiable active pre-activations, shaped like `values`."""
         if dense:  # pre carries autograd: index it, the gradient is scattered back densely
             return pre[pattern.rows, pattern.flat].reshape(values.shape)
@@ -107,8 +103,7 @@ class _TopKStyle(SAE):
             return None
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
             raise ValueError(
-                f"dead_mask must be a bool tensor [{self.cfg.d_sae}], "
-                f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+                f"dead_mask must be a bool tensor [{self.cfg.d_sae}], got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
         dead_idx = dead_mask.to(x_c.device).nonzero().squeeze(1)  # [n_dead]
         n_dead = dead_idx.numel()
