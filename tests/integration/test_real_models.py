@@ -64,7 +64,9 @@ def test_default_capture_verify_and_read(tmp_path: Path, smol: LoadedModel) -> N
     assert batch.acts.shape == (512, 576) and batch.acts.dtype == torch.bfloat16
 
 
-def test_cli_verify_reports_a_flipped_byte(tmp_path: Path, smol: LoadedModel, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_verify_reports_a_flipped_byte(
+    tmp_path: Path, smol: LoadedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
     capture(tmp_path / "acts", model=smol, corpus="default", tokens=8192, contexts_per_shard=32, progress=False)
     assert main(["verify", str(tmp_path / "acts")]) == 0
     shard = json.loads((tmp_path / "acts" / "manifest.json").read_text())["shards"][1]
