@@ -28,10 +28,11 @@ def batch(seed: int = 0, n: int = B) -> torch.Tensor:
     return torch.randn(n, D, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
-def test_every_architecture_has_the_same_interface() -> None:
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_every_architecture_has_the_same_interface(density: float) -> None:
     x = batch()
     for arch, kw in [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {})]:
-        sae = make(arch, **kw)
+        sae = make(arch, sparse_max_density=density, **kw)
         out = sae(x, 0.01, torch.zeros(N_FEAT, dtype=torch.bool))
         assert out.x_hat.shape == (B, D) and out.x_hat.dtype == torch.float32
         assert out.fired.shape == (N_FEAT,) and out.fired.dtype == torch.bool
@@ -47,8 +48,9 @@ def test_every_architecture_has_the_same_interface() -> None:
         assert all(p.grad is not None for p in sae.parameters() if p.requires_grad), arch
 
 
-def test_relu_l1_matches_formula() -> None:
-    sae = make("relu-l1")
+@pytest.mark.parametrize("density", [0.0, 1.0])  # 0: dense path, 1: sparse path
+def test_relu_l1_matches_formula(density: float) -> None:
+    sae = make("relu-l1", sparse_max_density=density)
     with torch.no_grad():  # decoder norms differ per row, so the norm weighting is visible
         sae.W_dec.mul_(torch.linspace(0.5, 2.0, N_FEAT)[:, None])
     x, lam = batch(), 0.37
@@ -146,22 +148,25 @@ def test_batch_topk_selection_is_exact_when_one_row_dominates() -> None:
     assert torch.all(rows[1:] * 200 + cols[1:] > rows[:-1] * 200 + cols[:-1])  # row-major order
 
 
-def test_jumprelu_forward_and_l0() -> None:
-    sae = make("jumprelu", jumprelu_init_threshold=0.5)
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_jumprelu_forward_and_l0(density: float) -> None:
+    sae = make("jumprelu", jumprelu_init_threshold=0.5, sparse_max_density=density)
     x, lam = batch(), 0.2
     out = sae(x, lam)
     pre = torch.relu(x @ sae.W_enc.T + sae.b_enc)
     f = pre * (pre > 0.5)
-    assert torch.allclose(out.acts, f, atol=1e-6)
+    assert (out.indices is None) == (density == 0.0)
+    assert torch.allclose(out.dense_acts(), f, atol=1e-6)
     assert torch.allclose(out.x_hat, f @ sae.W_dec + sae.b_dec, atol=1e-5)
     l0 = (pre > 0.5).sum(1).float().mean()
     assert out.l0.item() == pytest.approx(l0.item())
     assert out.sparsity.item() == pytest.approx(lam * l0.item())
 
 
-def test_jumprelu_threshold_gets_ste_gradient() -> None:
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_jumprelu_threshold_gets_ste_gradient(density: float) -> None:
     eps = 0.1
-    sae = make("jumprelu", jumprelu_bandwidth=eps, jumprelu_init_threshold=0.5)
+    sae = make("jumprelu", jumprelu_bandwidth=eps, jumprelu_init_threshold=0.5, sparse_max_density=density)
     x = batch(n=64)
     lam = 0.3
     out = sae(x, lam)

@@ -85,9 +85,12 @@ def test_gather_linear_gradient_equals_dense_linear() -> None:
         assert torch.allclose(t.grad, r, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu-l1", "jumprelu"])
 def test_sparse_and_dense_paths_agree_on_a_whole_sae(arch: str) -> None:
-    cfg = SAEConfig(arch=arch, d_in=16, d_sae=96, k=5, k_aux=6, compute_dtype="float32")  # type: ignore[arg-type]
+    kw = {"k": 5, "k_aux": 6} if arch in ("topk", "batchtopk") else {}
+    if arch == "jumprelu":  # wide window so that inactive entries inside it carry θ gradient
+        kw = {"jumprelu_init_threshold": 0.8, "jumprelu_bandwidth": 0.4}
+    cfg = SAEConfig(arch=arch, d_in=16, d_sae=96, compute_dtype="float32", sparse_max_density=1.0, **kw)  # type: ignore[arg-type]
     x = torch.randn(32, 16, generator=_gen(3)) * 2 + 0.5
     dead = torch.zeros(96, dtype=torch.bool)
     dead[10:40] = True
@@ -98,14 +101,20 @@ def test_sparse_and_dense_paths_agree_on_a_whole_sae(arch: str) -> None:
         sae = build_sae(c, seed=4)
         with torch.no_grad():
             sae.b_dec.normal_(0, 0.3, generator=_gen(5))
-        out = sae(x, dead_mask=dead)
+            sae.b_enc.normal_(-0.5, 0.3, generator=_gen(6))
+        out = sae(x, 0.1, dead_mask=dead)
+        assert (out.indices is not None) == sparse or arch in ("topk", "batchtopk")
         out.total.backward()
         results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))  # type: ignore[union-attr]
     (o1, g1), (o2, g2) = results
-    assert o1.aux.item() > 0
-    for name in ("x_hat", "mse", "aux", "total", "l0"):
+    if arch in ("topk", "batchtopk"):
+        assert o1.aux.item() > 0
+    for name in ("x_hat", "mse", "sparsity", "aux", "total", "l0"):
         assert torch.allclose(getattr(o1, name), getattr(o2, name), atol=1e-5, rtol=1e-5), name
+    assert torch.allclose(o1.dense_acts(), o2.dense_acts(), atol=1e-6)
+    assert torch.equal(o1.fired, o2.fired)
     for name in g1:
+        assert g1[name].abs().sum() > 0, name
         assert torch.allclose(g1[name], g2[name], atol=1e-5, rtol=1e-4), name
 
 
@@ -114,7 +123,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    ("arch", "kw"), [("topk", {"k": 8}), ("batchtopk", {"k": 8}), ("relu-l1", {}), ("jumprelu", {})]
+    ("arch", "kw"),
+    [
+        ("topk", {"k": 8}),
+        ("batchtopk", {"k": 8}),
+        ("relu-l1", {"sparse_max_density": 0.0}),
+        ("relu-l1", {"sparse_max_density": 1.0}),
+        ("jumprelu", {"sparse_max_density": 0.0}),
+        ("jumprelu", {"sparse_max_density": 1.0}),
+    ],
 )
 def test_bf16_compute_gradients_match_fp32_reference(arch: str, kw: dict) -> None:
     """bf16 matmuls with float32 master weights: loss and every gradient stay close to float32."""

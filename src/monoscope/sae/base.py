@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from monoscope.sae.config import SAEConfig
+from monoscope.sae.sparse import SparsePattern
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -97,6 +98,8 @@ class SAE(nn.Module):
         self.provenance: dict[str, Any] = {}
         """Free-form record of how the SAE was made; `save_sae` writes it, `load_sae` restores it."""
         n_feat, d = cfg.d_sae, cfg.d_in
+        # compute-dtype copies of [W_enc, b_enc] for `_encode_nograd`, refreshed every call
+        self._w_aug: dict[torch.dtype, Tensor] = {}
         self.W_enc = nn.Parameter(torch.empty(n_feat, d))  # [F, d]
         self.b_enc = nn.Parameter(torch.zeros(n_feat))  # [F]
         self.W_dec = nn.Parameter(torch.empty(n_feat, d))  # [F, d]
@@ -232,6 +235,40 @@ class SAE(nn.Module):
         x32 = x.float()
         x_c = x32 - self.b_dec.float() if self.cfg.b_dec_to_input else x32
         return x32, x_c.to(cd)
+
+    @torch.no_grad()
+    def _encode_nograd(self, x_c: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+        """pre = x_c W_encᵀ + b_enc  [B, F] in `dtype`, without autograd (the sparse and dense
+        training paths attach their own backward to it).
+
+        The bias is folded into the matmul as an extra input column of ones ([x_c, 1] @
+        [W_enc, b_enc]ᵀ): addmm would first copy the bias into every row of the [B, F] output,
+        a pass that costs ~30% of the bf16 matmul on CPU."""
+        n_rows, d = x_c.shape
+        dev = x_c.device
+        w_aug = self._w_aug.get(dtype)
+        if w_aug is None or w_aug.device != dev:
+            w_aug = self._w_aug[dtype] = torch.empty(self.cfg.d_sae, d + 1, dtype=dtype, device=dev)
+        w_aug[:, :d].copy_(self.W_enc)
+        w_aug[:, d].copy_(self.b_enc)
+        x_aug = torch.empty(n_rows, d + 1, dtype=dtype, device=dev)
+        x_aug[:, :d].copy_(x_c)
+        x_aug[:, d].fill_(1)
+        if out is None:
+            return torch.mm(x_aug, w_aug.t())
+        return torch.mm(x_aug, w_aug.t(), out=out)
+
+    def _active_pattern(self, mask: Tensor) -> SparsePattern | None:
+        """Pattern of the True entries of mask [B, F] (row-major), or None when more than
+        `cfg.sparse_max_density` of them are set (the dense path is faster then) or sparse kernels
+        are off."""
+        if not self.cfg.sparse_kernels:
+            return None
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major
+        if rows.numel() > self.cfg.sparse_max_density * mask.numel():
+            return None
+        counts = torch.bincount(rows, minlength=mask.shape[0])  # [B]
+        return SparsePattern(cols, mask.shape[1], counts.cumsum(0) - counts)
 
     def _output(
         self,

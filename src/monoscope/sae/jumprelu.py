@@ -25,11 +25,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from monoscope.sae.base import SAE, ForwardOutput
+from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
+from monoscope.sae.relu import relu_linear
+from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
 
 
 class _JumpReLUL0(torch.autograd.Function):
@@ -70,6 +71,44 @@ def jumprelu_l0(pre: Tensor, log_threshold: Tensor, bandwidth: float) -> tuple[T
     return _JumpReLUL0.apply(pre, log_threshold, bandwidth)
 
 
+class _SparseJumpReLUL0(torch.autograd.Function):
+    """`_JumpReLUL0` on a sparse set of entries: every active entry (pre > θ) and every entry in
+    an STE window (|pre − θ| < ε/2); all other entries contribute nothing to either gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, log_theta: Tensor, pattern: SparsePattern, eps: float) -> tuple[Tensor, Tensor]:
+        theta = log_theta.exp().index_select(0, pattern.flat)  # [nnz] θ of each entry's feature
+        active = pre > theta  # [nnz]
+        f = torch.where(active, pre, 0)
+        l0 = torch.zeros(pattern.n_rows, dtype=torch.float32, device=pre.device)
+        l0.index_add_(0, pattern.rows, active.float())  # [B]
+        ctx.save_for_backward(pre, log_theta)
+        ctx.pattern, ctx.eps = pattern, eps
+        return f, l0
+
+    @staticmethod
+    def backward(ctx: Any, g_f: Tensor | None, g_l0: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:
+        pre, log_theta = ctx.saved_tensors
+        p: SparsePattern = ctx.pattern
+        eps: float = ctx.eps
+        theta_all = log_theta.exp()  # [F]
+        theta = theta_all.index_select(0, p.flat)  # [nnz]
+        grad_pre = None
+        if ctx.needs_input_grad[0] and g_f is not None:
+            grad_pre = torch.where(pre > theta, g_f, 0)
+        grad_log_theta = None
+        if ctx.needs_input_grad[1]:
+            contrib = torch.zeros_like(pre, dtype=torch.float32)  # [nnz] ∂L/∂θ per entry
+            if g_f is not None:
+                contrib -= theta / eps * g_f.float()
+            if g_l0 is not None:
+                contrib -= g_l0.float().index_select(0, p.rows) / eps
+            window = (pre - theta).abs() < eps / 2
+            grad_theta = torch.zeros_like(theta_all).index_add_(0, p.flat, torch.where(window, contrib, 0))
+            grad_log_theta = grad_theta * theta_all
+        return grad_pre, grad_log_theta, None, None
+
+
 class JumpReLUSAE(SAE):
     arch = "jumprelu"
     fp32_names = ("log_threshold",)
@@ -90,24 +129,42 @@ class JumpReLUSAE(SAE):
         """θ [d_sae] float32 (detached)."""
         return self.log_threshold.detach().exp()
 
-    def _pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _pre_nograd(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x float32, encoder input float32, ReLU(pre) [B, F] float32 without autograd)."""
         # Float32 on purpose (module docstring): the STE window needs fine pre-activations.
         x32, x_c = self._prepare_input(x, torch.float32)
-        pre = F.linear(x_c, self.W_enc.float(), self.b_enc.float())  # [B, F] float32
-        return x32, F.relu(pre, inplace=True)
+        return x32, x_c, self._encode_nograd(x_c, torch.float32).relu_()
 
     def encode(self, x: Tensor) -> Tensor:
-        _, pre = self._pre(x)
+        _, x_c, pre = self._pre_nograd(x)
+        pre = relu_linear(pre, x_c, self.W_enc, self.b_enc)
         return pre * (pre > self.log_threshold.exp())
 
     def forward(  # type: ignore[override]
         self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
     ) -> ForwardOutput:
         cd = self.compute_dtype(x.device)
-        x32, pre = self._pre(x)
-        f, l0_rows = jumprelu_l0(pre, self.log_threshold, self.cfg.jumprelu_bandwidth)  # [B, F], [B]
-        x_hat = (f.to(cd) @ self.W_dec.to(cd)).float() + self.b_dec.float()  # [B, d]
+        eps = self.cfg.jumprelu_bandwidth
+        x32, x_c, pre = self._pre_nograd(x)  # [B, F] float32, >= 0
+        pattern = None
+        if self.cfg.sparse_kernels:
+            with torch.no_grad():
+                theta = self.log_threshold.exp()  # [F]
+                # entries that are active or inside an STE window: pre > θ − ε/2
+                pattern = self._active_pattern(pre > theta - eps / 2)
+        if pattern is None:  # dense codes
+            pre = relu_linear(pre, x_c, self.W_enc, self.b_enc)
+            f, l0_rows = jumprelu_l0(pre, self.log_threshold, eps)  # [B, F], [B]
+            x_hat = (f.to(cd) @ self.W_dec.to(cd)).float() + self.b_dec.float()  # [B, d]
+            l0 = l0_rows.mean()
+            with torch.no_grad():
+                fired = (f > 0).any(0)
+            return self._output(x32, x_hat, f, None, None, sparsity_coef * l0, None, l0, fired)
+        values = gather_linear(pre[pattern.rows, pattern.flat], x_c, self.W_enc, self.b_enc, pattern)
+        f, l0_rows = _SparseJumpReLUL0.apply(values, self.log_threshold, pattern, eps)  # [nnz], [B]
+        x_hat = sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
+        x_hat = x_hat + self.b_dec.float()
         l0 = l0_rows.mean()
         with torch.no_grad():
-            fired = (f > 0).any(0)
-        return self._output(x32, x_hat, f, None, None, sparsity_coef * l0, None, l0, fired)
+            fired = fired_from_sparse(pattern.flat, f, self.cfg.d_sae)
+        return self._output(x32, x_hat, f, pattern.flat, pattern.offsets, sparsity_coef * l0, None, l0, fired)

@@ -45,7 +45,6 @@ class _TopKStyle(SAE):
         # Reused [B, d_sae] buffer for the no-grad pre-activations of the sparse path: allocating
         # 75-150 MB per step costs page faults comparable to the matmul itself on CPU.
         self._workspace: Tensor | None = None
-        self._w_aug: Tensor | None = None  # [F, d_in + 1] compute-dtype copy of [W_enc, b_enc]
 
     # ---------------------------------------------------------------- selection (per subclass)
     def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
@@ -56,30 +55,15 @@ class _TopKStyle(SAE):
 
     # ---------------------------------------------------------------- building blocks
     def _pre_acts(self, x_c: Tensor, cd: torch.dtype, with_grad: bool) -> Tensor:
-        """pre = x_c W_encᵀ + b_enc  [B, F] in the compute dtype.
-
-        Without grad, the bias is folded into the matmul as an extra input column of ones
-        ([x_c, 1] @ [W_enc, b_enc]ᵀ): addmm would first copy the bias into every row of the
-        [B, F] output, a pass that costs ~30% of the matmul on CPU. The output goes to a reused
-        workspace."""
+        """pre = x_c W_encᵀ + b_enc  [B, F] in the compute dtype; without grad into a reused
+        workspace (nothing keeps a reference to it past `forward`)."""
         if with_grad:
             return F.linear(x_c, self.W_enc.to(cd), self.b_enc.to(cd))
-        with torch.no_grad():
-            n_rows, d = x_c.shape
-            dev = x_c.device
-            shape = (n_rows, self.cfg.d_sae)
-            ws = self._workspace
-            if ws is None or ws.shape != shape or ws.dtype != cd or ws.device != dev:
-                ws = self._workspace = torch.empty(shape, dtype=cd, device=dev)
-            w_aug = self._w_aug
-            if w_aug is None or w_aug.dtype != cd or w_aug.device != dev:
-                w_aug = self._w_aug = torch.empty(self.cfg.d_sae, d + 1, dtype=cd, device=dev)
-            w_aug[:, :d].copy_(self.W_enc)
-            w_aug[:, d].copy_(self.b_enc)
-            x_aug = torch.empty(n_rows, d + 1, dtype=cd, device=dev)
-            x_aug[:, :d].copy_(x_c)
-            x_aug[:, d].fill_(1)
-            return torch.mm(x_aug, w_aug.t(), out=ws)
+        shape = (x_c.shape[0], self.cfg.d_sae)
+        ws = self._workspace
+        if ws is None or ws.shape != shape or ws.dtype != cd or ws.device != x_c.device:
+            ws = self._workspace = torch.empty(shape, dtype=cd, device=x_c.device)
+        return self._encode_nograd(x_c, cd, out=ws)
 
     def _gather(self, pre: Tensor, values: Tensor, pattern: SparsePattern, x_c: Tensor, dense: bool) -> Tensor:
         """Differentiable active pre-activations, shaped like `values`."""
