@@ -155,3 +155,12 @@ def test_bf16_compute_gradients_match_fp32_reference(arch: str, kw: dict) -> Non
     for name in g32:
         assert _cosine(g16[name], g32[name]) > 0.98, name
         assert g16[name].norm().item() == pytest.approx(g32[name].norm().item(), rel=0.05), name
+
+
+def test_positive_mask_bf16_bit_trick_matches_comparison() -> None:
+    from monoscope.sae.relu import positive_mask
+
+    vals = torch.tensor([-1.0, -0.0, 0.0, 1e-30, 2.0, float("inf"), -float("inf"), -1e-30, 3e38])
+    for dtype in (torch.bfloat16, torch.float32):
+        v = vals.to(dtype)
+        assert torch.equal(positive_mask(v), v > 0), dtype
