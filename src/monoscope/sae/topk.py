@@ -205,19 +205,33 @@ def _batch_topk(pre: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
     sorted row-major.
 
     A flat top-k over B·F entries is ~10x slower than per-row top-k on CPU, so: take each row's
-    top m as candidates, then the top n_keep among candidates, with threshold t. If every row's
-    smallest candidate is <= t, no entry outside the candidates can beat t and the result is exact
-    (ties at t are broken arbitrarily, as by any top-k); otherwise m is doubled and we retry."""
+    top m = 2·n_keep/B entries as candidates, then the top n_keep among all candidates, with
+    threshold t. A row whose smallest candidate is still above t may hold more entries above t:
+    only such rows get twice as many candidates and the selection is redone. When no row is in
+    that state, no entry outside the candidates can beat t and the result is exact (ties at t
+    are broken arbitrarily, as by any top-k)."""
     n_rows, n_feat = pre.shape
-    per_row = -(-n_keep // n_rows)
-    m = min(n_feat, 4 * per_row)
+    dev = pre.device
+    m = min(n_feat, 2 * -(-n_keep // n_rows))
+    cand_v, cand_i = pre.topk(m, dim=1, sorted=False)  # [B, m]
+    vals, cols = cand_v.reshape(-1), cand_i.reshape(-1)  # [N] candidates, flat
+    rows = torch.arange(n_rows, device=dev).repeat_interleave(m)  # [N]
+    row_min = cand_v.amin(1)  # [B] smallest candidate of each row
+    row_m = torch.full((n_rows,), m, device=dev)  # [B] candidates taken from each row
     while True:
-        cand_v, cand_i = pre.topk(m, dim=1, sorted=False)  # [B, m]
-        top_v, top_pos = cand_v.reshape(-1).topk(n_keep, sorted=False)  # [n_keep]
-        if m == n_feat or bool((cand_v.min(dim=1).values <= top_v.min()).all()):
+        top_v, top_pos = vals.topk(n_keep, sorted=False)  # [n_keep]
+        unsure = (row_min > top_v.min()) & (row_m < n_feat)  # [B]
+        if not bool(unsure.any()):
             break
-        m = min(n_feat, 2 * m)
-    rows = top_pos // m
-    cols = cand_i.reshape(-1)[top_pos]
-    order = torch.argsort(rows * n_feat + cols)
-    return rows[order], cols[order], top_v[order]
+        redo = unsure.nonzero().squeeze(1)  # [n_redo]
+        m = min(n_feat, 2 * int(row_m[redo].max()))
+        more_v, more_i = pre.index_select(0, redo).topk(m, dim=1, sorted=False)  # [n_redo, m]
+        keep = ~unsure[rows]
+        vals = torch.cat([vals[keep], more_v.reshape(-1)])
+        cols = torch.cat([cols[keep], more_i.reshape(-1)])
+        rows = torch.cat([rows[keep], redo.repeat_interleave(m)])
+        row_min[redo] = more_v.amin(1)
+        row_m[redo] = m
+    sel_rows, sel_cols = rows[top_pos], cols[top_pos]
+    order = torch.argsort(sel_rows * n_feat + sel_cols)
+    return sel_rows[order], sel_cols[order], top_v[order]
