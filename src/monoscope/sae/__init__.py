@@ -6,6 +6,15 @@
     save_sae(sae, "runs/x/sae", provenance={...}); sae = load_sae("runs/x/sae")
     x_hat_raw = sae.reconstruct_raw(x_raw)    # raw in, raw out
 
+A trainer's step, for every architecture (x = c·x_raw, scaled):
+    out = sae(x, sparsity_coef=lam, dead_mask=dead)  # lam: relu-l1 L1 / jumprelu L0 coefficient
+    out.total.backward()                             # dead: [d_sae] bool, topk-style AuxK only
+    if unit_norm: sae.remove_parallel_grads_()       # topk, batchtopk, jumprelu (not relu-l1)
+    clip; optimizer.step()
+    if unit_norm: sae.normalize_decoder_()
+    dead_counter.update(out.fired)                   # [d_sae] bool: fired in this batch
+`sae.eval()` before inference (batchtopk then uses its learned threshold).
+
 Never imports transformers.
 """
 

@@ -38,14 +38,16 @@ class ForwardOutput(NamedTuple):
     x_hat: Tensor
     """[B, d_in] float32 reconstruction in the scaled space."""
     acts: Tensor
-    """Feature activations. Dense [B, d_sae] for relu-l1 and jumprelu. Sparse for the topk-style
-    SAEs (building [B, d_sae] would cost more than the whole sparse step): [B, k] values for topk,
-    [nnz] values for batchtopk (rows have different counts). Zeros may appear among the kept values
-    (the ReLU after the top-k). `dense_acts()` gives the dense form."""
+    """Feature activations, dense or sparse depending on what the step computed (building a dense
+    [B, d_sae] matrix can cost more than the whole sparse step):
+    dense [B, d_sae] (compute dtype) for relu-l1/jumprelu batches that took the dense path;
+    otherwise values aligned with `indices`: [B, k] for topk, [nnz] (rows given by `offsets`) for
+    batchtopk and for relu-l1/jumprelu batches on the sparse path. Kept entries can be 0 (topk's
+    ReLU, jumprelu's inactive entries inside the STE window). `dense_acts()` always works."""
     indices: Tensor | None
     """Feature ids of `acts` when sparse ([B, k] or [nnz], int64); None when `acts` is dense."""
     offsets: Tensor | None
-    """batchtopk: [B] start of row b's entries in `acts`/`indices`; None otherwise."""
+    """[B] start of row b's entries in flat `acts`/`indices`; None for dense or [B, k] forms."""
     mse: Tensor
     """Mean over the batch of Σ_d (x − x̂)²: the reconstruction loss (differentiable)."""
     sparsity: Tensor

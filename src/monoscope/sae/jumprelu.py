@@ -11,6 +11,11 @@ kernel K(u) = 1{|u| < 1/2} of bandwidth ε (`cfg.jumprelu_bandwidth`, default 0.
 and the gradient to pre is H(pre − θ) (the pseudo-derivative of H w.r.t. pre is 0), exactly as
 in the paper's pseudo-code. The gradient reaches log θ as θ·∂L/∂θ.
 
+Speed: as for relu-l1, the pre-activations are computed once without autograd; batches whose
+active-or-in-window entries are at most `cfg.sparse_max_density` of the codes take the sparse
+kernels (the θ gradient then comes from the window entries alone, which is exact: outside the
+window K = 0).
+
 Precision: the pre-activations are computed in float32 even when `compute_dtype` is bf16:
 bf16 rounds values near 0.5 to steps of ~0.002, coarser than ε, so the rectangle window would see a
 grid instead of a density and θ would stall. The decoder matmul uses the compute dtype.

@@ -104,6 +104,6 @@ class ReluL1SAE(SAE):
         x_hat = x_hat + self.b_dec.float()
         l1 = (vals * norms[pattern.flat]).sum() / n_rows
         with torch.no_grad():
-            l0 = torch.tensor(pattern.nnz / n_rows)
+            l0 = x32.new_tensor(pattern.nnz / n_rows)
             fired = fired_from_sparse(pattern.flat, vals, self.cfg.d_sae)
         return self._output(x32, x_hat, vals, pattern.flat, pattern.offsets, sparsity_coef * l1, None, l0, fired)
