@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from monoscope.model import LoadedModel, from_module
+
+# Tests never read or write the user's cache; subprocesses inherit this.
+os.environ["MONOSCOPE_CACHE"] = tempfile.mkdtemp(prefix="monoscope-test-cache-")
 
 TRAIN_TEXT = [
     "the quick brown fox jumps over the lazy dog",

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from monoscope import cache
 from monoscope.corpus import sources
 from monoscope.corpus.base import Corpus, Document
 
@@ -146,15 +148,24 @@ class DefaultCorpus(Corpus):
                 yield doc
 
     def fingerprint(self) -> str:
-        """sha256 of the whole document stream (each text length-prefixed); computed once per object."""
+        """sha256 of the whole document stream (each text length-prefixed).
+
+        Generating the stream takes ~8 s, so the digest is cached on disk under a key made of
+        everything the stream depends on (`describe()`: versions, sources, locales) and the stdlib path.
+        """
         if self._fingerprint is None:
-            h = hashlib.sha256(f"monoscope-default-corpus-v{VERSION}\n".encode())
-            for text in self.documents():
-                data = text.encode("utf-8", "surrogatepass")
-                h.update(len(data).to_bytes(8, "little"))
-                h.update(data)
-            self._fingerprint = h.hexdigest()
+            key = cache.key_of({"describe": self.describe(), "stdlib": sysconfig.get_paths()["stdlib"]})
+            self._fingerprint = cache.cached_value("default-corpus-fingerprint", key) or self._compute_fingerprint()
+            cache.store_value("default-corpus-fingerprint", key, self._fingerprint)
         return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.sha256(f"monoscope-default-corpus-v{VERSION}\n".encode())
+        for text in self.documents():
+            data = text.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
         import babel.core
