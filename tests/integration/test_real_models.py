@@ -94,3 +94,16 @@ def test_gemma3_second_family(tmp_path: Path) -> None:
     torch.testing.assert_close(parts[0] + parts[1] + parts[2], got, rtol=1e-4, atol=1e-3)
     res = capture(tmp_path / "g", model=lm, corpus="default", tokens=1024, progress=False)
     assert res.manifest.d_model == 640 and res.manifest.model["family"].startswith("gemma3")
+
+
+def test_gguf_cache_reloads_the_identical_model(smol: LoadedModel, real_ids: torch.Tensor) -> None:
+    from monoscope.model.load import _gguf_cache_folder
+
+    assert smol.weights_sha256 is not None
+    folder = _gguf_cache_folder(smol.weights_sha256)
+    assert folder is not None and (folder / "COMPLETE").is_file()  # written by the fixture's load
+    again = load_model("default", device="cpu", compute_dtype="fp32")
+    assert again.identity() == smol.identity() and again.tokenizer_sha256 == smol.tokenizer_sha256
+    assert again.special_ids() == smol.special_ids()
+    with torch.inference_mode():
+        assert torch.equal(again.model(real_ids).logits, smol.model(real_ids).logits)
