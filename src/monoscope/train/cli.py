@@ -1,0 +1,195 @@
+"""`monoscope train`: the command over `monoscope.train.train`, with options derived from TrainConfig.
+
+    monoscope train runs/x/acts --arch topk --k 32 --width 16x --tokens 50M --out runs/x/sae
+    monoscope train runs/x/acts --arch relu-l1 --l1 5 --tokens 50M --out runs/x/sae
+    monoscope train --model HuggingFaceTB/SmolLM2-135M --corpus my.jsonl --hook resid_post.15 \\
+        --arch topk --k 32 --tokens 10M --out runs/x/sae        # streamed: no store on disk
+    monoscope train runs/x/acts ... --out runs/x/sae --resume  # after a kill, SIGTERM or Ctrl-C
+
+Tiny CPU run (seconds): `monoscope train runs/x/acts --arch topk --k 8 --width 2x --tokens 200k
+--batch-size 1024 --out /tmp/sae`.
+
+Every TrainConfig field is an option named after it (`--lr-decay-frac`, `--dead-window`, ...), with
+its docstring as help; counts accept 10M-style suffixes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.table import Table
+
+from monoscope.capture import parse_count
+from monoscope.errors import MonoscopeError
+from monoscope.train.config import TrainConfig, field_docs
+from monoscope.train.run import TrainResult, train
+from monoscope.train.trainer import TrainingInterrupted
+
+_ALIASES = {
+    "sparsity_coef": ["--l1", "--sparsity-coef"],
+    "sparsity_warmup_frac": ["--l1-warmup-frac", "--sparsity-warmup-frac"],
+}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
+_NOT_OPTIONS = {"progress"}  # --quiet instead
+_DESCRIPTION = "Train a sparse autoencoder (relu-l1, topk, batchtopk or jumprelu) on model activations."
+_EXAMPLES = "examples:\n" + "\n".join((__doc__ or "").splitlines()[2:8])
+
+
+def add_train_parser(subparsers: Any) -> None:
+    """Register `train` on an argparse subparsers object; `args.func(args)` returns the exit code."""
+    p = subparsers.add_parser(
+        "train", help="train a sparse autoencoder on an activation store (or on a model, streamed)",
+        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
+    )
+    p.add_argument("store", nargs="?", help="activation store folder (from monoscope capture)")
+    p.add_argument("--out", required=True, help="SAE folder to create (checkpoints go in OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest complete checkpoint (same settings required)")
+    p.add_argument("--model", default=None, help="stream activations from this model instead of a store")
+    p.add_argument("--corpus", default="default", help="with --model: the corpus to stream (default: the offline mix)")
+    p.add_argument("--hook", default=None, help="with --model: hook point (default: resid_post at the middle layer)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_config_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; unset options keep the dataclass defaults."""
+    hints = typing.get_type_hints(TrainConfig)
+    docs = field_docs(TrainConfig)
+    group = p.add_argument_group("training settings (TrainConfig)")
+    for f in fields(TrainConfig):
+        if f.name in _NOT_OPTIONS:
+            continue
+        flags = _ALIASES.get(f.name, ["--" + f.name.replace("_", "-")])
+        required = f.default is MISSING and f.default_factory is MISSING
+        help_text = docs.get(f.name, "")
+        if not required:
+            help_text += f" (default: {_show(f.default)})"
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": help_text.replace("%", "%%")}
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = argparse.SUPPRESS
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            choices = _literal_choices(kind)
+            if choices:
+                kwargs["choices"] = choices
+                kwargs["type"] = lambda s: _DTYPE_ALIASES.get(s, s)
+            else:
+                kwargs["type"] = _parser_for(kind)
+                kwargs["metavar"] = f.name.upper()
+        group.add_argument(*flags, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    settings["progress"] = not getattr(args, "quiet", False)
+    return TrainConfig(**settings)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.store is None and args.model is None:
+        raise MonoscopeError("monoscope train needs an activation store folder (STORE) or --model to stream from")
+    if args.store is not None and args.model is not None:
+        raise MonoscopeError(f"give either a store ({args.store}) or --model ({args.model}), not both")
+    cfg = config_from_args(args)
+    argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]
+    command = "monoscope " + shlex.join(argv)
+    try:
+        res = train(args.out, store=args.store, model=args.model, corpus=args.corpus, hook=args.hook, config=cfg,
+                    resume=args.resume, command=command)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
+    print_train_summary(res)
+    print(f"next: monoscope eval {res.out}")
+    return 0
+
+
+def print_train_summary(res: TrainResult) -> None:
+    """One screen: what was trained, on what, how well, how fast, where it is."""
+    cfg, sae_cfg, m = res.config, res.sae.cfg, res.metrics
+    t = Table(title=f"SAE {res.out}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    k = f" k={sae_cfg.k}" if sae_cfg.k else f" λ={cfg.sparsity_coef:g}"
+    t.add_row("SAE", f"{sae_cfg.arch}{k}, {sae_cfg.d_in} -> {sae_cfg.d_sae:,} features")
+    t.add_row("data", f"{sae_cfg.model} {sae_cfg.hook}, normaliser {sae_cfg.normaliser:.5g}")
+    t.add_row("trained", f"{res.steps:,} steps x {cfg.batch_size:,} = {res.tokens:,} tokens"
+              + (f" ({res.skipped} non-finite batches skipped)" if res.skipped else ""))
+    if m:
+        nan = float("nan")
+        t.add_row("final (last log interval)", f"FVU {m.get('fvu', nan):.4f}  L0 {m.get('l0', nan):.1f}  "
+                  f"dead {m.get('dead_frac', nan):.2%}  loss {m.get('loss', nan):.4g}")
+    if res.already_complete:
+        t.add_row("this run", "already complete: nothing to do")
+    elif res.session_tokens:
+        how = f"resumed at step {res.resumed_from:,}; " if res.resumed_from is not None else ""
+        t.add_row("this run", f"{how}{res.session_tokens:,} tokens in {res.seconds:,.1f} s = "
+                  f"{res.tokens_per_s:,.0f} tokens/s")
+    for note in res.notes:
+        t.add_row("note", note)
+    Console().print(t)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m monoscope.train.cli ARGS` = `monoscope train ARGS` (argv without "train")."""
+    parser = argparse.ArgumentParser(prog="monoscope")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except MonoscopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- option types
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def _literal_choices(kind: Any) -> list[str] | None:
+    if typing.get_origin(kind) is Literal:
+        values = list(typing.get_args(kind))
+        return values + [a for a, v in _DTYPE_ALIASES.items() if v in values]
+    return None
+
+
+def _parser_for(kind: Any) -> Callable[[str], Any]:
+    args = set(typing.get_args(kind)) - {type(None)}
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType) and args == {int, str}:
+        return lambda s: int(s) if s.strip().isdigit() else s  # width: 9216 or 16x
+    base = next(iter(args)) if origin in (typing.Union, types.UnionType) and len(args) == 1 else kind
+    if base is int:
+        return _count
+    if base is float:
+        return float
+    if typing.get_origin(base) is tuple:
+        return lambda s: tuple(float(v) for v in s.split(",") if v.strip())
+    return str
+
+
+def _count(text: str) -> int:
+    return parse_count(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,290 @@
+"""`TrainConfig`: every setting that decides what a training run computes, checked on construction.
+
+The config is stored in each checkpoint; resuming with a config that differs in any field except
+the runtime-only ones (`RUNTIME_FIELDS`: how often to log or checkpoint, the progress display)
+is refused with the list of differing fields, because a resumed run must end bit-identical to an
+uninterrupted one. Field docstrings double as the CLI's help text (`field_docs`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import itertools
+import math
+import textwrap
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+from monoscope.errors import MonoscopeError
+from monoscope.sae.config import ARCHITECTURES, TOPK_STYLE, Arch, parse_width
+
+DType = Literal["auto", "float32", "bfloat16"]
+Revive = Literal["auto", "auxk", "resample", "none"]
+InitBDec = Literal["geometric_median", "mean", "zero"]
+
+RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "progress"})
+"""Fields that may change between a run and its resumption: they do not touch the numbers."""
+
+DEFAULT_DEAD_WINDOW = 10_000_000
+"""Tokens without firing after which a feature counts as dead (Scaling Monosemanticity: 10^7)."""
+
+_DEFAULT_SPARSITY = {"relu-l1": 5.0, "jumprelu": 1.0}
+
+
+class TrainConfigError(MonoscopeError):
+    """A training setting is invalid; the message names the field, the value and the fix."""
+
+
+def default_lr(arch: str, d_sae: int) -> float:
+    """Learning rate when none is given. relu-l1: 5e-5 (Anthropic, April 2024 update). topk and
+    batchtopk: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14). jumprelu: 7e-5 (Gemma Scope)."""
+    if arch == "relu-l1":
+        return 5e-5
+    if arch == "jumprelu":
+        return 7e-5
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+@dataclass
+class TrainConfig:
+    """What one SAE training run does. Fields left None get per-architecture defaults when the
+    input width is known (`resolved`)."""
+
+    arch: Arch
+    """SAE architecture: relu-l1 (Scaling Monosemanticity), topk (Gao et al. 2024), batchtopk
+    (Bussmann et al. 2024) or jumprelu (Rajamanoharan et al. 2024)."""
+
+    tokens: int
+    """Training tokens (activation rows); steps = tokens // batch_size. A store smaller than this
+    is cycled in new shuffled epochs."""
+
+    width: int | str = "16x"
+    """Number of features: a count (9216), a multiple of d_model ('16x') or binary thousands ('16k')."""
+
+    k: int | None = None
+    """Active features per token: required for topk and batchtopk (e.g. 32), unused otherwise."""
+
+    sparsity_coef: float | None = None
+    """λ: relu-l1's L1 coefficient on f_i·‖W_dec[i]‖ (default 5, the paper's value with
+    E‖x‖² = d_model) or jumprelu's L0 coefficient (default 1; sweep it for the L0 you want).
+    Unused by topk and batchtopk."""
+
+    batch_size: int = 4096
+    """Activation rows per optimiser step."""
+
+    lr: float | None = None
+    """Adam learning rate. Default: 5e-5 relu-l1, 7e-5 jumprelu, 2e-4/sqrt(d_sae/16384) topk-style."""
+
+    lr_decay_frac: float = 0.2
+    """The learning rate decays linearly to 0 over this last fraction of the steps (paper: 20%)."""
+
+    sparsity_warmup_frac: float = 0.05
+    """λ rises linearly from 0 over this first fraction of the steps (paper: 5%)."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (paper: 1); 0 disables clipping."""
+
+    aux_coef: float = 1 / 32
+    """topk/batchtopk: weight of the AuxK loss that revives dead latents (Gao et al.: 1/32)."""
+
+    dead_window: int | None = None
+    """A feature is dead when it has not fired for this many tokens. Default: 10M (the paper), or a
+    fifth of the run when that is shorter, so AuxK and resampling can act in short runs too (a
+    window as long as the run would only ever call a feature dead after training ended)."""
+
+    revive: Revive = "auto"
+    """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling),
+    none. auto: auxk for topk and batchtopk, resample for relu-l1, none for jumprelu."""
+
+    resample_at: tuple[float, ...] = (0.2, 0.4, 0.6)
+    """Fractions of the run at which dead features are resampled (when revive is resample); all
+    before the learning-rate decay so resampled features have time to train."""
+
+    init_b_dec: InitBDec = "geometric_median"
+    """How b_dec is set before step 0 from the first batch: geometric median, mean, or zero."""
+
+    dtype: DType = "auto"
+    """Dtype of the SAE's large matmuls (master weights and Adam state stay float32). auto:
+    bfloat16 on CPUs with AMX/AVX512-BF16 and on CUDA GPUs with bf16, float32 elsewhere."""
+
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+
+    seed: int = 0
+    """Seeds the SAE initialisation, the data shuffle and the resampling draws."""
+
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many steps (0: only at the end and on SIGTERM/SIGINT)."""
+
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep (the newest ones)."""
+
+    log_every: int = 50
+    """Steps between log lines (train_log.jsonl) and metric updates; metrics are averaged over them."""
+
+    skip_nonfinite: bool = False
+    """Skip (and count) a batch whose activations or loss are not finite, instead of stopping."""
+
+    progress: bool = True
+    """Show a progress bar (a log line every few seconds when stderr is not a terminal)."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise TrainConfigError(
+                f"--arch {self.arch!r} is not an SAE architecture: use one of {', '.join(ARCHITECTURES)}"
+            )
+        _int("tokens", self.tokens, 1, "a positive number of tokens such as 10M")
+        _int("batch_size", self.batch_size, 1, "a positive number of rows such as 4096")
+        if self.tokens < self.batch_size:
+            raise TrainConfigError(
+                f"--tokens {self.tokens} is less than one batch of {self.batch_size}: raise --tokens or lower "
+                "--batch-size"
+            )
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, str)):
+            raise TrainConfigError(f"--width {self.width!r}: use a count such as 9216 or a multiple such as 16x")
+        try:  # syntax only here; the exact count needs d_model (resolved)
+            parse_width(self.width, 2**20)
+        except MonoscopeError as e:
+            raise TrainConfigError(f"--width: {e}") from None
+        if self.arch in TOPK_STYLE:
+            if self.k is None:
+                raise TrainConfigError(f"--arch {self.arch} needs --k: give the active features per token, e.g. --k 32")
+            _int("k", self.k, 1, "a positive count such as 32")
+            if self.sparsity_coef is not None:
+                raise TrainConfigError(
+                    f"--l1 {self.sparsity_coef} has no meaning for --arch {self.arch} (its sparsity is --k): drop it"
+                )
+        else:
+            if self.k is not None:
+                raise TrainConfigError(f"--k {self.k} has no meaning for --arch {self.arch}: drop it, or use topk")
+            if self.sparsity_coef is None:
+                self.sparsity_coef = _DEFAULT_SPARSITY[self.arch]
+            _float("sparsity_coef", self.sparsity_coef, 0.0, None, "a number >= 0 such as 5")
+        if self.lr is not None:
+            _float("lr", self.lr, 0.0, None, "a positive learning rate such as 3e-4", open_lo=True)
+        _float("lr_decay_frac", self.lr_decay_frac, 0.0, 1.0, "a fraction from 0 to 1 (0.2 = the last 20%)")
+        _float("sparsity_warmup_frac", self.sparsity_warmup_frac, 0.0, 1.0, "a fraction from 0 to 1 (e.g. 0.05)")
+        _float("grad_clip", self.grad_clip, 0.0, None, "a norm > 0 such as 1, or 0 to disable")
+        _float("aux_coef", self.aux_coef, 0.0, None, "a weight >= 0 such as 0.03125")
+        if self.dead_window is not None:
+            _int("dead_window", self.dead_window, 1, "a positive number of tokens such as 10M")
+        if self.revive not in get_args(Revive):
+            raise TrainConfigError(f"--revive {self.revive!r}: use one of {', '.join(get_args(Revive))}")
+        if self.revive == "auxk" and self.arch not in TOPK_STYLE:
+            raise TrainConfigError(
+                f"--revive auxk needs a topk-style SAE, not --arch {self.arch}: use resample, none or auto"
+            )
+        self.resample_at = tuple(self.resample_at)
+        for f in self.resample_at:
+            _float("resample_at", f, 0.0, 1.0, "fractions of the run between 0 and 1, e.g. 0.2,0.4,0.6", open_lo=True)
+        if self.init_b_dec not in get_args(InitBDec):
+            raise TrainConfigError(f"--init-b-dec {self.init_b_dec!r}: use one of {', '.join(get_args(InitBDec))}")
+        if self.dtype not in get_args(DType):
+            raise TrainConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(get_args(DType))}")
+        if not isinstance(self.device, str) or not self.device:
+            raise TrainConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        _int("seed", self.seed, 0, "an integer >= 0")
+        _int("checkpoint_every", self.checkpoint_every, 0, "a number of steps, or 0 for only at the end")
+        _int("keep_checkpoints", self.keep_checkpoints, 1, "at least 1 (2 keeps one spare)")
+        _int("log_every", self.log_every, 1, "a positive number of steps such as 50")
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def steps(self) -> int:
+        """Optimiser steps in the run."""
+        return self.tokens // self.batch_size
+
+    @property
+    def revive_method(self) -> str:
+        """`revive` with auto resolved: auxk, resample or none."""
+        if self.revive != "auto":
+            return self.revive
+        return "auxk" if self.arch in TOPK_STYLE else "resample" if self.arch == "relu-l1" else "none"
+
+    @property
+    def dead_window_tokens(self) -> int:
+        """`dead_window` with the default resolved (see the field)."""
+        if self.dead_window is not None:
+            return self.dead_window
+        return max(self.batch_size, min(DEFAULT_DEAD_WINDOW, self.tokens // 5))
+
+    @property
+    def resample_steps(self) -> tuple[int, ...]:
+        """Steps after which dead features are resampled (empty unless revive is resample)."""
+        if self.revive_method != "resample":
+            return ()
+        steps = {max(1, round(f * self.steps)) for f in self.resample_at}
+        return tuple(sorted(s for s in steps if s < self.steps))
+
+    def d_sae(self, d_in: int) -> int:
+        """Feature count for inputs of width d_in."""
+        return parse_width(self.width, d_in)
+
+    def learning_rate(self, d_in: int) -> float:
+        """`lr`, or the architecture's default for this width."""
+        return self.lr if self.lr is not None else default_lr(self.arch, self.d_sae(d_in))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of every field (tuples become lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training settings {unknown}: remove them (known: {sorted(known)})")
+        return cls(**data)
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RUNTIME_FIELDS) -> list[str]:
+    """Human-readable `field: saved -> current` for every field that differs (runtime ones ignored)."""
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        if name in ignore:
+            continue
+        a, b = saved.get(name, "<absent>"), current.get(name, "<absent>")
+        if a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source (the CLI's help text)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _flag(name: str) -> str:
+    return "--" + {"sparsity_coef": "l1"}.get(name, name.replace("_", "-"))
+
+
+def _int(name: str, value: object, lo: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise TrainConfigError(f"{_flag(name)} {value!r}: use {fix}")
+
+
+def _float(name: str, value: object, lo: float, hi: float | None, fix: str, open_lo: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        assert isinstance(value, (int, float))
+        ok = (value > lo if open_lo else value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        raise TrainConfigError(f"{_flag(name)} {value!r}: use {fix}")

@@ -1,0 +1,253 @@
+"""`train(...)`: the whole training stage behind `monoscope train`, as a Python call.
+
+    from monoscope.train import train
+    res = train("runs/x/sae", store="runs/x/acts", arch="topk", k=32, width="16x", tokens="50M")
+    res = train("runs/x/sae", store="runs/x/acts", arch="topk", k=32, tokens="50M", resume=True)
+
+The output folder ends up holding the final SAE (`cfg.json` + `sae.safetensors`, with provenance:
+command, configs, data digest, versions, tokens, final metrics), `train_log.jsonl`, and
+`checkpoints/` (the last `keep_checkpoints` complete ones, so a finished run can be inspected or
+extended). A run killed at any point continues with `resume=True` to the same final weights, bit
+for bit on CPU, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import monoscope
+from monoscope.capture import parse_count
+from monoscope.devices import resolve_device
+from monoscope.errors import MonoscopeError
+from monoscope.progress import progress_bar
+from monoscope.sae import SAE, SAEConfig, build_sae, load_sae, save_sae
+from monoscope.sae.io import CFG_NAME, WEIGHTS_NAME, SAEFileError
+from monoscope.train.checkpoint import CheckpointDir
+from monoscope.train.config import TrainConfig, TrainConfigError, config_diff
+from monoscope.train.data import TrainData, store_data, stream_data
+from monoscope.train.log import LOG_NAME, JsonlLog
+from monoscope.train.trainer import Peeked, Trainer
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did and where it put it."""
+
+    out: Path
+    """The SAE folder (load it with `monoscope.sae.load_sae`)."""
+    sae: SAE
+    config: TrainConfig
+    steps: int
+    """Steps done in total (this session and any before it)."""
+    tokens: int
+    metrics: dict[str, Any]
+    """The last log record: means over the last log interval (loss, mse, fvu, l0, ...), dead_frac."""
+    seconds: float
+    """Wall time of this session's training loop."""
+    session_tokens: int
+    """Tokens trained in this session (the rest came from a checkpoint)."""
+    resumed_from: int | None = None
+    """Step of the checkpoint this session started from (None: from scratch)."""
+    already_complete: bool = False
+    """The folder already held the finished SAE: nothing was done."""
+    data_ended: bool = False
+    """A streamed corpus ran out before `config.tokens`."""
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.session_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def train(
+    out: str | Path,
+    *,
+    store: str | Path | None = None,
+    model: str | None = None,
+    corpus: str = "default",
+    hook: str | None = None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    command: str | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Train an SAE on a store (`store=`) or on activations streamed from `model=` over `corpus`.
+
+    config: a TrainConfig, or its fields as keyword arguments (`arch="topk", k=32, tokens="50M"`;
+    `tokens` and `dead_window` accept '10M'-style counts). resume: continue from the newest complete
+    checkpoint in `out/checkpoints` (refused if any setting differs); without it, a folder holding
+    checkpoints or a finished SAE is refused. command: recorded in the SAE's provenance.
+    """
+    cfg = _make_config(config, settings)
+    out = Path(out)
+    if (store is None) == (model is None):
+        raise MonoscopeError("train needs exactly one data source: an activation store folder, or --model to stream")
+    if out.exists() and not out.is_dir():
+        raise MonoscopeError(f"--out {out} is a file: give a folder for the SAE")
+    ckpts = CheckpointDir(out / CHECKPOINTS, keep=cfg.keep_checkpoints)
+    if ((out / CFG_NAME).is_file() or (out / WEIGHTS_NAME).is_file()) and not resume:
+        raise MonoscopeError(f"{out} already holds a trained SAE: choose another --out, or delete {out} to retrain")
+    if not resume and ckpts.complete_steps():
+        raise MonoscopeError(
+            f"{out} holds checkpoints of an unfinished run (newest: step {ckpts.complete_steps()[-1]}): pass "
+            "--resume to continue it, or choose another --out"
+        )
+    device = resolve_device(cfg.device)
+    if store is not None:
+        data = store_data(store, cfg.batch_size, cfg.seed)
+    else:
+        assert model is not None
+        data = stream_data(model, corpus, hook, cfg.batch_size, cfg.seed, cfg.device)
+    ckpt = ckpts.latest() if resume else None
+    notes = [f"skipped damaged checkpoint: {s}" for s in ckpts.skipped]
+    if ckpt is not None:
+        _check_same_run(ckpt.meta, cfg, data, out)
+    done = _finished_sae(out)
+    if done is not None:
+        prov = done.provenance
+        return TrainResult(out, done, cfg, int(prov.get("steps", 0)), int(prov.get("tokens", 0)),
+                           dict(prov.get("final_metrics") or {}), 0.0, 0, already_complete=True, notes=notes)
+    if resume and ckpt is None:
+        notes.append(f"no checkpoint in {out / CHECKPOINTS}: started from step 0")
+
+    source: Any = data.batches
+    if ckpt is None:
+        torch.manual_seed(cfg.seed)  # nothing in the step draws from these, but any future use is then seeded
+        random.seed(cfg.seed)
+        source = Peeked(data.batches)  # the first batch sets b_dec (and a stream's normaliser)
+        sae_cfg = _sae_config(cfg, data)
+    else:
+        sae_cfg = SAEConfig.from_dict(ckpt.meta["sae_config"])
+    sae = build_sae(sae_cfg, seed=cfg.seed, device=device)
+    log = JsonlLog(out / LOG_NAME)
+    meta = {"config": cfg.to_dict(), "data": data.identity, "sae_config": sae_cfg.to_dict()}
+    trainer = Trainer(sae, cfg, source, sink=ckpts, log=log, describe_row=data.describe_row, meta=meta)
+    if ckpt is None:
+        assert isinstance(source, Peeked) and source.first is not None
+        trainer.init_b_dec(source.first.acts)
+    else:
+        trainer.load(ckpt)
+    log.start(trainer.step)
+    if data.n_rows is not None and cfg.tokens > data.n_rows:
+        notes.append(f"{cfg.tokens:,} tokens from a store of {data.n_rows:,} rows: each row is seen "
+                     f"~{cfg.tokens / data.n_rows:.1f} times (capture more for less repetition)")
+
+    start_step, start_tokens = trainer.step, trainer.tokens
+    t0 = time.perf_counter()
+    with progress_bar("train", total=cfg.steps * cfg.batch_size, unit="tok", enabled=cfg.progress) as bar, \
+            _stop_on_signals(trainer):
+        bar.update(trainer.tokens)
+
+        def on_log(rec: dict[str, Any]) -> None:
+            bar.update(0, loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
+                       dead=f"{rec['dead_frac']:.1%}")
+
+        outcome = trainer.run(on_log=on_log, on_step=bar.update)
+    seconds = time.perf_counter() - t0
+    if outcome.data_ended:
+        notes.append(f"the data ran out after {trainer.tokens:,} of {cfg.tokens:,} tokens: the learning rate never "
+                     "finished its decay; use a longer corpus or fewer --tokens")
+    metrics = dict(trainer.last_metrics)
+    provenance = {
+        "command": command or "monoscope.train.train(...)",
+        "train_config": cfg.to_dict(),
+        "data": data.identity,
+        "versions": {"monoscope": monoscope.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
+        "device": str(device),
+        "compute_dtype": str(sae.compute_dtype()).removeprefix("torch."),
+        "steps": trainer.step,
+        "tokens": trainer.tokens,
+        "skipped_steps": trainer.skipped,
+        "resampled_features": trainer.resampled,
+        "final_metrics": metrics,
+        "data_ended_early": outcome.data_ended,
+    }
+    save_sae(sae.eval(), out, provenance=provenance, overwrite=True)
+    return TrainResult(out, sae, cfg, trainer.step, trainer.tokens, metrics, seconds,
+                       trainer.tokens - start_tokens, resumed_from=start_step if ckpt is not None else None,
+                       data_ended=outcome.data_ended, skipped=trainer.skipped, notes=notes)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainConfig:
+    if config is not None:
+        if settings:
+            raise TrainConfigError(f"pass either config= or settings as keywords, not both (got {sorted(settings)})")
+        return config
+    for name in ("tokens", "dead_window"):
+        if isinstance(settings.get(name), str):
+            settings[name] = parse_count(settings[name])
+    try:
+        return TrainConfig(**settings)
+    except TypeError as e:
+        raise TrainConfigError(f"train: {e}") from None
+
+
+def _finished_sae(out: Path) -> SAE | None:
+    """The final SAE if a previous session saved it completely (a save cut by a kill is redone)."""
+    if not (out / CFG_NAME).is_file():
+        return None
+    try:
+        return load_sae(out)
+    except SAEFileError:
+        return None
+
+
+def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
+    normaliser = data.get_normaliser()
+    if normaliser is None:
+        raise MonoscopeError("the data source did not provide an input normaliser")
+    return SAEConfig(
+        arch=cfg.arch, d_in=data.d_model, d_sae=cfg.d_sae(data.d_model), k=cfg.k, aux_coef=cfg.aux_coef,
+        normaliser=float(normaliser), hook=data.hook, model=data.model, dtype="float32", compute_dtype=cfg.dtype,
+    )
+
+
+def _check_same_run(meta: dict[str, Any], cfg: TrainConfig, data: TrainData, out: Path) -> None:
+    """Refuse to resume a checkpoint made with other settings or other data, listing what differs."""
+    diffs = config_diff(meta.get("config", {}), cfg.to_dict())
+    saved_data = meta.get("data", {})
+    keys = ("kind", "manifest_sha256", "model", "corpus", "hook", "d_model")
+    diffs += [f"data.{k}: {saved_data.get(k)!r} -> {data.identity.get(k)!r}"
+              for k in keys if saved_data.get(k) != data.identity.get(k)]
+    if diffs:
+        raise MonoscopeError(
+            f"cannot resume {out}: its checkpoint was made with different settings ({'; '.join(diffs)}): rerun "
+            "with the original values, or train into another --out"
+        )
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM/SIGINT ask the trainer to stop after its current step (it checkpoints, then raises
+    TrainingInterrupted). Only the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        trainer.stop_signal = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,359 @@
+"""The training loop: one SAE, one batch source, Adam, schedules, dead features, checkpoints.
+
+The trainer depends only on small protocols, so tests drive it with random tensors:
+  - a `BatchSource`: `__next__() -> Batch(acts [B, d] raw scale, rows [B])`, `state_dict()`,
+    `load_state_dict()` (an `ActivationStore.batches(...)` or `stream_batches(...)` iterator);
+  - a `CheckpointSink` (`checkpoint.py`): `save(Checkpoint)`, `latest()`;
+  - a `MetricsSink`: `write(record)` for each log step (`log.py` writes train_log.jsonl).
+
+One step (every architecture):
+  1. x = c·acts (float32, c the store's normaliser, so E‖x‖² = d_model); a non-finite x stops the
+     run (or is skipped with `skip_nonfinite`), naming the step and the offending rows;
+  2. lr(step) and λ(step) from `schedules.py` (pure functions of the step: nothing to save);
+  3. out = sae(x, sparsity_coef=λ, dead_mask=dead if AuxK) -> loss = mse + sparsity + aux;
+  4. backward; unit-norm decoders (topk, batchtopk, jumprelu) drop the gradient component parallel
+     to each decoder row; global grad-norm clip (1.0); non-finite loss or gradient norm: stop/skip;
+  5. Adam step; unit-norm decoders are renormalised; dead counters advance with `out.fired`;
+  6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
+Before step 0, b_dec is set from the first batch (geometric median by default).
+Per-step metrics are summed on the device without a host sync and read every `log_every` steps.
+
+Resume is exact because everything the next step reads is in `state()`: SAE, Adam, dead counters,
+data cursor, step, RNG states, metric accumulators; schedules and resampling draws are functions
+of (seed, step).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from monoscope.errors import MonoscopeError
+from monoscope.sae import SAE
+from monoscope.store.batches import Batch
+from monoscope.train.checkpoint import Checkpoint, CheckpointSink, rng_state, set_rng_state
+from monoscope.train.config import TrainConfig
+from monoscope.train.dead import DeadFeatureTracker, resample_dead
+from monoscope.train.schedules import Schedule, schedule_at
+
+METRICS = ("loss", "mse", "sparsity", "aux", "fvu", "l0", "grad_norm")
+"""Per-step values averaged over each log interval."""
+
+
+class BatchSource(Protocol):
+    """Shuffled activation batches with an exact, saveable cursor."""
+
+    def __next__(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class MetricsSink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+
+
+class NonFiniteError(MonoscopeError):
+    """A batch or the loss was NaN/inf; the run stopped before the update, checkpoints intact."""
+
+
+class TrainingInterrupted(MonoscopeError):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run stopped; `--resume` continues it."""
+
+    def __init__(self, message: str, step: int, signum: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.signum = signum
+
+
+@dataclass
+class RunOutcome:
+    """How `Trainer.run` ended."""
+
+    finished: bool
+    """All `config.steps` steps are done."""
+    data_ended: bool
+    """The batch source ran out first (streamed corpus too short)."""
+    checkpoint: str | None
+    """Where the last checkpoint went."""
+
+
+class Trainer:
+    """Trains `sae` in place on batches from `source` according to `config`."""
+
+    def __init__(
+        self,
+        sae: SAE,
+        config: TrainConfig,
+        source: BatchSource,
+        *,
+        sink: CheckpointSink | None = None,
+        log: MetricsSink | None = None,
+        describe_row: Callable[[int], str] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.sae = sae.train()
+        self.cfg = config
+        self.source = source
+        self.sink = sink
+        self.log = log
+        self.describe_row = describe_row or (lambda row: f"row {row}")
+        self.meta = dict(meta or {})
+        """Extra JSON-able facts stored with each checkpoint (config, data identity)."""
+        self.device = sae.W_enc.device
+        self.total_steps = config.steps
+        self.base_lr = config.learning_rate(sae.cfg.d_in)
+        self.unit_norm_decoder = sae.arch != "relu-l1"
+        self.use_auxk = config.revive_method == "auxk"
+        self.resample_steps = set(config.resample_steps)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999),
+                                          **_adam_impl(self.device))
+        self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens, self.device)
+        self.step = 0
+        self.tokens = 0
+        self.skipped = 0
+        self.resampled = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.stop_signal: int | None = None
+        """Set (by a signal handler) to stop after the current step with a checkpoint."""
+        self._acc = torch.zeros(len(METRICS), dtype=torch.float64, device=self.device)  # sums since last log
+        self._acc_steps = 0
+        self._t_log = time.perf_counter()
+        self._tok_log = 0
+        self._params = [p for p in sae.parameters() if p.requires_grad]
+
+    # ---------------------------------------------------------------- one step
+    def schedule(self, step: int | None = None) -> Schedule:
+        s = self.step if step is None else step
+        return schedule_at(s, self.total_steps, self.base_lr, self.cfg.lr_decay_frac,
+                           float(self.cfg.sparsity_coef or 0.0), self.cfg.sparsity_warmup_frac)
+
+    def scaled(self, acts: Tensor) -> Tensor:
+        """Raw activations -> float32 c·x on the training device ([B, d])."""
+        return acts.to(self.device, non_blocking=True).float().mul_(self.sae.cfg.normaliser)
+
+    @torch.no_grad()
+    def init_b_dec(self, sample_raw: Tensor) -> None:
+        """Set b_dec from a sample of raw activations (the first batch), as `config.init_b_dec` says."""
+        if self.cfg.init_b_dec == "zero":
+            return
+        x = self.scaled(sample_raw)
+        x = x[torch.isfinite(x).all(1)]
+        if x.shape[0]:
+            self.sae.init_b_dec_(x, method=self.cfg.init_b_dec)
+
+    def train_step(self) -> None:
+        """Take one batch and do one optimiser step (module docstring). Raises StopIteration when
+        the source is exhausted, NonFiniteError on NaN/inf unless `skip_nonfinite`."""
+        batch = next(self.source)
+        n = batch.acts.shape[0]
+        x = self.scaled(batch.acts)  # [B, d] float32, scaled
+        if not bool(torch.isfinite(x).all()):
+            self._nonfinite(batch, x, "the batch holds non-finite activations")
+            return
+        sched = self.schedule()
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched.lr
+        dead_mask = self.dead.dead() if self.use_auxk else None
+        out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
+        out.total.backward()
+        if self.unit_norm_decoder:
+            self.sae.remove_parallel_grads_()
+        grad_norm = self._clip_grads()
+        if not bool(torch.isfinite(out.total.detach()) & torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite(batch, x, f"the loss or its gradient is not finite (loss {float(out.total.detach()):g})")
+            return
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.unit_norm_decoder:
+            self.sae.normalize_decoder_()
+        self.dead.update(out.fired, n)
+        with torch.no_grad():
+            vals = torch.stack([out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(),
+                                out.fvu, out.l0, grad_norm.detach().float()])
+            self._acc += vals
+        self._acc_steps += 1
+        self.step += 1
+        self.tokens += n
+        if self.step in self.resample_steps:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x, out.x_hat.detach(), gen)
+            self.dead.reset(idx)
+            self.resampled += idx.numel()
+
+    def _clip_grads(self) -> Tensor:
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None], foreach=True)
+
+    def _nonfinite(self, batch: Batch, x: Tensor, what: str) -> None:
+        """Skip (count) the batch, or stop with an error naming the step and rows."""
+        if self.cfg.skip_nonfinite:
+            self.skipped += 1
+            self.step += 1
+            self.tokens += batch.acts.shape[0]
+            return
+        bad = (~torch.isfinite(x).all(1)).nonzero().squeeze(1).cpu()
+        if bad.numel():
+            rows = batch.rows[bad].tolist()
+            where = f"{len(rows)} bad row(s), first {rows[0]} = {self.describe_row(int(rows[0]))}"
+            fix = "the activations are damaged there: recapture the store, or pass --skip-nonfinite to skip them"
+        else:
+            first = int(batch.rows[0])
+            where = f"inputs finite; batch starts at row {first} = {self.describe_row(first)}"
+            fix = "training diverged: start again with a lower --lr, or pass --skip-nonfinite"
+        raise NonFiniteError(
+            f"step {self.step + 1}: {what} ({where}); stopped before the update, the last checkpoint is "
+            f"intact: {fix}"
+        )
+
+    # ---------------------------------------------------------------- metrics
+    def flush_metrics(self, seconds: float | None = None) -> dict[str, Any]:
+        """Average the metrics since the last call (one host sync) and reset the accumulators."""
+        now = time.perf_counter()
+        steps = max(self._acc_steps, 1)
+        avg = (self._acc / steps).tolist()
+        sched = self.schedule(max(self.step - 1, 0))
+        elapsed = now - self._t_log if seconds is None else seconds
+        rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        rec.update({k: float(v) for k, v in zip(METRICS, avg, strict=True)})
+        rec.update(dead_frac=self.dead.dead_fraction(), lr=sched.lr, sparsity_coef=sched.sparsity_coef,
+                   skipped=self.skipped, resampled=self.resampled,
+                   tokens_per_s=(self.tokens - self._tok_log) / max(elapsed, 1e-9))
+        if self.sae.arch == "batchtopk":
+            rec["threshold"] = float(self.sae.threshold)  # type: ignore[arg-type]
+        self._acc.zero_()
+        self._acc_steps = 0
+        self._t_log, self._tok_log = now, self.tokens
+        self.last_metrics = rec
+        return rec
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> Checkpoint:
+        """Everything the next step depends on (module docstring)."""
+        tensors = {
+            "dead_since": self.dead.since.detach().cpu().clone(),
+            "acc": self._acc.detach().cpu().clone(),
+            "rng": rng_state(),
+        }
+        meta = {
+            **self.meta,
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped": self.skipped,
+            "resampled": self.resampled,
+            "acc_steps": self._acc_steps,
+            "dead_window": self.dead.window,
+            "data_cursor": self.source.state_dict(),
+            "schedule": self.schedule()._asdict(),
+            "last_metrics": self.last_metrics,
+        }
+        sae_state = {k: v.detach().cpu().clone() for k, v in self.sae.state_dict().items()}
+        return Checkpoint(self.step, sae_state, self.optimizer.state_dict(), tensors, meta)
+
+    def load(self, ckpt: Checkpoint) -> None:
+        """Restore a `state()`; the next step is the one an uninterrupted run would take."""
+        self.sae.load_state_dict(ckpt.sae)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        m = ckpt.meta
+        self.dead.load_state_dict({"since": ckpt.tensors["dead_since"], "window": m["dead_window"]})
+        self._acc.copy_(ckpt.tensors["acc"])
+        self._acc_steps = int(m["acc_steps"])
+        self.step, self.tokens = int(m["step"]), int(m["tokens"])
+        self.skipped, self.resampled = int(m["skipped"]), int(m["resampled"])
+        self.last_metrics = dict(m.get("last_metrics") or {})
+        self.source.load_state_dict(m["data_cursor"])
+        set_rng_state(ckpt.tensors["rng"])
+        self._tok_log = self.tokens
+        self._t_log = time.perf_counter()
+
+    def save_checkpoint(self) -> str | None:
+        return None if self.sink is None else self.sink.save(self.state())
+
+    # ---------------------------------------------------------------- loop
+    def run(self, on_log: Callable[[dict[str, Any]], None] | None = None,
+            on_step: Callable[[int], None] | None = None) -> RunOutcome:
+        """Train to `config.steps`, logging, checkpointing every `checkpoint_every` steps and at the
+        end. A set `stop_signal` saves a checkpoint and raises `TrainingInterrupted`."""
+        every = self.cfg.checkpoint_every
+        last_ckpt: str | None = None
+        saved_at = self.step
+        data_ended = False
+        self._t_log, self._tok_log = time.perf_counter(), self.tokens
+        while self.step < self.total_steps:
+            if self.stop_signal is not None:
+                break
+            try:
+                self.train_step()
+            except StopIteration:
+                data_ended = True
+                break
+            if on_step is not None:
+                on_step(self.cfg.batch_size)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                rec = self.flush_metrics()
+                if self.log is not None:
+                    self.log.write(rec)
+                if on_log is not None:
+                    on_log(rec)
+            if every and self.step % every == 0 and self.step < self.total_steps:
+                last_ckpt, saved_at = self.save_checkpoint(), self.step
+        if self.stop_signal is not None and self.step < self.total_steps:
+            if self.step == 0:  # nothing trained yet: a fresh start is the same as a resume
+                saved = "nothing to save before the first step"
+            else:
+                if saved_at != self.step or last_ckpt is None:
+                    last_ckpt = self.save_checkpoint()
+                saved = f"checkpoint {last_ckpt}"
+            raise TrainingInterrupted(
+                f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps} ({saved}): "
+                "run the same command with --resume to continue",
+                self.step,
+                self.stop_signal,
+            )
+        if data_ended and self._acc_steps:
+            rec = self.flush_metrics()
+            if self.log is not None:
+                self.log.write(rec)
+        if saved_at != self.step or last_ckpt is None:
+            last_ckpt = self.save_checkpoint()
+        return RunOutcome(self.step >= self.total_steps, data_ended, last_ckpt)
+
+
+class Peeked:
+    """A `BatchSource` with its first batch already taken (to set b_dec or learn the normaliser)
+    but not yet trained on: its cursor still points before that batch."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+        self._state = source.state_dict()
+        self.first: Batch | None = next(source)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.first is not None:
+            batch, self.first = self.first, None
+            return batch
+        return next(self.source)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state if self.first is not None else self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first = None
+        self.source.load_state_dict(state)
+
+
+def _adam_impl(device: torch.device) -> dict[str, Any]:
+    """Fused Adam where torch has it for the device (CPU and CUDA since torch 2.4): one pass per
+    parameter instead of several; it is deterministic."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
