@@ -337,3 +337,23 @@ def test_relu_encoder_matches_linear() -> None:
     sae = make("relu-l1")
     x = batch()
     assert torch.allclose(sae.encode(x), F.relu(F.linear(x, sae.W_enc, sae.b_enc)), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_topk_with_few_positive_preactivations(arch: str, compute_dtype: str) -> None:
+    """Fewer positive pre-activations than k: every positive one is kept, the rest are 0."""
+    k = 6
+    cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=k, compute_dtype=compute_dtype)  # type: ignore[arg-type]
+    sae = build_sae(cfg, seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(-4.0)
+    x = batch()
+    pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    n_pos = (pre > 0).sum(1)
+    assert n_pos.max() < k and n_pos.sum() > 0
+    out = sae(x)
+    dense = out.dense_acts()
+    assert torch.equal(dense > 0, pre > 0)
+    tol = 0.05 if compute_dtype == "bfloat16" else 1e-5
+    assert torch.allclose(dense, torch.relu(pre), atol=tol, rtol=tol)
