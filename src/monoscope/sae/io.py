@@ -141,9 +141,10 @@ def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = N
     except Exception as e:  # the checksum matched, so this is a file written wrong, not damaged
         raise SAEFileError(f"SAE weights {wpath} cannot be read as safetensors: {e}") from e
 
-    sae = SAE_CLASSES[cfg.arch](cfg)  # type: ignore[call-arg]
+    with torch.device("meta"):  # shapes only: no time or memory spent on a random init
+        sae = SAE_CLASSES[cfg.arch](cfg)  # type: ignore[call-arg]
     _check_tensors(sae, tensors, wpath, cfg)
-    sae.load_state_dict(tensors, strict=True)
+    sae.load_state_dict(tensors, strict=True, assign=True)
     threshold = tensors.get("threshold")
     if (
         cfg.arch == "batchtopk"

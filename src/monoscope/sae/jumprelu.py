@@ -27,6 +27,7 @@ after the optimiser step).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -127,7 +128,7 @@ class JumpReLUSAE(SAE):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         super().reset_parameters(generator)
         if hasattr(self, "log_threshold"):
-            self.log_threshold.fill_(float(torch.tensor(self.cfg.jumprelu_init_threshold).log()))
+            self.log_threshold.fill_(math.log(self.cfg.jumprelu_init_threshold))
 
     @property
     def threshold(self) -> Tensor:
