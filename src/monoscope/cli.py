@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every shard of an activation store against its manifest")
     p.add_argument("store", help="store folder")
     p.set_defaults(func=cmd_verify)
+
+    from monoscope.interop.cli import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 
