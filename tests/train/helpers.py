@@ -6,6 +6,7 @@ noise, so an SAE can actually learn them (FVU falls well below 1) while d stays 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from monoscope.store import Manifest, RowPolicy
@@ -108,3 +110,27 @@ def wait_for_checkpoint(proc: subprocess.Popen[bytes], folder: Path, timeout: fl
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     raise AssertionError("no checkpoint appeared in time")
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    """Final weights, plus the last checkpoint's optimizer state and dead counters."""
+    weights = safetensors.torch.load_file(str(out / "sae.safetensors"))
+    last = sorted((out / "checkpoints").glob("step-*"))[-1]
+    opt = torch.load(last / "optimizer.pt", weights_only=True)
+    state = torch.load(last / "state.pt", weights_only=True)
+    flat = {f"w.{k}": v for k, v in weights.items()}
+    flat.update({f"opt.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()})
+    flat["dead_since"] = state["dead_since"]
+    return flat
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    sa, sb = final_state(a), final_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    strip = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+             for line in (a / "train_log.jsonl").read_text().splitlines()]
+    strip_b = [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+               for line in (b / "train_log.jsonl").read_text().splitlines()]
+    assert strip == strip_b
