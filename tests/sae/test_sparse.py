@@ -164,3 +164,53 @@ def test_positive_mask_bf16_bit_trick_matches_comparison() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         v = vals.to(dtype)
         assert torch.equal(positive_mask(v), v > 0), dtype
+
+
+def test_gather_linear_shift_gradient() -> None:
+    n_rows, k, n_feat, d = 6, 3, 25, 8
+    g = _gen(8)
+    x = torch.randn(n_rows, d, generator=g)
+    shift = torch.randn(d, generator=g, requires_grad=True)
+    w = torch.randn(n_feat, d, generator=g, requires_grad=True)
+    b = torch.randn(n_feat, generator=g, requires_grad=True)
+    upstream = torch.randn(n_rows, k, generator=g)
+    pre = (x - shift) @ w.T + b
+    idx = pre.detach().topk(k, dim=1).indices
+    (pre.gather(1, idx) * upstream).sum().backward()
+    refs = [t.grad.clone() for t in (shift, w, b)]  # type: ignore[union-attr]
+    shift.grad = w.grad = b.grad = None
+    got = gather_linear(pre.gather(1, idx).detach(), (x - shift).detach(), w, b, SparsePattern(idx, n_feat), shift)
+    (got * upstream).sum().backward()
+    for t, r in zip((shift, w, b), refs, strict=True):
+        assert t.grad is not None
+        assert torch.allclose(t.grad, r, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "kw"), [("topk", {"k": 5}), ("relu-l1", {}), ("jumprelu", {})])
+def test_sparse_path_gradients_for_input_and_subtracted_b_dec(arch: str, kw: dict) -> None:
+    """Gradient w.r.t. the input (attribution) and b_dec subtracted from it: sparse == dense."""
+    grads = []
+    for sparse in (True, False):
+        cfg = SAEConfig(
+            arch=arch,  # type: ignore[arg-type]
+            d_in=16,
+            d_sae=96,
+            compute_dtype="float32",
+            b_dec_to_input=True,
+            sparse_kernels=sparse,
+            sparse_max_density=1.0,
+            **kw,
+        )
+        sae = build_sae(cfg, seed=4)
+        with torch.no_grad():
+            sae.b_dec.normal_(0, 0.3, generator=_gen(5))
+        for needs_x in (False, True):
+            x = (torch.randn(32, 16, generator=_gen(3)) * 2).requires_grad_(needs_x)
+            sae.zero_grad()
+            sae(x, 0.1).total.backward()
+            grads.append((sae.b_dec.grad.clone(), sae.W_enc.grad.clone(), x.grad))  # type: ignore[union-attr]
+    for (b1, w1, x1), (b2, w2, x2) in zip(grads[:2], grads[2:], strict=True):
+        assert torch.allclose(b1, b2, atol=1e-5) and torch.allclose(w1, w2, atol=1e-5)
+        assert (x1 is None) == (x2 is None)
+        if x1 is not None:
+            assert torch.allclose(x1, x2, atol=1e-5)

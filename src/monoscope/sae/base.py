@@ -238,6 +238,13 @@ class SAE(nn.Module):
         x_c = x32 - self.b_dec.float() if self.cfg.b_dec_to_input else x32
         return x32, x_c.to(cd)
 
+    def _sparse_encoder_input(self, x32: Tensor, x_c: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(x_c, x_shift) for `gather_linear`: when b_dec is subtracted and x needs no gradient,
+        x_c detached plus b_dec as x_shift (its gradient is then a cheap [F]·[F, d] product)."""
+        if self.cfg.b_dec_to_input and not x32.requires_grad:
+            return x_c.detach(), self.b_dec
+        return x_c, None
+
     @torch.no_grad()
     def _encode_nograd(self, x_c: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         """pre = x_c W_encᵀ + b_enc  [B, F] in `dtype`, without autograd (the sparse and dense

@@ -166,7 +166,8 @@ class JumpReLUSAE(SAE):
             with torch.no_grad():
                 fired = (f > 0).any(0)
             return self._output(x32, x_hat, f, None, None, sparsity_coef * l0, None, l0, fired)
-        values = gather_linear(pre[pattern.rows, pattern.flat], x_c, self.W_enc, self.b_enc, pattern)
+        xs, shift = self._sparse_encoder_input(x32, x_c)
+        values = gather_linear(pre[pattern.rows, pattern.flat], xs, self.W_enc, self.b_enc, pattern, shift)
         f, l0_rows = _SparseJumpReLUL0.apply(values, self.log_threshold, pattern, eps)  # [nnz], [B]
         x_hat = sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
         x_hat = x_hat + self.b_dec.float()

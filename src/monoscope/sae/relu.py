@@ -99,7 +99,8 @@ class ReluL1SAE(SAE):
                 fired = f_sum > 0  # f >= 0, so a positive column sum means it fired
             return self._output(x32, x_hat, f, None, None, sparsity_coef * l1, None, l0, fired)
         values = pre[pattern.rows, pattern.flat]  # [nnz], all > 0
-        vals = gather_linear(values, x_c, self.W_enc, self.b_enc, pattern).float()
+        xs, shift = self._sparse_encoder_input(x32, x_c)
+        vals = gather_linear(values, xs, self.W_enc, self.b_enc, pattern, shift).float()
         x_hat = sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
         x_hat = x_hat + self.b_dec.float()
         l1 = (vals * norms[pattern.flat]).sum() / n_rows

@@ -128,37 +128,63 @@ def sparse_decode(
 
 class _GatherLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern) -> Tensor:
+    def forward(
+        ctx: Any,
+        values: Tensor,
+        x_c: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        x_shift: Tensor | None,
+        pattern: SparsePattern,
+    ) -> Tensor:
         ctx.save_for_backward(x_c, weight)
         ctx.pattern = pattern
         ctx.bias_dtype = bias.dtype
+        ctx.shift_dtype = None if x_shift is None else x_shift.dtype
         return values.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, Tensor | None, None]:
         x_c, weight = ctx.saved_tensors
         p: SparsePattern = ctx.pattern
         dtype = x_c.dtype
         g = grad.reshape(-1)  # [nnz]
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_shift = None
         if ctx.needs_input_grad[1]:
             grad_x = F.embedding_bag(
                 p.flat, weight.to(dtype), p.offsets, mode="sum", per_sample_weights=g.to(dtype)
             )  # [B, d]
         if ctx.needs_input_grad[2]:
             grad_w = _transposed_accumulate(p, g.to(dtype), x_c).to(weight.dtype)  # [F, d]
-        if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(p.n_features, dtype=torch.float32, device=g.device)
-            grad_b = grad_b.index_add_(0, p.flat, g.float()).to(ctx.bias_dtype)  # [F]
-        return None, grad_x, grad_w, grad_b, None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            g_feat = torch.zeros(p.n_features, dtype=torch.float32, device=g.device)
+            g_feat.index_add_(0, p.flat, g.float())  # [F] Σ of the gradient per feature
+            if ctx.needs_input_grad[3]:
+                grad_b = g_feat.to(ctx.bias_dtype)
+            if ctx.needs_input_grad[4]:
+                # x_c = x − shift: d shift = −Σ_b d x_c[b] = −Σ_f g_feat[f] · W[f]
+                grad_shift = -(g_feat @ weight.float()).to(ctx.shift_dtype)  # [d]
+        return None, grad_x, grad_w, grad_b, grad_shift, None
 
 
-def gather_linear(values: Tensor, x_c: Tensor, weight: Tensor, bias: Tensor, pattern: SparsePattern) -> Tensor:
+def gather_linear(
+    values: Tensor,
+    x_c: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    pattern: SparsePattern,
+    x_shift: Tensor | None = None,
+) -> Tensor:
     """Make the precomputed active pre-activations differentiable, with a sparse backward.
 
-    values: [B, k] or [nnz] = (x_c @ weight.T + bias)[active entries of `pattern`], computed by the
-    caller without autograd; x_c: [B, d] the (centred) encoder input in the compute dtype; weight:
-    [F, d]; bias: [F]. Returns a copy of `values` whose gradient flows to x_c, weight and bias as if
-    the dense linear layer had been differentiated (only the active entries carry gradient).
+    values: [B, k] or [nnz] = ((x − x_shift) @ weight.T + bias)[active entries of `pattern`],
+    computed by the caller without autograd; x_c: [B, d] the encoder input x − x_shift in the
+    compute dtype; weight: [F, d]; bias: [F]; x_shift: [d] or None (b_dec when it is subtracted
+    from the input). Returns a copy of `values` whose gradient flows to x_c, weight, bias and
+    x_shift as if the dense linear layer had been differentiated (only active entries carry
+    gradient). Pass x_c detached with x_shift when x itself needs no gradient: x_shift's gradient
+    then costs one [F]·[F, d] product instead of a [B, d] embedding-bag.
     """
-    return _GatherLinear.apply(values, x_c, weight, bias, pattern)
+    return _GatherLinear.apply(values, x_c, weight, bias, x_shift, pattern)

@@ -65,11 +65,19 @@ class _TopKStyle(SAE):
             ws = self._workspace = torch.empty(shape, dtype=cd, device=x_c.device)
         return self._encode_nograd(x_c, cd, out=ws)
 
-    def _gather(self, pre: Tensor, values: Tensor, pattern: SparsePattern, x_c: Tensor, dense: bool) -> Tensor:
+    def _gather(
+        self,
+        pre: Tensor,
+        values: Tensor,
+        pattern: SparsePattern,
+        x_c: Tensor,
+        dense: bool,
+        x_shift: Tensor | None = None,
+    ) -> Tensor:
         """Differentiable active pre-activations, shaped like `values`."""
         if dense:  # pre carries autograd: index it, the gradient is scattered back densely
             return pre[pattern.rows, pattern.flat].reshape(values.shape)
-        return gather_linear(values, x_c, self.W_enc, self.b_enc, pattern)
+        return gather_linear(values, x_c, self.W_enc, self.b_enc, pattern, x_shift)
 
     def _decode_active(self, vals: Tensor, pattern: SparsePattern, cd: torch.dtype, dense: bool) -> Tensor:
         """Σ_active vals · W_dec[feature]  -> [B, d_in] float32 (no bias)."""
@@ -127,7 +135,8 @@ class _TopKStyle(SAE):
         pre = self._pre_acts(x_c, cd, with_grad=dense)  # [B, F]
         with torch.no_grad():
             values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
-        vals = self._gather(pre, values, pattern, x_c, dense).float().relu()  # like `values`
+        xs, shift = self._sparse_encoder_input(x32, x_c)
+        vals = self._gather(pre, values, pattern, xs, dense, shift).float().relu()  # like `values`
         x_hat = self._decode_active(vals, pattern, cd, dense) + self.b_dec.float()  # [B, d]
         aux = self._auxk(x_c, x32 - x_hat, dead_mask, cd)
         with torch.no_grad():
