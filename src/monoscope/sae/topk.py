@@ -107,7 +107,7 @@ class _TopKStyle(SAE):
         b_enc = self.b_enc.index_select(0, dead_idx).to(cd)  # [n_dead]
         pre = F.linear(x_c, w_enc, b_enc)  # [B, n_dead]
         with torch.no_grad():
-            local = pre.detach().topk(k_aux, dim=1, sorted=False).indices  # [B, k_aux]
+            local = _order_view(pre.detach()).topk(k_aux, dim=1, sorted=False).indices  # [B, k_aux]
             keep = torch.zeros_like(pre).scatter_(1, local, 1.0)  # [B, n_dead] 0/1
         f_aux = torch.relu(pre) * keep  # [B, n_dead]
         e_hat = (f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)).float()  # [B, d]
