@@ -214,8 +214,9 @@ class SAE(nn.Module):
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row to unit L2 norm (topk, batchtopk, jumprelu: after each
         optimiser step)."""
-        norms = self.W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.copy_((self.W_dec.float() / norms).to(self.W_dec.dtype))
+        w = self.W_dec
+        norms = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float32)  # [F, 1]
+        w.div_(norms.clamp_min(1e-12).to(w.dtype))  # in place: no [F, d] temporaries
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
@@ -225,9 +226,10 @@ class SAE(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        w = self.W_dec.float()
-        coef = (g.float() * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)  # [F, 1]
-        g.sub_((coef * w).to(g.dtype))
+        w = self.W_dec
+        dots = torch.linalg.vecdot(g, w, dim=1).float()  # [F] <g_i, w_i>
+        sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square().clamp_min(1e-12)  # [F]
+        g.addcmul_(w, (dots / sq).to(g.dtype)[:, None], value=-1)  # g -= coef·w, in place
 
     # ------------------------------------------------------------------ shared maths
     def _prepare_input(self, x: Tensor, cd: torch.dtype) -> tuple[Tensor, Tensor]:
