@@ -84,11 +84,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """capture -> train; each stage resumes (or is a no-op when already complete) on a rerun."""
+    from monoscope.train import train
+    from monoscope.train.cli import print_train_summary
+
     out = Path(args.out)
-    print(f"monoscope run: capture on the default model and corpus into {out}", file=sys.stderr)
+    print(f"monoscope run [1/2] capture: {args.model} -> {out / 'acts'}", file=sys.stderr)
     _capture(args, out / "acts")
-    print(f"\nresult: {out / 'acts'}  (manifest: {out / 'acts' / 'manifest.json'})")
-    print(f"next: monoscope verify {out / 'acts'}")
+    print(f"monoscope run [2/2] train: {args.arch} k={args.k} width {args.width} on {args.train_tokens} tokens "
+          f"-> {out / 'sae'}", file=sys.stderr)
+    res = train(out / "sae", store=out / "acts", arch=args.arch, k=args.k, width=args.width,
+                tokens=args.train_tokens, seed=args.seed, device=args.device, resume=True,
+                progress=not args.quiet, command=" ".join(sys.argv))
+    print_train_summary(res)
+    print(f"\nresults: activations {out / 'acts'}  SAE {out / 'sae'}  (training log {out / 'sae' / 'train_log.jsonl'})")
+    print(f"next: monoscope convert {out / 'sae'} --to saelens --out {out / 'sae-saelens'}")
     return 0
 
 
@@ -97,9 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the main job on the embedded default: capture (more stages follow)")
+    p = sub.add_parser("run", help="the main job on the embedded default: capture -> train (more stages follow)")
     p.add_argument("--out", default=str(DEFAULT_RUN), help=f"run folder (default {DEFAULT_RUN})")
     _add_capture_args(p, tokens_default="1M")
+    p.add_argument("--arch", default="topk", choices=["relu-l1", "topk", "batchtopk", "jumprelu"])
+    p.add_argument("--k", type=int, default=32, help="active features per token (topk, batchtopk)")
+    p.add_argument("--width", default="16x", help="features: a count or a multiple of d_model (default 16x)")
+    p.add_argument("--train-tokens", default="2M", help="training tokens (several passes over a small store)")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("capture", help="run a corpus through a model and store activations at a hook point")
@@ -112,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     from monoscope.interop.cli import add_convert_parser
+    from monoscope.train.cli import add_train_parser
 
+    add_train_parser(sub)
     add_convert_parser(sub)
     return parser
 
