@@ -14,7 +14,7 @@ import pytest
 from monoscope.train import train
 from tests.train.helpers import assert_same_state, child_env, cli, make_store, wait_for_checkpoint
 
-STEPS = 500
+STEPS = 300
 RUNS: dict[str, dict[str, Any]] = {
     # topk: AuxK on dead latents (dead window of 4 batches), unit-norm decoder
     "topk": {"arch": "topk", "k": 4, "dead_window": 256},

@@ -27,7 +27,6 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-from monoscope.capture import parse_count
 from monoscope.errors import MonoscopeError
 from monoscope.train.config import TrainConfig, field_docs
 from monoscope.train.run import TrainResult, train
@@ -130,9 +129,8 @@ def print_train_summary(res: TrainResult) -> None:
     t.add_row("trained", f"{res.steps:,} steps x {cfg.batch_size:,} = {res.tokens:,} tokens"
               + (f" ({res.skipped} non-finite batches skipped)" if res.skipped else ""))
     if m:
-        nan = float("nan")
-        t.add_row("final (last log interval)", f"FVU {m.get('fvu', nan):.4f}  L0 {m.get('l0', nan):.1f}  "
-                  f"dead {m.get('dead_frac', nan):.2%}  loss {m.get('loss', nan):.4g}")
+        t.add_row("final (last log interval)", f"FVU {_num(m, 'fvu', '.4f')}  L0 {_num(m, 'l0', '.1f')}  "
+                  f"dead {_num(m, 'dead_frac', '.2%')}  loss {_num(m, 'loss', '.4g')}")
     if res.already_complete:
         t.add_row("this run", "already complete: nothing to do")
     elif res.session_tokens:
@@ -157,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- option types
+
+
+def _num(metrics: dict[str, Any], key: str, spec: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None else format(value, spec)
 
 
 def _show(value: Any) -> str:
@@ -188,6 +191,8 @@ def _parser_for(kind: Any) -> Callable[[str], Any]:
 
 
 def _count(text: str) -> int:
+    from monoscope.capture import parse_count  # lazily: capture imports the model stack
+
     return parse_count(text)
 
 

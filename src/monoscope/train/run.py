@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 import monoscope
-from monoscope.capture import parse_count
 from monoscope.devices import resolve_device
 from monoscope.errors import MonoscopeError
 from monoscope.progress import progress_bar
@@ -96,16 +95,8 @@ def train(
     out = Path(out)
     if (store is None) == (model is None):
         raise MonoscopeError("train needs exactly one data source: an activation store folder, or --model to stream")
-    if out.exists() and not out.is_dir():
-        raise MonoscopeError(f"--out {out} is a file: give a folder for the SAE")
     ckpts = CheckpointDir(out / CHECKPOINTS, keep=cfg.keep_checkpoints)
-    if ((out / CFG_NAME).is_file() or (out / WEIGHTS_NAME).is_file()) and not resume:
-        raise MonoscopeError(f"{out} already holds a trained SAE: choose another --out, or delete {out} to retrain")
-    if not resume and ckpts.complete_steps():
-        raise MonoscopeError(
-            f"{out} holds checkpoints of an unfinished run (newest: step {ckpts.complete_steps()[-1]}): pass "
-            "--resume to continue it, or choose another --out"
-        )
+    _check_out_folder(out, ckpts, resume)
     device = resolve_device(cfg.device)
     if store is not None:
         data = store_data(store, cfg.batch_size, cfg.seed)
@@ -153,8 +144,9 @@ def train(
         bar.update(trainer.tokens)
 
         def on_log(rec: dict[str, Any]) -> None:
-            bar.update(0, loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
-                       dead=f"{rec['dead_frac']:.1%}")
+            if rec["loss"] is not None:
+                bar.update(0, loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
+                           dead=f"{rec['dead_frac']:.1%}")
 
         outcome = trainer.run(on_log=on_log, on_step=bar.update)
     seconds = time.perf_counter() - t0
@@ -162,22 +154,7 @@ def train(
         notes.append(f"the data ran out after {trainer.tokens:,} of {cfg.tokens:,} tokens: the learning rate never "
                      "finished its decay; use a longer corpus or fewer --tokens")
     metrics = dict(trainer.last_metrics)
-    provenance = {
-        "command": command or "monoscope.train.train(...)",
-        "train_config": cfg.to_dict(),
-        "data": data.identity,
-        "versions": {"monoscope": monoscope.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
-        "device": str(device),
-        "compute_dtype": str(sae.compute_dtype()).removeprefix("torch."),
-        "steps": trainer.step,
-        "tokens": trainer.tokens,
-        "skipped_steps": trainer.skipped,
-        "resampled_features": trainer.resampled,
-        "final_metrics": metrics,
-        "data_ended_early": outcome.data_ended,
-    }
-    save_sae(sae.eval(), out, provenance=provenance, overwrite=True)
+    save_sae(sae.eval(), out, provenance=_provenance(trainer, data, command, outcome.data_ended), overwrite=True)
     return TrainResult(out, sae, cfg, trainer.step, trainer.tokens, metrics, seconds,
                        trainer.tokens - start_tokens, resumed_from=start_step if ckpt is not None else None,
                        data_ended=outcome.data_ended, skipped=trainer.skipped, notes=notes)
@@ -191,6 +168,8 @@ def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainC
         if settings:
             raise TrainConfigError(f"pass either config= or settings as keywords, not both (got {sorted(settings)})")
         return config
+    from monoscope.capture import parse_count  # lazily: capture imports the model stack
+
     for name in ("tokens", "dead_window"):
         if isinstance(settings.get(name), str):
             settings[name] = parse_count(settings[name])
@@ -198,6 +177,40 @@ def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainC
         return TrainConfig(**settings)
     except TypeError as e:
         raise TrainConfigError(f"train: {e}") from None
+
+
+def _check_out_folder(out: Path, ckpts: CheckpointDir, resume: bool) -> None:
+    """Without --resume, never train over a finished SAE or an unfinished run's checkpoints."""
+    if out.exists() and not out.is_dir():
+        raise MonoscopeError(f"--out {out} is a file: give a folder for the SAE")
+    if resume:
+        return
+    if (out / CFG_NAME).is_file() or (out / WEIGHTS_NAME).is_file():
+        raise MonoscopeError(f"{out} already holds a trained SAE: choose another --out, or delete {out} to retrain")
+    if ckpts.complete_steps():
+        raise MonoscopeError(
+            f"{out} holds checkpoints of an unfinished run (newest: step {ckpts.complete_steps()[-1]}): pass "
+            "--resume to continue it, or choose another --out"
+        )
+
+
+def _provenance(trainer: Trainer, data: TrainData, command: str | None, data_ended: bool) -> dict[str, Any]:
+    """What cfg.json records about how the SAE was made."""
+    return {
+        "command": command or "monoscope.train.train(...)",
+        "train_config": trainer.cfg.to_dict(),
+        "data": data.identity,
+        "versions": {"monoscope": monoscope.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
+        "device": str(trainer.device),
+        "compute_dtype": str(trainer.sae.compute_dtype()).removeprefix("torch."),
+        "steps": trainer.step,
+        "tokens": trainer.tokens,
+        "skipped_steps": trainer.skipped,
+        "resampled_features": trainer.resampled,
+        "final_metrics": dict(trainer.last_metrics),
+        "data_ended_early": data_ended,
+    }
 
 
 def _finished_sae(out: Path) -> SAE | None:

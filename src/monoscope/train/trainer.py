@@ -25,6 +25,7 @@ of (seed, step).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,7 +155,8 @@ class Trainer:
         batch = next(self.source)
         n = batch.acts.shape[0]
         x = self.scaled(batch.acts)  # [B, d] float32, scaled
-        if not bool(torch.isfinite(x).all()):
+        # one reduction (a NaN/inf anywhere makes the sum non-finite); the exact test only then
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             self._nonfinite(batch, x, "the batch holds non-finite activations")
             return
         sched = self.schedule()
@@ -223,7 +225,9 @@ class Trainer:
         sched = self.schedule(max(self.step - 1, 0))
         elapsed = now - self._t_log if seconds is None else seconds
         rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
-        rec.update({k: float(v) for k, v in zip(METRICS, avg, strict=True)})
+        # None when every step of the interval was skipped (and never NaN: the log and checkpoints are JSON)
+        rec.update({k: float(v) if self._acc_steps and math.isfinite(v) else None
+                    for k, v in zip(METRICS, avg, strict=True)})
         rec.update(dead_frac=self.dead.dead_fraction(), lr=sched.lr, sparsity_coef=sched.sparsity_coef,
                    skipped=self.skipped, resampled=self.resampled,
                    tokens_per_s=(self.tokens - self._tok_log) / max(elapsed, 1e-9))
