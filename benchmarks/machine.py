@@ -35,7 +35,9 @@ def describe() -> dict[str, Any]:
         except ImportError:
             pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu_flags": flags,
-            "memory_gb": round(mem_gb, 1), "gpu": gpu, "platform": platform.platform(), "versions": versions}
+            "memory_gb": round(mem_gb, 1), "gpu": gpu, "platform": platform.platform(), "versions": versions,
+            # other work on the machine skews absolute figures; ratios measured in one run hold better
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}
 
 
 def matmul_tflops(m: int, k: int, n: int, dtype: torch.dtype, device: str = "cpu", seconds: float = 1.5) -> float:
