@@ -72,6 +72,23 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file written by another library (e.g. safetensors) before it is renamed into place."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make renames inside `folder` durable (POSIX); a no-op elsewhere."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_temp_files(folder: str | os.PathLike[str]) -> int:
     """Delete leftovers of writes that a kill interrupted; returns how many were removed."""
     n = 0

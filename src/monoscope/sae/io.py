@@ -19,8 +19,6 @@ Other files in the folder (a run's JSON, say) are left alone.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import uuid
@@ -32,6 +30,7 @@ import torch
 
 import monoscope
 from monoscope.errors import MonoscopeError
+from monoscope.fileio import fsync_dir, fsync_file, sha256_file, write_bytes_atomic
 from monoscope.sae.base import SAE
 from monoscope.sae.config import ARCHITECTURES, SAEConfig
 from monoscope.sae.registry import SAE_CLASSES
@@ -92,16 +91,16 @@ def save_sae(
     tmp = folder / f".{WEIGHTS_NAME}.{uuid.uuid4().hex}.tmp"
     try:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": sae.arch})
-        _fsync_file(tmp)
-        digest, size = _sha256(tmp), tmp.stat().st_size
+        fsync_file(tmp)
+        digest, size = sha256_file(tmp), tmp.stat().st_size
         os.replace(tmp, weights_path)
     finally:
         tmp.unlink(missing_ok=True)
     meta["weights"] = {"file": WEIGHTS_NAME, "sha256": digest, "bytes": size}
     meta["provenance"] = prov
     meta["written_by"] = {"monoscope": monoscope.__version__, "torch": torch.__version__}
-    _atomic_write_text(cfg_path, json.dumps(meta, indent=2, allow_nan=False) + "\n")
-    _fsync_dir(folder)
+    write_bytes_atomic(cfg_path, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
+    fsync_dir(folder)
     return folder
 
 
@@ -130,7 +129,7 @@ def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = N
     if not wpath.is_file():
         raise SAEFileError(f"SAE weights {wpath} are missing: the folder is incomplete; re-save or re-train the SAE")
     expected = weights["sha256"].lower()
-    actual = _sha256(wpath)
+    actual = sha256_file(wpath)
     if actual != expected:
         raise SAEFileError(
             f"SAE weights {wpath} are corrupt: sha256 is {actual} but {CFG_NAME} expects {expected} "
@@ -259,35 +258,3 @@ def _check_tensors(sae: SAE, tensors: dict[str, torch.Tensor], wpath: Path, cfg:
                 f"(expected {ref.dtype}): re-save the SAE"
             )
 
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
