@@ -16,7 +16,9 @@ One step (every architecture):
   5. Adam step; unit-norm decoders are renormalised; dead counters advance with `out.fired`;
   6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
 Before step 0, b_dec is set from the first batch (geometric median by default).
-Per-step metrics are summed on the device without a host sync and read every `log_every` steps.
+Per-step metrics are summed on the device and read (one host sync) every `log_every` steps; the
+only per-step syncs are the two finiteness tests (a sum over x, then the loss and gradient norm),
+free on CPU and a few microseconds on a GPU.
 
 Resume is exact because everything the next step reads is in `state()`: SAE, Adam, dead counters,
 data cursor, step, RNG states, metric accumulators; schedules and resampling draws are functions
