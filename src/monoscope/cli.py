@@ -93,7 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _capture(args, out / "acts")
     print(f"monoscope run [2/2] train: {args.arch} k={args.k} width {args.width} on {args.train_tokens} tokens "
           f"-> {out / 'sae'}", file=sys.stderr)
-    res = train(out / "sae", store=out / "acts", arch=args.arch, k=args.k, width=args.width,
+    k = args.k if args.arch in ("topk", "batchtopk") else None
+    res = train(out / "sae", store=out / "acts", arch=args.arch, k=k, width=args.width,
                 tokens=args.train_tokens, seed=args.seed, device=args.device, resume=True,
                 progress=not args.quiet, command=" ".join(sys.argv))
     print_train_summary(res)
@@ -137,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from monoscope.train.trainer import TrainingInterrupted
+
     try:
         return int(args.func(args))
+    except TrainingInterrupted as e:  # a checkpoint was saved: say how to continue
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
     except MonoscopeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

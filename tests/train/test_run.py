@@ -139,7 +139,7 @@ def test_cli_errors_are_one_line(store: Path, tmp_path: Path, capsys: pytest.Cap
     assert main([str(store), "--out", str(tmp_path / "o"), "--arch", "topk", "--k", "4", "--width", "2x",
                  "--tokens", "640", "--batch-size", "64", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "topk k=4, 32 -> 64 features" in out and f"next: monoscope eval {tmp_path / 'o'}" in out
+    assert "topk k=4, 32 -> 64 features" in out and f"next: monoscope convert {tmp_path / 'o'} --to saelens" in out
     assert load_sae(tmp_path / "o").provenance["command"].startswith("monoscope train ")
 
 

@@ -30,7 +30,6 @@ from rich.table import Table
 from monoscope.errors import MonoscopeError
 from monoscope.train.config import TrainConfig, field_docs
 from monoscope.train.run import TrainResult, train
-from monoscope.train.trainer import TrainingInterrupted
 
 _ALIASES = {
     "sparsity_coef": ["--l1", "--sparsity-coef"],
@@ -106,14 +105,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]
     command = "monoscope " + shlex.join(argv)
-    try:
-        res = train(args.out, store=args.store, model=args.model, corpus=args.corpus, hook=args.hook, config=cfg,
-                    resume=args.resume, command=command)
-    except TrainingInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return 128 + e.signum
+    res = train(args.out, store=args.store, model=args.model, corpus=args.corpus, hook=args.hook, config=cfg,
+                resume=args.resume, command=command)
     print_train_summary(res)
-    print(f"next: monoscope eval {res.out}")
+    print(f"next: monoscope convert {res.out} --to saelens --out {res.out}-saelens   (or load it with "
+          "monoscope.sae.load_sae)")
     return 0
 
 
@@ -144,14 +140,9 @@ def print_train_summary(res: TrainResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m monoscope.train.cli ARGS` = `monoscope train ARGS` (argv without "train")."""
-    parser = argparse.ArgumentParser(prog="monoscope")
-    add_train_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except MonoscopeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from monoscope.cli import main as monoscope_main
+
+    return monoscope_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 # ----------------------------------------------------------------------------- option types
