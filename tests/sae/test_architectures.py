@@ -124,6 +124,42 @@ def test_batchtopk_keeps_k_times_batch_in_training_and_threshold_in_eval() -> No
     assert sae.threshold.item() == theta  # eval never moves θ
 
 
+def test_batchtopk_calibrated_threshold_gives_k_per_row_in_eval() -> None:
+    """The running mean lags; `calibrate_threshold_` sets θ from data so the eval L0 is ~k."""
+    k = 4
+    sae = make("batchtopk", k=k, threshold=0.01)  # a badly lagging θ: far too many features fire
+    xs = [batch(seed=s, n=64) for s in range(4)]
+    sae.eval()
+    assert sae(torch.cat(xs)).l0.item() > 2 * k
+    theta = sae.calibrate_threshold_(xs)
+    assert theta == sae.threshold.item() and theta > 0.01
+    assert sae.threshold.dtype == torch.float32
+    l0 = sae(torch.cat(xs)).l0.item()
+    assert abs(l0 - k) <= 0.1 * k, l0
+    # exact on the data it saw: θ splits the (k·N)-th and (k·N+1)-th largest pre-activations
+    pre = torch.cat([(x - sae.b_dec) @ sae.W_enc.T + sae.b_enc for x in xs]).detach()
+    assert (pre > theta).sum().item() == k * 4 * 64
+    assert sae.calibrate_threshold_([]) == theta  # no data: unchanged
+
+
+def test_jumprelu_threshold_init_from_data_gives_a_moderate_l0() -> None:
+    """θ = 0.001 with unit-norm encoder rows lets most features fire at step 0 on inputs with
+    E‖x‖² = d; `init_threshold_` sets per-feature thresholds from a first batch instead."""
+    d, n_feat = 64, 2048
+    cfg = SAEConfig(arch="jumprelu", d_in=d, d_sae=n_feat, compute_dtype="float32")
+    sae = build_sae(cfg, seed=0).eval()
+    x = torch.randn(512, d, generator=torch.Generator().manual_seed(0))
+    x *= (d / x.pow(2).sum(1).mean()).sqrt()  # E‖x‖² = d
+    x_eval = torch.randn(512, d, generator=torch.Generator().manual_seed(1)) * x.pow(2).mean().sqrt()
+    assert sae(x_eval).l0.item() > 500  # the problem: ~n_feat / 2 active
+    theta = sae.init_threshold_(x)
+    assert sae.log_threshold.dtype == torch.float32 and theta.shape == (n_feat,)
+    assert (theta >= cfg.jumprelu_init_threshold).all()
+    l0 = sae(x_eval).l0.item()
+    assert 30 < l0 < 200, l0  # default target: 100
+    assert sae.init_threshold_(x, target_l0=20) is not None and sae(x_eval).l0.item() < 40
+
+
 def test_batchtopk_eval_without_threshold_is_an_error() -> None:
     sae = make("batchtopk", k=3).eval()
     with pytest.raises(MonoscopeError, match="no inference threshold"):

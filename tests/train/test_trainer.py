@@ -86,10 +86,39 @@ def test_each_architecture_learns_and_keeps_its_constraints(arch: str) -> None:
         x = t.scaled(RandomSource(512, seed=5).data)
         l0 = float(t.sae.eval()(x).l0)
         assert 1 < l0 < 12
+        # calibrated from the next batches after training: the eval L0 matches k
+        cursor = t.source.state_dict()
+        t.sae.train()
+        theta = t.calibrate_threshold(n_batches=8)
+        assert theta is not None and theta == float(t.sae.threshold)  # type: ignore[arg-type]
+        assert t.sae.training and t.source.state_dict() != cursor
+        l0 = float(t.sae.eval()(x).l0)
+        assert abs(l0 - 4) <= 0.4, l0
+    if arch != "batchtopk":
+        assert t.calibrate_threshold() is None
     if arch == "jumprelu":
         assert t.sae.log_threshold.dtype == torch.float32  # type: ignore[union-attr]
         assert not torch.allclose(t.sae.log_threshold, torch.full_like(t.sae.log_threshold, -6.9078))  # type: ignore[arg-type]
         assert recs[-1]["sparsity"] > 0
+
+
+def test_jumprelu_thresholds_start_from_the_first_batch() -> None:
+    """init_b_dec also sets jumprelu's per-feature thresholds: a moderate initial L0 (not most
+    features), θ in float32 and never below the configured initial threshold."""
+    t = make_trainer("jumprelu", width="16x")
+    raw = RandomSource(256, seed=3).data
+    x = t.scaled(RandomSource(256, seed=4).data)
+    l0_before = float(t.sae.eval()(x).l0)
+    t.init_b_dec(raw)
+    l0_after = float(t.sae(x).l0)
+    n_feat = t.sae.cfg.d_sae
+    assert l0_before > 0.3 * n_feat and l0_after < 0.25 * n_feat * 1.5, (l0_before, l0_after)
+    assert t.sae.log_threshold.dtype == torch.float32  # type: ignore[union-attr]
+    assert (t.sae.log_threshold.exp() >= t.sae.cfg.jumprelu_init_threshold * 0.999).all()  # type: ignore[union-attr]
+    t.sae.train()
+    t.run()
+    recs = t.log.records  # type: ignore[attr-defined]
+    assert recs[-1]["fvu"] < 0.6 * recs[0]["fvu"], [r["fvu"] for r in recs]
 
 
 def test_b_dec_starts_at_the_geometric_median_of_a_sample() -> None:

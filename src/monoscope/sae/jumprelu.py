@@ -115,6 +115,10 @@ class _SparseJumpReLUL0(torch.autograd.Function):
         return grad_pre, grad_log_theta, None, None
 
 
+INIT_L0 = 100
+"""Default L0 that `JumpReLUSAE.init_threshold_` aims at (capped at d_sae / 4)."""
+
+
 class JumpReLUSAE(SAE):
     arch = "jumprelu"
     fp32_names = ("log_threshold",)
@@ -129,6 +133,30 @@ class JumpReLUSAE(SAE):
         super().reset_parameters(generator)
         if hasattr(self, "log_threshold"):
             self.log_threshold.fill_(math.log(self.cfg.jumprelu_init_threshold))
+
+    @torch.no_grad()
+    def init_threshold_(self, sample: Tensor, target_l0: float | None = None) -> Tensor:
+        """Set each feature's θ from a sample [N, d_in] of SCALED activations (the first batch) so
+        that every feature fires on a fraction target_l0 / d_sae of the rows: θ_i lies between the
+        m-th and (m+1)-th largest pre-activation of feature i, m = round(target_l0 / d_sae · N).
+        The initial L0 is then ~target_l0 (default min(INIT_L0, d_sae / 4)) instead of the
+        thousands that θ = 0.001 lets through with unit-norm encoder rows, which would keep
+        training on the slow dense path for hundreds of steps. θ never drops below
+        `cfg.jumprelu_init_threshold`. Call after b_dec is set. Returns θ [d_sae] (float32)."""
+        if sample.dim() != 2 or sample.shape[1] != self.cfg.d_in:
+            raise ValueError(f"init_threshold_ needs a sample [N, {self.cfg.d_in}], got {tuple(sample.shape)}")
+        n = sample.shape[0]
+        if n == 0:
+            return self.threshold
+        n_feat = self.cfg.d_sae
+        target = min(INIT_L0, n_feat / 4) if target_l0 is None else float(target_l0)
+        m = min(max(1, round(target / n_feat * n)), n)
+        _, _, pre = self._pre_nograd(sample.to(self.W_enc.device))  # [N, F] float32, >= 0
+        top = pre.topk(min(m + 1, n), dim=0).values  # [m(+1), F] descending
+        theta = top[m - 1] if m == n else 0.5 * (top[m - 1] + top[m])  # [F]
+        theta = theta.clamp_min(self.cfg.jumprelu_init_threshold)
+        self.log_threshold.copy_(theta.log().float())
+        return self.threshold
 
     @property
     def threshold(self) -> Tensor:

@@ -153,6 +153,8 @@ def train(
     if outcome.data_ended:
         notes.append(f"the data ran out after {trainer.tokens:,} of {cfg.tokens:,} tokens: the learning rate never "
                      "finished its decay; use a longer corpus or fewer --tokens")
+    if trainer.step > 0:  # after the final checkpoint: batchtopk's eval threshold from data
+        trainer.calibrate_threshold()
     metrics = dict(trainer.last_metrics)
     save_sae(sae.eval(), out, provenance=_provenance(trainer, data, command, outcome.data_ended), overwrite=True)
     return TrainResult(out, sae, cfg, trainer.step, trainer.tokens, metrics, seconds,

@@ -47,6 +47,9 @@ from monoscope.train.schedules import Schedule, schedule_at
 METRICS = ("loss", "mse", "sparsity", "aux", "fvu", "l0", "grad_norm")
 """Per-step values averaged over each log interval."""
 
+CALIBRATION_BATCHES = 8
+"""Batches read after the last step to set batchtopk's inference threshold."""
+
 
 class BatchSource(Protocol):
     """Shuffled activation batches with an exact, saveable cursor."""
@@ -143,13 +146,45 @@ class Trainer:
 
     @torch.no_grad()
     def init_b_dec(self, sample_raw: Tensor) -> None:
-        """Set b_dec from a sample of raw activations (the first batch), as `config.init_b_dec` says."""
-        if self.cfg.init_b_dec == "zero":
-            return
+        """Data-dependent init from a sample of raw activations (the first batch), before step 0:
+        b_dec as `config.init_b_dec` says; then, for jumprelu, the per-feature thresholds
+        (`JumpReLUSAE.init_threshold_`: a moderate initial L0 instead of thousands)."""
         x = self.scaled(sample_raw)
         x = x[torch.isfinite(x).all(1)]
-        if x.shape[0]:
+        if not x.shape[0]:
+            return
+        if self.cfg.init_b_dec != "zero":
             self.sae.init_b_dec_(x, method=self.cfg.init_b_dec)
+        init_threshold = getattr(self.sae, "init_threshold_", None)
+        if init_threshold is not None:
+            init_threshold(x)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, n_batches: int = CALIBRATION_BATCHES) -> float | None:
+        """batchtopk, after the last step: set the inference threshold from the next `n_batches`
+        batches of the source (`BatchTopKSAE.calibrate_threshold_`) so the eval L0 is k. Call it
+        after the final checkpoint: the batches it reads come after the saved cursor, so a resumed
+        run reads the same ones and ends with the same SAE. Fewer batches if the source runs out;
+        returns the threshold (None for other architectures or when no batch was left)."""
+        calibrate = getattr(self.sae, "calibrate_threshold_", None)
+        if calibrate is None:
+            return None
+        xs: list[Tensor] = []
+        for _ in range(n_batches):
+            try:
+                x = self.scaled(next(self.source).acts)
+            except StopIteration:
+                break
+            x = x[torch.isfinite(x).all(1)]
+            if x.shape[0]:
+                xs.append(x)
+        if not xs:
+            return None
+        was_training = self.sae.training
+        theta = float(calibrate(xs))
+        self.sae.train(was_training)
+        self.last_metrics = {**self.last_metrics, "threshold": theta}
+        return theta
 
     def train_step(self) -> None:
         """Take one batch and do one optimiser step (module docstring). Raises StopIteration when
