@@ -22,7 +22,6 @@ skipping (and naming) any that do not.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -37,6 +36,7 @@ import safetensors.torch
 import torch
 
 from monoscope.errors import MonoscopeError
+from monoscope.fileio import fsync_dir, fsync_file, sha256_file
 
 MARKER = "COMPLETE"
 FILES = ("sae.safetensors", "optimizer.pt", "state.pt", "state.json")
@@ -119,15 +119,15 @@ class CheckpointDir:
             digests = {}
             for name in FILES:
                 _write_part(tmp / name, name, ckpt)
-                digests[name] = _sha256(tmp / name)
+                digests[name] = sha256_file(tmp / name)
             marker = json.dumps({"step": ckpt.step, "files": digests}, indent=2, sort_keys=True) + "\n"
             _write_part(tmp / MARKER, MARKER, marker)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             final = self.path(ckpt.step)
             if final.exists():  # only an older attempt at this step (a newer complete one would have been resumed)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise MonoscopeError(
@@ -172,7 +172,7 @@ class CheckpointDir:
             path = folder / name
             if not path.is_file():
                 raise MonoscopeError(f"checkpoint {folder}: {name} is missing")
-            if _sha256(path) != digests.get(name):
+            if sha256_file(path) != digests.get(name):
                 raise MonoscopeError(f"checkpoint {folder}: {name} does not match its sha256 in {MARKER} (damaged)")
         try:
             sae = safetensors.torch.load_file(str(folder / "sae.safetensors"))
@@ -228,23 +228,7 @@ def _write_part(path: Path, name: str, ckpt: Checkpoint | str) -> None:
         path.write_text(json.dumps(ckpt.meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
     else:
         raise ValueError(f"unknown checkpoint part {name}")
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
 def _to_lists(x: Any) -> Any:
