@@ -1,36 +1,43 @@
 """TopK SAE training speed and quality: monoscope against sparsify and SAELens, measured in one run.
 
-    python benchmarks/train_vs_peers.py                       # -> benchmarks/results/train_vs_peers.json
+    python benchmarks/train_vs_peers.py              # -> benchmarks/results/train_vs_peers.json (~30 min)
     python benchmarks/train_vs_peers.py --tokens 300k --skip-saelens-relu --skip-scale   # a quick look
-    python benchmarks/train_vs_peers.py --tune-l1 2,5,10      # redo SAELens ReLU-L1's short λ sweep
+    python benchmarks/train_vs_peers.py --tune-only --tune-l1 8,12,20   # SAELens ReLU-L1 sweep, recorded;
+                                                     # the next full run picks its coefficient from it
 
 Data: the default model's `resid_post.15` captured once into `runs/bench/acts` (1.2M tokens; a rerun
 of the capture is a no-op). The last shards (>= --heldout-rows rows) are held out; the training
 shards are exposed to `monoscope.train.train()` as a store of their own (`runs/bench/tvp/train_store`:
 links to the shards and a manifest listing only them, so its normaliser comes from training rows
-only), and written once as one shuffled stream of `steps x 4096` rows that every other trainer reads
-batch by batch, in the same order.
+only: `train()` has no held-out option), and written once as one shuffled stream of `steps x 4096`
+rows that the other trainers read batch by batch, all in the same order.
 
-Trainers (each in its own child process, back to back, so each reports its own peak RSS):
+Trainers, each in its own child process (so each reports its own peak RSS, as VmHWM):
   monoscope train()  `train(store=train_store, arch=topk, k=32, width=16x, batch 4096, dtype auto)`:
-                     the user's path, data loading from disk and the end-of-run checkpoint included;
-  monoscope Trainer  the same loop (`monoscope.train.Trainer.run`) fed the shared stream, bf16 and fp32;
+                     the user's path, store reads and the end-of-run checkpoint included; run alone;
+  monoscope Trainer  the same loop (`monoscope.train.Trainer.run`) on the shared stream: bf16 (auto),
+                     fp32, and bf16 with each `--mono-lr` learning rate (none by default; a diagnostic);
   sparsify           its SparseCoder + its Trainer.fit step and default optimizer (see peers.py);
   SAELens TopK       TopKTrainingSAE through its SAETrainer.fit, expected_average_only_in, Adam 3e-4;
-  SAELens ReLU-L1    StandardTrainingSAE, its tutorial settings, L1 coefficient tuned for L0 ~ 32.
+  SAELens ReLU-L1    StandardTrainingSAE, its tutorial settings, L1 coefficient from the recorded sweep.
+The Trainer runs and the peers are interleaved: they run as separate processes taking turns of
+`--turn-s` seconds of training time (one runs while the others wait), so on this shared 2-core
+machine they all meet the same background load; the load is recorded.
 All see `--tokens` training tokens (one pass, rounded up to whole batches of 4096).
 
-Measured: tokens/s of the training loop (held-out evaluations excluded; reading the batches
-included), held-out FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on RAW activations (every SAE's reconstruction
-brought back to raw scale) after the same tokens, and after the same wall time (each peer is
-evaluated at the first step after its training clock passes the time monoscope needed for the whole
-pass), L0 and never-active features on the held-out rows, features dead over the last 20% of
-training, peak RSS, and the fraction of this machine's matmul peak (measured on the encoder's shape,
-4096x576 @ 576x9216, at the start and end of the run) with 4·d·F FLOPs per token: the encoder's
-forward and weight gradient, the work that stays dense when the decoder touches only the k active
-columns (the issue's convention; a dense SAE does ~8·d·F). The limit 4·d·F at the bf16 peak is the
-"~45,000 tokens/s" of the issue; each trainer's fraction of it is reported. `--scale` (on by
-default) also trains a 262,144-feature TopK SAE for a few steps and records its memory and speed.
+Measured: tokens/s of the training loop (held-out evaluations and turn waits excluded; reading
+the batches included), and the 90th percentile of per-turn speeds (the quieter turns); held-out
+FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on RAW activations (every SAE's reconstruction brought back to raw
+scale) after the same tokens, and after the same wall time (every other trainer is evaluated at the
+first step after its training clock passes the time monoscope's bf16 Trainer needed for the whole
+pass); L0 and never-active features on the held-out rows; features not active over the last 20%
+of training; peak RSS; the fraction of this machine's matmul peak (the encoder's shape, 4096x576 @
+576x9216, measured at the start and end, the better one kept) at 4·d·F FLOPs per token: the
+encoder's forward and weight gradient, the work that stays dense when the decoder touches only
+the k active columns (the issue's convention; a dense SAE does ~8·d·F). 4·d·F at the bf16 peak is
+the issue's "~45,000 tokens/s" limit (it assumed ~1 TFLOP/s; a quiet run here measures more), and
+each trainer's fraction of the measured limit and of 45,000 is reported. Unless --skip-scale, a
+262,144-feature TopK SAE also trains for --scale-steps steps through `train()`: memory and speed.
 """
 
 from __future__ import annotations
@@ -571,7 +578,8 @@ def tune_l1(args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[
         if "final" in r:
             trials.append({"l1": v, "l0": r["final"]["l0"], "fvu": r["final"]["fvu"],
                            "dead_heldout_frac": r["final"]["dead_heldout_frac"], "tokens_per_s": tokens / r["train_s"]})
-    return {"target_l0": args.k, "tokens_per_trial": tokens, "trials": trials, "interleaving": info}
+    return {"target_l0": args.k, "tokens_per_trial": tokens, "trials": trials, "interleaving": info,
+            "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:])}
 
 
 def pick_l1(trials: list[dict[str, Any]], k: int) -> float:
@@ -593,9 +601,13 @@ def previous_tuning(name: str) -> dict[str, Any] | None:
     """The L1 sweep recorded by an earlier run (sweeps are slow: a run without --tune-l1 keeps it)."""
     path = RESULTS / f"{name}.json"
     try:
-        return json.loads(path.read_text()).get("saelens_relu_l1", {}).get("tuning")
+        prev = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    tuning = (prev.get("saelens_relu_l1") or {}).get("tuning")
+    if tuning is not None:
+        tuning.setdefault("command", prev.get("command"))
+    return tuning
 
 
 LABELS = {
@@ -689,8 +701,8 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
     lines = [
         f"| trainer | tokens/s | tokens/s, fast turns (p90) | × fastest peer | held-out FVU (same tokens) "
         f"| FVU at {t_mono:.0f} s | L0 | dead % held-out / last 20% | peak RSS GB | % of matmul peak (own dtype) "
-        f"| % of limit ({summary['limit_tokens_per_s']:,.0f} tok/s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| % of limit ({summary['limit_tokens_per_s']:,.0f} tok/s) | % of 45,000 tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = [n for n in LABELS if n in summary["rows"]]
     n_mono = sum(n.startswith("monoscope") for n in order)
@@ -699,7 +711,7 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
         r = summary["rows"][name]
         label = LABELS.get(name) or f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}"
         if "error" in r:
-            lines.append(f"| {label} | failed: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {label} | failed: {r['error']} | | | | | | | | | | |")
             continue
         dead_train = r.get("dead_train_frac")
         lines.append(
@@ -708,7 +720,7 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
             f"| {r['fvu_same_tokens']:.4f} | {f(r.get('fvu_at_monoscope_time'), '.4f')} | {r['l0']:.1f} "
             f"| {100 * r['dead_heldout_frac']:.1f} / {f(None if dead_train is None else 100 * dead_train, '.1f')} "
             f"| {f(r.get('peak_rss_gb'), '.2f')} | {100 * r['fraction_of_own_dtype_peak']:.0f}% "
-            f"| {100 * r['fraction_of_limit']:.0f}% |")
+            f"| {100 * r['fraction_of_limit']:.0f}% | {100 * r['fraction_of_issue_45k']:.0f}% |")
     out = "\n".join(lines)
     if scale and scale.get("train_s"):
         out += (f"\n\nScale check: {scale['features']:,} features × d_model {scale['d_model']}, "

@@ -40,12 +40,12 @@ def test_invalid_settings_name_the_value_and_the_fix(kwargs: dict, needle: str) 
 def test_derived_values() -> None:
     cfg = TrainConfig(arch="relu-l1", tokens=1_000_000, batch_size=1000)
     assert cfg.steps == 1000 and cfg.sparsity_coef == 5.0 and cfg.revive_method == "resample"
-    assert cfg.dead_window_tokens == 200_000  # a fifth of a run shorter than 50M tokens
+    assert cfg.dead_window_tokens == 25_000  # 1/40 of a run shorter than 400M tokens
     assert cfg.resample_steps == (200, 400, 600)
     assert TrainConfig(arch="relu-l1", tokens=10**9).dead_window_tokens == 10_000_000
     topk = TrainConfig(arch="topk", tokens=10_000, k=32)
     assert topk.revive_method == "auxk" and topk.resample_steps == ()
-    assert topk.d_sae(576) == 9216 and abs(topk.learning_rate(576) - 8e-4 / (9216 / 2**14) ** 0.5) < 1e-12
+    assert topk.d_sae(576) == 9216 and abs(topk.learning_rate(576) - 1.5e-3 / (9216 / 2**14) ** 0.5) < 1e-12
     assert TrainConfig(arch="jumprelu", tokens=10_000).revive_method == "none"
 
 

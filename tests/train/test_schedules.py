@@ -21,3 +21,11 @@ def test_sparsity_warms_up_linearly_over_the_first_steps() -> None:
     assert all(v == 5.0 for v in values[49:])
     assert all(a < b for a, b in itertools.pairwise(values[:50]))
     assert warmup_at(0, total, 5.0, 0.0) == 5.0
+
+
+def test_lr_warms_up_then_holds_then_decays() -> None:
+    total, lr = 1000, 1e-3
+    values = [lr_at(s, total, lr, 0.2, 0.1) for s in range(total + 1)]
+    assert values[0] == lr / 100 and values[49] == lr / 2 and values[99] == lr
+    assert all(v == lr for v in values[99:801]) and values[1000] == 0.0
+    assert all(a < b for a, b in itertools.pairwise(values[:100]))

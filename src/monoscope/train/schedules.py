@@ -3,7 +3,7 @@
 Being functions of the step (not objects with state) is what makes resume exact without saving
 them: a resumed run at step s computes the same λ and learning rate as an uninterrupted one.
 
-    lr(s) = lr · min(1, (S − s) / (decay_frac · S))        linear decay to 0 over the last 20%
+    lr(s) = lr · min(1, (s + 1) / (warm · S), (S − s) / (decay_frac · S))   linear warm-up, decay to 0
     λ(s)  = λ · min(1, (s + 1) / (warmup_frac · S))         linear warm-up over the first 5%
 """
 
@@ -19,8 +19,9 @@ class Schedule(NamedTuple):
     sparsity_coef: float
 
 
-def lr_at(step: int, total_steps: int, lr: float, decay_frac: float) -> float:
-    """Learning rate for `step` (0-based) of `total_steps`; constant, then linear to 0 at the end."""
+def lr_at(step: int, total_steps: int, lr: float, decay_frac: float, warmup_frac: float = 0.0) -> float:
+    """Learning rate for `step` (0-based) of `total_steps`: linear warm-up, constant, linear to 0."""
+    lr = warmup_at(step, total_steps, lr, warmup_frac)
     decay_steps = decay_frac * total_steps
     if decay_steps <= 0:
         return lr
@@ -36,6 +37,6 @@ def warmup_at(step: int, total_steps: int, value: float, warmup_frac: float) -> 
 
 
 def schedule_at(step: int, total_steps: int, lr: float, decay_frac: float, sparsity_coef: float,
-                warmup_frac: float) -> Schedule:
-    return Schedule(lr_at(step, total_steps, lr, decay_frac),
+                warmup_frac: float, lr_warmup_frac: float = 0.0) -> Schedule:
+    return Schedule(lr_at(step, total_steps, lr, decay_frac, lr_warmup_frac),
                     warmup_at(step, total_steps, sparsity_coef, warmup_frac))

@@ -138,7 +138,8 @@ class Trainer:
     def schedule(self, step: int | None = None) -> Schedule:
         s = self.step if step is None else step
         return schedule_at(s, self.total_steps, self.base_lr, self.cfg.lr_decay_frac,
-                           float(self.cfg.sparsity_coef or 0.0), self.cfg.sparsity_warmup_frac)
+                           float(self.cfg.sparsity_coef or 0.0), self.cfg.sparsity_warmup_frac,
+                           self.cfg.lr_warmup_frac)
 
     def scaled(self, acts: Tensor) -> Tensor:
         """Raw activations -> float32 c·x on the training device ([B, d])."""
