@@ -117,10 +117,13 @@ def config_key(lm: LoadedModel, hp: HookPoint, corpus_fp: str, cfg: CaptureConfi
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int) -> Iterator[torch.Tensor]:
-    """Token ids [batch, ctx_len] in the corpus's deterministic order; the last batch may be short."""
+def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int,
+                     skip: int = 0) -> Iterator[torch.Tensor]:
+    """Token ids [batch, ctx_len] in the corpus's deterministic order, after the first `skip` contexts
+    (tokenised, not returned); the last batch may be short."""
     bos, sep = lm.special_ids()
     it = iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep, name=corpus.name)
+    it = itertools.islice(it, skip, None)
     while chunk := list(itertools.islice(it, batch)):
         yield torch.from_numpy(np.stack(chunk)).to(torch.int64)
 

@@ -127,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="store folder")
     p.set_defaults(func=cmd_verify)
 
+    from monoscope.eval.cli import add_eval_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.train.cli import add_train_parser
 
     add_train_parser(sub)
+    add_eval_parser(sub)
     add_convert_parser(sub)
     return parser
 

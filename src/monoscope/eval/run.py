@@ -1,0 +1,198 @@
+"""`evaluate()`: how faithful is this dictionary? Reconstruction on store rows, and with `lm=True` the
+LM losses with the reconstruction spliced in on held-out text; metrics.json + PNG plots.
+
+    res = evaluate("runs/default/sae", acts="runs/default/acts", lm=True, tokens=100_000)
+    res.store.fvu, res.heldout.fvu, res.lm.ce_recovered, res.out / "metrics.json"
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monoscope import __version__
+from monoscope.capture import parse_count
+from monoscope.errors import MonoscopeError
+from monoscope.eval.data import heldout_contexts, store_digest, store_rows
+from monoscope.eval.metrics import ReconAccumulator, ReconMetrics
+from monoscope.eval.splice import LMAccumulator, LMMetrics, Splicer
+from monoscope.fileio import write_json_atomic
+from monoscope.progress import progress_bar
+from monoscope.sae import SAE
+from monoscope.store import ActivationStore
+
+
+@dataclass
+class EvalResult:
+    out: Path
+    store: ReconMetrics
+    """Reconstruction on the last `tokens` kept rows of the store (rows training may have seen)."""
+    heldout: ReconMetrics | None = None
+    """Reconstruction on held-out text (with `lm`)."""
+    lm: LMMetrics | None = None
+    plots: list[Path] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """What metrics.json holds."""
+    tokens_per_s: float | None = None
+    """Held-out tokens per second of the LM evaluation (every variant included)."""
+
+
+def default_out(sae_dir: Path) -> Path:
+    """`runs/x/sae` -> `runs/x/eval` (the run-folder layout); any other folder -> `<folder>-eval`."""
+    return sae_dir.parent / "eval" if sae_dir.name == "sae" else sae_dir.with_name(sae_dir.name + "-eval")
+
+
+def _load_sae(sae_dir: Path, store: ActivationStore, device: torch.device) -> SAE:
+    from monoscope.interop import load_any
+    from monoscope.sae.io import check_compatible
+
+    sae = load_any(sae_dir, device=device)
+    m = store.manifest
+    check_compatible(sae, d_model=m.d_model, hook=m.hook)
+    model_ids = {m.model.get("id"), m.model.get("spec")}
+    if sae.cfg.model is not None and sae.cfg.model not in model_ids:
+        raise MonoscopeError(
+            f"SAE {sae_dir} was trained on model {sae.cfg.model!r} but store {store.folder} holds activations of "
+            f"{m.model.get('id')!r}: evaluate it on a store captured from {sae.cfg.model!r}"
+        )
+    return sae.eval()
+
+
+def evaluate(
+    sae: str | Path,
+    *,
+    acts: str | Path,
+    lm: bool = False,
+    tokens: int | str = 100_000,
+    out: str | Path | None = None,
+    text: str | None = None,
+    batch_contexts: int = 8,
+    error_check: bool = True,
+    device: str | None = "auto",
+    compute_dtype: str | None = None,
+    plots: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate the SAE folder `sae` (monoscope, SAELens or sparsify) on store `acts`.
+
+    tokens: rows read from the end of the store, and (with `lm`) held-out tokens of text. text: a
+    corpus to use instead of the store's corpus after the store. compute_dtype: the model's forward
+    (default: the capture's, so the SAE sees activations computed the way it was trained on).
+    """
+    from monoscope.devices import resolve_device
+
+    sae_dir = Path(sae)
+    if not sae_dir.exists():
+        raise MonoscopeError(f"SAE folder {sae_dir} does not exist: train one with monoscope train --out {sae_dir}")
+    n_tokens = parse_count(tokens)
+    if n_tokens < 1:
+        raise MonoscopeError(f"--tokens {tokens} must be at least 1")
+    if batch_contexts < 1:
+        raise MonoscopeError(f"--batch-contexts {batch_contexts} must be at least 1")
+    store = ActivationStore.open(acts)
+    dev = resolve_device(device)
+    model = _load_sae(sae_dir, store, dev)
+    if n_tokens > store.n_rows:  # before any heavy work (store_rows checks again)
+        raise MonoscopeError(
+            f"--tokens {n_tokens:,} is more than the {store.n_rows:,} training rows in store {store.folder}: "
+            f"use --tokens {store.n_rows:,} or less, or capture more"
+        )
+    out_dir = Path(out) if out is not None else default_out(sae_dir)
+    m = store.manifest
+    t0 = time.perf_counter()
+
+    acc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
+    with progress_bar("eval: store rows", total=n_tokens, unit="tok", enabled=progress) as bar, torch.inference_mode():
+        for x, pos in store_rows(store, n_tokens):
+            for xb, pb in zip(x.split(8192), pos.split(8192), strict=True):
+                xb = xb.to(dev)
+                f = model.encode_raw(xb)
+                acc.add(xb, model.decode_raw(f), f != 0, pb)
+                bar.update(len(xb))
+    res = EvalResult(out_dir, acc.result())
+    density = {"store": acc.density()}
+
+    if lm:
+        from monoscope.model.load import load_model
+
+        lmodel = load_model(str(m.model.get("spec") or m.model["id"]), device=device,
+                            compute_dtype=compute_dtype or m.capture.get("compute_dtype", "auto"))
+        if lmodel.tokenizer_sha256 != m.tokenizer.get("sha256"):
+            raise MonoscopeError(f"model {m.model.get('spec')} now has a different tokenizer than when store "
+                                 f"{store.folder} was captured: recapture the store")
+        hp = lmodel.hook(m.hook)
+        splicer = Splicer(lmodel, hp, model, lambda h: m.row_policy.keep(h), error_check=error_check)
+        hacc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
+        lacc = LMAccumulator(splicer.variants)
+        n_ctx = max(1, math.ceil(n_tokens / m.ctx_len))
+        t_lm = time.perf_counter()
+        done = 0
+        with progress_bar("eval: held-out LM", total=n_ctx * m.ctx_len, unit="tok", enabled=progress) as bar:
+            for ids in heldout_contexts(store, lmodel, n_ctx, batch_contexts, text):
+                b = splicer.run(ids)
+                hacc.add(b.x, b.x_hat, b.active, b.positions)
+                lacc.add(b)
+                done += ids.numel()
+                bar.update(ids.numel())
+        res.tokens_per_s = done / (time.perf_counter() - t_lm)
+        res.heldout, res.lm = hacc.result(), lacc.result()
+        density["heldout"] = hacc.density()
+        res.metrics["lm_eval"] = {"tokens": done, "stacked_variants": splicer.stacked,
+                                  "compute_dtype": lmodel.compute_dtype, "device": str(lmodel.device),
+                                  "text": text or "store corpus after the store's contexts",
+                                  "tokens_per_s": res.tokens_per_s}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        res.plots = _plots(res, density, out_dir)
+    lm_eval = res.metrics.get("lm_eval")
+    res.metrics = _metrics_json(res, sae_dir, model, store, n_tokens, time.perf_counter() - t0)
+    res.metrics["lm_eval"] = lm_eval
+    write_json_atomic(out_dir / "metrics.json", res.metrics)
+    return res
+
+
+def _plots(res: EvalResult, density: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+    from monoscope.eval import plots as P
+
+    key = "heldout" if res.heldout is not None else "store"
+    rec = res.heldout or res.store
+    files = [P.density_histogram(density[key].numpy(), rec.rows, out_dir / "density.png",
+                                 "held-out " if key == "heldout" else "store "),
+             P.l0_histogram(rec, out_dir / "l0.png")]
+    series = {"store rows": res.store} | ({"held-out text": res.heldout} if res.heldout else {})
+    files.append(P.fvu_by_position(series, out_dir / "fvu_by_position.png"))
+    if res.lm is not None:
+        files.append(P.loss_bars(res.lm, out_dir / "losses.png"))
+    return files
+
+
+def _metrics_json(res: EvalResult, sae_dir: Path, sae: SAE, store: ActivationStore, tokens: int,
+                  seconds: float) -> dict[str, Any]:
+    from monoscope.sae.io import read_sae_metadata
+
+    try:
+        sae_sha = read_sae_metadata(sae_dir)["weights"]["sha256"]
+    except (MonoscopeError, KeyError, TypeError):
+        sae_sha = None  # a peer's folder: no recorded digest
+    cfg = sae.cfg
+    return {
+        "format": "monoscope-eval/1",
+        "sae": {"path": str(sae_dir.resolve()), "weights_sha256": sae_sha, "arch": cfg.arch, "d_in": cfg.d_in,
+                "d_sae": cfg.d_sae, "k": cfg.k, "hook": cfg.hook, "model": cfg.model},
+        "store": {"path": str(store.folder.resolve()), "manifest_sha256": store_digest(store.folder),
+                  "hook": store.manifest.hook, "model": store.manifest.model.get("id"),
+                  "rows_evaluated": res.store.rows, "which_rows": "the last kept rows of the store"},
+        "tokens_requested": tokens,
+        "store_rows": res.store.to_dict(),
+        "heldout": None if res.heldout is None else res.heldout.to_dict(),
+        "lm": None if res.lm is None else res.lm.to_dict(),
+        "plots": [p.name for p in res.plots],
+        "seconds": seconds,
+        "monoscope_version": __version__,
+    }

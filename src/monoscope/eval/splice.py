@@ -1,0 +1,209 @@
+"""LM loss with the SAE's reconstruction spliced in at the hook, against the clean and zero-ablated model.
+
+One forward serves every variant: at the hook, the activation h [B, T, d] is replaced by the stack
+[h; h with x̂ spliced; h zero-ablated; (h with x̂ + (x − x̂))] of batch V·B, so the blocks before the
+hook run once and only the ones after it run V times. That needs the model's later blocks to
+broadcast position embeddings and masks over the larger batch (true for the causal, unpadded
+batches used here on Llama/Gemma/Qwen/GPT-2/NeoX); the first batch is checked against a plain
+forward and any mismatch or error falls back to one forward per variant (`stacked=False`).
+
+Only rows the store's row policy keeps are replaced (the BOS and norm outliers keep their clean
+activation): the SAE never trained on them, and splicing an attention sink measures the sink, not the
+dictionary. Losses are over next-token predictions at positions 0..T-2 (targets 1..T-1):
+
+    CE_v           = mean −log p_v(token_{t+1} | ...)       v ∈ clean, spliced, zero (, error)
+    CE recovered   = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
+    KL_v           = mean Σ_vocab p_clean (log p_clean − log p_v)     (KL(clean ‖ v))
+The `error` variant adds the SAE error term back (x̂ + (x − x̂) = x up to rounding): its CE must equal
+the clean CE; a difference means the splice machinery, not the SAE, is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from monoscope.model.hooks import HookPoint, _first_tensor, _module_for
+from monoscope.model.load import LoadedModel
+from monoscope.sae import SAE
+
+VARIANTS = ("clean", "spliced", "zero", "error")
+
+
+@dataclass(frozen=True)
+class LMMetrics:
+    """LM losses on held-out text (module docstring for definitions)."""
+
+    predictions: int
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    ce_recovered: float
+    kl_spliced: float
+    kl_zero: float
+    ce_error: float | None
+    """CE with the SAE error term added back (a check: equals ce_clean up to rounding)."""
+    kl_error: float | None
+
+    @property
+    def ce_delta(self) -> float:
+        """CE increase caused by the splice (nats per token)."""
+        return self.ce_spliced - self.ce_clean
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ce_delta": self.ce_delta}
+
+
+@dataclass
+class SpliceBatch:
+    """What one batch produced: the rows the SAE saw (for reconstruction metrics) and loss sums."""
+
+    x: Tensor  # [N, d] raw activations at the replaced rows
+    x_hat: Tensor  # [N, d] raw reconstruction
+    active: Tensor  # [N, d_sae] bool
+    positions: Tensor  # [N] token position of each row
+    ce_sum: dict[str, float]
+    kl_sum: dict[str, float]
+    predictions: int
+
+
+class LMAccumulator:
+    def __init__(self, variants: tuple[str, ...]) -> None:
+        self.variants = variants
+        self.ce = dict.fromkeys(variants, 0.0)
+        self.kl = dict.fromkeys(variants, 0.0)
+        self.n = 0
+
+    def add(self, b: SpliceBatch) -> None:
+        for v in self.variants:
+            self.ce[v] += b.ce_sum[v]
+            self.kl[v] += b.kl_sum[v]
+        self.n += b.predictions
+
+    def result(self) -> LMMetrics:
+        if self.n == 0:
+            raise ValueError("no predictions were evaluated")
+        ce = {v: s / self.n for v, s in self.ce.items()}
+        kl = {v: s / self.n for v, s in self.kl.items()}
+        denom = ce["zero"] - ce["clean"]
+        rec = (ce["zero"] - ce["spliced"]) / denom if denom != 0 else float("nan")
+        return LMMetrics(self.n, ce["clean"], ce["spliced"], ce["zero"], rec, kl["spliced"], kl["zero"],
+                         ce.get("error"), kl.get("error"))
+
+
+class Splicer:
+    """Runs batches of token ids through `lm` with the SAE spliced in at `hp` (module docstring)."""
+
+    def __init__(self, lm: LoadedModel, hp: HookPoint, sae: SAE, keep: Callable[[Tensor], Tensor], *,
+                 error_check: bool = True, stacked: bool | None = None) -> None:
+        """keep: h [B, T, d] -> [B, T] bool rows to replace (the store's row policy). stacked: None
+        = decide on the first batch (check against a plain forward)."""
+        self.lm, self.hp, self.sae, self.keep = lm, hp, sae, keep
+        self.variants = VARIANTS if error_check else VARIANTS[:3]
+        self.stacked = stacked
+        self.module, self.pre = _module_for(lm.layout, hp)
+        self._cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ the hook
+    def _variants(self, h: Tensor) -> list[Tensor]:
+        """h [B, T, d] -> one tensor per variant; fills the cache with x, x̂, features, positions."""
+        keep = self.keep(h).to(h.device)
+        x = h[keep].float()  # [N, d]
+        feats = self.sae.encode_raw(x)
+        x_hat = self.sae.decode_raw(feats)
+        self._cache.update(x=x, x_hat=x_hat, active=feats != 0,
+                           positions=torch.nonzero(keep)[:, 1])
+        out = [h]
+        for v in self.variants[1:]:
+            hv = h.clone()
+            if v == "spliced":
+                hv[keep] = x_hat.to(h.dtype)
+            elif v == "zero":
+                hv[keep] = 0
+            else:  # error term added back
+                hv[keep] = (x_hat + (x - x_hat)).to(h.dtype)
+            out.append(hv)
+        return out
+
+    @contextlib.contextmanager
+    def _hooked(self, pick: int | None) -> Iterator[None]:
+        """pick None: replace h by the stack of all variants; else by variant `pick` alone."""
+
+        def replace(h: Tensor) -> Tensor:  # (separate forwards recompute the same h, hence the same x̂)
+            vs = self._variants(h)
+            return torch.cat(vs) if pick is None else vs[pick]
+
+        def post_hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+            new = replace(_first_tensor(out))
+            return new if isinstance(out, torch.Tensor) else (new, *out[1:])
+
+        def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (replace(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+        handle = (self.module.register_forward_pre_hook(pre_hook, with_kwargs=True) if self.pre
+                  else self.module.register_forward_hook(post_hook))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _logits(self, ids: Tensor) -> Tensor:
+        with self.lm.autocast():
+            return self.lm.model(input_ids=ids, use_cache=False).logits
+
+    # ------------------------------------------------------------------ one batch
+    @torch.inference_mode()
+    def run(self, ids: Tensor) -> SpliceBatch:
+        """ids [B, T] int64 -> reconstruction rows and loss sums for every variant."""
+        ids = ids.to(self.lm.device)
+        B = ids.shape[0]
+        self._cache.clear()
+        logits: list[Tensor] | None = None
+        if self.stacked is not False:
+            try:
+                with self._hooked(None):
+                    stacked = self._logits(ids)
+                if stacked.shape[0] != B * len(self.variants):
+                    raise RuntimeError("the model did not carry the stacked batch through")
+                logits = list(stacked.split(B))
+                if self.stacked is None:  # first batch: the clean copy must equal a plain forward
+                    self.stacked = self._same_predictions(self._logits(ids), logits[0], ids)
+                    if not self.stacked:
+                        logits = None
+            except RuntimeError:
+                self.stacked, logits = False, None
+        if logits is None:
+            logits = []
+            for i in range(len(self.variants)):
+                with self._hooked(i):
+                    logits.append(self._logits(ids))
+        return self._losses(ids, logits)
+
+    def _same_predictions(self, a: Tensor, b: Tensor, ids: Tensor) -> bool:
+        """Do two forwards give the same next-token log-probabilities (mean |Δ| below the rounding
+        of the compute dtype)? A broadcasting mistake in the stacked batch is off by whole nats."""
+        target = ids[:, 1:].unsqueeze(-1)
+        la, lb = (torch.log_softmax(x[:, :-1].float(), dim=-1).gather(-1, target) for x in (a, b))
+        tol = 1e-4 if self.lm.compute_dtype == "fp32" else 2e-2
+        return bool((la - lb).abs().mean() < tol)
+
+    def _losses(self, ids: Tensor, logits: list[Tensor]) -> SpliceBatch:
+        target = ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
+        clean_lp = torch.log_softmax(logits[0][:, :-1].float(), dim=-1)  # [B, T-1, V]
+        clean_p = clean_lp.exp()
+        ce: dict[str, float] = {}
+        kl: dict[str, float] = {}
+        for v, lg in zip(self.variants, logits, strict=True):
+            lp = clean_lp if v == "clean" else torch.log_softmax(lg[:, :-1].float(), dim=-1)
+            ce[v] = float(-lp.gather(-1, target).sum())
+            kl[v] = 0.0 if v == "clean" else float((clean_p * (clean_lp - lp)).sum())
+        c = self._cache
+        return SpliceBatch(c["x"].cpu(), c["x_hat"].cpu(), c["active"].cpu(), c["positions"].cpu(), ce, kl,
+                           target.numel())
