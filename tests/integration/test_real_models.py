@@ -107,3 +107,20 @@ def test_gguf_cache_reloads_the_identical_model(smol: LoadedModel, real_ids: tor
     assert again.special_ids() == smol.special_ids()
     with torch.inference_mode():
         assert torch.equal(again.model(real_ids).logits, smol.model(real_ids).logits)
+
+
+def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`monoscope run` (capture -> train -> eval) on the real default model, small sizes."""
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--tokens", "16k", "--train-tokens", "32k", "--width", "4x",
+            "--eval-tokens", "2k", "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "CE loss recovered" in text and str(out / "eval") in text
+    m = json.loads((out / "eval" / "metrics.json").read_text())
+    lm = m["lm"]
+    assert lm["ce_clean"] < lm["ce_spliced"] < lm["ce_zero"] and 0 < lm["ce_recovered"] < 1
+    assert abs(lm["ce_error"] - lm["ce_clean"]) < 0.02  # the error term restores the clean loss
+    assert m["lm_eval"]["stacked_variants"] is True  # one forward carried every variant on Llama
+    assert 0 < m["heldout"]["fvu"] < 1 and m["store_rows"]["l0_mean"] == pytest.approx(32, abs=0.01)
+    assert all((out / "eval" / p).stat().st_size > 1000 for p in m["plots"])
