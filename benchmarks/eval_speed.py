@@ -67,21 +67,22 @@ def main() -> None:
     sae = build_sae(SAEConfig(arch="topk", d_in=lm.d_model, d_sae=16 * lm.d_model, k=32, normaliser=normaliser,
                               hook=HOOK), seed=0).eval()
     policy = RowPolicy(exclude_bos=True, outlier_factor=0.0)
+    keep = lambda h, _ids: policy.keep(h)  # noqa: E731
 
     @torch.inference_mode()
     def plain(b: torch.Tensor) -> None:
         with lm.autocast():
             lm.model(input_ids=b, use_cache=False)
 
-    spliced_only = Splicer(lm, hp, sae, policy.keep, error_check=False, stacked=False)
+    spliced_only = Splicer(lm, hp, sae, keep, error_check=False, stacked=False)
 
     @torch.inference_mode()
     def spliced(b: torch.Tensor) -> None:
         with spliced_only._hooked(1):  # the spliced copy alone: one forward with x̂ at the hook
             spliced_only._logits(b)
 
-    full = Splicer(lm, hp, sae, policy.keep, error_check=True)
-    no_check = Splicer(lm, hp, sae, policy.keep, error_check=False)
+    full = Splicer(lm, hp, sae, keep, error_check=True)
+    no_check = Splicer(lm, hp, sae, keep, error_check=False)
     full.run(batches[0])
     no_check.run(batches[0])
     results = {}

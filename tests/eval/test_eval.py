@@ -64,7 +64,7 @@ def test_recon_metrics_match_their_definitions() -> None:
     assert m.rows_by_position[3] == int(at3.sum())
 
 
-def _keep_all_but_bos(h: torch.Tensor) -> torch.Tensor:
+def _keep_all_but_bos(h: torch.Tensor, _ids: torch.Tensor) -> torch.Tensor:
     return RowPolicy(exclude_bos=True, outlier_factor=0).keep(h)
 
 
@@ -94,7 +94,7 @@ def test_identity_sae_recovers_everything(tiny_lm) -> None:  # type: ignore[no-u
     assert lmm.ce_recovered == pytest.approx(1.0, abs=1e-4)
     assert abs(lmm.kl_spliced) < 1e-6
     assert lmm.ce_zero > lmm.ce_clean + 0.01 and lmm.kl_zero > 0.01
-    assert lmm.predictions == 4 * 15
+    assert lmm.predictions == 4 * 14 and lmm.kl_positions == 4 * 15  # the BOS position is not counted
 
 
 def test_zero_sae_gives_the_zero_ablation_numbers(tiny_lm) -> None:  # type: ignore[no-untyped-def]

@@ -126,7 +126,7 @@ def evaluate(
             raise MonoscopeError(f"model {m.model.get('spec')} now has a different tokenizer than when store "
                                  f"{store.folder} was captured: recapture the store")
         hp = lmodel.hook(m.hook)
-        splicer = Splicer(lmodel, hp, model, lambda h: m.row_policy.keep(h), error_check=error_check)
+        splicer = Splicer(lmodel, hp, model, lambda h, _ids: m.row_policy.keep(h), error_check=error_check)
         hacc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
         lacc = LMAccumulator(splicer.variants)
         n_ctx = max(1, math.ceil(n_tokens / m.ctx_len))

@@ -7,13 +7,16 @@ broadcast position embeddings and masks over the larger batch (true for the caus
 batches used here on Llama/Gemma/Qwen/GPT-2/NeoX); the first batch is checked against a plain
 forward and any mismatch or error falls back to one forward per variant (`stacked=False`).
 
-Only rows the store's row policy keeps are replaced (the BOS and norm outliers keep their clean
-activation): the SAE never trained on them, and splicing an attention sink measures the sink, not the
-dictionary. Losses are over next-token predictions at positions 0..T-2 (targets 1..T-1):
+Only rows `keep` selects are replaced (in `monoscope eval`: the store's row policy, so the BOS and
+norm outliers keep their clean activation: the SAE never trained on them, and splicing an attention
+sink measures the sink, not the dictionary). Losses are counted at positions t that `count` selects
+(default: every position whose input token is not the BOS, whose prediction no splice can change):
 
-    CE_v           = mean −log p_v(token_{t+1} | ...)       v ∈ clean, spliced, zero (, error)
+    CE_v           = mean over counted t ≤ T-2 of −log p_v(token_{t+1} | ...)    v ∈ clean, spliced, zero (, error)
     CE recovered   = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
-    KL_v           = mean Σ_vocab p_clean (log p_clean − log p_v)     (KL(clean ‖ v))
+    KL_v           = mean over counted t ≤ T-1 of Σ_vocab p_clean (log p_clean − log p_v)    (KL(clean ‖ v))
+These are SAELens's definitions (`benchmarks/saelens_eval.py` states them; a peers test compares the
+numbers on the same tokens with the same kept rows).
 The `error` variant adds the SAE error term back (x̂ + (x − x̂) = x up to rounding): its CE must equal
 the clean CE; a difference means the splice machinery, not the SAE, is wrong.
 """
@@ -40,6 +43,9 @@ class LMMetrics:
     """LM losses on held-out text (module docstring for definitions)."""
 
     predictions: int
+    """Next-token predictions counted in CE."""
+    kl_positions: int
+    """Positions counted in KL (the last position of each context too: it has no target)."""
     ce_clean: float
     ce_spliced: float
     ce_zero: float
@@ -70,6 +76,7 @@ class SpliceBatch:
     ce_sum: dict[str, float]
     kl_sum: dict[str, float]
     predictions: int
+    kl_positions: int
 
 
 class LMAccumulator:
@@ -78,32 +85,42 @@ class LMAccumulator:
         self.ce = dict.fromkeys(variants, 0.0)
         self.kl = dict.fromkeys(variants, 0.0)
         self.n = 0
+        self.n_kl = 0
 
     def add(self, b: SpliceBatch) -> None:
         for v in self.variants:
             self.ce[v] += b.ce_sum[v]
             self.kl[v] += b.kl_sum[v]
         self.n += b.predictions
+        self.n_kl += b.kl_positions
 
     def result(self) -> LMMetrics:
         if self.n == 0:
             raise ValueError("no predictions were evaluated")
         ce = {v: s / self.n for v, s in self.ce.items()}
-        kl = {v: s / self.n for v, s in self.kl.items()}
+        kl = {v: s / max(self.n_kl, 1) for v, s in self.kl.items()}
         denom = ce["zero"] - ce["clean"]
         rec = (ce["zero"] - ce["spliced"]) / denom if denom != 0 else float("nan")
-        return LMMetrics(self.n, ce["clean"], ce["spliced"], ce["zero"], rec, kl["spliced"], kl["zero"],
+        return LMMetrics(self.n, self.n_kl, ce["clean"], ce["spliced"], ce["zero"], rec, kl["spliced"], kl["zero"],
                          ce.get("error"), kl.get("error"))
 
 
 class Splicer:
     """Runs batches of token ids through `lm` with the SAE spliced in at `hp` (module docstring)."""
 
-    def __init__(self, lm: LoadedModel, hp: HookPoint, sae: SAE, keep: Callable[[Tensor], Tensor], *,
-                 error_check: bool = True, stacked: bool | None = None) -> None:
-        """keep: h [B, T, d] -> [B, T] bool rows to replace (the store's row policy). stacked: None
-        = decide on the first batch (check against a plain forward)."""
+    def __init__(self, lm: LoadedModel, hp: HookPoint, sae: SAE, keep: Callable[[Tensor, Tensor], Tensor], *,
+                 count: Callable[[Tensor], Tensor] | None = None, error_check: bool = True,
+                 zero_all: bool = False, stacked: bool | None = None) -> None:
+        """keep: (h [B, T, d], ids [B, T]) -> [B, T] bool rows to replace. count: ids -> [B, T] bool
+        positions whose losses count (default: input token is not the BOS). zero_all: the zero-ablated
+        copy zeroes every row (SAELens's convention) instead of the replaced rows (so that a zero SAE
+        spliced in IS the zero ablation). stacked: None = decide on the first batch (checked against a
+        plain forward)."""
+        self.zero_all = zero_all
         self.lm, self.hp, self.sae, self.keep = lm, hp, sae, keep
+        bos = lm.special_ids()[0]
+        self.count = count if count is not None else (lambda ids: ids != bos)
+        self._ids: Tensor | None = None
         self.variants = VARIANTS if error_check else VARIANTS[:3]
         self.stacked = stacked
         self.module, self.pre = _module_for(lm.layout, hp)
@@ -112,7 +129,8 @@ class Splicer:
     # ------------------------------------------------------------------ the hook
     def _variants(self, h: Tensor) -> list[Tensor]:
         """h [B, T, d] -> one tensor per variant; fills the cache with x, x̂, features, positions."""
-        keep = self.keep(h).to(h.device)
+        assert self._ids is not None
+        keep = self.keep(h, self._ids).to(h.device)
         x = h[keep].float()  # [N, d]
         feats = self.sae.encode_raw(x)
         x_hat = self.sae.decode_raw(feats)
@@ -124,7 +142,10 @@ class Splicer:
             if v == "spliced":
                 hv[keep] = x_hat.to(h.dtype)
             elif v == "zero":
-                hv[keep] = 0
+                if self.zero_all:
+                    hv.zero_()
+                else:
+                    hv[keep] = 0
             else:  # error term added back
                 hv[keep] = (x_hat + (x - x_hat)).to(h.dtype)
             out.append(hv)
@@ -165,6 +186,7 @@ class Splicer:
         ids = ids.to(self.lm.device)
         B = ids.shape[0]
         self._cache.clear()
+        self._ids = ids
         logits: list[Tensor] | None = None
         if self.stacked is not False:
             try:
@@ -195,15 +217,19 @@ class Splicer:
         return bool((la - lb).abs().mean() < tol)
 
     def _losses(self, ids: Tensor, logits: list[Tensor]) -> SpliceBatch:
+        mask = self.count(ids).to(ids.device)  # [B, T] positions counted
+        ce_mask = mask[:, :-1]
         target = ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
-        clean_lp = torch.log_softmax(logits[0][:, :-1].float(), dim=-1)  # [B, T-1, V]
+        clean_lp = torch.log_softmax(logits[0].float(), dim=-1)  # [B, T, V]
         clean_p = clean_lp.exp()
         ce: dict[str, float] = {}
         kl: dict[str, float] = {}
         for v, lg in zip(self.variants, logits, strict=True):
-            lp = clean_lp if v == "clean" else torch.log_softmax(lg[:, :-1].float(), dim=-1)
-            ce[v] = float(-lp.gather(-1, target).sum())
-            kl[v] = 0.0 if v == "clean" else float((clean_p * (clean_lp - lp)).sum())
+            lp = clean_lp if v == "clean" else torch.log_softmax(lg.float(), dim=-1)
+            nll = -lp[:, :-1].gather(-1, target).squeeze(-1)  # [B, T-1]
+            ce[v] = float(nll[ce_mask].sum())
+            kl[v] = 0.0 if v == "clean" else float((clean_p * (clean_lp - lp)).sum(-1)[mask].sum())
+            del lp
         c = self._cache
         return SpliceBatch(c["x"].cpu(), c["x_hat"].cpu(), c["active"].cpu(), c["positions"].cpu(), ce, kl,
-                           target.numel())
+                           int(ce_mask.sum()), int(mask.sum()))
