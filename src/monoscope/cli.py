@@ -137,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     from monoscope.eval.cli import add_eval_parser
+    from monoscope.features.cli import add_features_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.train.cli import add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_features_parser(sub)
     add_convert_parser(sub)
     return parser
 

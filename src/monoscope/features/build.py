@@ -1,0 +1,564 @@
+"""`build_features()`: one streaming pass (model forward to the hook, SAE encode) that fills each SAE's
+feature database: statistics, top and quantile examples, histograms, logit effects, neighbours,
+co-occurrence, cheap labels; then families across widths and the feature map.
+
+    res = build_features("runs/default/sae", also=["runs/default/sae-4x"], tokens="1M")
+
+The pass keeps, per SAE, `FeatureStats` (bounded by features × examples) and writes the sparse codes
+(top-L feature ids and activations per token) and the token ids to memory-mapped files in
+`<features>/.pass/`; at the end the example windows are cut from those. Every `checkpoint_every`
+batches the state is saved atomically with the cursor, so a killed pass resumes where it stopped and
+ends with the same database as an uninterrupted one. The database is written in one transaction at
+the end (`meta.complete` = true); rerunning a complete pass is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from monoscope import __version__
+from monoscope.capture import batched_contexts, parse_count
+from monoscope.corpus import open_corpus
+from monoscope.errors import MonoscopeError
+from monoscope.features.db import DB_NAME, FeatureDB
+from monoscope.features.stats import FeatureStats
+from monoscope.fileio import write_bytes_atomic
+from monoscope.progress import progress_bar
+from monoscope.sae import SAE
+from monoscope.store.manifest import RowPolicy
+
+WINDOW_BEFORE, WINDOW_AFTER = 24, 8
+"""An example shows this many tokens before the maximum and after it (clipped to the context)."""
+INTEREST_DENSITY = (1e-4, 1e-2)
+"""'Interesting' features fire on between 1 in 10,000 and 1 in 100 tokens (rarer: too little evidence;
+denser: usually positional or generic)."""
+
+
+def default_features_dir(sae_dir: Path) -> Path:
+    """`runs/x/sae` -> `runs/x/features`; any other SAE folder -> `<folder>-features`."""
+    sae_dir = Path(sae_dir)
+    return sae_dir.parent / "features" if sae_dir.name == "sae" else sae_dir.with_name(sae_dir.name + "-features")
+
+
+@dataclass
+class Interesting:
+    sae_dir: Path
+    feature: int
+    label: str
+    score: float
+    density: float
+
+
+@dataclass
+class FeaturesResult:
+    dbs: list[Path]
+    tokens: int
+    seconds: float
+    new_tokens: int
+    interesting: list[Interesting] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _sae_digest(sae_dir: Path, sae: SAE) -> str:
+    from monoscope.sae.io import read_sae_metadata
+
+    try:
+        return str(read_sae_metadata(sae_dir)["weights"]["sha256"])
+    except (MonoscopeError, KeyError, TypeError):  # a peer's folder: hash the weights
+        h = hashlib.sha256()
+        for k, v in sorted(sae.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _store_manifest(sae: SAE) -> dict[str, Any] | None:
+    data = (sae.provenance or {}).get("data") or {}
+    path = data.get("path")
+    if data.get("kind") == "store" and path and (Path(path) / "manifest.json").is_file():
+        return json.loads((Path(path) / "manifest.json").read_text())
+    return None
+
+
+def _resolve_inputs(sae: SAE, model: str | None, corpus: str | None) -> tuple[str, str, int]:
+    """(model spec, corpus spec, ctx_len): explicit values, else what the SAE's training store recorded."""
+    m = _store_manifest(sae)
+    data = (sae.provenance or {}).get("data") or {}
+    if model is None:
+        model = (m or {}).get("model", {}).get("spec") or data.get("model_spec")
+        if model is None:
+            raise MonoscopeError(f"cannot tell which model SAE {sae.cfg.model!r} reads (its training store is not "
+                                 "found): pass --model")
+    if corpus is None:
+        corpus = str((m or {}).get("corpus", {}).get("path") or "default")
+    return str(model), corpus, int((m or {}).get("ctx_len") or 128)
+
+
+@dataclass
+class _Target:
+    """One SAE of the pass: where its database goes and its running state."""
+
+    sae_dir: Path
+    sae: SAE
+    digest: str
+    out: Path
+    stats: FeatureStats
+    width: int  # L: codes kept per token
+
+    @property
+    def db_path(self) -> Path:
+        return self.out / DB_NAME
+
+
+def _code_width(sae: SAE) -> int:
+    k = sae.cfg.k
+    return int(k) if k else 64
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def build_features(
+    sae: str | Path,
+    *,
+    also: Sequence[str | Path] = (),
+    corpus: str | None = None,
+    model: str | None = None,
+    tokens: int | str = "1M",
+    batch_contexts: int = 32,
+    checkpoint_every: int = 25,
+    top_k: int = 20,
+    bins: int = 10,
+    per_bin: int = 5,
+    device: str | None = "auto",
+    compute_dtype: str = "auto",
+    feature_map: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> FeaturesResult:
+    """Build the feature database of `sae` (and of every SAE in `also`, from the same forward pass)."""
+    from monoscope.devices import resolve_device
+    from monoscope.interop import load_any
+    from monoscope.model import load_model
+
+    n_tokens = parse_count(tokens)
+    dev = resolve_device(device)
+    dirs = [Path(sae), *(Path(a) for a in also)]
+    saes = []
+    for d in dirs:
+        if not d.exists():
+            raise MonoscopeError(f"SAE folder {d} does not exist: train one with monoscope train --out {d}")
+        saes.append(load_any(d, device=dev).eval())
+    first = saes[0]
+    for d, s in zip(dirs[1:], saes[1:], strict=True):
+        if s.cfg.d_in != first.cfg.d_in or (s.cfg.hook and first.cfg.hook and s.cfg.hook != first.cfg.hook):
+            raise MonoscopeError(f"--also {d} reads {s.cfg.hook} (d_in {s.cfg.d_in}) but {dirs[0]} reads "
+                                 f"{first.cfg.hook} (d_in {first.cfg.d_in}): every SAE of one pass reads the same hook")
+    model_spec, corpus_spec, ctx_len = _resolve_inputs(first, model, corpus)
+    n_ctx = max(1, n_tokens // ctx_len)
+    targets = [
+        _Target(d, s, _sae_digest(d, s), default_features_dir(d),
+                FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin), _code_width(s))
+        for d, s in zip(dirs, saes, strict=True)
+    ]
+    corp = open_corpus(corpus_spec)
+    key = hashlib.sha256(json.dumps({
+        "saes": [t.digest for t in targets], "model": model_spec, "corpus": corp.fingerprint(), "ctx_len": ctx_len,
+        "contexts": n_ctx, "batch": batch_contexts, "top_k": top_k, "bins": bins, "per_bin": per_bin,
+        "compute_dtype": compute_dtype, "format": 1,
+    }, sort_keys=True).encode()).hexdigest()
+
+    t0 = time.perf_counter()
+    if not overwrite and all(_complete(t.db_path, key) for t in targets):
+        res = FeaturesResult([t.db_path for t in targets], n_ctx * ctx_len, 0.0, 0)
+        res.interesting = _interesting_from_db(targets[0])
+        res.notes.append("already complete: nothing to do")
+        return res
+
+    work = targets[0].out / ".pass"
+    if overwrite:
+        shutil.rmtree(work, ignore_errors=True)
+    for t in targets:  # a database that is not complete for this pass is stale from here on
+        _remove_db(t.db_path)
+    work.mkdir(parents=True, exist_ok=True)
+    state = _load_state(work, key)
+    lm = load_model(model_spec, device=device, compute_dtype=compute_dtype)
+    hp = lm.hook(first.cfg.hook)
+    if lm.d_model != first.cfg.d_in:
+        raise MonoscopeError(f"model {model_spec} is {lm.d_model} wide at {hp} but the SAE reads d_in "
+                             f"{first.cfg.d_in}: pass the model the SAE was trained on with --model")
+    toks = _memmap(work / "tokens.i32", np.int32, (n_ctx, ctx_len), state is not None)
+    idx_maps = [_memmap(work / f"codes{i}.idx", np.int32, (n_ctx * ctx_len, t.width), state is not None)
+                for i, t in enumerate(targets)]
+    val_maps = [_memmap(work / f"codes{i}.val", np.float16, (n_ctx * ctx_len, t.width), state is not None)
+                for i, t in enumerate(targets)]
+    done = 0
+    policy: RowPolicy | None = None
+    if state is not None:
+        done = int(state["done"])
+        policy = RowPolicy(**state["policy"])
+        for t, s in zip(targets, state["stats"], strict=True):
+            t.stats.load_state_dict(s)
+    new = 0
+    with progress_bar("features", total=n_ctx * ctx_len, unit="tok", enabled=progress) as bar:
+        bar.update(done * ctx_len)
+        batches = batched_contexts(lm, corp, ctx_len, batch_contexts, skip=done)
+        since_ckpt = 0
+        for ids in batches:
+            ids = ids[: n_ctx - done]
+            acts = lm.acts(hp, ids)  # [B, T, d] float32
+            if policy is None:
+                policy = RowPolicy.measured(acts.cpu(), True, 10.0)
+            keep = policy.keep(acts).reshape(-1).to(acts.device)
+            x = acts.reshape(-1, acts.shape[-1])
+            ctx_ids = torch.arange(done, done + len(ids))
+            rows = slice(done * ctx_len, (done + len(ids)) * ctx_len)
+            toks[done: done + len(ids)] = ids.numpy().astype(np.int32)
+            with torch.inference_mode():
+                for t, im, vm in zip(targets, idx_maps, val_maps, strict=True):
+                    f = t.sae.encode_raw(x)
+                    f[~keep] = 0
+                    val, idx = f.topk(t.width, dim=1)
+                    val, idx = val.clamp_min(0).cpu(), idx.cpu()
+                    t.stats.update(idx, val, ctx_ids, ctx_len)
+                    im[rows] = idx.numpy().astype(np.int32)
+                    vm[rows] = val.numpy().astype(np.float16)
+            done += len(ids)
+            new += len(ids)
+            since_ckpt += 1
+            bar.update(len(ids) * ctx_len)
+            if since_ckpt >= checkpoint_every and done < n_ctx:
+                _save_state(work, key, done, policy, targets, [toks, *idx_maps, *val_maps])
+                since_ckpt = 0
+            if done >= n_ctx:
+                break
+    if done == 0:
+        raise MonoscopeError(f"corpus {corpus_spec} holds no context of {ctx_len} tokens: pass a larger --corpus")
+    if done < n_ctx:
+        n_ctx = done  # the corpus ran out: the result says how many tokens were read
+    assert policy is not None
+    _save_state(work, key, done, policy, targets, [toks, *idx_maps, *val_maps])
+    seconds = time.perf_counter() - t0
+
+    meta_common = {"model": model_spec, "hook": str(hp), "corpus": {"spec": corpus_spec,
+                   "fingerprint": corp.fingerprint()}, "tokens": done * ctx_len, "ctx_len": ctx_len,
+                   "config_key": key, "created_by": f"monoscope {__version__}",
+                   "interest_criterion": _INTEREST_DOC, "row_policy": vars(policy)}
+    vocab = [lm.tokenizer.convert_tokens_to_string([t]) for t in lm.tokenizer.convert_ids_to_tokens(
+        list(range(len(lm.tokenizer))))]
+    res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len)
+    for i, t in enumerate(targets):
+        _finalise(t, lm, np.asarray(toks[:done]), idx_maps[i], val_maps[i], vocab, meta_common, bins, per_bin,
+                  progress)
+        res.dbs.append(t.db_path)
+    if len(targets) > 1:
+        res.notes += _families(targets, toks, idx_maps)
+    if feature_map:
+        res.notes += _maps(targets)
+    for t in targets:
+        with FeatureDB.open(t.db_path) as db, db.transaction():
+            db.set_meta({"complete": True})
+    res.interesting = _interesting_from_db(targets[0])
+    shutil.rmtree(work, ignore_errors=True)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _memmap(path: Path, dtype: Any, shape: tuple[int, ...], resume: bool) -> np.memmap:
+    mode = "r+" if resume and path.is_file() else "w+"
+    return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
+
+
+def _save_state(work: Path, key: str, done: int, policy: RowPolicy, targets: list[_Target],
+                maps: list[np.memmap]) -> None:
+    """Flush the code files, then write the state atomically (the cursor never runs ahead of the data)."""
+    import io
+
+    for m in maps:
+        m.flush()
+    buf = io.BytesIO()
+    torch.save({"key": key, "done": done, "policy": vars(policy),
+                "stats": [t.stats.state_dict() for t in targets]}, buf)
+    write_bytes_atomic(work / "state.pt", buf.getvalue())
+
+
+def _load_state(work: Path, key: str) -> dict[str, Any] | None:
+    path = work / "state.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # a damaged state file: start over (the codes are rewritten)
+        return None
+    return state if state.get("key") == key else None
+
+
+def _remove_db(path: Path) -> None:
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        p.unlink(missing_ok=True)
+
+
+def _complete(db_path: Path, key: str) -> bool:
+    if not db_path.is_file():
+        return False
+    try:
+        with FeatureDB.open(db_path) as db:
+            meta = db.meta()
+    except MonoscopeError:
+        return False
+    return bool(meta.get("complete")) and meta.get("config_key") == key
+
+
+# ----------------------------------------------------------------------------- finalisation
+
+
+def _windows(fids: Tensor, ctxs: Tensor, toks: np.ndarray, idx_map: np.memmap, val_map: np.memmap,
+             ctx_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For examples (feature f, context c): (position of f's maximum in c, window start, window tokens
+    [E, W], window activations of f [E, W]); W = WINDOW_BEFORE + WINDOW_AFTER, short windows padded -1/0."""
+    c = ctxs.numpy()
+    rows = (c[:, None] * ctx_len + np.arange(ctx_len)[None, :]).reshape(-1)  # [E·T]
+    idx = torch.from_numpy(np.asarray(idx_map[rows])).view(len(c), ctx_len, -1)
+    val = torch.from_numpy(np.asarray(val_map[rows]).astype(np.float32)).view(len(c), ctx_len, -1)
+    act = (val * (idx == fids[:, None, None])).sum(-1)  # [E, T] activation of f at every position
+    pos = act.argmax(1)
+    start = (pos - WINDOW_BEFORE + 1).clamp_min(0)
+    W = WINDOW_BEFORE + WINDOW_AFTER
+    off = start[:, None] + torch.arange(W)[None, :]  # [E, W]
+    valid = off < ctx_len
+    offc = off.clamp_max(ctx_len - 1)
+    wt = torch.from_numpy(toks[c]).long().gather(1, offc)
+    wa = act.gather(1, offc)
+    return (pos.numpy(), start.numpy(), torch.where(valid, wt, -1).numpy(), torch.where(valid, wa, 0.0).numpy())
+
+
+def _finalise(t: _Target, lm: Any, toks: np.ndarray, idx_map: np.memmap, val_map: np.memmap, vocab: list[str],
+              meta_common: dict[str, Any], bins: int, per_bin: int, progress: bool) -> None:
+    s = t.stats
+    F = t.sae.cfg.d_sae
+    ctx_len = toks.shape[1]
+    density, mean_act = s.density(), s.mean_act()
+    qv, qc, qb = s.quantile_examples(bins)
+    logit_pos, logit_neg = _logit_effects(t.sae, lm)
+    neigh_i, neigh_c = _neighbours(t.sae)
+    cooc = s.cooccurrence()
+    _remove_db(t.db_path)
+    t.out.mkdir(parents=True, exist_ok=True)
+    db = FeatureDB.create(t.db_path, {
+        **meta_common, "sae": {"path": str(t.sae_dir.resolve()), "weights_sha256": t.digest, "arch": t.sae.cfg.arch,
+                               "d_sae": F, "k": t.sae.cfg.k}, "sae_key": _key(t), "n_features": F})
+    edges = [float(e) for e in torch.logspace(-3, 3, 49)]
+    label_rows: list[tuple[int, str]] = []
+    with progress_bar("features: examples", total=F, unit="feat", enabled=progress) as bar, db.transaction():
+        db.put_vocab(vocab)
+        chunk = 64
+        for s0 in range(0, F, chunk):
+            fs = torch.arange(s0, min(F, s0 + chunk))
+            ex_rows, feat_rows = [], []
+            # top examples
+            tv, tc = s.top_val[fs], s.top_ctx[fs]
+            ok = (tc >= 0) & (tv > 0)
+            ef, er = torch.nonzero(ok, as_tuple=True)
+            top = _windows(fs[ef], tc[ef, er], toks, idx_map, val_map, ctx_len)
+            # quantile examples: per_bin per bin, evenly spaced within the bin's samples
+            qok = qc[fs] >= 0
+            qf, qr = torch.nonzero(qok, as_tuple=True)
+            qwin = _windows(fs[qf], qc[fs][qf, qr], toks, idx_map, val_map, ctx_len)
+            for j, (fi, ri) in enumerate(zip(ef.tolist(), er.tolist(), strict=True)):
+                ex_rows.append((int(fs[fi]), "top", ri, 0, float(tv[fi, ri]), int(tc[fi, ri]),
+                                int(top[0][j] - top[1][j]), _trim(top[2][j]), _trim_acts(top[2][j], top[3][j])))
+            for j, (fi, ri) in enumerate(zip(qf.tolist(), qr.tolist(), strict=True)):
+                f_id = int(fs[fi])
+                ex_rows.append((f_id, "quantile", ri, int(qb[f_id, ri]), float(qv[f_id, ri]), int(qc[f_id, ri]),
+                                int(qwin[0][j] - qwin[1][j]), _trim(qwin[2][j]), _trim_acts(qwin[2][j], qwin[3][j])))
+            db.put_examples(ex_rows)
+            for fi, f_id in enumerate(fs.tolist()):
+                mine = [j for j, e in enumerate(ef.tolist()) if e == fi]
+                max_toks = [int(top[2][j][top[0][j] - top[1][j]]) for j in mine]
+                prev_toks = [int(top[2][j][top[0][j] - top[1][j] - 1]) if top[0][j] - top[1][j] > 0 else -1
+                             for j in mine]
+                label, info, purity = _cheap_label(max_toks, prev_toks, logit_pos[f_id], vocab)
+                distinct = len({int(tc[fi, er[j]]) for j in mine})
+                d = float(density[f_id])
+                interest = (purity * (1 + min(distinct, 20) / 20) * float(s.max_act[f_id] > 0)
+                            if INTEREST_DENSITY[0] <= d <= INTEREST_DENSITY[1] and distinct >= 5 else 0.0)
+                row = {
+                    "id": f_id, "density": d, "fires": int(s.fires[f_id]), "max_act": float(s.max_act[f_id]),
+                    "mean_act": float(mean_act[f_id]),
+                    "hist": {"edges": edges, "counts": s.hist[f_id].tolist()},
+                    "label": label, "label_tokens": info,
+                    "logit_pos": [[vocab[i], round(v, 4)] for i, v in logit_pos[f_id]],
+                    "logit_neg": [[vocab[i], round(v, 4)] for i, v in logit_neg[f_id]],
+                    "neighbours": [[int(i), round(float(c), 4)] for i, c in zip(neigh_i[f_id], neigh_c[f_id],
+                                                                               strict=True)],
+                    "cooccur": None if cooc is None else [[int(i), round(float(p), 4)] for i, p in
+                                                          zip(cooc[0][f_id], cooc[1][f_id], strict=True) if p > 0],
+                    "interest": interest,
+                }
+                feat_rows.append(row)
+                if label:
+                    label_rows.append((f_id, label))
+            db.put_features(feat_rows)
+            bar.update(len(fs))
+        db.index_labels(label_rows)
+    db.close()
+
+
+def _trim(tokens: np.ndarray) -> np.ndarray:
+    return tokens[tokens >= 0]
+
+
+def _trim_acts(tokens: np.ndarray, acts: np.ndarray) -> np.ndarray:
+    return acts[tokens >= 0]
+
+
+def _key(t: _Target) -> str:
+    return f"{t.sae.cfg.d_sae}:{t.digest[:12]}"
+
+
+def _cheap_label(max_toks: list[int], prev_toks: list[int], logit: list[tuple[int, float]],
+                 vocab: list[str]) -> tuple[str, dict[str, Any], float]:
+    """A label without an LLM: the tokens the feature peaks on in its top examples (and the bigram when
+    one dominates), plus the tokens it promotes. Returns (label, evidence, purity = share of the top
+    examples whose peak token is one of the label's tokens)."""
+    if not max_toks:
+        return "", {}, 0.0
+    counts = Counter(max_toks)
+    common = counts.most_common(3)
+    purity = sum(c for _, c in common) / len(max_toks)
+    bigrams = Counter((p, m) for p, m in zip(prev_toks, max_toks, strict=True) if p >= 0).most_common(1)
+    parts = [repr(vocab[t]) for t, _ in common]
+    label = " | ".join(parts)
+    if bigrams and bigrams[0][1] >= max(3, len(max_toks) // 3):
+        (p, m), _ = bigrams[0]
+        label = f"{vocab[p] + vocab[m]!r} ({label})"
+    if logit:
+        label += " → " + " ".join(repr(vocab[i]) for i, _ in logit[:3])
+    info = {"peak_tokens": [[vocab[t], c] for t, c in common],
+            "bigram": None if not bigrams else [vocab[bigrams[0][0][0]] + vocab[bigrams[0][0][1]], bigrams[0][1]],
+            "promoted": [vocab[i] for i, _ in logit[:5]], "purity": round(purity, 4)}
+    return label, info, purity
+
+
+def _final_norm(lm: Any) -> Any:
+    base = lm.model.base_model
+    for name in ("norm", "ln_f", "final_layer_norm", "final_norm"):
+        mod = getattr(base, name, None)
+        if mod is not None:
+            return mod
+    raise MonoscopeError(f"cannot find the final norm of {type(lm.model).__name__}: logit effects unavailable")
+
+
+@torch.inference_mode()
+def _logit_effects(sae: SAE, lm: Any, top: int = 10) -> tuple[list[list[tuple[int, float]]],
+                                                              list[list[tuple[int, float]]]]:
+    """Per feature, the tokens its decoder direction most promotes and suppresses through the final
+    norm (applied to the direction alone: its gain, at unit RMS) and the unembedding."""
+    norm = _final_norm(lm)
+    W_U = lm.model.get_output_embeddings().weight.float()  # [V, d]
+    dev = W_U.device
+    base = norm(torch.zeros(1, 1, W_U.shape[1], device=dev)).float().reshape(-1) @ W_U.T  # a LayerNorm's bias
+    pos, neg = [], []
+    W = sae.W_dec.float().to(dev)
+    for s0 in range(0, W.shape[0], 1024):
+        d = W[s0: s0 + 1024]
+        d = d / d.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        eff = norm(d[:, None, :]).float().reshape(d.shape[0], -1) @ W_U.T - base  # [c, V]
+        pv, pi = eff.topk(top, dim=1)
+        nv, ni = (-eff).topk(top, dim=1)
+        pos += [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(pi, pv, strict=True)]
+        neg += [list(zip(i.tolist(), (-v).tolist(), strict=True)) for i, v in zip(ni, nv, strict=True)]
+    return pos, neg
+
+
+@torch.inference_mode()
+def _neighbours(sae: SAE, top: int = 10) -> tuple[Tensor, Tensor]:
+    """[F, top] ids and cosines of the nearest other features by decoder direction."""
+    W = sae.W_dec.float()
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ids, cos = [], []
+    k = min(top, W.shape[0] - 1)
+    for s0 in range(0, W.shape[0], 2048):
+        sim = W[s0: s0 + 2048] @ W.T
+        sim[torch.arange(sim.shape[0]), torch.arange(s0, s0 + sim.shape[0])] = -2.0
+        c, i = sim.topk(k, dim=1)
+        ids.append(i.cpu())
+        cos.append(c.cpu())
+    return torch.cat(ids), torch.cat(cos)
+
+
+# ----------------------------------------------------------------------------- across SAEs
+
+
+def _families(targets: list[_Target], toks: np.memmap, idx_maps: list[np.memmap]) -> list[str]:
+    """Feature families between every pair of SAEs (narrower = parent), stored in both databases."""
+    try:
+        from monoscope.features import families as fam
+    except ImportError:
+        return ["feature families not computed: monoscope.features.families is missing"]
+    order = sorted(targets, key=lambda t: t.sae.cfg.d_sae)
+    notes = []
+    for a, b in itertools.pairwise(order):
+        matches = fam.match_features(a.sae, b.sae, None)
+        for t in (a, b):
+            with FeatureDB.open(t.db_path) as db, db.transaction():
+                fam.store_families(db, _key(a), _key(b), matches)
+                db.set_meta({"families": sorted({*db.meta().get("families", []), f"{_key(a)}->{_key(b)}"}),
+                             f"sae_dir:{_key(a)}": str(a.sae_dir), f"sae_dir:{_key(b)}": str(b.sae_dir)})
+        notes.append(f"families: {len(matches):,} features of {b.sae_dir} matched to {a.sae_dir}")
+    return notes
+
+
+def _maps(targets: list[_Target]) -> list[str]:
+    try:
+        from monoscope.features import layout
+    except ImportError:
+        return ["feature map not computed: monoscope.features.layout is missing"]
+    notes = []
+    for t in targets:
+        xy = layout.feature_map(t.sae.W_dec.detach().float().cpu())
+        with FeatureDB.open(t.db_path) as db:
+            with db.transaction():
+                layout.store_map(db, xy)
+            density = db.column("density")
+        layout.plot_feature_map(xy, density, t.out / "feature_map.png", title=f"{t.sae_dir} ")
+        notes.append(f"feature map: {t.out / 'feature_map.png'}")
+    return notes
+
+
+_INTEREST_DOC = (
+    "interest = purity x (1 + min(distinct top contexts, 20)/20) for features with density in [1e-4, 1e-2] and "
+    "top examples from >= 5 distinct contexts, else 0; purity = share of the top examples whose peak token is "
+    "one of the 3 most common peak tokens (a feature that fires on a consistent token or pattern, often enough "
+    "to have evidence, rarely enough to be specific)"
+)
+
+
+def _interesting_from_db(t: _Target, n: int = 3) -> list[Interesting]:
+    with FeatureDB.open(t.db_path) as db:
+        rows = db.conn.execute("SELECT id, label, interest, density FROM features WHERE interest > 0 "
+                               "ORDER BY interest DESC, max_act DESC, id LIMIT ?", (n,)).fetchall()
+    return [Interesting(t.sae_dir, int(i), str(lab), float(sc), float(d)) for i, lab, sc, d in rows]

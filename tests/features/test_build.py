@@ -1,0 +1,150 @@
+"""The features pass on a tiny model: what lands in the database, and that a killed pass resumes to the
+same database as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monoscope.capture import capture
+from monoscope.cli import main
+from monoscope.errors import MonoscopeError
+from monoscope.features import FeatureDB
+from monoscope.features import stats as stats_mod
+from monoscope.features.build import build_features, default_features_dir
+from monoscope.features.stats import FeatureStats
+from monoscope.train import train
+from tests.conftest import TRAIN_TEXT, make_llama
+
+HOOK = "resid_post.1"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("feat")
+    model = root / "model"
+    make_llama(len(tokenizer), seed=5).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{t} number {i}"}) + "\n" for i, t in enumerate(TRAIN_TEXT * 4)))
+    capture(root / "acts", model=str(model), corpus=str(corpus), hook=HOOK, tokens=1024, ctx_len=16,
+            batch_contexts=8, contexts_per_shard=16, compute_dtype="fp32", progress=False)
+    for name, width in (("sae", "4x"), ("sae-2x", "2x")):
+        train(root / name, store=root / "acts", arch="topk", k=4, width=width, tokens=4096, batch_size=256,
+              progress=False)
+    return root
+
+
+def _dump(db_path: Path) -> dict[str, list[tuple]]:
+    conn = sqlite3.connect(str(db_path))
+    out = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+           for t in ("features", "examples", "splits", "vocab")}
+    out["meta"] = [r for r in conn.execute("SELECT * FROM meta ORDER BY key") if r[0] != "sae"]
+    conn.close()
+    return out
+
+
+def test_stats_match_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    F, T, B, L = 12, 5, 6, 3
+    dense = torch.rand(B * T, F, generator=g) * (torch.rand(B * T, F, generator=g) < 0.3)
+    val, idx = dense.topk(L, dim=1)
+    dense_kept = torch.zeros_like(dense).scatter(1, idx, val)
+    st = FeatureStats(F, top_k=2, reservoir=4)
+    st.update(idx[:15], val[:15], torch.arange(3), T)  # two batches of whole contexts
+    st.update(idx[15:], val[15:], torch.arange(3, 6), T)
+    assert torch.equal(st.fires, (dense_kept > 0).sum(0))
+    assert torch.allclose(st.max_act, dense_kept.max(0).values)
+    cmax = dense_kept.view(B, T, F).amax(1)  # [B, F]
+    assert torch.allclose(st.top_val, cmax.T.topk(2, dim=1).values)
+    assert int(st.hist.sum()) == int((dense_kept > 0).sum())
+    on = (dense_kept > 0).int()
+    assert st.cooc is not None and torch.equal(st.cooc.view(F, F), (on.T @ on).int())
+    # the reservoir holds only contexts where the feature is active, at most `reservoir` of them
+    for f in range(F):
+        held = {int(c) for c in st.res_ctx[f] if c >= 0}
+        assert held <= {int(c) for c in torch.nonzero(cmax[:, f] > 0).flatten()}
+        assert len(held) == min(4, int((cmax[:, f] > 0).sum()))
+
+
+def test_features_database_contents(run: Path) -> None:
+    res = build_features(run / "sae", also=[run / "sae-2x"], tokens=512, batch_contexts=4, feature_map=False,
+                         progress=False)
+    assert res.dbs == [run / "features" / "features.db", run / "sae-2x-features" / "features.db"]
+    assert default_features_dir(run / "sae") == run / "features"
+    db = FeatureDB.open(res.dbs[0])
+    meta = db.meta()
+    assert meta["complete"] is True and meta["tokens"] == 512 and meta["sae"]["weights_sha256"]
+    assert db.n_features() == 256
+    f = next(db.feature(i) for i in range(256) if (db.feature(i) or {}).get("fires"))
+    assert f is not None and 0 < f["density"] <= 1 and f["max_act"] >= f["mean_act"] > 0
+    assert sum(f["hist"]["counts"]) == f["fires"] and len(f["logit_pos"]) == 10 and len(f["neighbours"]) == 10
+    assert f["label"] and f["cooccur"] is not None
+    top = db.examples(f["id"], "top")
+    assert top and [e["act"] for e in top] == sorted((e["act"] for e in top), reverse=True)
+    best = top[0]
+    assert best["acts"][best["position"]] == pytest.approx(f["max_act"], rel=1e-2)  # window centred on the max
+    assert best["acts"].max() == pytest.approx(best["acts"][best["position"]])
+    vocab = db.vocab()
+    assert len(vocab) == 300 and all(0 <= t < 300 for t in best["tokens"])
+    q = db.examples(f["id"], "quantile")
+    assert q and all(0 <= e["bin"] < 10 for e in q)
+    assert db.search_labels(json.dumps(f["label"].split("'")[1]) if "'" in f["label"] else "x") is not None
+    db.close()
+    # families: every 4x feature has a parent among the 2x features (or none below the cosine floor)
+    with FeatureDB.open(res.dbs[1]) as small:
+        fams = small.meta().get("families")
+        assert fams and len(fams) == 1
+    # a rerun with the same inputs is a no-op
+    again = build_features(run / "sae", also=[run / "sae-2x"], tokens=512, batch_contexts=4, feature_map=False,
+                           progress=False)
+    assert again.new_tokens == 0 and "already complete" in again.notes[0]
+
+
+def test_killed_pass_resumes_to_the_same_database(run: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    kw = {"tokens": 512, "batch_contexts": 2, "checkpoint_every": 3, "feature_map": False, "progress": False}
+    ref = build_features(run / "sae", overwrite=True, **kw)
+    want = _dump(ref.dbs[0])
+    calls = {"n": 0}
+    real = stats_mod.FeatureStats.update
+
+    def dying(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt  # a kill between checkpoints
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(stats_mod.FeatureStats, "update", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(run / "sae", overwrite=True, **kw)
+    monkeypatch.setattr(stats_mod.FeatureStats, "update", real)
+    assert (run / "features" / ".pass" / "state.pt").is_file()
+    res = build_features(run / "sae", **kw)
+    assert 0 < res.new_tokens < 512  # resumed from the checkpoint, not from the start
+    assert _dump(res.dbs[0]) == want
+
+
+def test_bad_input(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(MonoscopeError, match="does not exist"):
+        build_features(run / "missing")
+    (run / "junk-features").mkdir(exist_ok=True)
+    (run / "junk-features" / "features.db").write_bytes(b"not sqlite" * 100)
+    from monoscope.features.db import FeatureDBError
+
+    with pytest.raises(FeatureDBError, match="not a readable feature database"):
+        FeatureDB.open(run / "junk-features" / "features.db")
+    assert main(["features", str(run / "nope"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_windows_are_bounded_by_context(run: Path) -> None:
+    with FeatureDB.open(run / "features" / "features.db") as db:
+        rows = db.conn.execute("SELECT tokens, position FROM examples").fetchall()
+    for t, p in rows:
+        toks = np.frombuffer(t, dtype=np.int32)
+        assert 1 <= len(toks) <= 16 and 0 <= p < len(toks)
