@@ -138,12 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from monoscope.eval.cli import add_eval_parser
     from monoscope.features.cli import add_features_parser
+    from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.train.cli import add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
     add_features_parser(sub)
+    add_show_parser(sub)
     add_convert_parser(sub)
     return parser
 

@@ -48,9 +48,10 @@ denser: usually positional or generic)."""
 
 
 def default_features_dir(sae_dir: Path) -> Path:
-    """`runs/x/sae` -> `runs/x/features`; any other SAE folder -> `<folder>-features`."""
-    sae_dir = Path(sae_dir)
-    return sae_dir.parent / "features" if sae_dir.name == "sae" else sae_dir.with_name(sae_dir.name + "-features")
+    """`runs/x/sae` -> `runs/x/features`; any other SAE folder -> `<folder>-features` (`show` finds it)."""
+    from monoscope.features.show import default_db_path
+
+    return default_db_path(sae_dir).parent
 
 
 @dataclass
@@ -262,7 +263,7 @@ def build_features(
 
     meta_common = {"model": model_spec, "hook": str(hp), "corpus": {"spec": corpus_spec,
                    "fingerprint": corp.fingerprint()}, "tokens": done * ctx_len, "ctx_len": ctx_len,
-                   "config_key": key, "created_by": f"monoscope {__version__}",
+                   "config_key": key, "created_by": f"monoscope {__version__}", "bins": bins, "top_k": top_k,
                    "interest_criterion": _INTEREST_DOC, "row_policy": vars(policy)}
     vocab = [lm.tokenizer.convert_tokens_to_string([t]) for t in lm.tokenizer.convert_ids_to_tokens(
         list(range(len(lm.tokenizer))))]
