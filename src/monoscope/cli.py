@@ -84,30 +84,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """capture -> train -> eval; capture and train resume (or are no-ops when complete) on a rerun."""
+    """capture -> train (two widths) -> eval -> features; capture, train and features resume (or are
+    no-ops when complete) on a rerun."""
     from monoscope.eval import evaluate
     from monoscope.eval.cli import print_eval_summary
+    from monoscope.features.build import build_features
+    from monoscope.features.cli import print_features_summary
     from monoscope.train import train
     from monoscope.train.cli import print_train_summary
 
     out = Path(args.out)
-    print(f"monoscope run [1/3] capture: {args.model} -> {out / 'acts'}", file=sys.stderr)
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    say(f"monoscope run [1/5] capture: {args.model} -> {out / 'acts'}")
     _capture(args, out / "acts")
-    print(f"monoscope run [2/3] train: {args.arch} k={args.k} width {args.width} on {args.train_tokens} tokens "
-          f"-> {out / 'sae'}", file=sys.stderr)
     k = args.k if args.arch in ("topk", "batchtopk") else None
-    res = train(out / "sae", store=out / "acts", arch=args.arch, k=k, width=args.width,
-                tokens=args.train_tokens, seed=args.seed, device=args.device, resume=True,
-                progress=not args.quiet, command=" ".join(sys.argv))
-    print_train_summary(res)
-    print(f"monoscope run [3/3] eval: {args.eval_tokens} store rows and held-out tokens, LM loss spliced "
-          f"-> {out / 'eval'}", file=sys.stderr)
+    saes = [(out / "sae", args.width), (out / f"sae-{args.small_width}", args.small_width)]
+    for i, (folder, width) in enumerate(saes):
+        say(f"monoscope run [{2 + i}/5] train: {args.arch} k={args.k} width {width} on {args.train_tokens} tokens "
+            f"-> {folder}")
+        res = train(folder, store=out / "acts", arch=args.arch, k=k, width=width, tokens=args.train_tokens,
+                    seed=args.seed, device=args.device, resume=True, progress=not args.quiet,
+                    command=" ".join(sys.argv))
+        print_train_summary(res)
+    say(f"monoscope run [4/5] eval: {args.eval_tokens} store rows and held-out tokens, LM loss spliced "
+        f"-> {out / 'eval'}")
     ev = evaluate(out / "sae", acts=out / "acts", lm=True, tokens=args.eval_tokens, out=out / "eval",
                   device=args.device, progress=not args.quiet)
     print_eval_summary(ev)
-    print(f"\nresults: activations {out / 'acts'}  SAE {out / 'sae'}  (training log {out / 'sae' / 'train_log.jsonl'})"
-          f"  evaluation {out / 'eval'} (metrics.json and plots)")
-    print(f"next: monoscope convert {out / 'sae'} --to saelens --out {out / 'sae-saelens'}")
+    say(f"monoscope run [5/5] features: {args.features_tokens} tokens through both SAEs -> {out / 'features'}")
+    fres = build_features(out / "sae", also=[saes[1][0]], tokens=args.features_tokens, device=args.device,
+                          progress=not args.quiet)
+    print_features_summary(fres)
+    print(f"\nresults: activations {out / 'acts'}  SAEs {out / 'sae'}, {saes[1][0]}  evaluation {out / 'eval'} "
+          f"(metrics.json, plots)  features {out / 'features' / 'features.db'}")
+    print(f"next: monoscope show {out / 'sae'} FEATURE   |   monoscope convert {out / 'sae'} --to saelens "
+          f"--out {out / 'sae-saelens'}")
     return 0
 
 
@@ -116,14 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the main job on the embedded default: capture, train, eval")
+    p = sub.add_parser("run", help="the main job on the embedded default: capture, train, eval, features")
     p.add_argument("--out", default=str(DEFAULT_RUN), help=f"run folder (default {DEFAULT_RUN})")
     _add_capture_args(p, tokens_default="1M")
     p.add_argument("--arch", default="topk", choices=["relu-l1", "topk", "batchtopk", "jumprelu"])
     p.add_argument("--k", type=int, default=32, help="active features per token (topk, batchtopk)")
     p.add_argument("--width", default="16x", help="features: a count or a multiple of d_model (default 16x)")
     p.add_argument("--train-tokens", default="2M", help="training tokens (several passes over a small store)")
+    p.add_argument("--small-width", default="4x", help="width of the second SAE, for feature splitting (default 4x)")
     p.add_argument("--eval-tokens", default="50k", help="store rows and held-out tokens to evaluate on (default 50k)")
+    p.add_argument("--features-tokens", default="500k", help="tokens read for the feature database (default 500k)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
 

@@ -110,10 +110,10 @@ def test_gguf_cache_reloads_the_identical_model(smol: LoadedModel, real_ids: tor
 
 
 def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`monoscope run` (capture -> train -> eval) on the real default model, small sizes."""
+    """`monoscope run` (capture -> train x2 -> eval -> features) on the real default model, small sizes."""
     out = tmp_path / "run"
     argv = ["run", "--out", str(out), "--tokens", "16k", "--train-tokens", "32k", "--width", "4x",
-            "--eval-tokens", "2k", "--quiet"]
+            "--small-width", "2x", "--eval-tokens", "2k", "--features-tokens", "8k", "--quiet"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "CE loss recovered" in text and str(out / "eval") in text
@@ -124,3 +124,5 @@ def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     assert m["lm_eval"]["stacked_variants"] is True  # one forward carried every variant on Llama
     assert 0 < m["heldout"]["fvu"] < 1 and m["store_rows"]["l0_mean"] == pytest.approx(32, abs=0.01)
     assert all((out / "eval" / p).stat().st_size > 1000 for p in m["plots"])
+    assert "monoscope show" in text and (out / "features" / "features.db").is_file()
+    assert (out / "sae-2x-features" / "features.db").is_file() and (out / "features" / "feature_map.png").is_file()
