@@ -100,6 +100,9 @@ def test_features_database_contents(run: Path) -> None:
     with FeatureDB.open(res.dbs[1]) as small:
         fams = small.meta().get("families")
         assert fams and len(fams) == 1
+        rows = small.conn.execute("SELECT parent, child, cosine, corr FROM splits").fetchall()
+        assert rows and all(c >= 0.5 and (r is None or -1 <= r <= 1) for _, _, c, r in rows)
+        assert any(r is not None for *_, r in rows)  # activation correlation from the pass's rows
     # a rerun with the same inputs is a no-op
     again = build_features(run / "sae", also=[run / "sae-2x"], tokens=512, batch_contexts=4, feature_map=False,
                            progress=False)

@@ -42,6 +42,8 @@ from monoscope.store.manifest import RowPolicy
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8
 """An example shows this many tokens before the maximum and after it (clipped to the context)."""
+FAMILY_ROWS = 16_384
+"""Raw activation rows (the first ones the pass reads) kept to correlate features across SAE widths."""
 INTEREST_DENSITY = (1e-4, 1e-2)
 """'Interesting' features fire on between 1 in 10,000 and 1 in 100 tokens (rarer: too little evidence;
 denser: usually positional or generic)."""
@@ -213,10 +215,11 @@ def build_features(
                 for i, t in enumerate(targets)]
     val_maps = [_memmap(work / f"codes{i}.val", np.float16, (n_ctx * ctx_len, t.width), state is not None)
                 for i, t in enumerate(targets)]
-    done = 0
+    sample = _memmap(work / "acts_sample.f32", np.float32, (FAMILY_ROWS, first.cfg.d_in), state is not None)
+    done = sampled = 0
     policy: RowPolicy | None = None
     if state is not None:
-        done = int(state["done"])
+        done, sampled = int(state["done"]), int(state.get("sampled", 0))
         policy = RowPolicy(**state["policy"])
         for t, s in zip(targets, state["stats"], strict=True):
             t.stats.load_state_dict(s)
@@ -235,6 +238,10 @@ def build_features(
             ctx_ids = torch.arange(done, done + len(ids))
             rows = slice(done * ctx_len, (done + len(ids)) * ctx_len)
             toks[done: done + len(ids)] = ids.numpy().astype(np.int32)
+            if sampled < FAMILY_ROWS:  # raw rows kept for the activation correlation of families
+                xs = x[keep][: FAMILY_ROWS - sampled].float().cpu().numpy()
+                sample[sampled: sampled + len(xs)] = xs
+                sampled += len(xs)
             with torch.inference_mode():
                 for t, im, vm in zip(targets, idx_maps, val_maps, strict=True):
                     f = t.sae.encode_raw(x)
@@ -249,7 +256,7 @@ def build_features(
             since_ckpt += 1
             bar.update(len(ids) * ctx_len)
             if since_ckpt >= checkpoint_every and done < n_ctx:
-                _save_state(work, key, done, policy, targets, [toks, *idx_maps, *val_maps])
+                _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps])
                 since_ckpt = 0
             if done >= n_ctx:
                 break
@@ -258,7 +265,7 @@ def build_features(
     if done < n_ctx:
         n_ctx = done  # the corpus ran out: the result says how many tokens were read
     assert policy is not None
-    _save_state(work, key, done, policy, targets, [toks, *idx_maps, *val_maps])
+    _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps])
     seconds = time.perf_counter() - t0
 
     meta_common = {"model": model_spec, "hook": str(hp), "corpus": {"spec": corpus_spec,
@@ -273,7 +280,7 @@ def build_features(
                   progress)
         res.dbs.append(t.db_path)
     if len(targets) > 1:
-        res.notes += _families(targets, toks, idx_maps)
+        res.notes += _families(targets, torch.from_numpy(np.asarray(sample[:sampled])))
     if feature_map:
         res.notes += _maps(targets)
     for t in targets:
@@ -293,7 +300,7 @@ def _memmap(path: Path, dtype: Any, shape: tuple[int, ...], resume: bool) -> np.
     return np.memmap(path, dtype=dtype, mode=mode, shape=shape)
 
 
-def _save_state(work: Path, key: str, done: int, policy: RowPolicy, targets: list[_Target],
+def _save_state(work: Path, key: str, done: int, sampled: int, policy: RowPolicy, targets: list[_Target],
                 maps: list[np.memmap]) -> None:
     """Flush the code files, then write the state atomically (the cursor never runs ahead of the data)."""
     import io
@@ -301,7 +308,7 @@ def _save_state(work: Path, key: str, done: int, policy: RowPolicy, targets: lis
     for m in maps:
         m.flush()
     buf = io.BytesIO()
-    torch.save({"key": key, "done": done, "policy": vars(policy),
+    torch.save({"key": key, "done": done, "sampled": sampled, "policy": vars(policy),
                 "stats": [t.stats.state_dict() for t in targets]}, buf)
     write_bytes_atomic(work / "state.pt", buf.getvalue())
 
@@ -514,8 +521,9 @@ def _neighbours(sae: SAE, top: int = 10) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- across SAEs
 
 
-def _families(targets: list[_Target], toks: np.memmap, idx_maps: list[np.memmap]) -> list[str]:
-    """Feature families between every pair of SAEs (narrower = parent), stored in both databases."""
+def _families(targets: list[_Target], acts: Tensor) -> list[str]:
+    """Feature families between every pair of SAEs (narrower = parent) by decoder cosine, with the
+    activation correlation on `acts` (raw rows read by the pass), stored in both databases."""
     try:
         from monoscope.features import families as fam
     except ImportError:
@@ -523,7 +531,7 @@ def _families(targets: list[_Target], toks: np.memmap, idx_maps: list[np.memmap]
     order = sorted(targets, key=lambda t: t.sae.cfg.d_sae)
     notes = []
     for a, b in itertools.pairwise(order):
-        matches = fam.match_features(a.sae, b.sae, None)
+        matches = fam.match_features(a.sae, b.sae, acts.to(a.sae.W_dec.device) if len(acts) else None)
         for t in (a, b):
             with FeatureDB.open(t.db_path) as db, db.transaction():
                 fam.store_families(db, _key(a), _key(b), matches)
