@@ -73,6 +73,8 @@ class FeaturesResult:
     new_tokens: int
     interesting: list[Interesting] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stream_seconds: float = 0.0
+    """Set-up and the streaming pass (model load, forward, encode, statistics), without finalisation."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -274,7 +276,7 @@ def build_features(
                    "interest_criterion": _INTEREST_DOC, "row_policy": vars(policy)}
     vocab = [lm.tokenizer.convert_tokens_to_string([t]) for t in lm.tokenizer.convert_ids_to_tokens(
         list(range(len(lm.tokenizer))))]
-    res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len)
+    res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
     for i, t in enumerate(targets):
         _finalise(t, lm, np.asarray(toks[:done]), idx_maps[i], val_maps[i], vocab, meta_common, bins, per_bin,
                   progress)
