@@ -76,10 +76,8 @@ def main() -> None:
 
     spliced_only = Splicer(lm, hp, sae, keep, error_check=False, stacked=False)
 
-    @torch.inference_mode()
-    def spliced(b: torch.Tensor) -> None:
-        with spliced_only._hooked(1):  # the spliced copy alone: one forward with x̂ at the hook
-            spliced_only._logits(b)
+    def spliced(b: torch.Tensor) -> None:  # the spliced copy alone: one forward with x̂ at the hook
+        spliced_only.variant_logits(b, "spliced")
 
     full = Splicer(lm, hp, sae, keep, error_check=True)
     no_check = Splicer(lm, hp, sae, keep, error_check=False)

@@ -179,6 +179,14 @@ class Splicer:
         with self.lm.autocast():
             return self.lm.model(input_ids=ids, use_cache=False).logits
 
+    @torch.inference_mode()
+    def variant_logits(self, ids: Tensor, variant: str) -> Tensor:
+        """Logits [B, T, V] of one forward with one variant at the hook (e.g. "spliced" alone)."""
+        ids = ids.to(self.lm.device)
+        self._ids = ids
+        with self._hooked(self.variants.index(variant)):
+            return self._logits(ids)
+
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
     def run(self, ids: Tensor) -> SpliceBatch:
@@ -220,16 +228,24 @@ class Splicer:
         mask = self.count(ids).to(ids.device)  # [B, T] positions counted
         ce_mask = mask[:, :-1]
         target = ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
-        clean_lp = torch.log_softmax(logits[0].float(), dim=-1)  # [B, T, V]
-        clean_p = clean_lp.exp()
+        # log p_v = logits_v − lse_v, so CE and KL need only lse_v and two reductions per variant:
+        # KL(clean ‖ v) = Σ p_c·lp_c − (Σ p_c·logits_v − lse_v); no [B, T, V] log-softmax per variant.
+        clean = logits[0].float()
+        clean_lse = torch.logsumexp(clean, dim=-1)  # [B, T]
+        p_clean = torch.softmax(clean, dim=-1)
+        neg_entropy = (p_clean * clean).sum(-1) - clean_lse  # Σ p_c·lp_c  [B, T]
         ce: dict[str, float] = {}
         kl: dict[str, float] = {}
         for v, lg in zip(self.variants, logits, strict=True):
-            lp = clean_lp if v == "clean" else torch.log_softmax(lg.float(), dim=-1)
-            nll = -lp[:, :-1].gather(-1, target).squeeze(-1)  # [B, T-1]
+            lg32 = clean if v == "clean" else lg.float()
+            lse = clean_lse if v == "clean" else torch.logsumexp(lg32, dim=-1)
+            nll = lse[:, :-1] - lg32[:, :-1].gather(-1, target).squeeze(-1)  # [B, T-1]
             ce[v] = float(nll[ce_mask].sum())
-            kl[v] = 0.0 if v == "clean" else float((clean_p * (clean_lp - lp)).sum(-1)[mask].sum())
-            del lp
+            if v == "clean":
+                kl[v] = 0.0
+            else:
+                klv = neg_entropy - ((p_clean * lg32).sum(-1) - lse)  # [B, T]
+                kl[v] = float(klv[mask].sum())
         c = self._cache
         return SpliceBatch(c["x"].cpu(), c["x_hat"].cpu(), c["active"].cpu(), c["positions"].cpu(), ce, kl,
                            int(ce_mask.sum()), int(mask.sum()))
