@@ -507,8 +507,12 @@ def _logit_effects(sae: SAE, lm: Any, top: int = 10) -> tuple[list[list[tuple[in
 @torch.inference_mode()
 def _neighbours(sae: SAE, top: int = 10) -> tuple[Tensor, Tensor]:
     """[F, top] ids and cosines of the nearest other features by decoder direction."""
+    from monoscope.sae.base import bf16_is_fast
+
     W = sae.W_dec.float()
     W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if bf16_is_fast(W.device) and W.shape[0] > 16_384:  # 262k features: 79 TFLOP in fp32, ~4x less time in bf16
+        W = W.bfloat16()
     ids, cos = [], []
     k = min(top, W.shape[0] - 1)
     for s0 in range(0, W.shape[0], 2048):
@@ -516,7 +520,7 @@ def _neighbours(sae: SAE, top: int = 10) -> tuple[Tensor, Tensor]:
         sim[torch.arange(sim.shape[0]), torch.arange(s0, s0 + sim.shape[0])] = -2.0
         c, i = sim.topk(k, dim=1)
         ids.append(i.cpu())
-        cos.append(c.cpu())
+        cos.append(c.float().cpu())
     return torch.cat(ids), torch.cat(cos)
 
 
