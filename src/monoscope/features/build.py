@@ -181,6 +181,8 @@ def build_features(
                                  f"{first.cfg.hook} (d_in {first.cfg.d_in}): every SAE of one pass reads the same hook")
     model_spec, corpus_spec, ctx_len = _resolve_inputs(first, model, corpus)
     n_ctx = max(1, n_tokens // ctx_len)
+    widest = max(s.cfg.d_sae for s in saes)  # the dense codes of a batch stay under ~1 GB (262k features: 8 contexts)
+    batch_contexts = max(1, min(batch_contexts, 2**28 // (ctx_len * widest)))
     targets = [
         _Target(d, s, _sae_digest(d, s), default_features_dir(d),
                 FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin), _code_width(s))
