@@ -95,31 +95,50 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    say(f"monoscope run [1/5] capture: {args.model} -> {out / 'acts'}")
+    say(f"monoscope run [1/6] capture: {args.model} -> {out / 'acts'}")
     _capture(args, out / "acts")
     k = args.k if args.arch in ("topk", "batchtopk") else None
     saes = [(out / "sae", args.width), (out / f"sae-{args.small_width}", args.small_width)]
     for i, (folder, width) in enumerate(saes):
-        say(f"monoscope run [{2 + i}/5] train: {args.arch} k={args.k} width {width} on {args.train_tokens} tokens "
+        say(f"monoscope run [{2 + i}/6] train: {args.arch} k={args.k} width {width} on {args.train_tokens} tokens "
             f"-> {folder}")
         res = train(folder, store=out / "acts", arch=args.arch, k=k, width=width, tokens=args.train_tokens,
                     seed=args.seed, device=args.device, resume=True, progress=not args.quiet,
                     command=" ".join(sys.argv))
         print_train_summary(res)
-    say(f"monoscope run [4/5] eval: {args.eval_tokens} store rows and held-out tokens, LM loss spliced "
+    say(f"monoscope run [4/6] eval: {args.eval_tokens} store rows and held-out tokens, LM loss spliced "
         f"-> {out / 'eval'}")
     ev = evaluate(out / "sae", acts=out / "acts", lm=True, tokens=args.eval_tokens, out=out / "eval",
                   device=args.device, progress=not args.quiet)
     print_eval_summary(ev)
-    say(f"monoscope run [5/5] features: {args.features_tokens} tokens through both SAEs -> {out / 'features'}")
+    say(f"monoscope run [5/6] features: {args.features_tokens} tokens through both SAEs -> {out / 'features'}")
     fres = build_features(out / "sae", also=[saes[1][0]], tokens=args.features_tokens, device=args.device,
                           progress=not args.quiet)
     print_features_summary(fres)
+    explained = _run_explain(args, out)
     print(f"\nresults: activations {out / 'acts'}  SAEs {out / 'sae'}, {saes[1][0]}  evaluation {out / 'eval'} "
-          f"(metrics.json, plots)  features {out / 'features' / 'features.db'}")
+          f"(metrics.json, plots)  features {out / 'features' / 'features.db'}"
+          + (" (with LLM explanations and scores)" if explained else ""))
     print(f"next: monoscope show {out / 'sae'} FEATURE   |   monoscope convert {out / 'sae'} --to saelens "
           f"--out {out / 'sae-saelens'}")
     return 0
+
+
+def _run_explain(args: argparse.Namespace, out: Path) -> bool:
+    """Stage 6: explain a few features with the local default model, bounded in time (the 135M model is a
+    smoke test of the machinery, not a useful explainer: point --explain-llm at a stronger one)."""
+    if args.explain_features <= 0:
+        return False
+    from monoscope.interp.cli import print_explain_summary
+    from monoscope.interp.explain import explain_features
+
+    print(f"monoscope run [6/6] explain: {args.explain_features} features with {args.explain_llm} "
+          f"(scorers {args.explain_scorers}) -> {out / 'features' / 'features.db'}", file=sys.stderr)
+    res = explain_features(out / "sae", args.explain_llm, endpoint=args.explain_endpoint,
+                           features=args.explain_features, scorers=args.explain_scorers, progress=not args.quiet,
+                           max_concurrency=2)
+    print_explain_summary(res, sae_dir=str(out / "sae"))
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"monoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the main job on the embedded default: capture, train, eval, features")
+    p = sub.add_parser("run", help="the main job on the embedded default: capture, train, eval, features, explain")
     p.add_argument("--out", default=str(DEFAULT_RUN), help=f"run folder (default {DEFAULT_RUN})")
     _add_capture_args(p, tokens_default="1M")
     p.add_argument("--arch", default="topk", choices=["relu-l1", "topk", "batchtopk", "jumprelu"])
@@ -137,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small-width", default="4x", help="width of the second SAE, for feature splitting (default 4x)")
     p.add_argument("--eval-tokens", default="50k", help="store rows and held-out tokens to evaluate on (default 50k)")
     p.add_argument("--features-tokens", default="500k", help="tokens read for the feature database (default 500k)")
+    p.add_argument("--explain-features", type=int, default=2,
+                   help="features the last stage explains with an LLM (default 2; 0 skips the stage)")
+    p.add_argument("--explain-llm", default="local:default",
+                   help="LLM for the explain stage: local:default (SmolLM2 via llama.cpp, a smoke test), "
+                        "local:PATH.gguf, or openai:MODEL with --explain-endpoint")
+    p.add_argument("--explain-endpoint", default=None, help="OpenAI-compatible server for --explain-llm openai:MODEL")
+    p.add_argument("--explain-scorers", default="embedding,detection",
+                   help="scorers for the explain stage (default embedding,detection: bounded time on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
 
@@ -153,12 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.cli import add_features_parser
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
+    from monoscope.interp.cli import add_explain_parser
     from monoscope.train.cli import add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
     add_features_parser(sub)
     add_show_parser(sub)
+    add_explain_parser(sub)
     add_convert_parser(sub)
     return parser
 
