@@ -132,6 +132,24 @@ def test_killed_pass_resumes_to_the_same_database(run: Path, monkeypatch: pytest
     assert _dump(res.dbs[0]) == want
 
 
+def test_features_that_never_fire(run: Path, tmp_path: Path) -> None:
+    """A chunk of features with no examples at all (here: every feature dead) still gives a database."""
+    from monoscope.sae import load_sae
+    from monoscope.sae.io import save_sae
+
+    sae = load_sae(run / "sae")
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(-1.0)
+    save_sae(sae, tmp_path / "dead")
+    res = build_features(tmp_path / "dead", model=str(run / "model"), corpus=str(run / "corpus.jsonl"), tokens=128,
+                         feature_map=False, progress=False)
+    with FeatureDB.open(res.dbs[0]) as db:
+        assert db.n_features() == 256 and db.conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 0
+        assert all(db.column("density") == 0)
+    assert res.interesting == []
+
+
 def test_bad_input(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(MonoscopeError, match="does not exist"):
         build_features(run / "missing")

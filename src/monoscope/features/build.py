@@ -352,13 +352,15 @@ def _windows(fids: Tensor, ctxs: Tensor, toks: np.ndarray, idx_map: np.memmap, v
     """For examples (feature f, context c): (position of f's maximum in c, window start, window tokens
     [E, W], window activations of f [E, W]); W = WINDOW_BEFORE + WINDOW_AFTER, short windows padded -1/0."""
     c = ctxs.numpy()
+    W = WINDOW_BEFORE + WINDOW_AFTER
+    if len(c) == 0:  # a chunk of features none of which fired
+        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W), np.float32))
     rows = (c[:, None] * ctx_len + np.arange(ctx_len)[None, :]).reshape(-1)  # [E·T]
     idx = torch.from_numpy(np.asarray(idx_map[rows])).view(len(c), ctx_len, -1)
     val = torch.from_numpy(np.asarray(val_map[rows]).astype(np.float32)).view(len(c), ctx_len, -1)
     act = (val * (idx == fids[:, None, None])).sum(-1)  # [E, T] activation of f at every position
     pos = act.argmax(1)
     start = (pos - WINDOW_BEFORE + 1).clamp_min(0)
-    W = WINDOW_BEFORE + WINDOW_AFTER
     off = start[:, None] + torch.arange(W)[None, :]  # [E, W]
     valid = off < ctx_len
     offc = off.clamp_max(ctx_len - 1)
