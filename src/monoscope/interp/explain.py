@@ -159,7 +159,7 @@ def _select(db: FeatureDB, features: int | list[int], where: Path) -> list[int]:
     if isinstance(features, int):
         rows = db.conn.execute(
             "SELECT id FROM features f WHERE max_act > 0 AND EXISTS (SELECT 1 FROM examples e WHERE e.feature = "
-            "f.id) ORDER BY interest DESC, density DESC, id LIMIT ?", (features,)).fetchall()
+            "f.id) ORDER BY interest DESC, max_act DESC, id LIMIT ?", (features,)).fetchall()
         if not rows:
             raise MonoscopeError(f"{where} has no feature with examples: run monoscope features on more tokens")
         return [int(r[0]) for r in rows]
