@@ -128,7 +128,7 @@ def test_failures_are_recorded_and_retried(db_path: Path) -> None:
 
 def test_feature_selection_and_arguments(db_path: Path) -> None:
     res = explain_features("x", FakeLLM(), features=2, scorers="none", db_path=db_path, progress=False)
-    assert res.features == [1, 2]  # interest 1.9; then the tie at 1.5 goes to the higher density; 3 never fired
+    assert res.features == [1, 0]  # interest 1.9; the tie at 1.5 goes to the higher max activation; 3 never fired
     assert parse_features("20") == 20 and parse_features("3, 17,42") == [3, 17, 42] and parse_features("4,") == [4]
     assert parse_features([5, 5, 2]) == [5, 2] and parse_features(None) == 20
     for bad in ("0", "-3", "x", "1,y", ",", "1,-2", True):
