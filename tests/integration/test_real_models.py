@@ -113,7 +113,8 @@ def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     """`monoscope run` (capture -> train x2 -> eval -> features) on the real default model, small sizes."""
     out = tmp_path / "run"
     argv = ["run", "--out", str(out), "--tokens", "16k", "--train-tokens", "32k", "--width", "4x",
-            "--small-width", "2x", "--eval-tokens", "2k", "--features-tokens", "8k", "--explain-features", "0", "--quiet"]
+            "--small-width", "2x", "--eval-tokens", "2k", "--features-tokens", "8k", "--explain-features", "0",
+            "--quiet"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "CE loss recovered" in text and str(out / "eval") in text

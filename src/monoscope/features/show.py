@@ -467,15 +467,22 @@ def parse_feature_id(value: Any, n: int, where: Path) -> int:
     return fid
 
 
-def show(sae_dir: str | Path, feature_id: int | str, db_path: str | Path | None = None, *, n_examples: int = 10,
-         console: Console | None = None) -> None:
-    """Print the dashboard of one feature; every problem a user can fix is a one-line MonoscopeError."""
+def existing_db_path(sae_dir: str | Path, db_path: str | Path | None = None) -> Path:
+    """The feature database of `sae_dir` (or `db_path`, a file or its folder); a one-line error naming the
+    command that builds it when there is none."""
     path = Path(db_path) if db_path is not None else default_db_path(sae_dir)
     if path.is_dir():
         path = path / DB_NAME
     if not path.is_file():
         how = "" if db_path is None else " (or fix --db)"
         raise MonoscopeError(f"no feature database at {path}: build it with monoscope features {sae_dir}{how}")
+    return path
+
+
+def show(sae_dir: str | Path, feature_id: int | str, db_path: str | Path | None = None, *, n_examples: int = 10,
+         console: Console | None = None) -> None:
+    """Print the dashboard of one feature; every problem a user can fix is a one-line MonoscopeError."""
+    path = existing_db_path(sae_dir, db_path)
     if n_examples < 0:
         raise MonoscopeError(f"--examples {n_examples} is negative: pass 0 or more contexts to show")
     with FeatureDB.open(path) as db:

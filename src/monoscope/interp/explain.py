@@ -44,8 +44,8 @@ import numpy as np
 
 from monoscope import __version__
 from monoscope.errors import MonoscopeError
-from monoscope.features.db import DB_NAME, FeatureDB
-from monoscope.features.show import default_db_path
+from monoscope.features.db import FeatureDB
+from monoscope.features.show import existing_db_path
 from monoscope.interp.prompts import (
     EXPLAIN_MAX_TOKENS,
     PROMPT_VERSION,
@@ -258,12 +258,7 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
     """
     names = parse_scorers(scorers)
     want = parse_features(features)
-    path = Path(db_path) if db_path is not None else default_db_path(sae_dir)
-    if path.is_dir():
-        path = path / DB_NAME
-    if not path.is_file():
-        how = "" if db_path is None else " (or fix --db)"
-        raise MonoscopeError(f"no feature database at {path}: build it with monoscope features {sae_dir}{how}")
+    path = existing_db_path(sae_dir, db_path)
     t0 = time.perf_counter()
     with FeatureDB.open(path) as db, contextlib.ExitStack() as stack:
         fids = _select(db, want, path)
