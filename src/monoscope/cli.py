@@ -109,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"monoscope run [4/6] eval: {args.eval_tokens} store rows and held-out tokens, LM loss spliced "
         f"-> {out / 'eval'}")
     ev = evaluate(out / "sae", acts=out / "acts", lm=True, tokens=args.eval_tokens, out=out / "eval",
-                  device=args.device, progress=not args.quiet)
+                  device=args.device, progress=not args.quiet, reuse=True)
     print_eval_summary(ev)
     say(f"monoscope run [5/6] features: {args.features_tokens} tokens through both SAEs -> {out / 'features'}")
     fres = build_features(out / "sae", also=[saes[1][0]], tokens=args.features_tokens, device=args.device,

@@ -157,6 +157,15 @@ def test_evaluate_writes_metrics_and_plots(run_dir: Path) -> None:
     assert len(held) == 5 and not any(tuple(t.tolist()) in store_ctx for t in held.int())
 
 
+def test_reuse_returns_an_identical_earlier_evaluation(run_dir: Path) -> None:
+    first = evaluate(run_dir / "sae", acts=run_dir / "acts", lm=True, tokens=100, progress=False, reuse=True)
+    again = evaluate(run_dir / "sae", acts=run_dir / "acts", lm=True, tokens=100, progress=False, reuse=True)
+    assert not first.reused and again.reused
+    assert again.store == first.store and again.heldout == first.heldout and again.lm == first.lm
+    other = evaluate(run_dir / "sae", acts=run_dir / "acts", lm=True, tokens=120, progress=False, reuse=True)
+    assert not other.reused and other.store.rows == 120  # another request: evaluated again
+
+
 def test_eval_cli_and_bad_input(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(run_dir / "sae"), "--acts", str(run_dir / "acts"), "--tokens", "100", "--quiet",
                  "--out", str(run_dir / "e2")]) == 0

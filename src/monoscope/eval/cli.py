@@ -72,6 +72,7 @@ def print_eval_summary(res: EvalResult) -> None:
         if res.tokens_per_s:
             t2.add_row("speed", f"{res.tokens_per_s:,.0f} held-out tokens/s (all variants)")
         Console().print(t2)
-    print(f"results: {res.out / 'metrics.json'}")
+    reused = "  (same SAE, store and options as before: reused)" if res.reused else ""
+    print(f"results: {res.out / 'metrics.json'}{reused}")
     if res.plots:
         print("plots: " + "  ".join(str(p) for p in res.plots))

@@ -40,6 +40,8 @@ class EvalResult:
     """What metrics.json holds."""
     tokens_per_s: float | None = None
     """Held-out tokens per second of the LM evaluation (every variant included)."""
+    reused: bool = False
+    """True when an identical earlier evaluation was returned (`reuse`)."""
 
 
 def default_out(sae_dir: Path) -> Path:
@@ -77,12 +79,15 @@ def evaluate(
     compute_dtype: str | None = None,
     plots: bool = True,
     progress: bool = True,
+    reuse: bool = False,
 ) -> EvalResult:
     """Evaluate the SAE folder `sae` (monoscope, SAELens or sparsify) on store `acts`.
 
     tokens: rows read from the end of the store, and (with `lm`) held-out tokens of text. text: a
     corpus to use instead of the store's corpus after the store. compute_dtype: the model's forward
-    (default: the capture's, so the SAE sees activations computed the way it was trained on).
+    (default: the capture's, so the SAE sees activations computed the way it was trained on). reuse:
+    return the metrics.json already in `out` when it evaluated the same SAE weights, store, tokens and
+    options (what `monoscope run` does on a rerun).
     """
     from monoscope.devices import resolve_device
 
@@ -104,6 +109,10 @@ def evaluate(
         )
     out_dir = Path(out) if out is not None else default_out(sae_dir)
     m = store.manifest
+    request = {"tokens": n_tokens, "lm": lm, "text": text, "error_check": error_check,
+               "compute_dtype": compute_dtype, "batch_contexts": batch_contexts}
+    if reuse and (done := _previous(out_dir, sae_dir, model, store, request)) is not None:
+        return done
     t0 = time.perf_counter()
 
     acc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
@@ -153,8 +162,45 @@ def evaluate(
     lm_eval = res.metrics.get("lm_eval")
     res.metrics = _metrics_json(res, sae_dir, model, store, n_tokens, time.perf_counter() - t0)
     res.metrics["lm_eval"] = lm_eval
+    res.metrics["request"] = request
     write_json_atomic(out_dir / "metrics.json", res.metrics)
     return res
+
+
+def _previous(out_dir: Path, sae_dir: Path, sae: SAE, store: ActivationStore,
+              request: dict[str, Any]) -> EvalResult | None:
+    """The earlier result in `out_dir` if it answered exactly this request on these weights and store."""
+    from monoscope.fileio import read_json
+
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        prev = read_json(path, "evaluation metrics")
+        same = (prev.get("request") == request and prev["sae"]["weights_sha256"] == _sae_sha(sae_dir)
+                and prev["sae"]["weights_sha256"] is not None
+                and prev["store"]["manifest_sha256"] == store_digest(store.folder))
+        if not same:
+            return None
+        lm = prev.get("lm")
+        res = EvalResult(out_dir, ReconMetrics(**prev["store_rows"]),
+                         None if prev.get("heldout") is None else ReconMetrics(**prev["heldout"]),
+                         None if lm is None else LMMetrics(**{k: v for k, v in lm.items() if k != "ce_delta"}),
+                         [out_dir / p for p in prev.get("plots", [])], prev,
+                         (prev.get("lm_eval") or {}).get("tokens_per_s"))
+    except (MonoscopeError, KeyError, TypeError):  # an older or damaged file: evaluate again
+        return None
+    res.reused = True
+    return res
+
+
+def _sae_sha(sae_dir: Path) -> str | None:
+    from monoscope.sae.io import read_sae_metadata
+
+    try:
+        return str(read_sae_metadata(sae_dir)["weights"]["sha256"])
+    except (MonoscopeError, KeyError, TypeError):
+        return None  # a peer's folder: no recorded digest
 
 
 def _plots(res: EvalResult, density: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
@@ -174,12 +220,7 @@ def _plots(res: EvalResult, density: dict[str, torch.Tensor], out_dir: Path) -> 
 
 def _metrics_json(res: EvalResult, sae_dir: Path, sae: SAE, store: ActivationStore, tokens: int,
                   seconds: float) -> dict[str, Any]:
-    from monoscope.sae.io import read_sae_metadata
-
-    try:
-        sae_sha = read_sae_metadata(sae_dir)["weights"]["sha256"]
-    except (MonoscopeError, KeyError, TypeError):
-        sae_sha = None  # a peer's folder: no recorded digest
+    sae_sha = _sae_sha(sae_dir)
     cfg = sae.cfg
     return {
         "format": "monoscope-eval/1",
