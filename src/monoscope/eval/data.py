@@ -20,14 +20,19 @@ from monoscope.model.load import LoadedModel
 from monoscope.store import ActivationStore
 
 
-def store_rows(store: ActivationStore, tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """(acts [N, d] raw float32, positions [N]) for the last `tokens` kept rows of the store, in batches
-    of one shard, last shards first. Raises when the store holds fewer kept rows."""
+def check_rows(store: ActivationStore, tokens: int) -> None:
+    """A store holding fewer kept rows than asked for is a one-line error naming both and the fix."""
     if tokens > store.n_rows:
         raise MonoscopeError(
             f"--tokens {tokens:,} is more than the {store.n_rows:,} training rows in store {store.folder}: "
             f"use --tokens {store.n_rows:,} or less, or capture more"
         )
+
+
+def store_rows(store: ActivationStore, tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(acts [N, d] raw float32, positions [N]) for the last `tokens` kept rows of the store, in batches
+    of one shard, last shards first. Raises when the store holds fewer kept rows."""
+    check_rows(store, tokens)
     left = tokens
     for i in reversed(range(len(store.manifest.shards))):
         shard = store.read_shard(i)

@@ -18,12 +18,13 @@ import torch
 from monoscope import __version__
 from monoscope.capture import parse_count
 from monoscope.errors import MonoscopeError
-from monoscope.eval.data import heldout_contexts, store_digest, store_rows
+from monoscope.eval.data import check_rows, heldout_contexts, store_digest, store_rows
 from monoscope.eval.metrics import ReconAccumulator, ReconMetrics
 from monoscope.eval.splice import LMAccumulator, LMMetrics, Splicer
 from monoscope.fileio import write_json_atomic
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
+from monoscope.sae.io import weights_sha256
 from monoscope.store import ActivationStore
 
 
@@ -102,11 +103,7 @@ def evaluate(
     store = ActivationStore.open(acts)
     dev = resolve_device(device)
     model = _load_sae(sae_dir, store, dev)
-    if n_tokens > store.n_rows:  # before any heavy work (store_rows checks again)
-        raise MonoscopeError(
-            f"--tokens {n_tokens:,} is more than the {store.n_rows:,} training rows in store {store.folder}: "
-            f"use --tokens {store.n_rows:,} or less, or capture more"
-        )
+    check_rows(store, n_tokens)  # before any heavy work
     out_dir = Path(out) if out is not None else default_out(sae_dir)
     m = store.manifest
     request = {"tokens": n_tokens, "lm": lm, "text": text, "error_check": error_check,
@@ -177,7 +174,7 @@ def _previous(out_dir: Path, sae_dir: Path, sae: SAE, store: ActivationStore,
         return None
     try:
         prev = read_json(path, "evaluation metrics")
-        same = (prev.get("request") == request and prev["sae"]["weights_sha256"] == _sae_sha(sae_dir)
+        same = (prev.get("request") == request and prev["sae"]["weights_sha256"] == weights_sha256(sae_dir)
                 and prev["sae"]["weights_sha256"] is not None
                 and prev["store"]["manifest_sha256"] == store_digest(store.folder))
         if not same:
@@ -192,15 +189,6 @@ def _previous(out_dir: Path, sae_dir: Path, sae: SAE, store: ActivationStore,
         return None
     res.reused = True
     return res
-
-
-def _sae_sha(sae_dir: Path) -> str | None:
-    from monoscope.sae.io import read_sae_metadata
-
-    try:
-        return str(read_sae_metadata(sae_dir)["weights"]["sha256"])
-    except (MonoscopeError, KeyError, TypeError):
-        return None  # a peer's folder: no recorded digest
 
 
 def _plots(res: EvalResult, density: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
@@ -220,7 +208,7 @@ def _plots(res: EvalResult, density: dict[str, torch.Tensor], out_dir: Path) -> 
 
 def _metrics_json(res: EvalResult, sae_dir: Path, sae: SAE, store: ActivationStore, tokens: int,
                   seconds: float) -> dict[str, Any]:
-    sae_sha = _sae_sha(sae_dir)
+    sae_sha = weights_sha256(sae_dir)
     cfg = sae.cfg
     return {
         "format": "monoscope-eval/1",

@@ -38,6 +38,7 @@ from monoscope.features.stats import FeatureStats
 from monoscope.fileio import write_bytes_atomic
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
+from monoscope.sae.io import weights_sha256
 from monoscope.store.manifest import RowPolicy
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8
@@ -84,19 +85,6 @@ class FeaturesResult:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _sae_digest(sae_dir: Path, sae: SAE) -> str:
-    from monoscope.sae.io import read_sae_metadata
-
-    try:
-        return str(read_sae_metadata(sae_dir)["weights"]["sha256"])
-    except (MonoscopeError, KeyError, TypeError):  # a peer's folder: hash the weights
-        h = hashlib.sha256()
-        for k, v in sorted(sae.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
-
-
 def _store_manifest(sae: SAE) -> dict[str, Any] | None:
     data = (sae.provenance or {}).get("data") or {}
     path = data.get("path")
@@ -126,6 +114,9 @@ class _Target:
     sae_dir: Path
     sae: SAE
     digest: str
+    """Weights sha256 from cfg.json, or the tensor-hash key for a peer's folder."""
+    key: str
+    """The SAE's name in the splits table (`families.sae_key`)."""
     out: Path
     stats: FeatureStats
     width: int  # L: codes kept per token
@@ -183,11 +174,13 @@ def build_features(
     n_ctx = max(1, n_tokens // ctx_len)
     widest = max(s.cfg.d_sae for s in saes)  # the dense codes of a batch stay under ~1 GB (262k features: 8 contexts)
     batch_contexts = max(1, min(batch_contexts, 2**28 // (ctx_len * widest)))
-    targets = [
-        _Target(d, s, _sae_digest(d, s), default_features_dir(d),
-                FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin), _code_width(s))
-        for d, s in zip(dirs, saes, strict=True)
-    ]
+    from monoscope.features.families import sae_key
+
+    targets = []
+    for d, s in zip(dirs, saes, strict=True):
+        key_ = sae_key(d, loaded=s)
+        targets.append(_Target(d, s, weights_sha256(d) or key_, key_, default_features_dir(d),
+                               FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin), _code_width(s)))
     corp = open_corpus(corpus_spec)
     key = hashlib.sha256(json.dumps({
         "saes": [t.digest for t in targets], "model": model_spec, "corpus": corp.fingerprint(), "ctx_len": ctx_len,
@@ -383,7 +376,7 @@ def _finalise(t: _Target, lm: Any, toks: np.ndarray, idx_map: np.memmap, val_map
     t.out.mkdir(parents=True, exist_ok=True)
     db = FeatureDB.create(t.db_path, {
         **meta_common, "sae": {"path": str(t.sae_dir.resolve()), "weights_sha256": t.digest, "arch": t.sae.cfg.arch,
-                               "d_sae": F, "k": t.sae.cfg.k}, "sae_key": _key(t), "n_features": F})
+                               "d_sae": F, "k": t.sae.cfg.k}, "sae_key": t.key, "n_features": F})
     edges = [float(e) for e in torch.logspace(-3, 3, 49)]
     label_rows: list[tuple[int, str]] = []
     with progress_bar("features: examples", total=F, unit="feat", enabled=progress) as bar, db.transaction():
@@ -409,8 +402,11 @@ def _finalise(t: _Target, lm: Any, toks: np.ndarray, idx_map: np.memmap, val_map
                 ex_rows.append((f_id, "quantile", ri, int(qb[f_id, ri]), float(qv[f_id, ri]), int(qc[f_id, ri]),
                                 int(qwin[0][j] - qwin[1][j]), _trim(qwin[2][j]), _trim_acts(qwin[2][j], qwin[3][j])))
             db.put_examples(ex_rows)
+            by_feature: list[list[int]] = [[] for _ in range(len(fs))]  # top examples of each feature
+            for j, e in enumerate(ef.tolist()):
+                by_feature[e].append(j)
             for fi, f_id in enumerate(fs.tolist()):
-                mine = [j for j, e in enumerate(ef.tolist()) if e == fi]
+                mine = by_feature[fi]
                 max_toks = [int(top[2][j][top[0][j] - top[1][j]]) for j in mine]
                 prev_toks = [int(top[2][j][top[0][j] - top[1][j] - 1]) if top[0][j] - top[1][j] > 0 else -1
                              for j in mine]
@@ -447,10 +443,6 @@ def _trim(tokens: np.ndarray) -> np.ndarray:
 
 def _trim_acts(tokens: np.ndarray, acts: np.ndarray) -> np.ndarray:
     return acts[tokens >= 0]
-
-
-def _key(t: _Target) -> str:
-    return f"{t.sae.cfg.d_sae}:{t.digest[:12]}"
 
 
 def _cheap_label(max_toks: list[int], prev_toks: list[int], logit: list[tuple[int, float]],
@@ -544,9 +536,9 @@ def _families(targets: list[_Target], acts: Tensor) -> list[str]:
         matches = fam.match_features(a.sae, b.sae, acts.to(a.sae.W_dec.device) if len(acts) else None)
         for t in (a, b):
             with FeatureDB.open(t.db_path) as db, db.transaction():
-                fam.store_families(db, _key(a), _key(b), matches)
-                db.set_meta({"families": sorted({*db.meta().get("families", []), f"{_key(a)}->{_key(b)}"}),
-                             f"sae_dir:{_key(a)}": str(a.sae_dir), f"sae_dir:{_key(b)}": str(b.sae_dir)})
+                fam.store_families(db, a.key, b.key, matches)
+                db.set_meta({"families": sorted({*db.meta().get("families", []), f"{a.key}->{b.key}"}),
+                             f"sae_dir:{a.key}": str(a.sae_dir), f"sae_dir:{b.key}": str(b.sae_dir)})
         notes.append(f"families: {len(matches):,} features of {b.sae_dir} matched to {a.sae_dir}")
     return notes
 

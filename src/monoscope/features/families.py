@@ -62,7 +62,7 @@ class Match(NamedTuple):
     corr: float | None
 
 
-def sae_key(sae: SAELike) -> str:
+def sae_key(sae: SAELike, loaded: SAE | None = None) -> str:
     """The name of an SAE in the `splits` table: f"{d_sae}:{sha[:12]}".
 
     For a monoscope SAE folder, sha is the weights file's sha256 from cfg.json (what `load_sae`
@@ -71,10 +71,11 @@ def sae_key(sae: SAELike) -> str:
     f"{d_sae}:tensors-{sha[:12]}", sha256 over its tensors' names, dtypes, shapes and bytes: the file
     digest cannot be rebuilt from memory (safetensors writes its metadata in no fixed order), and the
     distinct form keeps the two kinds of key from being mistaken for each other. Pass folders when
-    keys must agree across runs and machines."""
+    keys must agree across runs and machines; `loaded` (the folder's SAE, already loaded) saves loading a
+    peer's folder again."""
     if isinstance(sae, SAE):
         return f"{sae.cfg.d_sae}:tensors-{_tensor_digest(sae)[:12]}"
-    return _folder_key(Path(sae))
+    return _folder_key(Path(sae), loaded)
 
 
 def _folder_key(folder: Path, loaded: SAE | None = None) -> str:

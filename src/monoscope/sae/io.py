@@ -163,6 +163,15 @@ def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = N
     return sae.eval()
 
 
+def weights_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The weights digest a monoscope SAE folder records in cfg.json; None for a peer's folder (SAELens,
+    sparsify), which records none."""
+    try:
+        return str(read_sae_metadata(path)["weights"]["sha256"])
+    except (MonoscopeError, KeyError, TypeError):
+        return None
+
+
 def read_sae_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed cfg.json of an SAE folder, checked to be ours and of a version we read."""
     folder = Path(path)
