@@ -61,6 +61,9 @@ def _capture(args: argparse.Namespace, out: Path) -> None:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
+    from monoscope.fileio import check_output_dir
+
+    check_output_dir(args.out)  # before the model loads
     _capture(args, Path(args.out))
     print(f"next: monoscope verify {args.out}")
     return 0
@@ -204,6 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + e.signum
     except MonoscopeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError, RuntimeError) as e:  # a path or out-of-memory: one line; anything else is a bug
+        from monoscope.fatal import describe
+
+        msg = describe(e, args)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from monoscope.eval.run import EvalResult, evaluate
+from monoscope.eval.run import EvalResult, default_out, evaluate
+from monoscope.fileio import check_output_dir
 
 
 def add_eval_parser(subparsers: Any) -> None:
@@ -34,6 +36,7 @@ def add_eval_parser(subparsers: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    check_output_dir(args.out if args.out is not None else default_out(Path(args.sae)))  # before any loading
     res = evaluate(args.sae, acts=args.acts, lm=args.lm, tokens=args.tokens, out=args.out, text=args.text,
                    batch_contexts=args.batch_contexts, error_check=not args.no_error_check, device=args.device,
                    compute_dtype=args.compute_dtype, progress=not args.quiet)

@@ -30,6 +30,10 @@ def add_features_parser(subparsers: Any) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
+    from monoscope.features.show import default_db_path
+    from monoscope.fileio import check_output_dir
+
+    check_output_dir(default_db_path(args.sae).parent, "feature database folder")  # before the model loads
     res = build_features(args.sae, also=args.also, corpus=args.corpus, model=args.model, tokens=args.tokens,
                          batch_contexts=args.batch_contexts, feature_map=not args.no_map, device=args.device,
                          compute_dtype=args.compute_dtype, progress=not args.quiet, overwrite=args.overwrite)

@@ -32,6 +32,9 @@ def add_convert_parser(subparsers: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from monoscope.fileio import check_output_dir
+
+    check_output_dir(args.out)
     out, sae, src_fmt = convert_sae(args.src, args.to, args.out, overwrite=args.overwrite)
     cfg = sae.cfg
     k = f", k={cfg.k}" if cfg.k is not None else ""

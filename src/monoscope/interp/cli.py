@@ -16,7 +16,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from monoscope.interp.explain import DEFAULT_FEATURES, ExplainResult, explain_features
+from monoscope.features.show import existing_db_path
+from monoscope.fileio import check_output_dir
+from monoscope.interp.explain import DEFAULT_FEATURES, ExplainResult, check_explained, explain_features
+from monoscope.interp.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, STALL_AFTER_TIMEOUTS
 from monoscope.interp.scorers import SCORER_NAMES
 
 SHOW_EXPLANATIONS = 10  # explanations printed in the summary (all are in the database)
@@ -45,6 +48,13 @@ def add_explain_parser(subparsers: Any) -> None:
     p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote for "
                    "SAE_DIR)")
     p.add_argument("--concurrency", type=int, default=4, help="LLM requests in flight at once (default 4)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"seconds one attempt may wait for an answer (default {DEFAULT_TIMEOUT_S:g}; local models: "
+                        f"this times --concurrency); after {STALL_AFTER_TIMEOUTS} timed-out attempts in a row the run "
+                        "stops")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                   help=f"retries of a request after a timeout, dropped connection, 429 or 5xx, with backoff "
+                        f"(default {DEFAULT_RETRIES}); each is reported on stderr")
     p.add_argument("--no-cache", action="store_true",
                    help="do not cache LLM answers (default: llm_cache.sqlite beside the database)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -52,10 +62,13 @@ def add_explain_parser(subparsers: Any) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    # the database is written in place: its folder must be writable before an LLM starts or a request is paid
+    check_output_dir(existing_db_path(args.sae, args.db).parent, "feature database folder")
     res = explain_features(args.sae, args.llm, endpoint=args.endpoint, features=args.features, scorers=args.scorers,
                            db_path=args.db, progress=not args.quiet, max_concurrency=args.concurrency,
-                           cache=not args.no_cache)
+                           cache=not args.no_cache, timeout_s=args.timeout, retries=args.retries)
     print_explain_summary(res, sae_dir=args.sae, db_arg=args.db)
+    check_explained(res)  # every request failed: exit non-zero with the reason
     return 0
 
 

@@ -249,12 +249,14 @@ def _sha(s: str) -> str:
 def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: str | None = None,
                      features: int | str | Sequence[int] | None = DEFAULT_FEATURES,
                      scorers: str | Sequence[str] | None = SCORER_NAMES, db_path: str | Path | None = None,
-                     progress: bool = True, max_concurrency: int = 4, cache: Path | bool = True) -> ExplainResult:
+                     progress: bool = True, max_concurrency: int = 4, cache: Path | bool = True,
+                     timeout_s: float | None = None, retries: int | None = None) -> ExplainResult:
     """Explain and score `features` of the SAE whose database is at `db_path` (default: beside `sae_dir`).
 
     `llm_spec` is "openai:MODEL" or "local:PATH" (opened with monoscope.interp.llm.open_llm; answers cached in
     llm_cache.sqlite beside the database, or in `cache`, or nowhere with cache=False), or an already open LLM
-    (used, not closed).
+    (used, not closed). timeout_s, retries: per attempt and per request (default: open_llm's). An endpoint that
+    stops answering (the LLM's `stalled`) ends the call with a MonoscopeError once what was answered is stored.
     """
     names = parse_scorers(scorers)
     want = parse_features(features)
@@ -269,8 +271,13 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
             from monoscope.interp.llm import open_llm
 
             cache_path = cache if isinstance(cache, Path) else (path.parent / LLM_CACHE_NAME if cache else None)
+            limits: dict[str, Any] = {}
+            if timeout_s is not None:
+                limits["timeout_s"] = timeout_s
+            if retries is not None:
+                limits["retries"] = retries
             llm: LLMLike = stack.enter_context(open_llm(llm_spec, endpoint=endpoint, cache=cache_path,
-                                                        max_concurrency=max_concurrency))
+                                                        max_concurrency=max_concurrency, **limits))
         else:
             llm = llm_spec
         model = str(llm.model_name)
@@ -280,13 +287,36 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
         _explain_stage(db, llm, res, evidence, progress)
         res.explanations = {f: res.explanations[f] for f in fids if f in res.explanations}
         res.seconds["explain"] = time.perf_counter() - t0
+        _stop_if_stalled(llm, res, "explanations")
         items = [(evidence[f], res.explanations[f]) for f in fids if f in res.explanations]
         for name in names:
             t0 = time.perf_counter()
             _score_stage(db, llm, res, name, items, progress)
             res.seconds[name] = time.perf_counter() - t0
+            _stop_if_stalled(llm, res, f"{name} scores")
         res.usage = getattr(llm, "usage", None)
     return res
+
+
+def _stop_if_stalled(llm: LLMLike, res: ExplainResult, stage: str) -> None:
+    """After a stage has stored its answers: a stalled endpoint (see monoscope.interp.llm.LLM) ends the run."""
+    stalled = getattr(llm, "stalled", None)
+    if stalled:
+        raise MonoscopeError(
+            f"stopped during {stage}: {stalled}; {len(res.explanations)} of {len(res.features)} features explained "
+            "so far are stored: check that the server answers (or raise --timeout), then run the same command again"
+        )
+
+
+def check_explained(res: ExplainResult) -> None:
+    """A run in which every explanation request failed is an error naming the last failure (the caller exits
+    non-zero); features that were skipped for lack of examples or reused from earlier runs do not count."""
+    sent = {f: e for f, e in res.explain_failures.items() if not e.startswith("no examples")}
+    if res.explanations or not sent:
+        return
+    last = list(sent.values())[-1]
+    raise MonoscopeError(f"all {len(sent)} explanation requests to {res.model} failed (last: {last}): check --llm "
+                         "and --endpoint, and that the server is up")
 
 
 def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: dict[int, Evidence],

@@ -30,7 +30,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +40,12 @@ from urllib.parse import urlsplit
 from monoscope.errors import ModelError, MonoscopeError
 from monoscope.progress import progress_bar
 
+DEFAULT_TIMEOUT_S = 120.0
+"""Seconds one attempt may take (`--timeout`); local models get this times the requests in flight."""
+DEFAULT_RETRIES = 5
+"""Retries of a request that failed transiently (`--retries`)."""
+STALL_AFTER_TIMEOUTS = 3
+"""Timed-out attempts in a row after which an endpoint counts as stalled and nothing more is sent."""
 CACHE_FORMAT = 1  # part of every cache key: bump when the meaning of a cached answer changes
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit; llama.cpp accepts more but the portable bound is this
 
@@ -271,25 +277,41 @@ class LLM:
 
     At most `max_concurrency` requests are in flight per LLM, whether they come from `chat_many` or from
     callers' own threads. After `max_consecutive_failures` failed requests in a row (a dead endpoint, a
-    wrong key) the rest of the batch fails at once instead of retrying for hours.
+    wrong key) the rest of the batch fails at once instead of retrying for hours. An endpoint that accepts
+    connections and never answers costs `timeout_s` per attempt: every failed attempt is reported through
+    `notify` (one line: which endpoint, attempt i/n, what failed, the wait before the next), and after
+    `max_consecutive_timeouts` attempts in a row timed out the LLM is `stalled`: nothing more is sent and the
+    caller stops with `stalled` as its message.
     """
 
     def __init__(self, *, model: str, base_url: str | None, api_key: str, model_id: str | None = None,
                  cache: str | os.PathLike[str] | None = None, max_concurrency: int = 4, timeout_s: float = 120,
                  retries: int = 5, price_per_mtok: tuple[float, float] = (0.0, 0.0), backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0, max_consecutive_failures: int = 16,
-                 server: LocalServer | None = None) -> None:
+                 max_consecutive_timeouts: int = STALL_AFTER_TIMEOUTS, server: LocalServer | None = None,
+                 notify: Callable[[str], None] | None = None) -> None:
         import openai
 
-        if max_concurrency < 1 or retries < 0 or timeout_s <= 0:
-            raise MonoscopeError(f"LLM settings out of range: max_concurrency={max_concurrency} (>= 1), "
-                                 f"retries={retries} (>= 0), timeout_s={timeout_s} (> 0)")
+        if max_concurrency < 1:
+            raise MonoscopeError(f"--concurrency {max_concurrency}: use 1 or more requests in flight")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise MonoscopeError(f"--retries {retries}: use 0 or more retries of a failed request (e.g. 2)")
+        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+            raise MonoscopeError(f"--timeout {timeout_s}: use a positive number of seconds per attempt (e.g. 60)")
+        if max_consecutive_timeouts < 1:
+            raise MonoscopeError(f"max_consecutive_timeouts={max_consecutive_timeouts}: use 1 or more")
         self.model_name = model
         self.model_id = model_id or model  # the cache's notion of "same model"
         self.base_url = base_url
         self.max_concurrency, self.timeout_s, self.retries = max_concurrency, float(timeout_s), retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.max_consecutive_failures = max_consecutive_failures
+        self.max_consecutive_timeouts = max_consecutive_timeouts
+        self.notify: Callable[[str], None] = notify if notify is not None else _stderr_line
+        self.stalled: str | None = None
+        """Set after `max_consecutive_timeouts` timed-out attempts in a row: why nothing more is sent."""
+        self._consecutive_timeouts = 0
+        self._stop = threading.Event()  # set when stalled: waiting requests give up at once
         self.server = server
         self._openai: Any = openai
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=self.timeout_s)
@@ -379,7 +401,9 @@ class LLM:
         with self._lock:
             broken = self._consecutive_failures >= self.max_consecutive_failures
             last = self._last_error
-        if broken:
+        if self.stalled is not None:
+            resp = _failure(f"not sent: {self.stalled}")
+        elif broken:
             resp = _failure(f"not sent: the {self.max_consecutive_failures} requests before it failed "
                             f"(last: {last})")
         else:
@@ -394,7 +418,7 @@ class LLM:
                 self._consecutive_failures = 0
             else:
                 self._usage.failures += 1
-                if not broken:
+                if not broken and self.stalled is None:
                     self._consecutive_failures += 1
                     self._last_error = resp.error or ""
         if resp.ok and self._cache is not None:
@@ -411,13 +435,19 @@ class LLM:
         if req.logprobs is not None:
             body |= {"logprobs": True, "top_logprobs": req.logprobs}
         error = ""
-        for attempt in range(self.retries + 1):
+        tries = self.retries + 1
+        for attempt in range(tries):
             if abort.is_set():
                 return _failure(f"not sent: interrupted ({error or 'before the first try'})")
+            if self.stalled is not None:
+                return _failure(f"not sent: {self.stalled}")
             retry_after: float | None = None
+            timed_out = False
             try:
                 with self._slots:
                     raw = self._client.chat.completions.with_raw_response.create(**body, timeout=self.timeout_s)
+                with self._lock:
+                    self._consecutive_timeouts = 0
                 return parse_completion(raw.text)
             except oa.APIStatusError as e:
                 error = f"HTTP {e.status_code}: {_one_line(_error_message(e))}"
@@ -426,14 +456,46 @@ class LLM:
                 retry_after = _retry_after(e.response.headers)
             except oa.APITimeoutError:
                 error = f"timed out after {self.timeout_s:g} s"
+                timed_out = True
             except oa.APIConnectionError as e:
                 error = f"connection failed ({_one_line(str(e.__cause__ or e))})"
+            if self._count_timeout(timed_out):
+                self.notify(f"{self.where}: attempt {attempt + 1}/{tries} {error}; stopping: {self.stalled}")
+                return _failure(f"{error} (stopped: {self.stalled})")
             if attempt < self.retries:
                 with self._lock:
                     self._usage.retries += 1
-                abort.wait(self._delay(attempt, retry_after))
-        tries = self.retries + 1
+                delay = self._delay(attempt, retry_after)
+                self.notify(f"waiting for {self.where}: attempt {attempt + 1}/{tries} {error}; "
+                            f"retrying in {delay:.1f} s")
+                self._wait(abort, delay)
+            else:
+                self.notify(f"{self.where}: attempt {attempt + 1}/{tries} {error}; giving up on this request")
         return _failure(f"{error} (after {tries} attempt{'s' if tries > 1 else ''})")
+
+    @property
+    def where(self) -> str:
+        """The endpoint, for messages."""
+        if self.server is not None:
+            return f"local llama.cpp server {self.base_url}"
+        return self.base_url or "api.openai.com"
+
+    def _count_timeout(self, timed_out: bool) -> bool:
+        """Count consecutive timed-out attempts (any answer resets the count); True when this one stalls the LLM."""
+        with self._lock:
+            self._consecutive_timeouts = self._consecutive_timeouts + 1 if timed_out else 0
+            if self.stalled is None and self._consecutive_timeouts >= self.max_consecutive_timeouts:
+                self.stalled = (f"{self.where} did not answer {self._consecutive_timeouts} attempts in a row "
+                                f"within {self.timeout_s:g} s each")
+                self._stop.set()
+                return True
+        return False
+
+    def _wait(self, abort: threading.Event, seconds: float) -> None:
+        """Sleep before a retry; returns early on Ctrl-C (`abort`) or once the LLM is stalled."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0 and not abort.is_set() and not self._stop.is_set():
+            abort.wait(min(left, 0.1))
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter (so parallel workers do not retry in lockstep); Retry-After is a floor."""
@@ -463,9 +525,10 @@ class LLM:
 
 
 def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike[str] | None = None,
-             max_concurrency: int = 4, timeout_s: float = 120, retries: int = 5,
+             max_concurrency: int = 4, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
              price_per_mtok: tuple[float, float] = (0.0, 0.0), n_ctx: int = 4096, n_threads: int | None = None,
-             backoff_s: float = 1.0) -> LLM:
+             backoff_s: float = 1.0, max_consecutive_timeouts: int = STALL_AFTER_TIMEOUTS,
+             notify: Callable[[str], None] | None = None) -> LLM:
     """An LLM from a `--llm` spec: `openai:MODEL` (with `endpoint` for vLLM / llama.cpp / any compatible
     server, else api.openai.com) or `local:PATH.gguf` / `local:default` (llama.cpp in this process).
 
@@ -478,7 +541,8 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
         raise MonoscopeError(f"--llm {spec!r} is not an LLM spec: use openai:MODEL (add --endpoint URL for a vLLM "
                              "or llama.cpp server) or local:PATH.gguf (local:default = SmolLM2)")
     opts: dict[str, Any] = {"cache": cache, "max_concurrency": max_concurrency, "timeout_s": timeout_s,
-                            "retries": retries, "price_per_mtok": price_per_mtok, "backoff_s": backoff_s}
+                            "retries": retries, "price_per_mtok": price_per_mtok, "backoff_s": backoff_s,
+                            "max_consecutive_timeouts": max_consecutive_timeouts, "notify": notify}
     if kind == "openai":
         if not rest:
             raise MonoscopeError(f"--llm {spec!r} names no model: use openai:MODEL, e.g. openai:gpt-4o-mini")
@@ -514,6 +578,13 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
     except BaseException:
         server.close()
         raise
+
+
+def _stderr_line(msg: str) -> None:
+    """The default `notify`: one line on stderr, above a progress bar when one is shown."""
+    from monoscope.progress import console
+
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
 def _endpoint_url(endpoint: str) -> str:

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from monoscope.errors import MonoscopeError
+from monoscope.fileio import check_output_dir
 from monoscope.train.config import TrainConfig, field_docs
 from monoscope.train.run import TrainResult, train
 
@@ -102,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MonoscopeError("monoscope train needs an activation store folder (STORE) or --model to stream from")
     if args.store is not None and args.model is not None:
         raise MonoscopeError(f"give either a store ({args.store}) or --model ({args.model}), not both")
+    check_output_dir(args.out)  # before the store is opened or a model loads
     cfg = config_from_args(args)
     argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]
     command = "monoscope " + shlex.join(argv)
