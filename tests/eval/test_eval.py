@@ -105,12 +105,54 @@ def test_zero_sae_gives_the_zero_ablation_numbers(tiny_lm) -> None:  # type: ign
     assert rec.shrinkage_norm_ratio == 0.0
 
 
+def _ce_with_half_hook(lm) -> float:  # type: ignore[no-untyped-def]
+    """Mean next-token CE over non-BOS inputs with resid_post.1 halved at positions >= 1, by a plain torch hook."""
+    def halve(_mod, _inp, out):  # type: ignore[no-untyped-def]
+        h = out[0] if isinstance(out, tuple) else out
+        h = torch.cat([h[:, :1], h[:, 1:] * 0.5], dim=1)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    ids = _ids(lm)
+    handle = lm.model.model.layers[1].register_forward_hook(halve)
+    try:
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        handle.remove()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                            reduction="none").view(ids.shape[0], -1)
+    counted = ids[:, :-1] != lm.tokenizer.bos_token_id
+    return float(nll[counted].mean())
+
+
+def test_stacked_forward_out_of_memory_falls_back_and_says_so(tiny_lm, capsys) -> None:  # type: ignore[no-untyped-def]
+    half = identity_sae(normaliser=3.0, scale=0.5)
+    sp = Splicer(tiny_lm, tiny_lm.hook(HOOK), half, _keep_all_but_bos)
+    plain = sp._logits
+
+    def oom_when_stacked(ids: torch.Tensor) -> torch.Tensor:
+        out = plain(ids)
+        if out.shape[0] > ids.shape[0]:  # the stacked batch: as if the allocation failed
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return out
+
+    sp._logits = oom_when_stacked  # type: ignore[method-assign]
+    b = sp.run(_ids(tiny_lm)[:2])
+    assert sp.stacked is False and sp.fallback == "out of memory with 4 variants x 2 contexts stacked"
+    err = capsys.readouterr().err
+    assert "ran out of memory" in err and "lower --batch-contexts (now 2)" in err
+    ref = Splicer(tiny_lm, tiny_lm.hook(HOOK), half, _keep_all_but_bos, stacked=False).run(_ids(tiny_lm)[:2])
+    assert b.ce_sum == ref.ce_sum and b.kl_sum == ref.kl_sum  # the fallback computes the same numbers
+
+
 def test_error_term_check_and_stacked_equals_separate(tiny_lm) -> None:  # type: ignore[no-untyped-def]
     half = identity_sae(normaliser=3.0, scale=0.5)  # x̂ = x/2: between identity and zero
     a, ra, _ = _lm_metrics(tiny_lm, half, stacked=True)
     b, rb, _ = _lm_metrics(tiny_lm, half, stacked=False)
     assert a.ce_error == pytest.approx(a.ce_clean, abs=1e-5) and abs(a.kl_error or 0) < 1e-6
-    assert a.ce_clean < a.ce_spliced < a.ce_zero or a.ce_zero < a.ce_spliced
+    # the spliced loss is the loss of a plain forward whose hook output is halved on every row but the BOS
+    assert a.ce_spliced == pytest.approx(_ce_with_half_hook(tiny_lm), abs=1e-5)
+    assert a.ce_spliced != pytest.approx(a.ce_clean, abs=1e-3)  # halving the residual changes the loss
     for f in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "kl_zero"):
         assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-4, abs=1e-6), f
     assert ra.fvu == pytest.approx(rb.fvu, rel=1e-6)

@@ -22,7 +22,9 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("sae", help="SAE folder")
     p.add_argument("--acts", required=True, help="activation store of the model and hook the SAE reads")
     p.add_argument("--lm", action="store_true", help="also the LM loss with the reconstruction spliced in")
-    p.add_argument("--tokens", default="100k", help="store rows, and held-out tokens with --lm (default 100k)")
+    p.add_argument("--tokens", default=None,
+                   help="store rows, and held-out tokens with --lm (default 100k, or every row of a smaller store; "
+                        "an explicit count above the store's rows is an error)")
     p.add_argument("--out", default=None, help="output folder (default: runs/x/eval beside runs/x/sae)")
     p.add_argument("--text", default=None, help="with --lm: evaluate on this corpus instead of the held-out text")
     p.add_argument("--batch-contexts", type=int, default=8, help="contexts per forward with --lm (default 8)")
@@ -75,6 +77,8 @@ def print_eval_summary(res: EvalResult) -> None:
         if res.tokens_per_s:
             t2.add_row("speed", f"{res.tokens_per_s:,.0f} held-out tokens/s (all variants)")
         Console().print(t2)
+    for note in res.notes:
+        print(f"note: {note}")
     reused = "  (same SAE, store and options as before: reused)" if res.reused else ""
     print(f"results: {res.out / 'metrics.json'}{reused}")
     if res.plots:

@@ -21,7 +21,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.eval.data import check_rows, heldout_contexts, store_digest, store_rows
 from monoscope.eval.metrics import ReconAccumulator, ReconMetrics
 from monoscope.eval.splice import LMAccumulator, LMMetrics, Splicer
-from monoscope.fileio import write_json_atomic
+from monoscope.fileio import nonfinite_to_null, write_json_atomic
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
 from monoscope.sae.io import weights_sha256
@@ -43,6 +43,12 @@ class EvalResult:
     """Held-out tokens per second of the LM evaluation (every variant included)."""
     reused: bool = False
     """True when an identical earlier evaluation was returned (`reuse`)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the request was met (e.g. fewer store rows than the default)."""
+
+
+DEFAULT_TOKENS = 100_000
+"""Store rows (and held-out tokens with `lm`) when `tokens` is not given."""
 
 
 def default_out(sae_dir: Path) -> Path:
@@ -71,7 +77,7 @@ def evaluate(
     *,
     acts: str | Path,
     lm: bool = False,
-    tokens: int | str = 100_000,
+    tokens: int | str | None = None,
     out: str | Path | None = None,
     text: str | None = None,
     batch_contexts: int = 8,
@@ -84,7 +90,9 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate the SAE folder `sae` (monoscope, SAELens or sparsify) on store `acts`.
 
-    tokens: rows read from the end of the store, and (with `lm`) held-out tokens of text. text: a
+    tokens: rows read from the end of the store, and (with `lm`) held-out tokens of text; None: DEFAULT_TOKENS,
+    or every row of a smaller store (said in `notes`), while an explicit count above the store's rows is an
+    error (the user asked for something the store cannot give). text: a
     corpus to use instead of the store's corpus after the store. compute_dtype: the model's forward
     (default: the capture's, so the SAE sees activations computed the way it was trained on). reuse:
     return the metrics.json already in `out` when it evaluated the same SAE weights, store, tokens and
@@ -95,7 +103,7 @@ def evaluate(
     sae_dir = Path(sae)
     if not sae_dir.exists():
         raise MonoscopeError(f"SAE folder {sae_dir} does not exist: train one with monoscope train --out {sae_dir}")
-    n_tokens = parse_count(tokens)
+    n_tokens = DEFAULT_TOKENS if tokens is None else parse_count(tokens)
     if n_tokens < 1:
         raise MonoscopeError(f"--tokens {tokens} must be at least 1")
     if batch_contexts < 1:
@@ -103,24 +111,30 @@ def evaluate(
     store = ActivationStore.open(acts)
     dev = resolve_device(device)
     model = _load_sae(sae_dir, store, dev)
-    check_rows(store, n_tokens)  # before any heavy work
+    notes: list[str] = []
+    n_rows = n_tokens
+    if tokens is None and store.n_rows < n_tokens:
+        n_rows = store.n_rows
+        notes.append(f"store {store.folder} holds {store.n_rows:,} training rows, fewer than the default "
+                     f"{DEFAULT_TOKENS:,}: evaluated all of them (--tokens N sets the count)")
+    check_rows(store, n_rows)  # before any heavy work
     out_dir = Path(out) if out is not None else default_out(sae_dir)
     m = store.manifest
-    request = {"tokens": n_tokens, "lm": lm, "text": text, "error_check": error_check,
+    request = {"tokens": n_tokens, "store_rows": n_rows, "lm": lm, "text": text, "error_check": error_check,
                "compute_dtype": compute_dtype, "batch_contexts": batch_contexts}
     if reuse and (done := _previous(out_dir, sae_dir, model, store, request)) is not None:
         return done
     t0 = time.perf_counter()
 
     acc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
-    with progress_bar("eval: store rows", total=n_tokens, unit="tok", enabled=progress) as bar, torch.inference_mode():
-        for x, pos in store_rows(store, n_tokens):
+    with progress_bar("eval: store rows", total=n_rows, unit="tok", enabled=progress) as bar, torch.inference_mode():
+        for x, pos in store_rows(store, n_rows):
             for xb, pb in zip(x.split(8192), pos.split(8192), strict=True):
                 xb = xb.to(dev)
                 f = model.encode_raw(xb)
                 acc.add(xb, model.decode_raw(f), f != 0, pb)
                 bar.update(len(xb))
-    res = EvalResult(out_dir, acc.result())
+    res = EvalResult(out_dir, acc.result(), notes=notes)
     density = {"store": acc.density()}
 
     if lm:
@@ -149,6 +163,7 @@ def evaluate(
         res.heldout, res.lm = hacc.result(), lacc.result()
         density["heldout"] = hacc.density()
         res.metrics["lm_eval"] = {"tokens": done, "stacked_variants": splicer.stacked,
+                                  "stacked_fallback": splicer.fallback,
                                   "compute_dtype": lmodel.compute_dtype, "device": str(lmodel.device),
                                   "text": text or "store corpus after the store's contexts",
                                   "tokens_per_s": res.tokens_per_s}
@@ -160,8 +175,23 @@ def evaluate(
     res.metrics = _metrics_json(res, sae_dir, model, store, n_tokens, time.perf_counter() - t0)
     res.metrics["lm_eval"] = lm_eval
     res.metrics["request"] = request
+    res.metrics, replaced = nonfinite_to_null(res.metrics)
+    if replaced:  # undefined metrics are null with the reason, never a bare NaN (which is not JSON)
+        res.metrics["non_finite"] = {k: f"{v}: {_undefined_reason(k)}" for k, v in replaced.items()}
     write_json_atomic(out_dir / "metrics.json", res.metrics)
     return res
+
+
+_UNDEFINED = {
+    "fvu": "the evaluated rows have no variance (constant activations), so FVU divides by 0",
+    "explained_variance": "1 - FVU, and FVU is undefined",
+    "ce_recovered": "the zero-ablated loss equals the clean loss, so CE recovered divides by 0",
+}
+
+
+def _undefined_reason(key: str) -> str:
+    name = key.rsplit(".", 1)[-1].split("[", 1)[0]
+    return _UNDEFINED.get(name, "the value is undefined or overflowed on the evaluated data")
 
 
 def _previous(out_dir: Path, sae_dir: Path, sae: SAE, store: ActivationStore,
@@ -188,6 +218,7 @@ def _previous(out_dir: Path, sae_dir: Path, sae: SAE, store: ActivationStore,
     except (MonoscopeError, KeyError, TypeError):  # an older or damaged file: evaluate again
         return None
     res.reused = True
+    res.notes = [str(n) for n in prev.get("notes") or []]
     return res
 
 
@@ -222,6 +253,7 @@ def _metrics_json(res: EvalResult, sae_dir: Path, sae: SAE, store: ActivationSto
         "heldout": None if res.heldout is None else res.heldout.to_dict(),
         "lm": None if res.lm is None else res.lm.to_dict(),
         "plots": [p.name for p in res.plots],
+        "notes": res.notes,
         "seconds": seconds,
         "monoscope_version": __version__,
     }

@@ -123,6 +123,8 @@ class Splicer:
         self._ids: Tensor | None = None
         self.variants = VARIANTS if error_check else VARIANTS[:3]
         self.stacked = stacked
+        self.fallback: str | None = None
+        """Why the stacked forward was given up (None: it was not, or never tried)."""
         self.module, self.pre = _module_for(lm.layout, hp)
         self._cache: dict[str, Any] = {}
 
@@ -206,15 +208,35 @@ class Splicer:
                 if self.stacked is None:  # first batch: the clean copy must equal a plain forward
                     self.stacked = self._same_predictions(self._logits(ids), logits[0], ids)
                     if not self.stacked:
+                        self.fallback = "the stacked forward's clean copy differs from a plain forward"
                         logits = None
-            except RuntimeError:
+            except (RuntimeError, MemoryError) as e:
                 self.stacked, logits = False, None
+                self._give_up_stacking(e, B)
         if logits is None:
             logits = []
             for i in range(len(self.variants)):
                 with self._hooked(i):
                     logits.append(self._logits(ids))
         return self._losses(ids, logits)
+
+    def _give_up_stacking(self, e: BaseException, batch: int) -> None:
+        """Record why the stacked forward failed; out of memory is said on stderr (it is slower from here on,
+        and the user can keep the fast path with smaller batches), never swallowed silently."""
+        from monoscope.fatal import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            self.fallback = f"the model cannot run the stacked batch ({str(e).splitlines()[0][:160]})"
+            return
+        self.fallback = f"out of memory with {len(self.variants)} variants x {batch} contexts stacked"
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
+        from monoscope.progress import console
+
+        console.print(f"warning: the stacked LM forward ({len(self.variants)} variants x {batch} contexts) ran out of "
+                      "memory: evaluating each variant in its own forward from here on (same numbers, ~2x slower); "
+                      f"lower --batch-contexts (now {batch}) to keep the stacked forward", markup=False,
+                      highlight=False, soft_wrap=True)
 
     def _same_predictions(self, a: Tensor, b: Tensor, ids: Tensor) -> bool:
         """Do two forwards give the same next-token log-probabilities (mean |Δ| below the rounding

@@ -182,9 +182,13 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise InteropError(f"SAE weights {path} are missing: the folder is incomplete")
     try:
-        return safetensors.torch.load_file(str(path), device="cpu")
+        tensors = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises several types for a damaged file
         raise InteropError(f"SAE weights {path} cannot be read as safetensors: {e}") from e
+    from monoscope.sae.io import check_finite_weights
+
+    check_finite_weights(tensors, path)
+    return tensors
 
 
 def check_keys(tensors: dict[str, Tensor], required: set[str], optional: set[str], path: Path, what: str) -> None:

@@ -143,6 +143,7 @@ def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = N
     with torch.device("meta"):  # shapes only: no time or memory spent on a random init
         sae = SAE_CLASSES[cfg.arch](cfg)  # type: ignore[call-arg]
     _check_tensors(sae, tensors, wpath, cfg)
+    check_finite_weights(tensors, wpath, unset_threshold_ok=cfg.arch == "batchtopk")
     sae.load_state_dict(tensors, strict=True, assign=True)
     threshold = tensors.get("threshold")
     if (
@@ -243,6 +244,29 @@ def check_compatible(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], wpath: Path, *, unset_threshold_ok: bool = False) -> None:
+    """Refuse weights holding NaN or ±inf, naming the tensor: every stage would turn them into NaN metrics,
+    features and exports. Allowed: -inf in `log_threshold` (a JumpReLU threshold of 0) and, with
+    `unset_threshold_ok`, a NaN `threshold` scalar (a batchtopk SAE whose inference threshold is unset)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t)
+        if name == "log_threshold":
+            bad &= t != float("-inf")
+        if name == "threshold" and unset_threshold_ok and t.dim() == 0:
+            bad &= ~torch.isnan(t)
+        n_bad = int(bad.sum())
+        if n_bad:
+            first = [int(i) for i in bad.nonzero()[0]] if t.dim() else []
+            value = float(t[tuple(first)]) if t.dim() else float(t)
+            raise SAEFileError(
+                f"SAE weights {wpath}: tensor {name} holds {n_bad:,} non-finite value{'s' if n_bad > 1 else ''} "
+                f"(first {value} at {first}): the SAE is broken (training diverged, or the file was edited); "
+                "retrain it (a lower --lr) or restore a good copy"
+            )
 
 
 def _check_tensors(sae: SAE, tensors: dict[str, torch.Tensor], wpath: Path, cfg: SAEConfig) -> None:
