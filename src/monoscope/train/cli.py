@@ -184,9 +184,13 @@ def _parser_for(kind: Any) -> Callable[[str], Any]:
 
 
 def _count(text: str) -> int:
+    """A 10M-style count; a bad one is argparse's one-line usage error with parse_count's message."""
     from monoscope.capture import parse_count  # lazily: capture imports the model stack
 
-    return parse_count(text)
+    try:
+        return parse_count(text)
+    except (MonoscopeError, ValueError, OverflowError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 if __name__ == "__main__":

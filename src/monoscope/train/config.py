@@ -78,7 +78,8 @@ class TrainConfig:
     """Activation rows per optimiser step."""
 
     lr: float | None = None
-    """Adam learning rate. Default: 5e-5 relu-l1, 7e-5 jumprelu, 8e-4/sqrt(d_sae/16384) topk-style."""
+    """Adam learning rate. Default: 5e-5 relu-l1, 7e-5 jumprelu, 1.5e-3/sqrt(d_sae/16384) topk and batchtopk
+    (`default_lr`)."""
 
     lr_decay_frac: float = 0.2
     """The learning rate decays linearly to 0 over this last fraction of the steps (paper: 20%)."""
@@ -281,13 +282,14 @@ def field_docs(cls: type) -> dict[str, str]:
 # ----------------------------------------------------------------------------- checks
 
 
-def _flag(name: str) -> str:
+def cli_flag(name: str) -> str:
+    """The CLI option of a TrainConfig field (messages name what the user typed, not the field)."""
     return "--" + {"sparsity_coef": "l1"}.get(name, name.replace("_", "-"))
 
 
 def _int(name: str, value: object, lo: int, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise TrainConfigError(f"{_flag(name)} {value!r}: use {fix}")
+        raise TrainConfigError(f"{cli_flag(name)} {value!r}: use {fix}")
 
 
 def _float(name: str, value: object, lo: float, hi: float | None, fix: str, open_lo: bool = False) -> None:
@@ -296,4 +298,4 @@ def _float(name: str, value: object, lo: float, hi: float | None, fix: str, open
         assert isinstance(value, (int, float))
         ok = (value > lo if open_lo else value >= lo) and (hi is None or value <= hi)
     if not ok:
-        raise TrainConfigError(f"{_flag(name)} {value!r}: use {fix}")
+        raise TrainConfigError(f"{cli_flag(name)} {value!r}: use {fix}")

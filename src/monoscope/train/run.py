@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import signal
 import sys
 import threading
@@ -31,9 +32,10 @@ from monoscope.devices import resolve_device
 from monoscope.errors import MonoscopeError
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, load_sae, save_sae
+from monoscope.sae.config import SAEConfigError, parse_width
 from monoscope.sae.io import CFG_NAME, WEIGHTS_NAME, SAEFileError
 from monoscope.train.checkpoint import CheckpointDir
-from monoscope.train.config import TrainConfig, TrainConfigError, config_diff
+from monoscope.train.config import TrainConfig, TrainConfigError, cli_flag, config_diff
 from monoscope.train.data import TrainData, store_data, stream_data
 from monoscope.train.log import LOG_NAME, JsonlLog
 from monoscope.train.trainer import Peeked, Trainer
@@ -110,6 +112,7 @@ def train(
     done = _finished_sae(out)
     if done is not None:
         prov = done.provenance
+        _check_same_settings(prov, cfg, data, out, what="the finished SAE in it was trained")
         return TrainResult(out, done, cfg, int(prov.get("steps", 0)), int(prov.get("tokens", 0)),
                            dict(prov.get("final_metrics") or {}), 0.0, 0, already_complete=True, notes=notes)
     if resume and ckpt is None:
@@ -229,24 +232,55 @@ def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
     normaliser = data.get_normaliser()
     if normaliser is None:
         raise MonoscopeError("the data source did not provide an input normaliser")
-    return SAEConfig(
-        arch=cfg.arch, d_in=data.d_model, d_sae=cfg.d_sae(data.d_model), k=cfg.k, aux_coef=cfg.aux_coef,
-        normaliser=float(normaliser), hook=data.hook, model=data.model, dtype="float32", compute_dtype=cfg.dtype,
-    )
+    d_sae = cfg.d_sae(data.d_model)
+    if cfg.k is not None and cfg.k > d_sae:
+        raise TrainConfigError(f"--k {cfg.k} is more than the {d_sae:,} features of --width {cfg.width} (d_model "
+                               f"{data.d_model}): lower --k or raise --width")
+    try:
+        return SAEConfig(
+            arch=cfg.arch, d_in=data.d_model, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef,
+            normaliser=float(normaliser), hook=data.hook, model=data.model, dtype="float32", compute_dtype=cfg.dtype,
+        )
+    except SAEConfigError as e:  # name the option the user typed, not the internal class
+        raise TrainConfigError(re.sub(r"SAEConfig\.(\w+)=", lambda m: cli_flag(m.group(1)) + " ", str(e))) from None
 
 
 def _check_same_run(meta: dict[str, Any], cfg: TrainConfig, data: TrainData, out: Path) -> None:
     """Refuse to resume a checkpoint made with other settings or other data, listing what differs."""
-    diffs = config_diff(meta.get("config", {}), cfg.to_dict())
-    saved_data = meta.get("data", {})
-    keys = ("kind", "manifest_sha256", "model", "corpus", "hook", "d_model")
+    _check_same_settings({"train_config": meta.get("config", {}), "data": meta.get("data", {})}, cfg, data, out,
+                         what="its checkpoint was made")
+
+
+_DATA_KEYS = ("kind", "manifest_sha256", "model", "corpus", "hook", "d_model")
+
+
+def _check_same_settings(saved: dict[str, Any], cfg: TrainConfig, data: TrainData, out: Path, what: str) -> None:
+    """Refuse a --resume whose settings or data differ from what `out` holds (a checkpoint's, or the finished
+    SAE's provenance), listing each difference as `--flag: saved -> now`. The width counts as the feature
+    count it gives (`--width 1152` and `--width 2x` are the same on d_model 576)."""
+    old = dict(saved.get("train_config") or {})
+    new = cfg.to_dict()
+    d_model = data.d_model
+    for conf in (old, new):
+        try:
+            conf["width"] = parse_width(conf["width"], d_model)
+        except (KeyError, MonoscopeError):
+            pass
+    diffs = [_as_flag(d) for d in config_diff(old, new)]
+    saved_data = saved.get("data") or {}
     diffs += [f"data.{k}: {saved_data.get(k)!r} -> {data.identity.get(k)!r}"
-              for k in keys if saved_data.get(k) != data.identity.get(k)]
+              for k in _DATA_KEYS if saved_data.get(k) != data.identity.get(k)]
     if diffs:
         raise MonoscopeError(
-            f"cannot resume {out}: its checkpoint was made with different settings ({'; '.join(diffs)}): rerun "
-            "with the original values, or train into another --out"
+            f"cannot resume {out}: {what} with different settings ({'; '.join(diffs)}): rerun with the original "
+            f"values, train into another --out, or delete {out} to train again with these"
         )
+
+
+def _as_flag(diff: str) -> str:
+    """`sparsity_coef: 5.0 -> 2.0` -> `--l1: 5.0 -> 2.0` (config_diff names fields; users type flags)."""
+    name, sep, rest = diff.partition(":")
+    return f"{cli_flag(name)}:{rest}" if sep else diff
 
 
 @contextlib.contextmanager

@@ -16,9 +16,13 @@ One step (every architecture):
   5. Adam step; unit-norm decoders are renormalised; dead counters advance with `out.fired`;
   6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
 Before step 0, b_dec is set from the first batch (geometric median by default).
-Per-step metrics are summed on the device and read (one host sync) every `log_every` steps; the
-only per-step syncs are the two finiteness tests (a sum over x, then the loss and gradient norm),
-free on CPU and a few microseconds on a GPU.
+Per-step metrics are summed on the device and read (one host sync) every `log_every` steps. The
+other host syncs of a step: the two finiteness tests (a sum over x, then the loss and gradient
+norm); for topk and batchtopk with AuxK, the list of dead features (a `nonzero`); for batchtopk in
+training, batch top-k's check for rows that need more candidates (one `any`, more when it redoes
+rows); for relu-l1 and jumprelu with sparse kernels, the active pattern (a `nonzero`). Each is
+free on CPU and a few microseconds on a GPU; each sizes a tensor or takes a branch, so it cannot
+be deferred.
 
 Resume is exact because everything the next step reads is in `state()`: SAE, Adam, dead counters,
 data cursor, step, RNG states, metric accumulators; schedules and resampling draws are functions
