@@ -83,6 +83,8 @@ class ExplainResult:
     scores_reused: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     usage: Any = None
+    endpoint: str | None = None
+    """Where the requests went (the LLM's `where`), for messages."""
 
     def summary(self) -> dict[str, dict[str, float | int | None]]:
         """Per scorer: features scored, failures, and mean / quartiles of the values that exist."""
@@ -281,7 +283,7 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
         else:
             llm = llm_spec
         model = str(llm.model_name)
-        res = ExplainResult(path, model, PROMPT_VERSION, fids)
+        res = ExplainResult(path, model, PROMPT_VERSION, fids, endpoint=getattr(llm, "where", None))
         res.seconds["evidence"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _explain_stage(db, llm, res, evidence, progress)
@@ -315,8 +317,9 @@ def check_explained(res: ExplainResult) -> None:
     if res.explanations or not sent:
         return
     last = list(sent.values())[-1]
-    raise MonoscopeError(f"all {len(sent)} explanation requests to {res.model} failed (last: {last}): check --llm "
-                         "and --endpoint, and that the server is up")
+    at = f" at {res.endpoint}" if res.endpoint else ""
+    raise MonoscopeError(f"all {len(sent)} explanation requests to {res.model}{at} failed (last: {last}): check "
+                         "--llm and --endpoint, and that the server is up")
 
 
 def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: dict[int, Evidence],
