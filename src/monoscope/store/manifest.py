@@ -53,7 +53,7 @@ class RowPolicy:
     def measured(cls, acts: torch.Tensor, exclude_bos: bool, outlier_factor: float) -> RowPolicy:
         """The policy with its median norm taken from `acts` [contexts, ctx_len, d_model]."""
         a = acts[:, 1:] if exclude_bos else acts
-        return cls(exclude_bos, outlier_factor, float(a.float().norm(dim=-1).median()))
+        return cls(exclude_bos, outlier_factor, float(a.float().norm(dim=-1).nanmedian()))  # NaN rows: not a norm
 
     def keep(self, acts: torch.Tensor) -> torch.Tensor:
         """[contexts, ctx_len] bool: True for the rows training should see."""

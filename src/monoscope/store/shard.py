@@ -45,9 +45,10 @@ def write_shard(path: Path, tokens: torch.Tensor, acts: torch.Tensor, keep: torc
         metadata={"format": SHARD_FORMAT},
     )
     digest = write_bytes_atomic(path, data)
-    kept = acts[keep.bool()].double()
+    sq = acts[keep.bool()].double().pow(2).sum(1)  # [rows] ‖x‖²
+    # rows that are not finite add nothing (training stops at or skips them), so the record stays valid JSON
     return ShardInfo(file=path.name, contexts=int(tokens.shape[0]), rows=int(keep.sum()), bytes=len(data),
-                     sha256=digest, sum_sq=float(kept.pow(2).sum()))
+                     sha256=digest, sum_sq=float(sq[torch.isfinite(sq)].sum()))
 
 
 def read_shard_bytes(path: Path, info: ShardInfo) -> bytes:
