@@ -462,6 +462,8 @@ class LLM:
             if self._count_timeout(timed_out):
                 self.notify(f"{self.where}: attempt {attempt + 1}/{tries} {error}; stopping: {self.stalled}")
                 return _failure(f"{error} (stopped: {self.stalled})")
+            if self.stalled is not None:  # another request stalled the endpoint meanwhile: no retry
+                return _failure(f"{error} (stopped: {self.stalled})")
             if attempt < self.retries:
                 with self._lock:
                     self._usage.retries += 1
