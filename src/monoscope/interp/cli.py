@@ -18,7 +18,14 @@ from rich.table import Table
 
 from monoscope.features.show import existing_db_path
 from monoscope.fileio import check_output_dir
-from monoscope.interp.explain import DEFAULT_FEATURES, ExplainResult, check_explained, explain_features
+from monoscope.interp.explain import (
+    DEFAULT_FEATURES,
+    ExplainResult,
+    check_explained,
+    explain_features,
+    parse_features,
+    parse_scorers,
+)
 from monoscope.interp.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, STALL_AFTER_TIMEOUTS
 from monoscope.interp.scorers import SCORER_NAMES
 
@@ -62,6 +69,8 @@ def add_explain_parser(subparsers: Any) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    parse_scorers(args.scorers)  # argument errors first, then the files
+    parse_features(args.features)
     # the database is written in place: its folder must be writable before an LLM starts or a request is paid
     check_output_dir(existing_db_path(args.sae, args.db).parent, "feature database folder")
     res = explain_features(args.sae, args.llm, endpoint=args.endpoint, features=args.features, scorers=args.scorers,
