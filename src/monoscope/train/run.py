@@ -259,6 +259,9 @@ def _check_same_settings(saved: dict[str, Any], cfg: TrainConfig, data: TrainDat
     SAE's provenance), listing each difference as `--flag: saved -> now`. The width counts as the feature
     count it gives (`--width 1152` and `--width 2x` are the same on d_model 576)."""
     old = dict(saved.get("train_config") or {})
+    if not old:  # e.g. an SAE converted or saved by other code into this folder
+        raise MonoscopeError(f"cannot resume {out}: it records no training settings to compare with (not written by "
+                             "monoscope train): train into another --out")
     new = cfg.to_dict()
     d_model = data.d_model
     for conf in (old, new):
