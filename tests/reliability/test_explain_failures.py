@@ -4,6 +4,7 @@ reported. Real `monoscope explain` processes against a local fault server on 127
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -80,3 +81,20 @@ def test_bad_timeout_and_retries_are_one_line_errors(sae_dir: Path, capsys: pyte
                       (["--retries", "-1"], "error: --retries -1: use 0 or more retries of a failed request (e.g. 2)")):
         assert main(_explain(sae_dir, "http://127.0.0.1:9/v1", *args)) == 2
         assert capsys.readouterr().err.strip() == msg
+
+
+def test_a_silent_endpoint_is_reported_while_waiting(server: FaultServer) -> None:
+    """Before the timeout: a "still waiting" line every heartbeat, so a hang is visible at once."""
+    from monoscope.interp.llm import ChatRequest, open_llm
+
+    server.hang_s = 5.0
+    server.script("hang")
+    lines: list[str] = []
+    with open_llm("openai:m", endpoint=server.url, timeout_s=1.0, retries=0, notify=lines.append) as llm:
+        llm.heartbeat_s = 0.4
+        r = llm.chat(ChatRequest.user("hi", max_tokens=4))
+    assert r.error == "timed out after 1 s (after 1 attempt)"
+    beats = [ln for ln in lines if ln.startswith("still waiting")]
+    assert beats and all(re.fullmatch(rf"still waiting for {re.escape(server.url)}: attempt 1/1, [01] s of 1 s", b)
+                         for b in beats)
+    assert lines[-1] == f"{server.url}: attempt 1/1 timed out after 1 s; giving up on this request"

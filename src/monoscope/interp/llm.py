@@ -44,6 +44,8 @@ DEFAULT_TIMEOUT_S = 120.0
 """Seconds one attempt may take (`--timeout`); local models get this times the requests in flight."""
 DEFAULT_RETRIES = 5
 """Retries of a request that failed transiently (`--retries`)."""
+HEARTBEAT_S = 30.0
+"""Seconds between "still waiting" lines while a remote endpoint has not answered an attempt."""
 STALL_AFTER_TIMEOUTS = 3
 """Timed-out attempts in a row after which an endpoint counts as stalled and nothing more is sent."""
 CACHE_FORMAT = 1  # part of every cache key: bump when the meaning of a cached answer changes
@@ -289,7 +291,7 @@ class LLM:
                  retries: int = 5, price_per_mtok: tuple[float, float] = (0.0, 0.0), backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0, max_consecutive_failures: int = 16,
                  max_consecutive_timeouts: int = STALL_AFTER_TIMEOUTS, server: LocalServer | None = None,
-                 notify: Callable[[str], None] | None = None) -> None:
+                 notify: Callable[[str], None] | None = None, heartbeat_s: float = HEARTBEAT_S) -> None:
         import openai
 
         if max_concurrency < 1:
@@ -308,6 +310,7 @@ class LLM:
         self.max_consecutive_failures = max_consecutive_failures
         self.max_consecutive_timeouts = max_consecutive_timeouts
         self.notify: Callable[[str], None] = notify if notify is not None else _stderr_line
+        self.heartbeat_s = heartbeat_s if server is None else 0.0  # a local model is slow, not silent
         self.stalled: str | None = None
         """Set after `max_consecutive_timeouts` timed-out attempts in a row: why nothing more is sent."""
         self._consecutive_timeouts = 0
@@ -444,7 +447,7 @@ class LLM:
             retry_after: float | None = None
             timed_out = False
             try:
-                with self._slots:
+                with self._slots, self._heartbeat(attempt + 1, tries):
                     raw = self._client.chat.completions.with_raw_response.create(**body, timeout=self.timeout_s)
                 with self._lock:
                     self._consecutive_timeouts = 0
@@ -474,6 +477,28 @@ class LLM:
             else:
                 self.notify(f"{self.where}: attempt {attempt + 1}/{tries} {error}; giving up on this request")
         return _failure(f"{error} (after {tries} attempt{'s' if tries > 1 else ''})")
+
+    @contextlib.contextmanager
+    def _heartbeat(self, attempt: int, tries: int) -> Iterator[None]:
+        """While one attempt waits for its answer, a line every `heartbeat_s` seconds (0: none), so a silent
+        endpoint is visible long before the timeout."""
+        if not 0 < self.heartbeat_s < self.timeout_s:
+            yield
+            return
+        done = threading.Event()
+        t0 = time.monotonic()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s):
+                self.notify(f"still waiting for {self.where}: attempt {attempt}/{tries}, "
+                            f"{time.monotonic() - t0:.0f} s of {self.timeout_s:g} s")
+
+        thread = threading.Thread(target=beat, name="llm-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
 
     @property
     def where(self) -> str:
