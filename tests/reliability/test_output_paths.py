@@ -123,3 +123,10 @@ def test_os_errors_reaching_main_name_the_path(monkeypatch: pytest.MonkeyPatch, 
     assert describe(MemoryError(), ns) == ("monoscope eval ran out of memory: lower --batch-contexts (now 8) or "
                                            "--tokens, or use a machine with more memory")
     assert describe(RuntimeError("shape mismatch"), ns) is None  # a bug keeps its traceback
+    import torch
+
+    cuda_oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity")
+    train_ns = argparse.Namespace(command="train", batch_size=4096, width="16x")
+    assert describe(cuda_oom, train_ns) == ("monoscope train ran out of memory (an allocation of 2.00 GiB failed): "
+                                            "lower --batch-size (now 4096) or --width (now 16x), or use a machine "
+                                            "with more memory")
