@@ -353,3 +353,43 @@ def _load_json(s: str | None) -> Any:
         return json.loads(s) if s else None
     except ValueError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------- a rebuilt database
+def carry_over(src: FeatureDB, dst: FeatureDB) -> tuple[int, int, int]:
+    """Copy into `dst` (a rebuilt database of the same SAE) the explanations of `src` whose evidence, loaded
+    from `dst` exactly as `explain` loads it, has the same hash, and those explanations' scores whose key
+    (evidence, held-out and non-activating contexts, prompt version) is also unchanged: paid LLM work that
+    is still valid survives a rebuild. Explanations of another prompt version cannot be checked and are
+    dropped. Returns (explanations kept, scores kept, explanations dropped)."""
+    rows = src.all_explanations()
+    if not rows:
+        return 0, 0, 0
+    vocab = Vocab(dst.vocab(), dst.vocab_bytes())
+    pool = _negative_pool(dst, vocab)
+    evidence: dict[int, Evidence] = {}
+    kept: dict[tuple[int, str], str] = {}  # (feature, model) -> explanation text
+    keep_rows: list[tuple[int, str, str, str, str | None]] = []
+    dropped = 0
+    have = dst.feature_ids(sorted({int(r[0]) for r in rows}))
+    for f, model, version, sha, text, created_by in rows:
+        if version != PROMPT_VERSION or f not in have:
+            dropped += 1
+            continue
+        ev = evidence.get(f) or evidence.setdefault(f, load_evidence(dst, f, vocab, pool))
+        if not ev.explain or evidence_sha256(format_explain_evidence(ev)) != sha:
+            dropped += 1
+            continue
+        kept[(f, model)] = text
+        keep_rows.append((f, model, sha, text, created_by))
+    scores = []
+    for f, model, scorer, value, details in src.all_scores():
+        text = kept.get((int(f), model))
+        d = _load_json(details)
+        if text is not None and isinstance(d, dict) and d.get("key") == _score_key(scorer, text, evidence[int(f)]):
+            scores.append((int(f), model, scorer, value, details))
+    with dst.transaction():
+        for f, model, sha, text, created_by in keep_rows:
+            dst.put_explanations(model, PROMPT_VERSION, [(f, sha, text)], created_by or f"monoscope {__version__}")
+        dst.put_scores(scores)
+    return len(keep_rows), len(scores), dropped
