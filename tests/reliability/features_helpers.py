@@ -57,3 +57,26 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
     e = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run([sys.executable, "-m", "monoscope.cli", *args], capture_output=True, text=True, env=e,
                           timeout=timeout)
+
+
+def shared_run(factory: Any) -> Path:
+    """One tiny run per pytest session (tests copy the SAE folders they write beside)."""
+    import shutil
+
+    root = factory.getbasetemp() / "features-run"
+    if not (root / "ready").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        make_run(root)
+        (root / "ready").touch()
+    return root
+
+
+def copy_saes(run: Path, dest: Path, *names: str) -> Path:
+    """run/NAME -> dest/NAME for each name (their databases then go to dest/features, dest/NAME-features)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copytree(run / n, dest / n)
+    return dest

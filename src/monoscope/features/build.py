@@ -312,8 +312,9 @@ def build_features(
         list(range(len(lm.tokenizer))))]
     res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
     # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
+    redo = _redo(targets, stages)
     for i, t in enumerate(targets):
-        if f"finalised:{i}" in stages and t.db_path.is_file():
+        if i not in redo:
             continue
         _finalise(t, lm, np.asarray(toks[:done]), idx_maps[i], val_maps[i], vocab, meta_common, bins, per_bin,
                   progress)
@@ -334,8 +335,9 @@ def build_features(
                 db.seal()
         _stage_done(work, key, stages, "complete")
     for i, (t, old) in enumerate(zip(targets, olds, strict=True)):
-        res.notes += _install(t, old)
-        _kill_point(f"installed:{i}")
+        if f"installed:{i}" not in stages:
+            res.notes += _install(t, old)
+            _stage_done(work, key, stages, f"installed:{i}")
     res.dbs = [t.final_path for t in targets]
     res.interesting = _interesting_from_db(targets[0])
     shutil.rmtree(work, ignore_errors=True)
@@ -396,6 +398,20 @@ def _stage_done(work: Path, key: str, stages: set[str], name: str) -> None:
     stages.add(name)
     write_json_atomic(work / _STAGES, {"key": key, "done": sorted(stages)})
     _kill_point(name)
+
+
+def _redo(targets: list[_Target], stages: set[str]) -> set[int]:
+    """The SAEs whose database must be (re)written. Stages after the databases (families, maps, complete,
+    installs) stand only while every database they touched still exists; otherwise finalisation restarts."""
+    def have(i: int) -> bool:
+        return f"finalised:{i}" in stages and (targets[i].db_path.is_file() or f"installed:{i}" in stages)
+
+    redo = {i for i in range(len(targets)) if not have(i)}
+    if redo and any(not s.startswith("finalised:") for s in stages):
+        keep = {f"finalised:{i}" for i, t in enumerate(targets) if i not in redo and t.db_path.is_file()}
+        stages.intersection_update(keep)
+        redo = {i for i in range(len(targets)) if f"finalised:{i}" not in stages}
+    return redo
 
 
 _OPTION_NAMES = {"saes": "SAE weights", "model": "--model", "corpus": "--corpus (fingerprint)",
