@@ -277,9 +277,11 @@ class FeatureDB:
     @_guarded
     def check(self) -> None:
         """Read every page (SQLite's quick_check): a damaged file is a one-line FeatureDBError."""
-        bad = [r[0] for r in self.conn.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"]
+        bad = [ln for r in self.conn.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"
+               for ln in str(r[0]).splitlines() if ln.strip()]
         if bad:
-            raise sqlite_error(self.path, sqlite3.DatabaseError(f"integrity check: {bad[0]}"))
+            more = f" and {len(bad) - 1} more problems" if len(bad) > 1 else ""
+            raise sqlite_error(self.path, sqlite3.DatabaseError(f"integrity check: {bad[0]}{more}"))
 
     @_guarded
     def seal(self) -> None:
