@@ -218,7 +218,7 @@ def store_families(db: FeatureDB, parent_key: str, child_key: str, matches: Sequ
     stale children. Runs in its own transaction unless the caller holds one."""
     rows = [(parent_key, int(m.parent), child_key, int(m.child), float(m.cosine),
              None if m.corr is None else float(m.corr)) for m in matches]
-    ctx = contextlib.nullcontext() if db.conn.in_transaction else db.transaction()
+    ctx = contextlib.nullcontext() if db.in_transaction else db.transaction()
     with ctx:
         db.delete_splits(parent_key, child_key)
         db.put_splits(rows)
