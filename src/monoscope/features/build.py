@@ -231,6 +231,7 @@ def build_features(
 
     work = targets[0].out / ".pass"
     work.mkdir(parents=True, exist_ok=True)
+    had_state = (work / "state.pt").is_file()
     state = _load_state(work, key)  # an unfinished pass with these options resumes (with --overwrite too)
     if state is None:
         (work / _STAGES).unlink(missing_ok=True)
@@ -311,6 +312,8 @@ def build_features(
     vocab = [lm.tokenizer.convert_tokens_to_string([t]) for t in lm.tokenizer.convert_ids_to_tokens(
         list(range(len(lm.tokenizer))))]
     res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
+    if had_state and state is None:
+        res.notes.append(f"an unfinished pass in {work} with other options (or a damaged state) was started over")
     # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
     redo = _redo(targets, stages)
     for i, t in enumerate(targets):
@@ -414,7 +417,7 @@ def _redo(targets: list[_Target], stages: set[str]) -> set[int]:
     return redo
 
 
-_OPTION_NAMES = {"saes": "SAE weights", "model": "--model", "corpus": "--corpus (fingerprint)",
+_OPTION_NAMES = {"saes": "SAE weights or --also", "model": "--model", "corpus": "--corpus (fingerprint)",
                  "ctx_len": "context length", "contexts": "--tokens (contexts)", "batch": "--batch-contexts",
                  "top_k": "top_k", "bins": "bins", "per_bin": "per_bin", "compute_dtype": "--compute-dtype",
                  "format": "pass format"}
