@@ -26,8 +26,20 @@ SMALL = {**KW, "tokens": 256}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_run(tmp_path_factory)
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny run's SAE with its database (SMALL options), built once for the module."""
+    root = copy_saes(shared_run(tmp_path_factory), tmp_path_factory.mktemp("built"), "sae")
+    build_features(root / "sae", **SMALL)
+    return root
+
+
+def _copy(built: Path, dest: Path) -> tuple[Path, Path]:
+    """(SAE folder, database) of a private copy of `built`."""
+    import shutil
+
+    shutil.copytree(built / "sae", dest / "sae")
+    shutil.copytree(built / "features", dest / "features")
+    return dest / "sae", dest / "features" / "features.db"
 
 
 def _one_line(err: str) -> str:
@@ -48,10 +60,10 @@ def _damage_table(path: Path, table: str) -> None:
         f.write(b"\xa5" * page_size)
 
 
-def test_damaged_database_is_one_line_error_and_overwrite_replaces_it(run: Path, tmp_path: Path,
+def test_damaged_database_is_one_line_error_and_overwrite_replaces_it(built: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    root = copy_saes(run, tmp_path, "sae")
-    db_path = build_features(root / "sae", **SMALL).dbs[0]
+    _, db_path = _copy(built, tmp_path)
+    root = tmp_path
     _damage_table(db_path, "features")
     args = ["features", str(root / "sae"), "--tokens", "256", "--batch-contexts", "2", "--no-map", "--quiet"]
     p = cli(*args)
@@ -98,10 +110,10 @@ def _explained(db_path: Path, sae: Path) -> dict[int, str]:
     return res.explanations
 
 
-def test_other_options_refuse_and_overwrite_carries_explanations(run: Path, tmp_path: Path,
+def test_other_options_refuse_and_overwrite_carries_explanations(built: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    root = copy_saes(run, tmp_path, "sae")
-    db_path = build_features(root / "sae", **SMALL).dbs[0]
+    _, db_path = _copy(built, tmp_path)
+    root = tmp_path
     expl = _explained(db_path, root / "sae")
     kept, stale = sorted(expl)
     with FeatureDB.open(db_path) as db, db.transaction():  # as if the second's evidence had changed
@@ -140,12 +152,12 @@ def test_other_options_refuse_and_overwrite_carries_explanations(run: Path, tmp_
     assert again.explanations_reused == 1 and llm.calls == 1
 
 
-def test_show_and_explain_refuse_a_database_of_other_weights(run: Path, tmp_path: Path) -> None:
+def test_show_and_explain_refuse_a_database_of_other_weights(built: Path, tmp_path: Path) -> None:
     from monoscope.sae import load_sae
     from monoscope.sae.io import save_sae
 
-    root = copy_saes(run, tmp_path, "sae")
-    db_path = build_features(root / "sae", **SMALL).dbs[0]
+    _, db_path = _copy(built, tmp_path)
+    root = tmp_path
     assert main(["show", str(root / "sae"), "3"]) == 0
     sae = load_sae(root / "sae")
     with torch.no_grad():
@@ -154,19 +166,18 @@ def test_show_and_explain_refuse_a_database_of_other_weights(run: Path, tmp_path
     p = cli("show", str(tmp_path / "retrained"), "3", "--db", str(db_path))
     assert p.returncode == 2
     line = _one_line(p.stderr)
-    assert line.startswith(f"error: {db_path} was built for other SAE weights ({(root / 'sae').resolve()}, weights ")
+    assert line.startswith(f"error: {db_path} was built for other SAE weights ({(built / 'sae').resolve()}, weights ")
     assert line.endswith(f": rebuild it with monoscope features {tmp_path / 'retrained'} --overwrite")
     with pytest.raises(FeatureDBError, match="was built for other SAE weights"):
         explain_features(tmp_path / "retrained", FakeLLM(), db_path=db_path, progress=False)
 
 
-def test_pass_stores_token_bytes_and_pages_show_whole_characters(run: Path, tmp_path: Path) -> None:
+def test_pass_stores_token_bytes_and_pages_show_whole_characters(built: Path, tmp_path: Path) -> None:
     import io
 
     from rich.console import Console
 
-    root = copy_saes(run, tmp_path, "sae")
-    db_path = build_features(root / "sae", **SMALL).dbs[0]
+    _, db_path = _copy(built, tmp_path)
     tok = make_tokenizer()
     with FeatureDB.open(db_path) as db:
         assert db.vocab_bytes() == vocab_bytes(tok)
