@@ -485,6 +485,7 @@ def _install(t: _Target, old: str) -> list[str]:
         db.seal()
     _remove_db(t.final_path)
     os.replace(t.db_path, t.final_path)
+    _remove_db(t.db_path)  # any -wal/-shm left beside the renamed file (empty after the checkpoint)
     return notes
 
 

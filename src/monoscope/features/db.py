@@ -289,10 +289,11 @@ class FeatureDB:
 
     @_guarded
     def seal(self) -> None:
-        """Fold the write-ahead log into the file and leave WAL mode, so the file alone holds everything
-        (it can be renamed or copied without its -wal and -shm companions)."""
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.conn.execute("PRAGMA journal_mode=DELETE")
+        """Fold the write-ahead log into the file, so the file alone holds everything (it can be renamed or
+        copied without its -wal and -shm companions); a reader holding the log open is a one-line error."""
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite_error(self.path, sqlite3.OperationalError("database is locked (checkpoint)"))
 
     # ------------------------------------------------------------------ meta
     @_guarded
