@@ -316,13 +316,14 @@ def build_features(
         res.notes.append(f"an unfinished pass in {work} with other options (or a damaged state) was started over")
     # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
     redo = _redo(targets, stages)
+    token_bytes = vocab_bytes(lm.tokenizer) if redo else []
     for i, t in enumerate(targets):
         if i not in redo:
             continue
         _finalise(t, lm, np.asarray(toks[:done]), idx_maps[i], val_maps[i], vocab, meta_common, bins, per_bin,
                   progress)
         with FeatureDB.open(t.db_path) as db, db.transaction():  # token bytes: windows decode split characters
-            db.put_vocab(vocab, vocab_bytes(lm.tokenizer))
+            db.put_vocab(vocab, token_bytes)
         _stage_done(work, key, stages, f"finalised:{i}")
     if len(targets) > 1 and "families" not in stages:
         res.notes += _families(targets, torch.from_numpy(np.asarray(sample[:sampled])))
