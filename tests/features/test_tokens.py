@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from monoscope.features.tokens import Vocab, decode_tokens, fold_empty, token_text, visible, vocab_bytes
+from monoscope.features.tokens import (
+    Vocab,
+    byte_text,
+    decode_tokens,
+    fold_empty,
+    token_text,
+    visible,
+    vocab_bytes,
+    vocab_texts,
+)
 from monoscope.interp.prompts import Context, Evidence, format_explain_evidence
 from tests.conftest import make_tokenizer
 
@@ -57,6 +66,15 @@ def test_prompt_evidence_shows_whole_characters(tok) -> None:  # type: ignore[no
     ctx = Context(tuple(texts), tuple(folded), 0, "top", 0, 3.0, pos)
     text = format_explain_evidence(Evidence(0, 3.0, [ctx]))
     assert "\ufffd" not in text and "Привет 🙂 日<<本>>" in text and '"本" 10' in text
+
+
+def test_a_token_holding_part_of_a_character_is_listed_by_its_bytes(tok) -> None:  # type: ignore[no-untyped-def]
+    assert byte_text(b" \xe6\x97\xa5\xe6\x97") == " 日<0xE6><0x97>" and byte_text(b"ok") == "ok"
+    texts = vocab_texts(tok, vocab_bytes(tok))
+    ids = tok("日")["input_ids"]
+    assert [texts[i] for i in ids] == ["<0xE6>", "<0x97>", "<0xA5>"]  # not three U+FFFD
+    ids = tok("the quick fox")["input_ids"]
+    assert "".join(texts[i] for i in ids) == "the quick fox"  # whole characters: the tokenizer's own text
 
 
 def test_without_bytes_falls_back_to_token_text() -> None:

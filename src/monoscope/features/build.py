@@ -46,7 +46,7 @@ from monoscope.corpus import open_corpus
 from monoscope.errors import MonoscopeError
 from monoscope.features.db import DB_NAME, FeatureDB, FeatureDBError, default_db_path
 from monoscope.features.stats import FeatureStats
-from monoscope.features.tokens import vocab_bytes
+from monoscope.features.tokens import vocab_bytes, vocab_texts
 from monoscope.fileio import write_bytes_atomic, write_json_atomic
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
@@ -309,14 +309,13 @@ def build_features(
                    "config_key": key, "created_by": f"monoscope {__version__}", "bins": bins, "top_k": top_k,
                    "interest_criterion": _INTEREST_DOC, "row_policy": vars(policy)}
     meta_common["config"] = config  # what a later pass with other options lists as different
-    vocab = [lm.tokenizer.convert_tokens_to_string([t]) for t in lm.tokenizer.convert_ids_to_tokens(
-        list(range(len(lm.tokenizer))))]
+    token_bytes = vocab_bytes(lm.tokenizer)
+    vocab = vocab_texts(lm.tokenizer, token_bytes)  # a token holding part of a character: <0xNN>, not U+FFFD
     res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
     if had_state and state is None:
         res.notes.append(f"an unfinished pass in {work} with other options (or a damaged state) was started over")
     # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
     redo = _redo(targets, stages)
-    token_bytes = vocab_bytes(lm.tokenizer) if redo else []
     for i, t in enumerate(targets):
         if i not in redo:
             continue

@@ -15,7 +15,9 @@ character gets no text of its own. Such empty tokens are then folded into the ne
 its activation becomes the larger of the two (a character is as active as its most active byte), and
 the window's maximum moves with it. Bytes that cannot complete a character (a window cut inside one,
 an invalid sequence) become U+FFFD on the token where the decoder gives up. A database without token
-bytes (written before they were stored) falls back to each token's own text.
+bytes (written before they were stored) falls back to each token's own text. A token listed on its own
+(cheap labels, logit effects) whose bytes are not whole characters is written by its bytes, `<0xE6>`,
+rather than as U+FFFD (`vocab_texts`).
 """
 
 from __future__ import annotations
@@ -200,3 +202,26 @@ def vocab_bytes(tokenizer: Any) -> list[bytes]:
         else:
             out.append(tokenizer.convert_tokens_to_string([t]).encode("utf-8"))
     return out
+
+
+def byte_text(b: bytes) -> str:
+    """Bytes as text, any byte that is not part of a whole UTF-8 character written <0xNN> (the notation of
+    SentencePiece's byte tokens): how a token holding part of a character is listed on its own (labels,
+    logit effects), where U+FFFD would hide which bytes it holds."""
+    s = b.decode("utf-8", errors="surrogateescape")
+    return "".join(f"<0x{ord(c) - 0xDC00:02X}>" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in s)
+
+
+def vocab_texts(tokenizer: Any, token_bytes: Sequence[bytes]) -> list[str]:
+    """Each token's text as the tokenizer writes it, or `byte_text` of its bytes when those are not whole
+    UTF-8 characters (the tokenizer would write U+FFFD)."""
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(token_bytes))))
+    out = []
+    for t, b in zip(toks, token_bytes, strict=True):
+        try:
+            b.decode("utf-8")
+            out.append(tokenizer.convert_tokens_to_string([t]))
+        except UnicodeDecodeError:
+            out.append(byte_text(b))
+    return out
+
