@@ -79,8 +79,6 @@ CREATE VIRTUAL TABLE IF NOT EXISTS labels_fts USING fts5(feature UNINDEXED, text
 FEATURE_COLUMNS = ("id", "density", "fires", "max_act", "mean_act", "hist", "label", "label_tokens", "logit_pos",
                    "logit_neg", "neighbours", "cooccur", "map_x", "map_y", "interest")
 JSON_COLUMNS = frozenset({"hist", "label_tokens", "logit_pos", "logit_neg", "neighbours", "cooccur"})
-TABLES = ("meta", "features", "examples", "splits", "explanations", "scores", "vocab", "labels_fts")
-"""Every table, in the order `dump` lists them."""
 
 
 class FeatureDBError(MonoscopeError):
@@ -557,18 +555,6 @@ class FeatureDB:
             if "locked" in str(e) or "busy" in str(e):
                 raise
             raise FeatureDBError(f"cannot search for {query!r}: {e}; quote words with special characters") from None
-
-    # ------------------------------------------------------------------ whole tables
-    @_guarded
-    def dump(self, tables: Sequence[str] = TABLES) -> dict[str, list[tuple[Any, ...]]]:
-        """Every row of `tables`, sorted: two databases with equal dumps hold the same content."""
-        out = {}
-        for t in tables:
-            if t not in TABLES:
-                raise ValueError(f"unknown table {t!r}")
-            cols = "feature, text" if t == "labels_fts" else "*"
-            out[t] = sorted(self.conn.execute(f"SELECT {cols} FROM {t}").fetchall(), key=repr)
-        return out
 
 
 def _enc(column: str, value: Any) -> Any:
