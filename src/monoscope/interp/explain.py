@@ -6,7 +6,9 @@
 Everything comes from the feature database (`monoscope features` built it; no model or SAE weights needed)
 and goes back into it: `explanations(feature, model, prompt_version, evidence_sha256, text)` and
 `scores(feature, model, scorer, value, details JSON)`, where model is the explaining LLM's name. Explanations
-are also indexed in `labels_fts` so they can be searched.
+are also indexed in `labels_fts` so they can be searched. When SAE_DIR exists, the database must have been
+built for its weights (`features.db.open_for_sae`). A rebuilt database (`monoscope features --overwrite`)
+keeps the explanations and scores whose evidence is unchanged (`carry_over`).
 
 Stages, each one `chat_many` batch over all features (the client bounds concurrency, caches and retries):
 1. evidence: top and quantile-sampled examples, half shown to the explainer, half held out for scoring
