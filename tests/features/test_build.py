@@ -4,6 +4,7 @@ same database as an uninterrupted one."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -94,7 +95,11 @@ def test_features_database_contents(run: Path) -> None:
     assert len(vocab) == 300 and all(0 <= t < 300 for t in best["tokens"])
     q = db.examples(f["id"], "quantile")
     assert q and all(0 <= e["bin"] < 10 for e in q)
-    assert db.search_labels(json.dumps(f["label"].split("'")[1]) if "'" in f["label"] else "x") is not None
+    # search: a word of a cheap label finds that feature, and every hit contains the word
+    g, word = next((g, m.group(0)) for i in range(256) if (g := db.feature(i)) and g["label"]
+                   and (m := re.search(r"[a-z]{3,}", g["label"])))
+    hits = db.search_labels(json.dumps(word), limit=1000)
+    assert (g["id"], g["label"]) in hits and all(word in t.lower() for _, t in hits)
     db.close()
     # families: every 4x feature has a parent among the 2x features (or none below the cosine floor)
     with FeatureDB.open(res.dbs[1]) as small:
@@ -127,7 +132,8 @@ def test_killed_pass_resumes_to_the_same_database(run: Path, monkeypatch: pytest
         build_features(run / "sae", overwrite=True, **kw)
     monkeypatch.setattr(stats_mod.FeatureStats, "update", real)
     assert (run / "features" / ".pass" / "state.pt").is_file()
-    res = build_features(run / "sae", **kw)
+    assert _dump(ref.dbs[0]) == want  # the old database stays until the new one is complete
+    res = build_features(run / "sae", overwrite=True, **kw)  # an unfinished --overwrite pass resumes
     assert 0 < res.new_tokens < 512  # resumed from the checkpoint, not from the start
     assert _dump(res.dbs[0]) == want
 

@@ -4,12 +4,22 @@ co-occurrence, cheap labels; then families across widths and the feature map.
 
     res = build_features("runs/default/sae", also=["runs/default/sae-4x"], tokens="1M")
 
-The pass keeps, per SAE, `FeatureStats` (bounded by features × examples) and writes the sparse codes
-(top-L feature ids and activations per token) and the token ids to memory-mapped files in
-`<features>/.pass/`; at the end the example windows are cut from those. Every `checkpoint_every`
-batches the state is saved atomically with the cursor, so a killed pass resumes where it stopped and
-ends with the same database as an uninterrupted one. The database is written in one transaction at
-the end (`meta.complete` = true); rerunning a complete pass is a no-op.
+The pass keeps, per SAE, `FeatureStats` and writes the sparse codes and the token ids to memory-mapped
+files in `<features>/.pass/`; at the end the example windows are cut from those.
+
+Resume from any point. Every `checkpoint_every` batches, and once after the last batch, the state is
+saved atomically with the cursor (`.pass/state.pt`, flagged `streamed` once the corpus part is read);
+finalisation then runs in stages (each SAE's database, families, feature maps, completion, install),
+each recorded in `.pass/stages.json` when done. A rerun after a kill at any point (between batches,
+after the last one, inside or between finalisation stages) continues from the last saved point and
+ends with the same database as an uninterrupted pass; a rerun of a complete pass is a no-op.
+
+Old databases are kept until the new one is complete. Each SAE's database is built as
+`<features>/.new-features.db` and renamed over `features.db` only when complete. A complete database
+built with other options (or for other SAE weights) is never replaced silently: the pass refuses,
+listing what differs, unless `overwrite`; then explanations and scores whose evidence is unchanged
+are carried into the new database (`monoscope.interp.explain.carry_over`). A damaged database is a
+one-line error naming the file (with `overwrite`, it is replaced and nothing is carried over).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -33,9 +44,10 @@ from monoscope import __version__
 from monoscope.capture import batched_contexts, parse_count
 from monoscope.corpus import open_corpus
 from monoscope.errors import MonoscopeError
-from monoscope.features.db import DB_NAME, FeatureDB
+from monoscope.features.db import DB_NAME, FeatureDB, FeatureDBError, default_db_path
 from monoscope.features.stats import FeatureStats
-from monoscope.fileio import write_bytes_atomic
+from monoscope.features.tokens import vocab_bytes, vocab_texts
+from monoscope.fileio import write_bytes_atomic, write_json_atomic
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
 from monoscope.sae.io import weights_sha256
@@ -50,11 +62,26 @@ INTEREST_DENSITY = (1e-4, 1e-2)
 denser: usually positional or generic)."""
 
 
+NEW_DB_NAME = f".new-{DB_NAME}"
+"""The database a pass builds, beside `features.db`, renamed over it once complete."""
+KILL_ENV = "MONOSCOPE_FEATURES_KILL_AT"
+"""Test hook: the pass dies right after the point this names (`checkpoint:N` = the N-th checkpoint this
+process saves, `streamed`, `finalised:I` = SAE I's database written, `families`, `maps`, `complete`,
+`installed:I`); with MONOSCOPE_FEATURES_KILL_HOW=raise it raises KeyboardInterrupt, else exits at once
+(status 137, no clean-up), as a kill would."""
+
+
 def default_features_dir(sae_dir: Path) -> Path:
     """`runs/x/sae` -> `runs/x/features`; any other SAE folder -> `<folder>-features` (`show` finds it)."""
-    from monoscope.features.show import default_db_path
-
     return default_db_path(sae_dir).parent
+
+
+def _kill_point(name: str) -> None:
+    if os.environ.get(KILL_ENV) != name:
+        return
+    if os.environ.get("MONOSCOPE_FEATURES_KILL_HOW") == "raise":
+        raise KeyboardInterrupt(f"{KILL_ENV}={name}")
+    os._exit(137)
 
 
 @dataclass
@@ -123,6 +150,11 @@ class _Target:
 
     @property
     def db_path(self) -> Path:
+        """Where the pass builds the database (renamed to `final_path` once complete)."""
+        return self.out / NEW_DB_NAME
+
+    @property
+    def final_path(self) -> Path:
         return self.out / DB_NAME
 
 
@@ -182,26 +214,28 @@ def build_features(
         targets.append(_Target(d, s, weights_sha256(d) or key_, key_, default_features_dir(d),
                                FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin), _code_width(s)))
     corp = open_corpus(corpus_spec)
-    key = hashlib.sha256(json.dumps({
+    config = {
         "saes": [t.digest for t in targets], "model": model_spec, "corpus": corp.fingerprint(), "ctx_len": ctx_len,
         "contexts": n_ctx, "batch": batch_contexts, "top_k": top_k, "bins": bins, "per_bin": per_bin,
         "compute_dtype": compute_dtype, "format": 1,
-    }, sort_keys=True).encode()).hexdigest()
+    }
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     t0 = time.perf_counter()
-    if not overwrite and all(_complete(t.db_path, key) for t in targets):
-        res = FeaturesResult([t.db_path for t in targets], n_ctx * ctx_len, 0.0, 0)
+    olds = [_existing(t, key, config, overwrite) for t in targets]
+    if not overwrite and all(o == "same" for o in olds):
+        res = FeaturesResult([t.final_path for t in targets], n_ctx * ctx_len, 0.0, 0)
         res.interesting = _interesting_from_db(targets[0])
         res.notes.append("already complete: nothing to do")
         return res
 
     work = targets[0].out / ".pass"
-    if overwrite:
-        shutil.rmtree(work, ignore_errors=True)
-    for t in targets:  # a database that is not complete for this pass is stale from here on
-        _remove_db(t.db_path)
     work.mkdir(parents=True, exist_ok=True)
-    state = _load_state(work, key)
+    had_state = (work / "state.pt").is_file()
+    state = _load_state(work, key)  # an unfinished pass with these options resumes (with --overwrite too)
+    if state is None:
+        (work / _STAGES).unlink(missing_ok=True)
+    stages = _load_stages(work, key)
     lm = load_model(model_spec, device=device, compute_dtype=compute_dtype)
     hp = lm.hook(first.cfg.hook)
     if lm.d_model != first.cfg.d_in:
@@ -215,16 +249,18 @@ def build_features(
     sample = _memmap(work / "acts_sample.f32", np.float32, (FAMILY_ROWS, first.cfg.d_in), state is not None)
     done = sampled = 0
     policy: RowPolicy | None = None
+    streamed = False
     if state is not None:
         done, sampled = int(state["done"]), int(state.get("sampled", 0))
+        streamed = bool(state.get("streamed")) or done >= n_ctx
         policy = RowPolicy(**state["policy"])
         for t, s in zip(targets, state["stats"], strict=True):
             t.stats.load_state_dict(s)
     new = 0
     with progress_bar("features", total=n_ctx * ctx_len, unit="tok", enabled=progress) as bar:
         bar.update(done * ctx_len)
-        batches = batched_contexts(lm, corp, ctx_len, batch_contexts, skip=done)
-        since_ckpt = 0
+        batches = iter(()) if streamed else batched_contexts(lm, corp, ctx_len, batch_contexts, skip=done)
+        since_ckpt = n_ckpt = 0
         for ids in batches:
             ids = ids[: n_ctx - done]
             acts = lm.acts(hp, ids)  # [B, T, d] float32
@@ -254,7 +290,8 @@ def build_features(
             bar.update(len(ids) * ctx_len)
             if since_ckpt >= checkpoint_every and done < n_ctx:
                 _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps])
-                since_ckpt = 0
+                since_ckpt, n_ckpt = 0, n_ckpt + 1
+                _kill_point(f"checkpoint:{n_ckpt}")
             if done >= n_ctx:
                 break
     if done == 0:
@@ -262,27 +299,49 @@ def build_features(
     if done < n_ctx:
         n_ctx = done  # the corpus ran out: the result says how many tokens were read
     assert policy is not None
-    _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps])
+    if not streamed:
+        _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps], streamed=True)
+        _kill_point("streamed")
     seconds = time.perf_counter() - t0
 
     meta_common = {"model": model_spec, "hook": str(hp), "corpus": {"spec": corpus_spec,
                    "fingerprint": corp.fingerprint()}, "tokens": done * ctx_len, "ctx_len": ctx_len,
                    "config_key": key, "created_by": f"monoscope {__version__}", "bins": bins, "top_k": top_k,
                    "interest_criterion": _INTEREST_DOC, "row_policy": vars(policy)}
-    vocab = [lm.tokenizer.convert_tokens_to_string([t]) for t in lm.tokenizer.convert_ids_to_tokens(
-        list(range(len(lm.tokenizer))))]
+    meta_common["config"] = config  # what a later pass with other options lists as different
+    token_bytes = vocab_bytes(lm.tokenizer)
+    vocab = vocab_texts(lm.tokenizer, token_bytes)  # a token holding part of a character: <0xNN>, not U+FFFD
     res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
+    if had_state and state is None:
+        res.notes.append(f"an unfinished pass in {work} with other options (or a damaged state) was started over")
+    # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
+    redo = _redo(targets, stages)
     for i, t in enumerate(targets):
+        if i not in redo:
+            continue
         _finalise(t, lm, np.asarray(toks[:done]), idx_maps[i], val_maps[i], vocab, meta_common, bins, per_bin,
                   progress)
-        res.dbs.append(t.db_path)
-    if len(targets) > 1:
+        with FeatureDB.open(t.db_path) as db, db.transaction():  # token bytes: windows decode split characters
+            db.put_vocab(vocab, token_bytes)
+        _stage_done(work, key, stages, f"finalised:{i}")
+    if len(targets) > 1 and "families" not in stages:
         res.notes += _families(targets, torch.from_numpy(np.asarray(sample[:sampled])))
-    if feature_map:
+        _stage_done(work, key, stages, "families")
+    if feature_map and "maps" not in stages:
         res.notes += _maps(targets)
-    for t in targets:
-        with FeatureDB.open(t.db_path) as db, db.transaction():
-            db.set_meta({"complete": True})
+        _stage_done(work, key, stages, "maps")
+    if "complete" not in stages:
+        for t in targets:
+            with FeatureDB.open(t.db_path) as db:
+                with db.transaction():
+                    db.set_meta({"complete": True})
+                db.seal()
+        _stage_done(work, key, stages, "complete")
+    for i, (t, old) in enumerate(zip(targets, olds, strict=True)):
+        if f"installed:{i}" not in stages:
+            res.notes += _install(t, old)
+            _stage_done(work, key, stages, f"installed:{i}")
+    res.dbs = [t.final_path for t in targets]
     res.interesting = _interesting_from_db(targets[0])
     shutil.rmtree(work, ignore_errors=True)
     res.seconds = time.perf_counter() - t0
@@ -298,14 +357,15 @@ def _memmap(path: Path, dtype: Any, shape: tuple[int, ...], resume: bool) -> np.
 
 
 def _save_state(work: Path, key: str, done: int, sampled: int, policy: RowPolicy, targets: list[_Target],
-                maps: list[np.memmap]) -> None:
-    """Flush the code files, then write the state atomically (the cursor never runs ahead of the data)."""
+                maps: list[np.memmap], *, streamed: bool = False) -> None:
+    """Flush the code files, then write the state atomically (the cursor never runs ahead of the data).
+    `streamed`: the corpus part of the pass is over (the last batch is in)."""
     import io
 
     for m in maps:
         m.flush()
     buf = io.BytesIO()
-    torch.save({"key": key, "done": done, "sampled": sampled, "policy": vars(policy),
+    torch.save({"key": key, "done": done, "sampled": sampled, "policy": vars(policy), "streamed": streamed,
                 "stats": [t.stats.state_dict() for t in targets]}, buf)
     write_bytes_atomic(work / "state.pt", buf.getvalue())
 
@@ -326,15 +386,107 @@ def _remove_db(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _complete(db_path: Path, key: str) -> bool:
-    if not db_path.is_file():
-        return False
+_STAGES = "stages.json"
+
+
+def _load_stages(work: Path, key: str) -> set[str]:
     try:
-        with FeatureDB.open(db_path) as db:
+        data = json.loads((work / _STAGES).read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(data.get("done") or []) if isinstance(data, dict) and data.get("key") == key else set()
+
+
+def _stage_done(work: Path, key: str, stages: set[str], name: str) -> None:
+    stages.add(name)
+    write_json_atomic(work / _STAGES, {"key": key, "done": sorted(stages)})
+    _kill_point(name)
+
+
+def _redo(targets: list[_Target], stages: set[str]) -> set[int]:
+    """The SAEs whose database must be (re)written. Stages after the databases (families, maps, complete,
+    installs) stand only while every database they touched still exists; otherwise finalisation restarts."""
+    def have(i: int) -> bool:
+        return f"finalised:{i}" in stages and (targets[i].db_path.is_file() or f"installed:{i}" in stages)
+
+    redo = {i for i in range(len(targets)) if not have(i)}
+    if redo and any(not s.startswith("finalised:") for s in stages):
+        keep = {f"finalised:{i}" for i, t in enumerate(targets) if i not in redo and t.db_path.is_file()}
+        stages.intersection_update(keep)
+        redo = {i for i in range(len(targets)) if f"finalised:{i}" not in stages}
+    return redo
+
+
+_OPTION_NAMES = {"saes": "SAE weights or --also", "model": "--model", "corpus": "--corpus (fingerprint)",
+                 "ctx_len": "context length", "contexts": "--tokens (contexts)", "batch": "--batch-contexts",
+                 "top_k": "top_k", "bins": "bins", "per_bin": "per_bin", "compute_dtype": "--compute-dtype",
+                 "format": "pass format"}
+
+
+def _differences(old: Any, new: dict[str, Any]) -> str:
+    """What differs between the options a database was built with and this pass's, in a few words."""
+    if not isinstance(old, dict):
+        return "options not recorded in the database (built by an older monoscope)"
+    out = []
+    for k, v in new.items():
+        if old.get(k) != v:
+            name = _OPTION_NAMES.get(k, k)
+            short = all(isinstance(x, int | float | str) and len(str(x)) <= 24 for x in (old.get(k), v))
+            out.append(f"{name} {old.get(k)} -> {v}" if short else name)
+    return ", ".join(out) or "the option digest"
+
+
+def _existing(t: _Target, key: str, config: dict[str, Any], overwrite: bool) -> str:
+    """What is at `t.final_path`: "none", "same" (complete, this pass's options), "stale" (another pass's
+    options or unfinished: replaced), "damaged" (replaced, nothing carried over). Without `overwrite`, a
+    complete database of other options, or a damaged one, is a one-line error saying what to do."""
+    path = t.final_path
+    if not path.exists():
+        return "none"
+    try:
+        with FeatureDB.open(path) as db:
+            db.check()
             meta = db.meta()
-    except MonoscopeError:
-        return False
-    return bool(meta.get("complete")) and meta.get("config_key") == key
+    except FeatureDBError as e:
+        if overwrite:
+            return "damaged"
+        raise FeatureDBError(f"{e}".replace("SAE_DIR", str(t.sae_dir))) from None
+    complete = bool(meta.get("complete"))
+    if complete and meta.get("config_key") == key:
+        return "same"
+    if complete and not overwrite:
+        raise FeatureDBError(f"{path} was built with other options ({_differences(meta.get('config'), config)}): "
+                             f"rerun with --overwrite to rebuild it (the old database stays until the new one is "
+                             "complete; explanations and scores whose evidence is unchanged are kept), or pass the "
+                             "options it was built with")
+    return "stale"
+
+
+def _install(t: _Target, old: str) -> list[str]:
+    """Carry the old database's explanations (and scores) whose evidence is unchanged into the new one,
+    then rename the new one over it. A rerun after a kill here finds the new database installed or not."""
+    if not t.db_path.is_file():  # installed before a kill
+        return []
+    notes = []
+    if t.final_path.is_file() and old in ("same", "stale"):
+        from monoscope.interp.explain import carry_over
+
+        try:
+            with FeatureDB.open(t.final_path) as src, FeatureDB.open(t.db_path) as dst:
+                kept, scores, dropped = carry_over(src, dst)
+            if kept or dropped:
+                notes.append(f"{t.final_path}: kept {kept} explanations ({scores} scores) whose evidence is "
+                             f"unchanged, dropped {dropped} whose evidence changed")
+        except FeatureDBError as e:
+            notes.append(f"explanations not carried over from {t.final_path}: {e}")
+    elif old == "damaged":
+        notes.append(f"replaced the damaged {t.final_path} (nothing could be carried over from it)")
+    with FeatureDB.open(t.db_path) as db:  # the file alone must hold everything: it is renamed without its -wal
+        db.seal()
+    _remove_db(t.final_path)
+    os.replace(t.db_path, t.final_path)
+    _remove_db(t.db_path)  # any -wal/-shm left beside the renamed file (empty after the checkpoint)
+    return notes
 
 
 # ----------------------------------------------------------------------------- finalisation
@@ -569,7 +721,7 @@ _INTEREST_DOC = (
 
 
 def _interesting_from_db(t: _Target, n: int = 3) -> list[Interesting]:
-    with FeatureDB.open(t.db_path) as db:
-        rows = db.conn.execute("SELECT id, label, interest, density FROM features WHERE interest > 0 "
-                               "ORDER BY interest DESC, max_act DESC, id LIMIT ?", (n,)).fetchall()
-    return [Interesting(t.sae_dir, int(i), str(lab), float(sc), float(d)) for i, lab, sc, d in rows]
+    with FeatureDB.open(t.final_path) as db:
+        rows = db.most_interesting(n)
+    return [Interesting(t.sae_dir, r["id"], str(r["label"]), float(r["interest"]), float(r["density"]))
+            for r in rows]

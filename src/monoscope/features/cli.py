@@ -22,7 +22,10 @@ def add_features_parser(subparsers: Any) -> None:
     p.add_argument("--tokens", default="1M", help="tokens to read (default 1M)")
     p.add_argument("--batch-contexts", type=int, default=32)
     p.add_argument("--no-map", action="store_true", help="skip the feature map (UMAP)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild even if a complete database exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a complete database, also one built with other options (refused without this); "
+                        "the old one stays until the new one is complete, and explanations and scores whose "
+                        "evidence is unchanged are carried over")
     p.add_argument("--device", default="auto")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--quiet", action="store_true")

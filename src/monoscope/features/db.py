@@ -1,12 +1,15 @@
-"""The feature database: one SQLite file per SAE that every later stage reads (DESIGN.md section 3).
+"""The feature database: one SQLite file per SAE that every later stage reads (DESIGN.md section 3), and
+the only module that speaks SQL to it: every other module goes through `FeatureDB`'s accessors.
 
-    db = FeatureDB.create(path, meta)        # a new, empty database (refuses to overwrite another SAE's)
-    db = FeatureDB.open(path)                # an existing one; corrupt or foreign files are one-line errors
+    path = default_db_path("runs/x/sae")        # runs/x/features/features.db (one rule for every stage)
+    db = FeatureDB.create(path, meta)            # a new, empty database (refuses to overwrite a file)
+    db = FeatureDB.open(path, expect_sae_sha256=digest)  # an existing one, checked against the SAE
     with db.transaction(): db.put_features(rows); db.put_examples(rows)
 
 Tables (all keyed by feature id, 0-based index of the SAE's feature):
-- `meta(key, value)`: JSON values: format, sae (path, weights sha256, arch, d_sae), model, hook,
-  corpus (spec, fingerprint), tokens, criterion for "interesting", created_by.
+- `meta(key, value)`: JSON values: format, complete, config_key and config (the options of the pass
+  that built it), sae (path, weights sha256, arch, d_sae, k), sae_key, model, hook, corpus (spec,
+  fingerprint), tokens, ctx_len, bins, top_k, row_policy, interest_criterion, created_by, families.
 - `features`: density, fires, max_act, mean_act (over active tokens), hist (JSON: log10-spaced bin
   edges and counts of activations), label (cheap label), label_tokens (JSON), logit_pos / logit_neg
   (JSON [[token, value], ...]), neighbours (JSON [[id, cosine], ...]), cooccur (JSON [[id, P(j|i)]]),
@@ -15,20 +18,27 @@ Tables (all keyed by feature id, 0-based index of the SAE's feature):
   strongest) or 'quantile' (bin 0 = weakest decile); tokens int32 and acts float16 as BLOBs over the
   example's window; position = index of the maximum inside the window.
 - `splits(parent_sae, parent, child_sae, child, cosine, corr)`: feature families across widths.
-- `explanations` and `scores`: filled by `monoscope explain` (issue: interpretation).
-- `vocab(id, text)`: the tokenizer's tokens as text, so pages render without loading the model.
-- `labels_fts`: FTS5 over labels (and explanations), for search.
-Writes happen in transactions; a database is complete when meta `complete` is true.
+- `explanations(feature, model, prompt_version, evidence_sha256, text, created_by)` and
+  `scores(feature, model, scorer, value, details)`: filled by `monoscope explain`.
+- `vocab(id, text, bytes)`: each token as text and as the raw bytes it stands for (NULL in databases
+  written before bytes were stored), so pages render without the tokenizer and windows decode
+  characters split across tokens (`monoscope.features.tokens`).
+- `labels_fts`: FTS5 over labels and explanations, for search.
+
+Writes happen in transactions. `monoscope features` builds a database under another name and renames it
+into place once complete, so a file at `features.db` written by it has meta `complete` = true. Any SQLite
+failure (a damaged file, a locked one, a full disk) surfaces as a one-line `FeatureDBError` naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -62,7 +72,7 @@ CREATE TABLE IF NOT EXISTS scores (
     feature INTEGER NOT NULL, model TEXT NOT NULL, scorer TEXT NOT NULL, value REAL, details TEXT,
     PRIMARY KEY (feature, model, scorer)
 );
-CREATE TABLE IF NOT EXISTS vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL, bytes BLOB);
 CREATE VIRTUAL TABLE IF NOT EXISTS labels_fts USING fts5(feature UNINDEXED, text);
 """
 
@@ -75,6 +85,91 @@ class FeatureDBError(MonoscopeError):
     """A feature database is missing, corrupt, foreign or belongs to another SAE."""
 
 
+# ---------------------------------------------------------------------------------------------- paths
+def default_db_path(sae_dir: str | Path) -> Path:
+    """Where `monoscope features` writes (and `show` and `explain` read) the database of `sae_dir`.
+
+    `<run>/sae` -> `<run>/features/features.db`, so a run folder keeps its stages side by side;
+    any other folder -> `<sae_dir>-features/features.db`, beside it rather than inside the SAE folder
+    (which belongs to the SAE format and may be converted or copied on its own).
+    """
+    sae_dir = Path(sae_dir)
+    if sae_dir.name in ("", ".", ".."):  # "." or "runs/x/sae/.." has no usable name
+        sae_dir = sae_dir.resolve()
+    if sae_dir.name == "sae":
+        return sae_dir.parent / "features" / DB_NAME
+    return sae_dir.with_name(f"{sae_dir.name}-features") / DB_NAME
+
+
+def existing_db_path(sae_dir: str | Path, db_path: str | Path | None = None) -> Path:
+    """The feature database of `sae_dir` (or `db_path`, a file or its folder); a one-line error naming the
+    command that builds it when there is none."""
+    path = Path(db_path) if db_path is not None else default_db_path(sae_dir)
+    if path.is_dir():
+        path = path / DB_NAME
+    if not path.is_file():
+        how = "" if db_path is None else " (or fix --db)"
+        raise FeatureDBError(f"no feature database at {path}: build it with monoscope features {sae_dir}{how}")
+    return path
+
+
+def sae_digest(sae_dir: str | Path) -> str | None:
+    """The weights digest a feature database records for the SAE folder `sae_dir` (meta sae.weights_sha256):
+    cfg.json's sha256 for a monoscope SAE, the tensor key for a peer's folder (loaded); None when the folder
+    does not exist."""
+    from monoscope.sae.io import weights_sha256
+
+    folder = Path(sae_dir)
+    if not folder.is_dir():
+        return None
+    digest = weights_sha256(folder)
+    if digest is None:
+        from monoscope.features.families import sae_key
+
+        digest = sae_key(folder)
+    return digest
+
+
+def open_for_sae(sae_dir: str | Path, db_path: str | Path | None = None) -> FeatureDB:
+    """The feature database of `sae_dir` (or `db_path`), checked to be built for that SAE's weights when the
+    folder exists (a database alone, its SAE elsewhere, is still readable): what `show` and `explain` open."""
+    path = existing_db_path(sae_dir, db_path)
+    return FeatureDB.open(path, expect_sae_sha256=sae_digest(sae_dir), sae_dir=sae_dir)
+
+
+def sqlite_error(path: Path, e: sqlite3.Error) -> FeatureDBError:
+    """A one-line error for an SQLite failure on `path`, with what to do about it."""
+    msg = str(e)
+    if "locked" in msg or "busy" in msg:
+        return FeatureDBError(f"feature database {path} is locked by another process ({msg}): wait for it to finish "
+                              "and run the command again")
+    if "full" in msg:
+        return FeatureDBError(f"disk full while writing {path} ({msg}): free some space in {path.parent} and run "
+                              "the command again")
+    return FeatureDBError(f"feature database {path} is damaged ({msg}): rebuild it with monoscope features "
+                          "SAE_DIR --overwrite (explanations whose evidence is unchanged are kept when the old file "
+                          "is still readable), or move it away")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _guarded(fn: _F) -> _F:
+    """Turn any SQLite failure inside a FeatureDB method into a one-line FeatureDBError naming the file."""
+    @functools.wraps(fn)
+    def wrapper(self: FeatureDB, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise sqlite_error(self.path, e) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _missing_table(e: sqlite3.Error) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and "no such" in str(e)
+
+
+# ---------------------------------------------------------------------------------------------- the database
 class FeatureDB:
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
@@ -89,29 +184,42 @@ class FeatureDB:
         return conn
 
     @classmethod
-    def open(cls, path: str | Path, *, expect_sae_sha256: str | None = None) -> FeatureDB:
+    def open(cls, path: str | Path, *, expect_sae_sha256: str | None = None,
+             sae_dir: str | Path | None = None) -> FeatureDB:
+        """An existing database. `expect_sae_sha256`: the weights digest of the SAE (folder `sae_dir`) the caller
+        reads it for; a database built for other weights is a one-line error naming the command that rebuilds it."""
         path = Path(path)
         if path.is_dir():
             path = path / DB_NAME
         if not path.is_file():
             raise FeatureDBError(f"feature database {path} does not exist: build it with monoscope features SAE_DIR")
+        conn = None
         try:
             conn = cls._connect(path)
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as e:
-            raise FeatureDBError(f"{path} is not a readable feature database ({e}): delete it and run "
-                                 "monoscope features again") from None
-        fmt = json.loads(rows.get("format", "null"))
+            fmt = json.loads(rows.get("format", "null"))
+        except (sqlite3.Error, ValueError) as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, sqlite3.Error) and ("locked" in str(e) or "busy" in str(e)):
+                raise sqlite_error(path, e) from None
+            raise FeatureDBError(f"{path} is not a readable feature database ({e}): rebuild it with monoscope "
+                                 "features SAE_DIR --overwrite, or move it away") from None
         if fmt != DB_FORMAT:
             conn.close()
             raise FeatureDBError(f"{path} is not a monoscope feature database (format {fmt!r}, expected "
                                  f"{DB_FORMAT!r}): move it away or pass another path")
         db = cls(path, conn)
         if expect_sae_sha256 is not None:
-            have = (db.meta().get("sae") or {}).get("weights_sha256")
+            meta = db.meta()
+            sae = meta.get("sae") if isinstance(meta.get("sae"), dict) else {}
+            have = sae.get("weights_sha256")
             if have != expect_sae_sha256:
-                raise FeatureDBError(f"{path} was built for another SAE (weights {str(have)[:12]}, not "
-                                     f"{expect_sae_sha256[:12]}): delete it or use another --out")
+                db.close()
+                where = sae.get("path") or "another SAE"
+                raise FeatureDBError(f"{path} was built for other SAE weights ({where}, weights {str(have)[:12]}; "
+                                     f"{sae_dir or 'this SAE'}: {expect_sae_sha256[:12]}): rebuild it with "
+                                     f"monoscope features {sae_dir or 'SAE_DIR'} --overwrite")
         return db
 
     @classmethod
@@ -124,12 +232,16 @@ class FeatureDB:
             raise FeatureDBError(f"{path} already exists: open it, or delete it to rebuild")
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.unlink(missing_ok=True)
-        conn = sqlite3.connect(str(tmp), isolation_level=None)
-        conn.executescript(_SCHEMA)
-        db = cls(tmp, conn)
-        with db.transaction():
-            db.set_meta({"format": DB_FORMAT, "complete": False, **meta})
-        conn.close()
+        try:
+            conn = sqlite3.connect(str(tmp), isolation_level=None)
+            conn.executescript(_SCHEMA)
+            db = cls(tmp, conn)
+            with db.transaction():
+                db.set_meta({"format": DB_FORMAT, "complete": False, **meta})
+            conn.close()
+        except sqlite3.Error as e:
+            tmp.unlink(missing_ok=True)
+            raise sqlite_error(path, e) from None
         tmp.replace(path)
         return cls.open(path)
 
@@ -142,26 +254,57 @@ class FeatureDB:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """All writes inside commit together or not at all (a kill leaves the previous state)."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise sqlite_error(self.path, e) from None
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise sqlite_error(self.path, e) from None
+
+    @_guarded
+    def check(self) -> None:
+        """Read every page (SQLite's quick_check): a damaged file is a one-line FeatureDBError."""
+        bad = [ln for r in self.conn.execute("PRAGMA quick_check").fetchall() if r[0] != "ok"
+               for ln in str(r[0]).splitlines() if ln.strip()]
+        if bad:
+            more = f" and {len(bad) - 1} more problems" if len(bad) > 1 else ""
+            raise sqlite_error(self.path, sqlite3.DatabaseError(f"integrity check: {bad[0]}{more}"))
+
+    @_guarded
+    def seal(self) -> None:
+        """Fold the write-ahead log into the file, so the file alone holds everything (it can be renamed or
+        copied without its -wal and -shm companions); a reader holding the log open is a one-line error."""
+        busy, _, _ = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite_error(self.path, sqlite3.OperationalError("database is locked (checkpoint)"))
 
     # ------------------------------------------------------------------ meta
+    @_guarded
     def meta(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta").fetchall()}
 
+    @_guarded
     def set_meta(self, values: dict[str, Any]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                               [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()])
 
     # ------------------------------------------------------------------ features
+    @_guarded
     def put_features(self, rows: Iterable[dict[str, Any]]) -> None:
         """Insert or replace feature rows (dicts keyed by FEATURE_COLUMNS; missing ones are NULL)."""
         cols = ", ".join(FEATURE_COLUMNS)
@@ -170,6 +313,7 @@ class FeatureDB:
             f"INSERT OR REPLACE INTO features ({cols}) VALUES ({marks})",
             ([_enc(c, r.get(c)) for c in FEATURE_COLUMNS] for r in rows))
 
+    @_guarded
     def update_features(self, column: str, values: Iterable[tuple[int, Any]]) -> None:
         """Set one column for many features: values = (id, value) pairs."""
         if column not in FEATURE_COLUMNS or column == "id":
@@ -177,14 +321,38 @@ class FeatureDB:
         self.conn.executemany(f"UPDATE features SET {column} = ? WHERE id = ?",
                               ((_enc(column, v), int(i)) for i, v in values))
 
+    @_guarded
     def feature(self, fid: int) -> dict[str, Any] | None:
         cur = self.conn.execute(f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features WHERE id = ?", (int(fid),))
         row = cur.fetchone()
         return None if row is None else {c: _dec(c, v) for c, v in zip(FEATURE_COLUMNS, row, strict=True)}
 
+    @_guarded
     def n_features(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM features").fetchone()[0])
 
+    @_guarded
+    def feature_ids(self, ids: Sequence[int]) -> set[int]:
+        """Those of `ids` that have a row."""
+        out: set[int] = set()
+        ids = [int(i) for i in ids]
+        for s in range(0, len(ids), 500):
+            part = ids[s: s + 500]
+            out |= {int(r[0]) for r in self.conn.execute(
+                f"SELECT id FROM features WHERE id IN ({','.join('?' * len(part))})", part).fetchall()}
+        return out
+
+    @_guarded
+    def most_interesting(self, n: int, *, with_examples: bool = False) -> list[dict[str, Any]]:
+        """The `n` features that fired, by interest, then max_act, then id: [{id, label, interest, density}].
+        with_examples: only features that have examples (any interest); else only interest > 0."""
+        where = ("max_act > 0 AND EXISTS (SELECT 1 FROM examples e WHERE e.feature = f.id)" if with_examples
+                 else "interest > 0")
+        rows = self.conn.execute(f"SELECT id, label, interest, density FROM features f WHERE {where} "
+                                 "ORDER BY interest DESC, max_act DESC, id LIMIT ?", (int(n),)).fetchall()
+        return [{"id": int(i), "label": lab, "interest": it, "density": d} for i, lab, it, d in rows]
+
+    @_guarded
     def column(self, column: str) -> np.ndarray:
         """One numeric column for every feature, indexed by id (NaN where NULL)."""
         if column not in FEATURE_COLUMNS:
@@ -197,6 +365,7 @@ class FeatureDB:
         return out
 
     # ------------------------------------------------------------------ examples
+    @_guarded
     def put_examples(self, rows: Iterable[tuple[int, str, int, int, float, int, int, np.ndarray, np.ndarray]]) -> None:
         """(feature, kind, rank, bin, act, context, position, tokens int32 [W], acts float [W]) rows."""
         self.conn.executemany(
@@ -204,6 +373,7 @@ class FeatureDB:
             ((int(f), k, int(r), int(b), float(a), int(c), int(p), np.asarray(t, dtype=np.int32).tobytes(),
               np.asarray(v, dtype=np.float16).tobytes()) for f, k, r, b, a, c, p, t, v in rows))
 
+    @_guarded
     def examples(self, fid: int, kind: str) -> list[dict[str, Any]]:
         cur = self.conn.execute(
             "SELECT rank, bin, act, context, position, tokens, acts FROM examples WHERE feature = ? AND kind = ? "
@@ -211,12 +381,33 @@ class FeatureDB:
         return [{"rank": r, "bin": b, "act": a, "context": c, "position": p,
                  "tokens": np.frombuffer(t, dtype=np.int32),
                  "acts": np.frombuffer(v, dtype=np.float16).astype(np.float32)}
-                for r, b, a, c, p, t, v in cur]
+                for r, b, a, c, p, t, v in cur.fetchall()]
+
+    @_guarded
+    def features_with_examples(self) -> list[int]:
+        return [int(r[0]) for r in self.conn.execute("SELECT DISTINCT feature FROM examples ORDER BY feature")]
+
+    @_guarded
+    def n_examples(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
 
     # ------------------------------------------------------------------ families
+    @_guarded
     def put_splits(self, rows: Sequence[tuple[str, int, str, int, float, float | None]]) -> None:
         self.conn.executemany("INSERT OR REPLACE INTO splits VALUES (?, ?, ?, ?, ?, ?)", rows)
 
+    @_guarded
+    def delete_splits(self, parent_sae: str, child_sae: str) -> None:
+        self.conn.execute("DELETE FROM splits WHERE parent_sae = ? AND child_sae = ?", (parent_sae, child_sae))
+
+    @_guarded
+    def splits(self, parent_sae: str, child_sae: str) -> list[tuple[int, int, float, float | None]]:
+        """(parent, child, cosine, corr) of one pair of SAEs, by parent, best cosine first."""
+        return [(int(p), int(c), float(cos), r) for p, c, cos, r in self.conn.execute(
+            "SELECT parent, child, cosine, corr FROM splits WHERE parent_sae = ? AND child_sae = ? "
+            "ORDER BY parent, cosine DESC", (parent_sae, child_sae)).fetchall()]
+
+    @_guarded
     def children(self, parent_sae: str, parent: int, child_sae: str | None = None) -> list[dict[str, Any]]:
         """Features of wider SAEs that split from `parent` of `parent_sae` (best match first)."""
         q = "SELECT child_sae, child, cosine, corr FROM splits WHERE parent_sae = ? AND parent = ?"
@@ -227,6 +418,7 @@ class FeatureDB:
         rows = self.conn.execute(q + " ORDER BY cosine DESC", args).fetchall()
         return [{"child_sae": s, "child": c, "cosine": cos, "corr": r} for s, c, cos, r in rows]
 
+    @_guarded
     def parent(self, child_sae: str, child: int) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT parent_sae, parent, cosine, corr FROM splits WHERE child_sae = ? AND child = ?",
@@ -234,9 +426,16 @@ class FeatureDB:
         return [{"parent_sae": s, "parent": p, "cosine": cos, "corr": r} for s, p, cos, r in rows]
 
     # ------------------------------------------------------------------ vocabulary
-    def put_vocab(self, texts: Sequence[str]) -> None:
-        self.conn.executemany("INSERT OR REPLACE INTO vocab (id, text) VALUES (?, ?)", enumerate(texts))
+    @_guarded
+    def put_vocab(self, texts: Sequence[str], token_bytes: Sequence[bytes] | None = None) -> None:
+        """Every token's text (and, when given, the bytes it stands for), by id."""
+        if token_bytes is not None and len(token_bytes) != len(texts):
+            raise ValueError(f"{len(texts)} token texts but {len(token_bytes)} token byte strings")
+        self.conn.executemany("INSERT OR REPLACE INTO vocab (id, text, bytes) VALUES (?, ?, ?)",
+                              ((i, t, None if token_bytes is None else bytes(token_bytes[i]))
+                               for i, t in enumerate(texts)))
 
+    @_guarded
     def vocab(self) -> list[str]:
         rows = self.conn.execute("SELECT id, text FROM vocab ORDER BY id").fetchall()
         out = [""] * (rows[-1][0] + 1 if rows else 0)
@@ -244,16 +443,117 @@ class FeatureDB:
             out[i] = t
         return out
 
+    @_guarded
+    def vocab_bytes(self) -> list[bytes] | None:
+        """Every token's bytes by id; None for a database written before they were stored."""
+        try:
+            rows = self.conn.execute("SELECT id, bytes FROM vocab ORDER BY id").fetchall()
+        except sqlite3.OperationalError as e:
+            if _missing_table(e):
+                return None
+            raise
+        if not rows or any(b is None for _, b in rows):
+            return None
+        out = [b""] * (rows[-1][0] + 1)
+        for i, b in rows:
+            out[i] = bytes(b)
+        return out
+
+    # ------------------------------------------------------------------ explanations and scores
+    @_guarded
+    def explanation(self, fid: int, model: str, prompt_version: str) -> tuple[str, str] | None:
+        """(evidence_sha256, text) of the explanation of `fid` by `model` with `prompt_version`."""
+        row = self.conn.execute("SELECT evidence_sha256, text FROM explanations WHERE feature = ? AND model = ? AND "
+                                "prompt_version = ?", (int(fid), model, prompt_version)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    @_guarded
+    def latest_explanation(self, fid: int) -> dict[str, Any] | None:
+        """The most recently written explanation of `fid` ({model, prompt_version, text}); None when there is
+        none or the database predates the table."""
+        try:
+            row = self.conn.execute("SELECT model, prompt_version, text FROM explanations WHERE feature = ? "
+                                    "ORDER BY rowid DESC LIMIT 1", (int(fid),)).fetchone()
+        except sqlite3.OperationalError as e:
+            if _missing_table(e):
+                return None
+            raise
+        return None if row is None else {"model": row[0], "prompt_version": row[1], "text": row[2]}
+
+    @_guarded
+    def put_explanations(self, model: str, prompt_version: str, rows: Sequence[tuple[int, str, str]],
+                         created_by: str) -> None:
+        """Store (feature, evidence_sha256, text) explanations, replacing earlier ones of the same model and
+        prompt version, and index them for search (an old explanation's index entry goes, a label of equal
+        text stays). Call inside a transaction."""
+        for f, sha, text in rows:
+            old = self.explanation(f, model, prompt_version)
+            if old is not None:
+                self.conn.execute("DELETE FROM labels_fts WHERE rowid = (SELECT rowid FROM labels_fts WHERE "
+                                  "feature = ? AND text = ? ORDER BY rowid DESC LIMIT 1)", (int(f), old[1]))
+            self.conn.execute("INSERT OR REPLACE INTO explanations (feature, model, prompt_version, evidence_sha256, "
+                              "text, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                              (int(f), model, prompt_version, sha, text, created_by))
+        self.index_labels([(int(f), text) for f, _, text in rows])
+
+    @_guarded
+    def score(self, fid: int, model: str, scorer: str) -> tuple[float | None, str | None] | None:
+        """(value, details JSON) of one stored score."""
+        row = self.conn.execute("SELECT value, details FROM scores WHERE feature = ? AND model = ? AND scorer = ?",
+                                (int(fid), model, scorer)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    @_guarded
+    def scores(self, fid: int) -> list[tuple[str, str, float | None]]:
+        """(model, scorer, value) of every score of `fid`; [] for a database that predates the table."""
+        try:
+            rows = self.conn.execute("SELECT model, scorer, value FROM scores WHERE feature = ? ORDER BY scorer, "
+                                     "model", (int(fid),)).fetchall()
+        except sqlite3.OperationalError as e:
+            if _missing_table(e):
+                return []
+            raise
+        return [(str(m), str(s), v) for m, s, v in rows]
+
+    @_guarded
+    def put_scores(self, rows: Iterable[tuple[int, str, str, float | None, str | None]]) -> None:
+        """Insert or replace (feature, model, scorer, value, details JSON) scores."""
+        self.conn.executemany("INSERT OR REPLACE INTO scores (feature, model, scorer, value, details) "
+                              "VALUES (?, ?, ?, ?, ?)", ((int(f), m, s, v, d) for f, m, s, v, d in rows))
+
+    @_guarded
+    def all_explanations(self) -> list[tuple[int, str, str, str, str, str | None]]:
+        """Every (feature, model, prompt_version, evidence_sha256, text, created_by), in insertion order."""
+        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            "SELECT feature, model, prompt_version, evidence_sha256, text, created_by FROM explanations "
+            "ORDER BY rowid").fetchall()]
+
+    @_guarded
+    def all_scores(self) -> list[tuple[int, str, str, float | None, str | None]]:
+        """Every (feature, model, scorer, value, details)."""
+        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+            "SELECT feature, model, scorer, value, details FROM scores ORDER BY rowid").fetchall()]
+
+    @_guarded
+    def n_explanations(self) -> tuple[int, int]:
+        """(explanations, scores) stored."""
+        return (int(self.conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0]),
+                int(self.conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0]))
+
     # ------------------------------------------------------------------ text search
+    @_guarded
     def index_labels(self, rows: Iterable[tuple[int, str]]) -> None:
         self.conn.executemany("INSERT INTO labels_fts (feature, text) VALUES (?, ?)", rows)
 
+    @_guarded
     def search_labels(self, query: str, limit: int = 20) -> list[tuple[int, str]]:
         try:
             cur = self.conn.execute("SELECT feature, text FROM labels_fts WHERE labels_fts MATCH ? ORDER BY rank "
                                     "LIMIT ?", (query, limit))
-            return [(int(f), t) for f, t in cur]
+            return [(int(f), t) for f, t in cur.fetchall()]
         except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise
             raise FeatureDBError(f"cannot search for {query!r}: {e}; quote words with special characters") from None
 
 

@@ -218,9 +218,9 @@ def store_families(db: FeatureDB, parent_key: str, child_key: str, matches: Sequ
     stale children. Runs in its own transaction unless the caller holds one."""
     rows = [(parent_key, int(m.parent), child_key, int(m.child), float(m.cosine),
              None if m.corr is None else float(m.corr)) for m in matches]
-    ctx = contextlib.nullcontext() if db.conn.in_transaction else db.transaction()
+    ctx = contextlib.nullcontext() if db.in_transaction else db.transaction()
     with ctx:
-        db.conn.execute("DELETE FROM splits WHERE parent_sae = ? AND child_sae = ?", (parent_key, child_key))
+        db.delete_splits(parent_key, child_key)
         db.put_splits(rows)
     return len(rows)
 
@@ -228,9 +228,7 @@ def store_families(db: FeatureDB, parent_key: str, child_key: str, matches: Sequ
 def families(db: FeatureDB, parent_key: str, child_key: str) -> dict[int, list[int]]:
     """{parent feature: [child features, best cosine first]} for one pair of SAEs."""
     out: dict[int, list[int]] = {}
-    for p, c in db.conn.execute(
-            "SELECT parent, child FROM splits WHERE parent_sae = ? AND child_sae = ? ORDER BY parent, cosine DESC",
-            (parent_key, child_key)):
+    for p, c, _, _ in db.splits(parent_key, child_key):
         out.setdefault(int(p), []).append(int(c))
     return out
 

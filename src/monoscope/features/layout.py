@@ -125,7 +125,7 @@ def store_map(db: FeatureDB, xy: np.ndarray) -> None:
     if xy.ndim != 2 or xy.shape[1] != 2 or xy.shape[0] != have:
         raise MonoscopeError(f"{db.path} has {have} feature rows but the map is {xy.shape}: run the feature pass "
                              "first, and map the decoder of the SAE this database was built for")
-    ctx = contextlib.nullcontext() if db.conn.in_transaction else db.transaction()
+    ctx = contextlib.nullcontext() if db.in_transaction else db.transaction()
     with ctx:
         db.update_features("map_x", enumerate(xy[:, 0].tolist()))
         db.update_features("map_y", enumerate(xy[:, 1].tolist()))

@@ -4,7 +4,9 @@
     monoscope show my-sae 7 --db elsewhere.db --examples 20
 
 Everything comes from the database that `monoscope features SAE_DIR` builds (no model, no SAE weights),
-so a page opens in well under a second. Anything the database lacks (a NULL column, no examples, no
+so a page opens in well under a second; when SAE_DIR exists, the database must have been built for its
+weights (a one-line error otherwise). Token text comes from `monoscope.features.tokens` (windows decoded
+from token bytes). Anything the database lacks (a NULL column, no examples, no
 explanation, no family) shows as "—": a partial database is still worth looking at.
 """
 
@@ -12,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sqlite3
-import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.cells import cell_len
 from rich.color import Color
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -30,29 +29,17 @@ from rich.table import Table
 from rich.text import Text
 
 from monoscope.errors import MonoscopeError
-from monoscope.features.db import DB_NAME, FeatureDB
+from monoscope.features.db import FeatureDB, default_db_path, existing_db_path, open_for_sae
+from monoscope.features.tokens import Vocab, token_text, visible
+
+__all__ = ["ContextLine", "add_show_parser", "default_db_path", "existing_db_path", "render_feature", "show",
+           "visible"]
 
 DASH = "—"
 HIST_ROWS = 12  # the histogram is merged to at most this many rows: a glance, not a plot
 LIST_ROWS = 10  # logit effects, neighbours, co-occurring features shown per list
 _LOW = (255, 236, 204)  # background of the weakest activation: pale, readable on dark and light terminals
 _HIGH = (255, 110, 0)  # ... of the strongest (act == max_act): the feature-page orange
-_CONTROL = {"\n": "⏎", "\r": "↵", "\t": "⇥", "\f": "␌", "\v": "␋", "\x00": "␀"}
-
-
-def default_db_path(sae_dir: str | Path) -> Path:
-    """Where `monoscope features` writes (and `show` reads) the database of `sae_dir`.
-
-    `<run>/sae` -> `<run>/features/features.db`, so a run folder keeps its stages side by side;
-    any other folder -> `<sae_dir>-features/features.db`, beside it rather than inside the SAE folder
-    (which belongs to the SAE format and may be converted or copied on its own).
-    """
-    sae_dir = Path(sae_dir)
-    if sae_dir.name in ("", ".", ".."):  # "." or "runs/x/sae/.." has no usable name
-        sae_dir = sae_dir.resolve()
-    if sae_dir.name == "sae":
-        return sae_dir.parent / "features" / DB_NAME
-    return sae_dir.with_name(f"{sae_dir.name}-features") / DB_NAME
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -62,37 +49,6 @@ def _missing(v: Any) -> bool:
 
 def _num(v: Any, fmt: str = ".3g") -> str:
     return DASH if _missing(v) else format(v, fmt)
-
-
-def visible(text: str, *, standalone: bool = False) -> str:
-    """Token text on one line with its whitespace visible: newline ⏎, tab ⇥, other controls as symbols.
-
-    A token of two or more spaces and nothing else (indentation) shows them as "·" so it is not lost;
-    other spaces in running text stay spaces (a lone " " token reads as the space it is). `standalone`
-    (a token listed on its own, e.g. a logit) shows every space as "·": " the" and "the" differ.
-    """
-    out = []
-    for ch in text:
-        if ch in _CONTROL:
-            out.append(_CONTROL[ch])
-        elif unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
-            out.append(chr(0x2400 + ord(ch)) if ord(ch) < 0x20 else "�")
-        else:
-            out.append(ch)
-    s = "".join(out)
-    if standalone or (len(s) > 1 and not s.strip(" ")):
-        s = s.replace(" ", "·")
-    return s
-
-
-def _token_text(vocab: Sequence[str], tok: Any) -> str:
-    """A token given as an id (looked up in the vocab table) or already as text."""
-    if isinstance(tok, bool):  # JSON true/false: not a token
-        return str(tok)
-    if isinstance(tok, int | np.integer):
-        i = int(tok)
-        return vocab[i] if 0 <= i < len(vocab) else f"<{i}>"
-    return str(tok)
 
 
 def _highlight(frac: float, *, bold: bool) -> Style:
@@ -159,21 +115,12 @@ class ContextLine:
 
 # ---------------------------------------------------------------------------------------------- sections
 def _explanation(db: FeatureDB, fid: int) -> tuple[dict[str, Any] | None, list[tuple[str, str, float | None]]]:
-    """The newest explanation of `fid` and its scores (all scores when there is no explanation).
-
-    Read with SQL here because FeatureDB has no accessor for these tables yet.
-    """
-    try:
-        row = db.conn.execute("SELECT model, prompt_version, text FROM explanations WHERE feature = ? "
-                              "ORDER BY rowid DESC LIMIT 1", (fid,)).fetchone()
-        scores = db.conn.execute("SELECT model, scorer, value FROM scores WHERE feature = ? ORDER BY scorer, model",
-                                 (fid,)).fetchall()
-    except sqlite3.Error:  # an older database without these tables
-        return None, []
-    expl = None if row is None else {"model": row[0], "prompt_version": row[1], "text": row[2]}
+    """The newest explanation of `fid` and its scores (all scores when there is no explanation)."""
+    expl = db.latest_explanation(fid)
+    scores = db.scores(fid)
     if expl is not None and any(m == expl["model"] for m, _, _ in scores):
         scores = [s for s in scores if s[0] == expl["model"]]
-    return expl, [(m, s, v) for m, s, v in scores]
+    return expl, scores
 
 
 def _describe(v: Any) -> str:
@@ -192,7 +139,7 @@ def _label_evidence(info: Any, vocab: Sequence[str]) -> str:
     """What the cheap label rests on, in one line: the pass stores {"peak_tokens": [[token, count]], "purity"}
     (a plain list of tokens is accepted too)."""
     def tok(t: Any) -> str:
-        return visible(_token_text(vocab, t), standalone=True)
+        return visible(token_text(vocab, t), standalone=True)
 
     if isinstance(info, list):
         return ", ".join(tok(t[0] if isinstance(t, list) and t else t) for t in info[:LIST_ROWS])
@@ -293,15 +240,16 @@ def _histogram(hist: Any, bar_width: int = 24) -> RenderableType:
     return t
 
 
-def _contexts(db: FeatureDB, fid: int, vocab: Sequence[str], scale: float, n_top: int, n_per_bin: int,
+def _contexts(db: FeatureDB, fid: int, vocab: Vocab, scale: float, n_top: int, n_per_bin: int,
               width: int | None) -> list[RenderableType]:
     def line(ex: dict[str, Any]) -> ContextLine:
         toks = [(i, int(t)) for i, t in enumerate(ex["tokens"]) if t >= 0]  # negative ids: padding
         keep = [i for i, _ in toks]
         pos = keep.index(ex["position"]) if ex["position"] in keep else 0
         prefix = Text.assemble((f"{ex['act']:>8.3g}", "bold"), " ")
-        return ContextLine(prefix, [visible(_token_text(vocab, t)) for _, t in toks],
-                           [float(ex["acts"][i]) if i < len(ex["acts"]) else 0.0 for i in keep], pos, scale, width)
+        texts, acts, pos = vocab.window([t for _, t in toks], [float(ex["acts"][i]) if i < len(ex["acts"]) else 0.0
+                                                               for i in keep], pos)
+        return ContextLine(prefix, [visible(t) for t in texts], acts, pos, scale, width)
 
     out: list[RenderableType] = [Rule(Text("top activations", style="bold"), align="left", style="dim")]
     top = db.examples(fid, "top")[:n_top]
@@ -333,7 +281,7 @@ def _logits(feat: dict[str, Any], vocab: Sequence[str]) -> Table:
         rows = []
         for e in v if isinstance(v, list) else []:
             if isinstance(e, list | tuple) and len(e) >= 2:
-                rows.append((visible(_token_text(vocab, e[0]), standalone=True), _num(e[1], "+.3g")))
+                rows.append((visible(token_text(vocab, e[0]), standalone=True), _num(e[1], "+.3g")))
         return rows[:LIST_ROWS]
 
     pos, neg = entries(feat.get("logit_pos")), entries(feat.get("logit_neg"))
@@ -424,17 +372,17 @@ def render_feature(db: FeatureDB, fid: int, *, width: int | None = None, n_top: 
     meta = db.meta()
     feat = db.feature(fid)
     f = feat or {}
-    vocab = db.vocab()
+    vocab = Vocab(db.vocab(), db.vocab_bytes())
     max_act = f.get("max_act")
     scale = float(max_act) if not _missing(max_act) and max_act > 0 else 0.0  # 0: each example's own max
     sections = [
         (("statistics", _stats(f, meta)), ("activation histogram (bars ∝ log count)", _histogram(f.get("hist")))),
-        (("logit effects", _logits(f, vocab)), ("family (splits across SAE widths)", _family(db, fid, meta))),
+        (("logit effects", _logits(f, vocab.texts)), ("family (splits across SAE widths)", _family(db, fid, meta))),
         (("nearest by decoder cosine", _related(db, f.get("neighbours"), ".3f")),
          ("co-occurring: P(j fires | this fires)", _related(db, f.get("cooccur"), ".1%"))),
     ]
     parts: list[RenderableType] = [
-        _header(db, fid, feat, meta, vocab), SideBySide(*sections[0]),
+        _header(db, fid, feat, meta, vocab.texts), SideBySide(*sections[0]),
         *_contexts(db, fid, vocab, scale, n_top, n_per_bin, width),
         Rule(style="dim"), SideBySide(*sections[1]), Text(""), SideBySide(*sections[2]),
     ]
@@ -467,25 +415,14 @@ def parse_feature_id(value: Any, n: int, where: Path) -> int:
     return fid
 
 
-def existing_db_path(sae_dir: str | Path, db_path: str | Path | None = None) -> Path:
-    """The feature database of `sae_dir` (or `db_path`, a file or its folder); a one-line error naming the
-    command that builds it when there is none."""
-    path = Path(db_path) if db_path is not None else default_db_path(sae_dir)
-    if path.is_dir():
-        path = path / DB_NAME
-    if not path.is_file():
-        how = "" if db_path is None else " (or fix --db)"
-        raise MonoscopeError(f"no feature database at {path}: build it with monoscope features {sae_dir}{how}")
-    return path
-
-
 def show(sae_dir: str | Path, feature_id: int | str, db_path: str | Path | None = None, *, n_examples: int = 10,
          console: Console | None = None) -> None:
-    """Print the dashboard of one feature; every problem a user can fix is a one-line MonoscopeError."""
-    path = existing_db_path(sae_dir, db_path)
+    """Print the dashboard of one feature; every problem a user can fix is a one-line MonoscopeError. When the
+    SAE folder exists, the database must have been built for its weights."""
     if n_examples < 0:
         raise MonoscopeError(f"--examples {n_examples} is negative: pass 0 or more contexts to show")
-    with FeatureDB.open(path) as db:
+    with open_for_sae(sae_dir, db_path) as db:
+        path = db.path
         fid = parse_feature_id(feature_id, _feature_count(db), path)
         page = render_feature(db, fid, n_top=n_examples, n_per_bin=-(-n_examples // 5))
         console = console or Console()

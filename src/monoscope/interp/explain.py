@@ -6,7 +6,9 @@
 Everything comes from the feature database (`monoscope features` built it; no model or SAE weights needed)
 and goes back into it: `explanations(feature, model, prompt_version, evidence_sha256, text)` and
 `scores(feature, model, scorer, value, details JSON)`, where model is the explaining LLM's name. Explanations
-are also indexed in `labels_fts` so they can be searched.
+are also indexed in `labels_fts` so they can be searched. When SAE_DIR exists, the database must have been
+built for its weights (`features.db.open_for_sae`). A rebuilt database (`monoscope features --overwrite`)
+keeps the explanations and scores whose evidence is unchanged (`carry_over`).
 
 Stages, each one `chat_many` batch over all features (the client bounds concurrency, caches and retries):
 1. evidence: top and quantile-sampled examples, half shown to the explainer, half held out for scoring
@@ -44,8 +46,8 @@ import numpy as np
 
 from monoscope import __version__
 from monoscope.errors import MonoscopeError
-from monoscope.features.db import FeatureDB
-from monoscope.features.show import existing_db_path
+from monoscope.features.db import FeatureDB, open_for_sae
+from monoscope.features.tokens import Vocab
 from monoscope.interp.prompts import (
     EXPLAIN_MAX_TOKENS,
     PROMPT_VERSION,
@@ -159,15 +161,12 @@ def parse_scorers(value: str | Sequence[str] | None) -> list[str]:
 
 def _select(db: FeatureDB, features: int | list[int], where: Path) -> list[int]:
     if isinstance(features, int):
-        rows = db.conn.execute(
-            "SELECT id FROM features f WHERE max_act > 0 AND EXISTS (SELECT 1 FROM examples e WHERE e.feature = "
-            "f.id) ORDER BY interest DESC, max_act DESC, id LIMIT ?", (features,)).fetchall()
+        rows = db.most_interesting(features, with_examples=True)
         if not rows:
             raise MonoscopeError(f"{where} has no feature with examples: run monoscope features on more tokens")
-        return [int(r[0]) for r in rows]
+        return [r["id"] for r in rows]
     n = db.n_features()
-    have = {int(r[0]) for r in db.conn.execute(
-        f"SELECT id FROM features WHERE id IN ({','.join('?' * len(features))})", features)}
+    have = db.feature_ids(features)
     for i in features:
         if i not in have:
             rng = f"0 to {n - 1}" if n else "none"
@@ -176,21 +175,18 @@ def _select(db: FeatureDB, features: int | list[int], where: Path) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- evidence
-def _tokens(vocab: Sequence[str], ids: np.ndarray) -> tuple[str, ...]:
-    return tuple(vocab[t] if 0 <= t < len(vocab) else f"<{t}>" for t in ids.tolist())
-
-
-def _context(ex: dict[str, Any], kind: str, vocab: Sequence[str]) -> Context:
+def _context(ex: dict[str, Any], kind: str, vocab: Vocab) -> Context:
     n = min(len(ex["tokens"]), len(ex["acts"]))
     keep = ex["tokens"][:n] >= 0  # negative ids are padding (only ever at the end of a window)
     toks, acts = ex["tokens"][:n][keep], ex["acts"][:n][keep]
-    return Context(_tokens(vocab, toks), tuple(float(a) for a in acts), int(ex["context"]), kind, int(ex["bin"]),
-                   float(ex["act"]), int(min(max(ex["position"], 0), max(len(toks) - 1, 0))))
+    texts, folded, pos = vocab.window(toks, acts, int(min(max(ex["position"], 0), max(len(toks) - 1, 0))))
+    return Context(tuple(texts), tuple(folded), int(ex["context"]), kind, int(ex["bin"]), float(ex["act"]), pos)
 
 
-def _negative_pool(db: FeatureDB, vocab: Sequence[str]) -> list[tuple[int, Context]]:
+def _negative_pool(db: FeatureDB, vocab: Vocab | Sequence[str]) -> list[tuple[int, Context]]:
     """(source feature, window) pairs from a fixed sample of features: the candidates for non-activating."""
-    fids = [int(r[0]) for r in db.conn.execute("SELECT DISTINCT feature FROM examples ORDER BY feature")]
+    vocab = vocab if isinstance(vocab, Vocab) else Vocab(vocab)
+    fids = db.features_with_examples()
     if len(fids) > POOL_FEATURES:
         fids = sorted(np.random.default_rng(0).choice(fids, POOL_FEATURES, replace=False).tolist())
     pool: list[tuple[int, Context]] = []
@@ -208,9 +204,11 @@ def _negative_pool(db: FeatureDB, vocab: Sequence[str]) -> list[tuple[int, Conte
     return pool
 
 
-def load_evidence(db: FeatureDB, fid: int, vocab: Sequence[str], pool: Sequence[tuple[int, Context]]) -> Evidence:
+def load_evidence(db: FeatureDB, fid: int, vocab: Vocab | Sequence[str],
+                  pool: Sequence[tuple[int, Context]]) -> Evidence:
     """The explainer's contexts (top examples of even rank + one quantile sample per decile from the even
     half of each decile), the rest as held out (a context shown is never held out), and non-activating ones."""
+    vocab = vocab if isinstance(vocab, Vocab) else Vocab(vocab)
     feat = db.feature(fid) or {}
     tops = db.examples(fid, "top")
     quants = db.examples(fid, "quantile")
@@ -262,11 +260,11 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
     """
     names = parse_scorers(scorers)
     want = parse_features(features)
-    path = existing_db_path(sae_dir, db_path)
     t0 = time.perf_counter()
-    with FeatureDB.open(path) as db, contextlib.ExitStack() as stack:
+    with open_for_sae(sae_dir, db_path) as db, contextlib.ExitStack() as stack:
+        path = db.path
         fids = _select(db, want, path)
-        vocab = db.vocab()
+        vocab = Vocab(db.vocab(), db.vocab_bytes())
         pool = _negative_pool(db, vocab)
         evidence = {f: load_evidence(db, f, vocab, pool) for f in fids}
         if isinstance(llm_spec, str):
@@ -333,8 +331,7 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
             continue
         text = format_explain_evidence(ev)
         sha = evidence_sha256(text)
-        row = db.conn.execute("SELECT evidence_sha256, text FROM explanations WHERE feature = ? AND model = ? AND "
-                              "prompt_version = ?", (f, res.model, PROMPT_VERSION)).fetchone()
+        row = db.explanation(f, res.model, PROMPT_VERSION)
         if row is not None and row[0] == sha:
             res.explanations[f] = row[1]
             res.explanations_reused += 1
@@ -353,17 +350,8 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
         else:
             res.explanations[f] = expl
             rows.append((f, sha, expl))
-    with db.transaction() as conn:
-        for f, sha, expl in rows:
-            old = conn.execute("SELECT text FROM explanations WHERE feature = ? AND model = ? AND prompt_version = ?",
-                               (f, res.model, PROMPT_VERSION)).fetchone()
-            if old is not None:
-                conn.execute("DELETE FROM labels_fts WHERE rowid = (SELECT rowid FROM labels_fts WHERE feature = ? "
-                             "AND text = ? ORDER BY rowid DESC LIMIT 1)", (f, old[0]))  # not a label of equal text
-            conn.execute("INSERT OR REPLACE INTO explanations (feature, model, prompt_version, evidence_sha256, text, "
-                         "created_by) VALUES (?, ?, ?, ?, ?, ?)",
-                         (f, res.model, PROMPT_VERSION, sha, expl, f"monoscope {__version__}"))
-        db.index_labels([(f, expl) for f, _, expl in rows])
+    with db.transaction():
+        db.put_explanations(res.model, PROMPT_VERSION, rows, f"monoscope {__version__}")
 
 
 def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
@@ -373,8 +361,7 @@ def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
     keys: dict[int, str] = {}
     for ev, expl in items:
         key = keys[ev.feature] = _score_key(name, expl, ev)
-        row = db.conn.execute("SELECT value, details FROM scores WHERE feature = ? AND model = ? AND scorer = ?",
-                              (ev.feature, res.model, name)).fetchone()
+        row = db.score(ev.feature, res.model, name)
         details = _load_json(row[1]) if row is not None else None
         if row is not None and row[0] is not None and isinstance(details, dict) and details.get("key") == key:
             per[ev.feature] = ScoreResult(float(row[0]), details)
@@ -382,17 +369,17 @@ def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
             todo.append((ev, expl))
     res.scores_reused[name] = len(per)
     fresh = SCORERS[name](todo, llm, progress=progress) if todo else []
-    with db.transaction() as conn:
-        for (ev, expl), r in zip(todo, fresh, strict=True):
-            value = r.value if r.value is None or math.isfinite(r.value) else None
-            details = {**r.details, "key": keys[ev.feature], "prompt_version": PROMPT_VERSION,
-                       "explanation_sha256": _sha(expl)}
-            if value is None and "error" not in details:
-                details["error"] = "score is not a number"
-            conn.execute("INSERT OR REPLACE INTO scores (feature, model, scorer, value, details) "
-                         "VALUES (?, ?, ?, ?, ?)",
-                         (ev.feature, res.model, name, value, json.dumps(details, ensure_ascii=False)))
-            per[ev.feature] = ScoreResult(value, details)
+    stored = []
+    for (ev, expl), r in zip(todo, fresh, strict=True):
+        value = r.value if r.value is None or math.isfinite(r.value) else None
+        details = {**r.details, "key": keys[ev.feature], "prompt_version": PROMPT_VERSION,
+                   "explanation_sha256": _sha(expl)}
+        if value is None and "error" not in details:
+            details["error"] = "score is not a number"
+        stored.append((ev.feature, res.model, name, value, json.dumps(details, ensure_ascii=False)))
+        per[ev.feature] = ScoreResult(value, details)
+    with db.transaction():
+        db.put_scores(stored)
     res.scores[name] = {f: per[f] for f in res.features if f in per}
 
 
@@ -401,3 +388,43 @@ def _load_json(s: str | None) -> Any:
         return json.loads(s) if s else None
     except ValueError:
         return None
+
+
+# ---------------------------------------------------------------------------------------------- a rebuilt database
+def carry_over(src: FeatureDB, dst: FeatureDB) -> tuple[int, int, int]:
+    """Copy into `dst` (a rebuilt database of the same SAE) the explanations of `src` whose evidence, loaded
+    from `dst` exactly as `explain` loads it, has the same hash, and those explanations' scores whose key
+    (evidence, held-out and non-activating contexts, prompt version) is also unchanged: paid LLM work that
+    is still valid survives a rebuild. Explanations of another prompt version cannot be checked and are
+    dropped. Returns (explanations kept, scores kept, explanations dropped)."""
+    rows = src.all_explanations()
+    if not rows:
+        return 0, 0, 0
+    vocab = Vocab(dst.vocab(), dst.vocab_bytes())
+    pool = _negative_pool(dst, vocab)
+    evidence: dict[int, Evidence] = {}
+    kept: dict[tuple[int, str], str] = {}  # (feature, model) -> explanation text
+    keep_rows: list[tuple[int, str, str, str, str | None]] = []
+    dropped = 0
+    have = dst.feature_ids(sorted({int(r[0]) for r in rows}))
+    for f, model, version, sha, text, created_by in rows:
+        if version != PROMPT_VERSION or f not in have:
+            dropped += 1
+            continue
+        ev = evidence.get(f) or evidence.setdefault(f, load_evidence(dst, f, vocab, pool))
+        if not ev.explain or evidence_sha256(format_explain_evidence(ev)) != sha:
+            dropped += 1
+            continue
+        kept[(f, model)] = text
+        keep_rows.append((f, model, sha, text, created_by))
+    scores = []
+    for f, model, scorer, value, details in src.all_scores():
+        text = kept.get((int(f), model))
+        d = _load_json(details)
+        if text is not None and isinstance(d, dict) and d.get("key") == _score_key(scorer, text, evidence[int(f)]):
+            scores.append((int(f), model, scorer, value, details))
+    with dst.transaction():
+        for f, model, sha, text, created_by in keep_rows:
+            dst.put_explanations(model, PROMPT_VERSION, [(f, sha, text)], created_by or f"monoscope {__version__}")
+        dst.put_scores(scores)
+    return len(keep_rows), len(scores), dropped

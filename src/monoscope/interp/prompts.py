@@ -7,7 +7,9 @@ Evidence. A context is a window of tokens from the feature database with this fe
 each token. Active tokens (act > 0) are marked `<<like this>>` (runs of active tokens merged into one
 span, leading whitespace kept outside the marks), and the explainer also gets each marked token's
 activation on a 0-10 scale (10 = the feature's max_act), the notation of Bills et al. 2023 and delphi.
-Newlines and tabs are written as visible symbols (⏎ ⇥) so one excerpt stays on one line. The explainer
+Newlines and tabs are written as visible symbols (⏎ ⇥) so one excerpt stays on one line, and
+windows are decoded from token bytes (`monoscope.features.tokens`: a character split across tokens is
+written once, on the token that completes it, not as U+FFFD pieces). The explainer
 sees the top examples of even rank (10) and one sample per decile (10); the scorers draw from the examples it
 did not see (`Evidence.held_out`), so a score measures prediction on contexts the explanation was not written
 from.
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from monoscope.features.show import visible
+from monoscope.features.tokens import visible
 
 PROMPT_VERSION = "interp-1"
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
