@@ -11,25 +11,24 @@ the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from monoscope import __version__
-from monoscope.corpus import Corpus, iter_contexts, open_corpus
+from monoscope.corpus import Corpus, open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError, StoreError
 from monoscope.model import LoadedModel, load_model
 from monoscope.model.hooks import HookPoint
 from monoscope.progress import progress_bar
 from monoscope.store.manifest import Manifest, RowPolicy
 from monoscope.store.writer import StoreWriter
+from monoscope.units import parse_count
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -88,19 +87,6 @@ class CaptureResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def parse_count(text: str | int) -> int:
-    """`1M`, `50k`, `2.5M`, `1e6` or a plain integer."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace("_", "").replace(",", "")
-    mult = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}.get(s[-1:], 1)
-    try:
-        value = float(s[:-1] if mult != 1 else s)
-    except ValueError:
-        raise MonoscopeError(f"cannot read {text!r} as a count: use a number like 500000, 500k or 2M") from None
-    return int(value * mult)
-
-
 def tokenizer_record(lm: LoadedModel) -> dict[str, Any]:
     bos, sep = lm.special_ids()
     conv = lm.tokenizer.convert_ids_to_tokens
@@ -115,17 +101,6 @@ def config_key(lm: LoadedModel, hp: HookPoint, corpus_fp: str, cfg: CaptureConfi
                        "tokenizer": tokenizer_record(lm), "compute": lm.compute_dtype,
                        "device": lm.device.type}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int,
-                     skip: int = 0) -> Iterator[torch.Tensor]:
-    """Token ids [batch, ctx_len] in the corpus's deterministic order, after the first `skip` contexts
-    (tokenised, not returned); the last batch may be short."""
-    bos, sep = lm.special_ids()
-    it = iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep, name=corpus.name)
-    it = itertools.islice(it, skip, None)
-    while chunk := list(itertools.islice(it, batch)):
-        yield torch.from_numpy(np.stack(chunk)).to(torch.int64)
 
 
 def capture(

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from monoscope import __version__
-from monoscope.capture import batched_contexts, parse_count
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError
 from monoscope.features.db import DB_NAME, FeatureDB
 from monoscope.features.stats import FeatureStats
@@ -40,6 +40,7 @@ from monoscope.progress import progress_bar
 from monoscope.sae import SAE
 from monoscope.sae.io import weights_sha256
 from monoscope.store.manifest import RowPolicy
+from monoscope.units import parse_count
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8
 """An example shows this many tokens before the maximum and after it (clipped to the context)."""

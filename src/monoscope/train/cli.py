@@ -182,7 +182,7 @@ def _parser_for(kind: Any) -> Callable[[str], Any]:
 
 
 def _count(text: str) -> int:
-    from monoscope.capture import parse_count  # lazily: capture imports the model stack
+    from monoscope.units import parse_count
 
     return parse_count(text)
 

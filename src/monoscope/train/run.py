@@ -170,7 +170,7 @@ def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainC
         if settings:
             raise TrainConfigError(f"pass either config= or settings as keywords, not both (got {sorted(settings)})")
         return config
-    from monoscope.capture import parse_count  # lazily: capture imports the model stack
+    from monoscope.units import parse_count
 
     for name in ("tokens", "dead_window"):
         if isinstance(settings.get(name), str):
