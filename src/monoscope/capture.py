@@ -124,8 +124,8 @@ def capture(
     progress: bool = True,
 ) -> CaptureResult:
     """Capture activations at `hook` into the store folder `out`, resuming an unfinished one."""
-    cfg = CaptureConfig(tokens=parse_count(tokens), ctx_len=ctx_len, dtype=dtype, batch_contexts=batch_contexts,
-                        contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
+    cfg = CaptureConfig(tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len, dtype=dtype,
+                        batch_contexts=batch_contexts, contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
                         outlier_factor=outlier_factor)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
