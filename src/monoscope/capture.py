@@ -23,6 +23,7 @@ from monoscope import __version__
 from monoscope.corpus import Corpus, open_corpus
 from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError, StoreError
+from monoscope.locking import FolderLock
 from monoscope.model import LoadedModel, load_model
 from monoscope.model.hooks import HookPoint
 from monoscope.progress import progress_bar
@@ -121,9 +122,11 @@ def capture(
     text_field: str = "text",
     strict_utf8: bool = False,
     overwrite: bool = False,
+    trust_sizes: bool = False,
     progress: bool = True,
 ) -> CaptureResult:
-    """Capture activations at `hook` into the store folder `out`, resuming an unfinished one."""
+    """Capture activations at `hook` into the store folder `out`, resuming an unfinished one and repairing a
+    damaged one (every recorded shard is checked: size, and sha256 unless `trust_sizes`)."""
     cfg = CaptureConfig(tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len, dtype=dtype,
                         batch_contexts=batch_contexts, contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
                         outlier_factor=outlier_factor)
@@ -131,62 +134,79 @@ def capture(
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"--out {folder} is a file: pass a folder for the store")
     corp = open_corpus(corpus, text_field=text_field, strict_utf8=strict_utf8) if isinstance(corpus, str) else corpus
-    next(iter(corp.documents()))  # an empty or unreadable corpus fails here, before the model loads
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, compute_dtype=compute_dtype)
-    hp = lm.hook(hook)
-    key = config_key(lm, hp, corp.fingerprint(), cfg)
-    writer = StoreWriter(folder, key, overwrite=overwrite)
-    if writer.complete is not None:
-        return CaptureResult(folder, writer.complete, writer.complete.n_contexts, 0, 0.0)
+    with FolderLock(folder, "capture"):
+        next(iter(corp.documents()))  # an empty or unreadable corpus fails here, before the model loads
+        lm = model if isinstance(model, LoadedModel) else load_model(model, device=device,
+                                                                        compute_dtype=compute_dtype)
+        hp = lm.hook(hook)
+        key = config_key(lm, hp, corp.fingerprint(), cfg)
+        writer = StoreWriter(folder, key, overwrite=overwrite, trust_sizes=trust_sizes)
+        if writer.complete is not None:
+            return CaptureResult(folder, writer.complete, writer.complete.n_contexts, 0, 0.0)
+        return _write(writer, lm, hp, corp, cfg, progress)
 
+
+def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cfg: CaptureConfig,
+           progress: bool) -> CaptureResult:
+    """Compute and write every shard the writer still needs, then the manifest."""
     resumed = writer.done_contexts
     store_dtype = STORE_DTYPES[cfg.dtype]
+    cps = cfg.contexts_per_shard
+    last = writer.last_needed  # a complete store being repaired stops after its last damaged shard
     t0 = time.perf_counter()
     new_contexts = 0
     buf_tok: list[torch.Tensor] = []
     buf_act: list[torch.Tensor] = []
 
-    def flush() -> None:
+    def flush(index: int) -> None:
         toks, acts = torch.cat(buf_tok), torch.cat(buf_act)
         if writer.row_policy is None:
             writer.set_row_policy(RowPolicy.measured(acts, cfg.exclude_bos, cfg.outlier_factor))
         policy = writer.row_policy
         assert policy is not None
-        writer.add_shard(toks, acts, policy.keep(acts))
+        writer.add_shard(toks, acts, policy.keep(acts), index=index)
         buf_tok.clear()
         buf_act.clear()
 
+    total = cfg.n_contexts * cfg.ctx_len if writer.recorded is None else writer.recorded.n_tokens
+    index = 0
     batches = batched_contexts(lm, corp, cfg.ctx_len, cfg.batch_contexts)
-    with progress_bar("capture", total=cfg.n_contexts * cfg.ctx_len, unit="tok", enabled=progress) as bar:
+    with progress_bar("capture", total=total, unit="tok", enabled=progress) as bar:
         bar.update(resumed * cfg.ctx_len)
         done = 0
         for ids in batches:
-            if done + len(ids) <= resumed:  # already in an intact shard: tokenised, not recomputed
-                done += len(ids)
-                continue
             ids = ids[: cfg.n_contexts - done]
-            acts = lm.acts(hp, ids).to(store_dtype).cpu()
-            buf_tok.append(ids.to(torch.int32))
-            buf_act.append(acts)
+            index = done // cps  # shards are whole batches, so a batch lies in exactly one shard
+            if last is not None and index > last:
+                break
             done += len(ids)
+            if not writer.needs(index):  # in an intact shard: tokenised, not recomputed
+                if done >= cfg.n_contexts:
+                    break
+                continue
+            buf_tok.append(ids.to(torch.int32))
+            buf_act.append(lm.acts(hp, ids).to(store_dtype).cpu())
             new_contexts += len(ids)
             bar.update(len(ids) * cfg.ctx_len)
-            if sum(len(b) for b in buf_tok) >= cfg.contexts_per_shard:
-                flush()
+            if done % cps == 0 or done >= cfg.n_contexts:
+                flush(index)
             if done >= cfg.n_contexts:
                 break
-        if buf_tok:
-            flush()
+        if buf_tok:  # the corpus ran out inside shard `index`
+            flush(index)
     if not writer.shards:
         raise StoreError(f"no contexts were captured from corpus {corp.describe().get('path', 'default')}")
 
-    manifest = Manifest(
-        model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
-        tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
-        corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
-        capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
-                 "monoscope_version": __version__},
-        requested_tokens=cfg.tokens,
-    )
+    if writer.recorded is not None:  # repaired: the manifest's facts stand, only its shard records change
+        manifest = writer.recorded
+    else:
+        manifest = Manifest(
+            model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
+            tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
+            corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
+            capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
+                     "monoscope_version": __version__},
+            requested_tokens=cfg.tokens,
+        )
     writer.finish(manifest)
-    return CaptureResult(folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0)
+    return CaptureResult(writer.folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0)
