@@ -36,6 +36,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.features.db import DB_NAME, FeatureDB
 from monoscope.features.stats import FeatureStats
 from monoscope.fileio import write_bytes_atomic
+from monoscope.locking import locks_folders
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
 from monoscope.sae.io import weights_sha256
@@ -135,6 +136,7 @@ def _code_width(sae: SAE) -> int:
 # ----------------------------------------------------------------------------- the pass
 
 
+@locks_folders(lambda a: [default_features_dir(Path(d)) for d in (a["sae"], *a["also"])], "features")
 def build_features(
     sae: str | Path,
     *,

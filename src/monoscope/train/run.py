@@ -29,6 +29,7 @@ import torch
 import monoscope
 from monoscope.devices import resolve_device
 from monoscope.errors import MonoscopeError
+from monoscope.locking import locks_folders
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, load_sae, save_sae
 from monoscope.sae.io import CFG_NAME, WEIGHTS_NAME, SAEFileError
@@ -72,6 +73,7 @@ class TrainResult:
         return self.session_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+@locks_folders(lambda a: [a["out"]], "train")
 def train(
     out: str | Path,
     *,
