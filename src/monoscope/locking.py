@@ -148,7 +148,8 @@ class FolderLock:
             except FileExistsError:
                 pass
             except OSError as e:
-                raise MonoscopeError(f"cannot create folder {self.folder}: {e.strerror or e}") from e
+                raise MonoscopeError(f"cannot create output folder {self.folder} ({e.strerror or e}): choose a "
+                                     "writable path that is not below a file") from e
         try:
             fd = self._open_locked()
             if fd is None:

@@ -78,11 +78,14 @@ def test_capture_cli_arguments(tmp_path: Path, model_dir: Path) -> None:
         "empty": capture("o4", "--model", "", "--corpus", corpus, "--tokens", "64"),
         "binary": capture("o5", "--model", model_dir, "--corpus", binary, "--tokens", "64"),
         "strict": capture("o6", "--model", model_dir, "--corpus", binary, "--tokens", "64", "--strict-utf8"),
+        "below": cli("capture", "--out", tmp_path / "notes.txt" / "store", *SMALL, "--model", str(model_dir),
+                     "--corpus", str(corpus), "--tokens", "64"),
     })
     one_line_error(res["nan"], "error: --tokens nan is not a finite count")
     one_line_error(res["inf"], "error: --tokens inf is not a finite count")
     one_line_error(res["file"], f"--model '{tmp_path / 'notes.txt'}' is a text file, not a model")
     one_line_error(res["empty"], "error: --model is empty: pass 'default', a Hugging Face id")
+    one_line_error(res["below"], f"cannot create output folder {tmp_path / 'notes.txt' / 'store'} (Not a directory)")
     for name in ("o1", "o2", "o3", "o4", "o6"):
         assert not (tmp_path / name).exists(), name  # refused before anything was written
 

@@ -86,7 +86,7 @@ def iter_contexts(
     """
     if ctx_len < 2:
         raise CorpusError(
-            f"ctx_len {ctx_len} is too small: a context needs the BOS and at least one token (>= 2)"
+            f"--ctx-len {ctx_len} is too small: a context needs the BOS and at least one token (>= 2)"
         )
     if batch_docs < 1:
         raise CorpusError(f"batch_docs {batch_docs} must be >= 1")
