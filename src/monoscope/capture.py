@@ -4,8 +4,10 @@
 
 The forward stops right after the hooked block. Contexts are formed deterministically from the
 corpus, batched so that every shard boundary is a batch boundary, and written shard by shard; a
-killed capture run again with the same arguments resumes after its last intact shard and ends with
-the same bytes as an uninterrupted one.
+killed capture run again with the same arguments resumes and ends with the same bytes as an
+uninterrupted one. Run again on a finished store, it checks every shard and recomputes exactly the
+damaged or missing ones (the writer says which), so `monoscope verify`'s advice to rerun is true.
+The store folder is locked for the whole run: one writer per folder.
 """
 
 from __future__ import annotations
