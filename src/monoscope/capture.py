@@ -84,6 +84,7 @@ class CaptureResult:
     resumed_contexts: int  # contexts found already written (0 for a fresh capture)
     new_tokens: int
     seconds: float
+    repaired_shards: int = 0  # shards of a finished store that were damaged or missing and were captured again
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,6 +153,7 @@ def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cf
            progress: bool) -> CaptureResult:
     """Compute and write every shard the writer still needs, then the manifest."""
     resumed = writer.done_contexts
+    repaired = len(writer.redo) if writer.recorded is not None else 0
     store_dtype = STORE_DTYPES[cfg.dtype]
     cps = cfg.contexts_per_shard
     last = writer.last_needed  # a complete store being repaired stops after its last damaged shard
@@ -211,4 +213,5 @@ def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cf
             requested_tokens=cfg.tokens,
         )
     writer.finish(manifest)
-    return CaptureResult(writer.folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0)
+    return CaptureResult(writer.folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0,
+                         repaired)

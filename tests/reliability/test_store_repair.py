@@ -73,7 +73,7 @@ def test_verify_advice_is_true_rerun_redoes_exactly_the_damaged_shards(pair, mod
     assert ("note: 2 of 10 shards in " in r.stderr
             and "(shard-00003.safetensors, shard-00007.safetensors): capturing them again" in r.stderr), r.stderr
     assert "already complete" not in r.stdout, r.stdout
-    assert "resumed after 15 contexts; 64 tokens" in " ".join(r.stdout.split()), r.stdout
+    assert "repaired 2 damaged or missing shard(s); 64 tokens" in " ".join(r.stdout.split()), r.stdout
     assert folder_bytes(s) == want  # byte-identical to the uninterrupted run
     for name, mtime in untouched.items():  # the intact shards were checked, not rewritten
         if name != "shard-00003.safetensors":
@@ -92,7 +92,8 @@ def test_trust_sizes_checks_sizes_only(pair, again) -> None:  # type: ignore[no-
     res = again(s, trust_sizes=True)
     assert res.new_tokens == 2 * 16 and folder_bytes(s) != want
     res = again(s)
-    assert res.new_tokens == 2 * 16 and res.resumed_contexts == 17 and folder_bytes(s) == want
+    assert res.new_tokens == 2 * 16 and res.resumed_contexts == 17 and res.repaired_shards == 1
+    assert folder_bytes(s) == want
     assert again(s).new_tokens == 0
 
 
