@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import peak_rss_gb, write_result
-from monoscope.capture import batched_contexts
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.eval.splice import Splicer
 from monoscope.model import load_model
 from monoscope.sae import SAEConfig, build_sae

@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import peak_rss_gb, write_result
-from monoscope.capture import capture, parse_count
+from monoscope.capture import capture
 from monoscope.features.build import build_features
 from monoscope.train import train
+from monoscope.units import parse_count
 
 HOOK = "resid_post.15"
 

@@ -83,7 +83,7 @@ NAME = "train_vs_peers"
 
 
 def parse_count(s: str) -> int:
-    from monoscope.capture import parse_count as pc
+    from monoscope.units import parse_count as pc
 
     return int(pc(s))
 

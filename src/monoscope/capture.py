@@ -4,32 +4,34 @@
 
 The forward stops right after the hooked block. Contexts are formed deterministically from the
 corpus, batched so that every shard boundary is a batch boundary, and written shard by shard; a
-killed capture run again with the same arguments resumes after its last intact shard and ends with
-the same bytes as an uninterrupted one.
+killed capture run again with the same arguments resumes and ends with the same bytes as an
+uninterrupted one. Run again on a finished store, it checks every shard and recomputes exactly the
+damaged or missing ones (the writer says which), so `monoscope verify`'s advice to rerun is true.
+The store folder is locked for the whole run: one writer per folder.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from monoscope import __version__
-from monoscope.corpus import Corpus, iter_contexts, open_corpus
+from monoscope.corpus import Corpus, open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError, StoreError
+from monoscope.locking import FolderLock
 from monoscope.model import LoadedModel, load_model
 from monoscope.model.hooks import HookPoint
 from monoscope.progress import progress_bar
 from monoscope.store.manifest import Manifest, RowPolicy
 from monoscope.store.writer import StoreWriter
+from monoscope.units import parse_count
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -82,23 +84,11 @@ class CaptureResult:
     resumed_contexts: int  # contexts found already written (0 for a fresh capture)
     new_tokens: int
     seconds: float
+    repaired_shards: int = 0  # shards of a finished store that were damaged or missing and were captured again
 
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def parse_count(text: str | int) -> int:
-    """`1M`, `50k`, `2.5M`, `1e6` or a plain integer."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().lower().replace("_", "").replace(",", "")
-    mult = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}.get(s[-1:], 1)
-    try:
-        value = float(s[:-1] if mult != 1 else s)
-    except ValueError:
-        raise MonoscopeError(f"cannot read {text!r} as a count: use a number like 500000, 500k or 2M") from None
-    return int(value * mult)
 
 
 def tokenizer_record(lm: LoadedModel) -> dict[str, Any]:
@@ -115,17 +105,6 @@ def config_key(lm: LoadedModel, hp: HookPoint, corpus_fp: str, cfg: CaptureConfi
                        "tokenizer": tokenizer_record(lm), "compute": lm.compute_dtype,
                        "device": lm.device.type}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int,
-                     skip: int = 0) -> Iterator[torch.Tensor]:
-    """Token ids [batch, ctx_len] in the corpus's deterministic order, after the first `skip` contexts
-    (tokenised, not returned); the last batch may be short."""
-    bos, sep = lm.special_ids()
-    it = iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep, name=corpus.name)
-    it = itertools.islice(it, skip, None)
-    while chunk := list(itertools.islice(it, batch)):
-        yield torch.from_numpy(np.stack(chunk)).to(torch.int64)
 
 
 def capture(
@@ -146,72 +125,93 @@ def capture(
     text_field: str = "text",
     strict_utf8: bool = False,
     overwrite: bool = False,
+    trust_sizes: bool = False,
     progress: bool = True,
 ) -> CaptureResult:
-    """Capture activations at `hook` into the store folder `out`, resuming an unfinished one."""
-    cfg = CaptureConfig(tokens=parse_count(tokens), ctx_len=ctx_len, dtype=dtype, batch_contexts=batch_contexts,
-                        contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
+    """Capture activations at `hook` into the store folder `out`, resuming an unfinished one and repairing a
+    damaged one (every recorded shard is checked: size, and sha256 unless `trust_sizes`)."""
+    cfg = CaptureConfig(tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len, dtype=dtype,
+                        batch_contexts=batch_contexts, contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
                         outlier_factor=outlier_factor)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise StoreError(f"--out {folder} is a file: pass a folder for the store")
     corp = open_corpus(corpus, text_field=text_field, strict_utf8=strict_utf8) if isinstance(corpus, str) else corpus
-    next(iter(corp.documents()))  # an empty or unreadable corpus fails here, before the model loads
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, compute_dtype=compute_dtype)
-    hp = lm.hook(hook)
-    key = config_key(lm, hp, corp.fingerprint(), cfg)
-    writer = StoreWriter(folder, key, overwrite=overwrite)
-    if writer.complete is not None:
-        return CaptureResult(folder, writer.complete, writer.complete.n_contexts, 0, 0.0)
+    with FolderLock(folder, "capture"):
+        next(iter(corp.documents()))  # an empty or unreadable corpus fails here, before the model loads
+        lm = model if isinstance(model, LoadedModel) else load_model(model, device=device,
+                                                                        compute_dtype=compute_dtype)
+        hp = lm.hook(hook)
+        key = config_key(lm, hp, corp.fingerprint(), cfg)
+        writer = StoreWriter(folder, key, overwrite=overwrite, trust_sizes=trust_sizes)
+        if writer.complete is not None:
+            return CaptureResult(folder, writer.complete, writer.complete.n_contexts, 0, 0.0)
+        return _write(writer, lm, hp, corp, cfg, progress)
 
+
+def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cfg: CaptureConfig,
+           progress: bool) -> CaptureResult:
+    """Compute and write every shard the writer still needs, then the manifest."""
     resumed = writer.done_contexts
+    repaired = len(writer.redo) if writer.recorded is not None else 0
     store_dtype = STORE_DTYPES[cfg.dtype]
+    cps = cfg.contexts_per_shard
+    last = writer.last_needed  # a complete store being repaired stops after its last damaged shard
     t0 = time.perf_counter()
     new_contexts = 0
     buf_tok: list[torch.Tensor] = []
     buf_act: list[torch.Tensor] = []
 
-    def flush() -> None:
+    def flush(index: int) -> None:
         toks, acts = torch.cat(buf_tok), torch.cat(buf_act)
         if writer.row_policy is None:
             writer.set_row_policy(RowPolicy.measured(acts, cfg.exclude_bos, cfg.outlier_factor))
         policy = writer.row_policy
         assert policy is not None
-        writer.add_shard(toks, acts, policy.keep(acts))
+        writer.add_shard(toks, acts, policy.keep(acts), index=index)
         buf_tok.clear()
         buf_act.clear()
 
+    total = cfg.n_contexts * cfg.ctx_len if writer.recorded is None else writer.recorded.n_tokens
+    index = 0
     batches = batched_contexts(lm, corp, cfg.ctx_len, cfg.batch_contexts)
-    with progress_bar("capture", total=cfg.n_contexts * cfg.ctx_len, unit="tok", enabled=progress) as bar:
+    with progress_bar("capture", total=total, unit="tok", enabled=progress) as bar:
         bar.update(resumed * cfg.ctx_len)
         done = 0
         for ids in batches:
-            if done + len(ids) <= resumed:  # already in an intact shard: tokenised, not recomputed
-                done += len(ids)
-                continue
             ids = ids[: cfg.n_contexts - done]
-            acts = lm.acts(hp, ids).to(store_dtype).cpu()
-            buf_tok.append(ids.to(torch.int32))
-            buf_act.append(acts)
+            index = done // cps  # shards are whole batches, so a batch lies in exactly one shard
+            if last is not None and index > last:
+                break
             done += len(ids)
+            if not writer.needs(index):  # in an intact shard: tokenised, not recomputed
+                if done >= cfg.n_contexts:
+                    break
+                continue
+            buf_tok.append(ids.to(torch.int32))
+            buf_act.append(lm.acts(hp, ids).to(store_dtype).cpu())
             new_contexts += len(ids)
             bar.update(len(ids) * cfg.ctx_len)
-            if sum(len(b) for b in buf_tok) >= cfg.contexts_per_shard:
-                flush()
+            if done % cps == 0 or done >= cfg.n_contexts:
+                flush(index)
             if done >= cfg.n_contexts:
                 break
-        if buf_tok:
-            flush()
+        if buf_tok:  # the corpus ran out inside shard `index`
+            flush(index)
     if not writer.shards:
         raise StoreError(f"no contexts were captured from corpus {corp.describe().get('path', 'default')}")
 
-    manifest = Manifest(
-        model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
-        tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
-        corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
-        capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
-                 "monoscope_version": __version__},
-        requested_tokens=cfg.tokens,
-    )
+    if writer.recorded is not None:  # repaired: the manifest's facts stand, only its shard records change
+        manifest = writer.recorded
+    else:
+        manifest = Manifest(
+            model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
+            tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
+            corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
+            capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
+                     "monoscope_version": __version__},
+            requested_tokens=cfg.tokens,
+        )
     writer.finish(manifest)
-    return CaptureResult(folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0)
+    return CaptureResult(writer.folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0,
+                         repaired)

@@ -56,7 +56,7 @@ def _capture(args: argparse.Namespace, out: Path) -> None:
                   contexts_per_shard=args.contexts_per_shard, exclude_bos=not args.keep_bos,
                   outlier_factor=args.outlier_factor, device=args.device, compute_dtype=args.compute_dtype,
                   text_field=args.text_field, strict_utf8=args.strict_utf8, overwrite=args.overwrite,
-                  progress=not args.quiet)
+                  trust_sizes=getattr(args, "trust_sizes", False), progress=not args.quiet)
     print_store_summary(res)
 
 
@@ -78,8 +78,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL {p}", file=sys.stderr)
     n = len(store.manifest.shards)
     if problems:
-        print(f"{len(problems)} of {n} shards failed in {args.store}: recapture (monoscope capture resumes "
-              "from intact shards once the bad ones are removed)", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {args.store} ({n} shards in its manifest): run the same monoscope "
+              "capture command again; it checks every shard and recaptures exactly the damaged or missing ones",
+              file=sys.stderr)
         return 1
     print(f"OK {n} shards, {store.manifest.n_contexts:,} contexts, {store.n_rows:,} training rows: "
           f"every size and sha256 matches {Path(args.store) / 'manifest.json'}")
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("capture", help="run a corpus through a model and store activations at a hook point")
     p.add_argument("--out", required=True, help="store folder (created; an unfinished capture there resumes)")
     _add_capture_args(p, tokens_default=None)
+    p.add_argument("--trust-sizes", action="store_true",
+                   help="when rerun on an existing store, check shard sizes only, not their sha256 (faster)")
     p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("verify", help="check every shard of an activation store against its manifest")

@@ -1,6 +1,8 @@
-"""Where tensors live: one rule for every stage."""
+"""Where tensors live and when they compute in bf16: one rule for every stage (model and SAE alike)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -20,3 +22,33 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise MonoscopeError(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return dev
+
+
+@functools.cache
+def _cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: the CPUs where bf16 matmuls run natively (elsewhere they are emulated and slower)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:  # not Linux: ask oneDNN instead
+        pass
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """True where bf16 matmuls beat float32: CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16.
+
+    The one rule behind `compute_dtype="auto"` for the model forward (bf16 autocast) and the SAE's large
+    matmuls, so both stages of one run decide alike on one machine.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        return _cpu_has_native_bf16()
+    return False

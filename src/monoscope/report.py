@@ -40,6 +40,8 @@ def print_store_summary(res: CaptureResult) -> None:
               + (f", {m.corpus['replaced_bytes']} bytes replaced" if m.corpus.get("replaced_bytes") else ""))
     if res.new_tokens:
         how = f"resumed after {res.resumed_contexts:,} contexts; " if res.resumed_contexts else ""
+        if res.repaired_shards:
+            how = f"repaired {res.repaired_shards} damaged or missing shard(s); "
         t.add_row("this run", f"{how}{res.new_tokens:,} tokens in {res.seconds:,.1f} s = "
                   f"{res.tokens_per_s:,.0f} tokens/s ({m.capture['compute_dtype']} on {m.capture['device']})")
     else:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from monoscope.capture import batched_contexts
 from monoscope.corpus import Corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.model import LoadedModel
 from monoscope.model.hooks import HookPoint
 from monoscope.store.batches import Chunk, RowStream

@@ -183,7 +183,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, model_dir: Path, corpus_
     base = ["capture", "--model", str(model_dir), "--corpus", str(corpus_file), "--out", str(tmp_path / "o"),
             "--ctx-len", "16", "--quiet"]
     _one_line_error(capsys, [*base, "--tokens", "0"], "--tokens 0")
-    _one_line_error(capsys, [*base, "--tokens", "lots"], "'lots'")
+    _one_line_error(capsys, [*base, "--tokens", "lots"], "--tokens lots")
     _one_line_error(capsys, [*base[:2], str(tmp_path / "none.gguf"), *base[3:], "--tokens", "100"], "none.gguf")
     (tmp_path / "empty.txt").write_text("")
     _one_line_error(capsys, [*base[:4], str(tmp_path / "empty.txt"), *base[5:], "--tokens", "100"], "empty.txt")

@@ -61,7 +61,7 @@ def test_strict_utf8_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes(b"ok\n\ncaf\xe9\n")
     corpus = open_corpus(path, strict_utf8=True)
-    with pytest.raises(CorpusError, match=rf"{path} line 3: invalid UTF-8 \(bytes e9.*drop strict_utf8"):
+    with pytest.raises(CorpusError, match=rf"{path} line 3: invalid UTF-8 \(bytes e9.*drop --strict-utf8"):
         docs(corpus)
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from monoscope.capture import batched_contexts, capture
+from monoscope.capture import capture
 from monoscope.cli import main
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.model import LoadedModel, load_model
 from monoscope.store import ActivationStore
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from monoscope.capture import batched_contexts
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.eval import ReconAccumulator, Splicer
 from monoscope.eval.splice import LMAccumulator
 from monoscope.interop import write_saelens

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from monoscope.capture import batched_contexts
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.interop import load_any, write_saelens
 from monoscope.model import LoadedModel, load_model
 from monoscope.sae import SAEConfig, build_sae

@@ -106,9 +106,10 @@ def test_writer_resume_drops_bad_shards(tmp_path: Path) -> None:
     p.write_bytes(p.read_bytes()[:-1])
     (folder / ".tmp-leftover").write_bytes(b"half")
     w2 = StoreWriter(folder, "k" * 64)
-    assert [s.file for s in w2.shards] == [w.shards[0].file]
+    assert w2.shards == w.shards and w2.redo == {1}  # only the damaged shard is redone; the one after it stays
+    assert w2.needs(1) and not w2.needs(0) and not w2.needs(2) and w2.needs(3)
     assert not (folder / ".tmp-leftover").exists()
-    assert sorted(p.name for p in folder.glob("shard-*")) == [w.shards[0].file]
+    assert sorted(p.name for p in folder.glob("shard-*")) == [w.shards[0].file, w.shards[2].file]
 
 
 def test_disk_full_is_one_clear_error_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

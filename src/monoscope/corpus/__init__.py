@@ -30,8 +30,8 @@ def open_corpus(spec: str | Path, *, text_field: str = "text", strict_utf8: bool
         return DefaultCorpus()
     if not str(spec).strip():
         raise CorpusError(
-            "corpus spec is empty: pass 'default' or a path to a .txt/.jsonl/.parquet file or folder"
+            "--corpus is empty: pass 'default' or a path to a .txt/.jsonl/.parquet file or folder"
         )
     if not text_field:
-        raise CorpusError("text_field is empty: pass the name of the field or column holding the text")
+        raise CorpusError("--text-field is empty: pass the name of the field or column holding the text")
     return FileCorpus(Path(spec).expanduser(), text_field=text_field, strict_utf8=strict_utf8)

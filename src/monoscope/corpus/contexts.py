@@ -15,12 +15,19 @@ documents (at most ~`batch_chars` characters) at a time, so a caller that stops 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from monoscope.errors import CorpusError
+
+if TYPE_CHECKING:  # the model stack sits above the corpus; only its type is needed here
+    import torch
+
+    from monoscope.corpus.base import Corpus
+    from monoscope.model.load import LoadedModel
 
 
 def _batches(documents: Iterable[str], batch_docs: int, batch_chars: int) -> Iterator[list[str]]:
@@ -79,7 +86,7 @@ def iter_contexts(
     """
     if ctx_len < 2:
         raise CorpusError(
-            f"ctx_len {ctx_len} is too small: a context needs the BOS and at least one token (>= 2)"
+            f"--ctx-len {ctx_len} is too small: a context needs the BOS and at least one token (>= 2)"
         )
     if batch_docs < 1:
         raise CorpusError(f"batch_docs {batch_docs} must be >= 1")
@@ -136,3 +143,17 @@ def _contexts(
         f"corpus {name} has only {total} tokens, fewer than one context of {ctx_len} "
         f"(BOS + {body}): use a longer corpus or --ctx-len <= {total + 1}"
     )
+
+
+def batched_contexts(lm: LoadedModel, corpus: Corpus, ctx_len: int, batch: int,
+                     skip: int = 0) -> Iterator[torch.Tensor]:
+    """Token ids [batch, ctx_len] int64 in the corpus's deterministic order, after the first `skip` contexts
+    (tokenised, not returned); the last batch may be short. Every stage that feeds a model uses this, so
+    capture, eval and the features pass see the same contexts."""
+    import torch
+
+    bos, sep = lm.special_ids()
+    it = iter_contexts(corpus.documents(), lm.tokenizer, ctx_len, bos, sep, name=corpus.name)
+    it = itertools.islice(it, skip, None)
+    while chunk := list(itertools.islice(it, batch)):
+        yield torch.from_numpy(np.stack(chunk)).to(torch.int64)

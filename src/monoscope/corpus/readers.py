@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +54,11 @@ class Utf8Decoder:
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self.replacements = 0
+        self.bytes_read = 0  # bytes passed to decode(), to tell a few bad bytes from a binary file
 
     def decode(self, raw: bytes, where: Callable[[], str]) -> str:
         """Decode `raw`; `where()` names the place (file and line) for the strict error."""
+        self.bytes_read += len(raw)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as first:
@@ -63,7 +66,7 @@ class Utf8Decoder:
                 bad = raw[first.start : first.end].hex(" ")
                 raise CorpusError(
                     f"{where()}: invalid UTF-8 (bytes {bad} at byte {first.start}): re-encode the file as "
-                    "UTF-8, or drop strict_utf8 to replace bad bytes with U+FFFD"
+                    "UTF-8, or drop --strict-utf8 to replace bad bytes with U+FFFD"
                 ) from None
         # Same output as errors="replace" (one U+FFFD per bad sequence), counting the bytes replaced.
         parts: list[str] = []
@@ -83,7 +86,7 @@ class Utf8Decoder:
         """Replace lone surrogates (from JSON `\\ud800` escapes), which tokenizers cannot encode."""
         fixed, n = _SURROGATES.subn("\ufffd", text)
         if n and self.strict:
-            raise CorpusError("lone UTF-16 surrogate in a JSON string: fix the data or drop strict_utf8")
+            raise CorpusError("lone UTF-16 surrogate in a JSON string: fix the data or drop --strict-utf8")
         self.replacements += n
         return fixed
 
@@ -322,6 +325,29 @@ def detect_layout(path: Path) -> Layout:
     return Layout("folder", path, files)
 
 
+REPLACED_WARN_FRACTION = 0.01  # more than 1% of a file's bytes replaced: it is probably not text
+_WATCH_MIN_BYTES = 4096  # judge a file once this much of it has been read (or at its end)
+
+
+class _ReplacementWatch:
+    """Warns once per file when more than `REPLACED_WARN_FRACTION` of the bytes read from it were not UTF-8."""
+
+    def __init__(self, file: Path, decoder: Utf8Decoder, warned: set[Path]) -> None:
+        self.file, self.decoder, self.warned = file, decoder, warned
+        self.start_bytes, self.start_replaced = decoder.bytes_read, decoder.replacements
+
+    def check(self, *, final: bool) -> None:
+        if self.file in self.warned:  # once per file, however often the corpus is read
+            return
+        read = self.decoder.bytes_read - self.start_bytes
+        replaced = self.decoder.replacements - self.start_replaced
+        if read and (final or read >= _WATCH_MIN_BYTES) and replaced > REPLACED_WARN_FRACTION * read:
+            self.warned.add(self.file)
+            print(f"warning: {self.file}: {replaced:,} of the first {read:,} bytes ({replaced / read:.0%}) are not "
+                  "UTF-8 and were replaced with U+FFFD; is it a binary file? Re-encode it as UTF-8, or pass "
+                  "--strict-utf8 to refuse such input", file=sys.stderr)
+
+
 class FileCorpus(Corpus):
     """A user corpus on disk, streamed document by document."""
 
@@ -333,6 +359,7 @@ class FileCorpus(Corpus):
         self.strict_utf8 = strict_utf8
         self.layout = detect_layout(path)
         self._fingerprint: tuple[list[tuple[Path, int, int]], str] | None = None
+        self._warned: set[Path] = set()  # files already reported as mostly not UTF-8
         self._check_fields()
 
     def _check_fields(self) -> None:
@@ -369,20 +396,27 @@ class FileCorpus(Corpus):
         decoder = Utf8Decoder(self.strict_utf8)
         try:
             for file in self.layout.files:
-                kind = SUFFIXES[file.suffix.lower()]
-                if kind == "txt":
-                    docs = read_txt(file, decoder)
-                elif kind == "jsonl":
-                    docs = read_jsonl(file, self.text_field, decoder)
-                elif kind == "parquet":
-                    docs = read_parquet(file, self.text_field, decoder)
-                else:
-                    docs = read_arrow(file, self.text_field, decoder)
-                for doc in docs:
-                    self.replacements = decoder.replacements
+                watch = _ReplacementWatch(file, decoder, self._warned)
+                for doc in self._file_records(file, decoder):
+                    watch.check(final=False)
                     yield doc
+                watch.check(final=True)
         finally:
             self.replacements = decoder.replacements
+
+    def _file_records(self, file: Path, decoder: Utf8Decoder) -> Iterator[Document]:
+        kind = SUFFIXES[file.suffix.lower()]
+        if kind == "txt":
+            docs = read_txt(file, decoder)
+        elif kind == "jsonl":
+            docs = read_jsonl(file, self.text_field, decoder)
+        elif kind == "parquet":
+            docs = read_parquet(file, self.text_field, decoder)
+        else:
+            docs = read_arrow(file, self.text_field, decoder)
+        for doc in docs:
+            self.replacements = decoder.replacements
+            yield doc
 
     def _empty_error(self) -> CorpusError:
         what = "text" if self.layout.kind == "txt" else f"non-empty {self.text_field!r} values"

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from monoscope.capture import batched_contexts
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError
 from monoscope.model.load import LoadedModel
 from monoscope.store import ActivationStore

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from monoscope import __version__
-from monoscope.capture import parse_count
 from monoscope.errors import MonoscopeError
 from monoscope.eval.data import check_rows, heldout_contexts, store_digest, store_rows
 from monoscope.eval.metrics import ReconAccumulator, ReconMetrics
@@ -26,6 +25,7 @@ from monoscope.progress import progress_bar
 from monoscope.sae import SAE
 from monoscope.sae.io import weights_sha256
 from monoscope.store import ActivationStore
+from monoscope.units import parse_count
 
 
 @dataclass

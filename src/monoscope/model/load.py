@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from monoscope.cache import cache_dir
-from monoscope.devices import resolve_device
+from monoscope.devices import bf16_is_fast, resolve_device
 from monoscope.errors import ModelError
 from monoscope.model.hooks import HookPoint, Layout, default_hook, find_layout, parse_hook, run_to_hook
 
@@ -64,9 +64,35 @@ def default_gguf_path() -> Path:
     return path
 
 
+def _describe_file(path: Path) -> str:
+    """What a file that is not a model looks like, from its name and first bytes, for the error message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        return f"a file that cannot be read ({e.strerror})"
+    name = path.name.lower()
+    if head[:4] == b"GGUF":
+        return "a GGUF file without the .gguf extension (rename it to end in .gguf)"
+    if name.endswith(".safetensors") or (len(head) > 8 and head[8:9] == b"{" and b'"dtype"' in head):
+        return "a safetensors weights file (pass the folder that holds it and its config.json)"
+    if name == "config.json":
+        return "a model config (pass the folder that holds it)"
+    if head[:2] == b"PK" or name.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        return "a PyTorch checkpoint or zip archive (pass the folder saved with save_pretrained)"
+    if not head:
+        return "an empty file"
+    if b"\0" in head:
+        return f"a binary file of {path.stat().st_size:,} bytes"
+    return "a text file" + (" (JSON)" if head.lstrip()[:1] in (b"{", b"[") else "")
+
+
 def resolve_source(spec: str) -> ModelSource:
     """Decide what `spec` names, with an error that says what was expected when it names nothing."""
-    if spec in (DEFAULT_MODEL, ""):
+    if not spec.strip():
+        raise ModelError("--model is empty: pass 'default', a Hugging Face id, a folder saved with save_pretrained "
+                         "or a .gguf file")
+    if spec == DEFAULT_MODEL:
         p = default_gguf_path()
         return ModelSource(spec, "gguf", str(p.parent), p.name)
     path = Path(spec).expanduser()
@@ -84,9 +110,29 @@ def resolve_source(spec: str) -> ModelSource:
             f"model folder {spec!r} has no config.json and {len(ggufs)} .gguf files: pass a folder saved with "
             "save_pretrained, or the .gguf file itself"
         )
+    if path.is_file():
+        raise ModelError(f"--model {spec!r} is {_describe_file(path)}, not a model: pass a .gguf file, a folder "
+                         "saved with save_pretrained (config.json and weights) or a Hugging Face id")
     if path.exists() or spec.startswith((".", "/", "~")) or os.sep + os.sep in spec:
         raise ModelError(f"model path {spec!r} does not exist: pass a Hugging Face id, a folder or a .gguf file")
     return ModelSource(spec, "hub", spec)
+
+
+@contextlib.contextmanager
+def hf_progress_bars_off() -> Iterator[None]:
+    """Hide transformers' per-tensor progress bars around one load, then restore the caller's setting.
+
+    Only the bars: its log level is left alone, so warnings such as "weights not initialised" still show.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _hub_unreachable(repo_id: str) -> bool:
@@ -173,19 +219,12 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_compute_dtype(name: str, device: torch.device) -> Literal["fp32", "bf16"]:
     if name not in ("auto", "fp32", "bf16"):
-        raise ModelError(f"unknown compute dtype {name!r}: use auto, fp32 or bf16")
+        raise ModelError(f"unknown --compute-dtype {name!r}: use auto, fp32 or bf16")
     if name != "auto":
         return name  # type: ignore[return-value]
-    return "bf16" if device.type == "cuda" or cpu_has_fast_bf16() else "fp32"
+    return "bf16" if bf16_is_fast(device) else "fp32"
 
 
 @dataclass
@@ -246,7 +285,8 @@ class LoadedModel:
         tok = self.tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if bos is None:
-            raise ModelError(f"tokenizer of {self.model_id} has neither a BOS nor an EOS token: pass --bos-token")
+            raise ModelError(f"tokenizer of {self.model_id} has neither a BOS nor an EOS token: set "
+                             "bos_token in its tokenizer_config.json, or use a model whose tokenizer has one")
         vocab = tok.get_vocab()
         sep = vocab.get("<|endoftext|>", tok.eos_token_id)
         return int(bos), (None if sep is None or sep == bos else int(sep))
@@ -272,10 +312,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = "auto",
     dev = resolve_device(device)
     cdt = resolve_compute_dtype(compute_dtype, dev)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import, deferred
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {}
     weights_sha: str | None = None
     load_path, cache_to = source.path, None
@@ -296,8 +332,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | None = "auto",
             "reached (offline?); pass a local folder or a .gguf file, or run once online"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(load_path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(load_path, dtype=torch.float32, **kwargs)
+        with hf_progress_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(load_path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(load_path, dtype=torch.float32, **kwargs)
     except OSError as e:
         if source.kind == "hub":
             raise ModelError(

@@ -16,12 +16,12 @@ plus per-architecture extras (JumpReLU `log_threshold` [d_sae], BatchTopK buffer
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from monoscope.devices import bf16_is_fast
 from monoscope.sae.config import SAEConfig
 from monoscope.sae.sparse import SparsePattern
 
@@ -315,29 +315,6 @@ class SAE(nn.Module):
             fvu=fvu,
             fired=fired,
         )
-
-
-@functools.cache
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
-def bf16_is_fast(device: torch.device | str) -> bool:
-    """True where bf16 matmuls beat float32: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    if dev.type == "cpu":
-        return _cpu_has_fast_bf16()
-    return False
 
 
 def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:

@@ -109,11 +109,19 @@ class Manifest:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+    def from_json(cls, d: Any, where: str = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise StoreError(f"{where} holds a JSON {type(d).__name__ if d is not None else 'null'}, not a store "
+                             "manifest (an object): rerun the same monoscope capture command to rebuild it")
         if d.get("format") != STORE_FORMAT:
             raise StoreError(f"{where} has format {d.get('format')!r}, expected {STORE_FORMAT!r}: "
                              "this is not a monoscope activation store (or one from a newer version)")
         try:
+            for name in ("model", "tokenizer", "corpus", "capture", "row_policy"):
+                if not isinstance(d[name], dict):
+                    raise TypeError(f"{name!r} is not an object")
+            if not isinstance(d["shards"], list):
+                raise TypeError("'shards' is not a list")
             return cls(
                 model=d["model"], hook=d["hook"], d_model=int(d["d_model"]), dtype=d["dtype"],
                 ctx_len=int(d["ctx_len"]), tokenizer=d["tokenizer"], row_policy=RowPolicy(**d["row_policy"]),
@@ -121,7 +129,9 @@ class Manifest:
                 requested_tokens=int(d.get("requested_tokens", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{where} is malformed ({e}): recreate the store with monoscope capture") from e
+            what = f"key {e} is missing" if isinstance(e, KeyError) else str(e)
+            raise StoreError(f"{where} is malformed ({what}): rerun the same monoscope capture command to rebuild "
+                             "it, or recapture with --overwrite") from e
 
     def write(self, folder: Path) -> None:
         write_json_atomic(folder / MANIFEST, self.to_json())

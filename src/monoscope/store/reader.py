@@ -93,13 +93,20 @@ class ActivationStore:
             yield from zip(shard.tokens, shard.acts, strict=True)
 
     def verify(self) -> list[str]:
-        """Check every shard's presence, size and digest; returns the problems (empty when intact)."""
+        """Check every shard's presence, size and digest, and that the manifest lists every shard file in the
+        folder; returns the problems (empty when intact)."""
         problems = []
         for info in self.manifest.shards:
             try:
                 read_shard_bytes(self.folder / info.file, info)
             except StoreError as e:
                 problems.append(str(e))
+        listed = {s.file for s in self.manifest.shards}
+        extra = sorted(p.name for p in self.folder.glob("shard-*.safetensors") if p.name not in listed)
+        if extra:
+            problems.append(f"{len(extra)} shard file(s) in {self.folder} are not in its manifest "
+                            f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): the manifest is "
+                            "truncated or the folder mixes two captures")
         return problems
 
     def _row_offsets(self) -> list[int]:

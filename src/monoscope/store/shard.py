@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from monoscope.errors import StoreError
-from monoscope.fileio import write_bytes_atomic
+from monoscope.fileio import sha256_file, write_bytes_atomic
 from monoscope.store.manifest import ShardInfo
 
 SHARD_FORMAT = "monoscope-shard/1"
@@ -64,6 +64,19 @@ def read_shard_bytes(path: Path, info: ShardInfo) -> bytes:
     if actual != info.sha256:
         raise StoreError(f"shard {path.name} is corrupt: sha256 {actual} but the manifest expects {info.sha256}")
     return data
+
+
+def check_shard_file(path: Path, info: ShardInfo, *, digest: bool = True) -> str | None:
+    """What is wrong with the shard file (None when intact): presence, size, and sha256 when `digest`."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"shard {path.name} is missing"
+    if size != info.bytes:
+        return f"shard {path.name} has {size} bytes, the manifest says {info.bytes}"
+    if digest and sha256_file(path) != info.sha256:
+        return f"shard {path.name} fails its sha256 check"
+    return None
 
 
 def read_shard(path: Path, info: ShardInfo) -> Shard:

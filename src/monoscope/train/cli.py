@@ -185,7 +185,7 @@ def _parser_for(kind: Any) -> Callable[[str], Any]:
 
 def _count(text: str) -> int:
     """A 10M-style count; a bad one is argparse's one-line usage error with parse_count's message."""
-    from monoscope.capture import parse_count  # lazily: capture imports the model stack
+    from monoscope.units import parse_count
 
     try:
         return parse_count(text)

@@ -30,6 +30,7 @@ import torch
 import monoscope
 from monoscope.devices import resolve_device
 from monoscope.errors import MonoscopeError
+from monoscope.locking import locks_folders
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, load_sae, save_sae
 from monoscope.sae.config import SAEConfigError, parse_width
@@ -74,6 +75,7 @@ class TrainResult:
         return self.session_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+@locks_folders(lambda a: [a["out"]], "train")
 def train(
     out: str | Path,
     *,
@@ -173,7 +175,7 @@ def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainC
         if settings:
             raise TrainConfigError(f"pass either config= or settings as keywords, not both (got {sorted(settings)})")
         return config
-    from monoscope.capture import parse_count  # lazily: capture imports the model stack
+    from monoscope.units import parse_count
 
     for name in ("tokens", "dead_window"):
         if isinstance(settings.get(name), str):
