@@ -426,7 +426,8 @@ def _finalise(t: _Target, lm: Any, toks: np.ndarray, codes: tuple[np.ndarray, np
     neigh = _neighbours(t.sae)
     cfg = t.sae.cfg
     meta = {**meta_common, "sae": {"path": str(t.sae_dir.resolve()), "weights_sha256": t.digest, "arch": cfg.arch,
-                                   "d_sae": cfg.d_sae, "k": cfg.k}, "sae_key": t.key}
+                                   "d_sae": cfg.d_sae, "k": cfg.k}, "sae_key": t.key,
+            "compute_dtype": {"model": lm.compute_dtype, "sae": str(t.sae.compute_dtype()).removeprefix("torch.")}}
     _remove_db(t.db_path)
     t.out.mkdir(parents=True, exist_ok=True)
     write_database(t.db_path, t.stats, toks, codes, vocab, meta, logit, neigh, bins, progress)
@@ -472,7 +473,7 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
     edges = json.dumps([float(e) for e in HIST_EDGES])
     vj = [json.dumps(v) for v in vocab]
 
-    db = FeatureDB.create(path, {**meta, "n_features": F, "cooccurrence": {
+    db = FeatureDB.create(path, {**meta, "n_features": F, "rows_counted": s.tokens, "cooccurrence": {
         "pairs_budget": s.cooc.budget, "exact": s.cooc.exact, "max_error": s.cooccurrence_error(),
         "note": "P(j | i) from a sparse pair table; once pruned, a reported value is low by at most max_error"}})
     label_rows: list[tuple[int, str]] = []

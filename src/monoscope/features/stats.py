@@ -53,7 +53,8 @@ class PairCounts:
     Each batch's pairs are counted exactly (a sparse product AᵀA of the batch's activity matrix, in row
     chunks whose pair count stays under budget / 4) and queued; when table + queue exceed `budget` they
     are summed into the table, and if the table then holds more than budget / 2 pairs every feature keeps
-    only its `keep` = budget / (2F) largest counts (at least 2 × the pairs reported). The largest count a
+    only its `keep` = budget / (2F) largest counts (at least 2 × the pairs reported, so the table holds
+at most max(budget, 2 × report × F) pairs). The largest count a
     feature drops is added to its error bound `err[i]`, so for every pair: stored count ≤ true count ≤
     stored count + err[i] (a dropped pair that comes back restarts from zero). Until the first pruning
     every count is exact (`exact`); afterwards, the reported P(j | i) is low by at most err[i] / fires[i].
