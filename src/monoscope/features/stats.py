@@ -32,10 +32,6 @@ COOC_BUDGET = 1 << 24
 """Feature pairs the co-occurrence table holds at most (~200 MB with its merge buffers), whatever the width."""
 
 
-def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-
 def _hash_keys(ctx: Tensor, feat: Tensor, salt: int = 0x9E3779B9) -> Tensor:
     """A deterministic pseudo-random float in [0, 1) per (context, feature) pair (splitmix-style mixing
     in int64), so reservoir sampling does not depend on batch boundaries or resumes."""
@@ -48,68 +44,67 @@ def _hash_keys(ctx: Tensor, feat: Tensor, salt: int = 0x9E3779B9) -> Tensor:
 
 class PairCounts:
     """How often features i and j (i ≠ j) are active on the same row, for any number of features, in
-    bounded memory: a sparse table (CSR, row i = feature i) of at most `budget` pairs.
+    bounded memory: a sparse table (CSR, row i = feature i, the diagonal holding fires) of at most
+    max(budget, keep × F) pairs.
 
-    Each batch's pairs are counted exactly (a sparse product AᵀA of the batch's activity matrix, in row
-    chunks whose pair count stays under budget / 4) and queued; when table + queue exceed `budget` they
-    are summed into the table, and if the table then holds more than budget / 2 pairs every feature keeps
-    only its `keep` = budget / (2F) largest counts (at least 2 × the pairs reported, so the table holds
-at most max(budget, 2 × report × F) pairs). The largest count a
-    feature drops is added to its error bound `err[i]`, so for every pair: stored count ≤ true count ≤
-    stored count + err[i] (a dropped pair that comes back restarts from zero). Until the first pruning
-    every count is exact (`exact`); afterwards, the reported P(j | i) is low by at most err[i] / fires[i].
+    Pairs are counted exactly (the sparse product AᵀA of the activity matrix of a few buffered batches,
+    in row chunks of at most budget / 2 pair products) and added to the table. When the table exceeds `budget`
+    pairs every feature keeps only its `keep` = max(2 × report + 1, budget / (2F)) largest counts; the
+    largest count a feature drops is added to its error bound `err[i]`, so for every pair: stored count ≤
+    true count ≤ stored count + err[i] (a dropped pair that comes back restarts from zero). Until the first
+    pruning every count is exact (`exact`); afterwards a reported P(j | i) is low by at most err[i] / fires[i].
     """
 
     def __init__(self, d_sae: int, budget: int = COOC_BUDGET, report: int = 10) -> None:
         self.d_sae, self.budget = d_sae, int(budget)
-        self.keep = max(2 * report, self.budget // (2 * max(d_sae, 1)))
+        self.keep = max(2 * report + 1, self.budget // (2 * max(d_sae, 1)))
         self.table = sp.csr_matrix((d_sae, d_sae), dtype=np.int64)
         self.err = np.zeros(d_sae, dtype=np.int64)
-        self.pending: list[sp.coo_matrix] = []
-        self.pending_nnz = 0
         self.pruned = 0  # prunings so far
+        self.buf_rows: list[np.ndarray] = []
+        self.buf_feats: list[np.ndarray] = []
+        self.buf_n = self.buf_products = 0
 
     @property
     def exact(self) -> bool:
         return self.pruned == 0
 
     def add(self, rows: np.ndarray, feats: np.ndarray, n_rows: int) -> None:
-        """Active entries (row within the batch, feature) of a batch of `n_rows` rows."""
+        """Active entries (row within the batch, ascending; feature) of a batch of `n_rows` rows. Batches
+        are buffered until they hold budget / 2 pair products, then counted together (one table update
+        per several batches: the update costs a pass over the whole table)."""
         if len(rows) == 0:
             return
+        self.buf_rows.append(rows.astype(np.int64) + self.buf_n)
+        self.buf_feats.append(feats.astype(np.int32))
+        self.buf_n += n_rows
+        self.buf_products += int((np.bincount(rows) ** 2).sum())
+        if self.buf_products >= self.budget // 2:
+            self.flush()
+
+    def flush(self) -> None:
+        """Count the buffered batches into the table."""
+        if not self.buf_rows:
+            return
+        rows, feats, n_rows = np.concatenate(self.buf_rows), np.concatenate(self.buf_feats), self.buf_n
+        self.buf_rows, self.buf_feats, self.buf_n, self.buf_products = [], [], 0, 0
         F = self.d_sae
         l0 = np.bincount(rows, minlength=n_rows).astype(np.int64)
-        cum = np.cumsum(l0 * l0)  # pairs (with the diagonal) up to each row
-        step = max(1, self.budget // 4)
-        starts = np.concatenate([[0], np.cumsum(l0)])  # entries are grouped by row (ascending)
+        cum = np.cumsum(l0 * l0)  # pair products up to each row
+        indptr = np.concatenate([[0], np.cumsum(l0)])
+        step = max(1, self.budget // 2)
         r0 = 0
         while r0 < n_rows:
             base = int(cum[r0 - 1]) if r0 else 0
             r1 = min(n_rows, max(r0 + 1, int(np.searchsorted(cum, base + step, side="right"))))
-            e0, e1 = int(starts[r0]), int(starts[r1])
+            e0, e1 = int(indptr[r0]), int(indptr[r1])
             if e1 > e0:
-                a = sp.csr_matrix((np.ones(e1 - e0, dtype=np.int64), (rows[e0:e1] - r0, feats[e0:e1])),
-                                  shape=(r1 - r0, F))
-                c = (a.T.tocsr() @ a).tocoo()
-                off = c.row != c.col
-                self.pending.append(sp.coo_matrix((c.data[off], (c.row[off], c.col[off])), shape=(F, F)))
-                self.pending_nnz += int(off.sum())
-                if self.table.nnz + self.pending_nnz > self.budget:
-                    self._merge()
+                a = sp.csr_matrix((np.ones(e1 - e0, dtype=np.int64), feats[e0:e1].astype(np.int32),
+                                   indptr[r0: r1 + 1] - e0), shape=(r1 - r0, F))
+                self.table = self.table + a.T.tocsr() @ a
+                if self.table.nnz > self.budget:
+                    self._prune(self.keep)
             r0 = r1
-
-    def _merge(self) -> None:
-        if not self.pending:
-            return
-        t = self.table.tocoo()
-        rows = np.concatenate([t.row, *(p.row for p in self.pending)])
-        cols = np.concatenate([t.col, *(p.col for p in self.pending)])
-        data = np.concatenate([t.data, *(p.data for p in self.pending)])
-        self.table = sp.csr_matrix((data.astype(np.int64), (rows, cols)), shape=(self.d_sae, self.d_sae))
-        self.table.sum_duplicates()
-        self.pending, self.pending_nnz = [], 0
-        if self.table.nnz > self.budget // 2:
-            self._prune(self.keep)
 
     def _sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(row, col, count, rank within row) of the table, each row by count descending, then id."""
@@ -121,7 +116,7 @@ at most max(budget, 2 × report × F) pairs). The largest count a
         return row, col, cnt, rank
 
     def _prune(self, keep: int) -> None:
-        row, col, cnt, rank = self._sorted()
+        row, col, cnt, rank = self._sorted()  # the diagonal (fires) leads its row and always stays
         first_dropped = rank == keep
         np.add.at(self.err, row[first_dropped], cnt[first_dropped])
         k = rank < keep
@@ -129,9 +124,12 @@ at most max(budget, 2 × report × F) pairs). The largest count a
         self.pruned += 1
 
     def top(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, counts) [F, n] of each feature's most co-occurring features (id -1, count 0 = none)."""
-        self._merge()
-        row, col, cnt, rank = self._sorted()
+        """(ids, counts) [F, n] of each feature's most co-occurring other features (id -1, count 0 = none)."""
+        self.flush()
+        row, col, cnt, _ = self._sorted()
+        off = row != col
+        row, col, cnt = row[off], col[off], cnt[off]
+        rank = np.arange(len(row)) - np.searchsorted(row, row)  # rows stay grouped, in order
         ids = np.full((self.d_sae, n), -1, dtype=np.int64)
         out = np.zeros((self.d_sae, n), dtype=np.int64)
         k = rank < n
@@ -140,27 +138,24 @@ at most max(budget, 2 × report × F) pairs). The largest count a
         return ids, out
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The table and the queue (kept apart, so merges happen where an uninterrupted pass has them)."""
-        t, q = self.table, self.pending
+        t = self.table
         return {"cooc_indptr": torch.from_numpy(t.indptr.astype(np.int64)),
                 "cooc_indices": torch.from_numpy(t.indices.astype(np.int32)),
                 "cooc_data": torch.from_numpy(t.data.astype(np.int64)),
-                "cooc_err": torch.from_numpy(self.err.copy()),
-                "cooc_q_rows": torch.from_numpy(_cat([x.row for x in q], np.int32)),
-                "cooc_q_cols": torch.from_numpy(_cat([x.col for x in q], np.int32)),
-                "cooc_q_data": torch.from_numpy(_cat([x.data for x in q], np.int64)),
-                "cooc_pruned": torch.tensor(self.pruned)}
+                "cooc_err": torch.from_numpy(self.err.copy()), "cooc_pruned": torch.tensor(self.pruned),
+                "cooc_buf_rows": torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *self.buf_rows])),
+                "cooc_buf_feats": torch.from_numpy(np.concatenate([np.zeros(0, np.int32), *self.buf_feats])),
+                "cooc_buf_n": torch.tensor(self.buf_n), "cooc_buf_products": torch.tensor(self.buf_products)}
 
     def load_state_dict(self, s: dict[str, Tensor]) -> None:
         F = self.d_sae
         self.table = sp.csr_matrix((s["cooc_data"].numpy(), s["cooc_indices"].numpy(), s["cooc_indptr"].numpy()),
                                    shape=(F, F))
         self.err = s["cooc_err"].numpy().copy()
-        qd = s["cooc_q_data"].numpy()
-        self.pending = [sp.coo_matrix((qd, (s["cooc_q_rows"].numpy(), s["cooc_q_cols"].numpy())), shape=(F, F))] \
-            if len(qd) else []
-        self.pending_nnz = len(qd)
         self.pruned = int(s["cooc_pruned"])
+        br = s["cooc_buf_rows"].numpy()
+        self.buf_rows, self.buf_feats = ([br], [s["cooc_buf_feats"].numpy()]) if len(br) else ([], [])
+        self.buf_n, self.buf_products = int(s["cooc_buf_n"]), int(s["cooc_buf_products"])
 
 
 class FeatureStats:
