@@ -20,7 +20,6 @@ import itertools
 import json
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,7 +457,7 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
     ex_f = np.concatenate([qf, tf])
     ex_top = np.concatenate([np.zeros(len(qf), bool), np.ones(len(tf), bool)])
     ex_rank = np.concatenate([qr, tr])
-    order = np.lexsort((ex_rank, ex_top, ex_f))
+    order = np.argsort((ex_f.astype(np.int64) * 2 + ex_top) * (s.top_k + s.reservoir) + ex_rank)  # unique keys
     ex_f, ex_top, ex_rank = ex_f[order], ex_top[order], ex_rank[order]
     ex_bin = np.concatenate([qb[qf, qr], np.zeros(len(tf), np.int64)])[order]
     ex_act = np.concatenate([qv[qf, qr], tv[tf, tr]])[order].astype(np.float64)
@@ -471,7 +470,7 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
     prev = np.where(ex_pos > 0, toks[ex_ctx, np.maximum(ex_pos - 1, 0)], -1).astype(np.int64)
     n_top = np.bincount(tf, minlength=F)
     edges = json.dumps([float(e) for e in HIST_EDGES])
-    vj = [json.dumps(v) for v in vocab]
+    vj, vr = [json.dumps(v) for v in vocab], [repr(v) for v in vocab]  # each token's JSON and repr, once
 
     db = FeatureDB.create(path, {**meta, "n_features": F, "rows_counted": s.tokens, "cooccurrence": {
         "pairs_budget": s.cooc.budget, "exact": s.cooc.exact, "max_error": s.cooccurrence_error(),
@@ -486,30 +485,15 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
             acts = _window_acts(ex_f[e], ex_ctx[e], ex_start[e], codes, T, F, f0, f1)
             cols = np.minimum(ex_start[e][:, None] + np.arange(W)[None, :], T - 1)
             wt = toks[ex_ctx[e][:, None], cols].astype(np.int32)
-            tb, ab, lens = wt.tobytes(), acts.astype(np.float16).tobytes(), ex_len[e].tolist()
-            tblobs = [tb[i * 4 * W: (i * W + n) * 4] for i, n in enumerate(lens)]
-            ablobs = [ab[i * 2 * W: (i * W + n) * 2] for i, n in enumerate(lens)]
+            tblobs, ablobs = _row_bytes(wt, ex_len[e]), _row_bytes(acts.astype(np.float16), ex_len[e])
             kinds = np.where(ex_top[e], "top", "quantile").tolist()
             db.put_example_rows(zip(ex_f[e].tolist(), kinds, ex_rank[e].tolist(), ex_bin[e].tolist(),
                                     ex_act[e].tolist(), ex_ctx[e].tolist(), (ex_pos[e] - ex_start[e]).tolist(),
                                     tblobs, ablobs, strict=True))
-            # per-feature rows: the top examples of feature f are ex[top_at[f] : top_at[f] + n_top[f]]
-            is_top = np.flatnonzero(ex_top[e]) + a
-            top_at = np.searchsorted(ex_f[is_top], np.arange(f0, f1))
-            pk, pv = peak[is_top].tolist(), prev[is_top].tolist()
-            labels, infos, purity = [], [], np.zeros(f1 - f0)
-            for j, f in enumerate(range(f0, f1)):
-                n = int(n_top[f])
-                if n == 0:
-                    labels.append("")
-                    infos.append("{}")
-                    continue
-                at = int(top_at[j])
-                label, info, purity[j] = _cheap_label(pk[at: at + n], pv[at: at + n], lp_i[f, :5].tolist(), vocab)
-                labels.append(label)
-                infos.append(json.dumps(info))
-                if label:
-                    label_rows.append((f, label))
+            it = np.flatnonzero(ex_top[e]) + a  # the block's top examples
+            labels, infos, purity = _cheap_labels(f0, f1, ex_f[it], ex_rank[it], peak[it], prev[it], n_top,
+                                                  lp_i[:, :5], vocab, vj, vr)
+            label_rows += [(f, lab) for f, lab in zip(range(f0, f1), labels, strict=True) if lab]
             d = density[f0:f1]
             distinct = n_top[f0:f1]
             interest = np.where((d >= INTEREST_DENSITY[0]) & (d <= INTEREST_DENSITY[1]) & (distinct >= 5),
@@ -537,28 +521,77 @@ def _pairs_json(vocab_json: list[str], ids: list[int], values: list[float]) -> s
     return "[" + ", ".join(f"[{vocab_json[i]}, {v!r}]" for i, v in zip(ids, values, strict=True)) + "]"
 
 
-def _cheap_label(max_toks: list[int], prev_toks: list[int], promoted: list[int],
-                 vocab: list[str]) -> tuple[str, dict[str, Any], float]:
-    """A label without an LLM: the tokens the feature peaks on in its top examples (and the bigram when
-    one dominates), plus the tokens it promotes. Returns (label, evidence, purity = share of the top
-    examples whose peak token is one of the label's tokens)."""
-    if not max_toks:
-        return "", {}, 0.0
-    counts = Counter(max_toks)
-    common = counts.most_common(3)
-    purity = sum(c for _, c in common) / len(max_toks)
-    bigrams = Counter((p, m) for p, m in zip(prev_toks, max_toks, strict=True) if p >= 0).most_common(1)
-    parts = [repr(vocab[t]) for t, _ in common]
-    label = " | ".join(parts)
-    if bigrams and bigrams[0][1] >= max(3, len(max_toks) // 3):
-        (p, m), _ = bigrams[0]
-        label = f"{vocab[p] + vocab[m]!r} ({label})"
-    if promoted:
-        label += " → " + " ".join(repr(vocab[i]) for i in promoted[:3])
-    info = {"peak_tokens": [[vocab[t], c] for t, c in common],
-            "bigram": None if not bigrams else [vocab[bigrams[0][0][0]] + vocab[bigrams[0][0][1]], bigrams[0][1]],
-            "promoted": [vocab[i] for i in promoted[:5]], "purity": round(purity, 4)}
-    return label, info, purity
+def _row_bytes(a: np.ndarray, lengths: np.ndarray) -> list[bytes]:
+    """Each row of the 2-D array `a` as bytes, cut to its first lengths[i] items (one C loop for the
+    full-length rows, which are most of them)."""
+    full = a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1).tolist()
+    for i in np.flatnonzero(lengths < a.shape[1]).tolist():
+        full[i] = full[i][: int(lengths[i]) * a.itemsize]
+    return full
+
+
+def _cheap_labels(f0: int, f1: int, ef: np.ndarray, rank: np.ndarray, peak: np.ndarray, prev: np.ndarray,
+                  n_top: np.ndarray, promoted: np.ndarray, vocab: list[str], vocab_json: list[str],
+                  vocab_repr: list[str]) -> tuple[list[str], list[str], np.ndarray]:
+    """Labels without an LLM for features f0 ≤ f < f1, from their top examples (feature ef, rank, the
+    token of the peak and the one before it, -1 at a context start): the (up to) 3 most common peak
+    tokens (ties: the stronger example first) and, when one (previous, peak) bigram covers at least
+    max(3, n/3) of the n examples, that bigram; then the 3 tokens the feature promotes most.
+    Returns (labels, label evidence as JSON, purity = share of examples whose peak is one of the 3)."""
+    n = f1 - f0
+    K = int(rank.max(initial=0)) + 2
+    labels, infos, purity = [""] * n, ["{}"] * n, np.zeros(n)
+    if len(ef) == 0:
+        return labels, infos, purity
+    V = len(vocab)
+    # (feature, token) counts and first rank; sorted by feature, count descending, first rank
+    key = ef.astype(np.int64) * V + peak
+    uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    first_rank = np.full(len(uk), K, np.int64)
+    np.minimum.at(first_rank, inv, rank)
+    uf, ut = uk // V, uk % V
+    order = np.argsort((uf * K + (K - cnt)) * K + first_rank)
+    uf, ut, cnt = uf[order], ut[order], cnt[order]
+    pos_in = np.arange(len(uf)) - np.searchsorted(uf, uf)
+    top3 = pos_in < 3
+    covered = np.bincount(uf[top3] - f0, weights=cnt[top3], minlength=n)
+    tot = n_top[f0:f1]
+    purity = np.where(tot > 0, covered / np.maximum(tot, 1), 0.0)
+    common: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for f, t, c in zip((uf[top3] - f0).tolist(), ut[top3].tolist(), cnt[top3].tolist(), strict=True):
+        common[f].append((t, c))
+    # the most common bigram of each feature (ties: first seen)
+    ok = prev >= 0
+    bkey = (ef[ok].astype(np.int64) * V + prev[ok]) * V + peak[ok]
+    bigram: dict[int, tuple[int, int, int]] = {}
+    if len(bkey):
+        bu, binv, bcnt = np.unique(bkey, return_inverse=True, return_counts=True)
+        bfirst = np.full(len(bu), K, np.int64)
+        np.minimum.at(bfirst, binv, rank[ok])
+        bf = bu // (V * V)
+        o = np.argsort((bf * K + (K - bcnt)) * K + bfirst)
+        best = o[np.concatenate([[True], bf[o][1:] != bf[o][:-1]])]
+        for f, b, c in zip(bf[best].tolist(), bu[best].tolist(), bcnt[best].tolist(), strict=True):
+            bigram[f - f0] = ((b // V) % V, b % V, c)
+    pr = promoted[f0:f1].tolist()
+    for j in range(n):
+        if not common[j]:
+            continue
+        m = int(tot[j])
+        label = " | ".join(vocab_repr[t] for t, _ in common[j])
+        bg = bigram.get(j)
+        bg_json = "null"
+        if bg is not None:
+            bg_json = f"[{json.dumps(vocab[bg[0]] + vocab[bg[1]])}, {bg[2]}]"
+            if bg[2] >= max(3, m // 3):
+                label = f"{vocab[bg[0]] + vocab[bg[1]]!r} ({label})"
+        if pr[j]:
+            label += " → " + " ".join(vocab_repr[i] for i in pr[j][:3])
+        labels[j] = label
+        peaks = ", ".join(f"[{vocab_json[t]}, {c}]" for t, c in common[j])
+        infos[j] = (f'{{"peak_tokens": [{peaks}], "bigram": {bg_json}, "promoted": '
+                    f'[{", ".join(vocab_json[i] for i in pr[j][:5])}], "purity": {round(float(purity[j]), 4)!r}}}')
+    return labels, infos, purity
 
 
 def _final_norm(lm: Any) -> Any:

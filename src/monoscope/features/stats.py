@@ -109,8 +109,10 @@ class PairCounts:
     def _sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(row, col, count, rank within row) of the table, each row by count descending, then id."""
         t = self.table
-        row = np.repeat(np.arange(self.d_sae), np.diff(t.indptr))
-        order = np.lexsort((t.indices, -t.data, row))
+        t.sort_indices()  # ids ascending within each row: the stable sort below breaks ties by id
+        row = np.repeat(np.arange(self.d_sae, dtype=np.int64), np.diff(t.indptr))
+        cap = (1 << 32) - 1
+        order = np.argsort((row << 32) | (cap - np.minimum(t.data, cap)), kind="stable")  # one int64 key
         row, col, cnt = row[order], t.indices[order], t.data[order]
         rank = np.arange(len(row)) - t.indptr[row]
         return row, col, cnt, rank
