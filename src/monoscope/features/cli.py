@@ -24,7 +24,9 @@ def add_features_parser(subparsers: Any) -> None:
     p.add_argument("--no-map", action="store_true", help="skip the feature map (UMAP)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if a complete database exists")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="model forward and SAE encode (auto: bf16 autocast where bf16 is fast, the SAE's own "
+                   "setting for the encode)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_features)
 
