@@ -158,3 +158,51 @@ def test_pair_counts_resume_identical() -> None:
             b = c
     assert all(np.array_equal(x, y) for x, y in zip(a.top(3), b.top(3), strict=True))
     assert np.array_equal(a.err, b.err)
+
+
+def _reference_label(max_toks: list[int], prev_toks: list[int], promoted: list[int],
+                     vocab: list[str]) -> tuple[str, dict, float]:
+    """The per-feature label of the earlier finalisation (a Counter per feature), kept as the reference."""
+    from collections import Counter
+
+    if not max_toks:
+        return "", {}, 0.0
+    common = Counter(max_toks).most_common(3)
+    purity = sum(c for _, c in common) / len(max_toks)
+    bigrams = Counter((p, m) for p, m in zip(prev_toks, max_toks, strict=True) if p >= 0).most_common(1)
+    label = " | ".join(repr(vocab[t]) for t, _ in common)
+    if bigrams and bigrams[0][1] >= max(3, len(max_toks) // 3):
+        (p, m), _ = bigrams[0]
+        label = f"{vocab[p] + vocab[m]!r} ({label})"
+    label += " → " + " ".join(repr(vocab[i]) for i in promoted[:3])
+    info = {"peak_tokens": [[vocab[t], c] for t, c in common],
+            "bigram": None if not bigrams else [vocab[bigrams[0][0][0]] + vocab[bigrams[0][0][1]], bigrams[0][1]],
+            "promoted": [vocab[i] for i in promoted[:5]], "purity": round(purity, 4)}
+    return label, info, purity
+
+
+def test_column_wise_labels_match_the_per_feature_reference() -> None:
+    from monoscope.features.build import _cheap_labels
+
+    rng = np.random.default_rng(0)
+    vocab = [f"t{i}" for i in range(7)] + ['q"uote', "ü", "\n"]
+    F, K = 40, 20
+    n_top = rng.integers(0, K + 1, F)
+    n_top[:3], n_top[3] = 0, 12  # features without examples; one with a dominant bigram
+    ef = np.repeat(np.arange(F), n_top)
+    rank = np.concatenate([np.arange(n) for n in n_top])
+    peak = rng.integers(0, 4, len(ef))  # few distinct tokens: ties and dominant bigrams happen
+    prev = np.where(rng.random(len(ef)) < 0.1, -1, rng.integers(0, 3, len(ef)))
+    peak[ef == 3], prev[ef == 3] = 8, 7
+    promoted = rng.integers(0, len(vocab), (F, 5))
+    vj, vr = [json.dumps(v) for v in vocab], [repr(v) for v in vocab]
+    for f0, f1 in ((0, F), (5, 17)):
+        sel = (ef >= f0) & (ef < f1)
+        labels, infos, purity = _cheap_labels(f0, f1, ef[sel], rank[sel], peak[sel], prev[sel], n_top, promoted,
+                                              vocab, vj, vr)
+        for j, f in enumerate(range(f0, f1)):
+            m = ef == f
+            label, info, pur = _reference_label(peak[m].tolist(), prev[m].tolist(), promoted[f].tolist(), vocab)
+            assert (labels[j], json.loads(infos[j]), purity[j]) == (label, info, pytest.approx(pur)), f
+            if f == 3:  # the dominant bigram leads the label
+                assert labels[j].startswith("'q\"uoteü' (")
