@@ -434,7 +434,7 @@ def _finalise(t: _Target, lm: Any, toks: np.ndarray, codes: tuple[np.ndarray, np
 
 def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
                    vocab: list[str], meta: dict[str, Any], logit: tuple[Tensor, Tensor, Tensor, Tensor],
-                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 8192) -> None:
+                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 32_768) -> None:
     """A new database at `path` from the pass's state: statistics, examples (windows cut from the sparse
     `codes` (ptr, idx, val) and the token ids `toks` [contexts, ctx_len]), cheap labels, logit effects
     (pos ids, pos values, neg ids, neg values [F, top]), neighbours (ids, cosines [F, top]), co-occurrence.
