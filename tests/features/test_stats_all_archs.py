@@ -57,7 +57,7 @@ def _brute_force_fires(sae_dir: Path, store: Path) -> np.ndarray:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_densities_add_up_to_eval_l0(root: Path, arch: str) -> None:
     sae_dir = root / f"sae-{arch}"
-    train(sae_dir, store=root / "acts", arch=arch, width="4x", tokens=2048, batch_size=128, progress=False,
+    train(sae_dir, store=root / "acts", arch=arch, width="4x", tokens=1024, batch_size=128, progress=False,
           **ARCHS[arch])
     store = ActivationStore.open(root / "acts")
     rows = store.manifest.n_rows  # every kept row of the store
@@ -77,11 +77,11 @@ def test_densities_add_up_to_eval_l0(root: Path, arch: str) -> None:
 def test_compute_dtype_reaches_the_pass(root: Path) -> None:
     sae_dir = root / "sae-topk"
     if not sae_dir.exists():
-        train(sae_dir, store=root / "acts", arch="topk", width="4x", tokens=2048, batch_size=128, progress=False,
+        train(sae_dir, store=root / "acts", arch="topk", width="4x", tokens=1024, batch_size=128, progress=False,
               k=8)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"),
                                                         str(Path(__file__).parents[2])])}
-    out = subprocess.run([sys.executable, "-m", "monoscope.cli", "features", str(sae_dir), "--tokens", "256",
+    out = subprocess.run([sys.executable, "-m", "monoscope.cli", "features", str(sae_dir), "--tokens", "128",
                           "--compute-dtype", "bf16", "--no-map", "--quiet", "--overwrite"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
