@@ -4,8 +4,10 @@ co-occurrence, cheap labels; then families across widths and the feature map.
 
     res = build_features("runs/default/sae", also=["runs/default/sae-4x"], tokens="1M")
 
-The pass keeps, per SAE, `FeatureStats` and writes the sparse codes and the token ids to memory-mapped
-files in `<features>/.pass/`; at the end the example windows are cut from those.
+The pass keeps, per SAE, `FeatureStats` (bounded by features × examples, computed from every active
+code) and writes all active codes (CSR: a row pointer per token, feature ids and activations appended)
+and the token ids to memory-mapped files in `<features>/.pass/`; at the end the example windows are cut
+from those in one sequential read of the codes per block of features.
 
 Resume from any point. Every `checkpoint_every` batches, and once after the last batch, the state is
 saved atomically with the cursor (`.pass/state.pt`, flagged `streamed` once the corpus part is read);
@@ -30,7 +32,6 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from monoscope.corpus import open_corpus
 from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError
 from monoscope.features.db import DB_NAME, FeatureDB, FeatureDBError, default_db_path
-from monoscope.features.stats import FeatureStats
+from monoscope.features.stats import HIST_EDGES, FeatureStats
 from monoscope.features.tokens import vocab_bytes, vocab_texts
 from monoscope.fileio import write_bytes_atomic, write_json_atomic
 from monoscope.locking import locks_folders
@@ -122,6 +123,13 @@ def _store_manifest(sae: SAE) -> dict[str, Any] | None:
     return None
 
 
+def _store_policy(sae: SAE) -> RowPolicy | None:
+    """The row policy of the SAE's training store: the pass then counts the rows training and
+    `monoscope eval` saw (same BOS rule, same outlier threshold), so densities add up to eval's L0."""
+    rp = (_store_manifest(sae) or {}).get("row_policy")
+    return RowPolicy(**rp) if isinstance(rp, dict) else None
+
+
 def _resolve_inputs(sae: SAE, model: str | None, corpus: str | None) -> tuple[str, str, int]:
     """(model spec, corpus spec, ctx_len): explicit values, else what the SAE's training store recorded."""
     m = _store_manifest(sae)
@@ -148,7 +156,6 @@ class _Target:
     """The SAE's name in the splits table (`families.sae_key`)."""
     out: Path
     stats: FeatureStats
-    width: int  # L: codes kept per token
 
     @property
     def db_path(self) -> Path:
@@ -160,9 +167,51 @@ class _Target:
         return self.out / DB_NAME
 
 
-def _code_width(sae: SAE) -> int:
-    k = sae.cfg.k
-    return int(k) if k else 64
+class _Codes:
+    """Every active code of one SAE over the pass, sparse by row (CSR) in `<work>/codes<i>.*`: `ptr`
+    [rows + 1] int64 (memory-mapped; row r's codes are entries ptr[r]:ptr[r+1]), `idx` int32 feature ids
+    and `val` float16 activations appended in row order. On resume the entry files are cut back to the
+    checkpoint's entry count (`FeatureStats.entries`), so codes written after it are rewritten."""
+
+    def __init__(self, work: Path, i: int, n_rows: int, resume_entries: int | None) -> None:
+        self.ptr = _memmap(work / f"codes{i}.ptr", np.int64, (n_rows + 1,), resume_entries is not None)
+        self.paths = (work / f"codes{i}.idx", work / f"codes{i}.val")
+        self.nnz = resume_entries or 0
+        self.files = []
+        for path, size in zip(self.paths, (4, 2), strict=True):
+            fh = open(path, "r+b" if resume_entries is not None and path.is_file() else "w+b")  # noqa: SIM115
+            fh.truncate(self.nnz * size)
+            fh.seek(self.nnz * size)
+            self.files.append(fh)
+        if resume_entries is None:
+            self.ptr[0] = 0
+
+    def append(self, row0: int, n_rows: int, rows: np.ndarray, feats: np.ndarray, vals: np.ndarray) -> None:
+        """Codes of rows row0 ... row0 + n_rows − 1; rows are relative to row0 and ascending."""
+        counts = np.bincount(rows, minlength=n_rows)
+        self.ptr[row0 + 1: row0 + n_rows + 1] = self.nnz + np.cumsum(counts)
+        self.files[0].write(feats.astype(np.int32).tobytes())
+        self.files[1].write(vals.astype(np.float16).tobytes())
+        self.nnz += len(feats)
+
+    def flush(self) -> None:
+        self.ptr.flush()
+        for fh in self.files:
+            fh.flush()
+
+    def arrays(self, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ptr [n_rows + 1], idx, val) read-only, after the pass."""
+        self.flush()
+        for fh in self.files:
+            fh.close()
+        if self.nnz == 0:
+            return np.asarray(self.ptr[: n_rows + 1]), np.zeros(0, np.int32), np.zeros(0, np.float16)
+        idx = np.memmap(self.paths[0], dtype=np.int32, mode="r", shape=(self.nnz,))
+        val = np.memmap(self.paths[1], dtype=np.float16, mode="r", shape=(self.nnz,))
+        return np.asarray(self.ptr[: n_rows + 1]), idx, val
+
+
+_SAE_COMPUTE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -193,6 +242,8 @@ def build_features(
     from monoscope.model import load_model
 
     n_tokens = parse_count(tokens)
+    if compute_dtype not in ("auto", *_SAE_COMPUTE):
+        raise MonoscopeError(f"unknown compute dtype {compute_dtype!r}: use auto, fp32 or bf16")
     dev = resolve_device(device)
     dirs = [Path(sae), *(Path(a) for a in also)]
     saes = []
@@ -200,6 +251,8 @@ def build_features(
         if not d.exists():
             raise MonoscopeError(f"SAE folder {d} does not exist: train one with monoscope train --out {d}")
         saes.append(load_any(d, device=dev).eval())
+        if compute_dtype in _SAE_COMPUTE:  # the encode's matmuls as asked; "auto" keeps the SAE's own setting
+            saes[-1].cfg.compute_dtype = _SAE_COMPUTE[compute_dtype]  # type: ignore[assignment]
     first = saes[0]
     for d, s in zip(dirs[1:], saes[1:], strict=True):
         if s.cfg.d_in != first.cfg.d_in or (s.cfg.hook and first.cfg.hook and s.cfg.hook != first.cfg.hook):
@@ -215,12 +268,12 @@ def build_features(
     for d, s in zip(dirs, saes, strict=True):
         key_ = sae_key(d, loaded=s)
         targets.append(_Target(d, s, weights_sha256(d) or key_, key_, default_features_dir(d),
-                               FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin), _code_width(s)))
+                               FeatureStats(s.cfg.d_sae, top_k=top_k, reservoir=bins * per_bin)))
     corp = open_corpus(corpus_spec)
     config = {
         "saes": [t.digest for t in targets], "model": model_spec, "corpus": corp.fingerprint(), "ctx_len": ctx_len,
         "contexts": n_ctx, "batch": batch_contexts, "top_k": top_k, "bins": bins, "per_bin": per_bin,
-        "compute_dtype": compute_dtype, "format": 1,
+        "compute_dtype": compute_dtype, "format": 2,
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -245,10 +298,8 @@ def build_features(
         raise MonoscopeError(f"model {model_spec} is {lm.d_model} wide at {hp} but the SAE reads d_in "
                              f"{first.cfg.d_in}: pass the model the SAE was trained on with --model")
     toks = _memmap(work / "tokens.i32", np.int32, (n_ctx, ctx_len), state is not None)
-    idx_maps = [_memmap(work / f"codes{i}.idx", np.int32, (n_ctx * ctx_len, t.width), state is not None)
-                for i, t in enumerate(targets)]
-    val_maps = [_memmap(work / f"codes{i}.val", np.float16, (n_ctx * ctx_len, t.width), state is not None)
-                for i, t in enumerate(targets)]
+    codes = [_Codes(work, i, n_ctx * ctx_len, None if state is None else int(s["entries"]))
+             for i, s in enumerate(state["stats"] if state is not None else targets)]
     sample = _memmap(work / "acts_sample.f32", np.float32, (FAMILY_ROWS, first.cfg.d_in), state is not None)
     done = sampled = 0
     policy: RowPolicy | None = None
@@ -267,8 +318,8 @@ def build_features(
         for ids in batches:
             ids = ids[: n_ctx - done]
             acts = lm.acts(hp, ids)  # [B, T, d] float32
-            if policy is None:
-                policy = RowPolicy.measured(acts.cpu(), True, 10.0)
+            if policy is None:  # the training store's rows (as eval counts them), else measured here
+                policy = _store_policy(first) or RowPolicy.measured(acts.cpu(), True, 10.0)
             keep = policy.keep(acts).reshape(-1).to(acts.device)
             x = acts.reshape(-1, acts.shape[-1])
             ctx_ids = torch.arange(done, done + len(ids))
@@ -279,20 +330,20 @@ def build_features(
                 sample[sampled: sampled + len(xs)] = xs
                 sampled += len(xs)
             with torch.inference_mode():
-                for t, im, vm in zip(targets, idx_maps, val_maps, strict=True):
+                for t, cf in zip(targets, codes, strict=True):
                     f = t.sae.encode_raw(x)
                     f[~keep] = 0
-                    val, idx = f.topk(t.width, dim=1)
-                    val, idx = val.clamp_min(0).cpu(), idx.cpu()
-                    t.stats.update(idx, val, ctx_ids, ctx_len)
-                    im[rows] = idx.numpy().astype(np.int32)
-                    vm[rows] = val.numpy().astype(np.float16)
+                    r, fi = torch.nonzero(f > 0, as_tuple=True)  # every active code, by row
+                    v = f[r, fi].float().cpu()
+                    r, fi = r.cpu(), fi.cpu()
+                    t.stats.update(r, fi, v, ctx_ids, ctx_len, int(keep.sum()))
+                    cf.append(rows.start, rows.stop - rows.start, r.numpy(), fi.numpy(), v.numpy())
             done += len(ids)
             new += len(ids)
             since_ckpt += 1
             bar.update(len(ids) * ctx_len)
             if since_ckpt >= checkpoint_every and done < n_ctx:
-                _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps])
+                _save_state(work, key, done, sampled, policy, targets, [toks, sample, *codes])
                 since_ckpt, n_ckpt = 0, n_ckpt + 1
                 _kill_point(f"checkpoint:{n_ckpt}")
             if done >= n_ctx:
@@ -303,7 +354,7 @@ def build_features(
         n_ctx = done  # the corpus ran out: the result says how many tokens were read
     assert policy is not None
     if not streamed:
-        _save_state(work, key, done, sampled, policy, targets, [toks, sample, *idx_maps, *val_maps], streamed=True)
+        _save_state(work, key, done, sampled, policy, targets, [toks, sample, *codes], streamed=True)
         _kill_point("streamed")
     seconds = time.perf_counter() - t0
 
@@ -322,7 +373,7 @@ def build_features(
     for i, t in enumerate(targets):
         if i not in redo:
             continue
-        _finalise(t, lm, np.asarray(toks[:done]), idx_maps[i], val_maps[i], vocab, meta_common, bins, per_bin,
+        _finalise(t, lm, np.asarray(toks[:done]), codes[i].arrays(done * ctx_len), vocab, meta_common, bins,
                   progress)
         with FeatureDB.open(t.db_path) as db, db.transaction():  # token bytes: windows decode split characters
             db.put_vocab(vocab, token_bytes)
@@ -495,133 +546,208 @@ def _install(t: _Target, old: str) -> list[str]:
 # ----------------------------------------------------------------------------- finalisation
 
 
-def _windows(fids: Tensor, ctxs: Tensor, toks: np.ndarray, idx_map: np.memmap, val_map: np.memmap,
-             ctx_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For examples (feature f, context c): (position of f's maximum in c, window start, window tokens
-    [E, W], window activations of f [E, W]); W = WINDOW_BEFORE + WINDOW_AFTER, short windows padded -1/0."""
-    c = ctxs.numpy()
+def _window_acts(f: np.ndarray, ctx: np.ndarray, start: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 ctx_len: int, n_features: int, f0: int, f1: int) -> np.ndarray:
+    """[E, W] activations of feature f[e] over the window of context ctx[e] starting at start[e], for
+    examples of features f0 ≤ f < f1: one sequential read of the codes, keeping the entries of those
+    features that fall in an example's window (W = WINDOW_BEFORE + WINDOW_AFTER; 0 past the context)."""
+    ptr, idx, val = codes
     W = WINDOW_BEFORE + WINDOW_AFTER
-    if len(c) == 0:  # a chunk of features none of which fired
-        return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, W), np.int64), np.zeros((0, W), np.float32))
-    rows = (c[:, None] * ctx_len + np.arange(ctx_len)[None, :]).reshape(-1)  # [E·T]
-    idx = torch.from_numpy(np.asarray(idx_map[rows])).view(len(c), ctx_len, -1)
-    val = torch.from_numpy(np.asarray(val_map[rows]).astype(np.float32)).view(len(c), ctx_len, -1)
-    act = (val * (idx == fids[:, None, None])).sum(-1)  # [E, T] activation of f at every position
-    pos = act.argmax(1)
-    start = (pos - WINDOW_BEFORE + 1).clamp_min(0)
-    off = start[:, None] + torch.arange(W)[None, :]  # [E, W]
-    valid = off < ctx_len
-    offc = off.clamp_max(ctx_len - 1)
-    wt = torch.from_numpy(toks[c]).long().gather(1, offc)
-    wa = act.gather(1, offc)
-    return (pos.numpy(), start.numpy(), torch.where(valid, wt, -1).numpy(), torch.where(valid, wa, 0.0).numpy())
+    key = ctx.astype(np.int64) * n_features + f
+    uk, inv = np.unique(key, return_inverse=True)
+    out = np.zeros((len(uk), W), np.float32)
+    if len(uk) == 0:
+        return out
+    ustart = np.zeros(len(uk), np.int64)
+    ustart[inv] = start
+    step = 1 << 24
+    for e0 in range(0, len(idx), step):
+        fe = np.asarray(idx[e0: e0 + step])
+        sel = np.flatnonzero((fe >= f0) & (fe < f1))
+        if len(sel) == 0:
+            continue
+        row = np.searchsorted(ptr, sel + e0, side="right") - 1
+        k = (row // ctx_len) * n_features + fe[sel]
+        j = np.minimum(np.searchsorted(uk, k), len(uk) - 1)
+        off = row % ctx_len - ustart[j]
+        hit = (uk[j] == k) & (off >= 0) & (off < W)
+        out[j[hit], off[hit]] = np.asarray(val[e0: e0 + step])[sel[hit]]
+    return out[inv]
 
 
-def _finalise(t: _Target, lm: Any, toks: np.ndarray, idx_map: np.memmap, val_map: np.memmap, vocab: list[str],
-              meta_common: dict[str, Any], bins: int, per_bin: int, progress: bool) -> None:
-    s = t.stats
-    F = t.sae.cfg.d_sae
-    ctx_len = toks.shape[1]
-    density, mean_act = s.density(), s.mean_act()
-    qv, qc, qb = s.quantile_examples(bins)
-    logit_pos, logit_neg = _logit_effects(t.sae, lm)
-    neigh_i, neigh_c = _neighbours(t.sae)
-    cooc = s.cooccurrence()
+def _finalise(t: _Target, lm: Any, toks: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
+              vocab: list[str], meta_common: dict[str, Any], bins: int, progress: bool) -> None:
+    logit = _logit_effects(t.sae, lm)
+    neigh = _neighbours(t.sae)
+    cfg = t.sae.cfg
+    meta = {**meta_common, "sae": {"path": str(t.sae_dir.resolve()), "weights_sha256": t.digest, "arch": cfg.arch,
+                                   "d_sae": cfg.d_sae, "k": cfg.k}, "sae_key": t.key,
+            "compute_dtype": {"model": lm.compute_dtype, "sae": str(t.sae.compute_dtype()).removeprefix("torch.")}}
     _remove_db(t.db_path)
     t.out.mkdir(parents=True, exist_ok=True)
-    db = FeatureDB.create(t.db_path, {
-        **meta_common, "sae": {"path": str(t.sae_dir.resolve()), "weights_sha256": t.digest, "arch": t.sae.cfg.arch,
-                               "d_sae": F, "k": t.sae.cfg.k}, "sae_key": t.key, "n_features": F})
-    edges = [float(e) for e in torch.logspace(-3, 3, 49)]
+    write_database(t.db_path, t.stats, toks, codes, vocab, meta, logit, neigh, bins, progress)
+
+
+def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   vocab: list[str], meta: dict[str, Any], logit: tuple[Tensor, Tensor, Tensor, Tensor],
+                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 32_768) -> None:
+    """A new database at `path` from the pass's state: statistics, examples (windows cut from the sparse
+    `codes` (ptr, idx, val) and the token ids `toks` [contexts, ctx_len]), cheap labels, logit effects
+    (pos ids, pos values, neg ids, neg values [F, top]), neighbours (ids, cosines [F, top]), co-occurrence.
+    Columns are computed with array ops over blocks of features and written with bulk inserts; the only
+    per-feature Python is the cheap label and the JSON of its lists."""
+    F, T = s.d_sae, toks.shape[1]
+    W = WINDOW_BEFORE + WINDOW_AFTER
+    density, mean_act = s.density().numpy(), s.mean_act().numpy()
+    fires, max_act, hist = s.fires.numpy(), s.max_act.numpy(), s.hist.numpy()
+    qv, qc, qb, qp = (x.numpy() for x in s.quantile_examples(bins))
+    tv, tc, tp = s.top_val.numpy(), s.top_ctx.numpy(), s.top_pos.numpy()
+    co_ids, co_p = s.cooccurrence()
+    co_p = np.round(co_p, 4)
+    lp_i, lp_v, ln_i, ln_v = (x.cpu().numpy() for x in logit)
+    lp_v, ln_v = np.round(lp_v.astype(np.float64), 4), np.round(ln_v.astype(np.float64), 4)
+    ne_i, ne_c = neigh[0].numpy(), np.round(neigh[1].numpy().astype(np.float64), 4)
+    # every example as flat columns, in primary-key order (feature, kind: quantile < top, rank)
+    qf, qr = np.nonzero(qc >= 0)
+    tf, tr = np.nonzero((tc >= 0) & (tv > 0))
+    ex_f = np.concatenate([qf, tf])
+    ex_top = np.concatenate([np.zeros(len(qf), bool), np.ones(len(tf), bool)])
+    ex_rank = np.concatenate([qr, tr])
+    order = np.argsort((ex_f.astype(np.int64) * 2 + ex_top) * (s.top_k + s.reservoir) + ex_rank)  # unique keys
+    ex_f, ex_top, ex_rank = ex_f[order], ex_top[order], ex_rank[order]
+    ex_bin = np.concatenate([qb[qf, qr], np.zeros(len(tf), np.int64)])[order]
+    ex_act = np.concatenate([qv[qf, qr], tv[tf, tr]])[order].astype(np.float64)
+    ex_ctx = np.concatenate([qc[qf, qr], tc[tf, tr]])[order]
+    ex_pos = np.concatenate([qp[qf, qr], tp[tf, tr]])[order].astype(np.int64)
+    ex_start = np.maximum(ex_pos - WINDOW_BEFORE + 1, 0)
+    ex_len = np.minimum(W, T - ex_start)
+    # the token each top example peaks on and the one before it (for the cheap labels)
+    peak = toks[ex_ctx, ex_pos].astype(np.int64)
+    prev = np.where(ex_pos > 0, toks[ex_ctx, np.maximum(ex_pos - 1, 0)], -1).astype(np.int64)
+    n_top = np.bincount(tf, minlength=F)
+    edges = json.dumps([float(e) for e in HIST_EDGES])
+    vj, vr = [json.dumps(v) for v in vocab], [repr(v) for v in vocab]  # each token's JSON and repr, once
+
+    db = FeatureDB.create(path, {**meta, "n_features": F, "rows_counted": s.tokens, "cooccurrence": {
+        "pairs_budget": s.cooc.budget, "exact": s.cooc.exact, "max_error": s.cooccurrence_error(),
+        "note": "P(j | i) from a sparse pair table; once pruned, a reported value is low by at most max_error"}})
     label_rows: list[tuple[int, str]] = []
-    with progress_bar("features: examples", total=F, unit="feat", enabled=progress) as bar, db.transaction():
+    with progress_bar("features: database", total=F, unit="feat", enabled=progress) as bar, db.transaction():
         db.put_vocab(vocab)
-        chunk = 64
-        for s0 in range(0, F, chunk):
-            fs = torch.arange(s0, min(F, s0 + chunk))
-            ex_rows, feat_rows = [], []
-            # top examples
-            tv, tc = s.top_val[fs], s.top_ctx[fs]
-            ok = (tc >= 0) & (tv > 0)
-            ef, er = torch.nonzero(ok, as_tuple=True)
-            top = _windows(fs[ef], tc[ef, er], toks, idx_map, val_map, ctx_len)
-            # quantile examples: per_bin per bin, evenly spaced within the bin's samples
-            qok = qc[fs] >= 0
-            qf, qr = torch.nonzero(qok, as_tuple=True)
-            qwin = _windows(fs[qf], qc[fs][qf, qr], toks, idx_map, val_map, ctx_len)
-            for j, (fi, ri) in enumerate(zip(ef.tolist(), er.tolist(), strict=True)):
-                ex_rows.append((int(fs[fi]), "top", ri, 0, float(tv[fi, ri]), int(tc[fi, ri]),
-                                int(top[0][j] - top[1][j]), _trim(top[2][j]), _trim_acts(top[2][j], top[3][j])))
-            for j, (fi, ri) in enumerate(zip(qf.tolist(), qr.tolist(), strict=True)):
-                f_id = int(fs[fi])
-                ex_rows.append((f_id, "quantile", ri, int(qb[f_id, ri]), float(qv[f_id, ri]), int(qc[f_id, ri]),
-                                int(qwin[0][j] - qwin[1][j]), _trim(qwin[2][j]), _trim_acts(qwin[2][j], qwin[3][j])))
-            db.put_examples(ex_rows)
-            by_feature: list[list[int]] = [[] for _ in range(len(fs))]  # top examples of each feature
-            for j, e in enumerate(ef.tolist()):
-                by_feature[e].append(j)
-            for fi, f_id in enumerate(fs.tolist()):
-                mine = by_feature[fi]
-                max_toks = [int(top[2][j][top[0][j] - top[1][j]]) for j in mine]
-                prev_toks = [int(top[2][j][top[0][j] - top[1][j] - 1]) if top[0][j] - top[1][j] > 0 else -1
-                             for j in mine]
-                label, info, purity = _cheap_label(max_toks, prev_toks, logit_pos[f_id], vocab)
-                distinct = len({int(tc[fi, er[j]]) for j in mine})
-                d = float(density[f_id])
-                interest = (purity * (1 + min(distinct, 20) / 20) * float(s.max_act[f_id] > 0)
-                            if INTEREST_DENSITY[0] <= d <= INTEREST_DENSITY[1] and distinct >= 5 else 0.0)
-                row = {
-                    "id": f_id, "density": d, "fires": int(s.fires[f_id]), "max_act": float(s.max_act[f_id]),
-                    "mean_act": float(mean_act[f_id]),
-                    "hist": {"edges": edges, "counts": s.hist[f_id].tolist()},
-                    "label": label, "label_tokens": info,
-                    "logit_pos": [[vocab[i], round(v, 4)] for i, v in logit_pos[f_id]],
-                    "logit_neg": [[vocab[i], round(v, 4)] for i, v in logit_neg[f_id]],
-                    "neighbours": [[int(i), round(float(c), 4)] for i, c in zip(neigh_i[f_id], neigh_c[f_id],
-                                                                               strict=True)],
-                    "cooccur": None if cooc is None else [[int(i), round(float(p), 4)] for i, p in
-                                                          zip(cooc[0][f_id], cooc[1][f_id], strict=True) if p > 0],
-                    "interest": interest,
-                }
-                feat_rows.append(row)
-                if label:
-                    label_rows.append((f_id, label))
-            db.put_features(feat_rows)
-            bar.update(len(fs))
+        for f0 in range(0, F, block):
+            f1 = min(F, f0 + block)
+            a, b = np.searchsorted(ex_f, [f0, f1])
+            e = slice(a, b)
+            acts = _window_acts(ex_f[e], ex_ctx[e], ex_start[e], codes, T, F, f0, f1)
+            cols = np.minimum(ex_start[e][:, None] + np.arange(W)[None, :], T - 1)
+            wt = toks[ex_ctx[e][:, None], cols].astype(np.int32)
+            tblobs, ablobs = _row_bytes(wt, ex_len[e]), _row_bytes(acts.astype(np.float16), ex_len[e])
+            kinds = np.where(ex_top[e], "top", "quantile").tolist()
+            db.put_example_rows(zip(ex_f[e].tolist(), kinds, ex_rank[e].tolist(), ex_bin[e].tolist(),
+                                    ex_act[e].tolist(), ex_ctx[e].tolist(), (ex_pos[e] - ex_start[e]).tolist(),
+                                    tblobs, ablobs, strict=True))
+            it = np.flatnonzero(ex_top[e]) + a  # the block's top examples
+            labels, infos, purity = _cheap_labels(f0, f1, ex_f[it], ex_rank[it], peak[it], prev[it], n_top,
+                                                  lp_i[:, :5], vocab, vj, vr)
+            label_rows += [(f, lab) for f, lab in zip(range(f0, f1), labels, strict=True) if lab]
+            d = density[f0:f1]
+            distinct = n_top[f0:f1]
+            interest = np.where((d >= INTEREST_DENSITY[0]) & (d <= INTEREST_DENSITY[1]) & (distinct >= 5),
+                                purity * (1 + np.minimum(distinct, 20) / 20) * (max_act[f0:f1] > 0), 0.0)
+            fs = range(f0, f1)
+            db.put_feature_rows(zip(
+                fs, d.tolist(), fires[f0:f1].tolist(), max_act[f0:f1].astype(np.float64).tolist(),
+                mean_act[f0:f1].tolist(),
+                [f'{{"edges": {edges}, "counts": {json.dumps(h)}}}' for h in hist[f0:f1].tolist()],
+                labels, infos,
+                [_pairs_json(vj, i, v) for i, v in zip(lp_i[f0:f1].tolist(), lp_v[f0:f1].tolist(), strict=True)],
+                [_pairs_json(vj, i, v) for i, v in zip(ln_i[f0:f1].tolist(), ln_v[f0:f1].tolist(), strict=True)],
+                [json.dumps([list(p) for p in zip(i, c, strict=True)])
+                 for i, c in zip(ne_i[f0:f1].tolist(), ne_c[f0:f1].tolist(), strict=True)],
+                [json.dumps([[j, p] for j, p in zip(i, c, strict=True) if p > 0 and j >= 0])
+                 for i, c in zip(co_ids[f0:f1].tolist(), co_p[f0:f1].tolist(), strict=True)],
+                itertools.repeat(None), itertools.repeat(None), interest.tolist(), strict=False))
+            bar.update(f1 - f0)
         db.index_labels(label_rows)
     db.close()
 
 
-def _trim(tokens: np.ndarray) -> np.ndarray:
-    return tokens[tokens >= 0]
+def _pairs_json(vocab_json: list[str], ids: list[int], values: list[float]) -> str:
+    """`[[token text, value], ...]` as JSON, from token texts already JSON-encoded once per vocabulary."""
+    return "[" + ", ".join(f"[{vocab_json[i]}, {v!r}]" for i, v in zip(ids, values, strict=True)) + "]"
 
 
-def _trim_acts(tokens: np.ndarray, acts: np.ndarray) -> np.ndarray:
-    return acts[tokens >= 0]
+def _row_bytes(a: np.ndarray, lengths: np.ndarray) -> list[bytes]:
+    """Each row of the 2-D array `a` as bytes, cut to its first lengths[i] items (one C loop for the
+    full-length rows, which are most of them)."""
+    full = a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1).tolist()
+    for i in np.flatnonzero(lengths < a.shape[1]).tolist():
+        full[i] = full[i][: int(lengths[i]) * a.itemsize]
+    return full
 
 
-def _cheap_label(max_toks: list[int], prev_toks: list[int], logit: list[tuple[int, float]],
-                 vocab: list[str]) -> tuple[str, dict[str, Any], float]:
-    """A label without an LLM: the tokens the feature peaks on in its top examples (and the bigram when
-    one dominates), plus the tokens it promotes. Returns (label, evidence, purity = share of the top
-    examples whose peak token is one of the label's tokens)."""
-    if not max_toks:
-        return "", {}, 0.0
-    counts = Counter(max_toks)
-    common = counts.most_common(3)
-    purity = sum(c for _, c in common) / len(max_toks)
-    bigrams = Counter((p, m) for p, m in zip(prev_toks, max_toks, strict=True) if p >= 0).most_common(1)
-    parts = [repr(vocab[t]) for t, _ in common]
-    label = " | ".join(parts)
-    if bigrams and bigrams[0][1] >= max(3, len(max_toks) // 3):
-        (p, m), _ = bigrams[0]
-        label = f"{vocab[p] + vocab[m]!r} ({label})"
-    if logit:
-        label += " → " + " ".join(repr(vocab[i]) for i, _ in logit[:3])
-    info = {"peak_tokens": [[vocab[t], c] for t, c in common],
-            "bigram": None if not bigrams else [vocab[bigrams[0][0][0]] + vocab[bigrams[0][0][1]], bigrams[0][1]],
-            "promoted": [vocab[i] for i, _ in logit[:5]], "purity": round(purity, 4)}
-    return label, info, purity
+def _cheap_labels(f0: int, f1: int, ef: np.ndarray, rank: np.ndarray, peak: np.ndarray, prev: np.ndarray,
+                  n_top: np.ndarray, promoted: np.ndarray, vocab: list[str], vocab_json: list[str],
+                  vocab_repr: list[str]) -> tuple[list[str], list[str], np.ndarray]:
+    """Labels without an LLM for features f0 ≤ f < f1, from their top examples (feature ef, rank, the
+    token of the peak and the one before it, -1 at a context start): the (up to) 3 most common peak
+    tokens (ties: the stronger example first) and, when one (previous, peak) bigram covers at least
+    max(3, n/3) of the n examples, that bigram; then the 3 tokens the feature promotes most.
+    Returns (labels, label evidence as JSON, purity = share of examples whose peak is one of the 3)."""
+    n = f1 - f0
+    K = int(rank.max(initial=0)) + 2
+    labels, infos, purity = [""] * n, ["{}"] * n, np.zeros(n)
+    if len(ef) == 0:
+        return labels, infos, purity
+    V = len(vocab)
+    # (feature, token) counts and first rank; sorted by feature, count descending, first rank
+    key = ef.astype(np.int64) * V + peak
+    uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+    first_rank = np.full(len(uk), K, np.int64)
+    np.minimum.at(first_rank, inv, rank)
+    uf, ut = uk // V, uk % V
+    order = np.argsort((uf * K + (K - cnt)) * K + first_rank)
+    uf, ut, cnt = uf[order], ut[order], cnt[order]
+    pos_in = np.arange(len(uf)) - np.searchsorted(uf, uf)
+    top3 = pos_in < 3
+    covered = np.bincount(uf[top3] - f0, weights=cnt[top3], minlength=n)
+    tot = n_top[f0:f1]
+    purity = np.where(tot > 0, covered / np.maximum(tot, 1), 0.0)
+    common: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for f, t, c in zip((uf[top3] - f0).tolist(), ut[top3].tolist(), cnt[top3].tolist(), strict=True):
+        common[f].append((t, c))
+    # the most common bigram of each feature (ties: first seen)
+    ok = prev >= 0
+    bkey = (ef[ok].astype(np.int64) * V + prev[ok]) * V + peak[ok]
+    bigram: dict[int, tuple[int, int, int]] = {}
+    if len(bkey):
+        bu, binv, bcnt = np.unique(bkey, return_inverse=True, return_counts=True)
+        bfirst = np.full(len(bu), K, np.int64)
+        np.minimum.at(bfirst, binv, rank[ok])
+        bf = bu // (V * V)
+        o = np.argsort((bf * K + (K - bcnt)) * K + bfirst)
+        best = o[np.concatenate([[True], bf[o][1:] != bf[o][:-1]])]
+        for f, b, c in zip(bf[best].tolist(), bu[best].tolist(), bcnt[best].tolist(), strict=True):
+            bigram[f - f0] = ((b // V) % V, b % V, c)
+    pr = promoted[f0:f1].tolist()
+    for j in range(n):
+        if not common[j]:
+            continue
+        m = int(tot[j])
+        label = " | ".join(vocab_repr[t] for t, _ in common[j])
+        bg = bigram.get(j)
+        bg_json = "null"
+        if bg is not None:
+            bg_json = f"[{json.dumps(vocab[bg[0]] + vocab[bg[1]])}, {bg[2]}]"
+            if bg[2] >= max(3, m // 3):
+                label = f"{vocab[bg[0]] + vocab[bg[1]]!r} ({label})"
+        if pr[j]:
+            label += " → " + " ".join(vocab_repr[i] for i in pr[j][:3])
+        labels[j] = label
+        peaks = ", ".join(f"[{vocab_json[t]}, {c}]" for t, c in common[j])
+        infos[j] = (f'{{"peak_tokens": [{peaks}], "bigram": {bg_json}, "promoted": '
+                    f'[{", ".join(vocab_json[i] for i in pr[j][:5])}], "purity": {round(float(purity[j]), 4)!r}}}')
+    return labels, infos, purity
 
 
 def _final_norm(lm: Any) -> Any:
@@ -634,15 +760,15 @@ def _final_norm(lm: Any) -> Any:
 
 
 @torch.inference_mode()
-def _logit_effects(sae: SAE, lm: Any, top: int = 10) -> tuple[list[list[tuple[int, float]]],
-                                                              list[list[tuple[int, float]]]]:
+def _logit_effects(sae: SAE, lm: Any, top: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per feature, the tokens its decoder direction most promotes and suppresses through the final
-    norm (applied to the direction alone: its gain, at unit RMS) and the unembedding."""
+    norm (applied to the direction alone: its gain, at unit RMS) and the unembedding: (promoted ids,
+    their effects, suppressed ids, their effects (negative)) [F, top]."""
     norm = _final_norm(lm)
     W_U = lm.model.get_output_embeddings().weight.float()  # [V, d]
     dev = W_U.device
     base = norm(torch.zeros(1, 1, W_U.shape[1], device=dev)).float().reshape(-1) @ W_U.T  # a LayerNorm's bias
-    pos, neg = [], []
+    out: list[list[Tensor]] = [[], [], [], []]
     W = sae.W_dec.float().to(dev)
     for s0 in range(0, W.shape[0], 1024):
         d = W[s0: s0 + 1024]
@@ -650,9 +776,10 @@ def _logit_effects(sae: SAE, lm: Any, top: int = 10) -> tuple[list[list[tuple[in
         eff = norm(d[:, None, :]).float().reshape(d.shape[0], -1) @ W_U.T - base  # [c, V]
         pv, pi = eff.topk(top, dim=1)
         nv, ni = (-eff).topk(top, dim=1)
-        pos += [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(pi, pv, strict=True)]
-        neg += [list(zip(i.tolist(), (-v).tolist(), strict=True)) for i, v in zip(ni, nv, strict=True)]
-    return pos, neg
+        for o, x in zip(out, (pi, pv, ni, -nv), strict=True):
+            o.append(x.cpu())
+    pi_, pv_, ni_, nv_ = (torch.cat(o) for o in out)
+    return pi_, pv_, ni_, nv_
 
 
 @torch.inference_mode()

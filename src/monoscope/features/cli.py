@@ -27,7 +27,9 @@ def add_features_parser(subparsers: Any) -> None:
                         "the old one stays until the new one is complete, and explanations and scores whose "
                         "evidence is unchanged are carried over")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="model forward and SAE encode (auto: bf16 autocast where bf16 is fast, the SAE's own "
+                   "setting for the encode)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_features)
 

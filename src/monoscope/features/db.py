@@ -556,6 +556,19 @@ class FeatureDB:
                 raise
             raise FeatureDBError(f"cannot search for {query!r}: {e}; quote words with special characters") from None
 
+    # ------------------------------------------------------------------ bulk writes (the features pass)
+    def put_feature_rows(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Insert or replace feature rows given as tuples in FEATURE_COLUMNS order, JSON columns already
+        encoded as strings: the features pass builds them column-wise for 10^5-10^6 features."""
+        cols = ", ".join(FEATURE_COLUMNS)
+        marks = ", ".join("?" * len(FEATURE_COLUMNS))
+        self.conn.executemany(f"INSERT OR REPLACE INTO features ({cols}) VALUES ({marks})", rows)
+
+    def put_example_rows(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Insert or replace examples given as (feature, kind, rank, bin, act, context, position, tokens
+        int32 bytes, acts float16 bytes) of Python scalars and bytes, as `examples()` reads them back."""
+        self.conn.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
 
 def _enc(column: str, value: Any) -> Any:
     if value is None:
