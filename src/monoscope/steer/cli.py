@@ -1,0 +1,132 @@
+"""`monoscope steer`, `monoscope steer-eval` and `monoscope attribute` (registered by monoscope.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from monoscope.steer.edits import Edit, SteerError, parse_features, parse_strength
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", help="SAE folder (monoscope, SAELens or sparsify)")
+    p.add_argument("--model", default=None, help="model (default: the one the SAE's training store records)")
+    p.add_argument("--db", default=None, help="features database (default: the one beside the SAE, if built)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"])
+
+
+def add_steer_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "steer", help="generate with SAE features clamped, added, scaled or ablated, side by side with the default",
+        description="Edit features at the SAE's hook during generation (KV cache on, every token steered) and "
+        "print the default and the steered continuation from the same seed, with per-token log-prob differences. "
+        "Strengths are raw code units or multiples of the feature's max activation (10x, from the features "
+        "database); --clamp keeps the SAE error term from the clean reconstruction (the paper's intervention).")
+    _common(p)
+    p.add_argument("--feature", required=True, help="feature id(s), comma-separated: 12 or 12,40")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--clamp", help="set the code to this value (e.g. 10x, 25, -3x)")
+    mode.add_argument("--add", help="add this value to the code (value x the decoder direction)")
+    mode.add_argument("--scale", help="multiply the code by this factor")
+    mode.add_argument("--ablate", action="store_true", help="set the code to 0")
+    p.add_argument("--when", default=None, metavar="FEATURE:THRESHOLD",
+                   help="apply the edit only where this other feature's code exceeds the threshold")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--where", default="all", choices=["all", "prompt", "generated"], help="positions to edit")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=cmd_steer)
+
+
+def edits_from_args(args: argparse.Namespace) -> list[Edit]:
+    feats = parse_features(args.feature)
+    if args.ablate:
+        mode, value = "ablate", 0.0
+    else:
+        mode = "clamp" if args.clamp is not None else "add" if args.add is not None else "scale"
+        value = parse_strength(getattr(args, mode), what=f"--{mode}")
+    when = None
+    if getattr(args, "when", None):
+        f, _, thr = str(args.when).partition(":")
+        if not f.strip().isdigit():
+            raise SteerError(f"--when {args.when!r}: pass FEATURE:THRESHOLD, e.g. 40:0.5")
+        th = parse_strength(thr or "0", what="--when threshold")
+        if isinstance(th, str):
+            raise SteerError(f"--when {args.when!r}: the threshold is a raw activation, e.g. 40:0.5")
+        when = (int(f), th)
+    return [Edit(f, mode, value, when=when) for f in feats]  # type: ignore[arg-type]
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    import math
+
+    if args.max_new_tokens < 1:
+        raise SteerError(f"--max-new-tokens {args.max_new_tokens}: pass at least 1")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SteerError(f"--temperature {args.temperature}: pass 0 (greedy) or a positive finite number")
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from monoscope.steer.edits import resolve_edits
+    from monoscope.steer.generate import side_by_side
+    from monoscope.steer.target import open_target
+
+    _check_numbers(args)
+    edits = edits_from_args(args)
+    t = open_target(args.sae, model=args.model, device=args.device, compute_dtype=args.compute_dtype, db=args.db)
+    resolve_edits(edits, t.sae.cfg.d_sae, t.max_act)
+    res = side_by_side(t, edits, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed, where=args.where)
+    if args.json:
+        print(json.dumps(res, ensure_ascii=False))
+    else:
+        print_side_by_side(res, t)
+    return 0
+
+
+def print_side_by_side(res: dict[str, Any], t: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(file=sys.stdout)
+    def one(e: dict[str, Any]) -> str:
+        v = e["value"]
+        s = f"{e['mode']} #{e['feature']}"
+        if e["mode"] != "ablate":
+            s += f" = {v}" + (f" ({e['raw_value']:.4g})" if isinstance(v, str) else "") if isinstance(v, str) \
+                else f" = {v:g}"
+        if e.get("when"):
+            s += f" where #{e['when']['feature']} > {e['when']['above']:g}"
+        label = t.label(e["feature"])
+        return s + (f" [{label}]" if label else "")
+
+    desc = ", ".join(one(e) for e in res["edits"])
+    tab = Table(title=_esc(f"{desc}; where={res['where']}, seed {res['seed']}"), show_lines=True)
+    tab.add_column("default")
+    tab.add_column("steered")
+    tab.add_row(res["prompt"] + "[bold]" + _esc(res["default"]) + "[/]", res["prompt"] + "[bold]"
+                + _esc(res["steered"]) + "[/]")
+    con.print(tab)
+    tok = Table(title="steered continuation: log p per token (default model vs steered model)")
+    for c in ("token", "log p default", "log p steered", "Δ"):
+        tok.add_column(c, justify="left" if c == "token" else "right")
+    for r in res["tokens"]["steered"]:
+        colour = "green" if r["delta"] > 0.5 else "red" if r["delta"] < -0.5 else ""
+        d = f"{r['delta']:+.2f}"
+        tok.add_row(repr(r["token"]), f"{r['logp_default']:.2f}", f"{r['logp_steered']:.2f}",
+                    f"[{colour}]{d}[/]" if colour else d)
+    con.print(tok)
+    tot = {k: sum(r["logp_steered"] - r["logp_default"] for r in v) for k, v in res["tokens"].items()}
+    con.print(f"sum of Δ log p: steered text {tot['steered']:+.2f}, default text {tot['default']:+.2f}")
+
+
+def _esc(s: str) -> str:
+    from rich.markup import escape
+
+    return escape(s)
