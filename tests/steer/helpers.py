@@ -52,7 +52,7 @@ def make_run(root: Path, tokenizer: Any, *, seed: int = 5, with_db: bool = True)
         codes = []
         with torch.no_grad():
             for text in sorted(set(TRAIN_TEXT)):
-                ids = torch.tensor([[bos] + tokenizer(text).input_ids])
+                ids = torch.tensor([[bos, *tokenizer(text).input_ids]])
                 codes.append(sae.encode_raw(lm.acts(lm.hook(HOOK), ids)[0, 1:]))
         c = torch.cat(codes)
         db = FeatureDB.create(default_db_path(sae_dir), {"sae": {"d_sae": sae.cfg.d_sae}})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
