@@ -193,3 +193,93 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.out:
         con.print(f"JSON: {args.out}")
     return 0
+
+
+def add_steer_eval_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "steer-eval", help="dose-response of steering one feature: concept, fluency, KL, selectivity, with controls",
+        description="Steer one feature at several strengths on the shipped neutral prompts and measure the concept "
+        "(the feature's activation on the steered text read by the unsteered model; log-prob of the concept "
+        "text), fluency (perplexity under the unsteered model), KL on neutral text and selectivity, against a "
+        "random feature of matched density and a random direction of matched norm. The factor is picked on one "
+        "half of the prompts and reported on the other, with bootstrap 95%% intervals; JSON + PNG.")
+    _common(p)
+    p.add_argument("--feature", type=int, required=True, help="feature id")
+    c = p.add_mutually_exclusive_group(required=True)
+    c.add_argument("--concept", help="the concept the feature stands for, e.g. 'Python'")
+    c.add_argument("--concept-file", help="file with one concept text per line")
+    p.add_argument("--factors", default="-10,-5,0,2,5,10", help="strengths: multiples of the feature's max activation")
+    p.add_argument("--mode", default="clamp", choices=["clamp", "add"], help="edit mode (default clamp, the paper's)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0, help="seed of the controls and the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="use only the first N shipped neutral prompts (N >= 4; default all 24)")
+    p.add_argument("--judge", default=None, help="LLM judge spec (openai:MODEL or local:PATH.gguf); off by default")
+    p.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible server for --judge openai:MODEL")
+    p.add_argument("--out", default=None, help="folder for steer_eval.json and .png (default: beside the SAE)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_steer_eval)
+
+
+def cmd_steer_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monoscope.steer.effect import neutral_prompts, parse_factors, steer_eval
+    from monoscope.steer.target import open_target
+
+    factors = parse_factors(args.factors)
+    if args.concept_file is not None:
+        path = Path(args.concept_file)
+        if not path.is_file():
+            raise SteerError(f"--concept-file {path} does not exist: pass a text file with one concept per line")
+        concepts = path.read_text(encoding="utf-8").splitlines()
+    else:
+        concepts = [args.concept]
+    if args.max_new_tokens < 1 or args.bootstrap < 10:
+        raise SteerError(f"--max-new-tokens {args.max_new_tokens} / --bootstrap {args.bootstrap}: pass >= 1 and >= 10")
+    t = open_target(args.sae, model=args.model, device=args.device, compute_dtype=args.compute_dtype, db=args.db)
+    sae_dir = Path(args.sae)
+    out = Path(args.out) if args.out else (sae_dir.parent / "steer" if sae_dir.name == "sae"
+                                           else sae_dir.with_name(sae_dir.name + "-steer")) / f"feature-{args.feature}"
+    judge = None
+    if args.judge:
+        from monoscope.interp.llm import open_llm
+
+        judge = open_llm(args.judge, endpoint=args.judge_endpoint, cache=out / "judge-cache.sqlite")
+    try:
+        doc = steer_eval(t, args.feature, concepts, factors, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                         seed=args.seed, out_dir=out, judge=judge, n_boot=args.bootstrap, progress=not args.quiet,
+                         prompts=neutral_prompts()[:args.prompts] if args.prompts else None)
+    finally:
+        if judge is not None and hasattr(judge, "close"):
+            judge.close()
+    print_steer_eval(doc, out)
+    return 0
+
+
+def print_steer_eval(doc: dict[str, Any], out: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(file=sys.stdout, width=160)
+    judged = "judge_harmonic" in doc["table"][0]
+    ms = ["concept_act", "concept_logp", "ppl", "kl", "selectivity"] + (["judge_harmonic"] if judged else [])
+    tab = Table(title=_esc(f"feature {doc['feature']} {doc['label']!r} ({doc['mode']}, concept "
+                           f"{', '.join(doc['concepts'])[:40]!r}): report half, mean [95% CI]"))
+    tab.add_column("condition")
+    tab.add_column("factor", justify="right")
+    for m in ms:
+        tab.add_column(m, justify="right")
+    un = doc["unsteered"]
+    tab.add_row("unsteered", "", f"{un['concept_act']['mean']:.3g}", "", f"{un['ppl']['mean']:.3g}", "0", "",
+                *([""] if judged else []))
+    for r in doc["table"]:
+        mark = " *" if r["condition"] == "target" and r["factor"] == doc["chosen_factor"] else ""
+        tab.add_row(r["condition"], f"{r['factor']:g}{mark}",
+                    *(f"{r[m]['mean']:.3g} [{r[m]['ci95'][0]:.3g}, {r[m]['ci95'][1]:.3g}]" for m in ms))
+    con.print(tab)
+    ctl = doc["controls"]
+    con.print(f"* factor chosen on the other half ({doc['chosen_on']}); random feature {ctl['random_feature']}"
+              f" (density {ctl['random_feature_density']:.2g} vs {ctl['target_density']:.2g})")
+    con.print(f"{out}/steer_eval.json, {out}/steer_eval.png")
