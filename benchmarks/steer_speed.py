@@ -45,9 +45,13 @@ def main() -> None:
     ap.add_argument("--sae", default="/work/main/runs/default/sae")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     lm = load_model("default")
+    print(f"model loaded ({lm.compute_dtype})", file=sys.stderr, flush=True)
     if Path(args.sae, "cfg.json").is_file():
         from monoscope.interop import load_any
 
@@ -74,9 +78,11 @@ def main() -> None:
 
     gen(False), gen(True)  # warm-up
     plain, steered = [], []
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
         plain.append(gen(False))
         steered.append(gen(True))
+        print(f"repeat {i + 1}: plain {plain[-1]:.1f} tok/s, steered {steered[-1]:.1f} tok/s", file=sys.stderr,
+              flush=True)
     ids128 = lm.tokenizer(TEXT * 3, add_special_tokens=False).input_ids[:127]
     text128 = lm.tokenizer.decode(ids128)
     metric = parse_metric(lm.tokenizer, " the", None)

@@ -5,7 +5,8 @@ At each steered row x (raw activation at the hook), with codes f = encode(c·x) 
     x  <-  decode(f')/c + (x − decode(f)/c)            (the paper's clamp; DESIGN.md section 4)
 
 The error term x − x̂ comes from the *clean* reconstruction, so only the edited features change
-(computing it after the edit would cancel the edit). The normaliser c is folded in and out exactly as
+(computing it after the edit would cancel the edit). As the decoder is affine this is computed as
+x + (f' − f)·W_dec/c over the edited columns only (the same sum, without two full decodes per token). The normaliser c is folded in and out exactly as
 `eval/splice.py` splices x̂ (`sae.encode_raw` / `sae.decode_raw`). Rows no edit touches are left
 bit-identical.
 
@@ -118,9 +119,14 @@ def _apply(sae: SAE, x: Tensor, edits: Sequence[ResolvedEdit], allowed: Tensor) 
         touched |= rows
     if not bool(touched.any()):
         return x, touched
-    t = touched
-    shift = torch.zeros_like(x)  # x̂_edited + (x − x̂) − x, the error term from the clean reconstruction
-    shift[t] = sae.decode_raw(edited[t]) + extra[t] - sae.decode_raw(codes[t])
+    # x̂(edited) + (x − x̂(codes)) = x + (edited − codes) W_dec / c: the decoder is affine, so only the edited
+    # columns enter (no two full [N, F] decodes per generated token); equal up to float rounding
+    cols = sorted({e.feature for e in edits if e.direction is None})
+    shift = extra
+    if cols:
+        idx = torch.tensor(cols, device=x.device)
+        delta = (edited[:, idx] - codes[:, idx]) * touched[:, None]
+        shift = shift + delta @ sae.W_dec[idx].float() / sae.cfg.normaliser
     return x + shift, touched
 
 
