@@ -57,3 +57,47 @@ def test_steer_eval_cli(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-u
         lo, hi = row["ppl"]["ci95"]
         assert lo <= row["ppl"]["mean"] <= hi
     assert "random_direction" in r.stdout and f"{out}/steer_eval.json" in r.stdout
+
+
+def test_judge_scores_and_harmonic_mean() -> None:
+    from monoscope.interp.llm import ChatResponse
+    from monoscope.steer.effect import _judge
+
+    class FakeLLM:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def chat_many(self, reqs):  # type: ignore[no-untyped-def]
+            self.seen += [r.messages[-1]["content"] for r in reqs]
+            return [ChatResponse(text="Rating: 2" if "concept" in r.messages[-1]["content"] else "1")
+                    if i < 4 else ChatResponse(text=None, error="timeout") for i, r in enumerate(reqs)]
+
+    llm = FakeLLM()
+    out = _judge(llm, "Python", ["import numpy", "def f(): pass", "lorem"])
+    assert out["concept"][:2] == [2.0, 2.0] and out["fluency"][:2] == [1.0, 1.0]
+    assert out["harmonic"][:2] == pytest.approx([4 / 3, 4 / 3])
+    assert np.isnan(out["harmonic"][2])  # a failed request is missing, not 0
+    assert 'the concept "Python"' in llm.seen[0] and "Text: import numpy" in llm.seen[0]
+
+
+def test_steer_eval_resumes_from_partial(tiny_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from monoscope.steer.effect import steer_eval
+    from monoscope.steer.target import Target
+    from tests.steer.helpers import tiny_sae
+
+    sae = tiny_sae(tiny_lm)
+    dens = np.linspace(0.01, 0.2, sae.cfg.d_sae)
+    t = Target(tiny_lm, sae, tiny_lm.hook(sae.cfg.hook), max_acts=np.full(sae.cfg.d_sae, 2.0), densities=dens)
+    prompts = neutral_prompts()[:4]
+    kw = dict(max_new_tokens=2, out_dir=tmp_path, prompts=prompts, progress=False, n_boot=50)
+    first = steer_eval(t, 3, ["the"], [0.0, 5.0], **kw)  # type: ignore[arg-type]
+    assert not (tmp_path / "partial.json").exists()
+    # a run killed after its first (condition, factor) left this partial file; the rerun must reuse it
+    row = dict(first["samples"]["target@0"], condition="target", factor=0.0, texts=["SAVED"] * 4)
+    (tmp_path / "partial.json").write_text(json.dumps({"key": first["key"], "done": {"target@0": row}}))
+    again = steer_eval(t, 3, ["the"], [0.0, 5.0], **kw)  # type: ignore[arg-type]
+    assert again["samples"]["target@0"]["texts"] == ["SAVED"] * 4
+    assert again["samples"]["target@5"]["texts"] == first["samples"]["target@5"]["texts"]
+    assert torch.isfinite(torch.tensor(again["table"][0]["kl"]["mean"]))

@@ -6,9 +6,9 @@ At each steered row x (raw activation at the hook), with codes f = encode(c·x) 
 
 The error term x − x̂ comes from the *clean* reconstruction, so only the edited features change
 (computing it after the edit would cancel the edit). As the decoder is affine this is computed as
-x + (f' − f)·W_dec/c over the edited columns only (the same sum, without two full decodes per token). The normaliser c is folded in and out exactly as
-`eval/splice.py` splices x̂ (`sae.encode_raw` / `sae.decode_raw`). Rows no edit touches are left
-bit-identical.
+x + (f' − f)·W_dec/c over the edited columns only (the same sum, without two full decodes per
+token). The normaliser c is folded in and out exactly as `eval/splice.py` splices x̂
+(`sae.encode_raw`, and W_dec/c as in `sae.decode_raw`). Rows no edit touches are left bit-identical.
 
 Positions: a pre-hook on the model reads where each forward starts (`position_ids`, `cache_position`,
 else the KV cache's length, else 0), so with a KV cache every generated token (a forward of length 1) is steered
