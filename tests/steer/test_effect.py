@@ -92,12 +92,13 @@ def test_steer_eval_resumes_from_partial(tiny_lm, tmp_path: Path) -> None:  # ty
     t = Target(tiny_lm, sae, tiny_lm.hook(sae.cfg.hook), max_acts=np.full(sae.cfg.d_sae, 2.0), densities=dens)
     prompts = neutral_prompts()[:4]
     kw = dict(max_new_tokens=2, out_dir=tmp_path, prompts=prompts, progress=False, n_boot=50)
-    first = steer_eval(t, 3, ["the"], [0.0, 5.0], **kw)  # type: ignore[arg-type]
+    first = steer_eval(t, 3, ["the"], [5.0], **kw)  # type: ignore[arg-type]
     assert not (tmp_path / "partial.json").exists()
     # a run killed after its first (condition, factor) left this partial file; the rerun must reuse it
-    row = dict(first["samples"]["target@0"], condition="target", factor=0.0, texts=["SAVED"] * 4)
-    (tmp_path / "partial.json").write_text(json.dumps({"key": first["key"], "done": {"target@0": row}}))
-    again = steer_eval(t, 3, ["the"], [0.0, 5.0], **kw)  # type: ignore[arg-type]
-    assert again["samples"]["target@0"]["texts"] == ["SAVED"] * 4
-    assert again["samples"]["target@5"]["texts"] == first["samples"]["target@5"]["texts"]
+    row = dict(first["samples"]["target@5"], condition="target", factor=5.0, texts=["SAVED"] * 4)
+    (tmp_path / "partial.json").write_text(json.dumps({"key": first["key"], "done": {"target@5": row}}))
+    again = steer_eval(t, 3, ["the"], [5.0], **kw)  # type: ignore[arg-type]
+    assert again["samples"]["target@5"]["texts"] == ["SAVED"] * 4
+    for k in ("random_feature@5", "random_direction@5"):  # recomputed, deterministically
+        assert again["samples"][k]["texts"] == first["samples"][k]["texts"]
     assert torch.isfinite(torch.tensor(again["table"][0]["kl"]["mean"]))
