@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
+    from monoscope.steer.cli import add_attribute_parser, add_steer_eval_parser, add_steer_parser
     from monoscope.train.cli import add_train_parser
 
     add_train_parser(sub)
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_show_parser(sub)
     add_explain_parser(sub)
     add_convert_parser(sub)
+    add_steer_parser(sub)
+    add_attribute_parser(sub)
+    add_steer_eval_parser(sub)
     return parser
 
 
