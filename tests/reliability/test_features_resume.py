@@ -61,15 +61,15 @@ def test_killed_at_every_point_resumes_to_the_same_databases(run: Path, tmp_path
     assert _state(feats)["done"] == 12
     killed_at("streamed")  # after the last batch (a rerun crashed on an empty batch here)
     assert _state(feats)["done"] == 16 and _state(feats)["streamed"]
-    real = FeatureDB.put_features
+    real = FeatureDB.put_feature_rows
 
     def dying(self: FeatureDB, rows: Any) -> None:
         raise KeyboardInterrupt("inside finalisation")
 
-    monkeypatch.setattr(FeatureDB, "put_features", dying)  # inside the first SAE's database transaction
+    monkeypatch.setattr(FeatureDB, "put_feature_rows", dying)  # inside the first SAE's database transaction
     with pytest.raises(KeyboardInterrupt, match="inside finalisation"):
         build_features(root / "sae", **kw)
-    monkeypatch.setattr(FeatureDB, "put_features", real)
+    monkeypatch.setattr(FeatureDB, "put_feature_rows", real)
     assert not (feats / "stages.json").exists() and not (feats / "features.db").exists()
     killed_at("finalised:0")
     assert _stages(feats) == ["finalised:0"]
