@@ -183,3 +183,46 @@ def test_cli_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines()[-1] == ("error: --tokens 'inf': use a positive number of tokens such as "
                                                  "500000, 500k or 2M")
     assert not (tmp_path / "r").exists()  # refused before any stage
+
+
+def test_every_option_reaches_every_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The wiring alone: each stage function records the options it was called with."""
+    from types import SimpleNamespace
+
+    import monoscope.capture
+    import monoscope.eval
+    import monoscope.features.build
+    import monoscope.train
+
+    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+
+    def recorder(name: str, result: Any) -> Any:
+        def fake(*a: Any, **k: Any) -> Any:
+            calls.setdefault(name, []).append((a, k))
+            return result
+        return fake
+
+    monkeypatch.setattr(monoscope.capture, "capture", recorder("capture", SimpleNamespace(new_tokens=0, seconds=0.0)))
+    monkeypatch.setattr(monoscope.train, "train", recorder("train", SimpleNamespace(already_complete=True)))
+    monkeypatch.setattr(monoscope.eval, "evaluate", recorder("eval", SimpleNamespace(reused=True)))
+    monkeypatch.setattr(monoscope.features.build, "build_features",
+                        recorder("features", SimpleNamespace(new_tokens=0, seconds=0.0, dbs=[])))
+    cfg = RunConfig(out=tmp_path / "r", model="m", device="cuda:1", compute_dtype="bf16", batch_contexts=16,
+                    contexts_per_shard=32, seed=3, train_batch_size=1024, feature_map=False, explain_features=0,
+                    progress=False)
+    res = run(cfg, echo=False, command="monoscope run ...")
+    assert [s.name for s in res.stages] == list(STAGES) and all(s.reused for s in res.stages)
+    (_, cap), = calls["capture"]
+    assert (cap["device"], cap["compute_dtype"], cap["batch_contexts"], cap["progress"]) == ("cuda:1", "bf16", 16,
+                                                                                              False)
+    assert [(a[0], k["width"]) for a, k in calls["train"]] == [(tmp_path / "r" / "sae", "16x"),
+                                                              (tmp_path / "r" / "sae-4x", "4x")]
+    for _, k in calls["train"]:
+        assert (k["device"], k["dtype"], k["seed"], k["batch_size"], k["progress"]) == ("cuda:1", "bfloat16", 3, 1024,
+                                                                                        False)
+    (_, ev), = calls["eval"]
+    assert (ev["device"], ev["compute_dtype"], ev["out"], ev["reuse"]) == ("cuda:1", "bf16", tmp_path / "r" / "eval",
+                                                                           True)
+    (_, fe), = calls["features"]
+    assert (fe["device"], fe["compute_dtype"], fe["batch_contexts"], fe["feature_map"], fe["also"]) == (
+        "cuda:1", "bf16", 16, False, [tmp_path / "r" / "sae-4x"])
