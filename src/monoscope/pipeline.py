@@ -135,9 +135,9 @@ class RunConfig:
     """Progress display (CLI: --quiet turns it off)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.out, str) and not self.out.strip():  # Path("") would silently mean "."
+            raise RunConfigError(f"--out {self.out!r}: give a run folder such as runs/default")
         self.out = Path(self.out)
-        if str(self.out) in ("", "."):
-            raise RunConfigError(f"--out {str(self.out)!r}: give a run folder such as runs/default")
         if not isinstance(self.model, str) or not self.model.strip():
             raise RunConfigError(f"--model {self.model!r}: give a Hugging Face id, a folder, a .gguf file or 'default'")
         if not isinstance(self.device, str) or not self.device.strip():

@@ -162,6 +162,7 @@ def test_every_config_field_is_a_run_option() -> None:
     ({"compute_dtype": "fp16"}, "--compute-dtype 'fp16': use one of auto, fp32, bf16"),
     ({"arch": "relu"}, "--arch 'relu': use one of relu-l1, topk, batchtopk, jumprelu"),
     ({"model": ""}, "--model '': give a Hugging Face id"),
+    ({"out": " "}, "--out ' ': give a run folder such as runs/default"),
     ({"width": "wide"}, "--width 'wide': use a count such as 9216 or a multiple of d_model such as 16x"),
     ({"small_width": "16x"}, "--small-width 16x equals --width"),
     ({"contexts_per_shard": 100}, "--contexts-per-shard 100 must be a multiple of --batch-contexts 32"),
