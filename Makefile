@@ -50,7 +50,7 @@ bench-capture: $(VENV)/.installed
 
 # After a deliberate upgrade inside the venv: rewrite the pins from it (torch without its +cpu label).
 constraints: $(VENV)/.installed-test
-	{ sed -n '1,/^# Regenerate/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; $(BIN)/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
 		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
