@@ -161,7 +161,10 @@ def test_killed_inside_each_stage_resumes_to_the_same_artefacts(
         else:
             pytest.fail(f"no kill landed inside {stage} (last delay {delay:.2f} s, seed {seed}):\n{''.join(lines)}")
         report.append(f"{stage} +{delay:.2f}s")
-    res = run(tiny_config(out, model, corpus), echo=False)
+    try:
+        res = run(tiny_config(out, model, corpus), echo=False)
+    except Exception as e:  # say where the kills were, so the case can be replayed (MONOSCOPE_KILL_SEED)
+        pytest.fail(f"the rerun after kills at {report} (seed {seed}) failed: {type(e).__name__}: {e}")
     # stages 1-4 were completed by the processes killed later; the features pass was killed, so it resumes
     assert [(s.name, s.reused) for s in res.stages] == [(name, name != "features") for name in STAGES]
     assert artefacts(out) == artefacts(ref_out), f"kills at {report} (seed {seed})"
