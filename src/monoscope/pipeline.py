@@ -165,8 +165,8 @@ class RunConfig:
             except MonoscopeError:
                 _fail(name, getattr(self, name), "a count such as 9216 or a multiple of d_model such as 16x")
         if str(self.width) == str(self.small_width):
-            raise RunConfigError(f"--small-width {self.small_width} equals --width: give the second SAE another "
-                                 "width (e.g. 4x) so feature splitting compares two sizes")
+            raise RunConfigError(f"--small-width {self.small_width} equals --width: give the second SAE a different "
+                                 "width (e.g. --width 16x --small-width 4x) so feature splitting compares two sizes")
         _int("train_batch_size", self.train_batch_size, 1, "a positive number of rows such as 4096")
         if parse_count(self.train_tokens) < self.train_batch_size:  # type: ignore[arg-type]
             raise RunConfigError(f"--train-tokens {self.train_tokens} is less than one batch of --train-batch-size "
