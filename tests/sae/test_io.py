@@ -238,3 +238,16 @@ def test_check_compatible(saved: Path) -> None:
 def test_sae_package_never_imports_transformers() -> None:
     code = "import sys, monoscope.sae; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path: Path) -> None:
+    """safetensors orders its metadata from a hash map: without sorting, saves of one SAE differed in bytes."""
+    sae = _trained_like("topk", {"k": 4})
+    digests = {(save_sae(sae, tmp_path / f"s{i}") / WEIGHTS_NAME).read_bytes() for i in range(8)}
+    assert len(digests) == 1
+    loaded = load_sae(tmp_path / "s0")
+    assert torch.equal(loaded.W_dec, sae.W_dec.detach())
+    header = json.loads((tmp_path / "s0" / WEIGHTS_NAME).read_bytes()[8:][: int.from_bytes(
+        (tmp_path / "s0" / WEIGHTS_NAME).read_bytes()[:8], "little")])
+    assert list(header) == sorted(header) and header["__metadata__"] == {"architecture": "topk",
+                                                                          "format": "monoscope-sae"}

@@ -52,8 +52,10 @@ DEFAULT_TOKENS = 100_000
 
 
 def default_out(sae_dir: Path) -> Path:
-    """`runs/x/sae` -> `runs/x/eval` (the run-folder layout); any other folder -> `<folder>-eval`."""
-    return sae_dir.parent / "eval" if sae_dir.name == "sae" else sae_dir.with_name(sae_dir.name + "-eval")
+    """`runs/x/sae` -> `runs/x/eval` (the run-folder layout, `monoscope.runfolder`); else `<folder>-eval`."""
+    from monoscope.runfolder import eval_dir_for
+
+    return eval_dir_for(sae_dir)
 
 
 def _load_sae(sae_dir: Path, store: ActivationStore, device: torch.device) -> SAE:

@@ -91,6 +91,7 @@ def save_sae(
     tmp = folder / f".{WEIGHTS_NAME}.{uuid.uuid4().hex}.tmp"
     try:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": FORMAT, "architecture": sae.arch})
+        sort_safetensors_header(tmp)
         fsync_file(tmp)
         digest, size = sha256_file(tmp), tmp.stat().st_size
         os.replace(tmp, weights_path)
@@ -102,6 +103,22 @@ def save_sae(
     write_bytes_atomic(cfg_path, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
     fsync_dir(folder)
     return folder
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place and at the same length.
+
+    safetensors writes `__metadata__` from a hash map whose order changes from call to call, so two saves
+    of the same weights differed in their bytes (and sha256, which cfg.json, eval and the feature database
+    key on) whenever the metadata held more than one key. Sorting makes the bytes a function of the weights."""
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = fh.read(n)
+        text = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:  # never grows the header (offsets are relative to its end): leave it as written
+            return
+        fh.seek(8)
+        fh.write(text + b" " * (n - len(text)))
 
 
 def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = None) -> SAE:
