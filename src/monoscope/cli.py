@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
+    from monoscope.search.cli import add_search_parser
     from monoscope.train.cli import add_train_parser
 
     add_train_parser(sub)
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_show_parser(sub)
     add_explain_parser(sub)
     add_convert_parser(sub)
+    add_search_parser(sub)
     return parser
 
 
