@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import TRAIN_TEXT, make_llama
 
 from monoscope.features.build import _neighbours
 from monoscope.features.db import FeatureDB
 from monoscope.sae import SAEConfig, build_sae
 from monoscope.sae.io import save_sae, weights_sha256
+from tests.conftest import TRAIN_TEXT, make_llama
 
 F = 12
 FOX, DOG, DENSE = 3, 5, 0

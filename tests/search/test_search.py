@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.search.conftest import DENSE, DOG, FOX, F, Planted, _planted_sae
 
 from monoscope.cli import main
 from monoscope.errors import MonoscopeError
@@ -20,6 +19,7 @@ from monoscope.sae.io import save_sae
 from monoscope.search.contrast import benjamini_hochberg, cohens_d, contrast, contrast_scores, mann_whitney, neighbours
 from monoscope.search.labels import fts_query, search_labels
 from monoscope.search.text import Searcher
+from tests.search.conftest import DENSE, DOG, FOX, F, Planted, _planted_sae
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 

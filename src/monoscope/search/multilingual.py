@@ -1,0 +1,162 @@
+"""Features that respond to one concept across languages (the paper's multilingual features).
+
+    res = multilingual_search(searcher, min_languages=5)
+    for h in res.hits: print(h.feature, h.concept, h.n_languages, [(e.language, e.rel) for e in h.evidence])
+
+Parallel text comes from Babel's CLDR data (installed with monoscope, offline): the names of countries,
+languages, months and weekdays in 14 languages ("France", "Frankreich", "Francia", "フランス", ...). For each
+text the model reads, every feature's largest activation is taken relative to the feature's maximum in the
+database. A feature *fires for concept c in language l* when that relative activation is at least `min_rel`
+and at least `selectivity` times its mean over the other concepts in the same language (so a feature that
+fires on every country name, or on every text, does not count). Per (feature, concept):
+- n_languages: languages where it fires for c; consistency = n_languages / languages read;
+- the evidence per language (text, relative activation, fires or not).
+A language whose names the tokenizer cannot reproduce (decode(encode(text)) != text, e.g. unknown script
+mapped to <unk>) is left out with a note rather than read as garbage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monoscope.search.text import Searcher, SearchError
+
+LANGUAGES = ("en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "tr", "sv", "ja", "zh", "ar")
+COUNTRIES = ("FR", "DE", "JP", "US", "CN", "IT", "ES", "RU", "BR", "IN", "GB", "EG", "MX", "GR", "TR", "SE")
+LANGUAGE_NAMES = ("fr", "de", "ja", "en", "es", "it", "ru", "zh", "ar", "pt")
+
+
+@dataclass
+class Concept:
+    name: str
+    texts: dict[str, str]
+    """language -> the concept's text in that language."""
+    source: str = ""
+
+
+@dataclass
+class LanguageEvidence:
+    language: str
+    text: str
+    act: float
+    rel: float
+    fires: bool
+
+
+@dataclass
+class MultilingualHit:
+    feature: int
+    concept: str
+    n_languages: int
+    consistency: float
+    mean_rel: float
+    """Mean relative activation over the languages where it fires."""
+    label: str
+    evidence: list[LanguageEvidence] = field(default_factory=list)
+
+
+@dataclass
+class MultilingualResult:
+    languages: list[str]
+    concepts: list[str]
+    min_languages: int
+    hits: list[MultilingualHit]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"languages": self.languages, "concepts": self.concepts, "min_languages": self.min_languages,
+                "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
+
+
+def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
+    """Country, language, month and weekday names in every language, from Babel's CLDR data."""
+    import babel
+    from babel import Locale
+
+    src = f"Babel {babel.__version__} CLDR"
+    locs = {lang: Locale.parse(lang) for lang in languages}
+    en = Locale("en")
+    out = []
+    for c in COUNTRIES:
+        out.append(Concept(f"country {en.territories[c]}", {k: loc.territories[c] for k, loc in locs.items()}, src))
+    for c in LANGUAGE_NAMES:
+        out.append(Concept(f"language {en.languages[c]}", {k: loc.languages[c] for k, loc in locs.items()}, src))
+    for m in (1, 3, 6, 9, 12):
+        out.append(Concept(f"month {en.months['format']['wide'][m]}",
+                           {k: loc.months["format"]["wide"][m] for k, loc in locs.items()}, src))
+    for d in (0, 2, 4, 6):
+        out.append(Concept(f"weekday {en.days['format']['wide'][d]}",
+                           {k: loc.days["format"]["wide"][d] for k, loc in locs.items()}, src))
+    return out
+
+
+def _mangled(searcher: Searcher, text: str) -> bool:
+    tok = searcher.lm.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    unk = getattr(tok, "unk_token_id", None)
+    return (unk is not None and unk in ids) or tok.decode(ids).strip() != text.strip()
+
+
+def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = None, min_languages: int = 5,
+                        min_rel: float = 0.1, selectivity: float = 2.0, top: int = 20,
+                        prefix: str = "- ") -> MultilingualResult:
+    """Features that fire selectively for one concept in at least `min_languages` languages (module docstring).
+    Each text is read after `prefix` (language-neutral), so the concept's first token is not the one right
+    after BOS, where residual norms are extreme."""
+    if min_languages < 1:
+        raise SearchError(f"--min-languages {min_languages}: pass 1 or more")
+    if top <= 0:
+        raise SearchError(f"--top {top}: pass a positive number of features to list")
+    concepts = concepts if concepts is not None else parallel_concepts()
+    if len(concepts) < 2:
+        raise SearchError(f"multilingual search needs at least 2 concepts to compare, got {len(concepts)}")
+    langs = sorted({lang for c in concepts for lang in c.texts}, key=lambda x: (x != "en", x))
+    notes = []
+    kept = []
+    for lang in langs:
+        bad = [c.texts[lang] for c in concepts if lang in c.texts and _mangled(searcher, c.texts[lang])]
+        if bad:
+            notes.append(f"language {lang} left out: the tokenizer does not reproduce {bad[0]!r} "
+                         f"({len(bad)} of {len(concepts)} texts)")
+        else:
+            kept.append(lang)
+    if len(kept) < min_languages:
+        raise SearchError(f"only {len(kept)} languages ({', '.join(kept)}) survive tokenization, fewer than "
+                          f"--min-languages {min_languages}: lower it or use a model whose tokenizer reads them")
+    cells = [(ci, li) for ci, c in enumerate(concepts) for li, lang in enumerate(kept) if lang in c.texts]
+    texts = [prefix + concepts[ci].texts[kept[li]] for ci, li in cells]
+    names = [f"concept {concepts[ci].name!r} in {kept[li]}" for ci, li in cells]
+    acts = searcher.max_acts(texts, names)
+    C, L, F = len(concepts), len(kept), acts.shape[1]
+    A = np.full((C, L, F), np.nan, dtype=np.float64)
+    for (ci, li), a in zip(cells, acts, strict=True):
+        A[ci, li] = a
+    m = searcher.max_act
+    scale = np.where(m > 0, m, np.nanmax(np.where(np.isnan(A), 0.0, A), axis=(0, 1)))  # unseen: the max here
+    with np.errstate(divide="ignore", invalid="ignore"):
+        R = np.where(scale > 0, A / np.where(scale > 0, scale, 1.0), 0.0)  # [C, L, F]
+    present = ~np.isnan(A)
+    Rz = np.where(present, R, 0.0)
+    n_present = present.sum(0)  # [L, F]
+    others = (Rz.sum(0, keepdims=True) - Rz) / np.maximum(n_present[None] - 1, 1)  # mean over the other concepts
+    fires = present & (Rz >= min_rel) & (Rz >= selectivity * others) & (Rz > others)
+    n_lang = fires.sum(1)  # [C, F]
+    best_c = n_lang.argmax(0)  # each feature's best concept
+    best_n = n_lang[best_c, np.arange(F)]
+    with np.errstate(invalid="ignore"):
+        mean_rel = np.where(fires, Rz, 0.0).sum(1) / np.maximum(n_lang, 1)  # [C, F]
+    cand = np.flatnonzero(best_n >= min_languages)
+    order = cand[np.lexsort((cand, -mean_rel[best_c[cand], cand], -best_n[cand]))][:top]
+    labels = searcher.labels(order.tolist())
+    hits = []
+    for f in order.tolist():
+        c = int(best_c[f])
+        ev = [LanguageEvidence(lang, concepts[c].texts[lang], float(A[c, li, f]), round(float(Rz[c, li, f]), 4),
+                               bool(fires[c, li, f])) for li, lang in enumerate(kept) if present[c, li, f]]
+        n = int(best_n[f])
+        hits.append(MultilingualHit(f, concepts[c].name, n, round(n / L, 4), round(float(mean_rel[c, f]), 4),
+                                    labels.get(f, ""), ev))
+    return MultilingualResult(kept, [c.name for c in concepts], min_languages, hits, notes)

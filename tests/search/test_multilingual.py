@@ -1,0 +1,91 @@
+"""Multilingual search: a feature planted on one concept in 6 'languages' is found; dense and sparse ones are not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from monoscope.cli import main
+from monoscope.errors import MonoscopeError
+from monoscope.search.multilingual import LANGUAGES, Concept, multilingual_search, parallel_concepts
+from monoscope.search.text import Searcher
+from tests.search.conftest import DENSE, DOG, FOX, Planted
+
+LANGS = ["l1", "l2", "l3", "l4", "l5", "l6"]
+
+
+@pytest.fixture(scope="module")
+def searcher(planted: Planted) -> Searcher:
+    s = Searcher.open(planted.sae, device="cpu", compute_dtype="fp32")
+    yield s
+    s.close()
+
+
+def _concepts() -> list[Concept]:
+    frames = ["the {} sleeps", "my {} runs", "a {} barks", "one {} here", "the lazy {}", "and the {}"]
+    dog = Concept("dog", {lang: f.format("dog") for lang, f in zip(LANGS, frames, strict=True)})
+    # fox appears in only 3 languages (the others say 'cat'): under --min-languages 5
+    fox = Concept("fox", {lang: f.format("fox" if i < 3 else "cat") for i, (lang, f) in
+                          enumerate(zip(LANGS, frames, strict=True))})
+    cat = Concept("cat", {lang: f.format("cat") for lang, f in zip(LANGS, frames, strict=True)})
+    return [dog, fox, cat]
+
+
+def test_planted_concept_feature_found_in_every_language(searcher: Searcher) -> None:
+    res = multilingual_search(searcher, concepts=_concepts(), min_languages=5)
+    assert res.languages == LANGS and res.concepts == ["dog", "fox", "cat"]
+    assert [h.feature for h in res.hits] == [DOG]  # DENSE fires on everything (not selective), FOX in 3 languages
+    h = res.hits[0]
+    assert h.concept == "dog" and h.n_languages == 6 and h.consistency == 1.0 and h.mean_rel == 0.5
+    assert [(e.language, e.fires, e.rel) for e in h.evidence] == [(lang, True, 0.5) for lang in LANGS]
+    low = multilingual_search(searcher, concepts=_concepts(), min_languages=3)
+    assert [(h.feature, h.concept, h.n_languages) for h in low.hits] == [(DOG, "dog", 6), (FOX, "fox", 3)]
+    assert DENSE not in [h.feature for h in low.hits]
+
+
+def test_cldr_parallel_names_cover_ten_languages() -> None:
+    cs = parallel_concepts()
+    assert len(LANGUAGES) >= 10 and all(set(c.texts) == set(LANGUAGES) for c in cs)
+    france = next(c for c in cs if c.name == "country France")
+    assert france.texts["de"] == "Frankreich" and france.texts["ja"] == "フランス" and france.texts["ru"] == "Франция"
+    assert len(cs) == 35
+
+
+def test_mangled_detection() -> None:
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from monoscope.search.multilingual import _mangled
+
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "the": 1, "dog": 2}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    fake = SimpleNamespace(lm=SimpleNamespace(tokenizer=tok))
+    assert not _mangled(fake, "the dog")  # type: ignore[arg-type]
+    assert _mangled(fake, "le chien")  # type: ignore[arg-type]
+
+
+def test_mangled_languages_are_left_out_with_a_note(searcher: Searcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    import monoscope.search.multilingual as ml
+
+    cs = _concepts()
+    for c in cs:
+        c.texts["zz"] = "zz: " + c.texts["l1"]
+    monkeypatch.setattr(ml, "_mangled", lambda s, text: text.startswith("zz:"))
+    res = multilingual_search(searcher, concepts=cs, min_languages=5)
+    assert res.languages == LANGS and [h.feature for h in res.hits] == [DOG]
+    assert res.notes == ["language zz left out: the tokenizer does not reproduce 'zz: the dog sleeps' (3 of 3 texts)"]
+    with pytest.raises(MonoscopeError, match=r"only 6 languages \(l1, l2, l3, l4, l5, l6\) survive tokenization, "
+                                             r"fewer than --min-languages 7"):
+        multilingual_search(searcher, concepts=cs, min_languages=7)
+
+
+def test_cli_multilingual_on_cldr(planted: Planted, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", str(planted.sae), "--multilingual", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["languages"]) >= 10 and len(out["concepts"]) == 35
+    # the planted features fire on ' fox'/' dog' only, which no CLDR name contains: nothing qualifies
+    assert out["hits"] == []
