@@ -73,7 +73,7 @@ class TextResult:
     n_filtered: int
     """Active features the density filter removed."""
     seconds: float
-    """Forward, encode and ranking (the model and SAE already loaded)."""
+    """The whole search: tokenize, forward to the hook, encode, rank, evidence and labels (model and SAE loaded)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens, "n_features": self.n_features, "n_active": self.n_active,
@@ -255,7 +255,6 @@ class Searcher:
         key = np.where(np.isnan(rel), -1.0, rel)
         cand = np.flatnonzero(chosen)
         order = cand[np.lexsort((-best_np[cand], -key[cand]))][:top]
-        seconds = time.perf_counter() - t0
         tok = self.lm.tokenizer
         pieces = [tok.convert_tokens_to_string([p]) for p in tok.convert_ids_to_tokens(ids)]
         labels = self.labels(order.tolist())
@@ -269,7 +268,8 @@ class Searcher:
             ev = [Evidence(int(p), pieces[p], float(col[p]), _finite(col[p] / m) if m > 0 else None) for p in pos]
             hits.append(FeatureHit(int(fid), float(best_np[fid]), _finite(rel[fid]), _finite(self.density[fid]),
                                    _finite(m), labels[fid], expl.get(fid), int(peak[fid]), ev))
-        return TextResult(text, pieces, hits, self.n_features, n_active, int((active & ~mask).sum()), seconds)
+        return TextResult(text, pieces, hits, self.n_features, n_active, int((active & ~mask).sum()),
+                          time.perf_counter() - t0)
 
 
 def _pad(values: np.ndarray, n: int) -> np.ndarray:
