@@ -44,6 +44,10 @@ def test_planted_feature_ranks_first_with_token_evidence(searcher: Searcher) -> 
     assert ev.token == " fox" and res.tokens[ev.position] == " fox" and ev.position == fox.peak
     assert fox.label == "' fox'" and fox.explanation == "the animal fox"
     assert len(dense.evidence) == 5 and 0 not in [e.position for e in dense.evidence]  # BOS never counts
+    assert res.notes == []
+    long = searcher.search_text("the fox " * 40)
+    assert long.notes == ["the text is 82 tokens but the database was built on contexts of 64: activations after "
+                          "position 64 come from positions the SAE's data never had"]
 
 
 def test_relative_ranking_beats_raw(searcher: Searcher) -> None:

@@ -148,6 +148,8 @@ def _text(args: argparse.Namespace, s: Any) -> int:
     print(f"{len(res.tokens)} tokens, {res.n_active:,} of {res.n_features:,} features fire"
           + (f" ({res.n_filtered:,} left out by the density filter)" if res.n_filtered else "")
           + f"; searched in {res.seconds:.3f} s")
+    for note in res.notes:
+        print(f"note: {note}")
     print(f"{'feature':>8} {'rel':>6} {'act':>7} {'density':>8}  label / explanation")
     for h in res.hits:
         print(f"{h.feature:>8} {_fmt(h.rel, '.2f'):>6} {h.act:>7.3g} {_fmt(h.density, '.1e'):>8}  "

@@ -72,12 +72,14 @@ class TextResult:
     """Features with a non-zero activation somewhere on the text."""
     n_filtered: int
     """Active features the density filter removed."""
+    notes: list[str]
+    """Warnings a reader should see (e.g. a text longer than the contexts the database was built on)."""
     seconds: float
     """The whole search: tokenize, forward to the hook, encode, rank, evidence and labels (model and SAE loaded)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens, "n_features": self.n_features, "n_active": self.n_active,
-                "n_filtered": self.n_filtered, "seconds": round(self.seconds, 4),
+                "n_filtered": self.n_filtered, "notes": self.notes, "seconds": round(self.seconds, 4),
                 "hits": [h.to_dict() for h in self.hits]}
 
 
@@ -169,7 +171,7 @@ class Searcher:
         return out
 
     @torch.inference_mode()
-    def codes(self, ids: Sequence[Sequence[int]], batch_tokens: int = 8192) -> Iterator[tuple[int, torch.Tensor]]:
+    def codes(self, ids: Sequence[Sequence[int]], batch_tokens: int = 4096) -> Iterator[tuple[int, torch.Tensor]]:
         """(index, codes [len, F] float32) per token list, rows the pass excludes set to zero. Texts are
         batched by length (right padding: a causal model's real tokens never see the padding)."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -268,7 +270,12 @@ class Searcher:
             ev = [Evidence(int(p), pieces[p], float(col[p]), _finite(col[p] / m) if m > 0 else None) for p in pos]
             hits.append(FeatureHit(int(fid), float(best_np[fid]), _finite(rel[fid]), _finite(self.density[fid]),
                                    _finite(m), labels[fid], expl.get(fid), int(peak[fid]), ev))
-        return TextResult(text, pieces, hits, self.n_features, n_active, int((active & ~mask).sum()),
+        notes = []
+        ctx = self.meta.get("ctx_len")
+        if isinstance(ctx, int) and len(ids) > ctx:
+            notes.append(f"the text is {len(ids):,} tokens but the database was built on contexts of {ctx}: "
+                         f"activations after position {ctx} come from positions the SAE's data never had")
+        return TextResult(text, pieces, hits, self.n_features, n_active, int((active & ~mask).sum()), notes,
                           time.perf_counter() - t0)
 
 
