@@ -110,3 +110,18 @@ def test_user_pack_contrast_and_cli(planted: Planted, tmp_path: Path, capsys: py
 
 def test_fields_documented() -> None:
     assert FIELDS == ("text", "label", "concept", "source", "license")
+
+
+def test_pack_the_tokenizer_mangles_gets_a_warning(planted: Planted, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import monoscope.search.multilingual as ml
+
+    p = _write(tmp_path / "mixed.jsonl", [row("the dog barks", 1), row("the cat barks", 0), row("\u72d7 dog", 1)])
+    monkeypatch.setattr(ml, "_mangled", lambda s, text: "\u72d7" in text)
+    s = Searcher.open(planted.sae, device="cpu", compute_dtype="fp32")
+    try:
+        res = contrast_pack(s, load_pack(p), top=1)
+    finally:
+        s.close()
+    assert res.notes == [f"{p} line 3: the tokenizer does not reproduce this text (1 of 3 items): activations on "
+                         "text it cannot read may mean little"]

@@ -222,6 +222,8 @@ def _print_contrast(args: argparse.Namespace, res: Any, title: str) -> None:
         return
     print(f"{title}: {res.n_pos} positive vs {res.n_neg} negative texts; {res.n_significant:,} of "
           f"{res.n_features:,} features separate them at BH q < {res.alpha}")
+    for note in res.notes:
+        print(f"warning: {note}")
     print(f"{'feature':>8} {'AUROC':>6} {'d':>6} {'q':>8} {'pos%':>5} {'neg%':>5}  label")
     for h in res.hits:
         print(f"{h.feature:>8} {h.auroc:>6.3f} {_fmt(h.effect, '.2f'):>6} {h.q:>8.2g} {100 * h.frac_pos:>5.0f} "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,10 +56,12 @@ class ContrastResult:
     """Features with q < alpha in the chosen direction."""
     alpha: float
     hits: list[ContrastHit]
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"n_pos": self.n_pos, "n_neg": self.n_neg, "n_features": self.n_features,
-                "n_significant": self.n_significant, "alpha": self.alpha, "hits": [h.to_dict() for h in self.hits]}
+                "n_significant": self.n_significant, "alpha": self.alpha, "notes": self.notes,
+                "hits": [h.to_dict() for h in self.hits]}
 
 
 def mann_whitney(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

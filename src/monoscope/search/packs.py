@@ -139,9 +139,16 @@ def load_pack(name_or_path: str | Path) -> Pack:
 
 
 def contrast_pack(searcher: Any, pack: Pack, *, top: int = 20, direction: str = "pos", alpha: float = 0.05) -> Any:
-    """`contrast` of a pack's positives against its negatives."""
+    """`contrast` of a pack's positives against its negatives; texts the tokenizer cannot reproduce (a script it
+    does not know) are counted in a note naming the first one's file and line."""
+    from monoscope.search import multilingual
     from monoscope.search.contrast import contrast
 
     pos, pn = pack.texts(1)
     neg, nn = pack.texts(0)
-    return contrast(searcher, pos, neg, pos_names=pn, neg_names=nn, top=top, direction=direction, alpha=alpha)
+    res = contrast(searcher, pos, neg, pos_names=pn, neg_names=nn, top=top, direction=direction, alpha=alpha)
+    bad = [i for i in pack.items if multilingual._mangled(searcher, i.text)]
+    if bad:
+        res.notes.append(f"{pack.path} line {bad[0].line}: the tokenizer does not reproduce this text ({len(bad)} of "
+                         f"{len(pack.items)} items): activations on text it cannot read may mean little")
+    return res
