@@ -38,10 +38,39 @@ def test_planted_concept_feature_found_in_every_language(searcher: Searcher) -> 
     assert [h.feature for h in res.hits] == [DOG]  # DENSE fires on everything (not selective), FOX in 3 languages
     h = res.hits[0]
     assert h.concept == "dog" and h.n_languages == 6 and h.consistency == 1.0 and h.mean_rel == 0.5
+    assert h.length_corr == 0.0  # the dog, fox and cat texts of a language have the same length
     assert [(e.language, e.fires, e.rel) for e in h.evidence] == [(lang, True, 0.5) for lang in LANGS]
     low = multilingual_search(searcher, concepts=_concepts(), min_languages=3)
     assert [(h.feature, h.concept, h.n_languages) for h in low.hits] == [(DOG, "dog", 6), (FOX, "fox", 3)]
     assert DENSE not in [h.feature for h in low.hits]
+
+
+def test_length_driven_features_are_left_out(searcher: Searcher) -> None:
+    cs = _concepts()
+    for lang in LANGS:  # the dog texts are the longest in every language: DOG now follows length
+        cs[0].texts[lang] += " and runs far away from the house"
+    res = multilingual_search(searcher, concepts=cs, min_languages=5)
+    assert res.hits == []
+    assert res.notes == ["1 features that fire for one concept in >= 5 languages left out: their activation follows "
+                         "the text's length (|Spearman| > 0.5; e.g. #5, 0.86)"]
+    kept = multilingual_search(searcher, concepts=cs, min_languages=5, max_length_corr=1.0)
+    assert [h.feature for h in kept.hits] == [DOG] and kept.hits[0].length_corr == pytest.approx(0.86, abs=0.005)
+
+
+def test_length_correlation_matches_scipy() -> None:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from monoscope.search.multilingual import length_correlation
+
+    rng = np.random.default_rng(0)
+    acts = np.round(rng.random((30, 4)), 1)
+    acts[:, 3] = 0.0
+    lengths = rng.integers(2, 9, 30).astype(float)
+    got = length_correlation(acts, lengths)
+    for j in range(3):
+        assert got[j] == pytest.approx(spearmanr(acts[:, j], lengths).statistic, abs=1e-12)
+    assert got[3] == 0.0
 
 
 def test_cldr_parallel_names_cover_ten_languages() -> None:

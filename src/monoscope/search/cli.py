@@ -260,6 +260,8 @@ def _multilingual(args: argparse.Namespace, s: Any) -> int:
         return 0
     print(f"{len(res.concepts)} concepts in {len(res.languages)} languages ({', '.join(res.languages)}); "
           f"{len(res.hits)} features fire for one concept in >= {res.min_languages} languages")
+    for note in res.notes:
+        print(f"note: {note}")
     for h in res.hits:
         print(f"{h.feature:>8} {h.concept!r:<28} {h.n_languages:>2} languages, consistency {h.consistency:.2f}  "
               f"{_short(h.label, 50)}")

@@ -11,6 +11,11 @@ and at least `selectivity` times its mean over the other concepts in the same la
 fires on every country name, or on every text, does not count). Per (feature, concept):
 - n_languages: languages where it fires for c; consistency = n_languages / languages read;
 - the evidence per language (text, relative activation, fires or not).
+A feature whose activation follows the text's length (|Spearman| between its per-text activation and the
+token count, over every text read, above `max_length_corr`) is left out with a count in the notes: a
+concept whose names are long in every language (Portuguese) would otherwise collect features that fire
+on late positions. (A real concept feature fires on 1 of 35 concepts, which bounds its correlation with
+length to about 0.3 even when its concept is the longest.)
 A language whose names the tokenizer cannot reproduce (decode(encode(text)) != text, e.g. unknown script
 mapped to <unk>) is left out with a note rather than read as garbage.
 """
@@ -52,6 +57,8 @@ class MultilingualHit:
     concept: str
     n_languages: int
     consistency: float
+    length_corr: float
+    """Spearman correlation of the feature's per-text activation with the text's token count."""
     mean_rel: float
     """Mean relative activation over the languages where it fires."""
     label: str
@@ -102,7 +109,7 @@ def _mangled(searcher: Searcher, text: str) -> bool:
 
 def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = None, min_languages: int = 5,
                         min_rel: float = 0.1, selectivity: float = 2.0, top: int = 20,
-                        prefix: str = "- ") -> MultilingualResult:
+                        prefix: str = "- ", max_length_corr: float = 0.5) -> MultilingualResult:
     """Features that fire selectively for one concept in at least `min_languages` languages (module docstring).
     Each text is read after `prefix` (language-neutral), so the concept's first token is not the one right
     after BOS, where residual norms are extreme."""
@@ -130,6 +137,8 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
     texts = [prefix + concepts[ci].texts[kept[li]] for ci, li in cells]
     names = [f"concept {concepts[ci].name!r} in {kept[li]}" for ci, li in cells]
     acts = searcher.max_acts(texts, names)
+    lengths = np.array([len(x) for x in searcher.tokenize(texts, names)], dtype=np.float64)
+    lcorr = length_correlation(acts, lengths)
     C, L, F = len(concepts), len(kept), acts.shape[1]
     A = np.full((C, L, F), np.nan, dtype=np.float64)
     for (ci, li), a in zip(cells, acts, strict=True):
@@ -149,6 +158,12 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
     with np.errstate(invalid="ignore"):
         mean_rel = np.where(fires, Rz, 0.0).sum(1) / np.maximum(n_lang, 1)  # [C, F]
     cand = np.flatnonzero(best_n >= min_languages)
+    by_length = cand[np.abs(lcorr[cand]) > max_length_corr]
+    if len(by_length):
+        notes.append(f"{len(by_length)} features that fire for one concept in >= {min_languages} languages left out: "
+                     f"their activation follows the text's length (|Spearman| > {max_length_corr}; e.g. "
+                     f"#{int(by_length[0])}, {lcorr[by_length[0]]:.2f})")
+        cand = cand[np.abs(lcorr[cand]) <= max_length_corr]
     order = cand[np.lexsort((cand, -mean_rel[best_c[cand], cand], -best_n[cand]))][:top]
     labels = searcher.labels(order.tolist())
     hits = []
@@ -157,6 +172,18 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
         ev = [LanguageEvidence(lang, concepts[c].texts[lang], float(A[c, li, f]), round(float(Rz[c, li, f]), 4),
                                bool(fires[c, li, f])) for li, lang in enumerate(kept) if present[c, li, f]]
         n = int(best_n[f])
-        hits.append(MultilingualHit(f, concepts[c].name, n, round(n / L, 4), round(float(mean_rel[c, f]), 4),
-                                    labels.get(f, ""), ev))
+        hits.append(MultilingualHit(f, concepts[c].name, n, round(n / L, 4), round(float(lcorr[f]), 4),
+                                    round(float(mean_rel[c, f]), 4), labels.get(f, ""), ev))
     return MultilingualResult(kept, [c.name for c in concepts], min_languages, hits, notes)
+
+
+def length_correlation(acts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[F] Spearman correlation between each column of acts [N, F] and lengths [N] (0 for a constant column)."""
+    from scipy.stats import rankdata
+
+    ra = rankdata(acts, axis=0)
+    rl = rankdata(lengths)
+    ra = ra - ra.mean(0)
+    rl = rl - rl.mean()
+    den = np.sqrt((ra * ra).sum(0) * (rl * rl).sum())
+    return np.divide(rl @ ra, den, out=np.zeros(acts.shape[1]), where=den > 0)
