@@ -39,6 +39,10 @@ def test_planted_concept_feature_found_in_every_language(searcher: Searcher) -> 
     h = res.hits[0]
     assert h.concept == "dog" and h.n_languages == 6 and h.consistency == 1.0 and h.mean_rel == 0.5
     assert h.length_corr == 0.0  # the dog, fox and cat texts of a language have the same length
+    # chance: DOG lands on one shuffled concept in >= 5 of 6 languages in 3 of 20 seeded shuffles (p = 0.053 each)
+    assert res.n_found == 1 and res.null_mean == 0.15
+    assert res.notes == ["by chance (concepts shuffled within each language, 20 times): 0.15 features on average "
+                         "reach >= 5 languages, against 1 found"]
     assert [(e.language, e.fires, e.rel) for e in h.evidence] == [(lang, True, 0.5) for lang in LANGS]
     low = multilingual_search(searcher, concepts=_concepts(), min_languages=3)
     assert [(h.feature, h.concept, h.n_languages) for h in low.hits] == [(DOG, "dog", 6), (FOX, "fox", 3)]
@@ -51,8 +55,8 @@ def test_length_driven_features_are_left_out(searcher: Searcher) -> None:
         cs[0].texts[lang] += " and runs far away from the house"
     res = multilingual_search(searcher, concepts=cs, min_languages=5)
     assert res.hits == []
-    assert res.notes == ["1 features that fire for one concept in >= 5 languages left out: their activation follows "
-                         "the text's length (|Spearman| > 0.5; e.g. #5, 0.86)"]
+    assert res.notes[0] == ("1 features that fire for one concept in >= 5 languages left out: their activation "
+                            "follows the text's length (|Spearman| > 0.5; e.g. #5, 0.86)")
     kept = multilingual_search(searcher, concepts=cs, min_languages=5, max_length_corr=1.0)
     assert [h.feature for h in kept.hits] == [DOG] and kept.hits[0].length_corr == pytest.approx(0.86, abs=0.005)
 
@@ -106,7 +110,7 @@ def test_mangled_languages_are_left_out_with_a_note(searcher: Searcher, monkeypa
     monkeypatch.setattr(ml, "_mangled", lambda s, text: text.startswith("zz:"))
     res = multilingual_search(searcher, concepts=cs, min_languages=5)
     assert res.languages == LANGS and [h.feature for h in res.hits] == [DOG]
-    assert res.notes == ["language zz left out: the tokenizer does not reproduce 'zz: the dog sleeps' (3 of 3 texts)"]
+    assert res.notes[0] == "language zz left out: the tokenizer does not reproduce 'zz: the dog sleeps' (3 of 3 texts)"
     with pytest.raises(MonoscopeError, match=r"only 6 languages \(l1, l2, l3, l4, l5, l6\) survive tokenization, "
                                              r"fewer than --min-languages 7"):
         multilingual_search(searcher, concepts=cs, min_languages=7)

@@ -259,7 +259,7 @@ def _multilingual(args: argparse.Namespace, s: Any) -> int:
         _out(args, res.to_dict())
         return 0
     print(f"{len(res.concepts)} concepts in {len(res.languages)} languages ({', '.join(res.languages)}); "
-          f"{len(res.hits)} features fire for one concept in >= {res.min_languages} languages")
+          f"{res.n_found} features fire for one concept in >= {res.min_languages} languages")
     for note in res.notes:
         print(f"note: {note}")
     for h in res.hits:

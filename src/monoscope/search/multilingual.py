@@ -16,6 +16,8 @@ token count, over every text read, above `max_length_corr`) is left out with a c
 concept whose names are long in every language (Portuguese) would otherwise collect features that fire
 on late positions. (A real concept feature fires on 1 of 35 concepts, which bounds its correlation with
 length to about 0.3 even when its concept is the longest.)
+Chance level: the same count with each language's concepts shuffled (`n_null` times) says how many
+features would qualify by accident; compare it with `n_found` before trusting a list.
 A language whose names the tokenizer cannot reproduce (decode(encode(text)) != text, e.g. unknown script
 mapped to <unk>) is left out with a note rather than read as garbage.
 """
@@ -72,10 +74,15 @@ class MultilingualResult:
     min_languages: int
     hits: list[MultilingualHit]
     notes: list[str]
+    n_found: int = 0
+    """Features that qualify (hits holds the top of them)."""
+    null_mean: float | None = None
+    """Mean number that qualify when each language's concepts are shuffled (chance level)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"languages": self.languages, "concepts": self.concepts, "min_languages": self.min_languages,
-                "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
+                "n_found": self.n_found, "null_mean": self.null_mean, "notes": self.notes,
+                "hits": [asdict(h) for h in self.hits]}
 
 
 def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
@@ -109,7 +116,7 @@ def _mangled(searcher: Searcher, text: str) -> bool:
 
 def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = None, min_languages: int = 5,
                         min_rel: float = 0.1, selectivity: float = 2.0, top: int = 20,
-                        prefix: str = "- ", max_length_corr: float = 0.5) -> MultilingualResult:
+                        prefix: str = "- ", max_length_corr: float = 0.5, n_null: int = 20) -> MultilingualResult:
     """Features that fire selectively for one concept in at least `min_languages` languages (module docstring).
     Each text is read after `prefix` (language-neutral), so the concept's first token is not the one right
     after BOS, where residual norms are extreme."""
@@ -149,9 +156,7 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
         R = np.where(scale > 0, A / np.where(scale > 0, scale, 1.0), 0.0)  # [C, L, F]
     present = ~np.isnan(A)
     Rz = np.where(present, R, 0.0)
-    n_present = present.sum(0)  # [L, F]
-    others = (Rz.sum(0, keepdims=True) - Rz) / np.maximum(n_present[None] - 1, 1)  # mean over the other concepts
-    fires = present & (Rz >= min_rel) & (Rz >= selectivity * others) & (Rz > others)
+    fires = _fires(Rz, present, min_rel, selectivity)
     n_lang = fires.sum(1)  # [C, F]
     best_c = n_lang.argmax(0)  # each feature's best concept
     best_n = n_lang[best_c, np.arange(F)]
@@ -174,7 +179,26 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
         n = int(best_n[f])
         hits.append(MultilingualHit(f, concepts[c].name, n, round(n / L, 4), round(float(lcorr[f]), 4),
                                     round(float(mean_rel[c, f]), 4), labels.get(f, ""), ev))
-    return MultilingualResult(kept, [c.name for c in concepts], min_languages, hits, notes)
+    ok_len = np.abs(lcorr) <= max_length_corr
+    null = []
+    rng = np.random.default_rng(0)
+    for _ in range(n_null):  # concepts shuffled within each language: what chance alone lists
+        perm = np.stack([rng.permutation(C) for _ in range(L)], axis=1)  # [C, L]
+        Rp, Pp = Rz[perm, np.arange(L)[None, :]], present[perm, np.arange(L)[None, :]]
+        null.append(int(((_fires(Rp, Pp, min_rel, selectivity).sum(1).max(0) >= min_languages) & ok_len).sum()))
+    null_mean = float(np.mean(null)) if null else None
+    if null:
+        notes.append(f"by chance (concepts shuffled within each language, {n_null} times): {null_mean:.2f} features "
+                     f"on average reach >= {min_languages} languages, against {len(cand)} found")
+    return MultilingualResult(kept, [c.name for c in concepts], min_languages, hits, notes, len(cand), null_mean)
+
+
+def _fires(Rz: np.ndarray, present: np.ndarray, min_rel: float, selectivity: float) -> np.ndarray:
+    """[C, L, F] bool: relative activation >= min_rel and >= selectivity x the mean over the language's other
+    concepts."""
+    n_present = present.sum(0)  # [L, F]
+    others = (Rz.sum(0, keepdims=True) - Rz) / np.maximum(n_present[None] - 1, 1)
+    return present & (Rz >= min_rel) & (Rz >= selectivity * others) & (Rz > others)
 
 
 def length_correlation(acts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
