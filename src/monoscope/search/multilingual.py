@@ -4,7 +4,9 @@
     for h in res.hits: print(h.feature, h.concept, h.n_languages, [(e.language, e.rel) for e in h.evidence])
 
 Parallel text comes from Babel's CLDR data (installed with monoscope, offline): the names of countries,
-languages, months and weekdays in 14 languages ("France", "Frankreich", "Francia", "フランス", ...). For each
+languages, months and weekdays in 14 languages ("France", "Frankreich", "Francia", "フランス", ...), and
+from Django's translation catalogues: whole sentences ("This field is required.", "Dieses Feld ist
+zwingend erforderlich.", ...) translated into every one of those languages. For each
 text the model reads, every feature's largest activation is taken relative to the feature's maximum in the
 database. A feature *fires for concept c in language l* when that relative activation is at least `min_rel`
 and at least `selectivity` times its mean over the other concepts in the same language (so a feature that
@@ -86,7 +88,8 @@ class MultilingualResult:
 
 
 def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
-    """Country, language, month and weekday names in every language, from Babel's CLDR data."""
+    """Country, language, month and weekday names in every language, from Babel's CLDR data, and Django's
+    form messages."""
     import babel
     from babel import Locale
 
@@ -104,7 +107,42 @@ def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
     for d in (0, 2, 4, 6):
         out.append(Concept(f"weekday {en.days['format']['wide'][d]}",
                            {k: loc.days["format"]["wide"][d] for k, loc in locs.items()}, src))
-    return out
+    return out + django_concepts(languages)
+
+
+DJANGO_MESSAGES = ("This field is required.", "Enter a valid email address.", "Enter a valid URL.",
+                   "Enter a valid date.", "Enter a whole number.", "The submitted file is empty.",
+                   "Enter a valid time.", "Enter a number.")
+_DJANGO_LOCALE = {"zh": "zh_Hans"}
+
+
+def django_concepts(languages: tuple[str, ...] = LANGUAGES,
+                    messages: tuple[str, ...] = DJANGO_MESSAGES) -> list[Concept]:
+    """Django's form messages in every language (msgid for English); a message missing in any language is
+    skipped. Empty when Django is not installed."""
+    try:
+        import django
+    except ImportError:
+        return []
+    from pathlib import Path
+
+    from monoscope.corpus.po import read_po
+
+    root = Path(django.__file__).parent / "conf" / "locale"
+    table: dict[str, dict[str, str]] = {m: {} for m in messages}
+    for lang in languages:
+        if lang == "en":
+            for m in messages:
+                table[m]["en"] = m
+            continue
+        path = root / _DJANGO_LOCALE.get(lang, lang) / "LC_MESSAGES" / "django.po"
+        if not path.is_file():
+            continue
+        for e in read_po(path):
+            if e.msgid in table and e.msgctxt is None and not e.fuzzy and e.translated:
+                table[e.msgid][lang] = e.translated[0]
+    src = f"Django {django.__version__} conf/locale/*/LC_MESSAGES/django.po"
+    return [Concept(f"message {m!r}", t, src) for m, t in table.items() if set(t) == set(languages)]
 
 
 def _mangled(searcher: Searcher, text: str) -> bool:
