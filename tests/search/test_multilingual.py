@@ -41,6 +41,9 @@ def test_planted_concept_feature_found_in_every_language(searcher: Searcher) -> 
     assert h.length_corr == 0.0  # the dog, fox and cat texts of a language have the same length
     # chance: DOG lands on one shuffled concept in >= 5 of 6 languages in 3 of 20 seeded shuffles (p = 0.053 each)
     assert res.n_found == 1 and res.null_mean == 0.15
+    assert h.chance == 0.0  # never all 6 languages in the 20 shuffles
+    assert [h.chance for h in multilingual_search(searcher, concepts=_concepts(), min_languages=5, n_null=0).hits] == [
+        None]
     assert res.notes == ["by chance (concepts shuffled within each language, 20 times): 0.15 features on average "
                          "reach >= 5 languages, against 1 found"]
     assert [(e.language, e.fires, e.rel) for e in h.evidence] == [(lang, True, 0.5) for lang in LANGS]

@@ -263,8 +263,9 @@ def _multilingual(args: argparse.Namespace, s: Any) -> int:
     for note in res.notes:
         print(f"note: {note}")
     for h in res.hits:
-        print(f"{h.feature:>8} {h.concept!r:<28} {h.n_languages:>2} languages, consistency {h.consistency:.2f}  "
-              f"{_short(h.label, 50)}")
+        chance = "" if h.chance is None else f" (by chance: {h.chance:.2f} features)"
+        print(f"{h.feature:>8} {h.concept!r:<28} {h.n_languages:>2} languages{chance}, consistency "
+              f"{h.consistency:.2f}  {_short(h.label, 40)}")
         print(f"{'':>8} " + "  ".join(f"{e.language}:{e.rel:.2f}" for e in h.evidence))
     return 0
 

@@ -67,6 +67,9 @@ class MultilingualHit:
     """Mean relative activation over the languages where it fires."""
     label: str
     evidence: list[LanguageEvidence] = field(default_factory=list)
+    chance: float | None = None
+    """Mean number of features reaching at least this many languages when each language's concepts are
+    shuffled: well under 1 means a list this long is unlikely by accident."""
 
 
 @dataclass
@@ -218,13 +221,16 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
         hits.append(MultilingualHit(f, concepts[c].name, n, round(n / L, 4), round(float(lcorr[f]), 4),
                                     round(float(mean_rel[c, f]), 4), labels.get(f, ""), ev))
     ok_len = np.abs(lcorr) <= max_length_corr
-    null = []
+    null_best = []
     rng = np.random.default_rng(0)
     for _ in range(n_null):  # concepts shuffled within each language: what chance alone lists
         perm = np.stack([rng.permutation(C) for _ in range(L)], axis=1)  # [C, L]
         Rp, Pp = Rz[perm, np.arange(L)[None, :]], present[perm, np.arange(L)[None, :]]
-        null.append(int(((_fires(Rp, Pp, min_rel, selectivity).sum(1).max(0) >= min_languages) & ok_len).sum()))
+        null_best.append(np.where(ok_len, _fires(Rp, Pp, min_rel, selectivity).sum(1).max(0), 0))  # [F]
+    null = [int((b >= min_languages).sum()) for b in null_best]
     null_mean = float(np.mean(null)) if null else None
+    for h in hits:
+        h.chance = round(float(np.mean([(b >= h.n_languages).sum() for b in null_best])), 4) if null_best else None
     if null:
         notes.append(f"by chance (concepts shuffled within each language, {n_null} times): {null_mean:.2f} features "
                      f"on average reach >= {min_languages} languages, against {len(cand)} found")
