@@ -52,6 +52,23 @@ def test_planted_concept_feature_found_in_every_language(searcher: Searcher) -> 
     assert DENSE not in [h.feature for h in low.hits]
 
 
+def test_concepts_are_compared_within_their_group(searcher: Searcher) -> None:
+    frames = ["the {} sleeps", "my {} runs", "a {} barks", "one {} here", "the lazy {}", "and the {}"]
+
+    def concept(name: str, word: str, group: str) -> Concept:
+        return Concept(name, {lang: f.format(word) for lang, f in zip(LANGS, frames, strict=True)}, group=group)
+
+    # DOG fires on both 'animal' concepts: against the other animal it is not selective, so it is no hit;
+    # FOX fires on 'fox' and not on 'cat', the other concept of its group
+    grouped = [concept("dog a", "dog", "animal"), concept("dog b", "dog", "animal"), concept("cat", "cat", "other"),
+               concept("fox", "fox", "other")]
+    hits = multilingual_search(searcher, concepts=grouped, min_languages=5).hits
+    assert [(h.feature, h.concept) for h in hits] == [(FOX, "fox")]
+    ungrouped = [Concept(c.name, c.texts) for c in grouped]  # one group: dog a/b beat the mean of the other three
+    hits = multilingual_search(searcher, concepts=ungrouped, min_languages=5).hits
+    assert [(h.feature, h.concept) for h in hits] == [(FOX, "fox"), (DOG, "dog a")]
+
+
 def test_length_driven_features_are_left_out(searcher: Searcher) -> None:
     cs = _concepts()
     for lang in LANGS:  # the dog texts are the longest in every language: DOG now follows length

@@ -9,8 +9,9 @@ from Django's translation catalogues: whole sentences ("This field is required."
 zwingend erforderlich.", ...) translated into every one of those languages. For each
 text the model reads, every feature's largest activation is taken relative to the feature's maximum in the
 database. A feature *fires for concept c in language l* when that relative activation is at least `min_rel`
-and at least `selectivity` times its mean over the other concepts in the same language (so a feature that
-fires on every country name, or on every text, does not count). Per (feature, concept):
+and at least `selectivity` times its mean over the other concepts of its group (countries, languages, months,
+weekdays, sentences) in the same language, so a feature that fires on every country name, every sentence
+or every text does not count. Per (feature, concept):
 - n_languages: languages where it fires for c; consistency = n_languages / languages read;
 - the evidence per language (text, relative activation, fires or not).
 A feature whose activation follows the text's length (|Spearman| between its per-text activation and the
@@ -44,6 +45,9 @@ class Concept:
     texts: dict[str, str]
     """language -> the concept's text in that language."""
     source: str = ""
+    group: str = ""
+    """Concepts of one group (countries, months, sentences) are compared with each other: a feature that fires
+    on every country name is not a France feature."""
 
 
 @dataclass
@@ -101,15 +105,17 @@ def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
     en = Locale("en")
     out = []
     for c in COUNTRIES:
-        out.append(Concept(f"country {en.territories[c]}", {k: loc.territories[c] for k, loc in locs.items()}, src))
+        out.append(Concept(f"country {en.territories[c]}", {k: loc.territories[c] for k, loc in locs.items()}, src,
+                           "country"))
     for c in LANGUAGE_NAMES:
-        out.append(Concept(f"language {en.languages[c]}", {k: loc.languages[c] for k, loc in locs.items()}, src))
+        out.append(Concept(f"language {en.languages[c]}", {k: loc.languages[c] for k, loc in locs.items()}, src,
+                           "language"))
     for m in (1, 3, 6, 9, 12):
         out.append(Concept(f"month {en.months['format']['wide'][m]}",
-                           {k: loc.months["format"]["wide"][m] for k, loc in locs.items()}, src))
+                           {k: loc.months["format"]["wide"][m] for k, loc in locs.items()}, src, "month"))
     for d in (0, 2, 4, 6):
         out.append(Concept(f"weekday {en.days['format']['wide'][d]}",
-                           {k: loc.days["format"]["wide"][d] for k, loc in locs.items()}, src))
+                           {k: loc.days["format"]["wide"][d] for k, loc in locs.items()}, src, "weekday"))
     return out + django_concepts(languages)
 
 
@@ -145,7 +151,7 @@ def django_concepts(languages: tuple[str, ...] = LANGUAGES,
             if e.msgid in table and e.msgctxt is None and not e.fuzzy and e.translated:
                 table[e.msgid][lang] = e.translated[0]
     src = f"Django {django.__version__} conf/locale/*/LC_MESSAGES/django.po"
-    return [Concept(f"message {m!r}", t, src) for m, t in table.items() if set(t) == set(languages)]
+    return [Concept(f"message {m!r}", t, src, "message") for m, t in table.items() if set(t) == set(languages)]
 
 
 def _mangled(searcher: Searcher, text: str) -> bool:
@@ -197,7 +203,9 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
         R = np.where(scale > 0, A / np.where(scale > 0, scale, 1.0), 0.0)  # [C, L, F]
     present = ~np.isnan(A)
     Rz = np.where(present, R, 0.0)
-    fires = _fires(Rz, present, min_rel, selectivity)
+    names_g = sorted({c.group for c in concepts})
+    groups = np.array([names_g.index(c.group) for c in concepts])
+    fires = _fires(Rz, present, groups, min_rel, selectivity)
     n_lang = fires.sum(1)  # [C, F]
     best_c = n_lang.argmax(0)  # each feature's best concept
     best_n = n_lang[best_c, np.arange(F)]
@@ -224,9 +232,9 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
     null_best = []
     rng = np.random.default_rng(0)
     for _ in range(n_null):  # concepts shuffled within each language: what chance alone lists
-        perm = np.stack([rng.permutation(C) for _ in range(L)], axis=1)  # [C, L]
+        perm = np.stack([_group_permutation(groups, rng) for _ in range(L)], axis=1)  # [C, L]
         Rp, Pp = Rz[perm, np.arange(L)[None, :]], present[perm, np.arange(L)[None, :]]
-        null_best.append(np.where(ok_len, _fires(Rp, Pp, min_rel, selectivity).sum(1).max(0), 0))  # [F]
+        null_best.append(np.where(ok_len, _fires(Rp, Pp, groups, min_rel, selectivity).sum(1).max(0), 0))  # [F]
     null = [int((b >= min_languages).sum()) for b in null_best]
     null_mean = float(np.mean(null)) if null else None
     for h in hits:
@@ -237,12 +245,27 @@ def multilingual_search(searcher: Searcher, *, concepts: list[Concept] | None = 
     return MultilingualResult(kept, [c.name for c in concepts], min_languages, hits, notes, len(cand), null_mean)
 
 
-def _fires(Rz: np.ndarray, present: np.ndarray, min_rel: float, selectivity: float) -> np.ndarray:
-    """[C, L, F] bool: relative activation >= min_rel and >= selectivity x the mean over the language's other
-    concepts."""
-    n_present = present.sum(0)  # [L, F]
-    others = (Rz.sum(0, keepdims=True) - Rz) / np.maximum(n_present[None] - 1, 1)
+def _fires(Rz: np.ndarray, present: np.ndarray, groups: np.ndarray, min_rel: float,
+           selectivity: float) -> np.ndarray:
+    """[C, L, F] bool: relative activation >= min_rel and >= selectivity x the mean over the other concepts of
+    the same group in the same language (all other concepts for a group of one)."""
+    others = np.zeros_like(Rz)
+    for g in np.unique(groups):
+        idx = groups == g if (groups == g).sum() > 1 else np.ones(len(groups), dtype=bool)
+        n = present[idx].sum(0)  # [L, F]
+        tot = Rz[idx].sum(0, keepdims=True)
+        rows = np.flatnonzero(groups == g)
+        others[rows] = (tot - Rz[rows]) / np.maximum(n[None] - 1, 1)
     return present & (Rz >= min_rel) & (Rz >= selectivity * others) & (Rz > others)
+
+
+def _group_permutation(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of concept indices that only swaps concepts of the same group."""
+    perm = np.arange(len(groups))
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        perm[idx] = rng.permutation(idx)
+    return perm
 
 
 def length_correlation(acts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
