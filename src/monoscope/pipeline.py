@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from monoscope.capture import CaptureResult, parse_count
+from monoscope.capture import CaptureResult
 from monoscope.errors import MonoscopeError
 from monoscope.runfolder import RunFolder
+from monoscope.units import parse_count
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 STORE_DTYPES = ("bfloat16", "float16", "float32")

@@ -569,6 +569,24 @@ class FeatureDB:
         int32 bytes, acts float16 bytes) of Python scalars and bytes, as `examples()` reads them back."""
         self.conn.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
+    # ------------------------------------------------------------------ search accessors (monoscope.search)
+    def latest_explanations(self) -> dict[int, str]:
+        """Per feature, the explanation written last (any explaining model), for search results."""
+        rows = self.conn.execute("SELECT feature, text FROM explanations ORDER BY rowid").fetchall()
+        return {int(f): str(t) for f, t in rows}
+
+    def search_documents(self) -> list[tuple[int, str]]:
+        """(feature, label and explanations joined) for every feature that has either, by id: the text
+        semantic label search embeds."""
+        docs: dict[int, list[str]] = {}
+        for f, lab in self.conn.execute("SELECT id, label FROM features WHERE label IS NOT NULL AND label != '' "
+                                        "ORDER BY id"):
+            docs.setdefault(int(f), []).append(str(lab))
+        for f, t in self.conn.execute("SELECT feature, text FROM explanations ORDER BY feature, rowid"):
+            if t and t not in docs.setdefault(int(f), []):
+                docs[int(f)].append(str(t))
+        return [(f, " ; ".join(parts)) for f, parts in sorted(docs.items())]
+
 
 def _enc(column: str, value: Any) -> Any:
     if value is None:
