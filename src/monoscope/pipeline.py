@@ -238,9 +238,11 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
     """
     from monoscope.eval import evaluate
     from monoscope.features.build import build_features
+    from monoscope.fileio import check_output_dir
     from monoscope.train import train
 
     cfg, f = config, config.folder
+    check_output_dir(f.root)  # a run folder below a file or on a read-only disk: one line before any model loads
     res = RunResult(cfg, f)
     say: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr, flush=True)) if echo else (lambda _m: None)
     show = _summaries() if echo else None
@@ -286,7 +288,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
         show["features"](fr)
 
     if cfg.explain_features > 0:
-        from monoscope.interp.explain import explain_features
+        from monoscope.interp.explain import check_explained, explain_features
 
         # the 135M default is a smoke test of the machinery, not a useful explainer: point explain_llm elsewhere
         say(f"monoscope run [6/6] explain: {cfg.explain_features} features with {cfg.explain_llm} "
@@ -300,6 +302,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
             from monoscope.interp.cli import print_explain_summary
 
             print_explain_summary(ex, sae_dir=str(f.sae))
+        check_explained(ex)  # every LLM request failed: an error (exit 2) naming the last failure, not a quiet 0
     return res
 
 
