@@ -87,18 +87,12 @@ class FeatureDBError(MonoscopeError):
 
 # ---------------------------------------------------------------------------------------------- paths
 def default_db_path(sae_dir: str | Path) -> Path:
-    """Where `monoscope features` writes (and `show` and `explain` read) the database of `sae_dir`.
+    """Where `monoscope features` writes (and `show` and `explain` read) the database of `sae_dir`:
+    `<run>/sae` -> `<run>/features/features.db`, any other folder -> `<sae_dir>-features/features.db`
+    (the layout rule lives in `monoscope.runfolder`)."""
+    from monoscope.runfolder import features_dir_for
 
-    `<run>/sae` -> `<run>/features/features.db`, so a run folder keeps its stages side by side;
-    any other folder -> `<sae_dir>-features/features.db`, beside it rather than inside the SAE folder
-    (which belongs to the SAE format and may be converted or copied on its own).
-    """
-    sae_dir = Path(sae_dir)
-    if sae_dir.name in ("", ".", ".."):  # "." or "runs/x/sae/.." has no usable name
-        sae_dir = sae_dir.resolve()
-    if sae_dir.name == "sae":
-        return sae_dir.parent / "features" / DB_NAME
-    return sae_dir.with_name(f"{sae_dir.name}-features") / DB_NAME
+    return features_dir_for(sae_dir) / DB_NAME
 
 
 def existing_db_path(sae_dir: str | Path, db_path: str | Path | None = None) -> Path:
