@@ -91,5 +91,5 @@ def test_empty_inputs(tokenizer) -> None:
 def test_bad_arguments(tokenizer) -> None:
     with pytest.raises(CorpusError, match="sep_id 1 equals bos_id"):
         iter_contexts([doc(1)], tokenizer, 8, BOS, BOS)
-    with pytest.raises(CorpusError, match="ctx_len 1"):
+    with pytest.raises(CorpusError, match="--ctx-len 1 is too small"):
         iter_contexts([doc(1)], tokenizer, 1, BOS, EOS)

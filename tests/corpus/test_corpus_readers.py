@@ -219,7 +219,7 @@ def test_missing_and_unknown(tmp_path: Path) -> None:
         open_corpus(tmp_path / "d.csv")
     with pytest.raises(CorpusError, match=r"holds no corpus files \(found: d.csv\)"):
         open_corpus(tmp_path)
-    with pytest.raises(CorpusError, match="spec is empty"):
+    with pytest.raises(CorpusError, match=r"--corpus is empty: pass 'default' or a path"):
         open_corpus("")
 
 

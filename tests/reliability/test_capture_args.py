@@ -85,7 +85,8 @@ def test_capture_cli_arguments(tmp_path: Path, model_dir: Path) -> None:
     one_line_error(res["inf"], "error: --tokens inf is not a finite count")
     one_line_error(res["file"], f"--model '{tmp_path / 'notes.txt'}' is a text file, not a model")
     one_line_error(res["empty"], "error: --model is empty: pass 'default', a Hugging Face id")
-    one_line_error(res["below"], f"cannot create output folder {tmp_path / 'notes.txt' / 'store'} (Not a directory)")
+    one_line_error(res["below"], f"error: --out {tmp_path / 'notes.txt' / 'store'} cannot be created: "
+                   f"{tmp_path / 'notes.txt'} is a file, not a folder: choose a path that is not below a file")
     for name in ("o1", "o2", "o3", "o4", "o6"):
         assert not (tmp_path / name).exists(), name  # refused before anything was written
 

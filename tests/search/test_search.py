@@ -87,7 +87,8 @@ def test_database_of_another_sae_is_refused(planted: Planted, tmp_path: Path) ->
     E = torch.randn(300, 64)
     other = tmp_path / "other-sae"
     save_sae(_planted_sae(E, 1, 2, seed=9), other)
-    with pytest.raises(MonoscopeError, match=r"was built for another SAE \(weights .*\): delete it or use another"):
+    with pytest.raises(MonoscopeError,
+                       match=r"was built for other SAE weights \(.*\): rebuild it with monoscope features SAE_DIR --overwrite"):
         Searcher.open(other, db=planted.db, device="cpu")
 
 

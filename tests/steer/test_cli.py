@@ -88,5 +88,5 @@ def test_steer_wrong_model_or_hook(sae_dir: Path, tmp_path: Path, tokenizer,  # 
     make_llama(len(tokenizer), layers=1).save_pretrained(shallow)
     tokenizer.save_pretrained(shallow)
     assert main(["steer", str(sae_dir), "--model", str(shallow), "--feature", "3", "--ablate", "--prompt", "x"]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' save_pretrained progress bar above
     assert err.startswith("error: the SAE reads hook 'resid_post.1', which local:shallow lacks"), err
