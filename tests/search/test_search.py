@@ -88,7 +88,8 @@ def test_database_of_another_sae_is_refused(planted: Planted, tmp_path: Path) ->
     other = tmp_path / "other-sae"
     save_sae(_planted_sae(E, 1, 2, seed=9), other)
     with pytest.raises(MonoscopeError,
-                       match=r"was built for other SAE weights \(.*\): rebuild it with monoscope features SAE_DIR --overwrite"):
+                       match=r"was built for other SAE weights \(.*\): rebuild it with monoscope features "
+                             r"SAE_DIR --overwrite"):
         Searcher.open(other, db=planted.db, device="cpu")
 
 
