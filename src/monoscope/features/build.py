@@ -130,7 +130,7 @@ def _store_policy(sae: SAE) -> RowPolicy | None:
     return RowPolicy(**rp) if isinstance(rp, dict) else None
 
 
-def _resolve_inputs(sae: SAE, model: str | None, corpus: str | None) -> tuple[str, str, int]:
+def resolve_inputs(sae: SAE, model: str | None, corpus: str | None) -> tuple[str, str, int]:
     """(model spec, corpus spec, ctx_len): explicit values, else what the SAE's training store recorded."""
     m = _store_manifest(sae)
     data = (sae.provenance or {}).get("data") or {}
@@ -258,7 +258,7 @@ def build_features(
         if s.cfg.d_in != first.cfg.d_in or (s.cfg.hook and first.cfg.hook and s.cfg.hook != first.cfg.hook):
             raise MonoscopeError(f"--also {d} reads {s.cfg.hook} (d_in {s.cfg.d_in}) but {dirs[0]} reads "
                                  f"{first.cfg.hook} (d_in {first.cfg.d_in}): every SAE of one pass reads the same hook")
-    model_spec, corpus_spec, ctx_len = _resolve_inputs(first, model, corpus)
+    model_spec, corpus_spec, ctx_len = resolve_inputs(first, model, corpus)
     n_ctx = max(1, n_tokens // ctx_len)
     widest = max(s.cfg.d_sae for s in saes)  # the dense codes of a batch stay under ~1 GB (262k features: 8 contexts)
     batch_contexts = max(1, min(batch_contexts, 2**28 // (ctx_len * widest)))

@@ -90,7 +90,7 @@ class Target:
 def open_target(sae_dir: str | Path, *, model: str | None = None, device: str = "auto",
                 compute_dtype: str = "auto", db: str | Path | None = None) -> Target:
     """Load the SAE, its model (checked: hook present, same width) and its database if there is one."""
-    from monoscope.features.build import _resolve_inputs
+    from monoscope.features.build import resolve_inputs
     from monoscope.features.db import FeatureDB
     from monoscope.features.show import default_db_path
     from monoscope.interop import load_any
@@ -100,7 +100,7 @@ def open_target(sae_dir: str | Path, *, model: str | None = None, device: str = 
     if not sae_dir.exists():
         raise MonoscopeError(f"SAE folder {sae_dir} does not exist: pass the folder monoscope train wrote")
     sae = load_any(sae_dir).eval()
-    spec = _resolve_inputs(sae, model, None)[0]
+    spec = resolve_inputs(sae, model, None)[0]
     lm = load_model(spec, device=device, compute_dtype=compute_dtype)  # type: ignore[arg-type]
     sae = sae.to(lm.device)
     hp = check_pair(lm, sae)
