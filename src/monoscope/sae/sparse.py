@@ -78,6 +78,20 @@ def _transposed_accumulate(pattern: SparsePattern, values: Tensor, rows_src: Ten
     return F.embedding_bag(t_rows, rows_src, t_offsets, mode="sum", per_sample_weights=values.index_select(0, order))
 
 
+def entry_dots(g: Tensor, w: Tensor, pattern: SparsePattern, *, gather: bool | None = None) -> Tensor:
+    """[nnz] dot products <g[row_n], w[idx_n]>: the gradient of a sparse decode's values.
+
+    aten's fused kernel where it exists; CUDA has no bf16/fp16 version of it (measured on an H100 with torch
+    2.11: NotImplementedError), so there the rows are gathered and multiplied with an fp32 sum.
+    gather: force one path (tests compare them)."""
+    if gather is None:
+        gather = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
+    if not gather:
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, w, pattern.flat, pattern.offsets, pattern.rows, _MODE_SUM, -1)
+    return (g.index_select(0, pattern.rows) * w.index_select(0, pattern.flat)).sum(-1, dtype=torch.float32)
+
+
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern, dtype: torch.dtype) -> Tensor:
@@ -97,10 +111,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_v = grad_w = None
         if ctx.needs_input_grad[0]:
             # d vals[n] = <g[row_n], W[idx_n]>, one dot product per active entry.
-            gv = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                g, w, p.flat, p.offsets, p.rows, _MODE_SUM, -1
-            )  # [nnz]
-            grad_v = gv.reshape(ctx.values_shape).to(ctx.values_dtype)
+            grad_v = entry_dots(g, w, p).reshape(ctx.values_shape).to(ctx.values_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _transposed_accumulate(p, v, g).to(ctx.weight_dtype)  # [F, d], zero rows for unused features
         return grad_v, grad_w, None, None
