@@ -35,6 +35,11 @@ from machine import describe, matmul_tflops
 ARCHS = ("relu-l1", "topk", "batchtopk", "jumprelu")
 
 
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _step(report: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
     t0 = time.perf_counter()
     try:
@@ -162,6 +167,58 @@ def train_speed(store: Path, device: str, work: Path, tokens: str) -> dict[str, 
     return out
 
 
+def profile_train(model: str, corpus: str, device: str, work: Path, tokens: str) -> dict[str, Any]:
+    """Where a training step's time goes on the device: data alone, the step alone on a resident batch, and
+    the profiler's top operators of `train()` as a whole."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from monoscope.capture import capture
+    from monoscope.sae.config import SAEConfig
+    from monoscope.sae.registry import build_sae
+    from monoscope.train import train
+    from monoscope.train.data import store_data
+
+    store = work / "run" / "acts"
+    if not store.exists():
+        store = work / "prof-acts"
+        capture(store, model=model, corpus=corpus, tokens="300k", device=device, progress=False)
+    out: dict[str, Any] = {}
+    data = store_data(store, 4096, 0)
+    batches = iter(data.batches)
+    for _ in range(3):
+        next(batches)
+    t0, n = time.perf_counter(), 50 if torch.device(device).type == "cuda" else 3
+    for _ in range(n):
+        b = next(batches).acts.to(device, non_blocking=True).float()
+    _sync(device)
+    out["data_only_tokens_per_s"] = round(n * 4096 / (time.perf_counter() - t0))
+    x = b * (576 ** 0.5 / b.norm(dim=1).mean())
+    for cd in ("float32", "bfloat16") if torch.device(device).type == "cuda" else ("float32",):
+        sae = build_sae(SAEConfig(arch="topk", d_in=576, d_sae=9216, k=32, compute_dtype=cd), seed=0, device=device)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+        for i in range(n + 10):
+            if i == 10:
+                _sync(device)
+                t0 = time.perf_counter()
+            o = sae(x)
+            o.total.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+        out[f"step_only_{cd}_tokens_per_s"] = round(n * 4096 / (time.perf_counter() - t0))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        r = train(work / "prof-train", store=store, arch="topk", k=32, width="16x", tokens=tokens, device=device,
+                  progress=False, command="benchmarks/cuda_paths.py")
+    out["train_under_profiler_tokens_per_s"] = round(r.tokens_per_s)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    out["top_ops_by_self_cpu"] = table.splitlines()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60)
+    out["top_ops_by_self_cuda"] = table.splitlines()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder, Hugging Face id or .gguf (default: --random-model-from)")
@@ -175,7 +232,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", default="50k")
     ap.add_argument("--features-tokens", default="500k")
     ap.add_argument("--speed-tokens", default="4M")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip: peaks,parity,pipeline,train_speed")
+    ap.add_argument("--profile-tokens", default="400k")
+    ap.add_argument("--skip", default="",
+                    help="steps to skip, comma-separated: peaks,parity,pipeline,train_speed,profile")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="monoscope-cuda-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -201,6 +260,8 @@ def main() -> None:
         _step(report, "pipeline", lambda: pipeline(model, args.corpus, args.device, work, args))
     if "train_speed" not in skip and (work / "run" / "acts").exists():
         _step(report, "train_speed", lambda: train_speed(work / "run" / "acts", args.device, work, args.speed_tokens))
+    if "profile" not in skip:
+        _step(report, "profile", lambda: profile_train(model, args.corpus, args.device, work, args.profile_tokens))
     if torch.cuda.is_available():
         report["max_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     _write(report)
