@@ -47,10 +47,14 @@ from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError
 from monoscope.features.db import (
     DB_NAME,
+    PAIRS_FEATURES,
+    PAIRS_FEATURES_POSITIVE,
+    PAIRS_TOKENS,
     FeatureDB,
     FeatureDBError,
     default_db_path,
     example_dtype,
+    pack_pair_lists,
     packed_example_rows,
 )
 from monoscope.features.stats import HIST_EDGES, FeatureStats
@@ -554,11 +558,11 @@ def _install(t: _Target, old: str) -> list[str]:
 
 
 def _window_acts(f: np.ndarray, ctx: np.ndarray, start: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 ctx_len: int, n_features: int, f0: int, f1: int) -> np.ndarray:
+                 ctx_len: int, n_features: int, f0: int, f1: int, entry_rows: np.ndarray) -> np.ndarray:
     """[E, W] activations of feature f[e] over the window of context ctx[e] starting at start[e], for
     examples of features f0 ≤ f < f1: one sequential read of the codes, keeping the entries of those
     features that fall in an example's window (W = WINDOW_BEFORE + WINDOW_AFTER; 0 past the context)."""
-    ptr, idx, val = codes
+    _, idx, val = codes  # entry_rows[e]: the row of code e (from the row pointer)
     W = WINDOW_BEFORE + WINDOW_AFTER
     key = ctx.astype(np.int64) * n_features + f
     uk, inv = np.unique(key, return_inverse=True)
@@ -573,7 +577,7 @@ def _window_acts(f: np.ndarray, ctx: np.ndarray, start: np.ndarray, codes: tuple
         sel = np.flatnonzero((fe >= f0) & (fe < f1))
         if len(sel) == 0:
             continue
-        row = np.searchsorted(ptr, sel + e0, side="right") - 1
+        row = entry_rows[sel + e0].astype(np.int64)
         k = (row // ctx_len) * n_features + fe[sel]
         j = np.minimum(np.searchsorted(uk, k), len(uk) - 1)
         off = row % ctx_len - ustart[j]
@@ -597,12 +601,15 @@ def _finalise(t: _Target, lm: Any, toks: np.ndarray, codes: tuple[np.ndarray, np
 
 def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
                    vocab: list[str], meta: dict[str, Any], logit: tuple[Tensor, Tensor, Tensor, Tensor],
-                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 32_768) -> None:
+                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 32_768,
+                   timings: dict[str, float] | None = None) -> None:
     """A new database at `path` from the pass's state: statistics, examples (windows cut from the sparse
     `codes` (ptr, idx, val) and the token ids `toks` [contexts, ctx_len]), cheap labels, logit effects
     (pos ids, pos values, neg ids, neg values [F, top]), neighbours (ids, cosines [F, top]), co-occurrence.
     Columns are computed with array ops over blocks of features and written with bulk inserts; the only
-    per-feature Python is the cheap label and the JSON of its lists."""
+    per-feature Python is the cheap label and the JSON of its lists. `timings`: CPU seconds per phase are
+    added to it (the benchmark's breakdown)."""
+    clock = _PhaseClock(timings)
     F, T = s.d_sae, toks.shape[1]
     W = WINDOW_BEFORE + WINDOW_AFTER
     density, mean_act = s.density().numpy(), s.mean_act().numpy()
@@ -634,10 +641,12 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
     n_top = np.bincount(tf, minlength=F)
     edges = json.dumps([float(e) for e in HIST_EDGES])
     vj, vr = [json.dumps(v) for v in vocab], [repr(v) for v in vocab]  # each token's JSON and repr, once
-    vj_arr = np.array(vj, dtype=object)
-    hist_tpl = '{{"edges": ' + edges + ', "counts": [' + ", ".join(f"{{{i}}}" for i in range(hist.shape[1])) + "]}}"
-    co_ok = (co_p > 0) & (co_ids >= 0)  # partners listed (the pair table's empty slots are not)
+    flat = np.concatenate([np.ascontiguousarray(toks, dtype=np.int32).reshape(-1), np.zeros(W, np.int32)])
+    windows = np.lib.stride_tricks.sliding_window_view(flat, W)  # row r: the W tokens from flat position r
+    entry_rows = np.repeat(np.arange(len(codes[0]) - 1, dtype=np.int32), np.diff(codes[0]))  # each code's row
+    hist_tpl = '{"edges": ' + edges + ', "counts": [' + ", ".join(["%d"] * hist.shape[1]) + "]}"
 
+    clock("prepare")
     db = FeatureDB.create(path, {**meta, "n_features": F, "rows_counted": s.tokens, "cooccurrence": {
         "pairs_budget": s.cooc.budget, "exact": s.cooc.exact, "max_error": s.cooccurrence_error(),
         "note": "P(j | i) from a sparse pair table; once pruned, a reported value is low by at most max_error"}})
@@ -648,61 +657,57 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
             f1 = min(F, f0 + block)
             a, b = np.searchsorted(ex_f, [f0, f1])
             e = slice(a, b)
-            rec = np.zeros(b - a, example_dtype(W))
+            clock("other")
+            rec = np.empty(b - a, example_dtype(W))  # every field is set below
             rec["kind"], rec["rank"], rec["bin"], rec["act"] = ex_top[e], ex_rank[e], ex_bin[e], ex_act[e]
             rec["context"], rec["position"] = ex_ctx[e], ex_pos[e] - ex_start[e]
             rec["ntok"] = rec["nact"] = ex_len[e]
-            inside = np.arange(W)[None, :] < ex_len[e][:, None]  # zero past the context's end
-            cols = np.minimum(ex_start[e][:, None] + np.arange(W)[None, :], T - 1)
-            rec["tokens"] = np.where(inside, toks[ex_ctx[e][:, None], cols], 0)
-            rec["acts"] = np.where(inside, _window_acts(ex_f[e], ex_ctx[e], ex_start[e], codes, T, F, f0, f1), 0)
-            db.put_packed_examples(packed_example_rows(ex_f[e], rec))
+            rec["tokens"] = windows[ex_ctx[e] * T + ex_start[e]]  # past ntok: the next context's (not read)
+            clock("example windows")
+            rec["acts"] = _window_acts(ex_f[e], ex_ctx[e], ex_start[e], codes, T, F, f0, f1, entry_rows)
+            clock("example activations")
+            packed = packed_example_rows(ex_f[e], rec)
+            clock("example packing")
+            db.put_packed_examples(packed)
+            clock("sqlite examples")
             it = np.flatnonzero(ex_top[e]) + a  # the block's top examples
             labels, infos, purity = _cheap_labels(f0, f1, ex_f[it], ex_rank[it], peak[it], prev[it], n_top,
                                                   lp_i[:, :5], vocab, vj, vr)
             label_rows += [(f, lab) for f, lab in zip(range(f0, f1), labels, strict=True) if lab]
+            clock("cheap labels")
             d = density[f0:f1]
             distinct = n_top[f0:f1]
             interest = np.where((d >= INTEREST_DENSITY[0]) & (d <= INTEREST_DENSITY[1]) & (distinct >= 5),
                                 purity * (1 + np.minimum(distinct, 20) / 20) * (max_act[f0:f1] > 0), 0.0)
-            db.put_feature_rows(zip(
+            rows = list(zip(
                 range(f0, f1), d.tolist(), fires[f0:f1].tolist(), max_act[f0:f1].astype(np.float64).tolist(),
-                mean_act[f0:f1].tolist(), [hist_tpl.format(*h) for h in hist[f0:f1].tolist()], labels, infos,
-                _pair_lists(vj_arr[lp_i[f0:f1]], lp_v[f0:f1]), _pair_lists(vj_arr[ln_i[f0:f1]], ln_v[f0:f1]),
-                _pair_lists(ne_i[f0:f1], ne_c[f0:f1]), _pair_lists(co_ids[f0:f1], co_p[f0:f1], co_ok[f0:f1]),
+                mean_act[f0:f1].tolist(), [hist_tpl % tuple(h) for h in hist[f0:f1].tolist()], labels, infos,
+                pack_pair_lists(PAIRS_TOKENS, lp_i[f0:f1], lp_v[f0:f1]),
+                pack_pair_lists(PAIRS_TOKENS, ln_i[f0:f1], ln_v[f0:f1]),
+                pack_pair_lists(PAIRS_FEATURES, ne_i[f0:f1], ne_c[f0:f1]),
+                pack_pair_lists(PAIRS_FEATURES_POSITIVE, co_ids[f0:f1], co_p[f0:f1]),
                 itertools.repeat(None), itertools.repeat(None), interest.tolist(), strict=False))
+            clock("feature columns (JSON)")
+            db.put_feature_rows(rows)
+            clock("sqlite features")
             bar.update(f1 - f0)
         db.index_labels(label_rows)
+        clock("sqlite label index")
     db.close()
+    clock("sqlite commit and close")
 
 
-def _pair_lists(first: np.ndarray, second: np.ndarray, keep: np.ndarray | None = None) -> list[str]:
-    """Row i as the JSON `[[first[i, j], second[i, j]], ...]` over the j where keep[i, j] (all when None):
-    `first` ints or token texts already JSON-encoded, `second` floats. One str.format per row with a
-    template per count (what json.dumps writes, ~5x faster); rows with a non-finite value go through json."""
-    a, b = first.tolist(), second.astype(np.float64).tolist()
-    finite = np.isfinite(second).all(axis=1).tolist()
-    if keep is None:
-        counts = [second.shape[1]] * len(a)
-        rows = [(x, y) for x, y in zip(a, b, strict=True)]
-    else:  # the kept entries of each row, in order
-        counts = keep.sum(axis=1).tolist()
-        prefix = (keep[:, 1:] <= keep[:, :-1]).all(axis=1).tolist() if keep.shape[1] > 1 else [True] * len(a)
-        k = keep.tolist()
-        rows = [(x, y) if p else ([u for u, o in zip(x, m, strict=True) if o],
-                                  [v for v, o in zip(y, m, strict=True) if o])
-                for x, y, m, p in zip(a, b, k, prefix, strict=True)]
-    templates: dict[int, str] = {}
-    out = []
-    for (x, y), n, ok in zip(rows, counts, finite, strict=True):
-        if not ok:
-            out.append("[" + ", ".join(f"[{u}, {json.dumps(v)}]" for u, v in zip(x[:n], y[:n], strict=True)) + "]")
-            continue
-        t = templates.get(n)
-        if t is None:
-            t = templates[n] = "[" + ", ".join(f"[{{{j}}}, {{{n + j}!r}}]" for j in range(n)) + "]"
-        out.append(t.format(*x[:n], *y[:n]))
-    return out
+class _PhaseClock:
+    """Adds the CPU seconds since the previous call to `timings[phase]` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.t = timings, time.process_time()
+
+    def __call__(self, phase: str) -> None:
+        if self.timings is not None:
+            now = time.process_time()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
+            self.t = now
 
 
 def _cheap_labels(f0: int, f1: int, ef: np.ndarray, rank: np.ndarray, peak: np.ndarray, prev: np.ndarray,

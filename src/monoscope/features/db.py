@@ -12,14 +12,16 @@ Tables (all keyed by feature id, 0-based index of the SAE's feature):
   fingerprint), tokens, ctx_len, bins, top_k, row_policy, interest_criterion, created_by, families.
 - `features`: density, fires, max_act, mean_act (over active tokens), hist (JSON: log10-spaced bin
   edges and counts of activations), label (cheap label), label_tokens (JSON), logit_pos / logit_neg
-  (JSON [[token, value], ...]), neighbours (JSON [[id, cosine], ...]), cooccur (JSON [[id, P(j|i)]]),
-  map_x, map_y (the feature map), interest (the score behind "most interesting").
+  ([[token, value], ...]), neighbours ([[id, cosine], ...]), cooccur ([[id, P(j|i)]]), map_x, map_y (the
+  feature map), interest (the score behind "most interesting"). The four lists are JSON text, or, as the
+  features pass writes them, a packed BLOB (`pack_pair_lists`: tag byte, int32 ids, float64 values; token
+  texts from `vocab`); `feature()` returns the same lists either way.
 - `examples(feature, n_top, n_quantile, data)`: one row per feature that has examples, keyed by the
   feature id (one indexed read serves a feature page). `data` packs all its examples: a 12-byte header
   (magic `MSEX`, record version, window width W, count n; little-endian) then n fixed-size records
   (`example_dtype(W)`: kind 1 = top (rank 0 = strongest) or 0 = quantile (bin 0 = weakest decile),
   rank, bin, position of the maximum inside the window, act, context, the lengths of the token and
-  activation windows, tokens int32 [W] and acts float16 [W], zero past their lengths). The pass writes
+  activation windows, tokens int32 [W] and acts float16 [W]; what lies past the lengths is not read). The pass writes
   one packed row per feature with array ops; `examples()` returns them one dict per example as before.
 - `splits(parent_sae, parent, child_sae, child, cosine, corr)`: feature families across widths.
 - `explanations(feature, model, prompt_version, evidence_sha256, text, created_by)` and
@@ -107,7 +109,7 @@ def packed_example_rows(feature: np.ndarray, records: np.ndarray) -> list[tuple[
     starts = np.flatnonzero(np.concatenate([[True], feature[1:] != feature[:-1]]))
     ends = np.append(starts[1:], len(feature))
     tops = np.add.reduceat(records["kind"].astype(np.int64), starts)
-    buf = records.tobytes()
+    buf = memoryview(np.ascontiguousarray(records).view(np.uint8))
     hdr = _EX_HEADER.pack
     return [(f, t, (b - a) - t, hdr(EXAMPLES_MAGIC, EXAMPLES_VERSION, width, b - a) + buf[a * size: b * size])
             for f, t, a, b in zip(feature[starts].tolist(), tops.tolist(), starts.tolist(), ends.tolist(),
@@ -402,7 +404,17 @@ class FeatureDB:
     def feature(self, fid: int) -> dict[str, Any] | None:
         cur = self.conn.execute(f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features WHERE id = ?", (int(fid),))
         row = cur.fetchone()
-        return None if row is None else {c: _dec(c, v) for c, v in zip(FEATURE_COLUMNS, row, strict=True)}
+        if row is None:
+            return None
+        out = {c: _dec(c, v) for c, v in zip(FEATURE_COLUMNS, row, strict=True)}
+        tokens = {c: v for c, v in out.items() if isinstance(v, _TokenPairs)}
+        if tokens:  # packed [[token id, value]]: the ids' texts, in one indexed read
+            ids = sorted({i for v in tokens.values() for i in v.ids})
+            marks = ",".join("?" * len(ids))
+            text = dict(self.conn.execute(f"SELECT id, text FROM vocab WHERE id IN ({marks})", ids).fetchall())
+            for c, v in tokens.items():
+                out[c] = [[text.get(i, f"<{i}>"), x] for i, x in zip(v.ids, v.values, strict=True)]
+        return out
 
     @_guarded
     def n_features(self) -> int:
@@ -708,5 +720,42 @@ def _enc(column: str, value: Any) -> Any:
 
 def _dec(column: str, value: Any) -> Any:
     if value is not None and column in JSON_COLUMNS:
+        if isinstance(value, bytes):
+            return _unpack_pairs(value)
         return json.loads(value)
     return value
+
+
+PAIRS_TOKENS, PAIRS_FEATURES, PAIRS_FEATURES_POSITIVE = 1, 2, 3
+"""Tags of a packed pair list (`pack_pair_lists`): [[token text, value]] (texts from the vocab table),
+[[feature id, value]], and the latter keeping only the pairs with id >= 0 and value > 0 (co-occurrence)."""
+
+
+class _TokenPairs:
+    """A packed [[token id, value]] list before its texts are looked up."""
+
+    def __init__(self, ids: list[int], values: list[float]) -> None:
+        self.ids, self.values = ids, values
+
+
+def pack_pair_lists(tag: int, ids: np.ndarray, values: np.ndarray) -> list[bytes]:
+    """Row i of `ids` [F, n] and `values` [F, n] as one BLOB: a tag byte, n int32 ids, n float64 values
+    (what the JSON list columns hold, packed without per-feature Python: `feature()` returns the same lists)."""
+    F, n = ids.shape
+    mat = np.empty((F, 1 + 12 * n), np.uint8)
+    mat[:, 0] = tag
+    mat[:, 1: 1 + 4 * n] = np.ascontiguousarray(ids, dtype="<i4").view(np.uint8).reshape(F, 4 * n)
+    mat[:, 1 + 4 * n:] = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(F, 8 * n)
+    return mat.view(np.dtype((np.void, mat.shape[1]))).reshape(-1).tolist()
+
+
+def _unpack_pairs(data: bytes) -> Any:
+    n = (len(data) - 1) // 12
+    tag = data[0]
+    ids = np.frombuffer(data, "<i4", n, 1).tolist()
+    values = np.frombuffer(data, "<f8", n, 1 + 4 * n).tolist()
+    if tag == PAIRS_TOKENS:
+        return _TokenPairs(ids, values)
+    if tag == PAIRS_FEATURES_POSITIVE:
+        return [[i, v] for i, v in zip(ids, values, strict=True) if i >= 0 and v > 0]
+    return [[i, v] for i, v in zip(ids, values, strict=True)]
