@@ -78,6 +78,11 @@ denser: usually positional or generic)."""
 
 NEW_DB_NAME = f".new-{DB_NAME}"
 """The database a pass builds, beside `features.db`, renamed over it once complete."""
+MAP_NAME = "feature_map.png"
+"""The feature map's picture beside the database; a pass draws it as `.new-feature_map.png` and renames it
+with the database it belongs to (`_install`), so the two always describe the same pass."""
+_OVERWRITE = "overwrite.json"
+"""In `.pass/`: the options key of a pass started with `overwrite` (a rerun without it carries on)."""
 KILL_ENV = "MONOSCOPE_FEATURES_KILL_AT"
 """Test hook: the pass dies right after the point this names (`checkpoint:N` = the N-th checkpoint this
 process saves, `streamed`, `finalised:I` = SAE I's database written, `families`, `maps`, `complete`,
@@ -176,6 +181,15 @@ class _Target:
     @property
     def final_path(self) -> Path:
         return self.out / DB_NAME
+
+    @property
+    def map_path(self) -> Path:
+        """Where the pass draws the feature map (renamed to `final_map` with the database)."""
+        return self.out / f".new-{MAP_NAME}"
+
+    @property
+    def final_map(self) -> Path:
+        return self.out / MAP_NAME
 
 
 class _Codes:
@@ -289,6 +303,9 @@ def build_features(
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     t0 = time.perf_counter()
+    work = targets[0].out / ".pass"
+    resumed_overwrite = not overwrite and _pending_overwrite(work, key)
+    overwrite = overwrite or resumed_overwrite  # a rebuild killed before it was installed carries on
     olds = [_existing(t, key, config, overwrite) for t in targets]
     if not overwrite and all(o == "same" for o in olds):
         res = FeaturesResult([t.final_path for t in targets], n_ctx * ctx_len, 0.0, 0)
@@ -296,8 +313,11 @@ def build_features(
         res.notes.append("already complete: nothing to do")
         return res
 
-    work = targets[0].out / ".pass"
     work.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # recorded first: a rerun after a kill, with or without --overwrite, finishes the rebuild
+        write_json_atomic(work / _OVERWRITE, {"key": key})
+    else:
+        (work / _OVERWRITE).unlink(missing_ok=True)
     had_state = (work / "state.pt").is_file()
     state = _load_state(work, key)  # an unfinished pass with these options resumes (with --overwrite too)
     if state is None:
@@ -377,6 +397,9 @@ def build_features(
     token_bytes = vocab_bytes(lm.tokenizer)
     vocab = vocab_texts(lm.tokenizer, token_bytes)  # a token holding part of a character: <0xNN>, not U+FFFD
     res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
+    if resumed_overwrite:
+        res.notes.append(f"carried on the unfinished --overwrite rebuild in {work} (the old database stayed in "
+                         "place until the new one was complete)")
     if had_state and state is None:
         res.notes.append(f"an unfinished pass in {work} with other options (or a damaged state) was started over")
     # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
@@ -404,7 +427,7 @@ def build_features(
         _stage_done(work, key, stages, "complete")
     for i, (t, old) in enumerate(zip(targets, olds, strict=True)):
         if f"installed:{i}" not in stages:
-            res.notes += _install(t, old)
+            res.notes += _install(t, old, drew_map="maps" in stages)
             _stage_done(work, key, stages, f"installed:{i}")
     res.dbs = [t.final_path for t in targets]
     res.interesting = _interesting_from_db(targets[0])
@@ -527,11 +550,32 @@ def _existing(t: _Target, key: str, config: dict[str, Any], overwrite: bool) -> 
     return "stale"
 
 
-def _install(t: _Target, old: str) -> list[str]:
+def _pending_overwrite(work: Path, key: str) -> bool:
+    """Whether `work` holds an unfinished pass with these options that was started with `overwrite`."""
+    try:
+        return json.loads((work / _OVERWRITE).read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _install(t: _Target, old: str, drew_map: bool) -> list[str]:
     """Carry the old database's explanations (and scores) whose evidence is unchanged into the new one,
-    then rename the new one over it. A rerun after a kill here finds the new database installed or not."""
-    if not t.db_path.is_file():  # installed before a kill
-        return []
+    then rename the new one over it, then its feature map over the old map (`drew_map`; else an old map,
+    which would describe the replaced database, goes). A rerun after a kill here finds the new database
+    installed or not, and the map renamed or not, and finishes."""
+    notes: list[str] = []
+    if t.db_path.is_file():  # else installed before a kill
+        notes += _install_db(t, old)
+    if drew_map and t.map_path.is_file():
+        os.replace(t.map_path, t.final_map)
+    elif not drew_map and t.final_map.is_file():
+        t.map_path.unlink(missing_ok=True)  # one an earlier, abandoned pass drew
+        t.final_map.unlink()
+        notes.append(f"removed {t.final_map}: it showed the replaced database (rebuild the map without --no-map)")
+    return notes
+
+
+def _install_db(t: _Target, old: str) -> list[str]:
     notes = []
     if t.final_path.is_file() and old in ("same", "stale"):
         from monoscope.interp.explain import carry_over
@@ -861,8 +905,8 @@ def _maps(targets: list[_Target]) -> list[str]:
             with db.transaction():
                 layout.store_map(db, xy)
             density = db.column("density")
-        layout.plot_feature_map(xy, density, t.out / "feature_map.png", title=f"{t.sae_dir} ")
-        notes.append(f"feature map: {t.out / 'feature_map.png'}")
+        layout.plot_feature_map(xy, density, t.map_path, title=f"{t.sae_dir} ")  # installed with the database
+        notes.append(f"feature map: {t.final_map}")
     return notes
 
 
