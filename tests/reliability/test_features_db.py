@@ -237,3 +237,26 @@ def test_feature_map_is_replaced_together_with_its_database(built: Path, tmp_pat
     res = build_features(sae, **SMALL, overwrite=True)
     assert not png.exists()
     assert f"removed {png}: it showed the replaced database (rebuild the map without --no-map)" in res.notes
+
+
+def test_database_of_the_older_format_says_rebuild_and_overwrite_keeps_explanations(built: Path,
+                                                                                    tmp_path: Path) -> None:
+    sae, db_path = _copy(built, tmp_path)
+    expl = _explained(db_path, sae)
+    with FeatureDB.open(db_path) as db, db.transaction():  # as a pass of the previous format left it
+        config = {**db.meta()["config"], "format": 2}
+        db.set_meta({"format": "monoscope-features/1", "config": config, "config_key": "0" * 64})
+    p = cli("show", str(sae), "3")
+    assert p.returncode == 2
+    assert _one_line(p.stderr) == (
+        f"error: {db_path} is a feature database of an older format (monoscope-features/1; this monoscope reads "
+        f"monoscope-features/2): rebuild it with monoscope features {sae} --overwrite (explanations and scores "
+        "whose evidence is unchanged are kept)")
+    with pytest.raises(FeatureDBError, match=r"other options \(pass format 2 -> 3\): rerun with --overwrite"):
+        build_features(sae, **SMALL)
+    res = build_features(sae, **SMALL, overwrite=True)
+    assert f"{db_path}: kept 2 explanations (2 scores) whose evidence is unchanged, dropped 0 whose evidence " \
+           "changed" in res.notes
+    with FeatureDB.open(db_path) as db:
+        assert db.meta()["format"] == "monoscope-features/2"
+        assert sorted(f for f, *_ in db.all_explanations()) == sorted(expl)

@@ -532,7 +532,7 @@ def _existing(t: _Target, key: str, config: dict[str, Any], overwrite: bool) -> 
     if not path.exists():
         return "none"
     try:
-        with FeatureDB.open(path) as db:
+        with FeatureDB.open(path, allow_old=True) as db:  # an older format: "other options" (pass format)
             db.check()
             meta = db.meta()
     except FeatureDBError as e:
@@ -581,7 +581,7 @@ def _install_db(t: _Target, old: str) -> list[str]:
         from monoscope.interp.explain import carry_over
 
         try:
-            with FeatureDB.open(t.final_path) as src, FeatureDB.open(t.db_path) as dst:
+            with FeatureDB.open(t.final_path, allow_old=True) as src, FeatureDB.open(t.db_path) as dst:
                 kept, scores, dropped = carry_over(src, dst)
             if kept or dropped:
                 notes.append(f"{t.final_path}: kept {kept} explanations ({scores} scores) whose evidence is "
