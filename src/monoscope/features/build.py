@@ -604,29 +604,38 @@ def _install_db(t: _Target, old: str) -> list[str]:
 def _window_acts(f: np.ndarray, ctx: np.ndarray, start: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
                  ctx_len: int, n_features: int, f0: int, f1: int, entry_rows: np.ndarray) -> np.ndarray:
     """[E, W] activations of feature f[e] over the window of context ctx[e] starting at start[e], for
-    examples of features f0 ≤ f < f1: one sequential read of the codes, keeping the entries of those
-    features that fall in an example's window (W = WINDOW_BEFORE + WINDOW_AFTER; 0 past the context)."""
-    _, idx, val = codes  # entry_rows[e]: the row of code e (from the row pointer)
+    examples of features f0 ≤ f < f1 (W = WINDOW_BEFORE + WINDOW_AFTER; 0 past the context): one
+    sequential read of the codes (`entry_rows[e]`: the row of code e), a run of contexts at a time, each
+    code of those features found in a dense (context, feature) -> example table (no search per code)."""
+    ptr, idx, val = codes
     W = WINDOW_BEFORE + WINDOW_AFTER
     key = ctx.astype(np.int64) * n_features + f
-    uk, inv = np.unique(key, return_inverse=True)
+    uk, inv = np.unique(key, return_inverse=True)  # sorted by context, then feature
     out = np.zeros((len(uk), W), np.float32)
     if len(uk) == 0:
         return out
     ustart = np.zeros(len(uk), np.int64)
     ustart[inv] = start
-    step = 1 << 24
-    for e0 in range(0, len(idx), step):
-        fe = np.asarray(idx[e0: e0 + step])
-        sel = np.flatnonzero((fe >= f0) & (fe < f1))
-        if len(sel) == 0:
+    uctx, uf = uk // n_features, (uk % n_features - f0).astype(np.int64)
+    c_lo, c_hi = int(uctx[0]), int(uctx[-1]) + 1
+    span = max(1, min(c_hi - c_lo, (1 << 24) // (f1 - f0)))  # contexts per run: a table of <= 16M entries
+    table = np.full((span, f1 - f0), -1, np.int32)
+    for c0 in range(c_lo, c_hi, span):
+        c1 = min(c0 + span, c_hi)
+        ja, jb = (int(x) for x in np.searchsorted(uctx, [c0, c1]))
+        if ja == jb:
             continue
-        row = entry_rows[sel + e0].astype(np.int64)
-        k = (row // ctx_len) * n_features + fe[sel]
-        j = np.minimum(np.searchsorted(uk, k), len(uk) - 1)
+        cells = (uctx[ja:jb] - c0, uf[ja:jb])
+        table[cells] = np.arange(ja, jb, dtype=np.int32)
+        ea, eb = int(ptr[c0 * ctx_len]), int(ptr[c1 * ctx_len])
+        fe = np.asarray(idx[ea:eb]).astype(np.int64) - f0
+        sel = np.flatnonzero((fe >= 0) & (fe < f1 - f0))
+        row = entry_rows[sel + ea].astype(np.int64)
+        j = table[row // ctx_len - c0, fe[sel]]
         off = row % ctx_len - ustart[j]
-        hit = (uk[j] == k) & (off >= 0) & (off < W)
-        out[j[hit], off[hit]] = np.asarray(val[e0: e0 + step])[sel[hit]]
+        hit = (j >= 0) & (off >= 0) & (off < W)
+        out[j[hit], off[hit]] = np.asarray(val[ea:eb])[sel[hit]]
+        table[cells] = -1
     return out[inv]
 
 
