@@ -694,6 +694,8 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
     n_top = np.bincount(tf, minlength=F)
     edges = json.dumps([float(e) for e in HIST_EDGES])
     vj, vr = [json.dumps(v) for v in vocab], [repr(v) for v in vocab]  # each token's JSON and repr, once
+    tok_version = 2 if len(vocab) <= 1 << 16 and (toks.size == 0 or 0 <= int(toks.min()) <= int(toks.max()) < 1 << 16) \
+        else 1  # uint16 token windows when every id fits
     flat = np.concatenate([np.ascontiguousarray(toks, dtype=np.int32).reshape(-1), np.zeros(W, np.int32)])
     windows = np.lib.stride_tricks.sliding_window_view(flat, W)  # row r: the W tokens from flat position r
     entry_rows = np.repeat(np.arange(len(codes[0]) - 1, dtype=np.int32), np.diff(codes[0]))  # each code's row
@@ -711,7 +713,7 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
             a, b = np.searchsorted(ex_f, [f0, f1])
             e = slice(a, b)
             clock("other")
-            rec = np.empty(b - a, example_dtype(W))  # every field is set below
+            rec = np.empty(b - a, example_dtype(W, tok_version))  # every field is set below
             rec["kind"], rec["rank"], rec["bin"], rec["act"] = ex_top[e], ex_rank[e], ex_bin[e], ex_act[e]
             rec["context"], rec["position"] = ex_ctx[e], ex_pos[e] - ex_start[e]
             rec["ntok"] = rec["nact"] = ex_len[e]

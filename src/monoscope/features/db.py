@@ -19,9 +19,10 @@ Tables (all keyed by feature id, 0-based index of the SAE's feature):
 - `examples(feature, n_top, n_quantile, data)`: one row per feature that has examples, keyed by the
   feature id (one indexed read serves a feature page). `data` packs all its examples: a 12-byte header
   (magic `MSEX`, record version, window width W, count n; little-endian) then n fixed-size records
-  (`example_dtype(W)`: kind 1 = top (rank 0 = strongest) or 0 = quantile (bin 0 = weakest decile),
+  (`example_dtype(W, version)`: kind 1 = top (rank 0 = strongest) or 0 = quantile (bin 0 = weakest decile),
   rank, bin, position of the maximum inside the window, act, context, the lengths of the token and
-  activation windows, tokens int32 [W] and acts float16 [W]; what lies past the lengths is not read). The pass writes
+  activation windows, tokens [W] (int32, or uint16 in record version 2, written when the vocabulary has at
+  most 65,536 tokens) and acts float16 [W]; what lies past the lengths is not read). The pass writes
   one packed row per feature with array ops; `examples()` returns them one dict per example as before.
 - `splits(parent_sae, parent, child_sae, child, cosine, corr)`: feature families across widths.
 - `explanations(feature, model, prompt_version, evidence_sha256, text, created_by)` and
@@ -56,7 +57,10 @@ DB_FORMAT = "monoscope-features/2"
 OLD_FORMATS = ("monoscope-features/1",)
 """Formats a rebuild can still read its explanations and scores from (`FeatureDB.open(allow_old=True)`)."""
 DB_NAME = "features.db"
-EXAMPLES_MAGIC, EXAMPLES_VERSION = b"MSEX", 1
+EXAMPLES_MAGIC = b"MSEX"
+EXAMPLE_TOKENS = {1: "<i4", 2: "<u2"}
+"""Record versions of packed examples by their token dtype: 2 (uint16) when every id fits (vocabularies up to
+65,536 tokens: a third smaller), else 1 (int32)."""
 _EX_HEADER = struct.Struct("<4sHHI")  # magic, record version, window width, examples
 
 _SCHEMA = """
@@ -92,10 +96,11 @@ JSON_COLUMNS = frozenset({"hist", "label_tokens", "logit_pos", "logit_neg", "nei
 EXAMPLE_KINDS = {"quantile": 0, "top": 1}
 
 
-def example_dtype(width: int) -> np.dtype:
-    """One packed example (record version 1) with windows of `width` tokens: fixed size, little-endian."""
+def example_dtype(width: int, version: int = 1) -> np.dtype:
+    """One packed example with windows of `width` tokens (int32 tokens for record version 1, uint16 for 2):
+    fixed size, little-endian."""
     return np.dtype([("kind", "u1"), ("rank", "<u2"), ("bin", "<u2"), ("position", "<u2"), ("ntok", "<u2"),
-                     ("nact", "<u2"), ("act", "<f8"), ("context", "<i8"), ("tokens", "<i4", (width,)),
+                     ("nact", "<u2"), ("act", "<f8"), ("context", "<i8"), ("tokens", EXAMPLE_TOKENS[version], (width,)),
                      ("acts", "<f2", (width,))])
 
 
@@ -105,13 +110,14 @@ def packed_example_rows(feature: np.ndarray, records: np.ndarray) -> list[tuple[
     if len(feature) == 0:
         return []
     width = records.dtype["tokens"].shape[0]
+    version = 2 if records.dtype["tokens"].base == np.dtype("<u2") else 1
     size = records.dtype.itemsize
     starts = np.flatnonzero(np.concatenate([[True], feature[1:] != feature[:-1]]))
     ends = np.append(starts[1:], len(feature))
     tops = np.add.reduceat(records["kind"].astype(np.int64), starts)
     buf = memoryview(np.ascontiguousarray(records).view(np.uint8))
     hdr = _EX_HEADER.pack
-    return [(f, t, (b - a) - t, hdr(EXAMPLES_MAGIC, EXAMPLES_VERSION, width, b - a) + buf[a * size: b * size])
+    return [(f, t, (b - a) - t, hdr(EXAMPLES_MAGIC, version, width, b - a) + buf[a * size: b * size])
             for f, t, a, b in zip(feature[starts].tolist(), tops.tolist(), starts.tolist(), ends.tolist(),
                                   strict=True)]
 
@@ -121,9 +127,9 @@ def unpack_examples(data: bytes) -> np.ndarray:
     if len(data) < _EX_HEADER.size:
         raise ValueError("packed examples shorter than their header")
     magic, version, width, n = _EX_HEADER.unpack_from(data)
-    if magic != EXAMPLES_MAGIC or version != EXAMPLES_VERSION:
+    if magic != EXAMPLES_MAGIC or version not in EXAMPLE_TOKENS:
         raise ValueError(f"packed examples of unknown format ({magic!r}, version {version})")
-    dt = example_dtype(width)
+    dt = example_dtype(width, version)
     if len(data) != _EX_HEADER.size + n * dt.itemsize:
         raise ValueError(f"packed examples hold {len(data)} bytes, expected {_EX_HEADER.size + n * dt.itemsize}")
     return np.frombuffer(data, dtype=dt, count=n, offset=_EX_HEADER.size)
