@@ -208,7 +208,6 @@ def sqlite_error(path: Path, e: sqlite3.Error) -> FeatureDBError:
                           "is still readable), or move it away")
 
 
-_PAGE_SIZE = 16_384
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -299,7 +298,6 @@ class FeatureDB:
         tmp.unlink(missing_ok=True)
         try:
             conn = sqlite3.connect(str(tmp), isolation_level=None)
-            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # a feature's packed examples span few pages
             conn.executescript(_SCHEMA)
             db = cls(tmp, conn)
             with db.transaction():
