@@ -158,7 +158,7 @@ def test_features_that_never_fire(run: Path, tmp_path: Path) -> None:
     res = build_features(tmp_path / "dead", model=str(run / "model"), corpus=str(run / "corpus.jsonl"), tokens=128,
                          feature_map=False, progress=False)
     with FeatureDB.open(res.dbs[0]) as db:
-        assert db.n_features() == 256 and db.conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 0
+        assert db.n_features() == 256 and db.n_examples() == 0 and db.features_with_examples() == []
         assert all(db.column("density") == 0)
     assert res.interesting == []
 
@@ -178,7 +178,9 @@ def test_bad_input(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_windows_are_bounded_by_context(run: Path) -> None:
     with FeatureDB.open(run / "features" / "features.db") as db:
-        rows = db.conn.execute("SELECT tokens, position FROM examples").fetchall()
-    for t, p in rows:
-        toks = np.frombuffer(t, dtype=np.int32)
-        assert 1 <= len(toks) <= 16 and 0 <= p < len(toks)
+        rows = [(e["tokens"], e["acts"], e["position"]) for f in db.features_with_examples()
+                for kind in ("top", "quantile") for e in db.examples(f, kind)]
+        assert len(rows) == db.n_examples() > 0
+    for toks, acts, p in rows:
+        assert toks.dtype == np.int32 and 1 <= len(toks) <= 16 and 0 <= p < len(toks) and len(acts) == len(toks)
+        assert acts[p] == acts.max() > 0  # the position is the window's maximum

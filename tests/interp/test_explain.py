@@ -77,7 +77,9 @@ def test_changed_evidence_is_explained_again(db_path: Path) -> None:
     explain_features("x", FakeLLM(), features="1,", scorers="detection", db_path=db_path, progress=False)
     (old,), _ = _rows(db_path)
     with FeatureDB.open(db_path) as db, db.transaction():  # a rebuilt pass: feature 1's strongest act changed
-        db.conn.execute("UPDATE examples SET act = act * 2 WHERE feature = 1 AND kind = 'top' AND rank = 0")
+        top = db.examples(1, "top")[0]
+        db.put_examples([(1, "top", top["rank"], top["bin"], top["act"] * 2, top["context"], top["position"],
+                          top["tokens"], top["acts"])])
         db.update_features("max_act", [(1, 20.0)])
     llm = FakeLLM(lambda m: "Explanation: French food words" if m[0]["content"] == prompts.EXPLAIN_SYSTEM
                   else competent(m))

@@ -192,3 +192,71 @@ def test_pass_stores_token_bytes_and_pages_show_whole_characters(built: Path, tm
         page = con.export_text()
     joint = "".join(vocab.decode(ex["tokens"]))
     assert joint.lstrip("\ufffd")[:6] in page.replace("⏎", "\n")
+
+
+def test_killed_overwrite_then_rerun_without_it_finishes_the_rebuild(built: Path, tmp_path: Path) -> None:
+    """A rebuild asked for with --overwrite and killed is carried on by a plain rerun, not reported complete
+    on the strength of the old database (which stays in place, untouched, until the new one is installed)."""
+    _, db_path = _copy(built, tmp_path)
+    before = dump(db_path)
+    args = ["features", str(tmp_path / "sae"), "--tokens", "256", "--batch-contexts", "2", "--no-map", "--quiet"]
+    p = cli(*args, "--overwrite", env={KILL_ENV: "finalised:0"})
+    assert p.returncode == 137, p.stderr
+    assert dump(db_path) == before and (tmp_path / "features" / ".pass").is_dir()
+    p = cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert "already complete" not in p.stdout
+    assert (f"carried on the unfinished --overwrite rebuild in {tmp_path / 'features' / '.pass'} (the old database "
+            "stayed in place until the new one was complete)") in p.stdout
+    assert not (tmp_path / "features" / ".pass").exists()
+    assert dump(db_path) == before  # the same options: the same database, rebuilt
+    p = cli(*args)
+    assert p.returncode == 0 and "already complete: nothing to do" in p.stdout
+
+
+def test_feature_map_is_replaced_together_with_its_database(built: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    sae, db_path = _copy(built, tmp_path)
+    png = tmp_path / "features" / "feature_map.png"
+    build_features(sae, **{**SMALL, "feature_map": True}, overwrite=True)
+    old_png, old_db = png.read_bytes(), dump(db_path)
+    # a rebuild with other options, killed after it drew its map: the old map still matches the old database
+    monkeypatch.setenv("MONOSCOPE_FEATURES_KILL_HOW", "raise")
+    monkeypatch.setenv(KILL_ENV, "maps")
+    with pytest.raises(KeyboardInterrupt):
+        build_features(sae, **{**SMALL, "tokens": 128, "feature_map": True}, overwrite=True)
+    monkeypatch.delenv(KILL_ENV)
+    assert png.read_bytes() == old_png and dump(db_path) == old_db
+    assert (tmp_path / "features" / ".new-feature_map.png").is_file()
+    res = build_features(sae, **{**SMALL, "tokens": 128, "feature_map": True})  # carries the rebuild on
+    assert png.read_bytes() != old_png and not (tmp_path / "features" / ".new-feature_map.png").exists()
+    with FeatureDB.open(db_path) as db:
+        assert db.meta()["tokens"] == 128
+    assert res.notes[0].startswith("carried on the unfinished --overwrite rebuild")
+    # a rebuild without a map removes the map of the database it replaces
+    res = build_features(sae, **SMALL, overwrite=True)
+    assert not png.exists()
+    assert f"removed {png}: it showed the replaced database (rebuild the map without --no-map)" in res.notes
+
+
+def test_database_of_the_older_format_says_rebuild_and_overwrite_keeps_explanations(built: Path,
+                                                                                    tmp_path: Path) -> None:
+    sae, db_path = _copy(built, tmp_path)
+    expl = _explained(db_path, sae)
+    with FeatureDB.open(db_path) as db, db.transaction():  # as a pass of the previous format left it
+        config = {**db.meta()["config"], "format": 2}
+        db.set_meta({"format": "monoscope-features/1", "config": config, "config_key": "0" * 64})
+    p = cli("show", str(sae), "3")
+    assert p.returncode == 2
+    assert _one_line(p.stderr) == (
+        f"error: {db_path} is a feature database of an older format (monoscope-features/1; this monoscope reads "
+        f"monoscope-features/2): rebuild it with monoscope features {sae} --overwrite (explanations and scores "
+        "whose evidence is unchanged are kept)")
+    with pytest.raises(FeatureDBError, match=r"other options \(pass format 2 -> 3\): rerun with --overwrite"):
+        build_features(sae, **SMALL)
+    res = build_features(sae, **SMALL, overwrite=True)
+    assert f"{db_path}: kept 2 explanations (2 scores) whose evidence is unchanged, dropped 0 whose evidence " \
+           "changed" in res.notes
+    with FeatureDB.open(db_path) as db:
+        assert db.meta()["format"] == "monoscope-features/2"
+        assert sorted(f for f, *_ in db.all_explanations()) == sorted(expl)

@@ -155,3 +155,28 @@ def test_damaged_manifest_without_recovery_record_says_overwrite(pair, again) ->
         again(s)
     res = again(s, overwrite=True)
     assert res.resumed_contexts == 0 and res.manifest.n_contexts == 19
+
+
+def test_manifest_and_recovery_record_both_lost_say_recapture(pair, again, model_dir: Path,  # type: ignore[no-untyped-def]
+                                                              corpus_file: Path) -> None:
+    _, s, _ = pair
+    (s / "progress.json").unlink()
+    (s / "manifest.json").unlink()
+    fix = (f"{s} holds 10 activation shard(s) but neither manifest.json nor progress.json (the store's records are "
+           f"lost, so its shards cannot be checked or reused): recapture it with the monoscope capture command that "
+           f"made it and --overwrite (--out {s}), or delete the folder")
+    r = run_cli("capture", "--out", s, "--model", model_dir, "--corpus", corpus_file, "--tokens", str(TOKENS), *SMALL)
+    assert one_line_error(r) == f"error: {fix}\n"
+    v = run_cli("verify", s)  # a reader of the store says the same
+    assert v.returncode == 2 and v.stderr == f"error: {fix}\n", v.stderr
+    with pytest.raises(StoreError) as e:
+        ActivationStore.open(s)
+    assert str(e.value) == fix
+    res = again(s, overwrite=True)  # the fix it names works
+    assert res.resumed_contexts == 0 and res.manifest.n_contexts == 19
+    empty = s.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(StoreError) as e:
+        ActivationStore.open(empty)
+    assert str(e.value) == (f"{empty} is not an activation store (manifest.json is missing): capture one with "
+                            f"monoscope capture --out {empty}, or pass a store's folder")

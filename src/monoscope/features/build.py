@@ -45,7 +45,18 @@ from monoscope import __version__
 from monoscope.corpus import open_corpus
 from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError
-from monoscope.features.db import DB_NAME, FeatureDB, FeatureDBError, default_db_path
+from monoscope.features.db import (
+    DB_NAME,
+    PAIRS_FEATURES,
+    PAIRS_FEATURES_POSITIVE,
+    PAIRS_TOKENS,
+    FeatureDB,
+    FeatureDBError,
+    default_db_path,
+    example_dtype,
+    pack_pair_lists,
+    packed_example_rows,
+)
 from monoscope.features.stats import HIST_EDGES, FeatureStats
 from monoscope.features.tokens import vocab_bytes, vocab_texts
 from monoscope.fileio import write_bytes_atomic, write_json_atomic
@@ -67,6 +78,11 @@ denser: usually positional or generic)."""
 
 NEW_DB_NAME = f".new-{DB_NAME}"
 """The database a pass builds, beside `features.db`, renamed over it once complete."""
+MAP_NAME = "feature_map.png"
+"""The feature map's picture beside the database; a pass draws it as `.new-feature_map.png` and renames it
+with the database it belongs to (`_install`), so the two always describe the same pass."""
+_OVERWRITE = "overwrite.json"
+"""In `.pass/`: the options key of a pass started with `overwrite` (a rerun without it carries on)."""
 KILL_ENV = "MONOSCOPE_FEATURES_KILL_AT"
 """Test hook: the pass dies right after the point this names (`checkpoint:N` = the N-th checkpoint this
 process saves, `streamed`, `finalised:I` = SAE I's database written, `families`, `maps`, `complete`,
@@ -165,6 +181,15 @@ class _Target:
     @property
     def final_path(self) -> Path:
         return self.out / DB_NAME
+
+    @property
+    def map_path(self) -> Path:
+        """Where the pass draws the feature map (renamed to `final_map` with the database)."""
+        return self.out / f".new-{MAP_NAME}"
+
+    @property
+    def final_map(self) -> Path:
+        return self.out / MAP_NAME
 
 
 class _Codes:
@@ -273,11 +298,14 @@ def build_features(
     config = {
         "saes": [t.digest for t in targets], "model": model_spec, "corpus": corp.fingerprint(), "ctx_len": ctx_len,
         "contexts": n_ctx, "batch": batch_contexts, "top_k": top_k, "bins": bins, "per_bin": per_bin,
-        "compute_dtype": compute_dtype, "format": 2,
+        "compute_dtype": compute_dtype, "format": 3,
     }
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     t0 = time.perf_counter()
+    work = targets[0].out / ".pass"
+    resumed_overwrite = not overwrite and _pending_overwrite(work, key)
+    overwrite = overwrite or resumed_overwrite  # a rebuild killed before it was installed carries on
     olds = [_existing(t, key, config, overwrite) for t in targets]
     if not overwrite and all(o == "same" for o in olds):
         res = FeaturesResult([t.final_path for t in targets], n_ctx * ctx_len, 0.0, 0)
@@ -285,8 +313,11 @@ def build_features(
         res.notes.append("already complete: nothing to do")
         return res
 
-    work = targets[0].out / ".pass"
     work.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # recorded first: a rerun after a kill, with or without --overwrite, finishes the rebuild
+        write_json_atomic(work / _OVERWRITE, {"key": key})
+    else:
+        (work / _OVERWRITE).unlink(missing_ok=True)
     had_state = (work / "state.pt").is_file()
     state = _load_state(work, key)  # an unfinished pass with these options resumes (with --overwrite too)
     if state is None:
@@ -366,6 +397,9 @@ def build_features(
     token_bytes = vocab_bytes(lm.tokenizer)
     vocab = vocab_texts(lm.tokenizer, token_bytes)  # a token holding part of a character: <0xNN>, not U+FFFD
     res = FeaturesResult([], done * ctx_len, seconds, new * ctx_len, stream_seconds=seconds)
+    if resumed_overwrite:
+        res.notes.append(f"carried on the unfinished --overwrite rebuild in {work} (the old database stayed in "
+                         "place until the new one was complete)")
     if had_state and state is None:
         res.notes.append(f"an unfinished pass in {work} with other options (or a damaged state) was started over")
     # finalisation in stages, each recorded once done (a rerun after a kill skips the finished ones)
@@ -393,7 +427,7 @@ def build_features(
         _stage_done(work, key, stages, "complete")
     for i, (t, old) in enumerate(zip(targets, olds, strict=True)):
         if f"installed:{i}" not in stages:
-            res.notes += _install(t, old)
+            res.notes += _install(t, old, drew_map="maps" in stages)
             _stage_done(work, key, stages, f"installed:{i}")
     res.dbs = [t.final_path for t in targets]
     res.interesting = _interesting_from_db(targets[0])
@@ -498,7 +532,7 @@ def _existing(t: _Target, key: str, config: dict[str, Any], overwrite: bool) -> 
     if not path.exists():
         return "none"
     try:
-        with FeatureDB.open(path) as db:
+        with FeatureDB.open(path, allow_old=True) as db:  # an older format: "other options" (pass format)
             db.check()
             meta = db.meta()
     except FeatureDBError as e:
@@ -516,17 +550,38 @@ def _existing(t: _Target, key: str, config: dict[str, Any], overwrite: bool) -> 
     return "stale"
 
 
-def _install(t: _Target, old: str) -> list[str]:
+def _pending_overwrite(work: Path, key: str) -> bool:
+    """Whether `work` holds an unfinished pass with these options that was started with `overwrite`."""
+    try:
+        return json.loads((work / _OVERWRITE).read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _install(t: _Target, old: str, drew_map: bool) -> list[str]:
     """Carry the old database's explanations (and scores) whose evidence is unchanged into the new one,
-    then rename the new one over it. A rerun after a kill here finds the new database installed or not."""
-    if not t.db_path.is_file():  # installed before a kill
-        return []
+    then rename the new one over it, then its feature map over the old map (`drew_map`; else an old map,
+    which would describe the replaced database, goes). A rerun after a kill here finds the new database
+    installed or not, and the map renamed or not, and finishes."""
+    notes: list[str] = []
+    if t.db_path.is_file():  # else installed before a kill
+        notes += _install_db(t, old)
+    if drew_map and t.map_path.is_file():
+        os.replace(t.map_path, t.final_map)
+    elif not drew_map and t.final_map.is_file():
+        t.map_path.unlink(missing_ok=True)  # one an earlier, abandoned pass drew
+        t.final_map.unlink()
+        notes.append(f"removed {t.final_map}: it showed the replaced database (rebuild the map without --no-map)")
+    return notes
+
+
+def _install_db(t: _Target, old: str) -> list[str]:
     notes = []
     if t.final_path.is_file() and old in ("same", "stale"):
         from monoscope.interp.explain import carry_over
 
         try:
-            with FeatureDB.open(t.final_path) as src, FeatureDB.open(t.db_path) as dst:
+            with FeatureDB.open(t.final_path, allow_old=True) as src, FeatureDB.open(t.db_path) as dst:
                 kept, scores, dropped = carry_over(src, dst)
             if kept or dropped:
                 notes.append(f"{t.final_path}: kept {kept} explanations ({scores} scores) whose evidence is "
@@ -547,31 +602,40 @@ def _install(t: _Target, old: str) -> list[str]:
 
 
 def _window_acts(f: np.ndarray, ctx: np.ndarray, start: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 ctx_len: int, n_features: int, f0: int, f1: int) -> np.ndarray:
+                 ctx_len: int, n_features: int, f0: int, f1: int, entry_rows: np.ndarray) -> np.ndarray:
     """[E, W] activations of feature f[e] over the window of context ctx[e] starting at start[e], for
-    examples of features f0 ≤ f < f1: one sequential read of the codes, keeping the entries of those
-    features that fall in an example's window (W = WINDOW_BEFORE + WINDOW_AFTER; 0 past the context)."""
+    examples of features f0 ≤ f < f1 (W = WINDOW_BEFORE + WINDOW_AFTER; 0 past the context): one
+    sequential read of the codes (`entry_rows[e]`: the row of code e), a run of contexts at a time, each
+    code of those features found in a dense (context, feature) -> example table (no search per code)."""
     ptr, idx, val = codes
     W = WINDOW_BEFORE + WINDOW_AFTER
     key = ctx.astype(np.int64) * n_features + f
-    uk, inv = np.unique(key, return_inverse=True)
+    uk, inv = np.unique(key, return_inverse=True)  # sorted by context, then feature
     out = np.zeros((len(uk), W), np.float32)
     if len(uk) == 0:
         return out
     ustart = np.zeros(len(uk), np.int64)
     ustart[inv] = start
-    step = 1 << 24
-    for e0 in range(0, len(idx), step):
-        fe = np.asarray(idx[e0: e0 + step])
-        sel = np.flatnonzero((fe >= f0) & (fe < f1))
-        if len(sel) == 0:
+    uctx, uf = uk // n_features, (uk % n_features - f0).astype(np.int64)
+    c_lo, c_hi = int(uctx[0]), int(uctx[-1]) + 1
+    span = max(1, min(c_hi - c_lo, (1 << 24) // (f1 - f0)))  # contexts per run: a table of <= 16M entries
+    table = np.full((span, f1 - f0), -1, np.int32)
+    for c0 in range(c_lo, c_hi, span):
+        c1 = min(c0 + span, c_hi)
+        ja, jb = (int(x) for x in np.searchsorted(uctx, [c0, c1]))
+        if ja == jb:
             continue
-        row = np.searchsorted(ptr, sel + e0, side="right") - 1
-        k = (row // ctx_len) * n_features + fe[sel]
-        j = np.minimum(np.searchsorted(uk, k), len(uk) - 1)
+        cells = (uctx[ja:jb] - c0, uf[ja:jb])
+        table[cells] = np.arange(ja, jb, dtype=np.int32)
+        ea, eb = int(ptr[c0 * ctx_len]), int(ptr[c1 * ctx_len])
+        fe = np.asarray(idx[ea:eb]).astype(np.int64) - f0
+        sel = np.flatnonzero((fe >= 0) & (fe < f1 - f0))
+        row = entry_rows[sel + ea].astype(np.int64)
+        j = table[row // ctx_len - c0, fe[sel]]
         off = row % ctx_len - ustart[j]
-        hit = (uk[j] == k) & (off >= 0) & (off < W)
-        out[j[hit], off[hit]] = np.asarray(val[e0: e0 + step])[sel[hit]]
+        hit = (j >= 0) & (off >= 0) & (off < W)
+        out[j[hit], off[hit]] = np.asarray(val[ea:eb])[sel[hit]]
+        table[cells] = -1
     return out[inv]
 
 
@@ -590,12 +654,15 @@ def _finalise(t: _Target, lm: Any, toks: np.ndarray, codes: tuple[np.ndarray, np
 
 def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[np.ndarray, np.ndarray, np.ndarray],
                    vocab: list[str], meta: dict[str, Any], logit: tuple[Tensor, Tensor, Tensor, Tensor],
-                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 32_768) -> None:
+                   neigh: tuple[Tensor, Tensor], bins: int, progress: bool = False, block: int = 32_768,
+                   timings: dict[str, float] | None = None) -> None:
     """A new database at `path` from the pass's state: statistics, examples (windows cut from the sparse
     `codes` (ptr, idx, val) and the token ids `toks` [contexts, ctx_len]), cheap labels, logit effects
     (pos ids, pos values, neg ids, neg values [F, top]), neighbours (ids, cosines [F, top]), co-occurrence.
     Columns are computed with array ops over blocks of features and written with bulk inserts; the only
-    per-feature Python is the cheap label and the JSON of its lists."""
+    per-feature Python is the cheap label and the JSON of its lists. `timings`: CPU seconds per phase are
+    added to it (the benchmark's breakdown)."""
+    clock = _PhaseClock(timings)
     F, T = s.d_sae, toks.shape[1]
     W = WINDOW_BEFORE + WINDOW_AFTER
     density, mean_act = s.density().numpy(), s.mean_act().numpy()
@@ -627,63 +694,75 @@ def write_database(path: Path, s: FeatureStats, toks: np.ndarray, codes: tuple[n
     n_top = np.bincount(tf, minlength=F)
     edges = json.dumps([float(e) for e in HIST_EDGES])
     vj, vr = [json.dumps(v) for v in vocab], [repr(v) for v in vocab]  # each token's JSON and repr, once
+    tok_version = 2 if len(vocab) <= 1 << 16 and (toks.size == 0 or 0 <= int(toks.min()) <= int(toks.max()) < 1 << 16) \
+        else 1  # uint16 token windows when every id fits
+    flat = np.concatenate([np.ascontiguousarray(toks, dtype=np.int32).reshape(-1), np.zeros(W, np.int32)])
+    windows = np.lib.stride_tricks.sliding_window_view(flat, W)  # row r: the W tokens from flat position r
+    entry_rows = np.repeat(np.arange(len(codes[0]) - 1, dtype=np.int32), np.diff(codes[0]))  # each code's row
+    hist_tpl = '{"edges": ' + edges + ', "counts": [' + ", ".join(["%d"] * hist.shape[1]) + "]}"
 
+    clock("prepare")
     db = FeatureDB.create(path, {**meta, "n_features": F, "rows_counted": s.tokens, "cooccurrence": {
         "pairs_budget": s.cooc.budget, "exact": s.cooc.exact, "max_error": s.cooccurrence_error(),
         "note": "P(j | i) from a sparse pair table; once pruned, a reported value is low by at most max_error"}})
     label_rows: list[tuple[int, str]] = []
-    with progress_bar("features: database", total=F, unit="feat", enabled=progress) as bar, db.transaction():
+    with progress_bar("features: database", total=F, unit="feat", enabled=progress) as bar, db.bulk_load():
         db.put_vocab(vocab)
         for f0 in range(0, F, block):
             f1 = min(F, f0 + block)
             a, b = np.searchsorted(ex_f, [f0, f1])
             e = slice(a, b)
-            acts = _window_acts(ex_f[e], ex_ctx[e], ex_start[e], codes, T, F, f0, f1)
-            cols = np.minimum(ex_start[e][:, None] + np.arange(W)[None, :], T - 1)
-            wt = toks[ex_ctx[e][:, None], cols].astype(np.int32)
-            tblobs, ablobs = _row_bytes(wt, ex_len[e]), _row_bytes(acts.astype(np.float16), ex_len[e])
-            kinds = np.where(ex_top[e], "top", "quantile").tolist()
-            db.put_example_rows(zip(ex_f[e].tolist(), kinds, ex_rank[e].tolist(), ex_bin[e].tolist(),
-                                    ex_act[e].tolist(), ex_ctx[e].tolist(), (ex_pos[e] - ex_start[e]).tolist(),
-                                    tblobs, ablobs, strict=True))
+            clock("other")
+            rec = np.empty(b - a, example_dtype(W, tok_version))  # every field is set below
+            rec["kind"], rec["rank"], rec["bin"], rec["act"] = ex_top[e], ex_rank[e], ex_bin[e], ex_act[e]
+            rec["context"], rec["position"] = ex_ctx[e], ex_pos[e] - ex_start[e]
+            rec["ntok"] = rec["nact"] = ex_len[e]
+            rec["tokens"] = windows[ex_ctx[e] * T + ex_start[e]]  # past ntok: the next context's (not read)
+            clock("example windows")
+            rec["acts"] = _window_acts(ex_f[e], ex_ctx[e], ex_start[e], codes, T, F, f0, f1, entry_rows)
+            clock("example activations")
+            packed = packed_example_rows(ex_f[e], rec)
+            clock("example packing")
+            db.put_packed_examples(packed)
+            clock("sqlite examples")
             it = np.flatnonzero(ex_top[e]) + a  # the block's top examples
             labels, infos, purity = _cheap_labels(f0, f1, ex_f[it], ex_rank[it], peak[it], prev[it], n_top,
                                                   lp_i[:, :5], vocab, vj, vr)
             label_rows += [(f, lab) for f, lab in zip(range(f0, f1), labels, strict=True) if lab]
+            clock("cheap labels")
             d = density[f0:f1]
             distinct = n_top[f0:f1]
             interest = np.where((d >= INTEREST_DENSITY[0]) & (d <= INTEREST_DENSITY[1]) & (distinct >= 5),
                                 purity * (1 + np.minimum(distinct, 20) / 20) * (max_act[f0:f1] > 0), 0.0)
-            fs = range(f0, f1)
-            db.put_feature_rows(zip(
-                fs, d.tolist(), fires[f0:f1].tolist(), max_act[f0:f1].astype(np.float64).tolist(),
-                mean_act[f0:f1].tolist(),
-                [f'{{"edges": {edges}, "counts": {json.dumps(h)}}}' for h in hist[f0:f1].tolist()],
-                labels, infos,
-                [_pairs_json(vj, i, v) for i, v in zip(lp_i[f0:f1].tolist(), lp_v[f0:f1].tolist(), strict=True)],
-                [_pairs_json(vj, i, v) for i, v in zip(ln_i[f0:f1].tolist(), ln_v[f0:f1].tolist(), strict=True)],
-                [json.dumps([list(p) for p in zip(i, c, strict=True)])
-                 for i, c in zip(ne_i[f0:f1].tolist(), ne_c[f0:f1].tolist(), strict=True)],
-                [json.dumps([[j, p] for j, p in zip(i, c, strict=True) if p > 0 and j >= 0])
-                 for i, c in zip(co_ids[f0:f1].tolist(), co_p[f0:f1].tolist(), strict=True)],
+            rows = list(zip(
+                range(f0, f1), d.tolist(), fires[f0:f1].tolist(), max_act[f0:f1].astype(np.float64).tolist(),
+                mean_act[f0:f1].tolist(), [hist_tpl % tuple(h) for h in hist[f0:f1].tolist()], labels, infos,
+                pack_pair_lists(PAIRS_TOKENS, lp_i[f0:f1], lp_v[f0:f1]),
+                pack_pair_lists(PAIRS_TOKENS, ln_i[f0:f1], ln_v[f0:f1]),
+                pack_pair_lists(PAIRS_FEATURES, ne_i[f0:f1], ne_c[f0:f1]),
+                pack_pair_lists(PAIRS_FEATURES_POSITIVE, co_ids[f0:f1], co_p[f0:f1]),
                 itertools.repeat(None), itertools.repeat(None), interest.tolist(), strict=False))
+            clock("feature columns (JSON)")
+            db.put_feature_rows(rows)
+            clock("sqlite features")
             bar.update(f1 - f0)
         db.index_labels(label_rows)
+        clock("sqlite label index")
     db.close()
+    clock("sqlite commit and close")
 
 
-def _pairs_json(vocab_json: list[str], ids: list[int], values: list[float]) -> str:
-    """`[[token text, value], ...]` as JSON, from token texts already JSON-encoded once per vocabulary."""
-    return "[" + ", ".join(f"[{vocab_json[i]}, {v!r}]" for i, v in zip(ids, values, strict=True)) + "]"
+class _PhaseClock:
+    """Adds the CPU seconds since the previous call to `timings[phase]` (nothing when timings is None)."""
 
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings, self.t = timings, time.process_time()
 
-def _row_bytes(a: np.ndarray, lengths: np.ndarray) -> list[bytes]:
-    """Each row of the 2-D array `a` as bytes, cut to its first lengths[i] items (one C loop for the
-    full-length rows, which are most of them)."""
-    full = a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1).tolist()
-    for i in np.flatnonzero(lengths < a.shape[1]).tolist():
-        full[i] = full[i][: int(lengths[i]) * a.itemsize]
-    return full
+    def __call__(self, phase: str) -> None:
+        if self.timings is not None:
+            now = time.process_time()
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - self.t
+            self.t = now
 
 
 def _cheap_labels(f0: int, f1: int, ef: np.ndarray, rank: np.ndarray, peak: np.ndarray, prev: np.ndarray,
@@ -837,8 +916,8 @@ def _maps(targets: list[_Target]) -> list[str]:
             with db.transaction():
                 layout.store_map(db, xy)
             density = db.column("density")
-        layout.plot_feature_map(xy, density, t.out / "feature_map.png", title=f"{t.sae_dir} ")
-        notes.append(f"feature map: {t.out / 'feature_map.png'}")
+        layout.plot_feature_map(xy, density, t.map_path, title=f"{t.sae_dir} ")  # installed with the database
+        notes.append(f"feature map: {t.final_map}")
     return notes
 
 

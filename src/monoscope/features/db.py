@@ -12,11 +12,18 @@ Tables (all keyed by feature id, 0-based index of the SAE's feature):
   fingerprint), tokens, ctx_len, bins, top_k, row_policy, interest_criterion, created_by, families.
 - `features`: density, fires, max_act, mean_act (over active tokens), hist (JSON: log10-spaced bin
   edges and counts of activations), label (cheap label), label_tokens (JSON), logit_pos / logit_neg
-  (JSON [[token, value], ...]), neighbours (JSON [[id, cosine], ...]), cooccur (JSON [[id, P(j|i)]]),
-  map_x, map_y (the feature map), interest (the score behind "most interesting").
-- `examples(feature, kind, rank, bin, act, context, position, tokens, acts)`: kind 'top' (rank 0 =
-  strongest) or 'quantile' (bin 0 = weakest decile); tokens int32 and acts float16 as BLOBs over the
-  example's window; position = index of the maximum inside the window.
+  ([[token, value], ...]), neighbours ([[id, cosine], ...]), cooccur ([[id, P(j|i)]]), map_x, map_y (the
+  feature map), interest (the score behind "most interesting"). The four lists are JSON text, or, as the
+  features pass writes them, a packed BLOB (`pack_pair_lists`: tag byte, int32 ids, float64 values; token
+  texts from `vocab`); `feature()` returns the same lists either way.
+- `examples(feature, n_top, n_quantile, data)`: one row per feature that has examples, keyed by the
+  feature id (one indexed read serves a feature page). `data` packs all its examples: a 12-byte header
+  (magic `MSEX`, record version, window width W, count n; little-endian) then n fixed-size records
+  (`example_dtype(W, version)`: kind 1 = top (rank 0 = strongest) or 0 = quantile (bin 0 = weakest decile),
+  rank, bin, position of the maximum inside the window, act, context, the lengths of the token and
+  activation windows, tokens [W] (int32, or uint16 in record version 2, written when the vocabulary has at
+  most 65,536 tokens) and acts float16 [W]; what lies past the lengths is not read). The pass writes
+  one packed row per feature with array ops; `examples()` returns them one dict per example as before.
 - `splits(parent_sae, parent, child_sae, child, cosine, corr)`: feature families across widths.
 - `explanations(feature, model, prompt_version, evidence_sha256, text, created_by)` and
   `scores(feature, model, scorer, value, details)`: filled by `monoscope explain`.
@@ -36,6 +43,7 @@ import contextlib
 import functools
 import json
 import sqlite3
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,8 +52,16 @@ import numpy as np
 
 from monoscope.errors import MonoscopeError
 
-DB_FORMAT = "monoscope-features/1"
+DB_FORMAT = "monoscope-features/2"
+"""/2: examples packed into one row per feature (/1: one row per example, ~10^7 rows at 262,144 features)."""
+OLD_FORMATS = ("monoscope-features/1",)
+"""Formats a rebuild can still read its explanations and scores from (`FeatureDB.open(allow_old=True)`)."""
 DB_NAME = "features.db"
+EXAMPLES_MAGIC = b"MSEX"
+EXAMPLE_TOKENS = {1: "<i4", 2: "<u2"}
+"""Record versions of packed examples by their token dtype: 2 (uint16) when every id fits (vocabularies up to
+65,536 tokens: a third smaller), else 1 (int32)."""
+_EX_HEADER = struct.Struct("<4sHHI")  # magic, record version, window width, examples
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,9 +71,7 @@ CREATE TABLE IF NOT EXISTS features (
     map_x REAL, map_y REAL, interest REAL
 );
 CREATE TABLE IF NOT EXISTS examples (
-    feature INTEGER NOT NULL, kind TEXT NOT NULL, rank INTEGER NOT NULL, bin INTEGER NOT NULL,
-    act REAL NOT NULL, context INTEGER NOT NULL, position INTEGER NOT NULL, tokens BLOB NOT NULL,
-    acts BLOB NOT NULL, PRIMARY KEY (feature, kind, rank)
+    feature INTEGER PRIMARY KEY, n_top INTEGER NOT NULL, n_quantile INTEGER NOT NULL, data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS splits (
     parent_sae TEXT NOT NULL, parent INTEGER NOT NULL, child_sae TEXT NOT NULL, child INTEGER NOT NULL,
@@ -79,6 +93,55 @@ CREATE VIRTUAL TABLE IF NOT EXISTS labels_fts USING fts5(feature UNINDEXED, text
 FEATURE_COLUMNS = ("id", "density", "fires", "max_act", "mean_act", "hist", "label", "label_tokens", "logit_pos",
                    "logit_neg", "neighbours", "cooccur", "map_x", "map_y", "interest")
 JSON_COLUMNS = frozenset({"hist", "label_tokens", "logit_pos", "logit_neg", "neighbours", "cooccur"})
+EXAMPLE_KINDS = {"quantile": 0, "top": 1}
+
+
+def example_dtype(width: int, version: int = 1) -> np.dtype:
+    """One packed example with windows of `width` tokens (int32 tokens for record version 1, uint16 for 2):
+    fixed size, little-endian."""
+    return np.dtype([("kind", "u1"), ("rank", "<u2"), ("bin", "<u2"), ("position", "<u2"), ("ntok", "<u2"),
+                     ("nact", "<u2"), ("act", "<f8"), ("context", "<i8"), ("tokens", EXAMPLE_TOKENS[version], (width,)),
+                     ("acts", "<f2", (width,))])
+
+
+def packed_example_rows(feature: np.ndarray, records: np.ndarray) -> list[tuple[int, int, int, bytes]]:
+    """(feature, n_top, n_quantile, data) rows of the examples table from `records` (`example_dtype`)
+    sorted by `feature`: one slice of one buffer per feature, no per-example Python."""
+    if len(feature) == 0:
+        return []
+    width = records.dtype["tokens"].shape[0]
+    version = 2 if records.dtype["tokens"].base == np.dtype("<u2") else 1
+    size = records.dtype.itemsize
+    starts = np.flatnonzero(np.concatenate([[True], feature[1:] != feature[:-1]]))
+    ends = np.append(starts[1:], len(feature))
+    tops = np.add.reduceat(records["kind"].astype(np.int64), starts)
+    buf = memoryview(np.ascontiguousarray(records).view(np.uint8))
+    hdr = _EX_HEADER.pack
+    return [(f, t, (b - a) - t, hdr(EXAMPLES_MAGIC, version, width, b - a) + buf[a * size: b * size])
+            for f, t, a, b in zip(feature[starts].tolist(), tops.tolist(), starts.tolist(), ends.tolist(),
+                                  strict=True)]
+
+
+def unpack_examples(data: bytes) -> np.ndarray:
+    """The records of one packed examples row (`example_dtype`); ValueError for a foreign blob."""
+    if len(data) < _EX_HEADER.size:
+        raise ValueError("packed examples shorter than their header")
+    magic, version, width, n = _EX_HEADER.unpack_from(data)
+    if magic != EXAMPLES_MAGIC or version not in EXAMPLE_TOKENS:
+        raise ValueError(f"packed examples of unknown format ({magic!r}, version {version})")
+    dt = example_dtype(width, version)
+    if len(data) != _EX_HEADER.size + n * dt.itemsize:
+        raise ValueError(f"packed examples hold {len(data)} bytes, expected {_EX_HEADER.size + n * dt.itemsize}")
+    return np.frombuffer(data, dtype=dt, count=n, offset=_EX_HEADER.size)
+
+
+def _example_dicts(rec: np.ndarray, kind: str) -> list[dict[str, Any]]:
+    """The examples of one kind, as `FeatureDB.examples` returns them (ordered bin descending, then rank)."""
+    rec = rec[rec["kind"] == EXAMPLE_KINDS[kind]]
+    rec = rec[np.lexsort((rec["rank"], -rec["bin"].astype(np.int64)))]
+    return [{"rank": int(r["rank"]), "bin": int(r["bin"]), "act": float(r["act"]), "context": int(r["context"]),
+             "position": int(r["position"]), "tokens": r["tokens"][: r["ntok"]].astype(np.int32),
+             "acts": r["acts"][: r["nact"]].astype(np.float32)} for r in rec]
 
 
 class FeatureDBError(MonoscopeError):
@@ -179,9 +242,11 @@ class FeatureDB:
 
     @classmethod
     def open(cls, path: str | Path, *, expect_sae_sha256: str | None = None,
-             sae_dir: str | Path | None = None) -> FeatureDB:
+             sae_dir: str | Path | None = None, allow_old: bool = False) -> FeatureDB:
         """An existing database. `expect_sae_sha256`: the weights digest of the SAE (folder `sae_dir`) the caller
-        reads it for; a database built for other weights is a one-line error naming the command that rebuilds it."""
+        reads it for; a database built for other weights is a one-line error naming the command that rebuilds it.
+        A database of an older format (OLD_FORMATS) is a one-line error naming the rebuild, unless `allow_old`
+        (a rebuild reads its meta, explanations and scores to carry them over; nothing else is read)."""
         path = Path(path)
         if path.is_dir():
             path = path / DB_NAME
@@ -199,7 +264,12 @@ class FeatureDB:
                 raise sqlite_error(path, e) from None
             raise FeatureDBError(f"{path} is not a readable feature database ({e}): rebuild it with monoscope "
                                  "features SAE_DIR --overwrite, or move it away") from None
-        if fmt != DB_FORMAT:
+        if fmt in OLD_FORMATS and not allow_old:
+            conn.close()
+            raise FeatureDBError(f"{path} is a feature database of an older format ({fmt}; this monoscope reads "
+                                 f"{DB_FORMAT}): rebuild it with monoscope features {sae_dir or 'SAE_DIR'} --overwrite "
+                                 "(explanations and scores whose evidence is unchanged are kept)")
+        if fmt != DB_FORMAT and not (allow_old and fmt in OLD_FORMATS):
             conn.close()
             raise FeatureDBError(f"{path} is not a monoscope feature database (format {fmt!r}, expected "
                                  f"{DB_FORMAT!r}): move it away or pass another path")
@@ -270,6 +340,25 @@ class FeatureDB:
         except sqlite3.Error as e:
             raise sqlite_error(self.path, e) from None
 
+    @contextlib.contextmanager
+    def bulk_load(self) -> Iterator[sqlite3.Connection]:
+        """One transaction for writing a new database in bulk: the rollback journal in memory and no syncs
+        (a fresh file's pages are appended, so there is little to journal; the write-ahead log would write
+        every page twice). Only for a database no one else has open, that a kill makes the caller rebuild
+        (the features pass writes `.new-features.db`, removed and rewritten when its stage reruns)."""
+        try:
+            self.conn.execute("PRAGMA journal_mode=MEMORY")
+            self.conn.execute("PRAGMA synchronous=OFF")
+        except sqlite3.Error as e:
+            raise sqlite_error(self.path, e) from None
+        with self.transaction() as conn:
+            yield conn
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as e:
+            raise sqlite_error(self.path, e) from None
+
     @_guarded
     def check(self) -> None:
         """Read every page (SQLite's quick_check): a damaged file is a one-line FeatureDBError."""
@@ -319,7 +408,17 @@ class FeatureDB:
     def feature(self, fid: int) -> dict[str, Any] | None:
         cur = self.conn.execute(f"SELECT {', '.join(FEATURE_COLUMNS)} FROM features WHERE id = ?", (int(fid),))
         row = cur.fetchone()
-        return None if row is None else {c: _dec(c, v) for c, v in zip(FEATURE_COLUMNS, row, strict=True)}
+        if row is None:
+            return None
+        out = {c: _dec(c, v) for c, v in zip(FEATURE_COLUMNS, row, strict=True)}
+        tokens = {c: v for c, v in out.items() if isinstance(v, _TokenPairs)}
+        if tokens:  # packed [[token id, value]]: the ids' texts, in one indexed read
+            ids = sorted({i for v in tokens.values() for i in v.ids})
+            marks = ",".join("?" * len(ids))
+            text = dict(self.conn.execute(f"SELECT id, text FROM vocab WHERE id IN ({marks})", ids).fetchall())
+            for c, v in tokens.items():
+                out[c] = [[text.get(i, f"<{i}>"), x] for i, x in zip(v.ids, v.values, strict=True)]
+        return out
 
     @_guarded
     def n_features(self) -> int:
@@ -361,29 +460,65 @@ class FeatureDB:
     # ------------------------------------------------------------------ examples
     @_guarded
     def put_examples(self, rows: Iterable[tuple[int, str, int, int, float, int, int, np.ndarray, np.ndarray]]) -> None:
-        """(feature, kind, rank, bin, act, context, position, tokens int32 [W], acts float [W]) rows."""
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            ((int(f), k, int(r), int(b), float(a), int(c), int(p), np.asarray(t, dtype=np.int32).tobytes(),
-              np.asarray(v, dtype=np.float16).tobytes()) for f, k, r, b, a, c, p, t, v in rows))
+        """(feature, kind, rank, bin, act, context, position, tokens int32 [W], acts float [W]) rows, each
+        replacing the feature's example of the same kind and rank (the features pass writes whole features
+        with `put_packed_examples`)."""
+        by_feature: dict[int, list[tuple[Any, ...]]] = {}
+        for f, k, r, b, a, c, p, t, v in rows:
+            if k not in EXAMPLE_KINDS:
+                raise ValueError(f"unknown example kind {k!r}")
+            by_feature.setdefault(int(f), []).append((k, int(r), int(b), float(a), int(c), int(p),
+                                                      np.asarray(t, dtype=np.int32), np.asarray(v, dtype=np.float16)))
+        out = []
+        for f, new in sorted(by_feature.items()):
+            have: dict[tuple[str, int], tuple[Any, ...]] = {}
+            for kind in EXAMPLE_KINDS:
+                for e in self.examples(f, kind):
+                    have[(kind, e["rank"])] = (kind, e["rank"], e["bin"], e["act"], e["context"], e["position"],
+                                               e["tokens"], e["acts"].astype(np.float16))
+            have.update({(e[0], e[1]): e for e in new})
+            ex = [have[k] for k in sorted(have, key=lambda k: (EXAMPLE_KINDS[k[0]], k[1]))]
+            width = max([len(e[6]) for e in ex] + [len(e[7]) for e in ex] + [1])
+            rec = np.zeros(len(ex), example_dtype(width))
+            for i, (k, r, b, a, c, p, t, v) in enumerate(ex):
+                rec[i]["kind"], rec[i]["rank"], rec[i]["bin"], rec[i]["act"] = EXAMPLE_KINDS[k], r, b, a
+                rec[i]["context"], rec[i]["position"], rec[i]["ntok"], rec[i]["nact"] = c, p, len(t), len(v)
+                rec[i]["tokens"][: len(t)], rec[i]["acts"][: len(v)] = t, v
+            out += packed_example_rows(np.full(len(ex), f), rec)
+        self.put_packed_examples(out)
 
     @_guarded
+    def put_packed_examples(self, rows: Iterable[tuple[int, int, int, bytes]]) -> None:
+        """Insert or replace (feature, n_top, n_quantile, data) rows, as `packed_example_rows` makes them."""
+        self.conn.executemany("INSERT OR REPLACE INTO examples (feature, n_top, n_quantile, data) VALUES (?, ?, ?, ?)",
+                              rows)
+
+    @_guarded
+    def packed_examples(self, fid: int) -> np.ndarray | None:
+        """Every example of `fid` as records of `example_dtype` (one indexed read); None when it has none."""
+        row = self.conn.execute("SELECT data FROM examples WHERE feature = ?", (int(fid),)).fetchone()
+        if row is None:
+            return None
+        try:
+            return unpack_examples(row[0])
+        except ValueError as e:
+            raise sqlite_error(self.path, sqlite3.DatabaseError(f"examples of feature {fid}: {e}")) from None
+
     def examples(self, fid: int, kind: str) -> list[dict[str, Any]]:
-        cur = self.conn.execute(
-            "SELECT rank, bin, act, context, position, tokens, acts FROM examples WHERE feature = ? AND kind = ? "
-            "ORDER BY bin DESC, rank", (int(fid), kind))
-        return [{"rank": r, "bin": b, "act": a, "context": c, "position": p,
-                 "tokens": np.frombuffer(t, dtype=np.int32),
-                 "acts": np.frombuffer(v, dtype=np.float16).astype(np.float32)}
-                for r, b, a, c, p, t, v in cur.fetchall()]
+        """The `kind` ('top' or 'quantile') examples of `fid`, ordered bin descending then rank: dicts of
+        rank, bin, act, context, position, tokens (int32 [<= W]) and acts (float32, same length)."""
+        if kind not in EXAMPLE_KINDS:
+            raise ValueError(f"unknown example kind {kind!r}")
+        rec = self.packed_examples(fid)
+        return [] if rec is None else _example_dicts(rec, kind)
 
     @_guarded
     def features_with_examples(self) -> list[int]:
-        return [int(r[0]) for r in self.conn.execute("SELECT DISTINCT feature FROM examples ORDER BY feature")]
+        return [int(r[0]) for r in self.conn.execute("SELECT feature FROM examples ORDER BY feature")]
 
     @_guarded
     def n_examples(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
+        return int(self.conn.execute("SELECT COALESCE(SUM(n_top + n_quantile), 0) FROM examples").fetchone()[0])
 
     # ------------------------------------------------------------------ families
     @_guarded
@@ -558,11 +693,6 @@ class FeatureDB:
         marks = ", ".join("?" * len(FEATURE_COLUMNS))
         self.conn.executemany(f"INSERT OR REPLACE INTO features ({cols}) VALUES ({marks})", rows)
 
-    def put_example_rows(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Insert or replace examples given as (feature, kind, rank, bin, act, context, position, tokens
-        int32 bytes, acts float16 bytes) of Python scalars and bytes, as `examples()` reads them back."""
-        self.conn.executemany("INSERT OR REPLACE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-
     # ------------------------------------------------------------------ search accessors (monoscope.search)
     def latest_explanations(self) -> dict[int, str]:
         """Per feature, the explanation written last (any explaining model), for search results."""
@@ -594,5 +724,42 @@ def _enc(column: str, value: Any) -> Any:
 
 def _dec(column: str, value: Any) -> Any:
     if value is not None and column in JSON_COLUMNS:
+        if isinstance(value, bytes):
+            return _unpack_pairs(value)
         return json.loads(value)
     return value
+
+
+PAIRS_TOKENS, PAIRS_FEATURES, PAIRS_FEATURES_POSITIVE = 1, 2, 3
+"""Tags of a packed pair list (`pack_pair_lists`): [[token text, value]] (texts from the vocab table),
+[[feature id, value]], and the latter keeping only the pairs with id >= 0 and value > 0 (co-occurrence)."""
+
+
+class _TokenPairs:
+    """A packed [[token id, value]] list before its texts are looked up."""
+
+    def __init__(self, ids: list[int], values: list[float]) -> None:
+        self.ids, self.values = ids, values
+
+
+def pack_pair_lists(tag: int, ids: np.ndarray, values: np.ndarray) -> list[bytes]:
+    """Row i of `ids` [F, n] and `values` [F, n] as one BLOB: a tag byte, n int32 ids, n float64 values
+    (what the JSON list columns hold, packed without per-feature Python: `feature()` returns the same lists)."""
+    F, n = ids.shape
+    mat = np.empty((F, 1 + 12 * n), np.uint8)
+    mat[:, 0] = tag
+    mat[:, 1: 1 + 4 * n] = np.ascontiguousarray(ids, dtype="<i4").view(np.uint8).reshape(F, 4 * n)
+    mat[:, 1 + 4 * n:] = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(F, 8 * n)
+    return mat.view(np.dtype((np.void, mat.shape[1]))).reshape(-1).tolist()
+
+
+def _unpack_pairs(data: bytes) -> Any:
+    n = (len(data) - 1) // 12
+    tag = data[0]
+    ids = np.frombuffer(data, "<i4", n, 1).tolist()
+    values = np.frombuffer(data, "<f8", n, 1 + 4 * n).tolist()
+    if tag == PAIRS_TOKENS:
+        return _TokenPairs(ids, values)
+    if tag == PAIRS_FEATURES_POSITIVE:
+        return [[i, v] for i, v in zip(ids, values, strict=True) if i >= 0 and v > 0]
+    return [[i, v] for i, v in zip(ids, values, strict=True)]

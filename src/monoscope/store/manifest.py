@@ -65,6 +65,17 @@ class RowPolicy:
         return keep
 
 
+def lost_records_message(folder: Path) -> str | None:
+    """The one-line fix for a folder that holds shards but neither the manifest nor the recovery record
+    (both deleted): its shards cannot be checked or reused, only recaptured; None when it holds no shard."""
+    n = sum(1 for _ in folder.glob("shard-*.safetensors")) if folder.is_dir() else 0
+    if n == 0:
+        return None
+    return (f"{folder} holds {n} activation shard(s) but neither {MANIFEST} nor {PROGRESS} (the store's records are "
+            f"lost, so its shards cannot be checked or reused): recapture it with the monoscope capture command that "
+            f"made it and --overwrite (--out {folder}), or delete the folder")
+
+
 @dataclass
 class Manifest:
     model: dict[str, Any]
@@ -140,9 +151,11 @@ class Manifest:
     def read(cls, folder: Path) -> Manifest:
         path = folder / MANIFEST
         if not path.is_file():
-            hint = (" (capture did not finish: run the same monoscope capture command again to resume)"
-                    if (folder / PROGRESS).is_file() else "")
-            raise StoreError(f"{folder} is not a complete activation store: {MANIFEST} is missing{hint}")
+            if (folder / PROGRESS).is_file():
+                raise StoreError(f"{folder} is not a complete activation store: {MANIFEST} is missing (capture did "
+                                 "not finish: run the same monoscope capture command again to resume)")
+            raise StoreError(lost_records_message(folder) or f"{folder} is not an activation store ({MANIFEST} is "
+                             f"missing): capture one with monoscope capture --out {folder}, or pass a store's folder")
         try:
             data = read_json(path, "store manifest")
         except Exception as e:

@@ -21,7 +21,7 @@ import torch
 from monoscope.errors import MonoscopeError, StoreError
 from monoscope.fileio import read_json, remove_temp_files, write_json_atomic
 from monoscope.locking import LOCK_NAME
-from monoscope.store.manifest import MANIFEST, PROGRESS, Manifest, RowPolicy, ShardInfo
+from monoscope.store.manifest import MANIFEST, PROGRESS, Manifest, RowPolicy, ShardInfo, lost_records_message
 from monoscope.store.shard import check_shard_file, shard_name, write_shard
 
 
@@ -76,6 +76,9 @@ class StoreWriter:
             raise StoreError(f"{folder / MANIFEST} {damage}, and no {PROGRESS} is left to rebuild it from: "
                              "recapture with --overwrite")
         elif any(p.name != LOCK_NAME for p in folder.iterdir()):
+            lost = lost_records_message(folder)
+            if lost is not None:
+                raise StoreError(lost)
             raise StoreError(f"output folder {folder} is not empty and holds no monoscope store: "
                              "choose another --out, empty it, or pass --overwrite")
         self._check(trust_sizes)
