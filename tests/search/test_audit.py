@@ -99,15 +99,27 @@ def test_rerun_reuses_every_pack_and_steering(planted: Planted, searcher: Search
 
     monkeypatch.setattr(A, "_audit_pack", boom)
     monkeypatch.setattr(E, "steer_eval", boom)
+    report_before = (report / "report.json").stat().st_mtime_ns
     lines: list[str] = []
-    res = audit(planted.sae, packs=f"{report.parent / 'dogs.jsonl'},{report.parent / 'fox.jsonl'}", out=report,
-                searcher=searcher, steer_top=1, steer_prompts=4, steer_factors=[0.0, 2.0], steer_tokens=2,
-                label_mode="keyword", log=lines.append)
-    assert [ln.split(":")[0] for ln in lines] == ["audit [1/2] dogs", "audit [2/2] fox"]
-    assert all("reused" in ln for ln in lines)
-    assert {p.name: p.stat().st_mtime_ns for p in (report / "packs").iterdir()} == before
-    assert res.packs[0].candidates[0].steering is not None
+    kw = dict(packs=f"{report.parent / 'dogs.jsonl'},{report.parent / 'fox.jsonl'}", out=report, steer_top=1,
+              steer_prompts=4, steer_factors=[0.0, 2.0], steer_tokens=2, label_mode="keyword", log=lines.append)
+    res = audit(planted.sae, **kw)  # type: ignore[arg-type]
+    assert lines == [f"audit: {report / 'report.json'} is up to date (2 packs): nothing to do"]  # no model loaded
+    assert (report / "report.json").stat().st_mtime_ns == report_before
+    assert res.packs[0].candidates[0].steering is not None and res.n_reused == 2
     assert findings_lines(res)[0] == "audit: 2 of 2 concepts have a candidate feature with AUROC >= 0.8 on their pack"
+    # killed before the report was written: every finished pack is reused
+    doc = (report / "report.json").read_text()
+    (report / "report.json").unlink()
+    try:
+        lines.clear()
+        res = audit(planted.sae, searcher=searcher, **kw)  # type: ignore[arg-type]
+        assert [ln.split(":")[0] for ln in lines] == ["audit [1/2] dogs", "audit [2/2] fox"]
+        assert all("reused" in ln for ln in lines)
+        assert json.loads((report / "report.json").read_text())["packs"] == json.loads(doc)["packs"]
+    finally:
+        (report / "report.json").write_text(doc)
+    assert {p.name: p.stat().st_mtime_ns for p in (report / "packs").iterdir()} == before
 
 
 def test_a_changed_pack_is_recomputed(planted: Planted, searcher: Searcher, tmp_path: Path) -> None:

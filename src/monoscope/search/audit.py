@@ -172,6 +172,10 @@ class AuditResult:
     caveat: str
     out: str
     seconds: float
+    key: str = ""
+    """sha256 of everything the report depends on (SAE, database, packs, settings)."""
+    n_reused: int = 0
+    """Packs whose saved result was reused; all of them and an unchanged key: nothing was written."""
 
     def to_dict(self) -> dict[str, Any]:
         return _clean(asdict(self))
@@ -489,7 +493,29 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
         raise AuditError(f"--steer-factors {steer_factors!r}: pass finite numbers, e.g. 0,4,10")
     selected = _select_packs(packs)  # pack errors (empty, one-sided, bad line) before any model loads
     out = check_output_dir(out)
+    if not Path(sae_dir).exists():
+        raise AuditError(f"SAE folder {sae_dir} does not exist: pass the folder monoscope train wrote")
+    settings = {"top": top, "pool": max(20, 2 * top), "label_mode": label_mode, "steer_top": steer_top,
+                "steer_prompts": steer_prompts, "steer_factors": factors, "steer_tokens": steer_tokens,
+                "embedder": getattr(embedder, "name", None)}
+    digest = sae_digest(sae_dir) or ""
+    if searcher is not None:
+        fingerprint = _db_fingerprint(searcher.db)
+    else:  # the database alone (refused when built for another SAE) says whether anything needs the model
+        from monoscope.features.db import FeatureDB, existing_db_path
+
+        with FeatureDB.open(existing_db_path(sae_dir, db), expect_sae_sha256=digest or None, sae_dir=sae_dir) as fdb:
+            fingerprint = _db_fingerprint(fdb)
+    base_key = {"format": FORMAT, "sae": digest, "db": fingerprint, "settings": settings}
+    keys = [{**base_key, "pack": hashlib.sha256(Path(p.path).read_bytes()).hexdigest(), "name": p.name}
+            for p in selected]
+    full_key = hashlib.sha256(json.dumps([base_key, keys], sort_keys=True).encode()).hexdigest()
     (out / "packs").mkdir(parents=True, exist_ok=True)
+    if all(_load_cached(out / "packs" / f"{p.name}.json", k) is not None for p, k in zip(selected, keys, strict=True)):
+        old = _load_report_if(out, full_key)
+        if old is not None:
+            say(f"audit: {out / 'report.json'} is up to date ({len(selected)} packs): nothing to do")
+            return old
     own = searcher is None
     if own:
         say(f"audit: loading {sae_dir}, its feature database and model")
@@ -497,21 +523,18 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
     s = searcher
     assert s is not None
     try:
-        digest = sae_digest(sae_dir) or ""
-        settings = {"top": top, "pool": max(20, 2 * top), "label_mode": label_mode, "steer_top": steer_top,
-                    "steer_prompts": steer_prompts, "steer_factors": factors, "steer_tokens": steer_tokens,
-                    "embedder": getattr(embedder, "name", None)}
-        base_key = {"format": FORMAT, "sae": digest, "db": _db_fingerprint(s.db), "settings": settings}
         vocab = Vocab(s.db.vocab(), s.db.vocab_bytes())
         ml_table: dict[int, Multilingual] | None = None
         ml_note = ""
         results: list[PackAudit] = []
+        n_reused = 0
         target = None
         for i, pack in enumerate(selected, 1):
-            key = {**base_key, "pack": hashlib.sha256(Path(pack.path).read_bytes()).hexdigest(), "name": pack.name}
+            key = keys[i - 1]
             cache = out / "packs" / f"{pack.name}.json"
             saved = _load_cached(cache, key)
             if saved is not None:
+                n_reused += 1
                 say(f"audit [{i}/{len(selected)}] {pack.name}: reused {cache}")
                 results.append(saved)
                 continue
@@ -542,11 +565,11 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
             results.append(pa)
         res = AuditResult(FORMAT, str(sae_dir), str(s.db.path), str(s.lm.model_id), str(s.meta.get("hook") or ""),
                           s.n_features, settings, results, [w for p in results for w in p.warnings],
-                          summarise(results), CAVEAT, str(out), 0.0)
+                          summarise(results), CAVEAT, str(out), 0.0, full_key, n_reused)
         res.seconds = round(time.perf_counter() - t_start, 2)
         doc = res.to_dict()
-        write_bytes_atomic(out / "report.json", (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode())
         write_bytes_atomic(out / "report.html", render_html(doc).encode())
+        write_bytes_atomic(out / "report.json", (json.dumps(doc, indent=1, ensure_ascii=False) + "\n").encode())
         return res
     finally:
         if own:
@@ -562,6 +585,19 @@ def _load_cached(path: Path, key: dict[str, Any]) -> PackAudit | None:
             return None
         return _pack_from_dict(saved["pack"])
     except (ValueError, KeyError, TypeError):  # a damaged cache is recomputed
+        return None
+
+
+def _load_report_if(out: Path, key: str) -> AuditResult | None:
+    """The finished report in `out` when it was made from exactly this input (a rerun then writes nothing)."""
+    try:
+        doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        if doc.get("format") != FORMAT or doc.get("key") != key or not (out / "report.html").is_file():
+            return None
+        fields = {k: doc[k] for k in ("format", "sae", "db", "model", "hook", "n_features", "settings", "warnings",
+                                      "summary", "caveat", "out", "seconds", "key")}
+        return AuditResult(**fields, packs=[_pack_from_dict(p) for p in doc["packs"]], n_reused=len(doc["packs"]))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

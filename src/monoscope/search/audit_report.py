@@ -86,9 +86,11 @@ def _candidates(p: dict[str, Any], bar: float) -> str:
         rows.append(
             f"<tr class='{cls}'><td class=n>{c['rank']}</td><td class=n>#{c['feature']}</td>"
             f"<td class=n>{_f(c['auroc'])}</td><td class=n>{_f(c['effect_size'], '.2f')}</td>"
-            f"<td class=n>{_f(c['q'], '.2g')}</td><td class=n>{100 * c['frac_pos']:.0f}% / {100 * c['frac_neg']:.0f}%</td>"
+            f"<td class=n>{_f(c['q'], '.2g')}</td>"
+            f"<td class=n>{100 * c['frac_pos']:.0f}% / {100 * c['frac_neg']:.0f}%</td>"
             f"<td class=n>{_f(c['density'], '.1e')}</td><td>{_routes(c['routes'])}</td>"
-            f"<td>{_ws(c['label'])}</td><td>{expl or '—'}</td><td>{scores or '—'}</td><td>{mls}</td><td>{sts}</td></tr>")
+            f"<td>{_ws(c['label'])}</td><td>{expl or '—'}</td><td>{scores or '—'}</td><td>{mls}</td>"
+            f"<td>{sts}</td></tr>")
     return ("<table class=candidates><tr><th>#</th><th>feature</th><th>AUROC</th><th>d</th><th>q</th>"
             "<th>fires pos / neg</th><th>density</th><th>found by</th><th>label</th><th>explanation</th>"
             "<th>scores</th><th>multilingual</th><th>steering effect</th></tr>" + "".join(rows) + "</table>")
@@ -128,7 +130,7 @@ def _svg(st: dict[str, Any]) -> str:
     series = [("target", st["target"], "#d35400"), ("random feature", st["random_feature"], "#2980b9"),
               ("random direction", st["random_direction"], "#7f8c8d")]
     vals = [v for _, s, _ in series for v in s if v is not None] + [st.get("unsteered") or 0.0]
-    lo, hi = min(vals + [0.0]), max(vals + [1e-9])
+    lo, hi = min([*vals, 0.0]), max([*vals, 1e-9])
     x0, x1 = min(xs), max(xs)
     W, H, M = 260, 120, 22
 
@@ -186,8 +188,9 @@ def render_html(doc: dict[str, Any]) -> str:
     nav = "".join(f"<a href='#pack-{_e(p['name'])}'>{_e(p['name'])}</a>" for p in doc["packs"])
     warns = "".join(f"<li class=warn>{_e(w)}</li>" for w in doc["warnings"]) or "<li class=muted>none</li>"
     st = doc["settings"]
+    factors = ", ".join(_f(x, "g") for x in st["steer_factors"])
     steer = ("skipped (--steer-top 0): no steering effect was measured" if not st["steer_top"] else
-             f"the top {st['steer_top']} candidate(s) per pack, factors {', '.join(_f(x, 'g') for x in st['steer_factors'])}"
+             f"the top {st['steer_top']} candidate(s) per pack, factors {factors}"
              f" x max activation, {st['steer_prompts']} prompts, {st['steer_tokens']} new tokens")
     method = (
         "<section id='method'><h2>Method</h2><ul>"
