@@ -175,10 +175,14 @@ class AuditResult:
     key: str = ""
     """sha256 of everything the report depends on (SAE, database, packs, settings)."""
     n_reused: int = 0
-    """Packs whose saved result was reused; all of them and an unchanged key: nothing was written."""
+    """Packs whose saved result was reused."""
+    reused: bool = False
+    """The finished report was up to date: nothing was computed or written (not in report.json)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        d = asdict(self)
+        d.pop("reused")
+        return _clean(d)
 
 
 def _clean(obj: Any) -> Any:
@@ -596,7 +600,8 @@ def _load_report_if(out: Path, key: str) -> AuditResult | None:
             return None
         fields = {k: doc[k] for k in ("format", "sae", "db", "model", "hook", "n_features", "settings", "warnings",
                                       "summary", "caveat", "out", "seconds", "key")}
-        return AuditResult(**fields, packs=[_pack_from_dict(p) for p in doc["packs"]], n_reused=len(doc["packs"]))
+        return AuditResult(**fields, packs=[_pack_from_dict(p) for p in doc["packs"]], n_reused=len(doc["packs"]),
+                           reused=True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
