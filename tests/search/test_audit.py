@@ -194,6 +194,17 @@ def test_bad_settings(planted: Planted, tmp_path: Path) -> None:
         audit(planted.sae, packs="nosuch", out=tmp_path / "o")
 
 
+def test_cli_bad_factors_before_any_model_loads(planted: Planted, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from monoscope.cli import main
+
+    assert main(["audit", str(planted.sae), "--out", str(tmp_path / "o"), "--steer-factors", "0,x"]) == 2
+    assert capsys.readouterr().err == "error: --steer-factors '0,x': 'x' is not a number; pass e.g. 0,4,10\n"
+    assert main(["audit", str(tmp_path / "nosae"), "--packs", "countries", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"error: SAE folder {tmp_path / 'nosae'} does not exist: pass the folder "
+                                       "monoscope train wrote\n")
+
+
 def test_database_of_another_sae_is_refused(planted: Planted, tmp_path: Path) -> None:
     import torch
 

@@ -635,10 +635,13 @@ def _steer(t: Any, feature: int, pack: Any, factors: list[float], n_prompts: int
         except ValueError:
             doc = None
     if doc is None:
+        import contextlib
+
         import torch
 
-        # the Searcher encodes under inference_mode, so the SAE's cached tensors are inference tensors: steer in it too
-        with torch.inference_mode():
+        # the Searcher encodes under inference_mode, so the SAE's cached tensors are inference tensors: steer in it
+        # too; steer_eval's progress goes to stderr with the audit's own (stdout carries the findings)
+        with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
             doc = steer_eval(t, feature, [pack.concept], factors, max_new_tokens=n_tokens, out_dir=folder, n_boot=200,
                              prompts=prompts, progress=progress)
     return _steer_summary(doc, str(path.relative_to(out)))

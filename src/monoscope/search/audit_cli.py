@@ -43,7 +43,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     try:
         factors = parse_factors(args.steer_factors)
     except MonoscopeError as e:
-        raise MonoscopeError(str(e).replace("-10,-5,0,2,5,10", "0,4,10")) from None
+        raise MonoscopeError(str(e).replace("--factors", "--steer-factors", 1).replace("-10,-5,0,2,5,10", "0,4,10")
+                             ) from None
     res = audit(args.sae, packs=args.packs, out=args.out, db=args.db, model=args.model, device=args.device,
                 compute_dtype=args.compute_dtype, top=args.top, steer_top=args.steer_top,
                 steer_prompts=args.steer_prompts, steer_factors=factors, steer_tokens=args.steer_tokens,
