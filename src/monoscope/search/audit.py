@@ -431,7 +431,8 @@ def _db_fingerprint(db: Any) -> str:
     """Changes when the database's content does (a new explanation or score included), not when it is opened."""
     n_expl, n_scores = db.n_explanations()
     last = [db.conn.execute(f"SELECT MAX(rowid) FROM {t}").fetchone()[0] for t in ("explanations", "scores")]
-    meta = {k: v for k, v in db.meta().items() if k not in ("seconds", "created", "stream_seconds")}
+    meta = {k: v for k, v in db.meta().items()
+            if k not in ("seconds", "created", "stream_seconds") and not k.startswith("sae_dir:")}
     if isinstance(meta.get("sae"), dict):  # where the run folder lives is not content: a moved run is not redone
         meta["sae"] = {k: v for k, v in meta["sae"].items() if k != "path"}
     blob = json.dumps([meta, db.n_features(), db.n_examples(), n_expl, n_scores, last], sort_keys=True, default=str)
