@@ -151,21 +151,25 @@ def test_long_and_mangled_texts_are_warned_about_naming_file_and_line(planted: P
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import monoscope.search.multilingual as ml
 
-    long = " ".join(["the dog runs"] * 40)
-    p = dog_pack(tmp_path / "dogs.jsonl", [_row(long, 1), _row("\u72d7 dog", 1)])
+    long, longer = " ".join(["the dog runs"] * 40), " ".join(["the dog runs"] * 100)
+    p = dog_pack(tmp_path / "dogs.jsonl", [_row(long, 1), _row("\u72d7 dog", 1), _row(longer, 0)])
     monkeypatch.setattr(ml, "_mangled", lambda s, text: "\u72d7" in text)
     res = audit(planted.sae, packs=str(p), out=tmp_path / "o", searcher=searcher, steer_top=0, label_mode="keyword",
                 progress=False)
     n = len(searcher.tokenize([long])[0])
-    assert n > 64
-    assert res.warnings == [
+    assert 64 < n <= 256 == searcher.max_len
+    assert res.warnings[1:] == [
         f"{p} line 9: the text is {n} tokens (BOS included), longer than the 64-token contexts the feature database "
-        "was built on: only its first 64 tokens are read",
-        f"{p} line 10: the tokenizer does not reproduce this text (1 of 10 items): activations on text it cannot read "
+        "was built on: read in full, but activations after position 64 come from positions the SAE's statistics "
+        "never saw (1 more texts of this pack too)",
+        f"{p} line 10: the tokenizer does not reproduce this text (1 of 11 items): activations on text it cannot read "
         "may mean little; use a model whose tokenizer knows this script"]
+    assert res.warnings[0].startswith(f"{p} line 11: the text is ")
+    assert res.warnings[0].endswith(f" tokens (BOS included) but {searcher.lm.model_id} reads at most 256: only its "
+                                    "first 256 tokens are read")
     assert res.packs[0].candidates[0].feature == DOG
     html = (tmp_path / "o" / "report.html").read_text()
-    assert f"{p} line 9: the text is {n} tokens" in html
+    assert f"{p} line 9: the text is {n} tokens" in html and f"{p} line 11: the text is " in html
 
 
 @pytest.mark.parametrize(("rows", "message"), [

@@ -22,8 +22,9 @@ matched density and a random direction as controls) on a few neutral prompts: CP
 `steer_top=0` skips it (the report says so). Multilingual consistency is measured where parallel text exists for
 the concept (CLDR country names for the countries pack).
 
-Texts longer than the database's contexts are cut to that length with a warning naming the file and line (the
-SAE's statistics describe positions up to it); texts the tokenizer does not reproduce are warned about.
+Texts longer than the database's contexts are read in full with a warning naming the file and line (a pack's matched
+texts often differ only at their end); texts longer than the model's context are cut to it, with a warning; texts
+the tokenizer does not reproduce are warned about.
 Each pack's result is saved in `OUT/packs/NAME.json` as soon as it is done (keyed by the SAE, the database, the
 pack and the settings), so a killed audit resumes and a rerun with nothing changed recomputes nothing.
 """
@@ -208,24 +209,34 @@ def _num(v: Any) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- reading texts
 def _read_pack_texts(s: Searcher, pack: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(max acts of positives [P, F], of negatives [N, F], warnings): every text cut to the database's context
-    length (warned, naming file and line), texts the tokenizer does not reproduce warned about."""
+    """(max acts of positives [P, F], of negatives [N, F], warnings naming file and line): texts longer than the
+    database's contexts are read in full with a warning, texts longer than the model's context are cut to it, texts
+    the tokenizer does not reproduce are warned about."""
     from monoscope.search.multilingual import _mangled
 
     warnings: list[str] = []
     ctx = s.meta.get("ctx_len")
-    limit = min(int(ctx) if isinstance(ctx, int) and ctx > 1 else s.max_len, s.max_len)
+    ctx = int(ctx) if isinstance(ctx, int) and ctx > 1 else None
     items = list(pack.items)
     texts = [i.text for i in items]
     names = [f"{pack.path} line {i.line}" for i in items]
     ids = _tokenize_unbounded(s, texts, names)
-    long = [(k, len(x)) for k, x in enumerate(ids) if len(x) > limit]
-    if long:
-        k, n = long[0]
-        more = f" ({len(long) - 1} more texts of this pack too)" if len(long) > 1 else ""
-        warnings.append(f"{names[k]}: the text is {n:,} tokens (BOS included), longer than the {limit}-token "
-                        f"contexts the feature database was built on: only its first {limit} tokens are read{more}")
-        ids = [x[:limit] for x in ids]
+
+    def more(n: int) -> str:
+        return f" ({n - 1} more texts of this pack too)" if n > 1 else ""
+
+    cut = [(k, len(x)) for k, x in enumerate(ids) if len(x) > s.max_len]
+    if cut:
+        k, n = cut[0]
+        warnings.append(f"{names[k]}: the text is {n:,} tokens (BOS included) but {s.lm.model_id} reads at most "
+                        f"{s.max_len:,}: only its first {s.max_len:,} tokens are read{more(len(cut))}")
+        ids = [x[: s.max_len] for x in ids]
+    past = [(k, len(x)) for k, x in enumerate(ids) if ctx is not None and len(x) > ctx]
+    if past:  # read in full: a pack's matched texts often differ only at the end (the answer)
+        k, n = past[0]
+        warnings.append(f"{names[k]}: the text is {n:,} tokens (BOS included), longer than the {ctx}-token contexts "
+                        f"the feature database was built on: read in full, but activations after position {ctx} "
+                        f"come from positions the SAE's statistics never saw{more(len(past))}")
     bad = [k for k, t in enumerate(texts) if _mangled(s, t)]
     if bad:
         warnings.append(f"{names[bad[0]]}: the tokenizer does not reproduce this text ({len(bad)} of {len(texts)} "
@@ -504,7 +515,7 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
         raise AuditError(f"SAE folder {sae_dir} does not exist: pass the folder monoscope train wrote")
     settings = {"top": top, "pool": max(20, 2 * top), "label_mode": label_mode, "steer_top": steer_top,
                 "steer_prompts": steer_prompts, "steer_factors": factors, "steer_tokens": steer_tokens,
-                "embedder": getattr(embedder, "name", None)}
+                "embedder": getattr(embedder, "name", None), "long_texts": "read in full up to the model's context"}
     digest = sae_digest(sae_dir) or ""
     if searcher is not None:
         fingerprint = _db_fingerprint(searcher.db)
