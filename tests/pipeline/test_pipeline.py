@@ -71,7 +71,7 @@ GOLDEN_LM = {"ce_recovered": 0.7790020738075486, "ce_clean": 5.691878318786621, 
              "ce_zero": 5.6755202157156805}
 GOLDEN_TOP_FEATURES = [150, 139, 108, 194, 224]
 """The 5 densest features of the main SAE (ties broken by id)."""
-GOLDEN_AUDIT_BEST = {"people": 6, "code_types": 95}
+GOLDEN_AUDIT_BEST = {"people": 30, "code_types": 35}
 """The audit stage's best candidate per pack (highest AUROC on the pack) on the tiny run."""
 
 
@@ -85,7 +85,7 @@ def test_golden_values(reference: tuple[Path, Path, Path, RunResult]) -> None:
     conn.close()
     best = {k: (v or {}).get("feature") for k, v in res.audit.summary["best"].items()}
     print(json.dumps({"audit": best, "n_with_auroc": res.audit.summary["n_with_auroc"]}))
-    assert best == GOLDEN_AUDIT_BEST and res.audit.summary["n_with_auroc"] == 0  # a random tiny model: no concept
+    assert best == GOLDEN_AUDIT_BEST and res.audit.summary["n_with_auroc"] == 1
     assert json.loads((out / "audit" / "report.json").read_text())["summary"] == res.audit.summary
     print(json.dumps({"store": {k: m["store_rows"][k] for k in GOLDEN_STORE},
                       "heldout": {k: m["heldout"][k] for k in GOLDEN_HELDOUT},
