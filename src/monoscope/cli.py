@@ -92,12 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monoscope.pipeline import RunConfig, config_fields, run
 
     settings = {name: getattr(args, name) for name in config_fields() if hasattr(args, name)}
-    cfg = RunConfig(**settings, feature_map=not args.no_map, progress=not args.quiet)
+    cfg = RunConfig(**settings, feature_map=not args.no_map, audit=not args.no_audit, progress=not args.quiet)
     res = run(cfg, command=" ".join(sys.argv))
     f = res.folder
     print(f"\nresults: activations {f.acts}  SAEs {f.sae}, {f.small_sae}  evaluation {f.eval} "
           f"(metrics.json, plots)  features {f.features_db}"
-          + (" (with LLM explanations and scores)" if res.explained else ""))
+          + (" (with LLM explanations and scores)" if res.explained else "")
+          + (f"  audit {f.audit / 'report.html'}" if res.audit is not None else ""))
     print(f"next: monoscope show {f.sae} FEATURE   |   monoscope convert {f.sae} --to saelens "
           f"--out {f.root / 'sae-saelens'}")
     return 0
@@ -129,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-endpoint", default=None, help="OpenAI-compatible server for --explain-llm openai:MODEL")
     p.add_argument("--explain-scorers", default="embedding,detection",
                    help="scorers for the explain stage (default embedding,detection: bounded time on CPU)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="skip the last stage: the concept audit of the main SAE (OUT/audit/report.html)")
+    p.add_argument("--audit-packs", default="all", help="concept packs the audit reads: all (default) or names, "
+                   "comma-separated")
+    p.add_argument("--audit-steer-top", type=int, default=0,
+                   help="candidates per pack whose steering effect the audit measures (default 0: skipped, "
+                        "CPU-expensive)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
 
@@ -148,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
+    from monoscope.search.audit_cli import add_audit_parser
     from monoscope.search.cli import add_search_parser
     from monoscope.steer.cli import add_attribute_parser, add_steer_eval_parser, add_steer_parser
     from monoscope.train.cli import add_train_parser
@@ -162,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_attribute_parser(sub)
     add_steer_eval_parser(sub)
     add_search_parser(sub)
+    add_audit_parser(sub)
     return parser
 
 

@@ -132,6 +132,17 @@ class RunConfig:
     explain_scorers: str = "embedding,detection"
     """Scorers for the explain stage (default embedding,detection: bounded time on CPU)."""
 
+    audit: bool = True
+    """Audit the main SAE with concept packs as the last stage (OUT/audit/report.html and report.json, see
+    `monoscope audit`) and end the run with its findings summary (CLI: --no-audit skips it)."""
+
+    audit_packs: str = "all"
+    """Concept packs the audit stage reads: all, or names / .jsonl files separated by commas."""
+
+    audit_steer_top: int = 0
+    """Candidates per pack whose steering effect the audit measures (0: skipped, said in the report; steering is
+    CPU-expensive, `monoscope audit --steer-top N` measures it later)."""
+
     progress: bool = True
     """Progress display (CLI: --quiet turns it off)."""
 
@@ -174,6 +185,10 @@ class RunConfig:
                                  f"{self.train_batch_size}: raise --train-tokens or lower --train-batch-size")
         _int("seed", self.seed, 0, "an integer >= 0")
         _int("explain_features", self.explain_features, 0, "a count >= 0 (0 skips the explain stage)")
+        _int("audit_steer_top", self.audit_steer_top, 0, "a count >= 0 (0 skips steering in the audit)")
+        if not isinstance(self.audit_packs, str) or not self.audit_packs.strip(" ,"):
+            _fail("audit_packs", self.audit_packs, "all, or pack names separated by commas (monoscope search "
+                  "--list-packs)")
         if self.explain_llm.startswith("openai:") and self.explain_features and not self.explain_endpoint:
             raise RunConfigError(f"--explain-llm {self.explain_llm} needs --explain-endpoint URL (an OpenAI-compatible "
                                  "server), or use local:default")
@@ -189,7 +204,7 @@ class Stage:
     """What one stage did: `reused` is True when it found its output complete and did nothing."""
 
     name: str
-    """capture, train, train-small, eval, features or explain."""
+    """capture, train, train-small, eval, features, explain or audit."""
     outputs: list[Path]
     reused: bool
     seconds: float
@@ -226,6 +241,11 @@ class RunResult:
         return self.stage("features").result
 
     @property
+    def audit(self) -> Any:
+        """The AuditResult of the audit stage (None when it was skipped)."""
+        return next((s.result for s in self.stages if s.name == "audit"), None)
+
+    @property
     def explained(self) -> bool:
         return any(s.name == "explain" for s in self.stages)
 
@@ -247,7 +267,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
     say: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr, flush=True)) if echo else (lambda _m: None)
     show = _summaries() if echo else None
 
-    say(f"monoscope run [1/6] capture: {cfg.model} -> {f.acts}")
+    say(f"monoscope run [1/7] capture: {cfg.model} -> {f.acts}")
     t0 = time.perf_counter()
     cap = _capture(cfg, f.acts)
     res.stages.append(Stage("capture", [f.acts], cap.new_tokens == 0 and cap.seconds == 0.0,
@@ -258,7 +278,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
     k = cfg.k if cfg.arch in ("topk", "batchtopk") else None
     for i, (name, folder, width) in enumerate((("train", f.sae, cfg.width), ("train-small", f.small_sae,
                                                                               cfg.small_width))):
-        say(f"monoscope run [{2 + i}/6] train: {cfg.arch} k={cfg.k} width {width} on {cfg.train_tokens} tokens "
+        say(f"monoscope run [{2 + i}/7] train: {cfg.arch} k={cfg.k} width {width} on {cfg.train_tokens} tokens "
             f"-> {folder}")
         t0 = time.perf_counter()
         tr = train(folder, store=f.acts, arch=cfg.arch, k=k, width=width, tokens=parse_count(cfg.train_tokens),
@@ -269,7 +289,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
         if show:
             show["train"](tr)
 
-    say(f"monoscope run [4/6] eval: {cfg.eval_tokens} store rows and held-out tokens, LM loss spliced -> {f.eval}")
+    say(f"monoscope run [4/7] eval: {cfg.eval_tokens} store rows and held-out tokens, LM loss spliced -> {f.eval}")
     t0 = time.perf_counter()
     ev = evaluate(f.sae, acts=f.acts, lm=True, tokens=cfg.eval_tokens, out=f.eval, device=cfg.device,
                   compute_dtype=cfg.compute_dtype, progress=cfg.progress, reuse=True)
@@ -277,7 +297,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
     if show:
         show["eval"](ev)
 
-    say(f"monoscope run [5/6] features: {cfg.features_tokens} tokens through both SAEs -> {f.features}")
+    say(f"monoscope run [5/7] features: {cfg.features_tokens} tokens through both SAEs -> {f.features}")
     t0 = time.perf_counter()
     fr = build_features(f.sae, also=[f.small_sae], tokens=cfg.features_tokens, batch_contexts=cfg.batch_contexts,
                         device=cfg.device, compute_dtype=cfg.compute_dtype, feature_map=cfg.feature_map,
@@ -291,7 +311,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
         from monoscope.interp.explain import check_explained, explain_features
 
         # the 135M default is a smoke test of the machinery, not a useful explainer: point explain_llm elsewhere
-        say(f"monoscope run [6/6] explain: {cfg.explain_features} features with {cfg.explain_llm} "
+        say(f"monoscope run [6/7] explain: {cfg.explain_features} features with {cfg.explain_llm} "
             f"(scorers {cfg.explain_scorers}) -> {f.features_db}")
         t0 = time.perf_counter()
         ex = explain_features(f.sae, cfg.explain_llm, endpoint=cfg.explain_endpoint, features=cfg.explain_features,
@@ -303,6 +323,18 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
 
             print_explain_summary(ex, sae_dir=str(f.sae))
         check_explained(ex)  # every LLM request failed: an error (exit 2) naming the last failure, not a quiet 0
+
+    if cfg.audit:
+        from monoscope.search.audit import audit, findings_lines
+
+        say(f"monoscope run [7/7] audit: concept packs {cfg.audit_packs} on {f.sae} -> {f.audit}"
+            + ("" if cfg.audit_steer_top else " (steering skipped: --audit-steer-top 0)"))
+        t0 = time.perf_counter()
+        au = audit(f.sae, packs=cfg.audit_packs, out=f.audit, device=cfg.device, compute_dtype=cfg.compute_dtype,
+                   steer_top=cfg.audit_steer_top, progress=cfg.progress)
+        res.stages.append(Stage("audit", [f.audit], au.reused, time.perf_counter() - t0, au))
+        if echo:
+            print("\n".join(findings_lines(au)) + f"\n  report: {f.audit / 'report.html'}")
     return res
 
 

@@ -8,6 +8,7 @@ stage looks for a sibling's output by default.
       eval/                      metrics.json + plots of sae/ (eval)
       features/features.db       feature database of sae/ (features, explain)
       sae-<width>-features/      feature database of sae-<width>/ (features)
+      audit/                     report.html, report.json, packs/, steer/ of the concept audit of sae/ (audit)
 
 An SAE folder outside this layout keeps its outputs beside it: `<folder>-eval`, `<folder>-features`.
 """
@@ -22,6 +23,7 @@ ACTS = "acts"
 EVAL = "eval"
 FEATURES = "features"
 FEATURES_DB = "features.db"
+AUDIT = "audit"
 
 
 def _named(sae_dir: Path | str) -> Path:
@@ -73,6 +75,11 @@ class RunFolder:
     @property
     def features_db(self) -> Path:
         return self.features / FEATURES_DB
+
+    @property
+    def audit(self) -> Path:
+        """`monoscope audit` of the main SAE: report.html, report.json (format in ARCHITECTURE.md)."""
+        return self.root / AUDIT
 
     @property
     def small_features_db(self) -> Path:

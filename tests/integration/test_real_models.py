@@ -111,10 +111,11 @@ def test_gguf_cache_reloads_the_identical_model(smol: LoadedModel, real_ids: tor
 
 
 def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`monoscope run` (capture -> train x2 -> eval -> features) on the real default model, small sizes."""
+    """`monoscope run` (capture -> train x2 -> eval -> features -> audit) on the real default model, small sizes."""
     out = tmp_path / "run"
     argv = ["run", "--out", str(out), "--tokens", "16k", "--train-tokens", "32k", "--width", "4x",
             "--small-width", "2x", "--eval-tokens", "2k", "--features-tokens", "8k", "--explain-features", "0",
+            "--audit-packs", "countries,code_types",
             "--compute-dtype", "fp32", "--quiet"]  # fp32 everywhere: the golden values hold on any CPU
     assert main(argv) == 0
     text = capsys.readouterr().out
@@ -133,3 +134,8 @@ def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     assert all((out / "eval" / p).stat().st_size > 1000 for p in m["plots"])
     assert "monoscope show" in text and (out / "features" / "features.db").is_file()
     assert (out / "sae-2x-features" / "features.db").is_file() and (out / "features" / "feature_map.png").is_file()
+    report = json.loads((out / "audit" / "report.json").read_text())  # the audit stage ends the run
+    assert [p["name"] for p in report["packs"]] == ["countries", "code_types"]
+    assert (out / "audit" / "report.html").is_file()
+    n = report["summary"]["n_with_auroc"]
+    assert f"audit: {n} of 2 concepts have a candidate feature with AUROC >= 0.8" in text

@@ -13,7 +13,7 @@ from tests.conftest import TRAIN_TEXT, make_llama, make_tokenizer
 TINY = {"hook": "resid_post.1", "tokens": 2048, "ctx_len": 16, "batch_contexts": 8, "contexts_per_shard": 16,
         "arch": "topk", "k": 4, "width": "4x", "small_width": "2x", "train_tokens": "8k", "train_batch_size": 512,
         "eval_tokens": 512, "features_tokens": 1024, "compute_dtype": "fp32", "device": "cpu", "feature_map": False,
-        "explain_features": 0, "progress": False}
+        "explain_features": 0, "audit_packs": "people,code_types", "progress": False}
 """RunConfig settings of the tiny run (fp32 compute so the numbers are exact on any CPU)."""
 
 
@@ -42,6 +42,7 @@ def cli_args(out: Path, model: Path, corpus: Path) -> list[str]:
             "--train-batch-size", str(t["train_batch_size"]),
             "--eval-tokens", str(t["eval_tokens"]), "--features-tokens", str(t["features_tokens"]),
             "--compute-dtype", t["compute_dtype"], "--device", t["device"], "--no-map", "--explain-features", "0",
+            "--audit-packs", t["audit_packs"],
             "--quiet"]
 
 

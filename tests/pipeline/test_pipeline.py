@@ -22,7 +22,9 @@ from monoscope.pipeline import RunConfig, RunConfigError, RunResult, config_fiel
 from tests.pipeline.helpers import cli_args, db_tables, make_inputs, sha256, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("capture", "train", "train-small", "eval", "features")
+STAGES = ("capture", "train", "train-small", "eval", "features", "audit")
+STEP = {"capture": 1, "train": 2, "train-small": 3, "eval": 4, "features": 5, "audit": 7}
+"""The number each stage's start line carries (explain, 6/7, is off in the tiny run)."""
 METRIC_KEYS = ("fvu", "explained_variance", "mse", "l0_mean", "dead_frac", "dense_frac", "shrinkage_norm_ratio")
 
 
@@ -49,6 +51,10 @@ def artefacts(out: Path) -> dict[str, Any]:
         tables = db_tables(db)
         tables["meta"] = [(k, v.replace(str(out), "<run>")) for k, v in tables["meta"]]
         got[db.parent.name] = tables
+    report = json.loads((out / "audit" / "report.json").read_text().replace(str(out), "<run>"))
+    for p in report["packs"]:
+        p.pop("seconds")
+    got["audit"] = {k: v for k, v in report.items() if k not in ("seconds", "n_reused")}
     return got
 
 
@@ -65,6 +71,8 @@ GOLDEN_LM = {"ce_recovered": 0.7790020738075486, "ce_clean": 5.691878318786621, 
              "ce_zero": 5.6755202157156805}
 GOLDEN_TOP_FEATURES = [150, 139, 108, 194, 224]
 """The 5 densest features of the main SAE (ties broken by id)."""
+GOLDEN_AUDIT_BEST = {"people": 30, "code_types": 35}
+"""The audit stage's best candidate per pack (highest AUROC on the pack) on the tiny run."""
 
 
 def test_golden_values(reference: tuple[Path, Path, Path, RunResult]) -> None:
@@ -75,6 +83,10 @@ def test_golden_values(reference: tuple[Path, Path, Path, RunResult]) -> None:
     conn = sqlite3.connect(str(out / "features" / "features.db"))
     top = [r[0] for r in conn.execute("SELECT id FROM features ORDER BY density DESC, id LIMIT 5")]
     conn.close()
+    best = {k: (v or {}).get("feature") for k, v in res.audit.summary["best"].items()}
+    print(json.dumps({"audit": best, "n_with_auroc": res.audit.summary["n_with_auroc"]}))
+    assert best == GOLDEN_AUDIT_BEST and res.audit.summary["n_with_auroc"] == 1
+    assert json.loads((out / "audit" / "report.json").read_text())["summary"] == res.audit.summary
     print(json.dumps({"store": {k: m["store_rows"][k] for k in GOLDEN_STORE},
                       "heldout": {k: m["heldout"][k] for k in GOLDEN_HELDOUT},
                       "lm": {k: m["lm"][k] for k in GOLDEN_LM}, "top": top}))
@@ -95,6 +107,7 @@ def test_rerun_is_a_noop_stage_by_stage(reference: tuple[Path, Path, Path, RunRe
     assert [(s.name, s.reused) for s in again.stages] == [(name, True) for name in STAGES]
     assert again.capture.new_tokens == 0 and again.stage("train").result.already_complete
     assert again.eval.reused and again.features.notes == ["already complete: nothing to do"]
+    assert again.audit.reused and again.audit.summary == first.audit.summary
     after = tree(out)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert changed == [], f"a rerun touched {changed}"
@@ -135,15 +148,17 @@ def test_killed_inside_each_stage_resumes_to_the_same_artefacts(
     seed = int(os.environ.get("MONOSCOPE_KILL_SEED", "0"))
     rng = random.Random(seed)
     done_marker = {"capture": out / "acts" / "manifest.json", "train": out / "sae" / "cfg.json",
-                   "train-small": out / "sae-2x" / "cfg.json", "eval": out / "eval" / "metrics.json"}
+                   "train-small": out / "sae-2x" / "cfg.json", "eval": out / "eval" / "metrics.json",
+                   "audit": out / "audit" / "report.json"}
     outputs = {"capture": ["acts"], "train": ["sae"], "train-small": ["sae-2x"], "eval": ["eval"],
-               "features": ["features", "sae-2x-features"]}
+               "features": ["features", "sae-2x-features"], "audit": ["audit"]}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     report = []
     for n, stage in enumerate(STAGES, start=1):
         delay = rng.uniform(0.05, 0.5) * ref.stage(stage).seconds
         for _attempt in range(4):
-            lines, killed = _start_and_kill(cli_args(out, model, corpus), env, f"monoscope run [{n}/6]", delay)
+            marker = f"monoscope run [{STEP[stage]}/7]"
+            lines, killed = _start_and_kill(cli_args(out, model, corpus), env, marker, delay)
             if not killed:
                 inside = False
             elif stage == "features":  # the pass's work folder is there until the pass completes
@@ -165,15 +180,15 @@ def test_killed_inside_each_stage_resumes_to_the_same_artefacts(
         res = run(tiny_config(out, model, corpus), echo=False)
     except Exception as e:  # say where the kills were, so the case can be replayed (MONOSCOPE_KILL_SEED)
         pytest.fail(f"the rerun after kills at {report} (seed {seed}) failed: {type(e).__name__}: {e}")
-    # stages 1-4 were completed by the processes killed later; the features pass was killed, so it resumes
-    assert [(s.name, s.reused) for s in res.stages] == [(name, name != "features") for name in STAGES]
+    # stages 1-5 were completed by the processes killed later; the audit was killed, so it resumes
+    assert [(s.name, s.reused) for s in res.stages] == [(name, name != "audit") for name in STAGES]
     assert artefacts(out) == artefacts(ref_out), f"kills at {report} (seed {seed})"
 
 
 # ------------------------------------------------------------------------------------------- the CLI is a thin wrapper
 def test_every_config_field_is_a_run_option() -> None:
     args = build_parser().parse_args(["run"])
-    mapped = {"feature_map": "no_map", "progress": "quiet"}
+    mapped = {"feature_map": "no_map", "audit": "no_audit", "progress": "quiet"}
     for name in config_fields():
         assert hasattr(args, mapped.get(name, name)), f"RunConfig.{name} has no monoscope run option"
     settings = {n: getattr(args, n) for n in config_fields() if hasattr(args, n)}
@@ -193,6 +208,8 @@ def test_every_config_field_is_a_run_option() -> None:
     ({"train_batch_size": 8192, "train_tokens": "4k"}, "--train-tokens 4k is less than one batch"),
     ({"explain_llm": "openai:gpt-4o-mini"}, "--explain-llm openai:gpt-4o-mini needs --explain-endpoint"),
     ({"outlier_factor": -1}, "--outlier-factor -1: use a factor >= 0"),
+    ({"audit_steer_top": -1}, "--audit-steer-top -1: use a count >= 0 (0 skips steering in the audit)"),
+    ({"audit_packs": " , "}, "--audit-packs ' , ': use all, or pack names separated by commas"),
 ])
 def test_config_errors_name_the_option(over: dict[str, Any], message: str) -> None:
     with pytest.raises(RunConfigError) as e:
@@ -232,6 +249,9 @@ def test_every_option_reaches_every_stage(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(monoscope.eval, "evaluate", recorder("eval", SimpleNamespace(reused=True)))
     monkeypatch.setattr(monoscope.features.build, "build_features",
                         recorder("features", SimpleNamespace(new_tokens=0, seconds=0.0, dbs=[])))
+    import monoscope.search.audit
+
+    monkeypatch.setattr(monoscope.search.audit, "audit", recorder("audit", SimpleNamespace(reused=True)))
     cfg = RunConfig(out=tmp_path / "r", model="m", device="cuda:1", compute_dtype="bf16", batch_contexts=16,
                     contexts_per_shard=32, seed=3, train_batch_size=1024, feature_map=False, explain_features=0,
                     progress=False)
@@ -251,3 +271,9 @@ def test_every_option_reaches_every_stage(monkeypatch: pytest.MonkeyPatch, tmp_p
     (_, fe), = calls["features"]
     assert (fe["device"], fe["compute_dtype"], fe["batch_contexts"], fe["feature_map"], fe["also"]) == (
         "cuda:1", "bf16", 16, False, [tmp_path / "r" / "sae-4x"])
+    (au_args, au), = calls["audit"]
+    assert au_args == (tmp_path / "r" / "sae",)
+    assert (au["device"], au["compute_dtype"], au["out"], au["packs"], au["steer_top"], au["progress"]) == (
+        "cuda:1", "bf16", tmp_path / "r" / "audit", "all", 0, False)
+    skipped = run(RunConfig(**{**{f: getattr(cfg, f) for f in config_fields()}, "audit": False}), echo=False)
+    assert [s.name for s in skipped.stages] == list(STAGES[:-1]) and skipped.audit is None and len(calls["audit"]) == 1
