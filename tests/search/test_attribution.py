@@ -72,7 +72,7 @@ def test_direction_and_density_filter(searcher: Searcher) -> None:
 def test_bad_input(searcher: Searcher) -> None:
     with pytest.raises(MonoscopeError, match=r"' elephant' is \d+ tokens .*: pass a single token"):
         search_attribution(searcher, PROMPT, target=" elephant")
-    with pytest.raises(MonoscopeError, match="^--attribution got an empty prompt: pass the text the model continues$"):
+    with pytest.raises(MonoscopeError, match=r"^--attribution got an empty prompt: pass the text the model continues$"):
         search_attribution(searcher, "  ", target=" cat")
     with pytest.raises(MonoscopeError, match=r"^--direction 'up': use one of pos, neg, both$"):
         search_attribution(searcher, PROMPT, target=" cat", direction="up")
