@@ -208,3 +208,55 @@ def test_explain_runs_both_and_reuses(tmp_path: Path, target: Target) -> None:
     with pytest.raises(MonoscopeError, match=r"^scorer_options names 'intruder', which is not among the scorers run"):
         explain_features("x", llm, features="0,", scorers="detection", db_path=db_path, progress=False,
                          scorer_options={"intruder": {"k": 3}})
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_cli_subprocess_openai_endpoint(tmp_path: Path, fault_server: FaultServer) -> None:
+    """`monoscope explain --scorers intruder` against an OpenAI-compatible server: the echo server's answers are
+    unusable, so every trial is counted unanswered and the score is stored as a failure; the run still ends 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    db_path = tmp_path / "features" / "features.db"
+    build_db(db_path).close()
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OPENAI_API_KEY": "x"}
+    r = subprocess.run([sys.executable, "-m", "monoscope.cli", "explain", "runs/x/sae", "--db", str(db_path), "--llm",
+                        "openai:fake", "--endpoint", fault_server.url, "--features", "0,", "--scorers", "intruder",
+                        "--no-cache", "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "intruder" in r.stdout and "explained 1 of 1 features with fake" in r.stdout
+    assert fault_server.requests == 1 + 5  # one explanation, five intruder trials
+    with FeatureDB.open(db_path) as db:
+        value, details = db.score(0, "fake", "intruder")  # type: ignore[misc]
+    d = json.loads(details)
+    assert value is None and d["unanswered"] == 5 and d["error"].startswith("no usable answer")
+
+
+def test_cli_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from monoscope.cli import main
+
+    db_path = tmp_path / "features" / "features.db"
+    build_db(db_path).close()
+    assert main(["explain", "runs/x/sae", "--db", str(db_path), "--llm", "openai:fake", "--scorers", "intervention",
+                 "--steer-strength", "lots"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --steer-strength 'lots' is not a number: pass e.g. 4.5, -2 or "
+                                               "10x (a multiple of the feature's max activation)")
+
+
+@pytest.mark.integration
+def test_local_llamacpp_backend(db: FeatureDB, target: Target, tmp_path: Path) -> None:
+    """Both scorers through the in-process llama.cpp backend (SmolLM2-135M): whatever the small model answers is
+    either read as a choice or counted as unanswered; nothing raises."""
+    ev = evidence(db, 0)
+    with open_llm("local:default", max_concurrency=1, n_threads=1, cache=tmp_path / "c.sqlite") as llm:
+        (ri,) = score_intruder([(ev, "digits")], llm, n_trials=2, progress=False)
+        (rv,) = score_intervention([(Evidence(3, 4.0), "the character 'A'")], llm, target=target,
+                                   prompts=PROMPTS[:1], strength="5x", max_new_tokens=4, progress=False)
+    assert ri.details["answered"] + ri.details["unanswered"] == ri.details["trials"] == 2
+    assert ri.value is None or 0.0 <= ri.value <= 1.0
+    assert ri.details["picks"] == [p if p is None else int(p) for p in ri.details["picks"]]
+    assert rv.details["changed"] == 1 and rv.details["answered"] + rv.details["unanswered"] == 1
+    assert (rv.value is None) == (rv.details["answered"] == 0)
