@@ -74,14 +74,22 @@ def make_shaped(root: Path) -> Path:
     return sae_dir
 
 
-def best(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+CPU: dict[str, float] = {}
+
+
+def best(fn, reps: int, name: str = "") -> float:  # type: ignore[no-untyped-def]
+    """Fastest wall time of `reps` calls after a warm-up; the CPU time (all threads) of that call goes to CPU[name]:
+    on a shared machine the wall time grows with the other jobs' load, the CPU time much less."""
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, cpu = min(times)
+    if name:
+        CPU[name] = cpu
+    return wall
 
 
 def main() -> int:
@@ -115,10 +123,10 @@ def main() -> int:
     enc_gflop = 2 * T * d * F / 1e9
     peak = matmul_tflops(T, d, F, torch.float32)  # the encoder's own matmul shape, measured now (load varies)
     load_before = [round(v, 2) for v in os.getloadavg()]
-    forward_s = best(lambda: s.lm.acts(s.hp, x), args.reps)
-    encode_s = best(encode, args.reps)
+    forward_s = best(lambda: s.lm.acts(s.hp, x), args.reps, "forward")
+    encode_s = best(encode, args.reps, "encode")
     runs: list[TextResult] = []
-    search_s = best(lambda: runs.append(s.search_text(text, top=20)), args.reps)
+    search_s = best(lambda: runs.append(s.search_text(text, top=20)), args.reps, "search")
     phases = {k: round(min(r.timings[k] for r in runs), 4) for k in runs[0].timings}
     prof = cProfile.Profile()
     prof.enable()
@@ -136,6 +144,7 @@ def main() -> int:
         "tokens": len(ids), "reps": args.reps, "load_seconds": round(load_s, 3),
         "forward_seconds": round(forward_s, 4), "encode_seconds": round(encode_s, 4),
         "search_seconds": round(search_s, 4),
+        "cpu_seconds_all_threads": {k: round(v, 4) for k, v in CPU.items()},
         "phases_seconds": phases,
         "search_without_forward_seconds": round(sum(v for k, v in phases.items() if k != "forward"), 4),
         "profile_top": profile_top, "profile_seconds": round(res.seconds, 4),
