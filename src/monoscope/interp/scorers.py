@@ -31,13 +31,13 @@ Choices are deterministic (seeded by the feature id), so a rerun asks the same q
 
 Two more, chosen by name (not in the default set):
 
-- intruder (delphi; Paulo & Belrose 2025, "Evaluating SAE interpretability without explanations"): per trial,
+- intruder (delphi; "Evaluating SAE interpretability without explanations", 2025): per trial,
   k activating excerpts of the feature (held out, across activation levels) and one non-activating excerpt
   (another feature's window) at a seeded random place, all unmarked; the model picks the one that does not
   fit. Value: accuracy over answered trials (chance 1/(k+1)). It measures how coherent the feature's
   activations are and does not read the explanation (it is scored per explanation only to be stored with it).
-- intervention (delphi's intervention scoring; Paulo et al. 2024 and Gur-Arieh et al. 2025 score explanations
-  by the outputs a feature causes): the feature is clamped to `strength` x its max activation with
+- intervention (as delphi's intervention scoring: an explanation is judged by the outputs the feature causes,
+  not only by the inputs it fires on): the feature is clamped to `strength` x its max activation with
   monoscope.steer while the model continues neutral prompts (greedy, the same prompts for every feature);
   the model gets the explanation, the prompt and the default and steered continuations as A and B (seeded
   order) and says which was steered. Value: accuracy over answered trials whose two continuations differ
