@@ -21,7 +21,7 @@ from monoscope.interp import prompts
 from monoscope.interp.cli import add_explain_parser, print_explain_summary
 from monoscope.interp.explain import explain_features, parse_features, parse_scorers
 from monoscope.interp.prompts import PROMPT_VERSION, evidence_sha256, format_explain_evidence
-from monoscope.interp.scorers import SCORER_NAMES
+from monoscope.interp.scorers import ALL_SCORERS, SCORER_NAMES
 from tests.interp.test_scorers import FakeLLM, build_db, competent, evidence
 
 
@@ -137,7 +137,7 @@ def test_feature_selection_and_arguments(db_path: Path) -> None:
         with pytest.raises(MonoscopeError):
             parse_features(bad)  # type: ignore[arg-type]
     assert parse_scorers("Fuzzing,detection") == ["detection", "fuzzing"] and parse_scorers("none") == []
-    assert parse_scorers("all") == list(SCORER_NAMES)
+    assert parse_scorers("all") == list(ALL_SCORERS) and parse_scorers(None) == list(SCORER_NAMES)
     with pytest.raises(MonoscopeError, match="unknown scorer 'simulate'"):
         parse_scorers("simulate")
     with pytest.raises(MonoscopeError, match="feature 9 is not in"):

@@ -241,7 +241,7 @@ def test_cli_modes_in_process(planted: Planted, tmp_path: Path, capsys: pytest.C
     assert main(["search", str(planted.sae), "fox", "--query", "x"]) == 2
     assert capsys.readouterr().err.strip() == ("error: search got TEXT and --query: give exactly one of TEXT, "
                                                "--text-file, --query, --pos/--neg, --pack, --neighbours, "
-                                               "--multilingual")
+                                               "--multilingual, --attribution")
     assert main(["search", str(planted.sae), "--query", "python imports", "--mode", "keyword", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hits"][0]["feature"] == 1
     assert main(["search", str(planted.sae), "--neighbours", str(FOX), "--top", "2"]) == 0

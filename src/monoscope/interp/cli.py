@@ -3,6 +3,7 @@
     monoscope explain runs/x/sae --llm openai:gpt-4o-mini                         # 20 most interesting features
     monoscope explain runs/x/sae --llm openai:Qwen/Qwen2.5-7B-Instruct --endpoint http://gpu:8000 --features 200
     monoscope explain runs/x/sae --llm local:default --features 3,17,42 --scorers detection,embedding
+    monoscope explain runs/x/sae --llm local:default --features 5 --scorers intruder,intervention --steer-strength 4x
 
 Writes explanations and scores into the feature database (see monoscope.interp.explain) and ends with the
 distribution of every score: mean, quartiles and failures.
@@ -27,7 +28,7 @@ from monoscope.interp.explain import (
     parse_scorers,
 )
 from monoscope.interp.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, STALL_AFTER_TIMEOUTS
-from monoscope.interp.scorers import SCORER_NAMES
+from monoscope.interp.scorers import ALL_SCORERS, INTERVENTION_STRENGTH, SCORER_NAMES
 
 SHOW_EXPLANATIONS = 10  # explanations printed in the summary (all are in the database)
 
@@ -39,8 +40,10 @@ def add_explain_parser(subparsers: Any) -> None:
         description="Ask an LLM to explain each feature from its top and quantile-sampled contexts (active tokens "
         "marked), then score each explanation on held-out contexts: detection and fuzzing (balanced accuracy), "
         "simulation (correlation of predicted and true activations), embedding (AUROC of MiniLM similarity) and "
-        "specificity (0-3 rubric of Scaling Monosemanticity). Results go into the feature database; a rerun "
-        "reuses everything whose evidence is unchanged.")
+        "specificity (0-3 rubric of Scaling Monosemanticity); on request, intruder (pick the excerpt that does not "
+        "belong; accuracy) and intervention (steer the feature on neutral prompts; does the explanation tell the "
+        "steered continuation from the default? accuracy; runs the SAE's model). Results go into the feature "
+        "database; a rerun reuses everything whose evidence is unchanged.")
     p.add_argument("sae", metavar="SAE_DIR", help="SAE folder the feature database was built for")
     p.add_argument("--llm", required=True, metavar="SPEC",
                    help="openai:MODEL (api.openai.com with OPENAI_API_KEY, or any OpenAI-compatible server with "
@@ -51,7 +54,14 @@ def add_explain_parser(subparsers: Any) -> None:
                    help=f"a count (the N most interesting features; default {DEFAULT_FEATURES}) or ids like "
                         "3,17,42 (one id: 42,)")
     p.add_argument("--scorers", default=",".join(SCORER_NAMES),
-                   help=f"comma-separated, from {','.join(SCORER_NAMES)} (default: all; none = explanations only)")
+                   help=f"comma-separated, from {','.join(ALL_SCORERS)} (default: {','.join(SCORER_NAMES)}; all = "
+                        "every one; none = explanations only)")
+    p.add_argument("--steer-strength", default=INTERVENTION_STRENGTH, metavar="VALUE",
+                   help=f"intervention scorer: clamp value, raw or Nx = N x the feature's max activation (default "
+                        f"{INTERVENTION_STRENGTH})")
+    p.add_argument("--model", default=None, help="intervention scorer: the model the SAE reads (default: the one its "
+                   "training store records)")
+    p.add_argument("--device", default="auto", help="intervention scorer: device for the model (default auto)")
     p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote for "
                    "SAE_DIR)")
     p.add_argument("--concurrency", type=int, default=4, help="LLM requests in flight at once (default 4)")
@@ -71,11 +81,16 @@ def add_explain_parser(subparsers: Any) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     parse_scorers(args.scorers)  # argument errors first, then the files
     parse_features(args.features)
+    if "intervention" in parse_scorers(args.scorers):
+        from monoscope.steer.edits import parse_strength
+
+        parse_strength(args.steer_strength, what="--steer-strength")
     # the database is written in place: its folder must be writable before an LLM starts or a request is paid
     check_output_dir(existing_db_path(args.sae, args.db).parent, "feature database folder")
     res = explain_features(args.sae, args.llm, endpoint=args.endpoint, features=args.features, scorers=args.scorers,
                            db_path=args.db, progress=not args.quiet, max_concurrency=args.concurrency,
-                           cache=not args.no_cache, timeout_s=args.timeout, retries=args.retries)
+                           cache=not args.no_cache, timeout_s=args.timeout, retries=args.retries, model=args.model,
+                           device=args.device, steer_strength=args.steer_strength)
     print_explain_summary(res, sae_dir=args.sae, db_arg=args.db)
     check_explained(res)  # every request failed: exit non-zero with the reason
     return 0
@@ -103,7 +118,8 @@ def print_explain_summary(res: ExplainResult, *, sae_dir: str | None = None, db_
                       _num(s["q25"]), _num(s["median"]), _num(s["q75"]))
         console.print(t)
         console.print("detection, fuzzing: balanced accuracy (0.5 = chance); simulation: Pearson r; embedding: "
-                      "AUROC (0.5 = chance); specificity: mean 0-3 rating", style="dim")
+                      "AUROC (0.5 = chance); specificity: mean 0-3 rating; intruder: accuracy (chance 1/(k+1), 0.2); "
+                      "intervention: accuracy (0.5 = chance)", style="dim")
     for f in list(res.explanations)[:SHOW_EXPLANATIONS]:
         vals = "  ".join(f"{n} {_num(per[f].value, '.2f')}" for n, per in res.scores.items() if f in per)
         console.print(f"  #{f}  {res.explanations[f]}" + (f"   [{vals}]" if vals else ""), markup=False, soft_wrap=True)

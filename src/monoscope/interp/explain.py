@@ -59,7 +59,14 @@ from monoscope.interp.prompts import (
     format_explain_evidence,
     parse_explanation,
 )
-from monoscope.interp.scorers import SCORER_NAMES, SCORERS, LLMLike, ScoreResult
+from monoscope.interp.scorers import (
+    ALL_SCORERS,
+    INTERVENTION_STRENGTH,
+    SCORER_NAMES,
+    SCORERS,
+    LLMLike,
+    ScoreResult,
+)
 from monoscope.locking import locks_folders
 
 DEFAULT_FEATURES = 20
@@ -146,18 +153,19 @@ def parse_features(value: int | str | Sequence[int] | None) -> int | list[int]:
 
 
 def parse_scorers(value: str | Sequence[str] | None) -> list[str]:
-    """"detection,fuzzing" or a list; "all" = every scorer, "none" or "" = explanations only."""
+    """"detection,fuzzing" or a list; None = the default five (SCORER_NAMES); "all" = those and the optional
+    intruder and intervention; "none" or "" = explanations only."""
     if value is None:
         return list(SCORER_NAMES)
     names = [s.strip().lower() for s in (value.split(",") if isinstance(value, str) else value) if s.strip()]
     if names == ["all"]:
-        return list(SCORER_NAMES)
+        return list(ALL_SCORERS)
     if names in ([], ["none"]):
         return []
     bad = [n for n in names if n not in SCORERS]
     if bad:
-        raise MonoscopeError(f"unknown scorer {bad[0]!r}: choose from {','.join(SCORER_NAMES)} (or all, none)")
-    return [n for n in SCORER_NAMES if n in names]
+        raise MonoscopeError(f"unknown scorer {bad[0]!r}: choose from {','.join(ALL_SCORERS)} (or all, none)")
+    return [n for n in ALL_SCORERS if n in names]
 
 
 def _select(db: FeatureDB, features: int | list[int], where: Path) -> list[int]:
@@ -238,9 +246,10 @@ def load_evidence(db: FeatureDB, fid: int, vocab: Vocab | Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def _score_key(scorer: str, explanation: str, ev: Evidence) -> str:
+def _score_key(scorer: str, explanation: str, ev: Evidence, *settings: Any) -> str:
+    """Identity of a score: the evidence, prompts, explanation and (intervention) the steering settings."""
     return contexts_sha256(ev.explain + ev.held_out + ev.negatives, PROMPT_VERSION, scorer, explanation,
-                           ev.max_act)
+                           ev.max_act, *settings)
 
 
 def _sha(s: str) -> str:
@@ -261,19 +270,37 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
                      features: int | str | Sequence[int] | None = DEFAULT_FEATURES,
                      scorers: str | Sequence[str] | None = SCORER_NAMES, db_path: str | Path | None = None,
                      progress: bool = True, max_concurrency: int = 4, cache: Path | bool = True,
-                     timeout_s: float | None = None, retries: int | None = None) -> ExplainResult:
+                     timeout_s: float | None = None, retries: int | None = None, target: Any = None,
+                     model: str | None = None, device: str = "auto",
+                     steer_strength: str | float = INTERVENTION_STRENGTH,
+                     scorer_options: dict[str, dict[str, Any]] | None = None) -> ExplainResult:
     """Explain and score `features` of the SAE whose database is at `db_path` (default: beside `sae_dir`).
 
     `llm_spec` is "openai:MODEL" or "local:PATH" (opened with monoscope.interp.llm.open_llm; answers cached in
     llm_cache.sqlite beside the database, or in `cache`, or nowhere with cache=False), or an already open LLM
     (used, not closed). timeout_s, retries: per attempt and per request (default: open_llm's). An endpoint that
     stops answering (the LLM's `stalled`) ends the call with a MonoscopeError once what was answered is stored.
+    The intervention scorer steers the SAE's model: `target` (a monoscope.steer Target) or one opened from
+    `sae_dir` (`model`, `device`), before any LLM request; `steer_strength` is its clamp ("4x" = 4 x max_act).
+    `scorer_options` passes keyword arguments to a scorer by name (e.g. {"intruder": {"n_trials": 10}}).
     """
     names = parse_scorers(scorers)
     want = parse_features(features)
     t0 = time.perf_counter()
     with open_for_sae(sae_dir, db_path) as db, contextlib.ExitStack() as stack:
         path = db.path
+        options: dict[str, dict[str, Any]] = {}
+        if "intervention" in names:
+            if target is None:
+                from monoscope.steer.target import open_target
+
+                target = open_target(sae_dir, model=model, device=device, db=path)
+            options["intervention"] = {"target": target, "strength": steer_strength}
+        for name, kw in (scorer_options or {}).items():
+            if name not in names:
+                raise MonoscopeError(f"scorer_options names {name!r}, which is not among the scorers run: "
+                                     f"{','.join(names) or 'none'}")
+            options[name] = {**options.get(name, {}), **kw}
         fids = _select(db, want, path)
         vocab = Vocab(db.vocab(), db.vocab_bytes())
         pool = _negative_pool(db, vocab)
@@ -302,7 +329,7 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
         items = [(evidence[f], res.explanations[f]) for f in fids if f in res.explanations]
         for name in names:
             t0 = time.perf_counter()
-            _score_stage(db, llm, res, name, items, progress)
+            _score_stage(db, llm, res, name, items, progress, options.get(name, {}))
             res.seconds[name] = time.perf_counter() - t0
             _stop_if_stalled(llm, res, f"{name} scores")
         res.usage = getattr(llm, "usage", None)
@@ -365,13 +392,26 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
         db.put_explanations(res.model, PROMPT_VERSION, rows, f"monoscope {__version__}")
 
 
+def _settings(name: str, options: dict[str, Any]) -> list[Any]:
+    """What besides the evidence shapes a score (part of its key): the scorer's options (intervention: also the
+    model it steers)."""
+    if name != "intervention":
+        return [json.dumps(options, sort_keys=True, default=str)] if options else []
+    t = options.get("target")
+    rest = {k: v for k, v in options.items() if k != "target"}
+    return [getattr(getattr(t, "lm", None), "model_id", None), str(getattr(t, "sae_dir", "")),
+            json.dumps(rest, sort_keys=True, default=str)]
+
+
 def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
-                 items: Sequence[tuple[Evidence, str]], progress: bool) -> None:
+                 items: Sequence[tuple[Evidence, str]], progress: bool, options: dict[str, Any] | None = None) -> None:
+    options = options or {}
+    settings = _settings(name, options)
     per: dict[int, ScoreResult] = {}
     todo: list[tuple[Evidence, str]] = []
     keys: dict[int, str] = {}
     for ev, expl in items:
-        key = keys[ev.feature] = _score_key(name, expl, ev)
+        key = keys[ev.feature] = _score_key(name, expl, ev, *settings)
         row = db.score(ev.feature, res.model, name)
         details = _load_json(row[1]) if row is not None else None
         if row is not None and row[0] is not None and isinstance(details, dict) and details.get("key") == key:
@@ -379,7 +419,7 @@ def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
         else:
             todo.append((ev, expl))
     res.scores_reused[name] = len(per)
-    fresh = SCORERS[name](todo, llm, progress=progress) if todo else []
+    fresh = SCORERS[name](todo, llm, progress=progress, **options) if todo else []
     stored = []
     for (ev, expl), r in zip(todo, fresh, strict=True):
         value = r.value if r.value is None or math.isfinite(r.value) else None

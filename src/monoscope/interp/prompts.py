@@ -292,3 +292,74 @@ def _array_values(s: str) -> list[float] | None:
         else:
             return None
     return out
+
+
+# ---------------------------------------------------------------------------------------------- intruder, intervention
+INTRUDER_SYSTEM = (
+    "You are shown numbered text excerpts. All of them but one come from the same set: they share a pattern "
+    "(a topic, a kind of token, a phrase or a context). Exactly one excerpt, the intruder, was taken from elsewhere "
+    "and does not fit. ⏎ stands for a newline. Answer with the number of the intruder and nothing else.")
+
+INTERVENTION_SYSTEM = (
+    "You check an explanation of a language-model feature. The feature was turned up while the model continued a "
+    "prompt, so the text it wrote should drift towards what the feature represents. You get the explanation, the "
+    "prompt and two continuations, A and B: one written with the feature turned up, the other without. Decide "
+    "which continuation was written with the feature turned up, judging by the explanation. Answer with the single "
+    "letter A or B and nothing else.")
+
+INTRUDER_MAX_TOKENS = 16
+INTERVENTION_MAX_TOKENS = 8
+
+
+def intruder_messages(excerpts: Sequence[str]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": INTRUDER_SYSTEM},
+            {"role": "user", "content": f"Excerpts:\n{numbered(excerpts)}\n\n"
+                                        f"Which excerpt (1-{len(excerpts)}) is the intruder? Answer with its number."}]
+
+
+def intervention_messages(explanation: str, prompt: str, a: str, b: str) -> list[dict[str, str]]:
+    def line(s: str) -> str:
+        return visible(s) if s.strip() else "(nothing)"
+
+    return [{"role": "system", "content": INTERVENTION_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\nPrompt: {line(prompt)}\n\n"
+                                        f"A: {line(a)}\nB: {line(b)}\n\nWhich continuation, A or B, was written "
+                                        "with the feature turned up?"}]
+
+
+_KEYED_CHOICE = re.compile(r"^[#*_\s>-]*(?:the\s+)?(?:intruder|answer|response|choice|continuation|excerpt)"
+                           r"(?:\s+is)?[*_\s]*[:：=]?[*_\s]*(?:excerpt|example|continuation|number|no\.?|#)?\s*"
+                           r"([A-Za-z0-9]+)[*_`\s.)]*$", re.I)
+
+
+def _choice(text: str | None) -> str | None:
+    """The one token an answer commits to: the whole answer (markdown, brackets and a final period stripped), or
+    the last line's `Answer: X` / `The intruder is excerpt 3` / `[RESPONSE]: 3`. None for anything longer, so an
+    answer that merely mentions several candidates is never read as a choice."""
+    if not text:
+        return None
+    body = strip_reasoning(text)
+    lines = [ln.strip() for ln in body.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    whole = body.strip().strip("`*_[]()\"'. \n\t")
+    if re.fullmatch(r"[A-Za-z0-9]+", whole):
+        return whole
+    last = lines[-1].replace("[RESPONSE]", "answer")
+    m = _KEYED_CHOICE.match(last)
+    return m.group(1) if m else None
+
+
+def parse_intruder(text: str | None, n: int) -> int | None:
+    """The intruder's number (1..n) from an answer; None when unreadable or out of range."""
+    c = _choice(text)
+    if c is None or not c.isdigit():
+        return None
+    v = int(c)
+    return v if 1 <= v <= n else None
+
+
+def parse_ab(text: str | None) -> str | None:
+    """"A" or "B" from an answer; None when unreadable."""
+    c = _choice(text)
+    return c.upper() if c is not None and c.upper() in ("A", "B") else None

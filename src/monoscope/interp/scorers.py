@@ -28,6 +28,24 @@ Choices are deterministic (seeded by the feature id), so a rerun asks the same q
   or only to its neighbourhood, 3 cleanly identifies it. Value: the mean rating (0-3); details add the
   share rated 2 or 3 and the activation-weighted mean. The paper rates activating text only, so this
   measures how much of the feature's firing the explanation accounts for, not what it misses.
+
+Two more, chosen by name (not in the default set):
+
+- intruder (delphi; "Evaluating SAE interpretability without explanations", 2025): per trial,
+  k activating excerpts of the feature (held out, across activation levels) and one non-activating excerpt
+  (another feature's window) at a seeded random place, all unmarked; the model picks the one that does not
+  fit. Value: accuracy over answered trials (chance 1/(k+1)). It measures how coherent the feature's
+  activations are and does not read the explanation (it is scored per explanation only to be stored with it).
+- intervention (as delphi's intervention scoring: an explanation is judged by the outputs the feature causes,
+  not only by the inputs it fires on): the feature is clamped to `strength` x its max activation with
+  monoscope.steer while the model continues neutral prompts (greedy, the same prompts for every feature);
+  the model gets the explanation, the prompt and the default and steered continuations as A and B (seeded
+  order) and says which was steered. Value: accuracy over answered trials whose two continuations differ
+  (chance 0.5). Needs the model and SAE (`target`); a strong clamp can make the steered text odd whatever
+  the explanation, so compare features at one strength and against the 0.5 chance level.
+
+Every answer is read strictly (prompts.parse_intruder, parse_ab): a reply that is not one number or one
+letter is counted as unanswered in `details`, never guessed.
 """
 
 from __future__ import annotations
@@ -44,13 +62,19 @@ import numpy as np
 from monoscope.errors import MonoscopeError
 from monoscope.interp.llm import ChatRequest, ChatResponse, parse_number
 from monoscope.interp.prompts import (
+    INTERVENTION_MAX_TOKENS,
+    INTRUDER_MAX_TOKENS,
     SPECIFICITY_MAX_TOKENS,
     Context,
     Evidence,
     detection_messages,
     fuzzing_messages,
+    intervention_messages,
+    intruder_messages,
     list_max_tokens,
     mark,
+    parse_ab,
+    parse_intruder,
     parse_number_list,
     plain,
     simulation_messages,
@@ -59,6 +83,10 @@ from monoscope.interp.prompts import (
 )
 
 SCORER_NAMES = ("detection", "fuzzing", "simulation", "embedding", "specificity")
+"""The default scorers (`monoscope explain` without --scorers)."""
+OPTIONAL_SCORERS = ("intruder", "intervention")
+"""Chosen by name or with `all`: intruder (LLM only) and intervention (also runs the model and SAE)."""
+ALL_SCORERS = SCORER_NAMES + OPTIONAL_SCORERS
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 MAX_ERRORS_KEPT = 3  # error strings kept per feature in details (the rest are counted)
 
@@ -411,6 +439,161 @@ def score_specificity(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: i
     return out
 
 
+# ---------------------------------------------------------------------------------------------- intruder
+def intruder_trials(ev: Evidence, n_trials: int, k: int) -> tuple[list[tuple[list[Context], int]], bool]:
+    """Up to n_trials (excerpts, intruder index): k activating contexts each (consecutive in `activating_sample`
+    order, so every trial mixes strong and weak ones) and one non-activating context placed at a seeded
+    random index. Fewer trials when the feature has too few contexts of either kind."""
+    pos, held = activating_sample(ev, n_trials * k)
+    n = min(n_trials, len(pos) // k, len(ev.negatives))
+    rng = _rng(ev, 4)
+    trials = []
+    for t in range(n):
+        ctxs = list(pos[t * k:(t + 1) * k])
+        at = int(rng.integers(0, k + 1))
+        ctxs.insert(at, ev.negatives[t])
+        trials.append((ctxs, at))
+    return trials, held
+
+
+def score_intruder(items: Sequence[ScoreItem], llm: LLMLike, *, n_trials: int = 5, k: int = 4,
+                   progress: bool = True) -> list[ScoreResult]:
+    """Accuracy of picking the one non-activating excerpt among k activating ones (explanation not shown)."""
+    if k < 2:
+        raise MonoscopeError(f"intruder k={k}: pass at least 2 activating excerpts per trial")
+    reqs: list[ChatRequest] = []
+    plan = []
+    for ev, _ in items:
+        trials, held = intruder_trials(ev, n_trials, k)
+        plan.append((trials, len(reqs), held))
+        reqs += [ChatRequest(messages=intruder_messages([plain(c) for c in ctxs]), max_tokens=INTRUDER_MAX_TOKENS)
+                 for ctxs, _ in trials]
+    resps = llm.chat_many(reqs, progress="score: intruder" if progress else None) if reqs else []
+    out = []
+    for trials, r0, held in plan:
+        mine = resps[r0:r0 + len(trials)]
+        picks = [parse_intruder(r.text, k + 1) if r.text else None for r in mine]
+        truth = [at + 1 for _, at in trials]
+        answered = [p for p in picks if p is not None]
+        correct = sum(p == t for p, t in zip(picks, truth, strict=True) if p is not None)
+        problems, first = _problems(mine, [p is not None for p in picks])
+        details: dict[str, Any] = {"trials": len(trials), "answered": len(answered), "correct": correct,
+                                   "unanswered": len(trials) - len(answered), "k": k, "chance": round(1 / (k + 1), 4),
+                                   "intruder_positions": truth, "picks": picks, "held_out": held, **problems}
+        if not trials:
+            details["error"] = "too few contexts: need k activating and one non-activating per trial"
+            out.append(ScoreResult(None, details))
+        elif not answered:
+            details["error"] = first
+            out.append(ScoreResult(None, details))
+        else:
+            out.append(ScoreResult(correct / len(answered), details))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- intervention
+INTERVENTION_PROMPTS = 6
+INTERVENTION_STRENGTH = "4x"
+INTERVENTION_NEW_TOKENS = 16
+
+
+def intervention_prompts(n: int) -> list[str]:
+    """The steering package's neutral prompts, the report half first (prompts 2, 4, 6, ...), then the rest."""
+    from monoscope.steer.effect import neutral_prompts
+
+    ps = neutral_prompts()
+    return (ps[1::2] + ps[0::2])[:n]
+
+
+class _Continuations:
+    """Greedy continuations of prompts by one target, default ones cached across features."""
+
+    def __init__(self, target: Any, max_new_tokens: int) -> None:
+        self.t, self.n = target, max_new_tokens
+        self.default: dict[str, str] = {}
+
+    def __call__(self, prompt: str, edits: Any = None) -> str:
+        from monoscope.steer.generate import _generate
+
+        if edits is None and prompt in self.default:
+            return self.default[prompt]
+        ids = self.t.encode(prompt)
+        new = _generate(self.t, ids, edits, where="all", max_new_tokens=self.n, temperature=0.0, seed=0)
+        text = str(self.t.lm.tokenizer.decode(new[0], skip_special_tokens=True))
+        if edits is None:
+            self.default[prompt] = text
+        return text
+
+
+def score_intervention(items: Sequence[ScoreItem], llm: LLMLike, *, target: Any = None,
+                       prompts: Sequence[str] | None = None, n_prompts: int = INTERVENTION_PROMPTS,
+                       strength: str | float = INTERVENTION_STRENGTH, max_new_tokens: int = INTERVENTION_NEW_TOKENS,
+                       progress: bool = True) -> list[ScoreResult]:
+    """Accuracy of telling, from the explanation, the steered continuation of a neutral prompt from the default.
+
+    `target` is a monoscope.steer.target.Target (model + SAE + database max activations); `strength` a clamp
+    value in raw units or "Nx" (N x the feature's max activation)."""
+    from monoscope.steer.edits import Edit, parse_strength, resolve_edits
+
+    if target is None:
+        return [ScoreResult(None, {"error": "the intervention scorer needs the model and SAE (a steering target)"})
+                for _ in items]
+    value = parse_strength(strength, what="intervention strength")
+    ps = list(prompts) if prompts is not None else intervention_prompts(n_prompts)
+    if not ps:
+        raise MonoscopeError("the intervention scorer got no prompts: pass at least one neutral prompt")
+    gen = _Continuations(target, max_new_tokens)
+    reqs: list[ChatRequest] = []
+    plan = []
+    for ev, expl in items:
+        edit = Edit(ev.feature, "clamp", value)
+        try:
+            (resolved,) = resolve_edits([edit], target.sae.cfg.d_sae, target.max_act)
+        except MonoscopeError as e:
+            plan.append(([], len(reqs), {"error": str(e)}))
+            continue
+        rng = _rng(ev, 5)
+        trials = []
+        for p in ps:
+            d, s = gen(p), gen(p, [edit])
+            steered_first = bool(rng.integers(0, 2))
+            trials.append({"prompt": p, "default": d, "steered": s, "steered_is": "A" if steered_first else "B",
+                           "changed": d != s})
+            if d != s:
+                a, b = (s, d) if steered_first else (d, s)
+                reqs.append(ChatRequest(messages=intervention_messages(expl, p, a, b),
+                                        max_tokens=INTERVENTION_MAX_TOKENS))
+        plan.append((trials, len(reqs) - sum(t["changed"] for t in trials),
+                     {"clamp": resolved.value, "strength": str(value)}))
+    resps = llm.chat_many(reqs, progress="score: intervention" if progress else None) if reqs else []
+    out = []
+    for trials, r0, extra in plan:
+        if not trials:
+            out.append(ScoreResult(None, {**extra}))
+            continue
+        asked = [t for t in trials if t["changed"]]
+        mine = resps[r0:r0 + len(asked)]
+        picks = [parse_ab(r.text) if r.text else None for r in mine]
+        correct = sum(p == t["steered_is"] for p, t in zip(picks, asked, strict=True) if p is not None)
+        answered = sum(p is not None for p in picks)
+        problems, first = _problems(mine, [p is not None for p in picks])
+        details: dict[str, Any] = {**extra, "prompts": len(trials), "changed": len(asked), "answered": answered,
+                                   "correct": correct, "unanswered": len(asked) - answered, "chance": 0.5,
+                                   "max_new_tokens": max_new_tokens, "picks": picks,
+                                   "samples": [{k: t[k] for k in ("prompt", "default", "steered")} for t in asked[:2]],
+                                   **problems}
+        if not asked:
+            details["error"] = f"steering at {extra['strength']} changed no continuation: raise the strength"
+            out.append(ScoreResult(None, details))
+        elif not answered:
+            details["error"] = first
+            out.append(ScoreResult(None, details))
+        else:
+            out.append(ScoreResult(correct / answered, details))
+    return out
+
+
 Scorer = Callable[..., list[ScoreResult]]
 SCORERS: dict[str, Scorer] = {"detection": score_detection, "fuzzing": score_fuzzing, "simulation": score_simulation,
-                              "embedding": score_embedding, "specificity": score_specificity}
+                              "embedding": score_embedding, "specificity": score_specificity,
+                              "intruder": score_intruder, "intervention": score_intervention}

@@ -7,6 +7,7 @@ concept pack, neighbours or across languages.
     monoscope search runs/default/sae --pack sycophancy                # a shipped (or your) concept pack
     monoscope search runs/default/sae --neighbours 1234                # decoder-cosine neighbours
     monoscope search runs/default/sae --multilingual                   # one concept in >= 5 languages
+    monoscope search runs/default/sae --attribution "The capital of France is" --target " Paris"
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def add_search_parser(subparsers: Any) -> None:
         "keyword (FTS5) and semantic (MiniLM) search over labels and explanations, fused. --pos/--neg or "
         "--pack: features that separate two sets of texts (AUROC, effect size, Mann-Whitney p, BH q). "
         "--neighbours ID: nearest features by decoder cosine. --multilingual: features that fire for one "
-        "concept in several languages.")
+        "concept in several languages. --attribution PROMPT --target TOKEN: features ranked by their attribution "
+        "to the target token's log-prob at the prompt's last position (gradient x activation, the top ones "
+        "checked by exact ablation).")
     p.add_argument("sae", metavar="SAE_DIR", help="SAE folder (its feature database must exist)")
     p.add_argument("text", nargs="?", default=None, metavar="TEXT", help="text to find the features of")
     mode = p.add_argument_group("other searches (one at a time)")
@@ -42,15 +45,27 @@ def add_search_parser(subparsers: Any) -> None:
                            "license")
     mode.add_argument("--list-packs", action="store_true", help="list the shipped concept packs and exit")
     mode.add_argument("--direction", default="pos", choices=["pos", "neg", "both"],
-                      help="contrast: features firing more on the positives (default), on the negatives, or either")
+                      help="contrast: features firing more on the positives (default), on the negatives, or either; "
+                      "--attribution: features raising the metric (default), lowering it, or either")
     mode.add_argument("--neighbours", type=int, default=None, metavar="ID", help="nearest features by decoder cosine")
     mode.add_argument("--multilingual", action="store_true",
                       help="features that fire for one concept (a country, a language, a phrase) in many languages")
     mode.add_argument("--min-languages", type=int, default=5, help="--multilingual: languages a feature must fire "
                       "in for a concept (default 5)")
+    mode.add_argument("--attribution", default=None, metavar="PROMPT",
+                      help="features that drive the model's next token on PROMPT towards --target")
+    att = p.add_argument_group("--attribution")
+    att.add_argument("--target", default=None, metavar="TOKEN", help='one token whose log-prob is attributed, '
+                     'e.g. " Paris" (leading space included)')
+    att.add_argument("--metric", default=None, help='instead of --target: logit-diff:" a"," b" (two tokens)')
+    att.add_argument("--ig-steps", type=int, default=0, help="integrated gradients steps (default 0: gradient x "
+                     "activation)")
+    att.add_argument("--verify", type=int, default=10, help="top features checked by exact ablation (default 10)")
     p.add_argument("--top", type=int, default=20, help="features to list (default 20)")
-    p.add_argument("--min-density", type=float, default=None, help="TEXT: skip features rarer than this")
-    p.add_argument("--max-density", type=float, default=None, help="TEXT: skip features denser than this, e.g. 1e-2")
+    p.add_argument("--min-density", type=float, default=None, help="TEXT, --attribution: skip features rarer than "
+                   "this")
+    p.add_argument("--max-density", type=float, default=None, help="TEXT, --attribution: skip features denser than "
+                   "this, e.g. 1e-2")
     p.add_argument("--evidence", type=int, default=5, help="TEXT: tokens shown per feature (default 5)")
     p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote)")
     p.add_argument("--model", default=None, help="model (default: the one the database records)")
@@ -74,6 +89,8 @@ def _modes(args: argparse.Namespace) -> list[str]:
         used.append("--neighbours")
     if args.multilingual:
         used.append("--multilingual")
+    if args.attribution is not None:
+        used.append("--attribution")
     return used
 
 
@@ -89,8 +106,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if len(used) != 1:
         what = "nothing" if not used else " and ".join(used)
         raise MonoscopeError(f"search got {what}: give exactly one of TEXT, --text-file, --query, --pos/--neg, "
-                             "--pack, --neighbours, --multilingual")
+                             "--pack, --neighbours, --multilingual, --attribution")
     mode = used[0]
+    if mode != "--attribution" and (args.target is not None or args.metric is not None):
+        raise MonoscopeError("--target and --metric go with --attribution PROMPT: add it, or drop them")
+    if mode == "--attribution" and (args.target is None) == (args.metric is None):
+        raise MonoscopeError('--attribution needs exactly one of --target " token" and --metric logit-diff:" a"," b"')
     if mode == "--query":
         return _query(args)
     if mode == "--neighbours":
@@ -105,6 +126,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             return _contrast_files(args, s)
         if mode == "--pack":
             return _pack(args, s)
+        if mode == "--attribution":
+            return _attribution(args, s)
         return _multilingual(args, s)
     finally:
         s.close()
@@ -269,3 +292,28 @@ def _multilingual(args: argparse.Namespace, s: Any) -> int:
         print(f"{'':>8} " + "  ".join(f"{e.language}:{e.rel:.2f}" for e in h.evidence))
     return 0
 
+
+
+def _attribution(args: argparse.Namespace, s: Any) -> int:
+    from monoscope.search.attribution import search_attribution
+
+    res = search_attribution(s, args.attribution, target=args.target, metric=args.metric, top=args.top,
+                             direction=args.direction, ig_steps=args.ig_steps, verify=args.verify,
+                             min_density=args.min_density, max_density=args.max_density)
+    if args.json:
+        _out(args, res.to_dict())
+        return 0
+    print(f"{res.metric} = {res.metric_clean:.3f} at the end of {args.attribution!r} ({res.method}); "
+          f"{res.n_attributed:,} of {res.n_features:,} features attributed"
+          + (f" ({res.n_filtered:,} left out by the density filter)" if res.n_filtered else "")
+          + f"; SAE error term {res.error_attribution:+.3f}")
+    for note in res.notes:
+        print(f"note: {note}")
+    print(f"{'feature':>8} {'attrib':>8} {'exact':>8} {'act':>7} {'density':>8}  at token  label / explanation")
+    for h in res.hits:
+        print(f"{h.feature:>8} {h.attribution:>+8.3f} {_fmt(h.exact, '+.3f'):>8} {h.activation:>7.3g} "
+              f"{_fmt(h.density, '.1e'):>8}  {_short(repr(h.token), 10):<9} {_short(h.explanation or h.label, 50)}")
+    if res.correlation is not None:
+        print(f"attributed vs exact ablation effect: correlation {res.correlation:.3f}")
+    print(f"next: monoscope steer {args.sae} --feature FEATURE --ablate --prompt {json.dumps(args.attribution)}")
+    return 0

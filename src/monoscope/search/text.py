@@ -76,10 +76,15 @@ class TextResult:
     """Warnings a reader should see (e.g. a text longer than the contexts the database was built on)."""
     seconds: float
     """The whole search: tokenize, forward to the hook, encode, rank, evidence and labels (model and SAE loaded)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: tokenize, forward (the model to the hook: depends on the model and the hardware,
+    not on the search), encode (SAE on every token), rank (relative ranking over every feature), evidence
+    (per-token evidence, labels and explanations of the listed features)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "tokens": self.tokens, "n_features": self.n_features, "n_active": self.n_active,
                 "n_filtered": self.n_filtered, "notes": self.notes, "seconds": round(self.seconds, 4),
+                "timings": {k: round(v, 4) for k, v in self.timings.items()},
                 "hits": [h.to_dict() for h in self.hits]}
 
 
@@ -244,11 +249,18 @@ class Searcher:
         if top <= 0:
             raise SearchError(f"--top {top}: pass a positive number of features to list")
         mask = self.density_mask(min_density, max_density)
-        t0 = time.perf_counter()
+        clock = _Clock()
         ids = self.tokenize([text], ["the text"])[0]
-        _, f = next(self.codes(ids=[ids]))
-        best, peak = f.max(0)
+        clock.lap("tokenize")
+        with torch.inference_mode():
+            acts = self.lm.acts(self.hp, torch.tensor([ids], dtype=torch.int64))[0]  # [T, d]
+            clock.lap("forward")
+            keep = self.policy.keep(acts[None])[0].to(acts.device)
+            f = self.sae.encode_raw(acts).float()
+            f = (f * keep[:, None]).cpu()  # [T, F], excluded rows zero
+            best, peak = f.max(0)
         best_np = best.numpy()
+        clock.lap("encode")
         rel = self.relative(best_np)
         active = best_np > 0
         n_active = int(active.sum())
@@ -257,26 +269,45 @@ class Searcher:
         key = np.where(np.isnan(rel), -1.0, rel)
         cand = np.flatnonzero(chosen)
         order = cand[np.lexsort((-best_np[cand], -key[cand]))][:top]
+        clock.lap("rank")
         tok = self.lm.tokenizer
         pieces = [tok.convert_tokens_to_string([p]) for p in tok.convert_ids_to_tokens(ids)]
         labels = self.labels(order.tolist())
         expl = self.explanations()
+        cols = f[:, torch.from_numpy(order)].numpy() if len(order) else np.zeros((len(ids), 0), np.float32)
         hits = []
-        for fid in order.tolist():
-            col = f[:, fid].numpy()
+        for j, fid in enumerate(order.tolist()):
+            col = cols[:, j]
             pos = np.flatnonzero(col > 0)
             pos = pos[np.argsort(-col[pos], kind="stable")][:evidence]
             m = self.max_act[fid]
             ev = [Evidence(int(p), pieces[p], float(col[p]), _finite(col[p] / m) if m > 0 else None) for p in pos]
             hits.append(FeatureHit(int(fid), float(best_np[fid]), _finite(rel[fid]), _finite(self.density[fid]),
                                    _finite(m), labels[fid], expl.get(fid), int(peak[fid]), ev))
+        clock.lap("evidence")
         notes = []
         ctx = self.meta.get("ctx_len")
         if isinstance(ctx, int) and len(ids) > ctx:
             notes.append(f"the text is {len(ids):,} tokens but the database was built on contexts of {ctx}: "
                          f"activations after position {ctx} come from positions the SAE's data never had")
         return TextResult(text, pieces, hits, self.n_features, n_active, int((active & ~mask).sum()), notes,
-                          time.perf_counter() - t0)
+                          clock.total(), dict(clock.laps))
+
+
+class _Clock:
+    """Phase timings: `lap(name)` records the seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
 
 
 def _pad(values: np.ndarray, n: int) -> np.ndarray:
