@@ -37,6 +37,8 @@ def add_sweep_parser(subparsers: Any) -> None:
     p.add_argument("--metric", default="fvu", choices=["fvu", "mse"], help="loss the laws fit (default fvu)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits per interval (default 100)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); 1 is often fastest on a CPU shared with other jobs")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_sweep)
 
@@ -61,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       seeds=_ints(args.seeds, "--seeds"), arch=args.arch, k=args.k, ks=ks,
                       batch_size=args.batch_size, lr=args.lr, heldout_shards=args.heldout_shards,
                       heldout_rows=args.heldout_rows, bootstrap=args.bootstrap, metric=args.metric,
-                      device=args.device, progress=not args.quiet)
+                      device=args.device, threads=args.threads, progress=not args.quiet)
     res = sweep(args.store, args.budget, args.out, config=cfg, command=shlex.join(["monoscope", *sys.argv[1:]]))
     print_summary(res)
     return 0

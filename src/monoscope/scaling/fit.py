@@ -72,7 +72,7 @@ class LawFit:
     def to_dict(self) -> dict[str, Any]:
         return {"form": self.form, "params": self.params,
                 "intervals_90": {k: list(v) for k, v in self.param_intervals().items()},
-                "bootstrap": int(len(self.samples)), "rmse_log": self.rmse_log, "points": self.n_points,
+                "bootstrap": len(self.samples), "rmse_log": self.rmse_log, "points": self.n_points,
                 "notes": self.notes}
 
 
@@ -218,9 +218,13 @@ def fit_lnk(n: Any, k: Any, loss: Any, *, bootstrap: int = 200, seed: int = 0) -
 
     lo = np.array([-30.0, -5.0, -5.0, -5.0, -30.0, -5.0])
     hi = np.array([5.0, 5.0, 5.0, 5.0, 5.0, 5.0])
-    base = float(np.log(y.mean()))
-    starts = [np.array([base + np.log(f), bk, bn, 0.0, base + np.log(1 - f), e])
-              for f in (0.5, 0.9) for bk in (-0.5, 0.0) for bn in (-0.5, -0.1) for e in (-0.5, 0.5)]
+    # starts: the first term alone by linear least squares on log(y - floor), for two floors exp(z')
+    design = np.stack([np.ones_like(cn), ck, cn, ck * cn], axis=1)
+    starts = []
+    for frac in (0.1, 0.6):
+        floor = frac * float(y.min())
+        coef = np.linalg.lstsq(design, np.log(y - floor), rcond=None)[0]
+        starts.append(np.clip(np.array([*coef, np.log(floor), 0.0]), lo + 1e-6, hi - 1e-6))
     best = _solve(resid, starts, log_y, lo, hi)
     if best is None:
         raise FitError("fit: no start of L(n,k) converged on these losses")
@@ -289,5 +293,5 @@ def pick_for_budget(law: LawFit, cost_per_token: Callable[[np.ndarray], np.ndarr
         notes.append(f"the best width is at the edge of the searched range [{int(ns[0])}, {int(ns[-1])}]: "
                      "the law has no interior optimum at this budget (extrapolating)")
     return Pick(int(ns[i]), int(tokens[i]), int(steps[i]), float(pred[i]), (float(lo), float(hi)),
-                (int(round(wlo)), int(round(whi))), float(tokens[i] * per_tok[i]),
+                (round(wlo), round(whi)), float(tokens[i] * per_tok[i]),
                 [(int(a), int(b), float(c)) for a, b, c in zip(ns, tokens, pred, strict=True)], notes)

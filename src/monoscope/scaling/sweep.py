@@ -46,7 +46,7 @@ from monoscope.sae.config import ARCHITECTURES, TOPK_STYLE, parse_width
 from monoscope.scaling.budget import Budget, parse_budget
 from monoscope.scaling.cost import CostModel, calibrate
 from monoscope.scaling.fit import FitError, LawFit, Pick, fit_lnk, fit_lnt, pick_for_budget
-from monoscope.store import ActivationStore, Manifest
+from monoscope.store import ActivationStore
 from monoscope.units import parse_count
 
 FORMAT = "monoscope-sweep/1"
@@ -88,6 +88,9 @@ class SweepConfig:
     calibration_steps: int = 4
     """Timed optimiser steps per width in the cost benchmark."""
     device: str = "auto"
+    threads: int | None = None
+    """CPU threads for torch (None: leave torch's setting). On a CPU shared with other jobs, 1 thread can be
+    several times faster than 2: each op waits for a descheduled thread."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class SweepConfig:
             raise SweepError(f"--heldout-rows {self.heldout_rows}: use a positive row count")
         if self.bootstrap < 1:
             raise SweepError(f"--bootstrap {self.bootstrap}: use a positive number of refits such as 200")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise SweepError(f"--threads {self.threads!r}: use a positive count such as 1")
         if self.metric not in ("fvu", "mse"):
             raise SweepError(f"--metric {self.metric!r}: use fvu or mse")
 
@@ -297,6 +302,8 @@ def sweep(store: str | Path, budget: str | float, out: str | Path, *, config: Sw
     except TypeError as e:
         raise SweepError(f"sweep: {e}") from None
     bud = parse_budget(budget)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out} is a file: give a folder for the sweep")
@@ -315,7 +322,8 @@ def sweep(store: str | Path, budget: str | float, out: str | Path, *, config: Sw
     widths = sorted({p.width for p in nt})
     cost_path = out / "cost.json"
     cost_key = _digest({"arch": cfg.arch, "k": cfg.k, "widths": widths, "batch": cfg.batch_size,
-                        "device": cfg.device, "steps": cfg.calibration_steps, "d": d})
+                        "device": cfg.device, "steps": cfg.calibration_steps, "d": d,
+                        "threads": torch.get_num_threads()})
     cost: CostModel | None = None
     if cost_path.is_file():
         saved = read_json(cost_path, "cost model")
