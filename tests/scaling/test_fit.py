@@ -55,7 +55,8 @@ def test_lnk_recovers_gao_law() -> None:
 def test_fit_refuses_too_few_points() -> None:
     with pytest.raises(FitError, match=r"needs at least 3 distinct width and 3 distinct token count values \(got 2"):
         fit_lnt([1, 1, 1, 2, 2, 2], [1, 2, 3, 1, 2, 3], [0.5, 0.4, 0.3, 0.4, 0.3, 0.2])
-    with pytest.raises(FitError, match=r"^fit: losses must be finite and > 0 to fit a power law \(got \[0.0, 0.0, 0.0\]\): check the runs$"):
+    with pytest.raises(FitError, match=r"^fit: losses must be finite and > 0 to fit a power law "
+                                       r"\(got \[0.0, 0.0, 0.0\]\): check the runs$"):
         fit_lnt(N, T, np.where(N[0] == N, 0.0, 0.3))
 
 

@@ -45,7 +45,8 @@ def frontier_plot(res: SweepResult, path: Path) -> Path:
         ax.plot([p[0] for p in fr], [p[1] for p in fr], "k--", lw=1, label="compute-optimal frontier (fit)")
     p = res.pick
     pf = cost.flops(p.width, p.tokens)
-    ax.errorbar([pf], [p.predicted], yerr=[[p.predicted - p.interval[0]], [p.interval[1] - p.predicted]],
+    err = [[max(p.predicted - p.interval[0], 0.0)], [max(p.interval[1] - p.predicted, 0.0)]]
+    ax.errorbar([pf], [p.predicted], yerr=err,
                 fmt="*", color="#e67e22", ms=12, capsize=3,
                 label=f"pick: n = {p.width:,}, {p.steps:,} steps ({res.budget.text})")
     ax.set_xscale("log")
