@@ -11,7 +11,8 @@ Communication per step (ring all-reduce moves 2·(m-1)/m of the buffer per rank)
     data parallel   all-reduce of the gradients: 2·(dp-1)/dp · 4·P/fs bytes
     feature shards  all-gather of top-k candidates: (fs-1)·b·k·8 bytes; all-reduce of the partial
                     reconstructions [b, d] (forward) and of their gradient (backward): 2 x 2·(fs-1)/fs·b·d·4
-Time: FLOPs per token (`cost.flops_per_token`) x B / (R · peak · mfu) + bytes / link bandwidth.
+Time: FLOPs per token (`cost.flops_per_token`) x B / (R · peak · mfu) + bytes / link bandwidth (mfu measured:
+MEASURED_H100_MFU). Not modelled: CUDA context/workspace (~3.6 GB measured) and bf16 compute copies.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ class Hardware:
     """Per-rank bandwidth of the collective (NVLink within a node, InfiniBand across)."""
 
 
-H100_NVLINK = Hardware("H100 SXM 80GB, bf16 matmuls, NVLink", 80e9, 989e12, 0.35, 450e9)
-H100_IB = Hardware("H100 SXM 80GB, bf16 matmuls, 400 Gb/s InfiniBand", 80e9, 989e12, 0.35, 50e9)
+MEASURED_H100_MFU = 0.022
+"""The trainer's rate on an H100 (bf16 matmuls, d 4096, n 262,144, 4,096 rows): 21.3 TFLOP/s of 989
+(benchmarks/results/gpu_step_check.json). Far below the peak: the plan's times use it, not a hoped-for 35%."""
+
+H100_NVLINK = Hardware("H100 SXM 80GB, bf16 matmuls, NVLink", 80e9, 989e12, MEASURED_H100_MFU, 450e9)
+H100_IB = Hardware("H100 SXM 80GB, bf16 matmuls, 400 Gb/s InfiniBand", 80e9, 989e12, MEASURED_H100_MFU, 50e9)
 
 
 @dataclass(frozen=True)
