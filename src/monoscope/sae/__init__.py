@@ -20,8 +20,8 @@ Never imports transformers.
 
 from monoscope.sae.base import SAE, ForwardOutput
 from monoscope.sae.config import ARCHITECTURES, SAEConfig, SAEConfigError, parse_width
-from monoscope.sae.io import SAEFileError, check_compatible, load_sae, read_sae_metadata, save_sae
 from monoscope.sae.gated import GatedSAE
+from monoscope.sae.io import SAEFileError, check_compatible, load_sae, read_sae_metadata, save_sae
 from monoscope.sae.jumprelu import JumpReLUSAE
 from monoscope.sae.matryoshka import MatryoshkaSAE
 from monoscope.sae.registry import build_sae

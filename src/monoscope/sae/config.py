@@ -8,6 +8,7 @@ almost always a confusion about which SAE is being built.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, fields
@@ -295,11 +296,14 @@ def check_prefixes(prefixes: object, d_sae: int, flag: str, given: object = None
     example = ",".join(str(n) for n in default_prefixes(d_sae))
     if not isinstance(prefixes, (list, tuple)) or not prefixes or any(
             isinstance(v, bool) or not isinstance(v, int) for v in prefixes):
-        raise SAEConfigError(f"{flag} {text}: give a list of whole prefix widths ending at d_sae={d_sae}, e.g. {example}")
-    out = [int(v) for v in prefixes]
-    if out[0] < 1 or any(b <= a for a, b in zip(out, out[1:], strict=False)):
         raise SAEConfigError(
-            f"{flag} {text} (= {out}) must be strictly increasing widths from 1 up: nested prefixes grow, e.g. {example}"
+            f"{flag} {text}: give a list of whole prefix widths ending at d_sae={d_sae}, e.g. {example}"
+        )
+    out = [int(v) for v in prefixes]
+    if out[0] < 1 or any(b <= a for a, b in itertools.pairwise(out)):
+        raise SAEConfigError(
+            f"{flag} {text} (= {out}) must be strictly increasing widths from 1 up: nested prefixes grow, "
+            f"e.g. {example}"
         )
     if out[-1] != d_sae:
         fix = f"append {d_sae}" if out[-1] < d_sae else f"keep every prefix within the {d_sae} features"

@@ -39,9 +39,9 @@ class TrainConfigError(MonoscopeError):
 
 def default_lr(arch: str, d_sae: int) -> float:
     """Learning rate when none is given. relu-l1: 5e-5 (Anthropic, April 2024 update). jumprelu: 7e-5
-    (Gemma Scope). gated: relu-l1's. topk, batchtopk and matryoshka: 1.5e-3 / sqrt(d_sae / 2^14), 7.5x Gao et al.'s 2e-4 rule, which
-    is tuned for runs of billions of tokens. Measured on SmolLM2 resid_post.15, 16x, k=32, 1M tokens
-    (held-out FVU, dead window 25k tokens): 2.7e-4 (Gao) 0.304; 1.07e-3 0.200;
+    (Gemma Scope). gated: relu-l1's. topk, batchtopk and matryoshka: 1.5e-3 / sqrt(d_sae / 2^14), 7.5x
+    Gao et al.'s 2e-4 rule, which is tuned for runs of billions of tokens. Measured on SmolLM2 resid_post.15,
+    16x, k=32, 1M tokens (held-out FVU, dead window 25k tokens): 2.7e-4 (Gao) 0.304; 1.07e-3 0.200;
     2e-3 (this rule) 0.184; 3e-3 0.179 but 4-20% of features dead."""
     if arch in ("relu-l1", "gated"):
         return 5e-5
