@@ -4,7 +4,6 @@ their dense ones, what the nested prefixes buy, and every bad prefix setting as 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -211,7 +210,7 @@ def test_bad_prefixes_are_one_line_errors(prefixes: object, match: str) -> None:
 
 
 def test_prefixes_only_for_matryoshka() -> None:
-    with pytest.raises(SAEConfigError, match="SAEConfig.prefixes=\\[8, 48\\] has no meaning for arch 'batchtopk'"):
+    with pytest.raises(SAEConfigError, match=r"SAEConfig.prefixes=\[8, 48\] has no meaning for arch 'batchtopk'"):
         SAEConfig(arch="batchtopk", d_in=12, d_sae=N_FEAT, k=4, prefixes=[8, 48])
     with pytest.raises(TrainConfigError, match="--prefixes has no meaning for --arch topk: drop it"):
         TrainConfig(arch="topk", k=4, tokens=4096, prefixes=(0.5, 1))
