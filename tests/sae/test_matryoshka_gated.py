@@ -226,6 +226,14 @@ def test_prefixes_from_counts_or_fractions() -> None:
         resolve_prefixes((0.5, 0.75), 9216)
 
 
+def test_train_config_prefixes_as_text() -> None:
+    cfg = TrainConfig(arch="matryoshka", k=4, tokens=4096, prefixes="0.25, 0.5,1")  # type: ignore[arg-type]
+    assert cfg.prefixes == (0.25, 0.5, 1.0) and cfg.prefix_widths(32) == [128, 256, 512]  # width 16x of 32
+    assert cfg.to_dict()["prefixes"] == [0.25, 0.5, 1.0]
+    with pytest.raises(TrainConfigError, match=r"--prefixes 'a,b': give widths such as"):
+        TrainConfig(arch="matryoshka", k=4, tokens=4096, prefixes="a,b")  # type: ignore[arg-type]
+
+
 def test_cli_bad_prefixes_exit_2_with_one_line(tmp_path: Path) -> None:
     make_store(tmp_path / "acts", n_shards=1)
     out = subprocess.run(cli(str(tmp_path / "acts"), "--out", str(tmp_path / "sae"), "--arch", "matryoshka",

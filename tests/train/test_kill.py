@@ -47,9 +47,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def reference(store: Path, out: Path, run: dict[str, Any]) -> Path:
-    """The uninterrupted run, in process (one thread, like the children)."""
-    if isinstance(run.get("prefixes"), str):  # the CLI's text, as the Python API takes it
-        run = {**run, "prefixes": tuple(float(v) for v in run["prefixes"].split(","))}
+    """The uninterrupted run, in process (one thread, like the children); prefixes as the CLI's text."""
     train(out, store=store, **COMMON, **run)
     return out
 

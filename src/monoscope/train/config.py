@@ -197,8 +197,13 @@ class TrainConfig:
                 raise TrainConfigError(
                     f"--prefixes has no meaning for --arch {self.arch}: drop it, or use --arch matryoshka"
                 )
-            if isinstance(self.prefixes, (str, bytes)) or not isinstance(self.prefixes, (list, tuple)) \
-                    or not self.prefixes:
+            if isinstance(self.prefixes, str):  # "1024,2048,9216" from Python, as the CLI takes it
+                try:
+                    self.prefixes = tuple(float(v) for v in self.prefixes.split(",") if v.strip())
+                except ValueError:
+                    raise TrainConfigError(f"--prefixes {self.prefixes!r}: give widths such as 1024,2048,4608,9216 "
+                                           "or fractions such as 0.125,0.5,1") from None
+            if not isinstance(self.prefixes, (list, tuple)) or not self.prefixes:
                 raise TrainConfigError(f"--prefixes {self.prefixes!r}: give widths such as 1024,2048,4608,9216 or "
                                        "fractions such as 0.125,0.5,1")
             self.prefixes = tuple(self.prefixes)
