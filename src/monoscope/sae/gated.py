@@ -69,12 +69,14 @@ class GatedSAE(SAE):
         x32, x_c = self._prepare_input(x, cd)
         n_rows = x.shape[0]
         norms = self.decoder_norms()  # [F]
+        # one encoder matmul: with autograd (its graph holds only x_c and W_enc until the dense path uses it)
+        z_all = F.linear(x_c, self.W_enc.to(cd))  # [B, F]
+        z0 = z_all.detach()
         with torch.no_grad():
-            z0 = F.linear(x_c, self.W_enc.to(cd))  # [B, F] no grad
             pattern = self._active_pattern(z0.float() + self.b_enc.float() > 0)
         w_frozen, b_frozen = self.W_dec.detach(), self.b_dec.detach().float()
         if pattern is None:  # dense codes
-            pi_gate, pi_mag = self._paths(F.linear(x_c, self.W_enc.to(cd)))
+            pi_gate, pi_mag = self._paths(z_all)
             gate = torch.relu(pi_gate)  # [B, F]
             f = (pi_gate.detach() > 0) * torch.relu(pi_mag)  # [B, F]
             x_hat = (f.to(cd) @ self.W_dec.to(cd)).float() + self.b_dec.float()

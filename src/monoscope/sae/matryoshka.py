@@ -13,8 +13,8 @@ it: `mse` holds the outer level ‖x − x̂‖², `aux` the inner levels m < M 
 residual, SAELens's default). Early features must reconstruct on their own, so general features
 stay in the small prefixes instead of being absorbed into specific ones.
 
-The groups between prefixes are decoded separately (each active entry once) and summed
-cumulatively, so the M levels cost one sparse decode plus M additions of [B, d_in].
+The groups between prefixes are decoded in one sparse decode over (row, group) bags (each active
+entry once) and summed cumulatively, so the M levels cost one sparse decode plus a [B, M, d_in] cumsum.
 """
 
 from __future__ import annotations
@@ -45,20 +45,21 @@ class MatryoshkaSAE(BatchTopKSAE):
             f = f.index_put((pattern.rows, pattern.flat), vals.reshape(-1).to(cd))  # [B, F]
             w = self.W_dec.to(cd)
             parts = [(f[:, a:b] @ w[a:b]).float() for a, b in zip([0, *prefixes[:-1]], prefixes, strict=True)]
-        else:
-            flat, v = pattern.flat, vals.reshape(-1)
-            group = torch.bucketize(flat, flat.new_tensor(prefixes), right=True)  # [nnz] group id of each entry
-            parts = []
-            for g in range(len(prefixes)):
-                sel = (group == g).nonzero().squeeze(1)  # entries of group g, still row-major
-                counts = torch.bincount(pattern.rows.index_select(0, sel), minlength=n_rows)  # [B]
-                sub = SparsePattern(flat.index_select(0, sel), self.cfg.d_sae, counts.cumsum(0) - counts)
-                parts.append(sparse_decode(v.index_select(0, sel), sub.flat, self.W_dec, dtype=cd, pattern=sub).float())
-        out, acc = [], None
-        for p in parts:
-            acc = p if acc is None else acc + p
-            out.append(acc)
-        return out
+            out, acc = [], None
+            for p in parts:
+                acc = p if acc is None else acc + p
+                out.append(acc)
+            return out
+        # Entries are row-major and, within a row, in feature order (batch top-k and the eval threshold
+        # both give them so), so the entries of (row b, group g) are contiguous: one embedding-bag over
+        # B·M bags decodes every group of every row at once, and a cumulative sum gives the levels.
+        m = len(prefixes)
+        group = torch.bucketize(pattern.flat, pattern.flat.new_tensor(prefixes), right=True)  # [nnz] in 0..M-1
+        counts = torch.bincount(pattern.rows * m + group, minlength=n_rows * m)  # [B·M]
+        bags = SparsePattern(pattern.flat, self.cfg.d_sae, counts.cumsum(0) - counts)
+        parts = sparse_decode(vals.reshape(-1), pattern.flat, self.W_dec, dtype=cd, pattern=bags).float()
+        levels = parts.view(n_rows, m, -1).cumsum(1)  # [B, M, d]
+        return list(levels.unbind(1))
 
     def forward(  # type: ignore[override]
         self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
