@@ -343,7 +343,7 @@ class _Provider:
 
 def saelens_settings(kind: str, steps: int, l1: float | None) -> dict[str, Any]:
     """SAETrainerConfig fields (the LanguageModelSAERunnerConfig defaults, or its tutorial's for ReLU-L1)."""
-    if kind == "topk":
+    if kind in ("topk", "matryoshka"):
         lr, decay, warm_l1 = 3e-4, 0, 0
     else:
         lr, decay, warm_l1 = 5e-5, steps // 5, steps // 20
@@ -355,8 +355,12 @@ def saelens_settings(kind: str, steps: int, l1: float | None) -> dict[str, Any]:
 def train_saelens(kind: str, data: BatchFile, held: HeldOut, n_features: int, k: int, seed: int, marks: Marks,
                   dead_window_tokens: int, l1: float | None = None, norm_batches: int = 25,
                   ctl: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """SAELens's TopK (kind="topk") or ReLU-L1 (kind="relu") SAE through its SAETrainer.fit()."""
+    """SAELens's TopK (kind="topk"), ReLU-L1 (kind="relu"), Matryoshka BatchTopK (kind="matryoshka",
+    monoscope's default prefixes as matryoshka_widths) or gated (kind="gated", coefficient `l1`) SAE
+    through its SAETrainer.fit()."""
     from sae_lens import (
+        GatedTrainingSAE,
+        GatedTrainingSAEConfig,
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
         TopKTrainingSAE,
@@ -369,9 +373,27 @@ def train_saelens(kind: str, data: BatchFile, held: HeldOut, n_features: int, k:
     norm_batches = min(norm_batches, data.steps)
     torch.manual_seed(seed)
     sae: Any
+    widths: list[int] = []
     if kind == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=data.d, d_sae=n_features, k=k,
                                                     normalize_activations="expected_average_only_in"))
+    elif kind == "matryoshka":
+        from sae_lens.saes.matryoshka_batchtopk_sae import (
+            MatryoshkaBatchTopKTrainingSAE,
+            MatryoshkaBatchTopKTrainingSAEConfig,
+        )
+
+        from monoscope.sae.config import default_prefixes
+
+        widths = default_prefixes(n_features)
+        sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=data.d, d_sae=n_features, k=k, matryoshka_widths=list(widths),
+            normalize_activations="expected_average_only_in"))
+    elif kind == "gated":
+        assert l1 is not None
+        sae = GatedTrainingSAE(GatedTrainingSAEConfig(
+            d_in=data.d, d_sae=n_features, l1_coefficient=l1, l1_warm_up_steps=s["l1_warm_up_steps"],
+            normalize_activations="expected_average_only_in"))
     else:
         assert l1 is not None
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(
@@ -428,11 +450,16 @@ def train_saelens(kind: str, data: BatchFile, held: HeldOut, n_features: int, k:
         "dead_saelens_own_count": int(trainer.dead_neurons.sum()),
         "settings": {
             "library": f"sae-lens {_version('sae-lens')}",
-            "model": (f"TopKTrainingSAE(k={k}, d_sae={n_features}, apply_b_dec_to_input=True, "
-                      "rescale_acts_by_decoder_norm=True, aux_loss_coefficient=1.0, decoder_init_norm=0.1)"
-                      if kind == "topk" else
-                      f"StandardTrainingSAE(d_sae={n_features}, l1_coefficient={l1}, lp_norm=1, "
-                      f"l1_warm_up_steps={s['l1_warm_up_steps']}, apply_b_dec_to_input=False, decoder_init_norm=0.1)"),
+            "model": {
+                "topk": f"TopKTrainingSAE(k={k}, d_sae={n_features}, apply_b_dec_to_input=True, "
+                        "rescale_acts_by_decoder_norm=True, aux_loss_coefficient=1.0, decoder_init_norm=0.1)",
+                "matryoshka": f"MatryoshkaBatchTopKTrainingSAE(k={k}, d_sae={n_features}, matryoshka_widths={widths}, "
+                              "use_matryoshka_aux_loss=False, rescale_acts_by_decoder_norm=True)",
+                "gated": f"GatedTrainingSAE(d_sae={n_features}, l1_coefficient={l1}, "
+                         f"l1_warm_up_steps={s['l1_warm_up_steps']}, apply_b_dec_to_input=True)",
+            }.get(kind, f"StandardTrainingSAE(d_sae={n_features}, l1_coefficient={l1}, lp_norm=1, "
+                        f"l1_warm_up_steps={s['l1_warm_up_steps']}, apply_b_dec_to_input=False, "
+                        "decoder_init_norm=0.1)"),
             "normalize_activations": "expected_average_only_in",
             "scaling_factor": scaling,
             "norm_estimate_batches": norm_batches,
@@ -441,7 +468,9 @@ def train_saelens(kind: str, data: BatchFile, held: HeldOut, n_features: int, k:
             "dtype": "float32 (autocast off: its default)",
             "batch_tokens": data.batch,
             "note": ("AuxK only acts on features dead for dead_feature_window=1000 steps: never within this run"
-                     if kind == "topk" else "ReLU-L1 settings of its training tutorial; l1 tuned for L0 ~ k"),
+                     if kind in ("topk", "matryoshka") else
+                     "ReLU-L1 settings of its training tutorial (lr, warm-ups), the same coefficient as monoscope's"
+                     if kind == "gated" else "ReLU-L1 settings of its training tutorial; l1 tuned for L0 ~ k"),
         },
     }
 

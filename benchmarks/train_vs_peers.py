@@ -194,7 +194,10 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
     from monoscope.train import TrainConfig, Trainer
 
     data, held = _open(spec)
-    cfg = TrainConfig(arch="topk", tokens=spec["steps"] * spec["batch"], width=spec["width"], k=spec["k"],
+    arch = spec.get("arch", "topk")
+    cfg = TrainConfig(arch=arch, tokens=spec["steps"] * spec["batch"], width=spec["width"],
+                      k=spec["k"] if arch != "gated" else None,
+                      sparsity_coef=spec.get("l1") if arch == "gated" else None,
                       batch_size=spec["batch"], dtype=spec["dtype"], seed=spec["seed"], progress=False,
                       checkpoint_every=0, lr=spec.get("lr"))
 
@@ -215,7 +218,7 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         def load_state_dict(self, s: dict[str, Any]) -> None:
             self.i = int(s["i"])
 
-    sae_cfg = SAEConfig(arch="topk", d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
+    sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
                         normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
                         dtype="float32", compute_dtype=cfg.dtype)
     sae = build_sae(sae_cfg, seed=cfg.seed)
@@ -225,6 +228,7 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
     gate.start()
     trainer.init_b_dec(data.read(0))  # as train() does, from the first batch (on the clock)
     trainer.run(on_step=lambda n: gate.after_step(trainer.step, recon))
+    trainer.calibrate_threshold()  # batchtopk-style: the inference threshold, as train() sets it (no-op otherwise)
     train_s, final = gate.finish(trainer.step, recon)
     return {"train_s": train_s, "curve": gate.rec.curve, "final": final, "turn_log": gate.turn_log,
             "dead_train_frac": float((trainer.dead.since >= spec["dead_window"]).float().mean()),
@@ -440,6 +444,11 @@ def main() -> None:
     ap.add_argument("--skip-scale", action="store_true", help="skip the 262,144-feature memory check")
     ap.add_argument("--scale-features", type=int, default=262_144)
     ap.add_argument("--scale-steps", type=int, default=8)
+    ap.add_argument("--archs", default="",
+                    help="also train these architectures (matryoshka, gated; comma-separated) with monoscope's "
+                         "Trainer (bf16/auto) and SAELens's trainer of the same architecture, in the same group")
+    ap.add_argument("--gated-l1", type=float, default=5.0,
+                    help="gated: the L1 coefficient, the same for monoscope and SAELens (both E||x||^2 = d_in)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--name", default=NAME, help="result file name under benchmarks/results/")
@@ -502,6 +511,14 @@ def main() -> None:
         if not args.skip_saelens_relu:
             group.append({**base, "name": "saelens_relu_l1", "kind": "saelens", "saelens_kind": "relu", "l1": l1,
                           "eval_steps": quarter})
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    for a in archs:
+        if a not in ARCH_ROWS:
+            raise SystemExit(f"--archs {a!r}: use {', '.join(ARCH_ROWS)}")
+        group.append({**base, "name": f"monoscope_{a}", "kind": "monoscope_trainer", "dtype": "auto", "arch": a,
+                      "l1": args.gated_l1, "eval_steps": quarter})
+        group.append({**base, "name": f"saelens_{a}", "kind": "saelens", "saelens_kind": a, "l1": args.gated_l1,
+                      "eval_steps": quarter})
     group_runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_bf16")
     runs.update(group_runs)
     t_mono = group_info["t_mono"] or runs["monoscope_bf16"].get("train_s") or 0.0
@@ -617,8 +634,14 @@ LABELS = {
     "sparsify": "sparsify (signum, fp32)",
     "saelens_topk": "SAELens TopK (fp32)",
     "saelens_relu_l1": "SAELens ReLU-L1 (fp32)",
+    "monoscope_matryoshka": "monoscope Trainer Matryoshka bf16",
+    "saelens_matryoshka": "SAELens Matryoshka BatchTopK (fp32)",
+    "monoscope_gated": "monoscope Trainer gated bf16",
+    "saelens_gated": "SAELens gated (fp32)",
 }
 PEERS = ("sparsify", "saelens_topk", "saelens_relu_l1")
+ARCH_ROWS = ("matryoshka", "gated")
+"""Architectures with a row pair (monoscope, SAELens) compared with each other (--archs)."""
 
 
 def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_end: dict[str, float], d: int,
@@ -633,7 +656,7 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
             rows[name] = {"error": r.get("error", "no result")}
             continue
         tps = tokens / r["train_s"]
-        own = "fp32" if name.endswith("fp32") or name in PEERS else "bf16"
+        own = "fp32" if name.endswith("fp32") or not name.startswith("monoscope") else "bf16"
         row = {
             "tokens_per_s": tps,
             "train_s": r["train_s"],
@@ -667,7 +690,7 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
         verdict["fastest_peer"] = fastest
         verdict["fastest_peer_tokens_per_s"] = peers[fastest]["tokens_per_s"]
         verdict["fastest_peer_fvu"] = peers[fastest]["fvu_same_tokens"]
-        for name in [n for n in rows if n.startswith("monoscope")]:
+        for name in [n for n in rows if n.startswith("monoscope") and n.split("_", 1)[1] not in ARCH_ROWS]:
             if "tokens_per_s" in rows[name]:
                 sp = rows[name]["tokens_per_s"] / peers[fastest]["tokens_per_s"]
                 rows[name]["speedup_vs_fastest_peer"] = sp
@@ -677,6 +700,15 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
                                  "fvu_le_fastest_peer": fvu <= peers[fastest]["fvu_same_tokens"],
                                  "fvu_le_every_peer": rows[name]["fvu_same_tokens"] <= best_peer_fvu,
                                  "fraction_of_limit": rows[name]["fraction_of_limit"]}
+    for a in ARCH_ROWS:  # each newer architecture against SAELens's trainer of the same architecture
+        m, p = rows.get(f"monoscope_{a}", {}), rows.get(f"saelens_{a}", {})
+        if "tokens_per_s" in m and "tokens_per_s" in p:
+            sp = m["tokens_per_s"] / p["tokens_per_s"]
+            m["speedup_vs_fastest_peer"] = sp
+            verdict[f"monoscope_{a}"] = {"peer": f"saelens_{a}", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0,
+                                         "fvu": m["fvu_same_tokens"], "peer_fvu": p["fvu_same_tokens"],
+                                         "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"],
+                                         "l0": m["l0"], "peer_l0": p["l0"]}
     return {"rows": rows, "verdict": verdict, "limit_tokens_per_s": limit, "flops_per_token": flops,
             "peaks_used_tflops": peaks,
             "monoscope_full_pass_s": t_mono, "peak_drift": {k: peaks_end[k] / peaks[k] for k in peaks}}

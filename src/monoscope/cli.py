@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job on the embedded default: capture, train, eval, features, explain")
     p.add_argument("--out", default=str(DEFAULT_RUN), help=f"run folder (default {DEFAULT_RUN})")
     _add_capture_args(p, tokens_default="1M")
-    p.add_argument("--arch", default="topk", choices=["relu-l1", "topk", "batchtopk", "jumprelu"])
+    p.add_argument("--arch", default="topk",
+                   choices=["relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"])
     p.add_argument("--k", type=int, default=32, help="active features per token (topk, batchtopk)")
     p.add_argument("--width", default="16x", help="features: a count or a multiple of d_model (default 16x)")
     p.add_argument("--train-tokens", default="2M", help="training tokens (several passes over a small store)")

@@ -21,11 +21,12 @@ from typing import Any
 from monoscope.capture import CaptureResult
 from monoscope.errors import MonoscopeError
 from monoscope.runfolder import RunFolder
+from monoscope.sae.config import ARCHITECTURES, TOPK_STYLE
 from monoscope.units import parse_count
 
 COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 STORE_DTYPES = ("bfloat16", "float16", "float32")
-ARCHS = ("relu-l1", "topk", "batchtopk", "jumprelu")
+ARCHS = ARCHITECTURES
 _TRAIN_DTYPE = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -275,7 +276,7 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
     if show:
         show["capture"](cap)
 
-    k = cfg.k if cfg.arch in ("topk", "batchtopk") else None
+    k = cfg.k if cfg.arch in TOPK_STYLE else None
     for i, (name, folder, width) in enumerate((("train", f.sae, cfg.width), ("train-small", f.small_sae,
                                                                               cfg.small_width))):
         say(f"monoscope run [{2 + i}/7] train: {cfg.arch} k={cfg.k} width {width} on {cfg.train_tokens} tokens "

@@ -27,7 +27,8 @@ from monoscope.train import train
 from tests.conftest import TRAIN_TEXT, make_llama
 
 HOOK = "resid_post.1"
-ARCHS = {"relu-l1": {}, "topk": {"k": 8}, "batchtopk": {"k": 8}, "jumprelu": {}}
+ARCHS = {"relu-l1": {}, "topk": {"k": 8}, "batchtopk": {"k": 8}, "jumprelu": {}, "matryoshka": {"k": 8},
+         "gated": {}}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,40 @@ def test_densities_add_up_to_eval_l0(root: Path, arch: str) -> None:
     assert np.array_equal(fires, _brute_force_fires(sae_dir, root / "acts"))
     if arch == "relu-l1":  # far above the 64 codes per token the pass used to keep
         assert ev.store.l0_mean > 64
+
+
+@pytest.mark.parametrize("arch", ["matryoshka", "gated"])
+def test_show_and_steer_work_for_the_newer_architectures(root: Path, arch: str) -> None:
+    """The stages after the database, through the real CLI: `show` prints a page for a live feature,
+    `steer --scale 1` leaves generation unchanged (the splice is exact), a 10x clamp changes it."""
+    from tests.steer.helpers import run_cli
+
+    sae_dir = root / f"sae-{arch}"
+    if not (sae_dir / "cfg.json").exists():
+        train(sae_dir, store=root / "acts", arch=arch, width="4x", tokens=1024, batch_size=128, progress=False,
+              **ARCHS[arch])
+    db_path = root / f"sae-{arch}-features" / "features.db"
+    if not db_path.exists():
+        build_features(sae_dir, tokens=256, batch_contexts=8, feature_map=False, compute_dtype="fp32", progress=False)
+    with FeatureDB.open(db_path) as db:
+        fires = db.column("fires")
+    live = int(np.argmax(fires))
+    assert fires[live] > 0
+    shown = run_cli("show", str(sae_dir), str(live), "--examples", "2")
+    assert shown.returncode == 0, shown.stderr
+    assert f"feature {live}" in shown.stdout.lower() or f"#{live}" in shown.stdout
+    base = ["steer", str(sae_dir), "--prompt", "the quick brown fox", "--max-new-tokens", "4", "--json",
+            "--compute-dtype", "fp32", "--device", "cpu", "--feature", str(live)]
+    same = run_cli(*base, "--scale", "1", timeout=300)
+    assert same.returncode == 0, same.stderr
+    out = json.loads(same.stdout)
+    assert out["default"] == out["steered"]
+    assert all(abs(t["delta"]) < 1e-3 for t in out["tokens"]["steered"])
+    clamped = run_cli(*base, "--clamp", "10x", timeout=300)
+    assert clamped.returncode == 0, clamped.stderr
+    out = json.loads(clamped.stdout)
+    assert out["edits"][0]["raw_value"] > 0
+    assert sum(t["delta"] for t in out["tokens"]["steered"]) != 0
 
 
 def test_compute_dtype_reaches_the_pass(root: Path) -> None:

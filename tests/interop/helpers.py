@@ -23,6 +23,8 @@ ARCHS: list[tuple[str, dict[str, Any]]] = [
     ("topk", {"k": K}),
     ("jumprelu", {}),
     ("batchtopk", {"k": K}),
+    ("matryoshka", {"k": K, "prefixes": [8, 24, D_SAE]}),
+    ("gated", {}),
 ]
 
 
@@ -47,7 +49,10 @@ def make_sae(arch: str, kw: dict[str, Any], *, b_dec_to_input: bool, normaliser:
         sae.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.5)
         if arch == "jumprelu":
             sae.log_threshold.copy_((torch.rand(D_SAE, generator=g) * 0.8 + 0.05).log())
-    if arch == "batchtopk":
+        if arch == "gated":  # magnitudes on their own scale and bias, so a dropped r_mag or b_mag shows
+            sae.r_mag.copy_(torch.randn(D_SAE, generator=g) * 0.3)
+            sae.b_mag.copy_(torch.randn(D_SAE, generator=g) * 0.2)
+    if arch in ("batchtopk", "matryoshka"):
         sae.train()
         sae(sae.scale(inputs(64, seed=seed + 7)))  # learns its inference threshold
     return sae.eval()

@@ -49,11 +49,13 @@ def test_saelens_round_trip_keeps_raw_features(tmp_path: Path, arch: str, kw: di
     out = convert(save_sae(sae, tmp_path / "mono"), "saelens", tmp_path / "lens")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["normalize_activations"] == "none"  # the normaliser is folded into the weights
-    assert cfg["architecture"] == {"relu-l1": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+    assert cfg["architecture"] == {"relu-l1": "standard", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}.get(
+        arch, arch)
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     back = float32(load_any(out))
-    assert back.cfg.arch == arch  # batchtopk comes back through SAELens's training metadata
+    assert back.cfg.arch == arch  # batchtopk and matryoshka come back through SAELens's training metadata
     assert back.cfg.normaliser == 1.0 and back.cfg.hook == "resid_post.3" and back.cfg.k == sae.cfg.k
+    assert back.cfg.prefixes == sae.cfg.prefixes
     x = inputs()
     assert_close(back.encode_raw(x), sae.encode_raw(x))
     assert_close(back.reconstruct_raw(x), sae.reconstruct_raw(x))
@@ -221,8 +223,9 @@ def test_sparsify_zero_skip_connection_is_accepted(tmp_path: Path) -> None:
     ("cfg_change", "match"),
     [
         ({"architecture": None}, "names no architecture"),
-        ({"architecture": "gated"}, "'gated' has no monoscope equivalent"),
-        ({"architecture": "matryoshka_batchtopk"}, "save_inference_model"),
+        ({"architecture": "abstopk"}, "'abstopk' has no monoscope equivalent"),
+        ({"architecture": "gated"}, r"not hold a SAELens gated SAE: missing tensors \['b_gate', 'b_mag', 'r_mag'\]"),
+        ({"architecture": "matryoshka_batchtopk"}, r"missing tensors \['topk_threshold'\]"),
         ({"architecture": "topk"}, "needs k"),
         ({"architecture": "topk", "k": 2.5}, "k=2.5"),
         ({"normalize_activations": "layer_norm"}, "layer_norm.*each token"),
@@ -240,6 +243,20 @@ def test_saelens_refusals(tmp_path: Path, cfg_change: dict[str, Any], match: str
     folder = write_folder(tmp_path / "s", cfg, saelens_tensors(), SAELENS_W)
     with pytest.raises(MonoscopeError, match=match) as e:
         load_any(folder)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("widths", "match"), [
+    (None, "needs matryoshka_widths, a list of whole widths; it has None"),
+    ([8, 8.5], "needs matryoshka_widths, a list of whole widths"),
+    ([24, 8], r"matryoshka_widths 24,8,64 \(= \[24, 8, 64\]\) must be strictly increasing"),
+    ([8, 80], r"matryoshka_widths 8,80,64 \(= \[8, 80, 64\]\) must be strictly increasing"),  # d_sae appended
+])
+def test_saelens_matryoshka_widths_are_checked(tmp_path: Path, widths: Any, match: str) -> None:
+    cfg = {**saelens_cfg("matryoshka_batchtopk"), "k": K, "matryoshka_widths": widths}
+    tensors = {**saelens_tensors(), "topk_threshold": torch.tensor(0.1, dtype=torch.float64)}
+    with pytest.raises(InteropError, match=match) as e:
+        load_any(write_folder(tmp_path / "m", cfg, tensors, SAELENS_W))
     assert "\n" not in str(e.value)
 
 

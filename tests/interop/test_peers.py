@@ -68,6 +68,8 @@ LENS_CASES = [
     ("TopKSAE", "TopKSAEConfig", {"k": K, "rescale_acts_by_decoder_norm": True}, "topk"),
     ("JumpReLUSAE", "JumpReLUSAEConfig", {}, "jumprelu"),
     ("JumpReLUSAE", "JumpReLUSAEConfig", {"apply_b_dec_to_input": False}, "jumprelu"),
+    ("GatedSAE", "GatedSAEConfig", {}, "gated"),
+    ("GatedSAE", "GatedSAEConfig", {"apply_b_dec_to_input": False}, "gated"),
 ]
 
 
@@ -118,6 +120,40 @@ def test_saelens_batchtopk_training_and_inference_saves(tmp_path: Path, sae_lens
 
 
 @torch.no_grad()
+def test_saelens_matryoshka_training_and_inference_saves(tmp_path: Path, sae_lens: ModuleType) -> None:
+    """SAELens's own Matryoshka trainer: its checkpoint ('matryoshka_batchtopk', topk_threshold and
+    matryoshka_widths) and its inference save (a JumpReLU with the widths in the training details) both
+    load as monoscope's matryoshka with the same prefixes and the same features."""
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import TrainStepInput
+
+    widths = [8, 24, D_SAE]
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, matryoshka_widths=list(widths))
+    trainer_sae = MatryoshkaBatchTopKTrainingSAE(cfg)
+    _randomise(trainer_sae, seed=8)
+    for seed in range(3):
+        step = TrainStepInput(sae_in=inputs(64, seed=seed), coefficients={}, dead_neuron_mask=None,
+                              n_training_steps=seed, is_logging_step=False)
+        out = trainer_sae.training_forward_pass(step)
+    assert {f"inner_mse_loss_{w}" for w in widths[:-1]} <= set(out.losses)
+    trainer_sae.save_inference_model(tmp_path / "inference")
+    trainer_sae.save_model(tmp_path / "checkpoint")
+    peer = sae_lens.SAE.load_from_disk(tmp_path / "inference")
+    assert type(peer).__name__ == "JumpReLUSAE"
+    x = inputs()
+    f = peer.encode(x)
+    assert (f > 0).sum(1).float().mean() > 1
+    for folder in ("inference", "checkpoint"):
+        ours = float32(load_any(tmp_path / folder))
+        assert ours.cfg.arch == "matryoshka" and ours.cfg.k == K and ours.cfg.prefixes == widths
+        assert_close(ours.encode_raw(x), f)
+        assert_close(ours.reconstruct_raw(x), peer.decode(f))
+
+
+@torch.no_grad()
 def test_saelens_unfolded_scaling_factor(tmp_path: Path, sae_lens: ModuleType) -> None:
     from sae_lens.training.activation_scaler import ActivationScaler
 
@@ -141,7 +177,8 @@ def test_saelens_unfolded_scaling_factor(tmp_path: Path, sae_lens: ModuleType) -
 
 # ----------------------------------------------------------------------------- monoscope -> SAELens
 
-PEER_CLASS = {"relu-l1": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE", "batchtopk": "JumpReLUSAE"}
+PEER_CLASS = {"relu-l1": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE", "batchtopk": "JumpReLUSAE",
+              "matryoshka": "JumpReLUSAE", "gated": "GatedSAE"}
 
 
 @pytest.mark.parametrize(("arch", "kw"), ARCHS)

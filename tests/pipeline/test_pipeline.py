@@ -199,7 +199,7 @@ def test_every_config_field_is_a_run_option() -> None:
     ({"tokens": "nan"}, "--tokens 'nan': use a positive number of tokens such as 500000, 500k or 2M"),
     ({"train_tokens": "0"}, "--train-tokens '0': use a positive number of tokens"),
     ({"compute_dtype": "fp16"}, "--compute-dtype 'fp16': use one of auto, fp32, bf16"),
-    ({"arch": "relu"}, "--arch 'relu': use one of relu-l1, topk, batchtopk, jumprelu"),
+    ({"arch": "relu"}, "--arch 'relu': use one of relu-l1, topk, batchtopk, jumprelu, matryoshka, gated"),
     ({"model": ""}, "--model '': give a Hugging Face id"),
     ({"out": " "}, "--out ' ': give a run folder such as runs/default"),
     ({"width": "wide"}, "--width 'wide': use a count such as 9216 or a multiple of d_model such as 16x"),

@@ -31,7 +31,8 @@ def batch(seed: int = 0, n: int = B) -> torch.Tensor:
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_every_architecture_has_the_same_interface(density: float) -> None:
     x = batch()
-    for arch, kw in [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {})]:
+    for arch, kw in [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {}),
+                     ("matryoshka", {"k": 4, "prefixes": [6, 20, N_FEAT]}), ("gated", {})]:
         sae = make(arch, sparse_max_density=density, **kw)
         out = sae(x, 0.01, torch.zeros(N_FEAT, dtype=torch.bool))
         assert out.x_hat.shape == (B, D) and out.x_hat.dtype == torch.float32

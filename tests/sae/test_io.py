@@ -14,7 +14,8 @@ from monoscope.errors import MonoscopeError
 from monoscope.sae import SAEConfig, build_sae, check_compatible, load_sae, save_sae
 from monoscope.sae.io import CFG_NAME, WEIGHTS_NAME
 
-ARCHS = [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {})]
+ARCHS = [("relu-l1", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {}),
+         ("matryoshka", {"k": 4, "prefixes": [4, 12, 32]}), ("gated", {})]
 
 
 def _trained_like(arch: str, kw: dict, dtype: str = "float32"):
@@ -33,7 +34,7 @@ def _trained_like(arch: str, kw: dict, dtype: str = "float32"):
     with torch.no_grad():
         for p in sae.parameters():
             p.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         sae.train()
         sae(torch.randn(16, 8, generator=g))  # sets the inference threshold
         assert torch.isfinite(sae.threshold)
@@ -56,7 +57,7 @@ def test_round_trip_is_exact(tmp_path: Path, arch: str, kw: dict, dtype: str) ->
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name], b[name]) or (a[name].isnan().all() and b[name].isnan().all()), name
     want = sae.cfg.to_dict()
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         want["threshold"] = float(sae.threshold)
     assert loaded.cfg.to_dict() == want
     x = torch.randn(5, 8)
@@ -158,8 +159,8 @@ def test_missing_architecture_is_never_guessed(saved: Path) -> None:
 
 
 def test_unknown_architecture(saved: Path) -> None:
-    _edit_cfg(saved, architecture="gated")
-    with pytest.raises(MonoscopeError, match=r"unknown architecture 'gated'"):
+    _edit_cfg(saved, architecture="crosscoder")
+    with pytest.raises(MonoscopeError, match=r"unknown architecture 'crosscoder'"):
         load_sae(saved)
 
 

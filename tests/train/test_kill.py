@@ -20,6 +20,11 @@ RUNS: dict[str, dict[str, Any]] = {
     "topk": {"arch": "topk", "k": 4, "dead_window": 256},
     # relu-l1: λ warm-up, resampling at 20/40/60% with a one-batch dead window
     "relu-l1": {"arch": "relu-l1", "sparsity_coef": 5.0, "dead_window": 64},
+    # matryoshka: batch top-k with its running threshold, nested prefix losses, AuxK, and the threshold
+    # calibration after the last step (from batches after the saved cursor)
+    "matryoshka": {"arch": "matryoshka", "k": 4, "dead_window": 256, "prefixes": "8,32,128"},
+    # gated: unconstrained decoder, λ warm-up, r_mag/b_mag in the Adam state
+    "gated": {"arch": "gated", "sparsity_coef": 5.0},
 }
 COMMON: dict[str, Any] = {"width": "4x", "tokens": STEPS * 64, "batch_size": 64, "lr": 3e-3, "checkpoint_every": 25,
                           "log_every": 10, "progress": False}
@@ -42,12 +47,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def reference(store: Path, out: Path, run: dict[str, Any]) -> Path:
-    """The uninterrupted run, in process (one thread, like the children)."""
+    """The uninterrupted run, in process (one thread, like the children); prefixes as the CLI's text."""
     train(out, store=store, **COMMON, **run)
     return out
 
 
-@pytest.mark.parametrize("name", ["topk", "relu-l1"])
+@pytest.mark.parametrize("name", ["topk", "relu-l1", "matryoshka", "gated"])
 def test_sigkill_mid_run_then_resume_is_bit_identical(store: Path, tmp_path: Path, name: str) -> None:
     run = RUNS[name]
     ref = reference(store, tmp_path / "ref", run)

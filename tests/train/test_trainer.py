@@ -14,7 +14,7 @@ from monoscope.store.batches import Batch
 from monoscope.train import MemorySink, NonFiniteError, TrainConfig, Trainer, TrainingInterrupted
 from tests.train.helpers import D, RandomSource
 
-ARCHS = ["relu-l1", "topk", "batchtopk", "jumprelu"]
+ARCHS = ["relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"]
 BATCH = 64
 
 
@@ -27,7 +27,7 @@ class ListLog:
 
 
 def make_trainer(arch: str, steps: int = 60, source: Any = None, seed: int = 0, **settings: Any) -> Trainer:
-    topk = arch in ("topk", "batchtopk")
+    topk = arch in ("topk", "batchtopk", "matryoshka")
     defaults: dict[str, Any] = {
         "arch": arch, "tokens": steps * BATCH, "batch_size": BATCH, "width": "4x", "k": 4 if topk else None,
         "lr": 3e-3, "log_every": 10, "checkpoint_every": 0, "progress": False, "dead_window": 4 * BATCH,
@@ -36,9 +36,12 @@ def make_trainer(arch: str, steps: int = 60, source: Any = None, seed: int = 0, 
         defaults["sparsity_coef"] = 0.5  # the paper's 5 is for wide models: d=32 needs less
     if arch == "jumprelu":
         defaults["sparsity_coef"] = 0.05
+    if arch == "gated":
+        defaults["sparsity_coef"] = 0.5
     cfg = TrainConfig(**{**defaults, **settings})
     src = source if source is not None else RandomSource(BATCH)
-    sae_cfg = SAEConfig(arch=arch, d_in=D, d_sae=cfg.d_sae(D), k=cfg.k, normaliser=src.normaliser)
+    sae_cfg = SAEConfig(arch=arch, d_in=D, d_sae=cfg.d_sae(D), k=cfg.k, normaliser=src.normaliser,
+                        prefixes=cfg.prefix_widths(D))
     sae = build_sae(sae_cfg, seed=seed)
     trainer = Trainer(sae, cfg, src, sink=MemorySink(), log=ListLog())
     return trainer
@@ -74,13 +77,13 @@ def test_each_architecture_learns_and_keeps_its_constraints(arch: str) -> None:
     assert recs[-1]["fvu"] < 0.6 * recs[0]["fvu"] and recs[-1]["fvu"] < 0.5, [r["fvu"] for r in recs]
     assert recs[-1]["lr"] < 0.1 * recs[0]["lr"]  # decayed to ~0 over the last 20%
     norms = t.sae.W_dec.detach().norm(dim=1)
-    if arch == "relu-l1":
+    if arch in ("relu-l1", "gated"):
         assert recs[-1]["sparsity"] > 0 and not torch.allclose(norms, torch.ones_like(norms))
     else:
         torch.testing.assert_close(norms, torch.ones_like(norms))
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka"):
         assert abs(recs[-1]["l0"] - 4) < 0.5
-    if arch == "batchtopk":  # the inference threshold is learned during training and used in eval
+    if arch in ("batchtopk", "matryoshka"):  # the inference threshold is learned during training and used in eval
         thr = float(t.sae.threshold)  # type: ignore[arg-type]
         assert 0 < thr < float("inf")
         x = t.scaled(RandomSource(512, seed=5).data)
@@ -94,7 +97,7 @@ def test_each_architecture_learns_and_keeps_its_constraints(arch: str) -> None:
         assert t.sae.training and t.source.state_dict() != cursor
         l0 = float(t.sae.eval()(x).l0)
         assert abs(l0 - 4) <= 0.4, l0
-    if arch != "batchtopk":
+    if arch not in ("batchtopk", "matryoshka"):
         assert t.calibrate_threshold() is None
     if arch == "jumprelu":
         assert t.sae.log_threshold.dtype == torch.float32  # type: ignore[union-attr]

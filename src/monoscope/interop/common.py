@@ -28,6 +28,7 @@ import monoscope
 from monoscope.errors import MonoscopeError
 from monoscope.fileio import write_bytes_atomic, write_json_atomic
 from monoscope.sae import SAE, SAEConfig, build_sae
+from monoscope.sae.config import THRESHOLD_STYLE
 
 CFG_NAME = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -52,7 +53,13 @@ class RawSAE:
     b_dec_to_input: bool
     k: int | None = None
     threshold: Tensor | None = None
-    """jumprelu: θ [d_sae]; batchtopk: θ [] (both float32, compared with pre as given)."""
+    """jumprelu: θ [d_sae]; batchtopk, matryoshka: θ [] (float32, compared with pre as given)."""
+    prefixes: list[int] | None = None
+    """matryoshka: the nested prefix widths (SAELens's matryoshka_widths)."""
+    r_mag: Tensor | None = None
+    """gated: [d_sae] log-scale of the magnitude path (b_enc is the gate bias b_gate)."""
+    b_mag: Tensor | None = None
+    """gated: [d_sae] bias of the magnitude path."""
     normaliser: float = 1.0
     hook: str | None = None
     model: str | None = None
@@ -85,7 +92,8 @@ def to_monoscope(raw: RawSAE, provenance: dict[str, Any]) -> SAE:
         model=raw.model,
         dtype=raw.dtype,  # type: ignore[arg-type]
         b_dec_to_input=raw.b_dec_to_input,
-        threshold=float(raw.threshold) if raw.arch == "batchtopk" and raw.threshold is not None else None,
+        threshold=float(raw.threshold) if raw.arch in THRESHOLD_STYLE and raw.threshold is not None else None,
+        prefixes=list(raw.prefixes) if raw.arch == "matryoshka" and raw.prefixes is not None else None,
     )
     sae = build_sae(cfg, seed=0)
     wdt = torch.bfloat16 if raw.dtype == "bfloat16" else torch.float32
@@ -99,8 +107,11 @@ def to_monoscope(raw: RawSAE, provenance: dict[str, Any]) -> SAE:
         assert raw.threshold is not None
         # θ <= 0 behaves as θ = 0 (the ReLU already zeroes pre <= 0): log θ = -inf, exp gives 0 back.
         state["log_threshold"] = raw.threshold.double().clamp_min(0).log().float()
-    elif raw.arch == "batchtopk":
+    elif raw.arch in THRESHOLD_STYLE:
         state["threshold"] = torch.tensor(float(raw.threshold), dtype=torch.float32)  # type: ignore[arg-type]
+    elif raw.arch == "gated":
+        assert raw.r_mag is not None and raw.b_mag is not None
+        state["r_mag"], state["b_mag"] = raw.r_mag.to(wdt), raw.b_mag.to(wdt)
     sae.load_state_dict(state, strict=True)
     sae.provenance = provenance
     return sae.eval()
@@ -115,19 +126,25 @@ def from_monoscope(sae: SAE, *, b_dec_to_input: bool) -> RawSAE:
     w_enc, b_enc, w_dec, b_dec = (
         p.detach().cpu().double() if fold else p.detach().cpu() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
     )
+    r_mag = b_mag = None
+    if cfg.arch == "gated":  # π_mag = exp(r_mag)·W(c·x − b_dec) + b_mag: the same folds, its bias shift scaled
+        r_mag, b_mag = (getattr(sae, n).detach().cpu() for n in ("r_mag", "b_mag"))
+        if fold:
+            r_mag, b_mag = r_mag.double(), b_mag.double()
     # pre = W(c·x − b_dec) + b_enc = cW(x − b_dec/c) + b_enc; without b_dec on the input the bias moves.
-    if cfg.b_dec_to_input and not b_dec_to_input:
-        b_enc = b_enc - w_enc @ b_dec
-    elif not cfg.b_dec_to_input and b_dec_to_input:
-        b_enc = b_enc + w_enc @ b_dec
+    if bool(cfg.b_dec_to_input) != b_dec_to_input:
+        shift = w_enc @ b_dec if cfg.b_dec_to_input else -(w_enc @ b_dec)
+        b_enc = b_enc - shift
+        if b_mag is not None and r_mag is not None:
+            b_mag = b_mag - shift * r_mag.exp()
     threshold = None
     if cfg.arch == "jumprelu":
         threshold = sae.log_threshold.detach().cpu().float().exp()  # exactly what monoscope compares with
-    elif cfg.arch == "batchtopk":
+    elif cfg.arch in THRESHOLD_STYLE:
         t = sae.threshold.detach().cpu().float()  # type: ignore[union-attr]
         if not bool(torch.isfinite(t)):
             raise InteropError(
-                "this batchtopk SAE has no inference threshold (it was never trained): train it first; "
+                f"this {cfg.arch} SAE has no inference threshold (it was never trained): train it first; "
                 "an untrained threshold cannot be exported"
             )
         threshold = t
@@ -142,6 +159,9 @@ def from_monoscope(sae: SAE, *, b_dec_to_input: bool) -> RawSAE:
         b_dec_to_input=b_dec_to_input,
         k=cfg.k,
         threshold=threshold,
+        prefixes=list(cfg.prefixes) if cfg.prefixes is not None else None,
+        r_mag=r_mag,
+        b_mag=b_mag,
         normaliser=1.0,
         hook=cfg.hook,
         model=cfg.model,

@@ -11,10 +11,16 @@ Architectures, import (SAELens -> monoscope):
     jumprelu                 -> jumprelu (θ ≤ 0 acts as θ = 0; a 'batchtopk'-trained one with a uniform θ
                                 -> batchtopk, which is what SAELens saved it from)
     batchtopk                -> batchtopk (a SAELens training checkpoint: topk_threshold is θ)
-    anything else            -> an error naming it (gated, abstopk, transcoders, matryoshka, ...)
-export (monoscope -> SAELens): relu-l1 -> standard, topk -> topk, jumprelu -> jumprelu, batchtopk ->
-jumprelu with a uniform threshold θ (SAELens's own inference form of BatchTopK) and
-`metadata.training_architecture = "batchtopk"`, so importing it again gives batchtopk back.
+    matryoshka_batchtopk     -> matryoshka (a training checkpoint: topk_threshold is θ, matryoshka_widths
+                                the prefixes); a 'jumprelu' saved from one (uniform θ, training details
+                                with k and matryoshka_widths) -> matryoshka too
+    gated                    -> gated (b_gate is monoscope's b_enc; r_mag, b_mag as they are)
+    anything else            -> an error naming it (abstopk, transcoders, temporal, ...)
+export (monoscope -> SAELens): relu-l1 -> standard, topk -> topk, jumprelu -> jumprelu, gated -> gated,
+batchtopk and matryoshka -> jumprelu with a uniform threshold θ (SAELens's own inference form of both)
+and `metadata.training_architecture` = "batchtopk" / "matryoshka_batchtopk" (with k and, for
+matryoshka, matryoshka_widths), so importing it again gives the same architecture back. SAELens has
+no inference class for matryoshka: its `SAE.load_from_disk` loads the export as the JumpReLU it is.
 
 Normalisation: `normalize_activations = "none"` -> normaliser 1.0; "expected_average_only_in"
 (SAELens scaled its inputs by a constant during training and did not fold it, e.g. a checkpoint)
@@ -55,8 +61,10 @@ from monoscope.interop.common import (
 from monoscope.sae import SAE
 
 SCALER_NAME = "activation_scaler.json"
-_ARCH_FROM_SAELENS = {"standard": "relu-l1", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
-_ARCH_TO_SAELENS = {"relu-l1": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+_ARCH_FROM_SAELENS = {"standard": "relu-l1", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
+                      "matryoshka_batchtopk": "matryoshka", "gated": "gated"}
+_ARCH_TO_SAELENS = {"relu-l1": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                    "matryoshka": "jumprelu", "gated": "gated"}
 # The cfg.json layout written here is SAELens 6's; older versions are read through their own layout.
 FORMAT_VERSION = "6.0.0"
 
@@ -72,12 +80,9 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
     arch_src = _architecture(cfg, path, legacy)
     arch = _ARCH_FROM_SAELENS.get(arch_src)
     if arch is None:
-        hint = ""
-        if arch_src == "matryoshka_batchtopk":
-            hint = " (save it with SAELens's save_inference_model, which writes it as 'jumprelu', and convert that)"
         raise InteropError(
             f"{path}: SAELens architecture {arch_src!r} has no monoscope equivalent; monoscope reads "
-            f"{sorted(_ARCH_FROM_SAELENS)}{hint}"
+            f"{sorted(_ARCH_FROM_SAELENS)}"
         )
     d_in = cfg_int(cfg, "d_in", path)
     d_sae = cfg_int(cfg, "d_sae", path)
@@ -101,17 +106,22 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
     optional = {"scaling_factor", "finetuning_scaling_factor"}
     if arch == "jumprelu":
         optional |= {"threshold", "log_threshold"}
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         required.add("topk_threshold")
+    if arch == "gated":
+        required = (required - {"b_enc"}) | {"b_gate", "b_mag", "r_mag"}
     check_keys(tensors, required, optional, wpath, f"SAELens {arch_src} SAE")
     dims = f"d_in={d_in}, d_sae={d_sae}"
     check_shape(tensors["W_enc"], "W_enc", (d_in, d_sae), wpath, dims)
     check_shape(tensors["W_dec"], "W_dec", (d_sae, d_in), wpath, dims)
-    check_shape(tensors["b_enc"], "b_enc", (d_sae,), wpath, dims)
+    b_name = "b_gate" if arch == "gated" else "b_enc"
+    per_feature = [b_name, *(("r_mag", "b_mag") if arch == "gated" else ())]
+    for name in per_feature:
+        check_shape(tensors[name], name, (d_sae,), wpath, dims)
     check_shape(tensors["b_dec"], "b_dec", (d_in,), wpath, dims)
-    weights = {n: tensors[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    weights = {n: tensors[n] for n in ("W_enc", "W_dec", "b_dec", *per_feature)}
     w_enc = tensors["W_enc"].t()  # -> [d_sae, d_in]
-    b_enc, w_dec, b_dec = tensors["b_enc"], tensors["W_dec"], tensors["b_dec"]
+    b_enc, w_dec, b_dec = tensors[b_name], tensors["W_dec"], tensors["b_dec"]
     transformed = False
 
     scale_name = next((n for n in ("finetuning_scaling_factor", "scaling_factor") if n in tensors), None)
@@ -130,7 +140,10 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
 
     k: int | None = None
     threshold: Tensor | None = None
-    if arch in ("topk", "batchtopk"):
+    prefixes: list[int] | None = None
+    if arch == "matryoshka":
+        prefixes = _widths(cfg.get("matryoshka_widths"), path, d_sae)
+    if arch in ("topk", "batchtopk", "matryoshka"):
         k = _k(cfg, path, arch_src, d_sae)
         if cfg.get("rescale_acts_by_decoder_norm", False):
             # SAELens: f = topk(pre·‖W_dec_i‖), x̂ = (f/‖W_dec_i‖) W_dec. Scaling encoder row i by
@@ -146,7 +159,7 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
             w_enc, b_enc, w_dec = w_enc * norms[:, None], b_enc * norms, w_dec / norms[:, None]
             transformed = True
             notes["rescale_acts_by_decoder_norm_folded"] = True
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         t = tensors["topk_threshold"]
         check_shape(t, "topk_threshold", (), wpath, dims)
         threshold = t.float()
@@ -164,7 +177,7 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
         details = meta.get("training_architecture_details")
         k_trained = details.get("k") if isinstance(details, dict) else None
         if (
-            trained_as == "batchtopk"
+            trained_as in ("batchtopk", "matryoshka_batchtopk")
             and isinstance(k_trained, (int, float))
             and not isinstance(k_trained, bool)
             and float(k_trained).is_integer()
@@ -172,8 +185,11 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
             and bool(torch.all(threshold == threshold[0]))
             and float(threshold[0]) >= 0
         ):
-            arch, k, threshold = "batchtopk", int(k_trained), threshold[0].clone()
-            notes["saved_as"] = "jumprelu with a uniform threshold (SAELens's inference form of batchtopk)"
+            arch, k, threshold = _ARCH_FROM_SAELENS[trained_as], int(k_trained), threshold[0].clone()
+            notes["saved_as"] = f"jumprelu with a uniform threshold (SAELens's inference form of {trained_as})"
+            if arch == "matryoshka":
+                prefixes = _widths(details.get("matryoshka_widths") if isinstance(details, dict) else None, path,
+                                   d_sae)
 
     hook_src = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     model_src = meta.get("model_name") or cfg.get("model_name")
@@ -189,6 +205,9 @@ def read_saelens(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
         b_dec_to_input=b_dec_to_input,
         k=k,
         threshold=threshold,
+        prefixes=prefixes,
+        r_mag=tensors["r_mag"] if arch == "gated" else None,
+        b_mag=tensors["b_mag"] if arch == "gated" else None,
         normaliser=normaliser,
         hook=hook_from_transformer_lens(hook_src) if isinstance(hook_src, str) else None,
         model=model_id(model_src),
@@ -217,10 +236,13 @@ def write_saelens(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> P
     raw = from_monoscope(sae, b_dec_to_input=bool(cfg.b_dec_to_input))
     tensors: dict[str, Tensor] = {
         "W_enc": raw.W_enc.t().float().contiguous(),  # [d_in, d_sae]
-        "b_enc": raw.b_enc.float(),
+        "b_gate" if cfg.arch == "gated" else "b_enc": raw.b_enc.float(),
         "W_dec": raw.W_dec.float(),
         "b_dec": raw.b_dec.float(),
     }
+    if cfg.arch == "gated":
+        assert raw.r_mag is not None and raw.b_mag is not None
+        tensors["r_mag"], tensors["b_mag"] = raw.r_mag.float(), raw.b_mag.float()
     metadata: dict[str, Any] = {"sae_lens_version": FORMAT_VERSION, "written_by": writer_stamp()}
     hook_name = hook_to_transformer_lens(cfg.hook)
     if hook_name is not None:
@@ -244,14 +266,16 @@ def write_saelens(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> P
         out["rescale_acts_by_decoder_norm"] = False
     elif cfg.arch == "jumprelu":
         tensors["threshold"] = raw.threshold.float()  # type: ignore[union-attr]
-    elif cfg.arch == "batchtopk":
+    elif cfg.arch in ("batchtopk", "matryoshka"):
         tensors["threshold"] = raw.threshold.float().expand(cfg.d_sae).clone()  # type: ignore[union-attr]
-        metadata["training_architecture"] = "batchtopk"
+        metadata["training_architecture"] = "batchtopk" if cfg.arch == "batchtopk" else "matryoshka_batchtopk"
         metadata["training_architecture_details"] = {
             "k": int(cfg.k),  # type: ignore[arg-type]
             "topk_threshold_lr": cfg.threshold_ema,
             "rescale_acts_by_decoder_norm": False,
         }
+        if cfg.arch == "matryoshka":
+            metadata["training_architecture_details"]["matryoshka_widths"] = list(cfg.prefixes or [])
     out["metadata"] = metadata
     prepare_out(folder, (CFG_NAME, SAELENS_WEIGHTS), overwrite)
     write_sae_files(folder, SAELENS_WEIGHTS, tensors, out)
@@ -303,6 +327,24 @@ def _k(cfg: dict[str, Any], path: Path, arch: str, d_sae: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not float(k).is_integer() or not 1 <= k <= d_sae:
         raise InteropError(f"{path}: k={k!r} must be a whole number from 1 to d_sae={d_sae} for monoscope's {arch}")
     return int(k)
+
+
+def _widths(widths: Any, path: Path, d_sae: int) -> list[int]:
+    """SAELens's matryoshka_widths as monoscope prefixes (checked; SAELens itself appends d_sae when missing)."""
+    if not isinstance(widths, list) or not widths or any(
+            isinstance(w, bool) or not isinstance(w, (int, float)) or not float(w).is_integer() for w in widths):
+        raise InteropError(
+            f"{path}: a matryoshka SAE needs matryoshka_widths, a list of whole widths; it has {widths!r}"
+        )
+    out = [int(w) for w in widths]
+    if out[-1] != d_sae:  # SAELens adds the full width as the last level
+        out.append(d_sae)
+    from monoscope.sae.config import SAEConfigError, check_prefixes
+
+    try:
+        return check_prefixes(out, d_sae, "matryoshka_widths")
+    except SAEConfigError as e:
+        raise InteropError(f"{path}: {e}") from None
 
 
 def _normaliser(cfg: dict[str, Any], folder: Path, path: Path) -> float:

@@ -152,6 +152,8 @@ def write_sparsify(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> 
             "relu-l1": "a ReLU SAE has no fixed number of active latents",
             "jumprelu": "a JumpReLU SAE keeps latents above per-latent thresholds",
             "batchtopk": "a BatchTopK SAE keeps latents above one global threshold at inference",
+            "matryoshka": "a Matryoshka SAE keeps latents above one global threshold at inference",
+            "gated": "a gated SAE has no fixed number of active latents",
         }[cfg.arch]
         raise InteropError(
             f"architecture {cfg.arch!r} cannot be written for sparsify, whose SAEs keep exactly k latents per token "

@@ -1,4 +1,4 @@
-"""Sparse autoencoders: four architectures behind one interface, and monoscope's file format.
+"""Sparse autoencoders: six architectures behind one interface, and monoscope's file format.
 
     cfg = SAEConfig(arch="topk", d_in=576, d_sae=parse_width("16x", 576), k=32, normaliser=c)
     sae = build_sae(cfg, seed=0)
@@ -20,8 +20,10 @@ Never imports transformers.
 
 from monoscope.sae.base import SAE, ForwardOutput
 from monoscope.sae.config import ARCHITECTURES, SAEConfig, SAEConfigError, parse_width
+from monoscope.sae.gated import GatedSAE
 from monoscope.sae.io import SAEFileError, check_compatible, load_sae, read_sae_metadata, save_sae
 from monoscope.sae.jumprelu import JumpReLUSAE
+from monoscope.sae.matryoshka import MatryoshkaSAE
 from monoscope.sae.registry import build_sae
 from monoscope.sae.relu import ReluL1SAE
 from monoscope.sae.sparse import gather_linear, sparse_decode
@@ -32,7 +34,9 @@ __all__ = [
     "SAE",
     "BatchTopKSAE",
     "ForwardOutput",
+    "GatedSAE",
     "JumpReLUSAE",
+    "MatryoshkaSAE",
     "ReluL1SAE",
     "SAEConfig",
     "SAEConfigError",

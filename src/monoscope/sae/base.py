@@ -91,6 +91,11 @@ class SAE(nn.Module):
     arch: ClassVar[str] = ""
     fp32_names: ClassVar[tuple[str, ...]] = ()
     """Parameters/buffers that stay float32 whatever `.to(dtype)` is asked (thresholds)."""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Decoder rows are kept at unit norm during training (False: relu-l1 and gated, whose L1 term
+    is weighted by the decoder norms instead)."""
+    per_feature_extras: ClassVar[tuple[str, ...]] = ()
+    """Further [d_sae] parameters of one feature each (gated's r_mag, b_mag): resampling resets them."""
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()

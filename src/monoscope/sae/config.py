@@ -8,6 +8,7 @@ almost always a confusion about which SAE is being built.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass, fields
@@ -15,16 +16,22 @@ from typing import Any, Literal, get_args
 
 from monoscope.errors import MonoscopeError
 
-Arch = Literal["relu-l1", "topk", "batchtopk", "jumprelu"]
+Arch = Literal["relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"]
 ARCHITECTURES: tuple[str, ...] = get_args(Arch)
-TOPK_STYLE: tuple[str, ...] = ("topk", "batchtopk")
+TOPK_STYLE: tuple[str, ...] = ("topk", "batchtopk", "matryoshka")
+THRESHOLD_STYLE: tuple[str, ...] = ("batchtopk", "matryoshka")
+"""Architectures that select by batch top-k in training and by one global threshold θ at inference."""
+DEFAULT_PREFIX_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
+"""Matryoshka prefixes when none are given: each twice the previous one, the last the whole dictionary."""
 
 DType = Literal["float32", "bfloat16"]
 ComputeDType = Literal["auto", "float32", "bfloat16"]
 
 # Per-architecture defaults for fields left as None (resolved in __post_init__).
-_DEFAULT_DECODER_NORM = {"relu-l1": 0.1, "topk": 1.0, "batchtopk": 1.0, "jumprelu": 1.0}
-_DEFAULT_B_DEC_TO_INPUT = {"relu-l1": False, "topk": True, "batchtopk": True, "jumprelu": False}
+_DEFAULT_DECODER_NORM = {"relu-l1": 0.1, "topk": 1.0, "batchtopk": 1.0, "jumprelu": 1.0, "matryoshka": 1.0,
+                         "gated": 0.1}
+_DEFAULT_B_DEC_TO_INPUT = {"relu-l1": False, "topk": True, "batchtopk": True, "jumprelu": False,
+                           "matryoshka": True, "gated": True}
 
 
 class SAEConfigError(MonoscopeError):
@@ -43,7 +50,9 @@ class SAEConfig:
 
     arch: Arch
     """Architecture: `relu-l1` (Anthropic's recipe), `topk` (Gao et al. 2024), `batchtopk`
-    (Bussmann et al. 2024) or `jumprelu` (Rajamanoharan et al. 2024). Never guessed on load."""
+    (Bussmann et al. 2024), `jumprelu` (Rajamanoharan et al. 2024), `matryoshka` (BatchTopK with
+    nested prefixes each trained to reconstruct; Bussmann et al. 2025, Nabeshima 2024) or `gated`
+    (Rajamanoharan et al. 2024). Never guessed on load."""
 
     d_in: int
     """Width of the activations the SAE reads (the model's d_model at the hook)."""
@@ -98,8 +107,13 @@ class SAEConfig:
     jumprelu_init_threshold: float = 0.001
     """JumpReLU: initial threshold θ of every feature (paper: 0.001)."""
 
+    prefixes: list[int] | None = None
+    """Matryoshka: the nested prefix widths, strictly increasing, the last equal to d_sae (SAELens's
+    `matryoshka_widths`); features [0, prefixes[m]) alone are trained to reconstruct the input, for
+    every m. None: d_sae/16, /8, /4, /2, d_sae. Must be None for the other architectures."""
+
     threshold: float | None = None
-    """BatchTopK: the global inference threshold (running mean of the smallest kept activation;
+    """BatchTopK and Matryoshka: the global inference threshold (running mean of the smallest kept activation;
     None until training has seen a batch). `save_sae` writes the trained value here. Must be None
     for the other architectures (JumpReLU's per-feature thresholds live in the weights file)."""
 
@@ -157,10 +171,19 @@ class SAEConfig:
             raise SAEConfigError(f"SAEConfig.b_dec_to_input={self.b_dec_to_input!r} must be true, false or None")
         _check_float("jumprelu_bandwidth", self.jumprelu_bandwidth, lo=0.0, lo_open=True)
         _check_float("jumprelu_init_threshold", self.jumprelu_init_threshold, lo=0.0, lo_open=True)
+        if self.arch == "matryoshka":
+            if self.prefixes is None:
+                self.prefixes = default_prefixes(self.d_sae)
+            self.prefixes = check_prefixes(self.prefixes, self.d_sae, "SAEConfig.prefixes")
+        elif self.prefixes is not None:
+            raise SAEConfigError(
+                f"SAEConfig.prefixes={self.prefixes!r} has no meaning for arch {self.arch!r}: leave it None, "
+                "or use arch 'matryoshka'"
+            )
         if self.threshold is not None:
-            if self.arch != "batchtopk":
+            if self.arch not in THRESHOLD_STYLE:
                 raise SAEConfigError(
-                    f"SAEConfig.threshold={self.threshold!r} only applies to arch 'batchtopk', not "
+                    f"SAEConfig.threshold={self.threshold!r} only applies to arch 'batchtopk' or 'matryoshka', not "
                     f"{self.arch!r}: leave it None"
                 )
             _check_float("threshold", self.threshold, lo=0.0)
@@ -237,6 +260,60 @@ def parse_width(width: int | str, d_in: int) -> int:
     return n
 
 
+def default_prefixes(d_sae: int) -> list[int]:
+    """`DEFAULT_PREFIX_FRACTIONS` of d_sae as counts (duplicates and zeros of tiny widths dropped)."""
+    out: list[int] = []
+    for f in DEFAULT_PREFIX_FRACTIONS:
+        n = max(1, round(f * d_sae))
+        if not out or n > out[-1]:
+            out.append(n)
+    out[-1] = d_sae
+    return out
+
+
+def resolve_prefixes(values: list[float] | tuple[float, ...], d_sae: int, flag: str = "--prefixes") -> list[int]:
+    """Prefix widths from counts (`1024,2048,4608`) or, when every value is at most 1, fractions of
+    the width (`0.125,0.5,1`); checked by `check_prefixes`."""
+    vals = list(values)
+    if vals and all(not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= 1 for v in vals) \
+            and not all(float(v).is_integer() for v in vals):
+        counts = [round(float(v) * d_sae) for v in vals]
+        return check_prefixes(counts, d_sae, flag, given=vals)
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+            raise SAEConfigError(
+                f"{flag} {','.join(f'{x:g}' for x in vals)}: {v!r} is neither a whole count nor a fraction; give "
+                f"counts such as {','.join(str(n) for n in default_prefixes(d_sae))} or fractions such as 0.125,0.5,1"
+            )
+    return check_prefixes([int(v) for v in vals], d_sae, flag, given=vals)
+
+
+def check_prefixes(prefixes: object, d_sae: int, flag: str, given: object = None) -> list[int]:
+    """Prefix widths must be whole, strictly increasing and end at d_sae (the whole dictionary)."""
+    shown = given if given is not None else prefixes
+    text = ",".join(f"{v:g}" for v in shown) if isinstance(shown, (list, tuple)) and all(  # type: ignore[union-attr]
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in shown) else repr(shown)
+    example = ",".join(str(n) for n in default_prefixes(d_sae))
+    if not isinstance(prefixes, (list, tuple)) or not prefixes or any(
+            isinstance(v, bool) or not isinstance(v, int) for v in prefixes):
+        raise SAEConfigError(
+            f"{flag} {text}: give a list of whole prefix widths ending at d_sae={d_sae}, e.g. {example}"
+        )
+    out = [int(v) for v in prefixes]
+    if out[0] < 1 or any(b <= a for a, b in itertools.pairwise(out)):
+        raise SAEConfigError(
+            f"{flag} {text} (= {out}) must be strictly increasing widths from 1 up: nested prefixes grow, "
+            f"e.g. {example}"
+        )
+    if out[-1] != d_sae:
+        fix = f"append {d_sae}" if out[-1] < d_sae else f"keep every prefix within the {d_sae} features"
+        raise SAEConfigError(
+            f"{flag} {text} (= {out}) must end at the width d_sae={d_sae} (the last prefix is the whole dictionary; "
+            f"the groups between prefixes sum to the width): {fix}, e.g. {example}"
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -252,6 +329,8 @@ def _arch_hint(value: object) -> str:
             "batch-topk": "batchtopk",
             "batch-top-k": "batchtopk",
             "jump-relu": "jumprelu",
+            "matryoshka-batchtopk": "matryoshka",
+            "gated-sae": "gated",
         }
         if v in aliases and aliases[v] != value:
             return f" (did you mean {aliases[v]!r}?)"

@@ -8,7 +8,8 @@ cfg.json (format_version 1):
      "provenance": {...},                          # free dict from the caller (run, data, steps)
      "written_by": {"monoscope": "0.1.0", "torch": "2.13.0"}}
 sae.safetensors: the module's state_dict: W_enc [d_sae, d_in], b_enc [d_sae], W_dec [d_sae, d_in],
-b_dec [d_in], plus log_threshold [d_sae] (jumprelu) or threshold [] (batchtopk), in `cfg.dtype`
+b_dec [d_in], plus log_threshold [d_sae] (jumprelu), threshold [] (batchtopk, matryoshka) or r_mag and
+b_mag [d_sae] (gated), in `cfg.dtype`
 (thresholds always float32).
 
 Each file is written to a temporary name in the target folder, fsynced, then renamed over the
@@ -32,7 +33,7 @@ import monoscope
 from monoscope.errors import MonoscopeError
 from monoscope.fileio import fsync_dir, fsync_file, sha256_file, write_bytes_atomic
 from monoscope.sae.base import SAE
-from monoscope.sae.config import ARCHITECTURES, SAEConfig
+from monoscope.sae.config import ARCHITECTURES, THRESHOLD_STYLE, SAEConfig
 from monoscope.sae.registry import SAE_CLASSES
 
 FORMAT = "monoscope-sae"
@@ -71,7 +72,7 @@ def save_sae(
     prov = dict(sae.provenance if provenance is None else provenance)
     cfg = sae.cfg.to_dict()
     threshold = getattr(sae, "threshold", None)
-    if sae.arch == "batchtopk" and isinstance(threshold, torch.Tensor) and bool(torch.isfinite(threshold)):
+    if sae.arch in THRESHOLD_STYLE and isinstance(threshold, torch.Tensor) and bool(torch.isfinite(threshold)):
         cfg["threshold"] = float(threshold)
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -160,11 +161,11 @@ def load_sae(path: str | os.PathLike[str], device: torch.device | str | None = N
     with torch.device("meta"):  # shapes only: no time or memory spent on a random init
         sae = SAE_CLASSES[cfg.arch](cfg)  # type: ignore[call-arg]
     _check_tensors(sae, tensors, wpath, cfg)
-    check_finite_weights(tensors, wpath, unset_threshold_ok=cfg.arch == "batchtopk")
+    check_finite_weights(tensors, wpath, unset_threshold_ok=cfg.arch in THRESHOLD_STYLE)
     sae.load_state_dict(tensors, strict=True, assign=True)
     threshold = tensors.get("threshold")
     if (
-        cfg.arch == "batchtopk"
+        cfg.arch in THRESHOLD_STYLE
         and threshold is not None
         and cfg.threshold is not None
         and (not torch.isfinite(threshold) or float(threshold) != cfg.threshold)

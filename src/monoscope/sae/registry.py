@@ -6,7 +6,9 @@ import torch
 
 from monoscope.sae.base import SAE
 from monoscope.sae.config import ARCHITECTURES, SAEConfig, SAEConfigError
+from monoscope.sae.gated import GatedSAE
 from monoscope.sae.jumprelu import JumpReLUSAE
+from monoscope.sae.matryoshka import MatryoshkaSAE
 from monoscope.sae.relu import ReluL1SAE
 from monoscope.sae.topk import BatchTopKSAE, TopKSAE
 
@@ -15,6 +17,8 @@ SAE_CLASSES: dict[str, type[SAE]] = {
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
     "jumprelu": JumpReLUSAE,
+    "matryoshka": MatryoshkaSAE,
+    "gated": GatedSAE,
 }
 assert tuple(SAE_CLASSES) == ARCHITECTURES
 

@@ -67,6 +67,7 @@ def positive_mask(pre: Tensor) -> Tensor:
 
 class ReluL1SAE(SAE):
     arch = "relu-l1"
+    unit_norm_decoder = False
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg)

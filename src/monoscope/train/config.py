@@ -30,7 +30,7 @@ RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoint
 DEFAULT_DEAD_WINDOW = 10_000_000
 """Tokens without firing after which a feature counts as dead (Scaling Monosemanticity: 10^7)."""
 
-_DEFAULT_SPARSITY = {"relu-l1": 5.0, "jumprelu": 1.0}
+_DEFAULT_SPARSITY = {"relu-l1": 5.0, "jumprelu": 1.0, "gated": 5.0}
 
 
 class TrainConfigError(MonoscopeError):
@@ -39,11 +39,11 @@ class TrainConfigError(MonoscopeError):
 
 def default_lr(arch: str, d_sae: int) -> float:
     """Learning rate when none is given. relu-l1: 5e-5 (Anthropic, April 2024 update). jumprelu: 7e-5
-    (Gemma Scope). topk and batchtopk: 1.5e-3 / sqrt(d_sae / 2^14), 7.5x Gao et al.'s 2e-4 rule, which
-    is tuned for runs of billions of tokens. Measured on SmolLM2 resid_post.15, 16x, k=32, 1M tokens
-    (held-out FVU, dead window 25k tokens): 2.7e-4 (Gao) 0.304; 1.07e-3 0.200;
+    (Gemma Scope). gated: relu-l1's. topk, batchtopk and matryoshka: 1.5e-3 / sqrt(d_sae / 2^14), 7.5x
+    Gao et al.'s 2e-4 rule, which is tuned for runs of billions of tokens. Measured on SmolLM2 resid_post.15,
+    16x, k=32, 1M tokens (held-out FVU, dead window 25k tokens): 2.7e-4 (Gao) 0.304; 1.07e-3 0.200;
     2e-3 (this rule) 0.184; 3e-3 0.179 but 4-20% of features dead."""
-    if arch == "relu-l1":
+    if arch in ("relu-l1", "gated"):
         return 5e-5
     if arch == "jumprelu":
         return 7e-5
@@ -57,7 +57,8 @@ class TrainConfig:
 
     arch: Arch
     """SAE architecture: relu-l1 (Scaling Monosemanticity), topk (Gao et al. 2024), batchtopk
-    (Bussmann et al. 2024) or jumprelu (Rajamanoharan et al. 2024)."""
+    (Bussmann et al. 2024), jumprelu (Rajamanoharan et al. 2024), matryoshka (BatchTopK whose nested
+    prefixes each reconstruct; Bussmann et al. 2025) or gated (Rajamanoharan et al. 2024)."""
 
     tokens: int
     """Training tokens (activation rows); steps = tokens // batch_size. A store smaller than this
@@ -67,12 +68,17 @@ class TrainConfig:
     """Number of features: a count (9216), a multiple of d_model ('16x') or binary thousands ('16k')."""
 
     k: int | None = None
-    """Active features per token: required for topk and batchtopk (e.g. 32), unused otherwise."""
+    """Active features per token: required for topk, batchtopk and matryoshka (e.g. 32), unused otherwise."""
+
+    prefixes: tuple[float, ...] | None = None
+    """matryoshka: nested prefix widths of the dictionary, each trained to reconstruct on its own:
+    counts (1024,2048,4608,9216) or fractions of the width (0.0625,0.25,1); the last is the whole
+    width. Default: 1/16, 1/8, 1/4, 1/2 and all of it."""
 
     sparsity_coef: float | None = None
     """λ: relu-l1's L1 coefficient on f_i·‖W_dec[i]‖ (default 5, the paper's value with
-    E‖x‖² = d_model) or jumprelu's L0 coefficient (default 1; sweep it for the L0 you want).
-    Unused by topk and batchtopk."""
+    E‖x‖² = d_model), gated's on ReLU(π_gate)_i·‖W_dec[i]‖ (default 5), or jumprelu's L0 coefficient
+    (default 1; sweep it for the L0 you want). Unused by topk, batchtopk and matryoshka."""
 
     batch_size: int = 4096
     """Activation rows per optimiser step."""
@@ -105,7 +111,7 @@ class TrainConfig:
 
     revive: Revive = "auto"
     """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling),
-    none. auto: auxk for topk and batchtopk, resample for relu-l1, none for jumprelu."""
+    none. auto: auxk for topk, batchtopk and matryoshka, resample for relu-l1, none for jumprelu and gated."""
 
     resample_at: tuple[float, ...] = (0.2, 0.4, 0.6)
     """Fractions of the run at which dead features are resampled (when revive is resample); all
@@ -186,6 +192,21 @@ class TrainConfig:
             raise TrainConfigError(
                 f"--revive auxk needs a topk-style SAE, not --arch {self.arch}: use resample, none or auto"
             )
+        if self.prefixes is not None:
+            if self.arch != "matryoshka":
+                raise TrainConfigError(
+                    f"--prefixes has no meaning for --arch {self.arch}: drop it, or use --arch matryoshka"
+                )
+            if isinstance(self.prefixes, str):  # "1024,2048,9216" from Python, as the CLI takes it
+                try:
+                    self.prefixes = tuple(float(v) for v in self.prefixes.split(",") if v.strip())
+                except ValueError:
+                    raise TrainConfigError(f"--prefixes {self.prefixes!r}: give widths such as 1024,2048,4608,9216 "
+                                           "or fractions such as 0.125,0.5,1") from None
+            if not isinstance(self.prefixes, (list, tuple)) or not self.prefixes:
+                raise TrainConfigError(f"--prefixes {self.prefixes!r}: give widths such as 1024,2048,4608,9216 or "
+                                       "fractions such as 0.125,0.5,1")
+            self.prefixes = tuple(self.prefixes)
         self.resample_at = tuple(self.resample_at)
         for f in self.resample_at:
             _float("resample_at", f, 0.0, 1.0, "fractions of the run between 0 and 1, e.g. 0.2,0.4,0.6", open_lo=True)
@@ -231,6 +252,17 @@ class TrainConfig:
     def d_sae(self, d_in: int) -> int:
         """Feature count for inputs of width d_in."""
         return parse_width(self.width, d_in)
+
+    def prefix_widths(self, d_in: int) -> list[int] | None:
+        """matryoshka: `prefixes` as feature counts for inputs of width d_in (None: the default)."""
+        if self.prefixes is None:
+            return None
+        from monoscope.sae.config import SAEConfigError, resolve_prefixes
+
+        try:
+            return resolve_prefixes(self.prefixes, self.d_sae(d_in))
+        except SAEConfigError as e:
+            raise TrainConfigError(str(e)) from None
 
     def learning_rate(self, d_in: int) -> float:
         """`lr`, or the architecture's default for this width."""

@@ -86,7 +86,10 @@ def resample_dead(
     sae.W_dec[idx] = (v * dec_norm).to(sae.W_dec.dtype)
     sae.W_enc[idx] = (v * 0.2 * enc_norm).to(sae.W_enc.dtype)
     sae.b_enc[idx] = 0
-    for p in (sae.W_dec, sae.W_enc, sae.b_enc):
+    extras = [getattr(sae, name) for name in sae.per_feature_extras]  # gated: r_mag, b_mag
+    for t in extras:
+        t[idx] = 0
+    for p in (sae.W_dec, sae.W_enc, sae.b_enc, *extras):
         state = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in state:

@@ -241,6 +241,7 @@ def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
     try:
         return SAEConfig(
             arch=cfg.arch, d_in=data.d_model, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef,
+            prefixes=cfg.prefix_widths(data.d_model),
             normaliser=float(normaliser), hook=data.hook, model=data.model, dtype="float32", compute_dtype=cfg.dtype,
         )
     except SAEConfigError as e:  # name the option the user typed, not the internal class

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from monoscope.errors import MonoscopeError
 from monoscope.sae import SAE
+from monoscope.sae.config import THRESHOLD_STYLE
 from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointSink, rng_state, set_rng_state
 from monoscope.train.config import TrainConfig
@@ -119,7 +120,7 @@ class Trainer:
         self.device = sae.W_enc.device
         self.total_steps = config.steps
         self.base_lr = config.learning_rate(sae.cfg.d_in)
-        self.unit_norm_decoder = sae.arch != "relu-l1"
+        self.unit_norm_decoder = sae.unit_norm_decoder
         self.use_auxk = config.revive_method == "auxk"
         self.resample_steps = set(config.resample_steps)
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999),
@@ -273,7 +274,7 @@ class Trainer:
         rec.update(dead_frac=self.dead.dead_fraction(), lr=sched.lr, sparsity_coef=sched.sparsity_coef,
                    skipped=self.skipped, resampled=self.resampled,
                    tokens_per_s=(self.tokens - self._tok_log) / max(elapsed, 1e-9))
-        if self.sae.arch == "batchtopk":
+        if self.sae.arch in THRESHOLD_STYLE:
             rec["threshold"] = float(self.sae.threshold)  # type: ignore[arg-type]
         self._acc.zero_()
         self._acc_steps = 0
