@@ -88,37 +88,39 @@ def alive(pids: list[int]) -> list[int]:
     return left
 
 
-def _rank_main(rank: int, world: int, port: int, kwargs: dict[str, Any], result: str) -> None:
-    """A forked rank: the Python API (`train_distributed`) with torchrun's variables set."""
+def _rank_main(rank: int, world: int, port: int, fn: Any, kwargs: dict[str, Any], result: str) -> None:
+    """A forked rank: a Python API call (`train_distributed` by default) with torchrun's variables set."""
     import json
     import traceback
 
     from monoscope.errors import MonoscopeError
-    from monoscope.train import train_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     code, msg = 0, ""
     try:
-        train_distributed(**kwargs)
+        fn(**kwargs)
     except MonoscopeError as e:
         code, msg = 2, f"{type(e).__name__}: {e}"
-    except BaseException:  # noqa: BLE001 - reported to the test, which fails on it
+    except BaseException:  # reported to the test, which fails on it
         code, msg = 3, traceback.format_exc()
     Path(result).write_text(json.dumps({"code": code, "msg": msg}))
     os._exit(code)
 
 
-def fork_ranks(world: int, tmp: Path, **kwargs: Any) -> list[Any]:
-    """`world` forked processes each calling `train_distributed(**kwargs)` (fast: no re-import)."""
+def fork_ranks(world: int, tmp: Path, fn: Any = None, **kwargs: Any) -> list[Any]:
+    """`world` forked processes each calling `fn(**kwargs)` (default `train_distributed`; fast: no re-import)."""
     import multiprocessing
+
+    from monoscope.train import train_distributed
 
     ctx = multiprocessing.get_context("fork")
     port = free_port()
     procs = []
     for rank in range(world):
-        p = ctx.Process(target=_rank_main, args=(rank, world, port, kwargs, str(tmp / f"rank{rank}.json")))
+        p = ctx.Process(target=_rank_main, args=(rank, world, port, fn or train_distributed, kwargs,
+                                                    str(tmp / f"rank{rank}.json")))
         p.start()
         procs.append(p)
     return procs

@@ -161,20 +161,21 @@ def init_topology(shard_features: int = 1, device: str = "auto", timeout_s: floa
                     dp_group=mesh.get_group("dp"), fs_group=mesh.get_group("fs"), mesh=mesh)
 
 
-def agree(topo: Topology, fn: Callable[[], _T]) -> _T:
+def agree(fn: Callable[[], _T]) -> _T:
     """Run `fn` on every rank; if it raises a MonoscopeError on any rank, raise that error (the lowest
     rank's, naming it) on every rank, so no rank is left waiting in a collective for one that quit."""
+    world, rank = dist.get_world_size(), dist.get_rank()
     error: str | None = None
     result: Any = None
     try:
         result = fn()
     except MonoscopeError as e:
         error = str(e)
-    errors: list[str | None] = [None] * topo.world
+    errors: list[str | None] = [None] * world
     dist.all_gather_object(errors, error)
     for r, msg in enumerate(errors):
         if msg is not None:
-            where = "" if r == topo.rank or topo.world == 1 else f"rank {r}: "
+            where = "" if r == rank or world == 1 else f"rank {r}: "
             raise MonoscopeError(where + msg)
     return result  # type: ignore[no-any-return]
 
@@ -609,7 +610,7 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
                                      f"--shard-features {topo.fs} equal shards: use a width divisible by {topo.fs}")
             return data, sae_cfg
 
-        data, sae_cfg = agree(topo, setup)
+        data, sae_cfg = agree(setup)
 
         def plan() -> tuple[str, Checkpoint | None, list[str]]:
             """rank 0: 'done' (finished SAE), 'resume' (with its checkpoint) or 'fresh'."""
@@ -638,7 +639,7 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
                 notes.append(f"no checkpoint in {out / CHECKPOINTS}: started from step 0")
             return ("resume" if ckpt is not None else "fresh"), ckpt, notes
 
-        kind, ckpt, notes = agree(topo, plan)
+        kind, ckpt, notes = agree(plan)
         decided = [kind]
         dist.broadcast_object_list(decided, src=0)
         kind = decided[0]
