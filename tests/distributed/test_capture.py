@@ -56,3 +56,20 @@ def test_distributed_capture_is_byte_identical(tmp_path: Path, tiny_lm, corpus_f
                                 corpus=str(corpus_file), **SMALL), tmp_path)
     assert [r["code"] for r in res] == [0] * world, res
     assert files(out) == b
+
+
+def test_capture_cli_under_torchrun_environment(tmp_path: Path, tokenizer, corpus_file: Path) -> None:  # type: ignore[no-untyped-def]
+    """`monoscope capture` as two real processes with torchrun's variables equals one process's store."""
+    from tests.conftest import make_llama
+    from tests.distributed.helpers import launch_ranks, wait_all
+
+    model = tmp_path / "tiny"
+    make_llama(len(tokenizer), seed=5).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    args = ["--model", str(model), "--corpus", str(corpus_file), "--hook", "resid_post.1", "--tokens", "300",
+            "--ctx-len", "16", "--batch-contexts", "2", "--contexts-per-shard", "4", "--device", "cpu", "--quiet"]
+    capture(tmp_path / "one", model=str(model), corpus=str(corpus_file), device="cpu", **SMALL)  # type: ignore[arg-type]
+    res = wait_all(launch_ranks(2, ["capture", *args, "--out", str(tmp_path / "many")]), timeout=300)
+    assert [r[0] for r in res] == [0, 0], [r[2][-2000:] for r in res]
+    assert res[0][1].count("next: monoscope verify") == 1 and "next:" not in res[1][1]
+    assert files(tmp_path / "one") == files(tmp_path / "many")
