@@ -141,8 +141,10 @@ def _cmd_train_distributed(args: argparse.Namespace, cfg: TrainConfig, command: 
         raise MonoscopeError(f"--dist-timeout {args.dist_timeout} must be positive (seconds)")
     res = train_distributed(args.out, store=args.store, config=cfg, shard_features=args.shard_features,
                             resume=args.resume, command=command, timeout_s=timeout)
-    if res is not None:
+    if res is not None:  # rank 0
         print_train_summary(res)
+        print(f"next: monoscope convert {res.out} --to saelens --out {res.out}-saelens   (or load it with "
+              "monoscope.sae.load_sae)")
     return 0
 
 

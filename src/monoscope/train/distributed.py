@@ -564,6 +564,10 @@ def train_distributed(
     topo = init_topology(shard_features, config.device, timeout_s)
     try:
         return _train(topo, Path(out), Path(store), config, resume, command)
+    except dist.DistError as e:  # outside the training loop (setup, final gather): the same one-line error
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DistributedError(f"rank {topo.rank} of {topo.world}: a collective failed outside the training loop "
+                               f"({first}): another rank died or hung: relaunch the same command with --resume") from e
     finally:
         if owned:
             with contextlib.suppress(Exception):
