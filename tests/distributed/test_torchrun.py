@@ -58,7 +58,8 @@ def test_torchrun_sharded_matches_one_process_and_resumes_after_a_killed_worker(
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 60
     assert proc.returncode != 0
-    assert "ChildFailedError" in err or "error: rank " in err, err[-3000:]
+    assert "error: rank 0 of 2: a collective failed during step " in err, err[-3000:]  # the survivor, one line
+    assert "ChildFailedError" in err  # torchrun's own summary names the killed worker
     time.sleep(0.5)
     assert alive(pids) == []
 
