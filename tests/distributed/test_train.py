@@ -135,6 +135,10 @@ def test_impossible_combinations_are_one_line_errors(store: Path, tmp_path: Path
     assert [r["code"] for r in res] == [2, 2]
     assert res[1]["msg"] == ("MonoscopeError: rank 0: --width 129 gives 129 features, which do not split into "
                              "--shard-features 2 equal shards: use a width divisible by 2")
+    res = run_ranks(2, tmp_path, store=store, out=tmp_path / "b2", config=config(batch_size=63))
+    assert [r["code"] for r in res] == [2, 2]
+    assert res[0]["msg"] == ("MonoscopeError: --batch-size 63 does not split over 2 data-parallel ranks (world 2 / "
+                             "--shard-features 1): use a multiple of 2")
     res = run_ranks(2, tmp_path, store=store, out=tmp_path / "c", config=config(arch="relu-l1", k=None,
                                                                                  sparsity_coef=1.0))
     assert [r["code"] for r in res] == [2, 2]
