@@ -54,3 +54,21 @@ def test_distributed_features_pass_equals_one_process(run: Path, tmp_path: Path,
     got = [dump(p) for p in ref.dbs]
     assert got == want
     assert not (run / "features" / ".pass").exists()
+
+
+def test_killed_rank_0_then_the_distributed_pass_resumes(run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = build_features(run / "sae", overwrite=True, **KW)  # type: ignore[arg-type]
+    want = dump(ref.dbs[0])
+    monkeypatch.setenv("MONOSCOPE_FEATURES_KILL_AT", "checkpoint:1")  # rank 0 dies right after its first checkpoint
+    res = join_ranks(fork_ranks(2, tmp_path, build_features_distributed, sae=run / "sae", overwrite=True, **KW),
+                     tmp_path, timeout=60)
+    assert res[0]["code"] is None  # killed
+    assert res[1]["code"] == 2
+    assert str(res[1]["msg"]).startswith("MonoscopeError: rank 1 of 2: a collective failed during the features pass")
+    assert (run / "features" / ".pass" / "state.pt").is_file()
+    monkeypatch.delenv("MONOSCOPE_FEATURES_KILL_AT")
+    res = join_ranks(fork_ranks(2, tmp_path, build_features_distributed, sae=run / "sae", overwrite=True, **KW),
+                     tmp_path)
+    assert [r["code"] for r in res] == [0, 0], res
+    assert dump(ref.dbs[0]) == want
