@@ -173,12 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("train", "capture", "features")
+"""The commands that run on several processes under torchrun; the others refuse such a launch."""
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    from monoscope.train.distributed import launched_distributed
+
+    command = getattr(args, "command", None)
+    if launched_distributed() and int(os.environ["WORLD_SIZE"]) > 1 and command not in DISTRIBUTED_COMMANDS:
+        raise MonoscopeError(f"monoscope {command} runs in one process: launch it without torchrun (torchrun runs "
+                             f"{', '.join(DISTRIBUTED_COMMANDS)})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from monoscope.train.trainer import TrainingInterrupted
 
     try:
+        _check_launch(args)
         return int(args.func(args))
     except TrainingInterrupted as e:  # a checkpoint was saved: say how to continue
         print(f"interrupted: {e}", file=sys.stderr)

@@ -78,3 +78,12 @@ def test_distributed_flags_without_torchrun(store: Path, tmp_path: Path) -> None
     assert res.stderr.strip() == ("error: --shard-features/--dist-timeout need several processes: launch with "
                                   "`torchrun --nproc-per-node N -m monoscope train ...` (N a multiple of "
                                   "--shard-features 2)")
+
+
+def test_single_process_commands_refuse_torchrun(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "monoscope", "eval", str(tmp_path / "sae"), "--acts", str(tmp_path)],
+                         env=env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("error: monoscope eval runs in one process: launch it without torchrun (torchrun "
+                                  "runs train, capture, features)")
