@@ -178,10 +178,10 @@ DISTRIBUTED_COMMANDS = ("train", "capture", "features")
 
 
 def _check_launch(args: argparse.Namespace) -> None:
-    from monoscope.train.distributed import launched_distributed
-
+    """Refuse a torchrun launch of a one-process command (each rank would redo it, fighting over its folders)."""
     command = getattr(args, "command", None)
-    if launched_distributed() and int(os.environ["WORLD_SIZE"]) > 1 and command not in DISTRIBUTED_COMMANDS:
+    torchrun = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if torchrun and os.environ["WORLD_SIZE"].strip() not in ("", "1") and command not in DISTRIBUTED_COMMANDS:
         raise MonoscopeError(f"monoscope {command} runs in one process: launch it without torchrun (torchrun runs "
                              f"{', '.join(DISTRIBUTED_COMMANDS)})")
 
