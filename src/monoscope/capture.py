@@ -149,6 +149,21 @@ def capture(
         return _write(writer, lm, hp, corp, cfg, progress)
 
 
+def build_manifest(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cfg: CaptureConfig) -> Manifest:
+    """The manifest a finished capture writes (shards are filled in by `StoreWriter.finish`); a repaired store
+    keeps its recorded facts. Shared with the distributed capture, so both write the same bytes."""
+    if writer.recorded is not None:  # repaired: the manifest's facts stand, only its shard records change
+        return writer.recorded
+    return Manifest(
+        model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
+        tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
+        corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
+        capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
+                 "monoscope_version": __version__},
+        requested_tokens=cfg.tokens,
+    )
+
+
 def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cfg: CaptureConfig,
            progress: bool) -> CaptureResult:
     """Compute and write every shard the writer still needs, then the manifest."""
@@ -201,17 +216,6 @@ def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cf
     if not writer.shards:
         raise StoreError(f"no contexts were captured from corpus {corp.describe().get('path', 'default')}")
 
-    if writer.recorded is not None:  # repaired: the manifest's facts stand, only its shard records change
-        manifest = writer.recorded
-    else:
-        manifest = Manifest(
-            model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
-            tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
-            corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
-            capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
-                     "monoscope_version": __version__},
-            requested_tokens=cfg.tokens,
-        )
-    writer.finish(manifest)
+    manifest = writer.finish(build_manifest(writer, lm, hp, corp, cfg))
     return CaptureResult(writer.folder, manifest, resumed, new_contexts * cfg.ctx_len, time.perf_counter() - t0,
                          repaired)

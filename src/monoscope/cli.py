@@ -7,6 +7,7 @@ problem the user can fix, and ends by saying where its output is and what to run
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,14 +51,20 @@ def _add_capture_args(p: argparse.ArgumentParser, *, tokens_default: str | None)
 def _capture(args: argparse.Namespace, out: Path) -> None:
     from monoscope.capture import capture
     from monoscope.report import print_store_summary
+    from monoscope.train.distributed import launched_distributed
 
+    if launched_distributed():  # torchrun: each rank captures its own shards of the same store
+        from monoscope.capture_dist import capture_distributed
+
+        capture = capture_distributed  # type: ignore[assignment]
     res = capture(out, model=args.model, corpus=args.corpus, hook=args.hook, tokens=args.tokens,
                   ctx_len=args.ctx_len, dtype=args.dtype, batch_contexts=args.batch_contexts,
                   contexts_per_shard=args.contexts_per_shard, exclude_bos=not args.keep_bos,
                   outlier_factor=args.outlier_factor, device=args.device, compute_dtype=args.compute_dtype,
                   text_field=args.text_field, strict_utf8=args.strict_utf8, overwrite=args.overwrite,
                   trust_sizes=getattr(args, "trust_sizes", False), progress=not args.quiet)
-    print_store_summary(res)
+    if res is not None:  # None on the ranks other than 0 of a distributed capture
+        print_store_summary(res)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -65,7 +72,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)  # before the model loads
     _capture(args, Path(args.out))
-    print(f"next: monoscope verify {args.out}")
+    if os.environ.get("RANK", "0") == "0":  # one line per launch, also under torchrun
+        print(f"next: monoscope verify {args.out}")
     return 0
 
 
@@ -178,12 +186,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("train", "capture", "features")
+"""The commands that run on several processes under torchrun; the others refuse such a launch."""
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    """Refuse a torchrun launch of a one-process command (each rank would redo it, fighting over its folders)."""
+    command = getattr(args, "command", None)
+    torchrun = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if torchrun and os.environ["WORLD_SIZE"].strip() not in ("", "1") and command not in DISTRIBUTED_COMMANDS:
+        raise MonoscopeError(f"monoscope {command} runs in one process: launch it without torchrun (torchrun runs "
+                             f"{', '.join(DISTRIBUTED_COMMANDS)})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from monoscope.train.trainer import TrainingInterrupted
 
     try:
+        _check_launch(args)
         return int(args.func(args))
     except TrainingInterrupted as e:  # a checkpoint was saved: say how to continue
         print(f"interrupted: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ one-line error naming the file (with `overwrite`, it is replaced and nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -242,7 +243,8 @@ _SAE_COMPUTE = {"fp32": "float32", "bf16": "bfloat16"}
 # ----------------------------------------------------------------------------- the pass
 
 
-@locks_folders(lambda a: [default_features_dir(Path(d)) for d in (a["sae"], *a["also"])], "features")
+@locks_folders(lambda a: [] if _rank_world()[0] else [default_features_dir(Path(d)) for d in (a["sae"], *a["also"])],
+               "features")
 def build_features(
     sae: str | Path,
     *,
@@ -267,6 +269,9 @@ def build_features(
     from monoscope.model import load_model
 
     n_tokens = parse_count(tokens)
+    rank, world = _rank_world()
+    if world > 1 and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process under torchrun
     if compute_dtype not in ("auto", *_SAE_COMPUTE):
         raise MonoscopeError(f"unknown compute dtype {compute_dtype!r}: use auto, fp32 or bf16")
     dev = resolve_device(device)
@@ -303,11 +308,15 @@ def build_features(
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     t0 = time.perf_counter()
+    if rank > 0:  # a distributed pass: this rank only computes its share of the batches for rank 0
+        return _features_worker(model_spec, device, compute_dtype, first, [t.sae for t in targets], corp, ctx_len,
+                                batch_contexts, n_ctx, t0)
     work = targets[0].out / ".pass"
     resumed_overwrite = not overwrite and _pending_overwrite(work, key)
     overwrite = overwrite or resumed_overwrite  # a rebuild killed before it was installed carries on
     olds = [_existing(t, key, config, overwrite) for t in targets]
     if not overwrite and all(o == "same" for o in olds):
+        _broadcast_plan(world, None)
         res = FeaturesResult([t.final_path for t in targets], n_ctx * ctx_len, 0.0, 0)
         res.interesting = _interesting_from_db(targets[0])
         res.notes.append("already complete: nothing to do")
@@ -342,33 +351,30 @@ def build_features(
         for t, s in zip(targets, state["stats"], strict=True):
             t.stats.load_state_dict(s)
     new = 0
+    _broadcast_plan(world, {"done": done, "streamed": streamed, "policy": None if policy is None else vars(policy)})
+    saes_ = [t.sae for t in targets]
     with progress_bar("features", total=n_ctx * ctx_len, unit="tok", enabled=progress) as bar:
         bar.update(done * ctx_len)
         batches = iter(()) if streamed else batched_contexts(lm, corp, ctx_len, batch_contexts, skip=done)
         since_ckpt = n_ckpt = 0
-        for ids in batches:
-            ids = ids[: n_ctx - done]
-            acts = lm.acts(hp, ids)  # [B, T, d] float32
-            if policy is None:  # the training store's rows (as eval counts them), else measured here
-                policy = _store_policy(first) or RowPolicy.measured(acts.cpu(), True, 10.0)
-            keep = policy.keep(acts).reshape(-1).to(acts.device)
-            x = acts.reshape(-1, acts.shape[-1])
+        if world > 1:  # every rank computes its share; rank 0 gets every batch's codes here, in corpus order
+            outputs = _ordered_outputs(batches, n_ctx, done, lambda ids, pol, need: _encode_batch(
+                lm, hp, ids, pol, first, saes_, need), policy, lambda: FAMILY_ROWS - sampled, lm, hp, first)
+        else:
+            outputs = ((ids, _encode_batch(lm, hp, ids, policy, first, saes_, FAMILY_ROWS - sampled))
+                       for ids in (b[: n_ctx - done] for b in batches))
+        for ids, out in outputs:
+            policy = out.policy
             ctx_ids = torch.arange(done, done + len(ids))
             rows = slice(done * ctx_len, (done + len(ids)) * ctx_len)
             toks[done: done + len(ids)] = ids.numpy().astype(np.int32)
             if sampled < FAMILY_ROWS:  # raw rows kept for the activation correlation of families
-                xs = x[keep][: FAMILY_ROWS - sampled].float().cpu().numpy()
+                xs = out.sample[: FAMILY_ROWS - sampled]
                 sample[sampled: sampled + len(xs)] = xs
                 sampled += len(xs)
-            with torch.inference_mode():
-                for t, cf in zip(targets, codes, strict=True):
-                    f = t.sae.encode_raw(x)
-                    f[~keep] = 0
-                    r, fi = torch.nonzero(f > 0, as_tuple=True)  # every active code, by row
-                    v = f[r, fi].float().cpu()
-                    r, fi = r.cpu(), fi.cpu()
-                    t.stats.update(r, fi, v, ctx_ids, ctx_len, int(keep.sum()))
-                    cf.append(rows.start, rows.stop - rows.start, r.numpy(), fi.numpy(), v.numpy())
+            for t, cf, (r, fi, v) in zip(targets, codes, out.codes, strict=True):
+                t.stats.update(r, fi, v, ctx_ids, ctx_len, out.kept)
+                cf.append(rows.start, rows.stop - rows.start, r.numpy(), fi.numpy(), v.numpy())
             done += len(ids)
             new += len(ids)
             since_ckpt += 1
@@ -434,6 +440,142 @@ def build_features(
     shutil.rmtree(work, ignore_errors=True)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+# ----------------------------------------------------------------------------- one batch, and the distributed pass
+
+
+@dataclass
+class _BatchOut:
+    """What the pass keeps of one batch: the row policy used, kept rows, raw kept rows for families, and per
+    SAE every active code (row within the batch, feature, activation; CPU)."""
+
+    policy: RowPolicy
+    kept: int
+    sample: np.ndarray
+    codes: list[tuple[Tensor, Tensor, Tensor]]
+
+
+def _encode_batch(lm: Any, hp: Any, ids: Tensor, policy: RowPolicy | None, first: SAE, saes: list[SAE],
+                  want_sample: int) -> _BatchOut:
+    """Forward `ids` to the hook and encode with every SAE (the policy, when None, is the training store's,
+    else measured on this batch); `want_sample` raw kept rows are returned for the families' correlation."""
+    acts = lm.acts(hp, ids)  # [B, T, d] float32
+    if policy is None:  # the training store's rows (as eval counts them), else measured here
+        policy = _store_policy(first) or RowPolicy.measured(acts.cpu(), True, 10.0)
+    keep = policy.keep(acts).reshape(-1).to(acts.device)
+    x = acts.reshape(-1, acts.shape[-1])
+    xs = x[keep][: max(want_sample, 0)].float().cpu().numpy()
+    codes = []
+    with torch.inference_mode():
+        for sae in saes:
+            f = sae.encode_raw(x)
+            f[~keep] = 0
+            r, fi = torch.nonzero(f > 0, as_tuple=True)  # every active code, by row
+            v = f[r, fi].float().cpu()
+            codes.append((r.cpu(), fi.cpu(), v))
+    return _BatchOut(policy, int(keep.sum()), xs, codes)
+
+
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_plan(world: int, plan: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Rank 0 tells the other ranks where the pass starts (None: nothing to do)."""
+    if world == 1:
+        return plan
+    import torch.distributed as dist
+
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _ordered_outputs(batches: Any, n_ctx: int, done: int, compute: Any, policy: RowPolicy | None, need: Any,
+                     lm: Any, hp: Any, first: SAE) -> Any:
+    """A distributed pass, on every rank: batches go in rounds of W, batch j of a round to rank j; each rank
+    computes its own, and rank 0 gathers the round and yields (ids, _BatchOut) in corpus order, so its
+    statistics, codes and checkpoints are exactly those of one process. A policy measured from the data
+    comes from the session's first batch, computed by every rank alike."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pending: list[Tensor] = []
+
+    def round_() -> Any:
+        box = [need() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        mine = compute(pending[rank], policy, int(box[0])) if rank < len(pending) else None
+        outs: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, outs, dst=0)
+        if rank == 0:
+            assert outs is not None
+            yield from zip(list(pending), outs[: len(pending)], strict=True)
+        pending.clear()
+
+    for ids in batches:
+        ids = ids[: n_ctx - done]
+        if policy is None:
+            policy = _store_policy(first) or RowPolicy.measured(lm.acts(hp, ids).cpu(), True, 10.0)
+        pending.append(ids)
+        done += len(ids)
+        if len(pending) == world or done >= n_ctx:
+            yield from round_()
+        if done >= n_ctx:
+            break
+    if pending:
+        yield from round_()
+
+
+def _features_worker(model_spec: str, device: str | None, compute_dtype: str, first: SAE, saes: list[SAE],
+                     corp: Any, ctx_len: int, batch_contexts: int, n_ctx: int, t0: float) -> FeaturesResult:
+    """A rank other than 0 of a distributed pass: its share of the forward and encode (`_ordered_outputs`)."""
+    from monoscope.model import load_model
+
+    plan = _broadcast_plan(_rank_world()[1], None)
+    if plan is None or plan["streamed"]:
+        return FeaturesResult([], 0, time.perf_counter() - t0, 0)
+    lm = load_model(model_spec, device=device, compute_dtype=compute_dtype)
+    hp = lm.hook(first.cfg.hook)
+    done = int(plan["done"])
+    policy = None if plan["policy"] is None else RowPolicy(**plan["policy"])
+    batches = batched_contexts(lm, corp, ctx_len, batch_contexts, skip=done)
+    for _ in _ordered_outputs(batches, n_ctx, done, lambda ids, pol, need: _encode_batch(
+            lm, hp, ids, pol, first, saes, need), policy, lambda: 0, lm, hp, first):
+        pass  # rank 0 alone receives outputs
+    return FeaturesResult([], 0, time.perf_counter() - t0, 0)
+
+
+def build_features_distributed(sae: str | Path, **kwargs: Any) -> FeaturesResult:
+    """`build_features` on every process of a torchrun launch (same arguments everywhere): the batches are
+    split over the ranks and rank 0 merges their codes in corpus order, so the database is the one a single
+    process builds; rank 0 alone writes. Returns rank 0's result (an empty one elsewhere)."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise MonoscopeError(f"a distributed features pass needs torchrun's environment ({', '.join(missing)} "
+                                 "not set): launch it with `torchrun --nproc-per-node N -m monoscope features ...`")
+        dist.init_process_group("gloo")
+    try:
+        return build_features(sae, **kwargs)
+    except (RuntimeError, dist.DistError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise MonoscopeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed during the "
+                             f"features pass ({first}): another rank died or failed: run the same command again to "
+                             "resume from the last checkpoint") from e
+    finally:
+        if owned:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- state

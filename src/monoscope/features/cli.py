@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from monoscope.features.build import FeaturesResult, build_features
@@ -39,10 +40,18 @@ def cmd_features(args: argparse.Namespace) -> int:
     from monoscope.fileio import check_output_dir
 
     check_output_dir(default_db_path(args.sae).parent, "feature database folder")  # before the model loads
-    res = build_features(args.sae, also=args.also, corpus=args.corpus, model=args.model, tokens=args.tokens,
+    from monoscope.train.distributed import launched_distributed
+
+    run = build_features
+    if launched_distributed():  # torchrun: the batches are split over the ranks, rank 0 writes
+        from monoscope.features.build import build_features_distributed
+
+        run = build_features_distributed
+    res = run(args.sae, also=args.also, corpus=args.corpus, model=args.model, tokens=args.tokens,
                          batch_contexts=args.batch_contexts, feature_map=not args.no_map, device=args.device,
                          compute_dtype=args.compute_dtype, progress=not args.quiet, overwrite=args.overwrite)
-    print_features_summary(res)
+    if os.environ.get("RANK", "0") == "0":
+        print_features_summary(res)
     return 0
 
 

@@ -172,7 +172,13 @@ class StoreWriter:
         index = len(self.shards) if index is None else index
         if index > len(self.shards):
             raise StoreError(f"shard {index} written before shard {len(self.shards)}: capture batches out of order")
-        info = write_shard(self.folder / shard_name(index), tokens, acts, keep)
+        return self.record_shard(index, write_shard(self.folder / shard_name(index), tokens, acts, keep))
+
+    def record_shard(self, index: int, info: ShardInfo) -> ShardInfo:
+        """Record shard `index`, already written to its file (by `write_shard`, e.g. in another process of a
+        distributed capture), in order, and save the progress."""
+        if index > len(self.shards):
+            raise StoreError(f"shard {index} recorded before shard {len(self.shards)}: capture batches out of order")
         if index == len(self.shards):
             self.shards.append(info)
         else:

@@ -6,12 +6,14 @@
 
 Modules: `config` (TrainConfig), `schedules` (λ warm-up, LR decay), `dead` (dead-feature counters,
 resampling), `checkpoint` (atomic step folders), `trainer` (the loop, on small protocols), `data`
-(store or stream), `log` (train_log.jsonl), `run` (`train`), `cli` (`monoscope train`).
+(store or stream), `log` (train_log.jsonl), `run` (`train`), `distributed` (`train_distributed`: torchrun,
+data parallel and feature sharded), `cli` (`monoscope train`).
 """
 
 from monoscope.train.checkpoint import Checkpoint, CheckpointDir, CheckpointSink, MemorySink
 from monoscope.train.config import TrainConfig, TrainConfigError
 from monoscope.train.dead import DeadFeatureTracker, resample_dead
+from monoscope.train.distributed import DistributedError, train_distributed
 from monoscope.train.run import TrainResult, train
 from monoscope.train.trainer import BatchSource, NonFiniteError, Trainer, TrainingInterrupted
 
@@ -21,6 +23,7 @@ __all__ = [
     "CheckpointDir",
     "CheckpointSink",
     "DeadFeatureTracker",
+    "DistributedError",
     "MemorySink",
     "NonFiniteError",
     "TrainConfig",
@@ -30,4 +33,5 @@ __all__ = [
     "TrainingInterrupted",
     "resample_dead",
     "train",
+    "train_distributed",
 ]

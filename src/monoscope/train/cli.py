@@ -30,6 +30,7 @@ from rich.table import Table
 from monoscope.errors import MonoscopeError
 from monoscope.fileio import check_output_dir
 from monoscope.train.config import TrainConfig, field_docs
+from monoscope.train.distributed import launched_distributed
 from monoscope.train.run import TrainResult, train
 
 _ALIASES = {
@@ -56,6 +57,13 @@ def add_train_parser(subparsers: Any) -> None:
     p.add_argument("--corpus", default="default", help="with --model: the corpus to stream (default: the offline mix)")
     p.add_argument("--hook", default=None, help="with --model: hook point (default: resid_post at the middle layer)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    dist_group = p.add_argument_group("several processes (launch with torchrun --nproc-per-node N -m monoscope train)")
+    dist_group.add_argument("--shard-features", type=int, default=1, metavar="N",
+                            help="split the dictionary's features over N ranks (the rest of the world is data "
+                                 "parallel; N must divide the world size); default 1: pure data parallel")
+    dist_group.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                            help="how long a rank waits for a silent peer before stopping with an error "
+                                 "(default 600)")
     add_config_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -107,11 +115,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]
     command = "monoscope " + shlex.join(argv)
+    if launched_distributed() or args.shard_features != 1 or args.dist_timeout is not None:
+        return _cmd_train_distributed(args, cfg, command)
     res = train(args.out, store=args.store, model=args.model, corpus=args.corpus, hook=args.hook, config=cfg,
                 resume=args.resume, command=command)
     print_train_summary(res)
     print(f"next: monoscope convert {res.out} --to saelens --out {res.out}-saelens   (or load it with "
           "monoscope.sae.load_sae)")
+    return 0
+
+
+def _cmd_train_distributed(args: argparse.Namespace, cfg: TrainConfig, command: str) -> int:
+    """`monoscope train` on one rank of a torchrun launch: rank 0 prints the summary."""
+    from monoscope.train.distributed import DEFAULT_TIMEOUT_S, train_distributed
+
+    if not launched_distributed():
+        raise MonoscopeError(f"--shard-features/--dist-timeout need several processes: launch with `torchrun "
+                             f"--nproc-per-node N -m monoscope train ...` (N a multiple of --shard-features "
+                             f"{args.shard_features})")
+    if args.model is not None:
+        raise MonoscopeError("distributed training reads an activation store, not --model: capture a store first "
+                             "(monoscope capture), then train on it with torchrun")
+    timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    if timeout <= 0:
+        raise MonoscopeError(f"--dist-timeout {args.dist_timeout} must be positive (seconds)")
+    res = train_distributed(args.out, store=args.store, config=cfg, shard_features=args.shard_features,
+                            resume=args.resume, command=command, timeout_s=timeout)
+    if res is not None:  # rank 0
+        print_train_summary(res)
+        print(f"next: monoscope convert {res.out} --to saelens --out {res.out}-saelens   (or load it with "
+              "monoscope.sae.load_sae)")
     return 0
 
 

@@ -110,6 +110,11 @@ def train(
     ckpt = ckpts.latest() if resume else None
     notes = [f"skipped damaged checkpoint: {s}" for s in ckpts.skipped]
     if ckpt is not None:
+        if ckpt.meta.get("distributed"):
+            d = ckpt.meta["distributed"]
+            raise MonoscopeError(f"cannot resume {out} in one process: its checkpoint was made by {d['world_size']} "
+                                 f"processes (--shard-features {d['shard_features']}): relaunch with torchrun "
+                                 f"--nproc-per-node {d['world_size']} and --shard-features {d['shard_features']}")
         _check_same_run(ckpt.meta, cfg, data, out)
     done = _finished_sae(out)
     if done is not None:
