@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
-    from monoscope.search.audit_cli import add_audit_parser
     from monoscope.scaling.cli import add_sweep_parser
+    from monoscope.search.audit_cli import add_audit_parser
     from monoscope.search.cli import add_search_parser
     from monoscope.steer.cli import add_attribute_parser, add_steer_eval_parser, add_steer_parser
     from monoscope.train.cli import add_train_parser
