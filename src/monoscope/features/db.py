@@ -358,6 +358,28 @@ class FeatureDB:
                 out[i] = v
         return out
 
+    @_guarded
+    def briefs(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """{id: {label, density, max_act}} of those of `ids` that have a row, in one query per 500 ids: what a
+        page needs to name the features it links to (neighbours, co-occurring features, search hits)."""
+        out: dict[int, dict[str, Any]] = {}
+        ids = [int(i) for i in ids]
+        for s in range(0, len(ids), 500):
+            part = ids[s: s + 500]
+            for i, lab, d, m in self.conn.execute(
+                    f"SELECT id, label, density, max_act FROM features WHERE id IN ({','.join('?' * len(part))})",
+                    part).fetchall():
+                out[int(i)] = {"label": lab, "density": d, "max_act": m}
+        return out
+
+    @_guarded
+    def map_points(self) -> list[tuple[int, float, float, str | None, float | None, Any]]:
+        """(id, map_x, map_y, label, density, label_tokens decoded) of every feature placed on the map, by id:
+        what an interactive map draws and names its regions by."""
+        rows = self.conn.execute("SELECT id, map_x, map_y, label, density, label_tokens FROM features "
+                                 "WHERE map_x IS NOT NULL AND map_y IS NOT NULL ORDER BY id").fetchall()
+        return [(int(i), float(x), float(y), lab, d, _dec("label_tokens", lt)) for i, x, y, lab, d, lt in rows]
+
     # ------------------------------------------------------------------ examples
     @_guarded
     def put_examples(self, rows: Iterable[tuple[int, str, int, int, float, int, int, np.ndarray, np.ndarray]]) -> None:
