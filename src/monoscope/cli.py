@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
     from monoscope.search.cli import add_search_parser
+    from monoscope.serve.cli import add_serve_parser
     from monoscope.steer.cli import add_attribute_parser, add_steer_eval_parser, add_steer_parser
     from monoscope.train.cli import add_train_parser
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_attribute_parser(sub)
     add_steer_eval_parser(sub)
     add_search_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
