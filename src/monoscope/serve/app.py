@@ -87,8 +87,9 @@ class SteerRequest(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- middleware
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """Raised from `receive` past the body limit: a BaseException, so no handler below (FastAPI turns an
+    Exception while reading a body into a 400) swallows it before Guard answers 413."""
 
 
 class Guard:

@@ -111,14 +111,15 @@ def metrics_summary(metrics: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not metrics:
         return []
     out: list[tuple[str, str]] = []
-    h = metrics.get("heldout") if isinstance(metrics.get("heldout"), dict) else metrics.get("store_rows") or {}
+    held = isinstance(metrics.get("heldout"), dict)
+    h = metrics["heldout"] if held else metrics.get("store_rows") if isinstance(metrics.get("store_rows"), dict) else {}
     lm = metrics.get("lm") if isinstance(metrics.get("lm"), dict) else {}
 
     def add(name: str, v: Any, fmt: str) -> None:
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
             out.append((name, format(v, fmt)))
 
-    add("FVU (held-out)", h.get("fvu"), ".4f")
+    add("FVU (held-out)" if held else "FVU (store rows)", h.get("fvu"), ".4f")
     add("explained variance", h.get("explained_variance"), ".4f")
     add("L0", h.get("l0_mean"), ".2f")
     add("dead features", h.get("dead_frac"), ".1%")
