@@ -4,6 +4,8 @@ return them unchanged, so what a person sees and what a script reads are the sam
 from __future__ import annotations
 
 import math
+import re
+from functools import lru_cache
 from typing import Any
 
 from monoscope.features.tokens import visible
@@ -24,15 +26,31 @@ def _f(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def context(entry: Entry, ex: dict[str, Any]) -> dict[str, Any]:
-    """One example window as tokens with their activations (decoded jointly from the token bytes)."""
+_SPECIAL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""What `visible` rewrites (categories Cc, Zl, Zp); text without any, and not all spaces, is returned as is."""
+
+
+@lru_cache(maxsize=1 << 17)
+def _visible(text: str) -> str:
+    """`visible`, with a fast path and remembered: a page shows ~2,000 tokens of one vocabulary."""
+    if _SPECIAL.search(text) is None and (len(text) < 2 or text.strip(" ")):
+        return text
+    return visible(text)
+
+
+def context(entry: Entry, ex: dict[str, Any], scale: float) -> dict[str, Any]:
+    """One example window as tokens with their activations (decoded jointly from the token bytes) and the
+    shading of each: alpha = act / scale (the feature's max activation), "" where the token is inactive."""
     toks = [(i, int(t)) for i, t in enumerate(ex["tokens"]) if t >= 0]  # negative ids: padding
     keep = [i for i, _ in toks]
     pos = keep.index(ex["position"]) if ex["position"] in keep else 0
     acts = [float(ex["acts"][i]) if i < len(ex["acts"]) else 0.0 for i in keep]
     texts, acts, pos = entry.vocab.window([t for _, t in toks], acts, pos)
+    if not scale > 0:
+        scale = max([*acts, 0.0]) or 1.0
     return {"act": _f(ex["act"]), "position": pos,
-            "tokens": [{"text": visible(t), "act": round(a, 4)} for t, a in zip(texts, acts, strict=True)]}
+            "tokens": [{"text": _visible(t), "act": round(a, 4), "alpha": f"{min(a / scale, 1.0):.3f}" if a > 0 else ""}
+                       for t, a in zip(texts, acts, strict=True)]}
 
 
 def histogram(hist: Any) -> list[dict[str, Any]]:
@@ -79,13 +97,15 @@ def feature_doc(site: Site, entry: Entry, fid: int) -> dict[str, Any]:
     scores = db.scores(fid)
     if expl is not None and any(m == expl["model"] for m, _, _ in scores):
         scores = [s for s in scores if s[0] == expl["model"]]
-    top = [context(entry, ex) for ex in db.examples(fid, "top")[:N_TOP]]
+    m = _f(row.get("max_act"))
+    scale = m if m is not None and m > 0 else 0.0
+    top = [context(entry, ex, scale) for ex in db.examples(fid, "top")[:N_TOP]]
     bins: dict[int, list[dict[str, Any]]] = {}
     for ex in db.examples(fid, "quantile"):  # bin DESC, rank
         bins.setdefault(int(ex["bin"]), []).append(ex)
     n_bins = entry.meta.get("bins") if isinstance(entry.meta.get("bins"), int) else 10
     quantiles = [{"bin": b, "of": max(n_bins, b + 1), "lo": _f(min(e["act"] for e in exs)),
-                  "hi": _f(max(e["act"] for e in exs)), "examples": [context(entry, e) for e in exs[:N_PER_BIN]]}
+                  "hi": _f(max(e["act"] for e in exs)), "examples": [context(entry, e, scale) for e in exs[:N_PER_BIN]]}
                  for b, exs in bins.items()]
     base = f"/sae/{entry.name}/feature"
     return {
