@@ -132,3 +132,43 @@ def test_feature_page_screenshot_for_the_readme(page, server: str) -> None:  # t
     path = ARTIFACTS / "serve" / "feature-page.png"
     pg.screenshot(path=str(path))
     assert path.stat().st_size > 20_000
+
+
+@pytest.mark.integration
+def test_real_run_feature_page_screenshot(tmp_path: Path) -> None:
+    """The README's picture: a feature page of a real run (MONOSCOPE_SERVE_RUN, default runs/small; feature
+    MONOSCOPE_SERVE_FEATURE, default 5873), saved as tests/artifacts/serve/real-feature-page.png."""
+    import uvicorn
+
+    from monoscope.serve import create_app
+
+    run = Path(os.environ.get("MONOSCOPE_SERVE_RUN", "runs/small"))
+    fid = int(os.environ.get("MONOSCOPE_SERVE_FEATURE", "5873"))
+    if not (run / "features" / "features.db").is_file():
+        pytest.skip(f"no run with a features database at {run}")
+    playwright = pytest.importorskip("playwright.sync_api")
+    app = create_app(run)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    th = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            pg = browser.new_page(viewport={"width": 1100, "height": 1500})
+            pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/sae/sae/feature/{fid}")
+            assert pg.locator("h1").inner_text().startswith(f"feature {fid}")
+            pg.locator("#top .tok.peak").first.hover()
+            out = ARTIFACTS / "serve"
+            out.mkdir(parents=True, exist_ok=True)
+            pg.screenshot(path=str(out / "real-feature-page.png"))
+            pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/")
+            pg.wait_for_selector("canvas#featuremap[data-ready]")
+            pg.screenshot(path=str(out / "real-run-page.png"), full_page=True)
+            browser.close()
+    finally:
+        srv.should_exit = True
+        th.join(10)
