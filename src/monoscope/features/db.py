@@ -373,12 +373,22 @@ class FeatureDB:
         return out
 
     @_guarded
-    def map_points(self) -> list[tuple[int, float, float, str | None, float | None, Any]]:
-        """(id, map_x, map_y, label, density, label_tokens decoded) of every feature placed on the map, by id:
-        what an interactive map draws and names its regions by."""
+    def map_points(self, *, placed_only: bool = True) -> list[tuple[int, Any, Any, str | None, float | None, Any]]:
+        """(id, map_x, map_y, label, density, label_tokens decoded) of every feature placed on the map (or of
+        every feature, positions possibly None, with placed_only=False), by id: what an interactive map draws
+        and names its regions by."""
+        where = "WHERE map_x IS NOT NULL AND map_y IS NOT NULL " if placed_only else ""
         rows = self.conn.execute("SELECT id, map_x, map_y, label, density, label_tokens FROM features "
-                                 "WHERE map_x IS NOT NULL AND map_y IS NOT NULL ORDER BY id").fetchall()
-        return [(int(i), float(x), float(y), lab, d, _dec("label_tokens", lt)) for i, x, y, lab, d, lt in rows]
+                                 f"{where}ORDER BY id").fetchall()
+        return [(int(i), x, y, lab, d, _dec("label_tokens", lt)) for i, x, y, lab, d, lt in rows]
+
+    @_guarded
+    def cooccurrence(self) -> list[tuple[int, list[list[float]]]]:
+        """(id, [[j, P(j fires | id fires)], ...]) of every feature with co-occurrence data, by id: the graph a
+        co-activation map is laid out from."""
+        rows = self.conn.execute("SELECT id, cooccur FROM features WHERE cooccur IS NOT NULL AND cooccur != '[]' "
+                                 "ORDER BY id").fetchall()
+        return [(int(i), json.loads(c)) for i, c in rows]
 
     # ------------------------------------------------------------------ examples
     @_guarded
