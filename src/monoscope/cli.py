@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.scaling.cli import add_sweep_parser
     from monoscope.search.audit_cli import add_audit_parser
     from monoscope.search.cli import add_search_parser
+    from monoscope.serve.cli import add_serve_parser
     from monoscope.steer.cli import add_attribute_parser, add_steer_eval_parser, add_steer_parser
     from monoscope.train.cli import add_train_parser
 
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(sub)
     add_audit_parser(sub)
     add_sweep_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -457,6 +457,38 @@ class FeatureDB:
                 out[i] = v
         return out
 
+    @_guarded
+    def briefs(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """{id: {label, density, max_act}} of those of `ids` that have a row, in one query per 500 ids: what a
+        page needs to name the features it links to (neighbours, co-occurring features, search hits)."""
+        out: dict[int, dict[str, Any]] = {}
+        ids = [int(i) for i in ids]
+        for s in range(0, len(ids), 500):
+            part = ids[s: s + 500]
+            for i, lab, d, m in self.conn.execute(
+                    f"SELECT id, label, density, max_act FROM features WHERE id IN ({','.join('?' * len(part))})",
+                    part).fetchall():
+                out[int(i)] = {"label": lab, "density": d, "max_act": m}
+        return out
+
+    @_guarded
+    def map_points(self, *, placed_only: bool = True) -> list[tuple[int, Any, Any, str | None, float | None, Any]]:
+        """(id, map_x, map_y, label, density, label_tokens decoded) of every feature placed on the map (or of
+        every feature, positions possibly None, with placed_only=False), by id: what an interactive map draws
+        and names its regions by."""
+        where = "WHERE map_x IS NOT NULL AND map_y IS NOT NULL " if placed_only else ""
+        rows = self.conn.execute("SELECT id, map_x, map_y, label, density, label_tokens FROM features "
+                                 f"{where}ORDER BY id").fetchall()
+        return [(int(i), x, y, lab, d, _dec("label_tokens", lt)) for i, x, y, lab, d, lt in rows]
+
+    @_guarded
+    def cooccurrence(self) -> list[tuple[int, list[list[float]]]]:
+        """(id, [[j, P(j fires | id fires)], ...]) of every feature with co-occurrence data, by id: the graph a
+        co-activation map is laid out from."""
+        rows = self.conn.execute("SELECT id, cooccur FROM features WHERE cooccur IS NOT NULL ORDER BY id").fetchall()
+        pairs = ((int(i), _dec("cooccur", c)) for i, c in rows)  # packed BLOBs (format 2) decode like JSON lists
+        return [(i, [list(p) for p in ps]) for i, ps in pairs if ps]
+
     # ------------------------------------------------------------------ examples
     @_guarded
     def put_examples(self, rows: Iterable[tuple[int, str, int, int, float, int, int, np.ndarray, np.ndarray]]) -> None:
