@@ -31,7 +31,8 @@ def _resolve(schema: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _junk() -> st.SearchStrategy[Any]:
-    return st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False),
+    return st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40),
+                     st.floats(allow_nan=False, allow_infinity=False),  # JSON carries neither
                      st.text(max_size=20), st.lists(st.integers(), max_size=3))
 
 
@@ -50,7 +51,8 @@ def strategy(schema: dict[str, Any], spec: dict[str, Any], depth: int = 0) -> st
         return st.one_of(inside, inside, st.integers(int(lo) - 3, int(lo) - 1), st.integers(int(hi) + 1, int(hi) + 3))
     if t == "number":
         lo, hi = schema.get("minimum", -100.0), schema.get("maximum", 100.0)
-        return st.one_of(st.floats(lo, hi), st.floats(hi, hi + 10), st.integers(int(lo), int(hi)))
+        return st.one_of(st.floats(lo, hi, allow_nan=False, allow_infinity=False),
+                         st.floats(hi, hi + 10, allow_nan=False, allow_infinity=False), st.integers(int(lo), int(hi)))
     if t == "string":
         n = min(int(schema.get("maxLength", 40)), 40)
         return st.one_of(st.text(min_size=int(schema.get("minLength", 0)), max_size=n),
