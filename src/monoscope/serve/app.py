@@ -178,10 +178,16 @@ async def _plain(send: Callable[[dict[str, Any]], Awaitable[None]], status: int,
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(path: str | Path, *, token: str | None = None, device: str = "auto", compute_dtype: str = "auto",
                model: str | None = None, timeout: float = 60.0, max_waiting: int = 2,
-               max_body: int = MAX_BODY) -> FastAPI:
+               max_body: int = MAX_BODY, coactivation_map: bool = False) -> FastAPI:
     """The application over the run folder (or SAE folder) `path`: a one-line `MonoscopeError` when it has no
-    SAE with a features database. `token`: required on every request when set."""
+    SAE with a features database. `token`: required on every request when set. `coactivation_map`: lay out
+    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and offer it beside the decoder map."""
     site = Site(path)
+    if coactivation_map:
+        from monoscope.serve.coact import cached_layout
+
+        for e in site.entries.values():
+            e.coact = cached_layout(e.db_path)
     live = Live(site, device=device, compute_dtype=compute_dtype, model=model, timeout=timeout,
                 max_waiting=max_waiting)
     app = FastAPI(title="monoscope", version="1", docs_url=None, redoc_url=None,
@@ -222,20 +228,22 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
         return JSONResponse({"detail": str(exc)}, status)
 
     # ------------------------------------------------------------------ pages
-    def sae_page(request: Request, e: Entry) -> HTMLResponse:
+    def sae_page(request: Request, e: Entry, kind: str) -> HTMLResponse:
         db = e.db()
         interesting = db.most_interesting(30) or db.most_interesting(30, with_examples=True)
+        if kind == "coactivation" and e.coact is None:
+            raise HTTPException(404, "no co-activation map: start monoscope serve with --coactivation-map")
         return page(request, "run.html", {
-            "entry": e, "metrics": views.metrics_summary(e.metrics), "interesting": interesting,
-            "has_map": bool(e.pngs.get("feature_map.png")) or db.feature(0) is not None})
+            "entry": e, "metrics": views.metrics_summary(e.metrics), "interesting": interesting, "kind": kind})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def run_page(request: Request) -> HTMLResponse:
-        return sae_page(request, site.default)
+    def run_page(request: Request, map: Literal["decoder", "coactivation"] = "decoder") -> HTMLResponse:
+        return sae_page(request, site.default, map)
 
     @app.get("/sae/{name}", response_class=HTMLResponse, include_in_schema=False)
-    def sae_overview(request: Request, name: str) -> HTMLResponse:
-        return sae_page(request, entry_or_404(name))
+    def sae_overview(request: Request, name: str,
+                     map: Literal["decoder", "coactivation"] = "decoder") -> HTMLResponse:
+        return sae_page(request, entry_or_404(name), map)
 
     @app.get("/sae/{name}/goto", include_in_schema=False)
     def goto(name: str, id: Annotated[int, Query(ge=0)]) -> RedirectResponse:
@@ -251,9 +259,15 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
         return FileResponse(p, media_type="image/png")
 
     @app.get("/sae/{name}/map.json")
-    def feature_map(name: str) -> dict[str, Any]:
-        """The interactive map's points [id, x, y, label, density] and its named regions."""
-        return entry_or_404(name).map_data
+    def feature_map(name: str, kind: Literal["decoder", "coactivation"] = "decoder") -> dict[str, Any]:
+        """The interactive map's points [id, x, y, label, density] and its named regions: the decoder map of
+        the features pass, or the co-activation map when the server computed it."""
+        e = entry_or_404(name)
+        if kind == "coactivation":
+            if e.coact_data is None:
+                raise HTTPException(404, "no co-activation map: start monoscope serve with --coactivation-map")
+            return e.coact_data
+        return e.map_data
 
     @app.get("/sae/{name}/feature/{fid}.json")
     def feature_json(name: str, fid: int) -> dict[str, Any]:

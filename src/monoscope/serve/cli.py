@@ -30,6 +30,10 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="model compute dtype for the live panels")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60)")
+    p.add_argument("--coactivation-map", action="store_true",
+                   help="also lay out each SAE's features by co-activation (UMAP of the co-occurrence graph) "
+                        "before serving: shows groups the decoder map does not; about a minute per 10k features "
+                        "on a CPU the first time, cached after")
     p.set_defaults(func=cmd_serve)
 
 
@@ -51,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token is None and args.host not in LOCAL_HOSTS:
         token = secrets.token_urlsafe(24)
     app = create_app(args.path, token=token, device=args.device, compute_dtype=args.compute_dtype,
-                     model=args.model, timeout=args.timeout)
+                     model=args.model, timeout=args.timeout, coactivation_map=args.coactivation_map)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -96,55 +96,73 @@ class Entry:
         """A token listed on its own (logit effects, label evidence), whitespace visible."""
         return visible(token_text(self.vocab.texts, tok), standalone=True)
 
+    coact: tuple[Any, Any] | None = field(default=None, repr=False)
+    """(ids, xy) of the co-activation map when the server computed it (`serve/coact.py`)."""
+
     @cached_property
     def map_data(self) -> dict[str, Any]:
-        """The interactive map: up to MAP_POINTS points (id, x, y, label) and region names (the dominant peak
-        token of the features in each cell of a 6x6 grid)."""
-        pts = self.db().map_points()
-        if not pts:
-            return {"n": 0, "shown": 0, "points": [], "regions": []}
-        if len(pts) > MAP_POINTS:
-            interest = self.db().column("interest")
-            dens = self.db().column("density")
+        """The decoder map of the features pass (features.map_x/map_y)."""
+        return _map_doc(self, self.db().map_points())
 
-            def key(p: tuple[Any, ...]) -> tuple[float, float]:
-                i = p[0]
-                a = interest[i] if i < len(interest) and not math.isnan(interest[i]) else 0.0
-                d = dens[i] if i < len(dens) and not math.isnan(dens[i]) else 0.0
-                return (-a, -d)
+    @cached_property
+    def coact_data(self) -> dict[str, Any] | None:
+        """The co-activation map, when computed."""
+        if self.coact is None:
+            return None
+        ids, xy = self.coact
+        where = {int(i): (float(x), float(y)) for i, (x, y) in zip(ids.tolist(), xy.tolist(), strict=True)}
+        pts = [(i, *where[i], lab, d, lt) for i, _, _, lab, d, lt in self.db().map_points(placed_only=False)
+               if i in where]
+        return _map_doc(self, pts)
 
-            shown = sorted(pts, key=key)[:MAP_POINTS]
-            shown.sort(key=lambda p: p[0])
-        else:
-            shown = pts
-        xs = [p[1] for p in pts]
-        ys = [p[2] for p in pts]
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-        g = 6
-        cells: dict[tuple[int, int], Counter[str]] = {}
-        where: dict[tuple[int, int], list[float]] = {}
-        for _, x, y, _, _, lt in pts:
-            c = (min(int((x - x0) / ((x1 - x0) or 1) * g), g - 1), min(int((y - y0) / ((y1 - y0) or 1) * g), g - 1))
-            peaks = lt.get("peak_tokens") if isinstance(lt, dict) else None
-            if peaks and isinstance(peaks[0], list) and peaks[0]:
-                tok = self.token(peaks[0][0]).strip("·")
-                if tok:
-                    cells.setdefault(c, Counter())[tok] += 1
-                    s = where.setdefault(c, [0.0, 0.0, 0.0])
-                    s[0] += x
-                    s[1] += y
-                    s[2] += 1
-        regions = []
-        for c, cnt in cells.items():
-            n = sum(cnt.values())
-            if n < 5:
-                continue
-            top = [t for t, _ in cnt.most_common(3)]
-            sx, sy, sn = where[c]
-            regions.append({"x": sx / sn, "y": sy / sn, "text": " ".join(top), "n": n})
-        return {"n": len(pts), "shown": len(shown), "bounds": [x0, x1, y0, y1],
-                "points": [[p[0], round(p[1], 4), round(p[2], 4), p[3] or "", _finite(p[4])] for p in shown],
-                "regions": regions}
+
+def _map_doc(entry: Entry, pts: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Up to MAP_POINTS points (id, x, y, label, density; the most interesting, then the densest, when there
+    are more) and region names: the most common peak tokens of the features in each cell of a 6x6 grid."""
+    if not pts:
+        return {"n": 0, "shown": 0, "points": [], "regions": []}
+    if len(pts) > MAP_POINTS:
+        interest = entry.db().column("interest")
+        dens = entry.db().column("density")
+
+        def key(p: tuple[Any, ...]) -> tuple[float, float]:
+            i = p[0]
+            a = interest[i] if i < len(interest) and not math.isnan(interest[i]) else 0.0
+            d = dens[i] if i < len(dens) and not math.isnan(dens[i]) else 0.0
+            return (-a, -d)
+
+        shown = sorted(pts, key=key)[:MAP_POINTS]
+        shown.sort(key=lambda p: p[0])
+    else:
+        shown = pts
+    xs = [p[1] for p in pts]
+    ys = [p[2] for p in pts]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    g = 6
+    cells: dict[tuple[int, int], Counter[str]] = {}
+    where: dict[tuple[int, int], list[float]] = {}
+    for _, x, y, _, _, lt in pts:
+        c = (min(int((x - x0) / ((x1 - x0) or 1) * g), g - 1), min(int((y - y0) / ((y1 - y0) or 1) * g), g - 1))
+        peaks = lt.get("peak_tokens") if isinstance(lt, dict) else None
+        if peaks and isinstance(peaks[0], list) and peaks[0]:
+            tok = entry.token(peaks[0][0]).strip("·")
+            if tok:
+                cells.setdefault(c, Counter())[tok] += 1
+                s = where.setdefault(c, [0.0, 0.0, 0.0])
+                s[0] += x
+                s[1] += y
+                s[2] += 1
+    regions = []
+    for c, cnt in cells.items():
+        n = sum(cnt.values())
+        if n < 5:
+            continue
+        top = [t for t, _ in cnt.most_common(3)]
+        sx, sy, sn = where[c]
+        regions.append({"x": sx / sn, "y": sy / sn, "text": " ".join(top), "n": n})
+    return {"n": len(pts), "shown": len(shown), "bounds": [x0, x1, y0, y1],
+            "points": [[p[0], round(p[1], 4), round(p[2], 4), p[3] or "", _finite(p[4])] for p in shown],
+            "regions": regions}
 
 
 def _png_names(entry: Entry, features_dir: Path) -> None:
