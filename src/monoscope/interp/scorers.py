@@ -335,16 +335,24 @@ class Embedder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         torch = self.torch
+        # batches of similar length pad little: thousands of labels embed several times faster
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ordered = [texts[i] for i in order]
         out = []
-        for i in range(0, len(texts), batch_size):
-            b = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=256,
+        for i in range(0, len(ordered), batch_size):
+            b = self.tokenizer(ordered[i:i + batch_size], padding=True, truncation=True, max_length=256,
                                return_tensors="pt").to(self.device)
             with torch.inference_mode():
                 h = self.model(**b).last_hidden_state
             m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
             e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
             out.append(torch.nn.functional.normalize(e, dim=-1).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
+        if not out:
+            return np.zeros((0, 384), dtype=np.float32)
+        emb = np.concatenate(out)
+        res = np.empty_like(emb)
+        res[order] = emb
+        return res
 
 
 _EMBEDDER: Embedder | None = None
