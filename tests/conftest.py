@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -52,3 +53,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_lm(tokenizer: PreTrainedTokenizerFast) -> LoadedModel:
     return from_module(make_llama(len(tokenizer)), tokenizer, name="tiny-llama")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The tests' tensors are tiny: with two intra-op threads on a busy 2-core machine each op waits
+    for a descheduled thread (~10 ms), one thread is ~40x faster. Results are checked against runs
+    made the same way (children get OMP_NUM_THREADS=1 too). Folders opt in with an autouse fixture."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
