@@ -15,7 +15,7 @@ import pytest
 from monoscope.errors import MonoscopeError
 from monoscope.features.db import FeatureDB
 from monoscope.interp import prompts
-from monoscope.interp.explain import explain_features, parse_scorers
+from monoscope.interp.explain import carry_over, explain_features, parse_scorers
 from monoscope.interp.llm import open_llm
 from monoscope.interp.prompts import Evidence, parse_ab, parse_intruder
 from monoscope.interp.scorers import ALL_SCORERS, SCORER_NAMES, score_intervention, score_intruder
@@ -205,6 +205,13 @@ def test_explain_runs_both_and_reuses(tmp_path: Path, target: Target) -> None:
     explain_features("x", llm, features="0,1", scorers="intervention", db_path=db_path, progress=False,
                      target=target, steer_strength=10.0, scorer_options=opts)
     assert llm.calls > calls  # another strength is another score
+    # a rebuild of the same database keeps every score, also those made with non-default settings
+    rebuilt = tmp_path / "rebuilt" / "features.db"
+    build_db(rebuilt).close()
+    with FeatureDB.open(db_path) as src, FeatureDB.open(rebuilt) as dst:
+        assert carry_over(src, dst, archive=tmp_path / "lost.jsonl") == (2, 4, 0)
+        assert dst.score(1, "fake-competent", "intervention") == src.score(1, "fake-competent", "intervention")
+    assert not (tmp_path / "lost.jsonl").exists()
     with pytest.raises(MonoscopeError, match=r"^scorer_options names 'intruder', which is not among the scorers run"):
         explain_features("x", llm, features="0,", scorers="detection", db_path=db_path, progress=False,
                          scorer_options={"intruder": {"k": 3}})

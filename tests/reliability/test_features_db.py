@@ -136,8 +136,15 @@ def test_other_options_refuse_and_overwrite_carries_explanations(built: Path, tm
     monkeypatch.delenv(KILL_ENV)
     assert dump(db_path) == before
     res = build_features(root / "sae", **SMALL, compute_dtype="fp32", overwrite=True)  # fp32 = auto on a CPU
+    archive = db_path.parent / "dropped-explanations.jsonl"
     assert f"{db_path}: kept 1 explanations (1 scores) whose evidence is unchanged, dropped 1 whose evidence " \
-           "changed" in res.notes
+           f"changed (saved in {archive})" in res.notes
+    lost = [json.loads(line) for line in archive.read_text().splitlines()]
+    assert [(r["kind"], r["feature"], r.get("text"), r.get("scorer"), r["reason"]) for r in lost] == [
+        ("explanation", stale, expl[stale], None, "its evidence (top contexts) changed"),
+        ("score", kept, None, "fuzzing", "its evidence or settings changed"),
+        ("score", stale, None, "detection", "its explanation was not carried over"),
+        ("score", stale, None, "fuzzing", "its explanation was not carried over")]
     after = dump(db_path)
     assert json.loads(dict(after["meta"])["config"])["compute_dtype"] == "fp32"
     assert [(r[0], r[4]) for r in after["explanations"]] == [(kept, expl[kept])]

@@ -80,6 +80,8 @@ denser: usually positional or generic)."""
 NEW_DB_NAME = f".new-{DB_NAME}"
 """The database a pass builds, beside `features.db`, renamed over it once complete."""
 MAP_NAME = "feature_map.png"
+# Explanations and scores a rebuild could not carry over (paid LLM work): JSON lines beside the database.
+DROPPED_ARCHIVE = "dropped-explanations.jsonl"
 """The feature map's picture beside the database; a pass draws it as `.new-feature_map.png` and renames it
 with the database it belongs to (`_install`), so the two always describe the same pass."""
 _OVERWRITE = "overwrite.json"
@@ -724,10 +726,11 @@ def _install_db(t: _Target, old: str) -> list[str]:
 
         try:
             with FeatureDB.open(t.final_path, allow_old=True) as src, FeatureDB.open(t.db_path) as dst:
-                kept, scores, dropped = carry_over(src, dst)
+                kept, scores, dropped = carry_over(src, dst, archive=t.final_path.parent / DROPPED_ARCHIVE)
             if kept or dropped:
                 notes.append(f"{t.final_path}: kept {kept} explanations ({scores} scores) whose evidence is "
-                             f"unchanged, dropped {dropped} whose evidence changed")
+                             f"unchanged, dropped {dropped} whose evidence changed"
+                             + (f" (saved in {t.final_path.parent / DROPPED_ARCHIVE})" if dropped else ""))
         except FeatureDBError as e:
             notes.append(f"explanations not carried over from {t.final_path}: {e}")
     elif old == "damaged":

@@ -423,7 +423,7 @@ def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
     stored = []
     for (ev, expl), r in zip(todo, fresh, strict=True):
         value = r.value if r.value is None or math.isfinite(r.value) else None
-        details = {**r.details, "key": keys[ev.feature], "prompt_version": PROMPT_VERSION,
+        details = {**r.details, "key": keys[ev.feature], "settings": settings, "prompt_version": PROMPT_VERSION,
                    "explanation_sha256": _sha(expl)}
         if value is None and "error" not in details:
             details["error"] = "score is not a number"
@@ -442,12 +442,14 @@ def _load_json(s: str | None) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- a rebuilt database
-def carry_over(src: FeatureDB, dst: FeatureDB) -> tuple[int, int, int]:
+def carry_over(src: FeatureDB, dst: FeatureDB, archive: Path | None = None) -> tuple[int, int, int]:
     """Copy into `dst` (a rebuilt database of the same SAE) the explanations of `src` whose evidence, loaded
     from `dst` exactly as `explain` loads it, has the same hash, and those explanations' scores whose key
-    (evidence, held-out and non-activating contexts, prompt version) is also unchanged: paid LLM work that
-    is still valid survives a rebuild. Explanations of another prompt version cannot be checked and are
-    dropped. Returns (explanations kept, scores kept, explanations dropped)."""
+    (evidence, held-out and non-activating contexts, prompt version, the scorer's recorded settings) is also
+    unchanged: paid LLM work that is still valid survives a rebuild. What cannot be carried (evidence changed,
+    another prompt version, a score whose key no longer matches) is paid work too: it is appended to `archive`
+    (JSON lines, one per explanation or score, with the reason) rather than lost. Returns (explanations kept,
+    scores kept, explanations dropped)."""
     rows = src.all_explanations()
     if not rows:
         return 0, 0, 0
@@ -456,15 +458,23 @@ def carry_over(src: FeatureDB, dst: FeatureDB) -> tuple[int, int, int]:
     evidence: dict[int, Evidence] = {}
     kept: dict[tuple[int, str], str] = {}  # (feature, model) -> explanation text
     keep_rows: list[tuple[int, str, str, str, str | None]] = []
+    lost: list[dict[str, Any]] = []
     dropped = 0
     have = dst.feature_ids(sorted({int(r[0]) for r in rows}))
     for f, model, version, sha, text, created_by in rows:
-        if version != PROMPT_VERSION or f not in have:
+        why = None
+        if version != PROMPT_VERSION:
+            why = f"prompt version {version} (this monoscope writes {PROMPT_VERSION})"
+        elif f not in have:
+            why = "the feature is not in the rebuilt database"
+        else:
+            ev = evidence.get(f) or evidence.setdefault(f, load_evidence(dst, f, vocab, pool))
+            if not ev.explain or evidence_sha256(format_explain_evidence(ev)) != sha:
+                why = "its evidence (top contexts) changed"
+        if why is not None:
             dropped += 1
-            continue
-        ev = evidence.get(f) or evidence.setdefault(f, load_evidence(dst, f, vocab, pool))
-        if not ev.explain or evidence_sha256(format_explain_evidence(ev)) != sha:
-            dropped += 1
+            lost.append({"kind": "explanation", "feature": int(f), "model": model, "prompt_version": version,
+                         "evidence_sha256": sha, "text": text, "created_by": created_by, "reason": why})
             continue
         kept[(f, model)] = text
         keep_rows.append((f, model, sha, text, created_by))
@@ -472,10 +482,31 @@ def carry_over(src: FeatureDB, dst: FeatureDB) -> tuple[int, int, int]:
     for f, model, scorer, value, details in src.all_scores():
         text = kept.get((int(f), model))
         d = _load_json(details)
-        if text is not None and isinstance(d, dict) and d.get("key") == _score_key(scorer, text, evidence[int(f)]):
+        settings = d.get("settings", []) if isinstance(d, dict) else []
+        if (text is not None and isinstance(d, dict) and isinstance(settings, list)
+                and d.get("key") == _score_key(scorer, text, evidence[int(f)], *settings)):
             scores.append((int(f), model, scorer, value, details))
+        else:
+            lost.append({"kind": "score", "feature": int(f), "model": model, "scorer": scorer, "value": value,
+                         "details": d if d is not None else details,
+                         "reason": "its explanation was not carried over" if text is None else
+                         "its evidence or settings changed"})
+    if lost and archive is not None:
+        _append_archive(archive, lost)
     with dst.transaction():
         for f, model, sha, text, created_by in keep_rows:
             dst.put_explanations(model, PROMPT_VERSION, [(f, sha, text)], created_by or f"monoscope {__version__}")
         dst.put_scores(scores)
     return len(keep_rows), len(scores), dropped
+
+
+def _append_archive(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append to a JSON-lines archive atomically (old lines + new ones written to a temp file and renamed), so a
+    kill leaves either the old archive or the new one, never half a line."""
+    from monoscope.fileio import write_bytes_atomic
+
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    new = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode("utf-8")
+    write_bytes_atomic(path, old + new)
