@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-steer-top", type=int, default=0,
                    help="candidates per pack whose steering effect the audit measures (default 0: skipped, "
                         "CPU-expensive)")
+    p.add_argument("--audit-attribution-texts", type=int, default=8,
+                   help="positives (and as many negatives) per pack the audit's attribution route reads (default 8; "
+                        "0 skips the route)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_run)
 

@@ -144,6 +144,10 @@ class RunConfig:
     """Candidates per pack whose steering effect the audit measures (0: skipped, said in the report; steering is
     CPU-expensive, `monoscope audit --steer-top N` measures it later)."""
 
+    audit_attribution_texts: int = 8
+    """Positives (and as many negatives) per pack whose log-likelihood the audit attributes to features (its
+    attribution route; one forward and backward pass each; 0 skips the route)."""
+
     progress: bool = True
     """Progress display (CLI: --quiet turns it off)."""
 
@@ -187,6 +191,8 @@ class RunConfig:
         _int("seed", self.seed, 0, "an integer >= 0")
         _int("explain_features", self.explain_features, 0, "a count >= 0 (0 skips the explain stage)")
         _int("audit_steer_top", self.audit_steer_top, 0, "a count >= 0 (0 skips steering in the audit)")
+        _int("audit_attribution_texts", self.audit_attribution_texts, 0,
+             "a count >= 0 (0 skips the audit's attribution route)")
         if not isinstance(self.audit_packs, str) or not self.audit_packs.strip(" ,"):
             _fail("audit_packs", self.audit_packs, "all, or pack names separated by commas (monoscope search "
                   "--list-packs)")
@@ -332,7 +338,8 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
             + ("" if cfg.audit_steer_top else " (steering skipped: --audit-steer-top 0)"))
         t0 = time.perf_counter()
         au = audit(f.sae, packs=cfg.audit_packs, out=f.audit, device=cfg.device, compute_dtype=cfg.compute_dtype,
-                   steer_top=cfg.audit_steer_top, progress=cfg.progress)
+                   steer_top=cfg.audit_steer_top,
+                   attribution_texts=cfg.audit_attribution_texts, progress=cfg.progress)
         res.stages.append(Stage("audit", [f.audit], au.reused, time.perf_counter() - t0, au))
         if echo:
             print("\n".join(findings_lines(au)) + f"\n  report: {f.audit / 'report.html'}")

@@ -275,3 +275,71 @@ def test_html_report_in_headless_chromium_without_network(report: Path) -> None:
         finally:
             browser.close()
     assert requests and all(u.startswith(("file://", "data:")) for u in requests), requests
+
+
+def test_text_attribution_is_the_directional_derivative_of_the_log_likelihood(planted: Planted,
+                                                                              searcher: Searcher) -> None:
+    """grad x activation summed over positions = d/de log-likelihood with feature f's codes scaled by (1 + e),
+    measured here by central differences of two exact forwards (no autograd)."""
+    import torch
+
+    from monoscope.search.audit import _target
+    from monoscope.steer.attribute import _Runner, text_attribution
+
+    t = _target(searcher, planted.sae)
+    ids = t.encode("the quick fox and the lazy dog")
+    attr = text_attribution(t, ids)
+    r = _Runner(t, ids)
+    W = t.sae.W_dec.detach().float() / t.sae.cfg.normaliser
+    with torch.no_grad():
+        x = r.clean_acts()
+        codes = t.sae.encode_raw(x)
+        codes[0] = 0
+
+        def loglik(eps: float, f: int) -> float:
+            lp = torch.log_softmax(r.logits((x + eps * codes[:, f:f + 1] * W[f])[None])[0, :-1].double(), -1)
+            return float(lp.gather(1, ids[0, 1:, None]).sum())
+
+    fired = [int(f) for f in codes.sum(0).nonzero()[:, 0][:4]]
+    assert fired and max(abs(float(attr[f])) for f in fired) > 1e-3
+    for f in fired:
+        fd = (loglik(1e-3, f) - loglik(-1e-3, f)) / 2e-3
+        assert float(attr[f]) == pytest.approx(fd, rel=2e-2, abs=1e-4)
+    assert float(attr[[f for f in range(attr.numel()) if f not in set(codes.sum(0).nonzero()[:, 0].tolist())]]
+                 .abs().max()) == 0.0  # a feature that never fires has no attribution
+
+
+def test_attribution_route_ranks_by_positive_minus_negative_attribution(planted: Planted, searcher: Searcher,
+                                                                         tmp_path: Path) -> None:
+    import numpy as np
+
+    from monoscope.search.audit import _target
+    from monoscope.steer.attribute import text_attribution
+
+    rows = [_row("the cat barks", 1), _row("the dog barks", 0), _row("a lazy cat", 1), _row("a lazy dog", 0),
+            _row("my cat sleeps", 1), _row("my dog sleeps", 0)]
+    p = tmp_path / "cats.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = audit(planted.sae, packs=str(p), out=tmp_path / "o", searcher=searcher, steer_top=0, top=3,
+                attribution_texts=2, label_mode="keyword", progress=False)
+    pa = res.packs[0]
+    t = _target(searcher, planted.sae)
+    att = [text_attribution(t, t.encode(s)).double().numpy() for s in
+           ("the cat barks", "a lazy cat", "the dog barks", "a lazy dog")]
+    diff = (att[0] + att[1]) / 2 - (att[2] + att[3]) / 2
+    expected = [int(f) for f in np.argsort(-diff, kind="stable") if diff[f] > 0]
+    assert len(expected) >= 2  # the planted model gives the route something to rank
+    assert pa.routes["attribution"] == (f"{len(expected)} candidates (gradient x activation of the log-likelihood of "
+                                        "the first 2 positive minus 2 negative texts)")
+    by_feature = {c.feature: c for c in pa.candidates}
+    assert by_feature[expected[0]].routes["attribution"] == 1  # the best of every route stays in the report
+    for c in pa.candidates:
+        assert c.attribution == pytest.approx(float(diff[c.feature]), abs=1e-5)
+        assert c.routes.get("attribution") == (expected.index(c.feature) + 1 if c.feature in expected else None)
+    res0 = audit(planted.sae, packs=str(p), out=tmp_path / "o0", searcher=searcher, steer_top=0, top=3,
+                 attribution_texts=0, label_mode="keyword", progress=False)
+    assert res0.packs[0].routes["attribution"] == "skipped (--attribution-texts 0)"
+    assert all("attribution" not in c.routes and c.attribution is None for c in res0.packs[0].candidates)
+    with pytest.raises(MonoscopeError, match=r"^--attribution-texts -1: pass a whole number >= 0$"):
+        audit(planted.sae, packs=str(p), out=tmp_path / "o1", searcher=searcher, attribution_texts=-1,
+              progress=False)

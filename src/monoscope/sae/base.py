@@ -263,7 +263,8 @@ class SAE(nn.Module):
         n_rows, d = x_c.shape
         dev = x_c.device
         w_aug = self._w_aug.get(dtype)
-        if w_aug is None or w_aug.device != dev:
+        if (w_aug is None or w_aug.device != dev
+                or (w_aug.is_inference() and not torch.is_inference_mode_enabled())):  # one made under inference_mode
             w_aug = self._w_aug[dtype] = torch.empty(self.cfg.d_sae, d + 1, dtype=dtype, device=dev)
         w_aug[:, :d].copy_(self.W_enc)
         w_aug[:, d].copy_(self.b_enc)

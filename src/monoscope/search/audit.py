@@ -11,9 +11,12 @@ Routes per pack (each candidate records which found it and at what rank):
 - text:       the features that fire on each positive text, ranked by activation relative to their own maximum
               (`monoscope search TEXT`, density <= 1e-2), voted over the positives;
 - labels:     the features whose label or explanation fits the concept's name (FTS5 + MiniLM, fused);
-- neighbours: the decoder-cosine neighbours of the top contrast candidates (stored by the features pass).
-Attribution is not a route here: it needs a target token per prompt, which a concept pack does not define
-(`monoscope attribute` does it for one prompt and token).
+- neighbours: the decoder-cosine neighbours of the top contrast candidates (stored by the features pass);
+- attribution: the features that most help the model *predict* the positive texts rather than their negatives:
+              gradient x activation of each text's log-likelihood (`steer.attribute.text_attribution`), mean over
+              the first `attribution_texts` positives minus the mean over as many negatives. A pack defines no
+              target token, so the text itself is the target; this finds features that act on the output, where
+              the other routes find features that fire (`monoscope search --attribution` does one prompt and token).
 
 Candidates are ranked by their AUROC on the pack (measured, whatever route found them), then by how many routes
 found them; the best of every route is kept so a reader sees what each route offers. For the top `steer_top`
@@ -51,7 +54,7 @@ FORMAT = "monoscope-audit/1"
 CAVEAT = ("A feature's existence shows that the model represents a concept, not that it acts on it. A high AUROC "
           "says the feature separates these texts; only the measured steering effect (and its controls) says "
           "whether pushing the feature changes what the model writes, and even that is evidence on a few prompts.")
-ROUTES = ("contrast", "text", "labels", "neighbours")
+ROUTES = ("contrast", "text", "labels", "neighbours", "attribution")
 AUROC_BAR = 0.8
 """The summary counts packs with a candidate at or above this AUROC."""
 MULTILINGUAL_GROUPS = {"countries": "country"}
@@ -129,6 +132,8 @@ class Candidate:
     contexts: list[Context]
     multilingual: Multilingual | None = None
     steering: Steering | None = None
+    attribution: float | None = None
+    """Mean log-likelihood attribution over the positives minus over the negatives (None: not measured)."""
 
 
 @dataclass
@@ -208,8 +213,9 @@ def _num(v: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- reading texts
-def _read_pack_texts(s: Searcher, pack: Any) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(max acts of positives [P, F], of negatives [N, F], warnings naming file and line): texts longer than the
+def _read_pack_texts(s: Searcher, pack: Any) -> tuple[np.ndarray, np.ndarray, list[str], list[list[int]], np.ndarray]:
+    """(max acts of positives [P, F], of negatives [N, F], warnings naming file and line, the token ids as read, their
+    labels): texts longer than the
     database's contexts are read in full with a warning, texts longer than the model's context are cut to it, texts
     the tokenizer does not reproduce are warned about."""
     from monoscope.search.multilingual import _mangled
@@ -246,7 +252,7 @@ def _read_pack_texts(s: Searcher, pack: Any) -> tuple[np.ndarray, np.ndarray, li
     for k, f in s.codes(ids):
         acts[k] = f.max(0).values.numpy()
     lab = np.array([i.label for i in items])
-    return acts[lab == 1], acts[lab == 0], warnings
+    return acts[lab == 1], acts[lab == 0], warnings, ids, lab
 
 
 def _tokenize_unbounded(s: Searcher, texts: Sequence[str], names: Sequence[str]) -> list[list[int]]:
@@ -283,6 +289,29 @@ def _label_route(s: Searcher, concept: str, top: int, mode: str, embedder: Any,
         warnings.append(f"semantic label search unavailable ({type(e).__name__}: {str(e)[:80]}): keyword only")
         hits = search_labels(s.db, concept, top=top, mode="keyword")
     return [h.feature for h in hits]
+
+
+def _attribution_route(target: Any, ids: Sequence[Sequence[int]], lab: np.ndarray, n_texts: int,
+                       top: int) -> tuple[list[int], np.ndarray | None]:
+    """Features ranked by mean text attribution over the first `n_texts` positives minus as many negatives (only
+    those with a positive difference), and that difference per feature."""
+    import torch
+
+    from monoscope.steer.attribute import text_attribution
+
+    if n_texts == 0:
+        return [], None
+    pick = [k for k in np.flatnonzero(lab == 1)[:n_texts]] + [k for k in np.flatnonzero(lab == 0)[:n_texts]]
+    dev = target.lm.device
+    rows = {int(k): text_attribution(target, torch.tensor([list(ids[k])], device=dev)).double().numpy()
+            for k in pick if len(ids[k]) >= 2}
+    pos = [v for k, v in rows.items() if lab[k] == 1]
+    neg = [v for k, v in rows.items() if lab[k] == 0]
+    if not pos or not neg:
+        return [], None
+    diff = np.mean(pos, axis=0) - np.mean(neg, axis=0)
+    order = np.lexsort((np.arange(diff.size), -diff))
+    return [int(f) for f in order[:top] if diff[f] > 0], diff
 
 
 def _neighbour_route(s: Searcher, seeds: Sequence[int], per_seed: int = 5) -> list[int]:
@@ -358,11 +387,12 @@ def _steer_summary(doc: dict[str, Any], path: str) -> Steering:
 
 # ---------------------------------------------------------------------------------------------- one pack
 def _audit_pack(s: Searcher, pack: Any, *, top: int, pool: int, label_mode: str, embedder: Any,
-                multilingual: dict[int, Multilingual] | None, ml_note: str, vocab: Any) -> PackAudit:
+                multilingual: dict[int, Multilingual] | None, ml_note: str, vocab: Any, target: Any = None,
+                attribution_texts: int = 0) -> PackAudit:
     from monoscope.search.contrast import benjamini_hochberg, cohens_d, mann_whitney
 
     t0 = time.perf_counter()
-    pos, neg, warnings = _read_pack_texts(s, pack)
+    pos, neg, warnings, ids, lab = _read_pack_texts(s, pack)
     auc, p = mann_whitney(pos, neg)
     q = benjamini_hochberg(p)
     d = cohens_d(pos.astype(np.float64), neg.astype(np.float64))
@@ -373,8 +403,13 @@ def _audit_pack(s: Searcher, pack: Any, *, top: int, pool: int, label_mode: str,
                                     "text": _text_route(s, pos, pool)}
     ranked["labels"] = _label_route(s, pack.concept, pool, label_mode, embedder, warnings)
     ranked["neighbours"] = _neighbour_route(s, ranked["contrast"][:3])
+    ranked["attribution"], attr = _attribution_route(target, ids, lab, attribution_texts, pool)
     routes = {r: f"{len(ranked[r])} candidates" for r in ROUTES}
     routes["neighbours"] += " (decoder cosine, of the top 3 contrast candidates)"
+    n_att = min(attribution_texts, int((lab == 1).sum()), int((lab == 0).sum()))
+    routes["attribution"] = (f"{len(ranked['attribution'])} candidates (gradient x activation of the log-likelihood "
+                             f"of the first {n_att} positive minus {n_att} negative texts)" if attribution_texts
+                             else "skipped (--attribution-texts 0)")
     if not ranked["labels"]:
         routes["labels"] = f"no label or explanation matches {pack.concept!r}"
     found: dict[int, dict[str, int]] = {}
@@ -398,7 +433,8 @@ def _audit_pack(s: Searcher, pack: Any, *, top: int, pool: int, label_mode: str,
                                float(q[f]), round(float((pos[:, f] > 0).mean()), 6),
                                round(float((neg[:, f] > 0).mean()), 6), _num(s.density[f]), _num(s.max_act[f]),
                                found[f], str(row.get("label") or ""), expl, model, scores,
-                               _contexts(s.db, vocab, f, 3), ml))
+                               _contexts(s.db, vocab, f, 3), ml,
+                               attribution=None if attr is None else round(float(attr[f]), 6)))
     return PackAudit(pack.name, pack.version, pack.concept, str(pack.path),
                      hashlib.sha256(Path(pack.path).read_bytes()).hexdigest(), int(pos.shape[0]), int(neg.shape[0]),
                      F, int(((q < 0.05) & wanted).sum()), cands, routes,
@@ -487,12 +523,15 @@ def _short(s: str | None, n: int) -> str:
 def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str | Path, db: str | Path | None = None,
           model: str | None = None, device: str = "auto", compute_dtype: str = "auto", top: int = 10,
           steer_top: int = 1, steer_prompts: int = 4, steer_factors: Sequence[float] = (0.0, 4.0, 10.0),
-          steer_tokens: int = 8, label_mode: str = "both", embedder: Any = None, searcher: Searcher | None = None,
+          steer_tokens: int = 8, attribution_texts: int = 8, label_mode: str = "both", embedder: Any = None,
+          searcher: Searcher | None = None,
           progress: bool = True, log: Callable[[str], None] | None = None) -> AuditResult:
     """Audit `sae_dir` with `packs` (module docstring); writes OUT/report.json and OUT/report.html.
 
     steer_top: candidates per pack whose steering effect is measured (0 skips; CPU-expensive: each costs
     3 conditions x len(steer_factors) x steer_prompts greedy generations of steer_tokens tokens).
+    attribution_texts: positives (and as many negatives) per pack whose log-likelihood is attributed (0 skips the
+    attribution route; each text costs one forward and backward pass of the model).
     searcher: an open Searcher to reuse (its model stays loaded); else one is opened and closed here."""
     from monoscope.features.db import sae_digest
     from monoscope.features.tokens import Vocab
@@ -503,7 +542,7 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
     say = log if log is not None else ((lambda m: print(m, file=sys.stderr, flush=True)) if progress
                                        else (lambda _m: None))
     for name, v, lo in (("--top", top, 1), ("--steer-top", steer_top, 0), ("--steer-prompts", steer_prompts, 4),
-                        ("--steer-tokens", steer_tokens, 1)):
+                        ("--steer-tokens", steer_tokens, 1), ("--attribution-texts", attribution_texts, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise AuditError(f"{name} {v!r}: pass a whole number >= {lo}")
     factors = [float(f) for f in steer_factors]
@@ -515,6 +554,7 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
         raise AuditError(f"SAE folder {sae_dir} does not exist: pass the folder monoscope train wrote")
     settings = {"top": top, "pool": max(20, 2 * top), "label_mode": label_mode, "steer_top": steer_top,
                 "steer_prompts": steer_prompts, "steer_factors": factors, "steer_tokens": steer_tokens,
+                "attribution_texts": attribution_texts,
                 "embedder": getattr(embedder, "name", None), "long_texts": "read in full up to the model's context"}
     digest = sae_digest(sae_dir) or ""
     if searcher is not None:
@@ -562,15 +602,16 @@ def audit(sae_dir: str | Path, *, packs: str | Sequence[str] = "all", out: str |
             if use_ml and ml_table is None:
                 say("audit: multilingual consistency on CLDR parallel names")
                 ml_table, ml_note = _multilingual_table(s)
+            if target is None and (steer_top or attribution_texts):
+                target = _target(s, sae_dir)
             pa = _audit_pack(s, pack, top=top, pool=settings["pool"], label_mode=label_mode, embedder=embedder,
-                             multilingual=ml_table if use_ml else None, ml_note=ml_note, vocab=vocab)
+                             multilingual=ml_table if use_ml else None, ml_note=ml_note, vocab=vocab, target=target,
+                             attribution_texts=attribution_texts)
             for w in pa.warnings:
                 say(f"warning: {w}")
             if steer_top == 0:
                 pa.steering = "skipped (--steer-top 0): no steering effect was measured"
             else:
-                if target is None:
-                    target = _target(s, sae_dir)
                 n = min(steer_top, len(pa.candidates))
                 for c in pa.candidates[:n]:
                     say(f"audit [{i}/{len(selected)}] {pack.name}: steering feature {c.feature} "

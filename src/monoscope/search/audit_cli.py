@@ -13,8 +13,9 @@ def add_audit_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "audit", help="concept audit: candidate features per concept pack, with evidence, as an HTML/JSON report",
         description="For each concept pack (the shipped safety and benign packs, or your .jsonl): the candidate "
-        "features found by contrast (AUROC on the pack), text search on its positives, label/explanation search "
-        "and decoder neighbours, ranked by AUROC, each with density, top contexts, label and explanation with "
+        "features found by contrast (AUROC on the pack), text search on its positives, label/explanation search, "
+        "decoder neighbours and attribution (which features help the model predict the positives), ranked by "
+        "AUROC, each with density, top contexts, label and explanation with "
         "scores, multilingual consistency where parallel text exists, and the measured steering effect of the "
         "top candidates. Writes OUT/report.html (opens offline) and OUT/report.json; rerun to resume.")
     p.add_argument("sae", metavar="SAE_DIR", help="SAE folder (its feature database must exist)")
@@ -26,6 +27,9 @@ def add_audit_parser(subparsers: Any) -> None:
     p.add_argument("--steer-prompts", type=int, default=4, help="neutral prompts per steering run (default 4, min 4)")
     p.add_argument("--steer-factors", default="0,4,10", help="clamp strengths x max activation (default 0,4,10)")
     p.add_argument("--steer-tokens", type=int, default=8, help="tokens generated per steered prompt (default 8)")
+    p.add_argument("--attribution-texts", type=int, default=8,
+                   help="positives (and as many negatives) per pack for the attribution route (default 8; each is "
+                   "one forward and backward pass; 0 skips the route)")
     p.add_argument("--label-mode", default="both", choices=["both", "keyword", "semantic"],
                    help="label/explanation route: keyword (FTS5), semantic (MiniLM) or both (default)")
     p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote)")
@@ -48,7 +52,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     res = audit(args.sae, packs=args.packs, out=args.out, db=args.db, model=args.model, device=args.device,
                 compute_dtype=args.compute_dtype, top=args.top, steer_top=args.steer_top,
                 steer_prompts=args.steer_prompts, steer_factors=factors, steer_tokens=args.steer_tokens,
-                label_mode=args.label_mode, progress=not args.quiet)
+                attribution_texts=args.attribution_texts, label_mode=args.label_mode, progress=not args.quiet)
     for line in findings_lines(res):
         print(line)
     if args.steer_top == 0:

@@ -115,6 +115,10 @@ class _Runner:
 
     def last_logits(self, x: Tensor) -> Tensor:
         """x [B, T, d] (the hook's activation for B copies of the prompt) -> last-position logits [B, V]."""
+        return self.logits(x, last_only=True)[:, -1]
+
+    def logits(self, x: Tensor, *, last_only: bool = False) -> Tensor:
+        """x [B, T, d] (the hook's activation for B copies of the prompt) -> logits [B, T, V] (or [B, 1, V])."""
         B = x.shape[0]
 
         def post_hook(_m: torch.nn.Module, _a: Any, out: Any) -> Any:
@@ -131,13 +135,16 @@ class _Runner:
                   else self.module.register_forward_hook(post_hook))
         try:
             with self.t.lm.autocast():
-                try:
-                    out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False, logits_to_keep=1)
-                except TypeError:  # a model class without logits_to_keep
+                if not last_only:
                     out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False)
+                else:
+                    try:
+                        out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False, logits_to_keep=1)
+                    except TypeError:  # a model class without logits_to_keep
+                        out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False)
         finally:
             handle.remove()
-        return out.logits[:, -1]
+        return out.logits
 
 
 def attribute(t: Target, prompt: str, metric: Metric, *, ig_steps: int = 0, verify: int = 10,
@@ -185,6 +192,32 @@ def attribute(t: Target, prompt: str, metric: Metric, *, ig_steps: int = 0, veri
     if verify > 0:
         _verify(res, r, x, codes, W, verify, batch)
     return res
+
+
+def text_attribution(t: Target, ids: Tensor) -> Tensor:
+    """Per feature [F]: gradient x activation of the text's log-likelihood (the sum over positions of
+    log p(next token), the BOS row not a node), summed over positions. Positive = the feature helps the model
+    predict this text; the audit contrasts a concept's positive texts with its negatives this way, since a pack
+    defines no single target token. ids [1, T] with the BOS first."""
+    if ids.shape[1] < 2:
+        raise SteerError("the text is empty: nothing to attribute")
+    sae, r = t.sae, _Runner(t, ids)
+    W = sae.W_dec.detach().float() / sae.cfg.normaliser
+    base_shift = (sae.b_dec.detach().float() / sae.cfg.normaliser)[None]
+    with torch.no_grad():
+        x = r.clean_acts()
+        codes = sae.encode_raw(x)
+        codes[0] = 0
+        err = x - (codes @ W + base_shift)
+        err[0] = 0
+    node_rows = torch.zeros(x.shape[0], 1, device=x.device)
+    node_rows[1:] = 1.0
+    c_node = codes.clone().requires_grad_(True)
+    xs = x * (1 - node_rows) + (c_node @ W + base_shift + err) * node_rows
+    logp = torch.log_softmax(r.logits(xs[None])[0, :-1].float(), dim=-1)
+    m = logp.gather(1, ids[0, 1:, None].to(logp.device)).sum()
+    (g,) = torch.autograd.grad(m, (c_node,))
+    return (codes * g).sum(0).detach().cpu()
 
 
 @torch.no_grad()
