@@ -196,6 +196,7 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["num"] = _num
     templates.env.globals["site"] = site
+    templates.env.globals["context_html"] = views.context_html
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(Guard, token=token, max_body=max_body, timeout=timeout)
 
@@ -271,9 +272,9 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
 
     @app.get("/sae/{name}/feature/{fid}.json")
     def feature_json(name: str, fid: int) -> dict[str, Any]:
-        """Everything the feature page shows, as JSON."""
+        """Everything the feature page shows, as JSON (each context: token texts and their activations)."""
         e = entry_or_404(name)
-        return views.feature_doc(site, e, fid_or_404(e, fid))
+        return _json(views.feature_doc(site, e, fid_or_404(e, fid)))  # type: ignore[return-value]
 
     @app.get("/sae/{name}/feature/{fid}", response_class=HTMLResponse, include_in_schema=False)
     def feature_page(request: Request, name: str, fid: int) -> HTMLResponse:
@@ -420,6 +421,13 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
 def _wants_html(request: Request) -> bool:
     p = request.url.path
     return not (p.startswith("/api/") or p.endswith(".json"))
+
+
+def _json(doc: dict[str, Any]) -> Response:
+    """`doc` serialised directly: it is plain JSON types already (views.py), so FastAPI's generic encoder
+    (a walk over ~2,000 token values of a feature page) is skipped."""
+    return Response(json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+                    media_type="application/json")
 
 
 def _num(v: Any, fmt: str = ".3g") -> str:
