@@ -72,6 +72,11 @@ class ContrastRequest(BaseModel):
     top: int = Field(20, ge=1, le=MAX_TOP)
 
 
+class AblationRequest(BaseModel):
+    kind: Literal["top", "quantile"] = Field("top", description="which list of the feature page")
+    index: int = Field(0, ge=0, le=200, description="the context's place in that list, as the page shows it")
+
+
 class EditRequest(BaseModel):
     feature: int = Field(ge=0)
     strength: float = Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, description="multiple of the feature's max activation")
@@ -394,6 +399,29 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
         if body.feature is not None:
             fid_or_404(e, body.feature)
         return await live.call(live.activations, e, body.text, body.feature, body.top)
+
+    @app.post("/api/sae/{name}/feature/{fid}/ablation")
+    async def api_ablation(name: str, fid: int, body: AblationRequest) -> dict[str, Any]:
+        """How much the next-token loss changes at each token of one of the feature's contexts when the feature
+        is ablated (its code set to 0 at every position, the SAE error kept): delta = loss ablated - loss
+        clean, in nats, per token (none for the first)."""
+        import numpy as np
+
+        e = entry_or_404(name)
+        fid_or_404(e, fid)
+        rec = e.db().packed_examples(fid)
+        top, q = views.shown_records(rec) if rec is not None else ([], [])
+        rows = top if body.kind == "top" else q
+        if body.index >= len(rows):
+            raise HTTPException(404, f"feature {fid} shows {len(rows)} {body.kind} contexts: pass index 0 to "
+                                     f"{len(rows) - 1}" if len(rows) else f"feature {fid} has no {body.kind} contexts")
+        r = rows[body.index]
+        ids = [int(i) for i in r["tokens"][: r["ntok"]].astype(np.int64) if i >= 0]
+        out = await live.call(live.ablation, e, fid, ids)
+        stored = r["acts"][: r["nact"]].astype(np.float64).round(4).tolist()
+        texts = [views._visible(t) for t in e.vocab.decode(ids)]
+        return {"feature": fid, "kind": body.kind, "index": body.index, "context": int(r["context"]),
+                "tokens": texts, "stored_acts": stored, **out}
 
     @app.post("/api/sae/{name}/steer")
     async def api_steer(request: Request, name: str, body: Annotated[SteerRequest, Body()]) -> StreamingResponse:

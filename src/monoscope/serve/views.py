@@ -94,17 +94,23 @@ def _num(v: Any, fmt: str) -> str:
         return _esc(str(v))
 
 
+def shown_records(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top, quantile) records of one feature in the order its page shows them: top by rank (N_TOP), then
+    N_PER_BIN per quantile bin, strongest bin first."""
+    top_rec = rec[rec["kind"] == EXAMPLE_KINDS["top"]]
+    top_rec = top_rec[np.argsort(top_rec["rank"], kind="stable")][:N_TOP]
+    q = rec[rec["kind"] == EXAMPLE_KINDS["quantile"]]
+    q = q[np.lexsort((q["rank"], -q["bin"].astype(np.int64)))]
+    q = np.concatenate([q[q["bin"] == b][:N_PER_BIN] for b in dict.fromkeys(q["bin"].tolist())] or [q[:0]])
+    return top_rec, q
+
+
 def _examples(entry: Entry, fid: int, scale: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(top contexts, quantile bins) of `fid` from its packed examples row, read and unpacked once."""
     rec = entry.db().packed_examples(fid)
     if rec is None or not len(rec):
         return [], []
-    top_rec = rec[rec["kind"] == EXAMPLE_KINDS["top"]]
-    top_rec = top_rec[np.argsort(top_rec["rank"], kind="stable")][:N_TOP]
-
-    q = rec[rec["kind"] == EXAMPLE_KINDS["quantile"]]
-    q = q[np.lexsort((q["rank"], -q["bin"].astype(np.int64)))]
-    q = np.concatenate([q[q["bin"] == b][:N_PER_BIN] for b in dict.fromkeys(q["bin"].tolist())] or [q[:0]])
+    top_rec, q = shown_records(rec)
     shown = np.concatenate([top_rec, q])
     fast = _contexts(entry, shown, scale)
     top = fast[: len(top_rec)]
