@@ -183,11 +183,14 @@ async def _plain(send: Callable[[dict[str, Any]], Awaitable[None]], status: int,
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(path: str | Path, *, token: str | None = None, device: str = "auto", compute_dtype: str = "auto",
                model: str | None = None, timeout: float = 60.0, max_waiting: int = 2,
-               max_body: int = MAX_BODY, coactivation_map: bool = False) -> FastAPI:
+               max_body: int = MAX_BODY, coactivation_map: bool = False,
+               compare: list[str | Path] | None = None) -> FastAPI:
     """The application over the run folder (or SAE folder) `path`: a one-line `MonoscopeError` when it has no
     SAE with a features database. `token`: required on every request when set. `coactivation_map`: lay out
-    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and offer it beside the decoder map."""
-    site = Site(path)
+    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and offer it beside the decoder map. `compare`:
+    SAE folders from elsewhere (another run, each with its features database) served too, so each feature
+    page names its best match in every other SAE of the site (decoder cosine)."""
+    site = Site(path, compare=compare)
     if coactivation_map:
         from monoscope.serve.coact import cached_layout
 

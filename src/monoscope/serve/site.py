@@ -196,7 +196,7 @@ def _png_names(entry: Entry, features_dir: Path) -> None:
 class Site:
     """The SAEs of one run folder (or one SAE folder), by name."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, compare: list[str | Path] | None = None) -> None:
         root = Path(path)
         if not root.is_dir():
             raise ServeError(f"{root} is not a folder: pass a run folder (runs/NAME) or an SAE folder with its "
@@ -215,14 +215,40 @@ class Site:
         if not self.entries:
             raise ServeError(f"{root} has no SAE with a features database: build one with monoscope features "
                              f"{root / MAIN_SAE if self.run_dir else root}, then serve again")
+        for other in compare or []:
+            self._add_compare(Path(other))
+        self._decoders: dict[str, Any] = {}
+        self._decoder_lock = threading.Lock()
+        if len(self.entries) > 1:  # best matches need every decoder: read them now, off the request path
+            threading.Thread(target=lambda: [self.decoder(e) for e in list(self.entries.values())],
+                             name="monoscope-decoders", daemon=True).start()
         self.by_key = {e.sae_key: e for e in self.entries.values() if e.sae_key}
 
-    def _add(self, sae_dir: Path) -> None:
+    def _add_compare(self, sae_dir: Path) -> None:
+        """An SAE from elsewhere (`--compare`), served beside this site's under a name of its own."""
+        if not (sae_dir / "cfg.json").is_file() and not (sae_dir / "sae.safetensors").is_file():
+            raise ServeError(f"--compare {sae_dir} is not an SAE folder (no cfg.json): pass the folder monoscope "
+                             "train wrote")
+        if not (features_dir_for(sae_dir) / DB_NAME).is_file():
+            raise ServeError(f"--compare {sae_dir} has no features database ({features_dir_for(sae_dir) / DB_NAME}): "
+                             f"build one with monoscope features {sae_dir}, then serve again")
+        if any(e.sae_dir == sae_dir.resolve() for e in self.entries.values()):
+            return
+        name = sae_dir.resolve().name
+        if name in self.entries:
+            name = f"{sae_dir.resolve().parent.name}-{name}"
+        n = 2
+        while name in self.entries:
+            name, n = f"{name}-{n}", n + 1
+        self._add(sae_dir.resolve(), name)
+
+    def _add(self, sae_dir: Path, name: str | None = None) -> None:
         fdir = features_dir_for(sae_dir)
         db_path = fdir / DB_NAME
         if not db_path.is_file():
             return
-        name = sae_dir.name if self.run_dir is not None else sae_dir.name or "sae"
+        if name is None:
+            name = sae_dir.name if self.run_dir is not None else sae_dir.name or "sae"
         e = Entry(name, sae_dir, db_path, eval_dir_for(sae_dir))
         e.db()  # opened (and checked to be a feature database) at start-up: a bad file is a one-line error now
         _png_names(e, fdir)
@@ -256,6 +282,41 @@ class Site:
         if not isinstance(doc, dict):
             return None
         return {k: v for k, v in doc.items() if isinstance(v, str | int | float | bool)}
+
+    def decoder(self, entry: Entry) -> Any:
+        """The SAE's decoder rows, unit length (torch [F, d_in] float32), loaded once on first use; None when
+        its weights cannot be read (a stand-in folder)."""
+        with self._decoder_lock:
+            if entry.name not in self._decoders:
+                from monoscope.interop import load_any
+
+                try:
+                    w = load_any(entry.sae_dir, device="cpu").W_dec.detach().float()
+                except (MonoscopeError, OSError):
+                    self._decoders[entry.name] = None
+                else:
+                    self._decoders[entry.name] = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return self._decoders[entry.name]
+
+    def best_matches(self, entry: Entry, fid: int) -> list[dict[str, Any]]:
+        """Feature `fid`'s best match in each other SAE of the site that reads the same width (the largest
+        decoder cosine): [{sae, id, cosine, label}]; nothing when the site has one SAE."""
+        others = [e for e in self.entries.values() if e.name != entry.name]
+        if not others:
+            return []
+        mine = self.decoder(entry)
+        if mine is None or not 0 <= fid < mine.shape[0]:
+            return []
+        out = []
+        for other in others:
+            w = self.decoder(other)
+            if w is None or w.shape[1] != mine.shape[1]:
+                continue
+            cos = w @ mine[fid]
+            j = int(cos.argmax())
+            label = (other.db().briefs([j]).get(j) or {}).get("label") or ""
+            out.append({"sae": other.name, "id": j, "cosine": round(float(cos[j]), 4), "label": label})
+        return out
 
     def family(self, entry: Entry, fid: int) -> dict[str, list[dict[str, Any]]]:
         """Parents (narrower SAEs) and children (wider SAEs) of feature `fid` across the site's SAEs."""

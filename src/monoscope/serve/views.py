@@ -206,7 +206,7 @@ def feature_doc(site: Site, entry: Entry, fid: int) -> dict[str, Any]:
         "top": top, "quantiles": quantiles,
         "promoted": _logits(entry, row.get("logit_pos")), "suppressed": _logits(entry, row.get("logit_neg")),
         "neighbours": _related(entry, row.get("neighbours")), "cooccur": _related(entry, row.get("cooccur")),
-        "family": site.family(entry, fid),
+        "family": site.family(entry, fid), "best_match": site.best_matches(entry, fid),
         "prev": fid - 1 if fid > 0 else None, "next": fid + 1 if fid + 1 < entry.n_features else None,
         "permalink": f"{base}/{fid}",
         "tokens_seen": entry.meta.get("tokens") if isinstance(entry.meta.get("tokens"), int) else None,
