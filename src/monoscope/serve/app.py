@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -183,15 +185,19 @@ async def _plain(send: Callable[[dict[str, Any]], Awaitable[None]], status: int,
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(path: str | Path, *, token: str | None = None, device: str = "auto", compute_dtype: str = "auto",
                model: str | None = None, timeout: float = 60.0, max_waiting: int = 2,
-               max_body: int = MAX_BODY, coactivation_map: bool = False,
+               max_body: int = MAX_BODY, coactivation_map: bool | Literal["auto"] = False,
                compare: list[str | Path] | None = None) -> FastAPI:
     """The application over the run folder (or SAE folder) `path`: a one-line `MonoscopeError` when it has no
     SAE with a features database. `token`: required on every request when set. `coactivation_map`: lay out
-    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and offer it beside the decoder map. `compare`:
+    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and show it first, beside the decoder map; "auto"
+    (what `monoscope serve` passes unless told): the same for SAEs up to coact.AUTO_MAX_FEATURES features, laid
+    out in a background thread (or read from the cache) while the server already answers. `compare`:
     SAE folders from elsewhere (another run, each with its features database) served too, so each feature
     page names its best match in every other SAE of the site (decoder cosine)."""
     site = Site(path, compare=compare)
-    if coactivation_map:
+    if coactivation_map == "auto":
+        _coactivation_in_background(site)
+    elif coactivation_map:
         from monoscope.serve.coact import cached_layout
 
         for e in site.entries.values():
@@ -237,7 +243,8 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
         return JSONResponse({"detail": str(exc)}, status)
 
     # ------------------------------------------------------------------ pages
-    def sae_page(request: Request, e: Entry, kind: str) -> HTMLResponse:
+    def sae_page(request: Request, e: Entry, kind: str | None) -> HTMLResponse:
+        kind = kind or ("coactivation" if e.coact is not None else "decoder")
         db = e.db()
         interesting = db.most_interesting(30) or db.most_interesting(30, with_examples=True)
         if kind == "coactivation" and e.coact is None:
@@ -246,12 +253,12 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
             "entry": e, "metrics": views.metrics_summary(e.metrics), "interesting": interesting, "kind": kind})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def run_page(request: Request, map: Literal["decoder", "coactivation"] = "decoder") -> HTMLResponse:
+    def run_page(request: Request, map: Literal["decoder", "coactivation"] | None = None) -> HTMLResponse:
         return sae_page(request, site.default, map)
 
     @app.get("/sae/{name}", response_class=HTMLResponse, include_in_schema=False)
     def sae_overview(request: Request, name: str,
-                     map: Literal["decoder", "coactivation"] = "decoder") -> HTMLResponse:
+                     map: Literal["decoder", "coactivation"] | None = None) -> HTMLResponse:
         return sae_page(request, entry_or_404(name), map)
 
     @app.get("/sae/{name}/goto", include_in_schema=False)
@@ -452,6 +459,34 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
 def _wants_html(request: Request) -> bool:
     p = request.url.path
     return not (p.startswith("/api/") or p.endswith(".json"))
+
+
+def _coactivation_in_background(site: Site) -> None:
+    """Co-activation maps of the site's SAEs up to AUTO_MAX_FEATURES: from the cache now, else laid out one
+    after another in a daemon thread (the run page shows each once it is there)."""
+    from monoscope.serve.coact import AUTO_MAX_FEATURES, cached_layout, cached_only
+
+    todo = []
+    for e in site.entries.values():
+        if e.n_features > AUTO_MAX_FEATURES:
+            continue
+        e.coact = cached_only(e.db_path)
+        if e.coact is None:
+            e.coact_pending = True
+            todo.append(e)
+
+    def work() -> None:
+        for e in todo:
+            try:
+                e.coact = cached_layout(e.db_path)
+            except Exception as exc:  # a failed layout only costs the map: the decoder map stays
+                print(f"monoscope serve: no co-activation map for {e.name}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+            finally:
+                e.coact_pending = False
+
+    if todo:
+        threading.Thread(target=work, name="monoscope-coactivation-map", daemon=True).start()
 
 
 def _json(doc: dict[str, Any]) -> Response:

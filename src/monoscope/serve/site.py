@@ -117,17 +117,26 @@ class Entry:
 
     coact: tuple[Any, Any] | None = field(default=None, repr=False)
     """(ids, xy) of the co-activation map when the server computed it (`serve/coact.py`)."""
+    coact_pending: bool = field(default=False, repr=False)
+    """The co-activation map is being laid out in the background (`monoscope serve`'s default)."""
+    _coact_doc: dict[str, Any] | None = field(default=None, repr=False)
 
     @cached_property
     def map_data(self) -> dict[str, Any]:
         """The decoder map of the features pass (features.map_x/map_y)."""
         return _map_doc(self, self.db().map_points())
 
-    @cached_property
+    @property
     def coact_data(self) -> dict[str, Any] | None:
-        """The co-activation map, when computed."""
+        """The co-activation map, once computed (it may arrive from a background thread after start-up)."""
         if self.coact is None:
             return None
+        if self._coact_doc is None:
+            self._coact_doc = self._coact_doc_now()
+        return self._coact_doc
+
+    def _coact_doc_now(self) -> dict[str, Any]:
+        assert self.coact is not None
         ids, xy = self.coact
         where = {int(i): (float(x), float(y)) for i, (x, y) in zip(ids.tolist(), xy.tolist(), strict=True)}
         pts = [(i, *where[i], lab, d, lt) for i, _, _, lab, d, lt in self.db().map_points(placed_only=False)
