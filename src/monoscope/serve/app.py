@@ -289,7 +289,10 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
     def feature_json(name: str, fid: int) -> dict[str, Any]:
         """Everything the feature page shows, as JSON (each context: token texts and their activations)."""
         e = entry_or_404(name)
-        return _json(views.feature_doc(site, e, fid_or_404(e, fid)))  # type: ignore[return-value]
+        t0 = time.perf_counter()
+        resp = _json(views.feature_doc(site, e, fid_or_404(e, fid)))
+        resp.headers["server-timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
+        return resp  # type: ignore[return-value]
 
     @app.get("/sae/{name}/feature/{fid}", response_class=HTMLResponse, include_in_schema=False)
     def feature_page(request: Request, name: str, fid: int) -> HTMLResponse:
