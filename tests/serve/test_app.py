@@ -64,7 +64,7 @@ def test_feature_json_is_the_database(client: TestClient, tiny_run: Path) -> Non
     assert [n["id"] for n in doc["cooccur"]] == [int(i) for i, _ in row["cooccur"]]
     assert [c["act"] for c in doc["top"]] == pytest.approx([e["act"] for e in top])
     best = doc["top"][0]
-    assert best["tokens"][best["position"]]["act"] == pytest.approx(row["max_act"], rel=1e-2)
+    assert best["acts"][best["position"]] == pytest.approx(row["max_act"], rel=1e-2)
     assert len(doc["quantiles"]) == n_bins
     assert sum(b["count"] for b in doc["histogram"]) == row["fires"]
     assert [(p["sae"], p["id"]) for p in doc["family"]["parents"]] == [("sae-2x", p["parent"]) for p in parents]
@@ -76,7 +76,7 @@ def test_feature_json_is_the_database(client: TestClient, tiny_run: Path) -> Non
     for p in doc["family"]["parents"]:
         assert f'href="/sae/sae-2x/feature/{p["id"]}"' in page.text
     # shading: the peak token carries the full colour and its value on hover
-    assert 'class="tok peak" style="background: rgba(255,110,0,1.000)"' in page.text
+    assert 'class="tok s10 peak" title="' in page.text
     assert client.get(f"/sae/sae/feature/{fid}.json").headers["content-type"] == "application/json"
 
 
@@ -90,7 +90,7 @@ def test_corpus_html_is_shown_as_text(client: TestClient, tiny_run: Path) -> Non
     seen = 0
     for fid in range(256):
         doc = client.get(f"/sae/sae/feature/{fid}.json").json()
-        texts = ["".join(t["text"] for t in c["tokens"]) for c in doc["top"]]
+        texts = ["".join(c["tokens"]) for c in doc["top"]]
         if not any(w in t for t in texts for w in ("<script", "<img", "</s", "onerror")):
             continue
         seen += 1

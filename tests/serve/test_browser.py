@@ -85,7 +85,23 @@ def test_browse_search_and_steer(page, server: str) -> None:  # type: ignore[no-
     assert pg.locator("#top .ctx").count() > 0
     peak = pg.locator("#top .tok.peak").first
     assert float(peak.get_attribute("title")) > 0  # value on hover
+
+    # ablation effect on the second top context: one shaded token per window token, the loss change on hover
+    pg.select_option("#ablateform select", index=min(1, pg.locator("#ablateform option").count() - 1))
+    pg.click("#ablateform button")
+    pg.wait_for_selector("#ablateform[data-done='1']", timeout=60_000)
+    toks = pg.locator("#ablateout .tok")
+    assert toks.count() > 3
+    assert toks.nth(1).get_attribute("title").startswith("loss change ")
+    assert any(toks.nth(i).get_attribute("data-delta") not in ("", "0") for i in range(toks.count()))
     _shot(pg, "feature")
+
+    # the best match in the other width's SAE, linked
+    match = pg.locator("#bestmatch a.match").first
+    mtext = match.inner_text()  # "sae-2x #ID"
+    match.click()
+    pg.wait_for_url(re.compile(rf"/sae/sae-2x/feature/{mtext.split('#')[1]}$"))
+    pg.go_back()
 
     nb = pg.locator("#neighbours a.feat").first
     nid = nb.inner_text().lstrip("#")

@@ -79,7 +79,8 @@ def test_schema_lists_the_json_api(app_client: tuple[TestClient, dict[str, Any]]
     assert {(p, m) for p, m, _ in operations(spec)} == {
         ("/sae/{name}/map.json", "get"), ("/sae/{name}/feature/{fid}.json", "get"), ("/api/site", "get"),
         ("/api/sae/{name}/labels", "get"), ("/api/sae/{name}/text", "post"), ("/api/sae/{name}/contrast", "post"),
-        ("/api/sae/{name}/activations", "post"), ("/api/sae/{name}/steer", "post")}
+        ("/api/sae/{name}/activations", "post"), ("/api/sae/{name}/steer", "post"),
+        ("/api/sae/{name}/feature/{fid}/ablation", "post")}
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -33,7 +33,8 @@ def test_coactivation_map_puts_cofiring_features_together(tiny_run: Path) -> Non
     assert np.median(partner) < 0.5 * np.median(rand), (np.median(partner), np.median(rand))
     page = c.get("/?map=coactivation").text
     assert 'data-src="/sae/sae/map.json?kind=coactivation"' in page and "<b>co-activation</b>" in page
-    assert 'href="?map=coactivation#map"' in c.get("/").text
+    assert 'href="?map=decoder#map"' in c.get("/").text  # shown first once computed
+    assert 'href="?map=coactivation#map"' in c.get("/?map=decoder").text
     # the second start reads the cached layout
     t0 = time.perf_counter()
     again = TestClient(create_app(tiny_run, coactivation_map=True))
@@ -47,3 +48,40 @@ def test_coactivation_map_is_404_unless_asked_for(tiny_run: Path) -> None:
     assert r.status_code == 404 and "--coactivation-map" in r.json()["detail"]
     assert c.get("/?map=coactivation").status_code == 404
     assert 'href="?map=coactivation#map"' not in c.get("/").text
+
+
+def test_auto_lays_out_in_the_background_and_shows_it_first(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`monoscope serve`'s default ("auto"): the server answers at once with the decoder map and a note, lays
+    the co-activation map out in a thread (here a stand-in layout: the UMAP itself is the integration test
+    above), then shows it first; SAEs above AUTO_MAX_FEATURES are left to --coactivation-map."""
+    import threading
+
+    from monoscope.serve import coact
+
+    release = threading.Event()
+
+    def slow_layout(db_path: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        release.wait(30)
+        ids = np.arange(8)
+        return ids, np.stack([ids, ids[::-1]], 1).astype(np.float32)
+
+    monkeypatch.setattr(coact, "cached_only", lambda db_path, seed=0: None)
+    monkeypatch.setattr(coact, "cached_layout", slow_layout)
+    monkeypatch.setattr(coact, "AUTO_MAX_FEATURES", 300)  # sae (4x: 256 features) yes, sae-2x (128) yes
+    app = create_app(tiny_run, coactivation_map="auto")
+    c = TestClient(app)
+    first = c.get("/").text
+    assert 'data-src="/sae/sae/map.json?kind=decoder"' in first and 'id="coact-pending"' in first
+    release.set()
+    site = app.state.site
+    deadline = time.time() + 30
+    while any(e.coact_pending for e in site.entries.values()):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    page = c.get("/").text
+    assert 'data-src="/sae/sae/map.json?kind=coactivation"' in page and 'href="?map=decoder#map"' in page
+    assert c.get("/sae/sae/map.json", params={"kind": "coactivation"}).json()["n"] == 8
+    monkeypatch.setattr(coact, "AUTO_MAX_FEATURES", 100)  # both SAEs too wide: decoder map only, no thread
+    c = TestClient(create_app(tiny_run, coactivation_map="auto"))
+    assert all(e.coact is None and not e.coact_pending for e in c.app.state.site.entries.values())
+    assert 'id="coact-pending"' not in c.get("/").text

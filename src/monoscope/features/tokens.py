@@ -23,6 +23,7 @@ rather than as U+FFFD (`vocab_texts`).
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import re
 import unicodedata
@@ -116,11 +117,29 @@ class Vocab:
     def __getitem__(self, i: int) -> str:
         return self.texts[i]
 
+    @functools.cached_property
+    def whole(self) -> list[str | None]:
+        """Each token's text when its bytes are complete UTF-8 on their own (None when not): most tokens."""
+        out: list[str | None] = []
+        for b in self.bytes or []:
+            try:
+                out.append(b.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(None)
+        return out
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         """One string per id (negative or unknown ids: "<id>"), characters split across tokens joined."""
         ids = [int(i) for i in ids]
         if self.bytes is None:
             return [token_text(self.texts, i) for i in ids]
+        whole = self.whole
+        try:  # fast path: every token is whole UTF-8 on its own, so joint decoding changes nothing
+            out = [whole[i] for i in ids]
+            if None not in out and min(ids, default=0) >= 0:
+                return out  # type: ignore[return-value]
+        except IndexError:
+            pass
         n = len(self.bytes)
         out: list[str] = []
         run: list[bytes] = []

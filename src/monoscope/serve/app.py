@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -70,6 +72,11 @@ class ContrastRequest(BaseModel):
     pos: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] = Field(min_length=1, max_length=MAX_TEXTS)
     neg: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]] = Field(min_length=1, max_length=MAX_TEXTS)
     top: int = Field(20, ge=1, le=MAX_TOP)
+
+
+class AblationRequest(BaseModel):
+    kind: Literal["top", "quantile"] = Field("top", description="which list of the feature page")
+    index: int = Field(0, ge=0, le=200, description="the context's place in that list, as the page shows it")
 
 
 class EditRequest(BaseModel):
@@ -178,12 +185,19 @@ async def _plain(send: Callable[[dict[str, Any]], Awaitable[None]], status: int,
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(path: str | Path, *, token: str | None = None, device: str = "auto", compute_dtype: str = "auto",
                model: str | None = None, timeout: float = 60.0, max_waiting: int = 2,
-               max_body: int = MAX_BODY, coactivation_map: bool = False) -> FastAPI:
+               max_body: int = MAX_BODY, coactivation_map: bool | Literal["auto"] = False,
+               compare: list[str | Path] | None = None) -> FastAPI:
     """The application over the run folder (or SAE folder) `path`: a one-line `MonoscopeError` when it has no
     SAE with a features database. `token`: required on every request when set. `coactivation_map`: lay out
-    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and offer it beside the decoder map."""
-    site = Site(path)
-    if coactivation_map:
+    each SAE's co-occurrence graph now (`serve/coact.py`; cached) and show it first, beside the decoder map; "auto"
+    (what `monoscope serve` passes unless told): the same for SAEs up to coact.AUTO_MAX_FEATURES features, laid
+    out in a background thread (or read from the cache) while the server already answers. `compare`:
+    SAE folders from elsewhere (another run, each with its features database) served too, so each feature
+    page names its best match in every other SAE of the site (decoder cosine)."""
+    site = Site(path, compare=compare)
+    if coactivation_map == "auto":
+        _coactivation_in_background(site)
+    elif coactivation_map:
         from monoscope.serve.coact import cached_layout
 
         for e in site.entries.values():
@@ -196,6 +210,7 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.filters["num"] = _num
     templates.env.globals["site"] = site
+    templates.env.globals["context_html"] = views.context_html
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(Guard, token=token, max_body=max_body, timeout=timeout)
 
@@ -228,7 +243,8 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
         return JSONResponse({"detail": str(exc)}, status)
 
     # ------------------------------------------------------------------ pages
-    def sae_page(request: Request, e: Entry, kind: str) -> HTMLResponse:
+    def sae_page(request: Request, e: Entry, kind: str | None) -> HTMLResponse:
+        kind = kind or ("coactivation" if e.coact is not None else "decoder")
         db = e.db()
         interesting = db.most_interesting(30) or db.most_interesting(30, with_examples=True)
         if kind == "coactivation" and e.coact is None:
@@ -237,12 +253,12 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
             "entry": e, "metrics": views.metrics_summary(e.metrics), "interesting": interesting, "kind": kind})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def run_page(request: Request, map: Literal["decoder", "coactivation"] = "decoder") -> HTMLResponse:
+    def run_page(request: Request, map: Literal["decoder", "coactivation"] | None = None) -> HTMLResponse:
         return sae_page(request, site.default, map)
 
     @app.get("/sae/{name}", response_class=HTMLResponse, include_in_schema=False)
     def sae_overview(request: Request, name: str,
-                     map: Literal["decoder", "coactivation"] = "decoder") -> HTMLResponse:
+                     map: Literal["decoder", "coactivation"] | None = None) -> HTMLResponse:
         return sae_page(request, entry_or_404(name), map)
 
     @app.get("/sae/{name}/goto", include_in_schema=False)
@@ -271,9 +287,12 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
 
     @app.get("/sae/{name}/feature/{fid}.json")
     def feature_json(name: str, fid: int) -> dict[str, Any]:
-        """Everything the feature page shows, as JSON."""
+        """Everything the feature page shows, as JSON (each context: token texts and their activations)."""
         e = entry_or_404(name)
-        return views.feature_doc(site, e, fid_or_404(e, fid))
+        t0 = time.perf_counter()
+        resp = _json(views.feature_doc(site, e, fid_or_404(e, fid)))
+        resp.headers["server-timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.1f}"
+        return resp  # type: ignore[return-value]
 
     @app.get("/sae/{name}/feature/{fid}", response_class=HTMLResponse, include_in_schema=False)
     def feature_page(request: Request, name: str, fid: int) -> HTMLResponse:
@@ -394,6 +413,29 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
             fid_or_404(e, body.feature)
         return await live.call(live.activations, e, body.text, body.feature, body.top)
 
+    @app.post("/api/sae/{name}/feature/{fid}/ablation")
+    async def api_ablation(name: str, fid: int, body: AblationRequest) -> dict[str, Any]:
+        """How much the next-token loss changes at each token of one of the feature's contexts when the feature
+        is ablated (its code set to 0 at every position, the SAE error kept): delta = loss ablated - loss
+        clean, in nats, per token (none for the first)."""
+        import numpy as np
+
+        e = entry_or_404(name)
+        fid_or_404(e, fid)
+        rec = e.db().packed_examples(fid)
+        top, q = views.shown_records(rec) if rec is not None else ([], [])
+        rows = top if body.kind == "top" else q
+        if body.index >= len(rows):
+            raise HTTPException(404, f"feature {fid} shows {len(rows)} {body.kind} contexts: pass index 0 to "
+                                     f"{len(rows) - 1}" if len(rows) else f"feature {fid} has no {body.kind} contexts")
+        r = rows[body.index]
+        ids = [int(i) for i in r["tokens"][: r["ntok"]].astype(np.int64) if i >= 0]
+        out = await live.call(live.ablation, e, fid, ids)
+        stored = r["acts"][: r["nact"]].astype(np.float64).round(4).tolist()
+        texts = [views._visible(t) for t in e.vocab.decode(ids)]
+        return {"feature": fid, "kind": body.kind, "index": body.index, "context": int(r["context"]),
+                "tokens": texts, "stored_acts": stored, **out}
+
     @app.post("/api/sae/{name}/steer")
     async def api_steer(request: Request, name: str, body: Annotated[SteerRequest, Body()]) -> StreamingResponse:
         """Default and steered continuations, streamed as newline-delimited JSON events."""
@@ -420,6 +462,41 @@ def create_app(path: str | Path, *, token: str | None = None, device: str = "aut
 def _wants_html(request: Request) -> bool:
     p = request.url.path
     return not (p.startswith("/api/") or p.endswith(".json"))
+
+
+def _coactivation_in_background(site: Site) -> None:
+    """Co-activation maps of the site's SAEs up to AUTO_MAX_FEATURES: from the cache now, else laid out one
+    after another in a daemon thread (the run page shows each once it is there)."""
+    from monoscope.serve.coact import AUTO_MAX_FEATURES, cached_layout, cached_only
+
+    todo = []
+    for e in site.entries.values():
+        if e.n_features > AUTO_MAX_FEATURES:
+            continue
+        e.coact = cached_only(e.db_path)
+        if e.coact is None:
+            e.coact_pending = True
+            todo.append(e)
+
+    def work() -> None:
+        for e in todo:
+            try:
+                e.coact = cached_layout(e.db_path)
+            except Exception as exc:  # a failed layout only costs the map: the decoder map stays
+                print(f"monoscope serve: no co-activation map for {e.name}: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+            finally:
+                e.coact_pending = False
+
+    if todo:
+        threading.Thread(target=work, name="monoscope-coactivation-map", daemon=True).start()
+
+
+def _json(doc: dict[str, Any]) -> Response:
+    """`doc` serialised directly: it is plain JSON types already (views.py), so FastAPI's generic encoder
+    (a walk over ~2,000 token values of a feature page) is skipped."""
+    return Response(json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+                    media_type="application/json")
 
 
 def _num(v: Any, fmt: str = ".3g") -> str:

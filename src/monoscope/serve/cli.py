@@ -30,10 +30,18 @@ def add_serve_parser(subparsers: Any) -> None:
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="model compute dtype for the live panels")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (default 60)")
-    p.add_argument("--coactivation-map", action="store_true",
-                   help="also lay out each SAE's features by co-activation (UMAP of the co-occurrence graph) "
-                        "before serving: shows groups the decoder map does not; about a minute per 10k features "
-                        "on a CPU the first time, cached after")
+    p.add_argument("--coactivation-map", dest="coactivation_map", action="store_const", const=True, default="auto",
+                   help="lay out every SAE's features by co-activation (UMAP of the co-occurrence graph) before "
+                        "serving, whatever its size (default: done in the background for SAEs up to 32,768 "
+                        "features, shown first once ready; ~3 min for 9,216 features on a CPU the first time, "
+                        "cached after). It groups features that fire on the same tokens, which the decoder map "
+                        "does not (benchmarks/map_quality.py)")
+    p.add_argument("--no-coactivation-map", dest="coactivation_map", action="store_const", const=False,
+                   help="only the decoder map of the features pass")
+    p.add_argument("--compare", action="append", default=[], metavar="OTHER_SAE",
+                   help="also serve this SAE folder (another run or width, with its features database), so every "
+                        "feature page names its best match there by decoder cosine (repeatable; the SAEs of PATH "
+                        "are compared with each other already)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -55,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if token is None and args.host not in LOCAL_HOSTS:
         token = secrets.token_urlsafe(24)
     app = create_app(args.path, token=token, device=args.device, compute_dtype=args.compute_dtype,
-                     model=args.model, timeout=args.timeout, coactivation_map=args.coactivation_map)
+                     model=args.model, timeout=args.timeout, coactivation_map=args.coactivation_map,
+                     compare=args.compare)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -117,6 +117,18 @@ class Live:
                               "max_act": float(m) if m == m else None}
         return doc
 
+    def ablation(self, entry: Entry, feature: int, token_ids: list[int]) -> dict[str, Any]:
+        """`ablation_effect` of `feature` on a context window (`serve/ablate.py`), BOS put first when the
+        window lacks it and left out of what is returned."""
+        from monoscope.serve.ablate import ablation_effect
+
+        t = self.loaded(entry).target
+        bos = t.lm.special_ids()[0]
+        lead = 0 if token_ids and token_ids[0] == bos else 1
+        ids = torch.tensor([[bos] * lead + list(token_ids)], dtype=torch.int64, device=t.lm.device)
+        out = ablation_effect(t.lm, t.sae, t.hook, ids, feature)
+        return {k: v[lead:] if isinstance(v, list) else v for k, v in out.items()}
+
     def search_text(self, entry: Entry, text: str, top: int) -> dict[str, Any]:
         return self.loaded(entry).searcher.search_text(text, top=top).to_dict()
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,18 @@ from monoscope.runfolder import MAIN_SAE, eval_dir_for, features_dir_for
 MAP_POINTS = 30_000
 """Most features drawn on the interactive map (the most interesting first, then the most frequent): a
 browser canvas stays smooth at this size; the PNG map shows every feature."""
+
+
+_SPECIAL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""What `visible` rewrites (categories Cc, Zl, Zp); text without any, and not all spaces, is returned as is."""
+
+
+@lru_cache(maxsize=1 << 17)
+def _visible(text: str) -> str:
+    """`visible`, with a fast path and remembered: a page shows ~2,000 tokens of one vocabulary."""
+    if _SPECIAL.search(text) is None and (len(text) < 2 or text.strip(" ")):
+        return text
+    return visible(text)
 
 
 class ServeError(MonoscopeError):
@@ -92,23 +105,38 @@ class Entry:
         except (OSError, ValueError):
             return None
 
+    @cached_property
+    def shown_tokens(self) -> list[str | None]:
+        """Each token's text as a context window shows it (`_visible`) when its bytes are whole UTF-8 with
+        text on their own, else None (those need joint decoding): built once, read by every feature page."""
+        return [_visible(w) if w else None for w in self.vocab.whole]
+
     def token(self, tok: Any) -> str:
         """A token listed on its own (logit effects, label evidence), whitespace visible."""
         return visible(token_text(self.vocab.texts, tok), standalone=True)
 
     coact: tuple[Any, Any] | None = field(default=None, repr=False)
     """(ids, xy) of the co-activation map when the server computed it (`serve/coact.py`)."""
+    coact_pending: bool = field(default=False, repr=False)
+    """The co-activation map is being laid out in the background (`monoscope serve`'s default)."""
+    _coact_doc: dict[str, Any] | None = field(default=None, repr=False)
 
     @cached_property
     def map_data(self) -> dict[str, Any]:
         """The decoder map of the features pass (features.map_x/map_y)."""
         return _map_doc(self, self.db().map_points())
 
-    @cached_property
+    @property
     def coact_data(self) -> dict[str, Any] | None:
-        """The co-activation map, when computed."""
+        """The co-activation map, once computed (it may arrive from a background thread after start-up)."""
         if self.coact is None:
             return None
+        if self._coact_doc is None:
+            self._coact_doc = self._coact_doc_now()
+        return self._coact_doc
+
+    def _coact_doc_now(self) -> dict[str, Any]:
+        assert self.coact is not None
         ids, xy = self.coact
         where = {int(i): (float(x), float(y)) for i, (x, y) in zip(ids.tolist(), xy.tolist(), strict=True)}
         pts = [(i, *where[i], lab, d, lt) for i, _, _, lab, d, lt in self.db().map_points(placed_only=False)
@@ -177,7 +205,7 @@ def _png_names(entry: Entry, features_dir: Path) -> None:
 class Site:
     """The SAEs of one run folder (or one SAE folder), by name."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, compare: list[str | Path] | None = None) -> None:
         root = Path(path)
         if not root.is_dir():
             raise ServeError(f"{root} is not a folder: pass a run folder (runs/NAME) or an SAE folder with its "
@@ -196,14 +224,39 @@ class Site:
         if not self.entries:
             raise ServeError(f"{root} has no SAE with a features database: build one with monoscope features "
                              f"{root / MAIN_SAE if self.run_dir else root}, then serve again")
+        for other in compare or []:
+            self._add_compare(Path(other))
+        self._decoders: dict[str, Any] = {}
+        self._decoder_lock = threading.Lock()
+        for e in self.entries.values() if len(self.entries) > 1 else ():  # best matches need every decoder:
+            self.decoder(e)  # read now, at start-up, not by the first page (~1 s per 10^5 features)
         self.by_key = {e.sae_key: e for e in self.entries.values() if e.sae_key}
 
-    def _add(self, sae_dir: Path) -> None:
+    def _add_compare(self, sae_dir: Path) -> None:
+        """An SAE from elsewhere (`--compare`), served beside this site's under a name of its own."""
+        if not (sae_dir / "cfg.json").is_file() and not (sae_dir / "sae.safetensors").is_file():
+            raise ServeError(f"--compare {sae_dir} is not an SAE folder (no cfg.json): pass the folder monoscope "
+                             "train wrote")
+        if not (features_dir_for(sae_dir) / DB_NAME).is_file():
+            raise ServeError(f"--compare {sae_dir} has no features database ({features_dir_for(sae_dir) / DB_NAME}): "
+                             f"build one with monoscope features {sae_dir}, then serve again")
+        if any(e.sae_dir == sae_dir.resolve() for e in self.entries.values()):
+            return
+        name = sae_dir.resolve().name
+        if name in self.entries:
+            name = f"{sae_dir.resolve().parent.name}-{name}"
+        n = 2
+        while name in self.entries:
+            name, n = f"{name}-{n}", n + 1
+        self._add(sae_dir.resolve(), name)
+
+    def _add(self, sae_dir: Path, name: str | None = None) -> None:
         fdir = features_dir_for(sae_dir)
         db_path = fdir / DB_NAME
         if not db_path.is_file():
             return
-        name = sae_dir.name if self.run_dir is not None else sae_dir.name or "sae"
+        if name is None:
+            name = sae_dir.name if self.run_dir is not None else sae_dir.name or "sae"
         e = Entry(name, sae_dir, db_path, eval_dir_for(sae_dir))
         e.db()  # opened (and checked to be a feature database) at start-up: a bad file is a one-line error now
         _png_names(e, fdir)
@@ -237,6 +290,41 @@ class Site:
         if not isinstance(doc, dict):
             return None
         return {k: v for k, v in doc.items() if isinstance(v, str | int | float | bool)}
+
+    def decoder(self, entry: Entry) -> Any:
+        """The SAE's decoder rows, unit length (torch [F, d_in] float32), loaded once on first use; None when
+        its weights cannot be read (a stand-in folder)."""
+        with self._decoder_lock:
+            if entry.name not in self._decoders:
+                from monoscope.interop import load_any
+
+                try:
+                    w = load_any(entry.sae_dir, device="cpu").W_dec.detach().float()
+                except (MonoscopeError, OSError):
+                    self._decoders[entry.name] = None
+                else:
+                    self._decoders[entry.name] = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return self._decoders[entry.name]
+
+    def best_matches(self, entry: Entry, fid: int) -> list[dict[str, Any]]:
+        """Feature `fid`'s best match in each other SAE of the site that reads the same width (the largest
+        decoder cosine): [{sae, id, cosine, label}]; nothing when the site has one SAE."""
+        others = [e for e in self.entries.values() if e.name != entry.name]
+        if not others:
+            return []
+        mine = self.decoder(entry)
+        if mine is None or not 0 <= fid < mine.shape[0]:
+            return []
+        out = []
+        for other in others:
+            w = self.decoder(other)
+            if w is None or w.shape[1] != mine.shape[1]:
+                continue
+            cos = w @ mine[fid]
+            j = int(cos.argmax())
+            label = (other.db().briefs([j]).get(j) or {}).get("label") or ""
+            out.append({"sae": other.name, "id": j, "cosine": round(float(cos[j]), 4), "label": label})
+        return out
 
     def family(self, entry: Entry, fid: int) -> dict[str, list[dict[str, Any]]]:
         """Parents (narrower SAEs) and children (wider SAEs) of feature `fid` across the site's SAEs."""

@@ -3,13 +3,16 @@ return them unchanged, so what a person sees and what a script reads are the sam
 
 from __future__ import annotations
 
+import html
 import math
-import re
 from functools import lru_cache
 from typing import Any
 
-from monoscope.features.tokens import visible
-from monoscope.serve.site import Entry, Site
+import numpy as np
+from markupsafe import Markup
+
+from monoscope.features.db import EXAMPLE_KINDS
+from monoscope.serve.site import Entry, Site, _visible
 
 LIST_ROWS = 10
 N_TOP = 20
@@ -26,31 +29,122 @@ def _f(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-_SPECIAL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-"""What `visible` rewrites (categories Cc, Zl, Zp); text without any, and not all spaces, is returned as is."""
+SHADES = 10
+"""Token shading levels: a token with activation a > 0 gets class `sN`, N = ceil(SHADES * a / scale) (1..SHADES),
+one colour each in style.css, instead of an inline colour per token (a page shows ~2,000 tokens)."""
+
+
+def context(entry: Entry, tokens: np.ndarray, acts: np.ndarray, position: int, act: float,
+            scale: float) -> dict[str, Any]:
+    """One example window as token texts (decoded jointly from the token bytes) and their activations:
+    {act, position, tokens [text], acts [value]}; `scale` (the feature's max activation) shades them."""
+    tokens = np.asarray(tokens)
+    keep = np.flatnonzero(tokens >= 0)  # negative ids: padding
+    pos = int(np.searchsorted(keep, position)) if position in keep else 0
+    a = np.zeros(len(keep), np.float64)
+    n = min(len(acts), len(tokens))
+    inside = keep < n
+    a[inside] = np.asarray(acts, np.float64)[keep[inside]]
+    texts, vals, pos = entry.vocab.window(tokens[keep], a, pos)
+    return {"act": _f(act), "position": pos, "tokens": [_visible(t) for t in texts],
+            "acts": np.round(np.asarray(vals, np.float64), 4).tolist()}
 
 
 @lru_cache(maxsize=1 << 17)
-def _visible(text: str) -> str:
-    """`visible`, with a fast path and remembered: a page shows ~2,000 tokens of one vocabulary."""
-    if _SPECIAL.search(text) is None and (len(text) < 2 or text.strip(" ")):
-        return text
-    return visible(text)
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
 
 
-def context(entry: Entry, ex: dict[str, Any], scale: float) -> dict[str, Any]:
-    """One example window as tokens with their activations (decoded jointly from the token bytes) and the
-    shading of each: alpha = act / scale (the feature's max activation), "" where the token is inactive."""
-    toks = [(i, int(t)) for i, t in enumerate(ex["tokens"]) if t >= 0]  # negative ids: padding
-    keep = [i for i, _ in toks]
-    pos = keep.index(ex["position"]) if ex["position"] in keep else 0
-    acts = [float(ex["acts"][i]) if i < len(ex["acts"]) else 0.0 for i in keep]
-    texts, acts, pos = entry.vocab.window([t for _, t in toks], acts, pos)
+@lru_cache(maxsize=1 << 17)
+def _plain_span(text: str) -> str:
+    """An inactive token's span (most tokens of a page), escaped, made once per token text."""
+    return f'<span class="tok">{html.escape(text, quote=True)}</span>'
+
+
+def context_html(c: dict[str, Any], scale: float) -> Markup:
+    """The HTML of one `context`: one span per token, class `tok` plus its shade `sN` (and `peak` at the
+    window's maximum), the value in `title` for active tokens. Every text is escaped here."""
+    pos, toks, acts = c["position"], c["tokens"], c["acts"]
     if not scale > 0:
         scale = max([*acts, 0.0]) or 1.0
-    return {"act": _f(ex["act"]), "position": pos,
-            "tokens": [{"text": _visible(t), "act": round(a, 4), "alpha": f"{min(a / scale, 1.0):.3f}" if a > 0 else ""}
-                       for t, a in zip(texts, acts, strict=True)]}
+    k = SHADES / scale
+    esc, plain, ceil = _esc, _plain_span, math.ceil
+    parts = [f'<div class="ctx"><span class="act">{_num(c["act"], ".3g")}</span><span class="toks">']
+    for t, a in zip(toks, acts, strict=True):
+        if a > 0:
+            lv = ceil(a * k)
+            parts.append(f'<span class="tok s{SHADES if lv > SHADES else lv or 1}" title="{a}">{esc(t)}</span>')
+        else:
+            parts.append(plain(t))
+    if 0 <= pos < len(toks):  # the window's maximum: outlined, its value on hover even when 0
+        a = acts[pos]
+        lv = min(SHADES, max(1, ceil(a * k))) if a > 0 else 0
+        parts[pos + 1] = f'<span class="tok{f" s{lv}" if lv else ""} peak" title="{a}">{esc(toks[pos])}</span>'
+    parts.append("</span></div>")
+    return Markup("".join(parts))
+
+
+def _num(v: Any, fmt: str) -> str:
+    """A number as the pages' `num` filter formats it ("—" for none)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    try:
+        return format(v, fmt)
+    except (TypeError, ValueError):
+        return _esc(str(v))
+
+
+def shown_records(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(top, quantile) records of one feature in the order its page shows them: top by rank (N_TOP), then
+    N_PER_BIN per quantile bin, strongest bin first."""
+    top_rec = rec[rec["kind"] == EXAMPLE_KINDS["top"]]
+    top_rec = top_rec[np.argsort(top_rec["rank"], kind="stable")][:N_TOP]
+    q = rec[rec["kind"] == EXAMPLE_KINDS["quantile"]]
+    q = q[np.lexsort((q["rank"], -q["bin"].astype(np.int64)))]
+    q = np.concatenate([q[q["bin"] == b][:N_PER_BIN] for b in dict.fromkeys(q["bin"].tolist())] or [q[:0]])
+    return top_rec, q
+
+
+def _examples(entry: Entry, fid: int, scale: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(top contexts, quantile bins) of `fid` from its packed examples row, read and unpacked once."""
+    rec = entry.db().packed_examples(fid)
+    if rec is None or not len(rec):
+        return [], []
+    top_rec, q = shown_records(rec)
+    shown = np.concatenate([top_rec, q])
+    fast = _contexts(entry, shown, scale)
+    top = fast[: len(top_rec)]
+    n_bins = entry.meta.get("bins") if isinstance(entry.meta.get("bins"), int) else 10
+    quantiles = []
+    all_q = rec[rec["kind"] == EXAMPLE_KINDS["quantile"]]
+    start = len(top_rec)
+    for b in dict.fromkeys(q["bin"].tolist()):
+        exs = all_q[all_q["bin"] == b]
+        k = int((q["bin"] == b).sum())
+        quantiles.append({"bin": int(b), "of": max(n_bins, int(b) + 1), "lo": _f(float(exs["act"].min())),
+                          "hi": _f(float(exs["act"].max())), "examples": fast[start: start + k]})
+        start += k
+    return top, quantiles
+
+
+def _contexts(entry: Entry, rec: np.ndarray, scale: float) -> list[dict[str, Any]]:
+    """`context` of every record, batched: a window with no padding whose tokens are all whole UTF-8 with text
+    on their own (most) is looked up in `Entry.shown_tokens` (joint decoding and folding change nothing
+    there); any other takes the general path."""
+    shown = entry.shown_tokens
+    n_vocab = len(shown)
+    acts = np.round(rec["acts"].astype(np.float64), 4).tolist()
+    ids = rec["tokens"].tolist()
+    out = []
+    for r, (n, na, a, p) in enumerate(zip(rec["ntok"].tolist(), rec["nact"].tolist(), rec["act"].tolist(),
+                                          rec["position"].tolist(), strict=True)):
+        t = ids[r][:n]
+        texts = [shown[i] if 0 <= i < n_vocab else None for i in t] if na == n and p < n else [None]
+        if None in texts:
+            out.append(context(entry, rec["tokens"][r][:n].astype(np.int64), rec["acts"][r][:na], p, a, scale))
+        else:
+            out.append({"act": _f(a), "position": p, "tokens": texts, "acts": acts[r][:n]})
+    return out
 
 
 def histogram(hist: Any) -> list[dict[str, Any]]:
@@ -99,14 +193,7 @@ def feature_doc(site: Site, entry: Entry, fid: int) -> dict[str, Any]:
         scores = [s for s in scores if s[0] == expl["model"]]
     m = _f(row.get("max_act"))
     scale = m if m is not None and m > 0 else 0.0
-    top = [context(entry, ex, scale) for ex in db.examples(fid, "top")[:N_TOP]]
-    bins: dict[int, list[dict[str, Any]]] = {}
-    for ex in db.examples(fid, "quantile"):  # bin DESC, rank
-        bins.setdefault(int(ex["bin"]), []).append(ex)
-    n_bins = entry.meta.get("bins") if isinstance(entry.meta.get("bins"), int) else 10
-    quantiles = [{"bin": b, "of": max(n_bins, b + 1), "lo": _f(min(e["act"] for e in exs)),
-                  "hi": _f(max(e["act"] for e in exs)), "examples": [context(entry, e, scale) for e in exs[:N_PER_BIN]]}
-                 for b, exs in bins.items()]
+    top, quantiles = _examples(entry, fid, scale)
     base = f"/sae/{entry.name}/feature"
     return {
         "sae": entry.name, "id": fid, "n_features": entry.n_features, "in_database": bool(row),
@@ -119,7 +206,7 @@ def feature_doc(site: Site, entry: Entry, fid: int) -> dict[str, Any]:
         "top": top, "quantiles": quantiles,
         "promoted": _logits(entry, row.get("logit_pos")), "suppressed": _logits(entry, row.get("logit_neg")),
         "neighbours": _related(entry, row.get("neighbours")), "cooccur": _related(entry, row.get("cooccur")),
-        "family": site.family(entry, fid),
+        "family": site.family(entry, fid), "best_match": site.best_matches(entry, fid),
         "prev": fid - 1 if fid > 0 else None, "next": fid + 1 if fid + 1 < entry.n_features else None,
         "permalink": f"{base}/{fid}",
         "tokens_seen": entry.meta.get("tokens") if isinstance(entry.meta.get("tokens"), int) else None,

@@ -1,4 +1,4 @@
-// monoscope serve: the feature map, "try your own text" and the steering playground.
+// monoscope serve: the feature map, "try your own text", the ablation effect and the steering playground.
 // Every string from the server is put on the page with textContent, never as HTML.
 "use strict";
 
@@ -132,6 +132,39 @@ function initTry(form) {
   });
 }
 
+// ------------------------------------------------------------------------------------------ ablation effect
+// Each token shaded by how much ablating the feature changes the loss of predicting it: blue where the
+// feature helped (the loss rises without it), red where it hurt; the values on hover.
+function initAblate(form) {
+  const out = document.getElementById("ablateout");
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    out.replaceChildren(el("p", "dim", "running the model twice…"));
+    const [kind, index] = form.ctx.value.split(":");
+    try {
+      const doc = await postJSON(form.dataset.api, { kind, index: Number(index) });
+      const d = doc.delta.filter((v) => v !== null);
+      const m = Math.max(1e-9, ...d.map(Math.abs));
+      const row = el("div", "ctx ablation"), toks = el("span", "toks");
+      doc.tokens.forEach((t, i) => {
+        const s = el("span", "tok", t), v = doc.delta[i];
+        if (v !== null && v !== 0) {
+          const a = Math.min(Math.abs(v) / m, 1).toFixed(3);
+          s.style.background = v > 0 ? `rgba(40,110,255,${a})` : `rgba(230,40,40,${a})`;
+        }
+        s.title = `loss change ${v === null ? "—" : (v >= 0 ? "+" : "") + v.toPrecision(3)} nats · activation ${doc.acts[i].toPrecision(3)}`;
+        s.dataset.delta = v === null ? "" : String(v);
+        toks.appendChild(s);
+      });
+      row.append(el("span", "act", "max |Δ| " + m.toPrecision(3)), toks);
+      const sum = d.reduce((a, b) => a + b, 0);
+      out.replaceChildren(row, el("p", "dim", `mean loss change ${(sum / Math.max(d.length, 1)).toFixed(4)} nats per token; ` +
+        `blue: the feature helped predict the token (loss rises when it is ablated), red: it hurt.`));
+      form.dataset.done = "1";
+    } catch (e) { out.replaceChildren(el("p", "error", e.message)); }
+  });
+}
+
 // ------------------------------------------------------------------------------------------ steering
 function initSteer(form) {
   const status = document.getElementById("steerstatus");
@@ -181,4 +214,5 @@ document.addEventListener("DOMContentLoaded", () => {
   const map = document.getElementById("featuremap"); if (map) initMap(map);
   const tf = document.getElementById("tryform"); if (tf) initTry(tf);
   const sf = document.getElementById("steerform"); if (sf) initSteer(sf);
+  const af = document.getElementById("ablateform"); if (af) initAblate(af);
 });
