@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
+    from monoscope.interp.models_cli import add_models_parser
     from monoscope.scaling.cli import add_sweep_parser
     from monoscope.search.audit_cli import add_audit_parser
     from monoscope.search.cli import add_search_parser
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_features_parser(sub)
     add_show_parser(sub)
     add_explain_parser(sub)
+    add_models_parser(sub)
     add_convert_parser(sub)
     add_steer_parser(sub)
     add_attribute_parser(sub)
