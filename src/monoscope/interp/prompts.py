@@ -145,20 +145,22 @@ def format_compact_evidence(ev: Evidence) -> str:
         act = [i - lo for i in c.active() if lo <= i < hi]
         lines.append(f"{n}. {mark(c.tokens[lo:hi], act)}")
         count.update(visible(c.tokens[i]).strip() or visible(c.tokens[i]) for i in c.active())
-    common = ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in count.most_common(COMPACT_COMMON))
-    return "\n".join(lines) + f"\n\nMarked tokens, most frequent first: {common or 'none'}"
+    common = ", ".join(f"{json.dumps(t, ensure_ascii=False)} ({k})" for t, k in count.most_common(COMPACT_COMMON))
+    return "\n".join(lines) + f"\n\nMost frequent marked tokens: {common or 'none'}"
 
 
-COMPACT_SYSTEM = "You explain features of a language model. Answer with one short phrase and nothing else."
+COMPACT_SYSTEM = (
+    "You explain features of a language model: say what the marked tokens have in common. Answer with one short, "
+    'specific phrase and nothing else, like: the word "import" in Python imports / opening brackets of Markdown '
+    'links / closing parentheses in code / the suffix "-ly" of adverbs')
 
 
 def compact_explain_messages(ev: Evidence, evidence_text: str | None = None) -> list[dict[str, str]]:
     text = evidence_text if evidence_text is not None else format_compact_evidence(ev)
     return [{"role": "system", "content": COMPACT_SYSTEM},
             {"role": "user", "content": f"A feature of a language model fires on the tokens marked {MARK_OPEN}like "
-                                        f"this{MARK_CLOSE} in these excerpts (⏎ = newline):\n\n{text}\n\nWhat do "
-                                        "the marked tokens have in common? Answer with one short phrase (at most 12 "
-                                        "words)."}]
+                                        f"this{MARK_CLOSE} in these excerpts (⏎ = newline):\n\n{text}\n\nWhat does "
+                                        "the feature detect? Answer with one short phrase of at most 12 words."}]
 
 
 def style_version(style: str) -> str:
