@@ -129,8 +129,13 @@ def test_default_is_the_strongest_installed(tmp_path: Path, monkeypatch: pytest.
         models.resolve_local("qwen2.5-coder-1.5b")
     (tmp_path / big.file).write_bytes(b"GGUF")  # wrong size: a half copy is not an installed model
     assert models.best_local()[0] == small
+    assert models.stronger_hint(small).startswith("better local explanations: `monoscope models install "
+                                                  "qwen2.5-coder-1.5b` (then `monoscope explain SAE_DIR`)")
     fake(big)
     assert models.resolve_local("default") == (big, tmp_path / big.file)
+    assert models.resolve_local("small") == (small, tmp_path / small.file)  # what monoscope run explains with
+    assert models.stronger_hint(small).startswith("better local explanations: `monoscope explain SAE_DIR` "
+                                                  "(local:default = Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K), slower)")
     assert models.stronger_hint(big) is None
     with pytest.raises(ModelInstallError, match=r"^unknown local model 'qwen9': use one of qwen2.5-coder-1.5b, "):
         models.get_model("qwen9")
@@ -156,3 +161,27 @@ def test_cli_install_errors_and_list(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "qwen2.5-coder-1.5b   no" in r.stdout and "monoscope models install qwen2.5-coder-0.5b" in r.stdout
     assert f"models folder: {tmp_path / 'models'}" in r.stdout
+
+
+@pytest.mark.integration
+def test_local_default_explainer_answers_parseable_explanations(tmp_path: Path) -> None:
+    """The strongest installed Qwen model, through `local:default`, explains two planted features with the compact
+    prompt and the answers parse (the old default, SmolLM2, mostly failed this)."""
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        pytest.skip("xllamacpp is not installed (pip install xllamacpp)")
+    best, _ = models.best_local() if any(models.model_path(m) for m in models.MODELS.values()) else (None, None)
+    if best is None or not best.packages:
+        pytest.skip("no Qwen explainer installed: run `monoscope models install qwen2.5-coder-0.5b` "
+                    f"(MONOSCOPE_MODELS={models.models_dir()})")
+    from monoscope.interp.explain import explain_features
+    from tests.interp.test_scorers import build_db
+
+    db_path = tmp_path / "features" / "features.db"
+    build_db(db_path).close()
+    res = explain_features("x", "local:default", features="0,1", scorers="none", db_path=db_path, progress=False,
+                           max_concurrency=2, cache=False)
+    assert res.prompt_version.endswith("-compact") and res.model == best.file
+    assert set(res.explanations) == {0, 1}, res.explain_failures  # both parsed
+    assert all(0 < len(e) <= 300 and "<<" not in e for e in res.explanations.values()), res.explanations

@@ -591,7 +591,7 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
         known, path = resolve_local(rest)
         say = notify or _stderr_line
         say(f"explainer: {known.title} ({spec}, {path})")
-        if rest == "default" and (hint := stronger_hint(known)):
+        if rest in ("default", "small") and (hint := stronger_hint(known)):
             say(hint)
     else:
         path = Path(rest).expanduser()

