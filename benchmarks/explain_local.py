@@ -6,7 +6,7 @@
 Runs `explain_features` on the `--features` most interesting features (default 20) of the SAE's database
 (work on a copy: explanations and scores are written into it), with the explaining model also as the scorer,
 as `monoscope explain` does. `--examples N` is the scoring sample per feature: N held-out activating and N
-non-activating excerpts for detection (N activating for fuzzing, half of them mis-marked), asked 5 per request.
+non-activating excerpts for detection (N activating for fuzzing, half of them mis-marked), `--batch` per request.
 Writes benchmarks/results/NAME.json: the model and its file, prompt style and version, sample sizes, mean and
 quartiles per scorer, every feature's explanation and scores, failures, wall time, the LLM usage, the machine
 and its load average before and after (the machine is shared: absolute times vary; accuracies do not depend
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, describe  # noqa: E402
+from machine import RESULTS, describe
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=20)
     ap.add_argument("--scorers", default="detection")
     ap.add_argument("--examples", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=5, help="excerpts per scoring request")
     ap.add_argument("--prompt", default=None, choices=["full", "compact"])
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600.0)
@@ -42,7 +43,8 @@ def main() -> None:
     from monoscope.interp.explain import explain_features, parse_scorers
 
     scorers = parse_scorers(args.scorers)
-    opts = {s: {"n_examples": args.examples} for s in scorers if s in ("detection", "fuzzing")}
+    opts = {s: {"n_examples": args.examples, "batch_size": args.batch} for s in scorers
+            if s in ("detection", "fuzzing")}
     load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     res = explain_features(args.sae, args.llm, features=args.features, scorers=scorers, progress=False,
@@ -59,7 +61,7 @@ def main() -> None:
         "sae": str(Path(args.sae).resolve()), "llm": args.llm, "model": res.model,
         "prompt_version": res.prompt_version, "features": args.features,
         "scoring_sample": {"detection": f"{args.examples} activating + {args.examples} non-activating excerpts "
-                                        "per feature, 5 per request",
+                                        f"per feature, {args.batch} per request",
                            "fuzzing": f"{args.examples} activating excerpts per feature, half mis-marked"},
         "scorer_is_explainer": True, "concurrency": args.concurrency,
         "explained": len(res.explanations), "explain_failures": len(res.explain_failures),
