@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-map", action="store_true", help="skip the feature map (UMAP) in the features stage")
     p.add_argument("--explain-features", type=int, default=2,
                    help="features the last stage explains with an LLM (default 2; 0 skips the stage)")
-    p.add_argument("--explain-llm", default="local:default",
-                   help="LLM for the explain stage: local:default (SmolLM2 via llama.cpp, a smoke test), "
+    p.add_argument("--explain-llm", default="local:small",
+                   help="LLM for the explain stage: local:small (default: the strongest installed local model up to "
+                        "Qwen2.5-Coder-0.5B, see `monoscope models list`), local:default (the strongest, slower), "
                         "local:PATH.gguf, or openai:MODEL with --explain-endpoint")
     p.add_argument("--explain-endpoint", default=None, help="OpenAI-compatible server for --explain-llm openai:MODEL")
     p.add_argument("--explain-scorers", default="embedding,detection",
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
     from monoscope.interp.cli import add_explain_parser
+    from monoscope.interp.models_cli import add_models_parser
     from monoscope.scaling.cli import add_sweep_parser
     from monoscope.search.audit_cli import add_audit_parser
     from monoscope.search.cli import add_search_parser
@@ -180,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_features_parser(sub)
     add_show_parser(sub)
     add_explain_parser(sub)
+    add_models_parser(sub)
     add_convert_parser(sub)
     add_steer_parser(sub)
     add_attribute_parser(sub)

@@ -123,9 +123,10 @@ class RunConfig:
     explain_features: int = 2
     """Features the last stage explains with an LLM (0 skips the stage)."""
 
-    explain_llm: str = "local:default"
-    """LLM for the explain stage: local:default (SmolLM2 via llama.cpp, a smoke test), local:PATH.gguf, or
-    openai:MODEL with explain_endpoint."""
+    explain_llm: str = "local:small"
+    """LLM for the explain stage: local:small (the strongest installed local model up to Qwen2.5-Coder-0.5B, to
+    stay in the run's time budget; `monoscope explain` then gives better explanations with local:default),
+    local:NAME, local:PATH.gguf, or openai:MODEL with explain_endpoint."""
 
     explain_endpoint: str | None = None
     """OpenAI-compatible server for explain_llm openai:MODEL."""
@@ -317,7 +318,6 @@ def run(config: RunConfig, *, command: str | None = None, echo: bool = True) -> 
     if cfg.explain_features > 0:
         from monoscope.interp.explain import check_explained, explain_features
 
-        # the 135M default is a smoke test of the machinery, not a useful explainer: point explain_llm elsewhere
         say(f"monoscope run [6/7] explain: {cfg.explain_features} features with {cfg.explain_llm} "
             f"(scorers {cfg.explain_scorers}) -> {f.features_db}")
         t0 = time.perf_counter()

@@ -187,3 +187,46 @@ def test_real_llm_end_to_end(db_path: Path, llm_server: Any) -> None:
     again = explain_features("x", "openai:smollm2", **kw)
     assert again.usage.requests == again.usage.cached  # nothing new was asked of the model
     assert _rows(db_path) == (expl, scores)
+
+
+def test_compact_prompt_style_is_stored_under_its_own_version(db_path: Path, tmp_path: Path) -> None:
+    """The compact prompt (the default for local: models) is short, versioned apart from the full one, reused on
+    a rerun, and kept by carry_over when the database is rebuilt with the same evidence."""
+    import shutil
+
+    from monoscope.interp.explain import carry_over, default_style
+    from monoscope.interp.prompts import COMPACT_VERSION, compact_explain_messages, format_compact_evidence
+
+    assert default_style("local:default") == "compact" and default_style("openai:gpt-4o-mini") == "full"
+    with FeatureDB.open(db_path) as db:
+        ev = evidence(db, 1)
+        full, compact = format_explain_evidence(ev), format_compact_evidence(ev)
+    lines = compact.splitlines()
+    assert [ln.split(".")[0] for ln in lines[:10]] == [str(i) for i in range(1, 11)]  # 6 top + 4 quantile windows
+    assert lines[-1].startswith("Most frequent marked tokens: ") and lines[-1].count("(") == 6
+    assert len(compact) < len(full) / 2
+    assert compact_explain_messages(ev)[1]["content"].endswith("Answer with one short phrase of at most 12 words.")
+    with pytest.raises(MonoscopeError, match=r"--prompt 'tiny': use one of full, compact"):
+        explain_features("x", FakeLLM(), features="1,", db_path=db_path, style="tiny", progress=False)
+
+    res = explain_features("x", FakeLLM(), features="0,1,2", scorers="detection", db_path=db_path, style="compact",
+                           progress=False)
+    assert res.prompt_version == COMPACT_VERSION and res.explanations[1] == "French words"
+    assert res.scores["detection"][1].value == 1.0
+    expl, scores = _rows(db_path)
+    assert {(e[1], e[2]) for e in expl} == {("fake-competent", COMPACT_VERSION)}
+    with FeatureDB.open(db_path) as db:
+        assert [e[3] for e in expl] == [evidence_sha256(format_compact_evidence(evidence(db, f))) for f in (0, 1, 2)]
+    assert all(json.loads(s[4])["prompt_version"] == COMPACT_VERSION for s in scores)
+    again = FakeLLM()
+    res2 = explain_features("x", again, features="0,1,2", scorers="detection", db_path=db_path, style="compact",
+                            progress=False)
+    assert again.calls == 0 and res2.explanations_reused == 3
+    copy = tmp_path / "rebuilt.db"
+    shutil.copy(db_path, copy)
+    with FeatureDB.open(copy) as dst, dst.transaction():
+        dst.conn.execute("DELETE FROM scores")
+        dst.conn.execute("DELETE FROM explanations")
+    with FeatureDB.open(db_path) as src, FeatureDB.open(copy) as dst:
+        assert carry_over(src, dst) == (3, 3, 0)
+    assert _rows(copy) == (expl, scores)

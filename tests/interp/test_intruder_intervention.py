@@ -258,7 +258,7 @@ def test_local_llamacpp_backend(db: FeatureDB, target: Target, tmp_path: Path) -
     """Both scorers through the in-process llama.cpp backend (SmolLM2-135M): whatever the small model answers is
     either read as a choice or counted as unanswered; nothing raises."""
     ev = evidence(db, 0)
-    with open_llm("local:default", max_concurrency=1, n_threads=1, cache=tmp_path / "c.sqlite") as llm:
+    with open_llm("local:smollm2", max_concurrency=1, n_threads=1, cache=tmp_path / "c.sqlite") as llm:
         (ri,) = score_intruder([(ev, "digits")], llm, n_trials=2, progress=False)
         (rv,) = score_intervention([(Evidence(3, 4.0), "the character 'A'")], llm, target=target,
                                    prompts=PROMPTS[:1], strength="5x", max_new_tokens=4, progress=False)

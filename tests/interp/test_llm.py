@@ -50,8 +50,8 @@ def test_real_server_through_openai_path(llm_server: LocalServer) -> None:
 
 
 @pytest.mark.integration
-def test_local_default_starts_and_stops_its_server(tmp_path: Path) -> None:
-    with open_llm("local:default", max_concurrency=2, n_threads=1, cache=tmp_path / "c.sqlite") as llm:
+def test_local_smollm2_starts_and_stops_its_server(tmp_path: Path) -> None:
+    with open_llm("local:smollm2", max_concurrency=2, n_threads=1, cache=tmp_path / "c.sqlite") as llm:
         assert llm.model_name == "SmolLM2-135M-Instruct.Q4_1.gguf" and llm.server is not None
         url = llm.server.url
         rs = llm.chat_many([ask("Name a colour."), ask("Name a fruit.")], progress="test")

@@ -138,7 +138,7 @@ def _words(text: str) -> list[str]:
 def competent(messages: Sequence[Any]) -> str:
     """Answers every prompt of prompts.py the way a good model would, from the text it is given."""
     system, user = messages[0]["content"], messages[-1]["content"]
-    if system == prompts.EXPLAIN_SYSTEM:
+    if system in (prompts.EXPLAIN_SYSTEM, prompts.COMPACT_SYSTEM):
         spans = _spans(user)
         votes = {c: sum(all(f(w) for w in _words(s)) for s in spans) for c, f in CONCEPTS.items()}
         best = max(votes, key=lambda c: votes[c])

@@ -134,11 +134,13 @@ def test_a_changed_pack_is_recomputed(planted: Planted, searcher: Searcher, tmp_
     assert "skipped (--steer-top 0)" in (tmp_path / "o" / "report.html").read_text()
 
 
-def test_countries_pack_gets_multilingual_consistency(planted: Planted, searcher: Searcher, tmp_path: Path) -> None:
-    res = audit(planted.sae, packs="countries", out=tmp_path / "o", searcher=searcher, steer_top=0, top=3,
+@pytest.mark.parametrize("pack_name", ["countries", "cities"])
+def test_country_and_city_packs_get_multilingual_consistency(planted: Planted, searcher: Searcher, tmp_path: Path,
+                                                            pack_name: str) -> None:
+    res = audit(planted.sae, packs=pack_name, out=tmp_path / "o", searcher=searcher, steer_top=0, top=3,
                 label_mode="keyword", progress=False)
     pack = res.packs[0]
-    assert pack.n_pos == 60 and pack.multilingual.startswith("measured on ")
+    assert pack.n_pos == 60 and pack.multilingual.startswith("measured on 57 parallel concepts in ")
     assert "14 languages" in pack.multilingual or "languages (" in pack.multilingual
     ml = [c.multilingual for c in pack.candidates if c.multilingual is not None]
     for m in ml:

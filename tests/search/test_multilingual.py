@@ -102,7 +102,21 @@ def test_cldr_parallel_names_cover_ten_languages() -> None:
     assert len(LANGUAGES) >= 10 and all(set(c.texts) == set(LANGUAGES) for c in cs)
     france = next(c for c in cs if c.name == "country France")
     assert france.texts["de"] == "Frankreich" and france.texts["ja"] == "フランス" and france.texts["ru"] == "Франция"
-    assert len(cs) == 43  # 16 countries, 10 languages, 5 months, 4 weekdays (CLDR), 8 Django messages
+    assert len(cs) == 57  # 16 countries, 14 cities, 10 languages, 5 months, 4 weekdays (CLDR), 8 Django messages
+    london = next(c for c in cs if c.name == "city London")
+    assert london.group == "city" and london.source.endswith("CLDR exemplar cities")
+    # CLDR lists a city only where the name differs from the zone's; the fallback is the English name ("London" in de)
+    assert [london.texts[k] for k in ("en", "de", "fr", "it", "ru", "ja", "zh", "ar")] == \
+           ["London", "London", "Londres", "Londra", "Лондон", "ロンドン", "伦敦", "لندن"]
+    cities = parallel_concepts(groups=("city",))
+    assert len(cities) == 14 and all(c.group == "city" and set(c.texts) == set(LANGUAGES) for c in cities)
+    # a concept of >= 10 languages beyond the countries: more than half the cities are written differently in
+    # >= 5 languages, so a feature that fires on the English spelling alone cannot count as multilingual
+    assert sum(len(set(c.texts.values())) >= 5 for c in cities) >= 10
+    assert [c.group for c in parallel_concepts(groups=("month", "message"))].count("message") == 8
+    with pytest.raises(MonoscopeError, match=r"^--groups 'cites' is not a group of parallel concepts: use some of "
+                                             r"country,city,language,month,weekday,message$"):
+        parallel_concepts(groups=("cites",))
     msg = next(c for c in cs if c.name == "message 'This field is required.'")
     assert msg.texts["de"] == "Dieses Feld ist zwingend erforderlich." and msg.texts["en"] == "This field is required."
     assert msg.source.startswith("Django ")
@@ -142,6 +156,17 @@ def test_mangled_languages_are_left_out_with_a_note(searcher: Searcher, monkeypa
 def test_cli_multilingual_on_cldr(planted: Planted, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["search", str(planted.sae), "--multilingual", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["languages"]) >= 10 and len(out["concepts"]) == 43
+    assert len(out["languages"]) >= 10 and len(out["concepts"]) == 57
     # the planted features fire on ' fox'/' dog' only, which no CLDR name contains: nothing qualifies
     assert out["hits"] == []
+
+
+def test_cli_multilingual_groups(planted: Planted, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", str(planted.sae), "--multilingual", "--groups", "city,country", "--json", "--device",
+                 "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["concepts"]) == 30 and out["concepts"][0] == "country France" and "city London" in out["concepts"]
+    assert main(["search", str(planted.sae), "--multilingual", "--groups", "town"]) == 2
+    assert capsys.readouterr().err.startswith("error: --groups 'town' is not a group of parallel concepts: use some of")
+    assert main(["search", str(planted.sae), "the dog", "--groups", "city"]) == 2
+    assert capsys.readouterr().err == "error: --groups goes with --multilingual: add it, or drop --groups\n"

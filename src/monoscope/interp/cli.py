@@ -28,6 +28,7 @@ from monoscope.interp.explain import (
     parse_scorers,
 )
 from monoscope.interp.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, STALL_AFTER_TIMEOUTS
+from monoscope.interp.prompts import EXPLAIN_STYLES
 from monoscope.interp.scorers import ALL_SCORERS, INTERVENTION_STRENGTH, SCORER_NAMES
 
 SHOW_EXPLANATIONS = 10  # explanations printed in the summary (all are in the database)
@@ -45,9 +46,10 @@ def add_explain_parser(subparsers: Any) -> None:
         "steered continuation from the default? accuracy; runs the SAE's model). Results go into the feature "
         "database; a rerun reuses everything whose evidence is unchanged.")
     p.add_argument("sae", metavar="SAE_DIR", help="SAE folder the feature database was built for")
-    p.add_argument("--llm", required=True, metavar="SPEC",
+    p.add_argument("--llm", default="local:default", metavar="SPEC",
                    help="openai:MODEL (api.openai.com with OPENAI_API_KEY, or any OpenAI-compatible server with "
-                        "--endpoint) or local:PATH.gguf / local:default (llama.cpp in this process)")
+                        "--endpoint), or llama.cpp in this process: local:default (the default: the strongest "
+                        "installed local model, see `monoscope models list`), local:NAME or local:PATH.gguf")
     p.add_argument("--endpoint", default=None, metavar="URL", help="OpenAI-compatible server for openai:MODEL, "
                    "e.g. http://localhost:8000/v1 (vLLM, llama.cpp)")
     p.add_argument("--features", default=str(DEFAULT_FEATURES), metavar="N|IDS",
@@ -62,6 +64,10 @@ def add_explain_parser(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help="intervention scorer: the model the SAE reads (default: the one its "
                    "training store records)")
     p.add_argument("--device", default="auto", help="intervention scorer: device for the model (default auto)")
+    p.add_argument("--prompt", default=None, choices=EXPLAIN_STYLES,
+                   help="explainer prompt: full (20 windows with activation levels, ~1,400 tokens) or compact (10 "
+                        "windows cut around the peak plus the marked tokens by frequency, ~400 tokens); default: "
+                        "compact for local: models, full otherwise")
     p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote for "
                    "SAE_DIR)")
     p.add_argument("--concurrency", type=int, default=4, help="LLM requests in flight at once (default 4)")
@@ -90,7 +96,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     res = explain_features(args.sae, args.llm, endpoint=args.endpoint, features=args.features, scorers=args.scorers,
                            db_path=args.db, progress=not args.quiet, max_concurrency=args.concurrency,
                            cache=not args.no_cache, timeout_s=args.timeout, retries=args.retries, model=args.model,
-                           device=args.device, steer_strength=args.steer_strength)
+                           device=args.device, steer_strength=args.steer_strength,
+                           style=args.prompt)
     print_explain_summary(res, sae_dir=args.sae, db_arg=args.db)
     check_explained(res)  # every request failed: exit non-zero with the reason
     return 0

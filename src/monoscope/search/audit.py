@@ -23,7 +23,7 @@ found them; the best of every route is kept so a reader sees what each route off
 candidates of each pack the steering effect is measured with `steer_eval` (dose-response with a random feature of
 matched density and a random direction as controls) on a few neutral prompts: CPU-expensive, hence bounded, and
 `steer_top=0` skips it (the report says so). Multilingual consistency is measured where parallel text exists for
-the concept (CLDR country names for the countries pack).
+the concept (CLDR names of countries for the countries pack, of cities for the cities pack).
 
 Texts longer than the database's contexts are read in full with a warning naming the file and line (a pack's matched
 texts often differ only at their end); texts longer than the model's context are cut to it, with a warning; texts
@@ -57,7 +57,7 @@ CAVEAT = ("A feature's existence shows that the model represents a concept, not 
 ROUTES = ("contrast", "text", "labels", "neighbours", "attribution")
 AUROC_BAR = 0.8
 """The summary counts packs with a candidate at or above this AUROC."""
-MULTILINGUAL_GROUPS = {"countries": "country"}
+MULTILINGUAL_GROUPS = {"countries": "country", "cities": "city"}
 """Packs whose concept has parallel text in `multilingual.parallel_concepts` (its group name)."""
 TEXT_MAX_DENSITY = 1e-2
 

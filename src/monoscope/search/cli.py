@@ -52,6 +52,9 @@ def add_search_parser(subparsers: Any) -> None:
                       help="features that fire for one concept (a country, a language, a phrase) in many languages")
     mode.add_argument("--min-languages", type=int, default=5, help="--multilingual: languages a feature must fire "
                       "in for a concept (default 5)")
+    mode.add_argument("--groups", default=None, metavar="G,G",
+                      help="--multilingual: only these groups of parallel concepts, from country,city,language,month,"
+                      "weekday,message (default: all)")
     mode.add_argument("--attribution", default=None, metavar="PROMPT",
                       help="features that drive the model's next token on PROMPT towards --target")
     att = p.add_argument_group("--attribution")
@@ -112,6 +115,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise MonoscopeError("--target and --metric go with --attribution PROMPT: add it, or drop them")
     if mode == "--attribution" and (args.target is None) == (args.metric is None):
         raise MonoscopeError('--attribution needs exactly one of --target " token" and --metric logit-diff:" a"," b"')
+    if args.groups is not None:
+        if mode != "--multilingual":
+            raise MonoscopeError("--groups goes with --multilingual: add it, or drop --groups")
+        from monoscope.search.multilingual import parallel_concepts
+
+        parallel_concepts(groups=_groups(args.groups))  # a bad group name fails before the model loads
     if mode == "--query":
         return _query(args)
     if mode == "--neighbours":
@@ -274,10 +283,18 @@ def _pack(args: argparse.Namespace, s: Any) -> int:
     return 0
 
 
-def _multilingual(args: argparse.Namespace, s: Any) -> int:
-    from monoscope.search.multilingual import multilingual_search
+def _groups(value: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in value.split(",") if g.strip())
+    if not groups:
+        raise MonoscopeError(f"--groups {value!r} names no group: use e.g. --groups city,country")
+    return groups
 
-    res = multilingual_search(s, min_languages=args.min_languages, top=args.top)
+
+def _multilingual(args: argparse.Namespace, s: Any) -> int:
+    from monoscope.search.multilingual import multilingual_search, parallel_concepts
+
+    concepts = parallel_concepts(groups=_groups(args.groups)) if args.groups is not None else None
+    res = multilingual_search(s, concepts=concepts, min_languages=args.min_languages, top=args.top)
     if args.json:
         _out(args, res.to_dict())
         return 0

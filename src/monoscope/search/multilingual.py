@@ -4,6 +4,7 @@
     for h in res.hits: print(h.feature, h.concept, h.n_languages, [(e.language, e.rel) for e in h.evidence])
 
 Parallel text comes from Babel's CLDR data (installed with monoscope, offline): the names of countries,
+cities (CLDR's exemplar cities of time zones: "London", "Londres", "Londra", "Лондон", "ロンドン", ...),
 languages, months and weekdays in 14 languages ("France", "Frankreich", "Francia", "フランス", ...), and
 from Django's translation catalogues: whole sentences ("This field is required.", "Dieses Feld ist
 zwingend erforderlich.", ...) translated into every one of those languages. For each
@@ -37,6 +38,11 @@ from monoscope.search.text import Searcher, SearchError
 LANGUAGES = ("en", "fr", "de", "es", "it", "pt", "nl", "pl", "ru", "tr", "sv", "ja", "zh", "ar")
 COUNTRIES = ("FR", "DE", "JP", "US", "CN", "IT", "ES", "RU", "BR", "IN", "GB", "EG", "MX", "GR", "TR", "SE")
 LANGUAGE_NAMES = ("fr", "de", "ja", "en", "es", "it", "ru", "zh", "ar", "pt")
+CITY_ZONES = ("Europe/London", "Europe/Rome", "Europe/Moscow", "Asia/Tokyo", "Europe/Vienna", "America/New_York",
+              "Europe/Athens", "Europe/Warsaw", "Europe/Lisbon", "Africa/Cairo", "Europe/Copenhagen", "Europe/Brussels",
+              "Europe/Prague", "Asia/Shanghai")
+"""Time zones whose CLDR exemplar city is a well-known city with its own name in most of LANGUAGES."""
+GROUPS = ("country", "city", "language", "month", "weekday", "message")
 
 
 @dataclass
@@ -94,11 +100,18 @@ class MultilingualResult:
                 "hits": [asdict(h) for h in self.hits]}
 
 
-def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
-    """Country, language, month and weekday names in every language, from Babel's CLDR data, and Django's
-    form messages."""
+def parallel_concepts(languages: tuple[str, ...] = LANGUAGES, groups: tuple[str, ...] | None = None) -> list[Concept]:
+    """Country, city, language, month and weekday names in every language, from Babel's CLDR data, and Django's
+    form messages; `groups` keeps only those groups (see GROUPS)."""
     import babel
     from babel import Locale
+    from babel.dates import get_timezone_location
+
+    if groups is not None:
+        bad = [g for g in groups if g not in GROUPS]
+        if bad:
+            raise SearchError(f"--groups {bad[0]!r} is not a group of parallel concepts: use some of "
+                              f"{','.join(GROUPS)}")
 
     src = f"Babel {babel.__version__} CLDR"
     locs = {lang: Locale.parse(lang) for lang in languages}
@@ -107,6 +120,10 @@ def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
     for c in COUNTRIES:
         out.append(Concept(f"country {en.territories[c]}", {k: loc.territories[c] for k, loc in locs.items()}, src,
                            "country"))
+    for z in CITY_ZONES:  # the exemplar city, or (CLDR's own fallback) the zone's English city name
+        out.append(Concept(f"city {get_timezone_location(z, locale='en', return_city=True)}",
+                           {k: get_timezone_location(z, locale=k, return_city=True) for k in locs},
+                           f"{src} exemplar cities", "city"))
     for c in LANGUAGE_NAMES:
         out.append(Concept(f"language {en.languages[c]}", {k: loc.languages[c] for k, loc in locs.items()}, src,
                            "language"))
@@ -116,7 +133,8 @@ def parallel_concepts(languages: tuple[str, ...] = LANGUAGES) -> list[Concept]:
     for d in (0, 2, 4, 6):
         out.append(Concept(f"weekday {en.days['format']['wide'][d]}",
                            {k: loc.days["format"]["wide"][d] for k, loc in locs.items()}, src, "weekday"))
-    return out + django_concepts(languages)
+    out += django_concepts(languages) if groups is None or "message" in groups else []
+    return [c for c in out if groups is None or c.group in groups]
 
 
 DJANGO_MESSAGES = ("This field is required.", "Enter a valid email address.", "Enter a valid URL.",
