@@ -143,7 +143,10 @@ def _store_manifest(sae: SAE) -> dict[str, Any] | None:
 def _store_policy(sae: SAE) -> RowPolicy | None:
     """The row policy of the SAE's training store: the pass then counts the rows training and
     `monoscope eval` saw (same BOS rule, same outlier threshold), so densities add up to eval's L0."""
-    rp = (_store_manifest(sae) or {}).get("row_policy")
+    m = _store_manifest(sae) or {}
+    if "," in str(m.get("hook") or ""):  # a transcoder's paired store: its policy measured norms of both hooks
+        return None
+    rp = m.get("row_policy")
     return RowPolicy(**rp) if isinstance(rp, dict) else None
 
 

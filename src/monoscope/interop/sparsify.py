@@ -154,6 +154,8 @@ def write_sparsify(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> 
             "batchtopk": "a BatchTopK SAE keeps latents above one global threshold at inference",
             "matryoshka": "a Matryoshka SAE keeps latents above one global threshold at inference",
             "gated": "a gated SAE has no fixed number of active latents",
+            "transcoder": "this monoscope does not write sparsify transcoders yet",
+            "crosscoder": "a crosscoder reads several hooks at once; sparsify has no crosscoder",
         }[cfg.arch]
         raise InteropError(
             f"architecture {cfg.arch!r} cannot be written for sparsify, whose SAEs keep exactly k latents per token "
