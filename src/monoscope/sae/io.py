@@ -252,7 +252,7 @@ def check_compatible(
         )
     if hook is not None and cfg.hook is not None and hook not in (cfg.hook, sae.store_hook):
         raise MonoscopeError(
-            f"the SAE was trained on hook {cfg.hook!r}, not {hook!r}: use --hook {cfg.hook} or an SAE "
+            f"the SAE was trained on hook {sae.store_hook!r}, not {hook!r}: use --hook {sae.store_hook} or an SAE "
             f"trained on {hook!r}"
         )
     if model is not None and cfg.model is not None and model.rstrip("/") != cfg.model.rstrip("/"):
