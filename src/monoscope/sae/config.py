@@ -213,8 +213,10 @@ class SAEConfig:
         given = {n: getattr(self, n) for n in _OPTIONAL_FIELDS if getattr(self, n) is not None}
         wanted = {"transcoder": ("target_hook", "target_normaliser"), "crosscoder": ("hook_normalisers",)}
         need = wanted.get(self.arch, ())
+        if self.arch == "transcoder" and self.hook is None:  # e.g. imported without its hookpoint: neither known
+            need = ("target_normaliser",)
         for name in given:
-            if name not in need:
+            if name not in wanted.get(self.arch, ()):
                 raise SAEConfigError(f"SAEConfig.{name}={given[name]!r} has no meaning for arch {self.arch!r}: "
                                      "leave it None")
         for name in need:
@@ -222,7 +224,7 @@ class SAEConfig:
                 raise SAEConfigError(f"SAEConfig.{name} is required for arch {self.arch!r}: train it with monoscope "
                                      "train on a store captured with --hook A,B")
         if self.arch == "transcoder":
-            if not isinstance(self.target_hook, str) or not self.target_hook.strip():
+            if self.target_hook is not None and (not isinstance(self.target_hook, str) or not self.target_hook.strip()):
                 raise SAEConfigError(f"SAEConfig.target_hook={self.target_hook!r} must be a hook name, e.g. mlp_out.3")
             _check_float("target_normaliser", self.target_normaliser, lo=0.0, lo_open=True)
             if self.b_dec_to_input:
