@@ -187,6 +187,10 @@ def test_bad_input_is_one_line(run: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "no TopK one" in err
     with pytest.raises(MonoscopeError, match=r"crosscoder widths do not match: d_in=100 is not 3 hooks"):
         SAEConfig(arch="crosscoder", d_in=100, d_sae=64, k=4, hook_normalisers=[1.0, 1.0, 1.0])
+    from monoscope.pipeline import RunConfig
+
+    with pytest.raises(MonoscopeError, match="monoscope run trains SAEs on one hook"):
+        RunConfig(out=run / "r", hook=PAIR)
     # the real command in a child process
     done = cli(*cap, "--hook", "mlp_in.9,mlp_out.9", "--out", str(run / "bad8"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1
