@@ -183,6 +183,8 @@ def test_bad_input_is_one_line(run: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "names a hook twice" in err
     err = one_line_error(["eval", str(run / "tc"), "--acts", str(run / "out")], capsys)
     assert "--hook mlp_in.1,mlp_out.1" in err
+    err = one_line_error(["features", str(run / "xc"), "--tokens", "100", "--quiet"], capsys)
+    assert "is a crosscoder (it reads resid_post.0,resid_post.1,resid_post.2)" in err
     err = one_line_error(["convert", str(run / "tc"), "--to", "saelens", "--out", str(run / "bad7")], capsys)
     assert "no TopK one" in err
     with pytest.raises(MonoscopeError, match=r"crosscoder widths do not match: d_in=100 is not 3 hooks"):

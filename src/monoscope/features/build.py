@@ -287,6 +287,10 @@ def build_features(
         if compute_dtype in _SAE_COMPUTE:  # the encode's matmuls as asked; "auto" keeps the SAE's own setting
             saes[-1].cfg.compute_dtype = _SAE_COMPUTE[compute_dtype]  # type: ignore[assignment]
     first = saes[0]
+    for d, s in zip(dirs, saes, strict=True):
+        if s.cfg.arch == "crosscoder":
+            raise MonoscopeError(f"{d} is a crosscoder (it reads {s.cfg.hook}); monoscope features reads one hook per "
+                                 "pass: build features of a single-hook SAE or a transcoder")
     for d, s in zip(dirs[1:], saes[1:], strict=True):
         if s.cfg.d_in != first.cfg.d_in or (s.cfg.hook and first.cfg.hook and s.cfg.hook != first.cfg.hook):
             raise MonoscopeError(f"--also {d} reads {s.cfg.hook} (d_in {s.cfg.d_in}) but {dirs[0]} reads "
