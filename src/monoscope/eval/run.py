@@ -166,6 +166,10 @@ def evaluate(
         if model.cfg.arch == "transcoder":
             from monoscope.eval.splice import TranscoderSplicer
 
+            if model.cfg.hook is None or model.cfg.target_hook is None:
+                raise MonoscopeError(f"transcoder {sae_dir} records no input/target hooks (imported without its "
+                                     "hookpoint), so --lm cannot tell which module it replaces: evaluate without --lm")
+
             splicer: Splicer = TranscoderSplicer(lmodel, lmodel.hook(str(model.cfg.target_hook)), model,
                                                  lambda h, _ids: m.row_policy.keep(h), error_check=error_check,
                                                  source=lmodel.hook(str(model.cfg.hook)))
