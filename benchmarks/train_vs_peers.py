@@ -746,6 +746,8 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
             continue
         tps = tokens / r["train_s"]
         own = "fp32" if name.endswith("fp32") or not name.startswith("monoscope") else "bf16"
+        ran = (r.get("settings") or {}).get("compute_dtype")  # what `auto` chose (fp32 where bf16 is emulated)
+        own = {"float32": "fp32", "bfloat16": "bf16"}.get(ran, own) if isinstance(ran, str) else own
         row = {
             "tokens_per_s": tps,
             "train_s": r["train_s"],
