@@ -247,16 +247,22 @@ def load_now() -> list[float]:
 
 
 def train_sparsify(data: BatchFile, held: HeldOut, n_features: int, k: int, seed: int, marks: Marks,
-                   dead_window_tokens: int, ctl: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """sparsify's SparseCoder trained by a copy of its `Trainer.fit` step (module docstring)."""
+                   dead_window_tokens: int, ctl: tuple[Any, Any] | None = None, transcode: bool = False
+                   ) -> dict[str, Any]:
+    """sparsify's SparseCoder trained by a copy of its `Trainer.fit` step (module docstring). `transcode`: its
+    transcoder (`SparseCoderConfig(transcode=True)`) on rows holding input and target side by side ([B, 2d]):
+    x = the input half, y = the target half, its transcoder initialisation (W_dec zero, encoder bias centring
+    the input's mean, b_dec = the target's mean) and no decoder normalisation, as its Trainer does."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
     torch.set_float32_matmul_precision("high")  # as sparsify's Trainer.fit does
-    cfg = SparseCoderConfig(activation="topk", num_latents=n_features, k=k)  # other fields: its defaults
+    cfg = SparseCoderConfig(activation="topk", num_latents=n_features, k=k, transcode=transcode)  # others: defaults
     torch.manual_seed(seed)
-    sae = SparseCoder(data.d, cfg, "cpu", dtype=torch.float32)
+    d_in = data.d // 2 if transcode else data.d
+    sae = SparseCoder(d_in, cfg, "cpu", dtype=torch.float32)
+    normalize = sae.cfg.normalize_decoder and not transcode  # its Trainer never normalises a transcoder
     lr = 5e-3 / (sae.num_latents / (2**14)) ** 0.5  # its rule for the default optimizer "signum"
     opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
     opt.train()
@@ -268,11 +274,13 @@ def train_sparsify(data: BatchFile, held: HeldOut, n_features: int, k: int, seed
         opt.eval()  # the weights sparsify saves (its _checkpoint switches to eval mode)
 
         def recon(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            out = sae(x)
+            out = sae(x[:, :d_in]) if transcode else sae(x)
             on = out.latent_acts > 0
             fired = torch.zeros(sae.num_latents, dtype=torch.bool)
             fired[out.latent_indices[on]] = True
-            return out.sae_out.float(), on.sum(), fired
+            y_hat = out.sae_out.float()
+            # transcoder rows: the input half is given back as is, so the error is the target's alone
+            return (torch.cat([x[:, :d_in], y_hat], 1) if transcode else y_hat), on.sum(), fired
 
         return recon, opt.train
 
@@ -281,17 +289,22 @@ def train_sparsify(data: BatchFile, held: HeldOut, n_features: int, k: int, seed
     gate.start()
     for step, raw in enumerate(data):
         x = raw.float()
+        y = x
+        if transcode:
+            x, y = x[:, :d_in], x[:, d_in:]
         if step == 0:  # "Ensure the preactivations are centered at initialization"
-            sae.b_dec.data = x.mean(0).to(sae.dtype)
-        if sae.cfg.normalize_decoder:
+            if transcode:
+                sae.encoder.bias.data = -x.mean(0) @ sae.encoder.weight.data.T
+            sae.b_dec.data = y.mean(0).to(sae.dtype)
+        if normalize:
             sae.set_decoder_norm_to_unit_norm()
-        total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
+        total_variance = (y - y.mean(0)).pow(2).sum()
+        out = sae(x=x, y=y, dead_mask=None, total_variance=total_variance)
         did_fire[out.latent_indices.flatten()] = True
         avg_fvu = float(out.fvu.detach())
         loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
         loss.backward()
-        if sae.cfg.normalize_decoder:
+        if normalize:
             sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
@@ -307,11 +320,14 @@ def train_sparsify(data: BatchFile, held: HeldOut, n_features: int, k: int, seed
         "dead_train_frac": float((since >= dead_window_tokens).float().mean()),
         "settings": {
             "library": f"eai-sparsify {_version('eai-sparsify')}, schedulefree {_version('schedulefree')}",
-            "model": f"SparseCoder(activation=topk, num_latents={n_features}, k={k}, normalize_decoder=True)",
+            "model": f"SparseCoder(activation=topk, num_latents={n_features}, k={k}, "
+                     + ("transcode=True: W_dec zero-init, decoder not normalised)" if transcode
+                        else "normalize_decoder=True)"),
             "optimizer": f"ScheduleFreeWrapper(SignSGD, momentum=0.95), lr={lr:.3e} (5e-3/sqrt(F/2^14))",
             "loss": "FVU vs batch variance; auxk_alpha=0 (default); multi_topk off",
             "dtype": "float32 (its forward autocasts to bf16 on CUDA only)",
-            "b_dec_init": "mean of the first batch",
+            "b_dec_init": ("target mean of the first batch; encoder bias = -W_enc mean(input)" if transcode
+                           else "mean of the first batch"),
             "batch_tokens": data.batch,
             "deviation": "batch of 4096 rows instead of its default 32 sequences x 2048 tokens (65,536 tokens, "
                          "only 15 steps in 1M tokens); activations from the store instead of its model hook",

@@ -4,6 +4,9 @@
     python benchmarks/train_vs_peers.py --tokens 300k --skip-saelens-relu --skip-scale   # a quick look
     python benchmarks/train_vs_peers.py --tune-only --tune-l1 8,12,20   # SAELens ReLU-L1 sweep, recorded;
                                                      # the next full run picks its coefficient from it
+    python benchmarks/train_vs_peers.py --transcoder --tokens 200k --capture-tokens 260k --heldout-rows 16000
+        # TopK transcoder mlp_in.15 -> mlp_out.15: monoscope against sparsify's transcoder (transcode=True), on a
+        # paired store (runs/bench/acts-tc) -> benchmarks/results/train_vs_peers_transcoder.json
 
 Data: the default model's `resid_post.15` captured once into `runs/bench/acts` (1.2M tokens; a rerun
 of the capture is a no-op). The last shards (>= --heldout-rows rows) are held out; the training
@@ -76,6 +79,8 @@ from peers import (
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = "resid_post.15"
+TRANSCODER_HOOKS = "mlp_in.15,mlp_out.15"
+"""--transcoder: the paired store's hooks (what the MLP of block 15 reads, what it adds)."""
 NAME = "train_vs_peers"
 
 
@@ -96,12 +101,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from monoscope.store import ActivationStore
 
     acts = Path(args.store)
+    hook = args.hook
     if not (acts / "manifest.json").is_file():
-        log(f"capturing {args.capture_tokens} tokens of {HOOK} into {acts} (resumable) ...")
+        log(f"capturing {args.capture_tokens} tokens of {hook} into {acts} (resumable) ...")
         t0 = time.perf_counter()
-        capture(str(acts), model="default", corpus="default", hook=HOOK, tokens=args.capture_tokens)
+        capture(str(acts), model="default", corpus="default", hook=hook, tokens=args.capture_tokens)
         log(f"capture done in {time.perf_counter() - t0:.0f}s")
-    store = ActivationStore.open(acts, expect_hook=HOOK)
+    store = ActivationStore.open(acts, expect_hook=hook)
     m = store.manifest
     d = m.d_model
     n_hold, rows = 0, 0
@@ -150,7 +156,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     info = {"key": key, "d_model": d, "train_rows": train_rows, "heldout_rows": int(held.shape[0]),
             "steps": steps, "tokens": steps * args.batch, "store_tokens": m.n_tokens, "store_rows": m.n_rows,
             "ctx_len": m.ctx_len, "dtype": m.dtype, "model": m.model.get("id"), "hook": m.hook,
-            "normaliser_train": ActivationStore.open(view).normaliser,
+            "normaliser_train": ActivationStore.open(view).normaliser, "row_width": m.row_width,
+            "hook_normalisers_train": ActivationStore.open(view).manifest.hook_normalisers,
             "paths": {"store": str(acts), "train_store": str(view), "stream": str(stream_path),
                       "heldout": str(held_path)}}
     meta_path.write_text(json.dumps(info, indent=2))
@@ -164,8 +171,12 @@ def _open(spec: dict[str, Any]) -> tuple[BatchFile, HeldOut]:
     from safetensors.torch import load_file
 
     p = spec["data"]["paths"]
-    data = BatchFile(p["stream"], spec["data"]["d_model"], spec["batch"], spec["steps"])
+    width = spec["data"].get("row_width", spec["data"]["d_model"])
+    data = BatchFile(p["stream"], width, spec["batch"], spec["steps"])
     held = HeldOut(load_file(p["heldout"])["rows"])
+    if width != spec["data"]["d_model"]:  # transcoder rows [input, target]: FVU of the target alone
+        y = held.rows[:, spec["data"]["d_model"]:].double()
+        held.denom = float((y - y.mean(0)).pow(2).sum())
     return data, held
 
 
@@ -180,7 +191,10 @@ def _mono_recon(sae: Any) -> Any:
 
         def recon(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             out = sae(sae.scale(x))
-            return sae.unscale(out.x_hat), out.l0 * x.shape[0], out.fired
+            x_hat = sae.unscale(out.x_hat)
+            if sae.cfg.arch == "transcoder":  # rows [input, target]: the input given back, so only the target errs
+                x_hat = torch.cat([x[:, : sae.cfg.d_in].float(), x_hat], 1)
+            return x_hat, out.l0 * x.shape[0], out.fired
 
         return recon, (lambda: sae.train(was))
 
@@ -218,9 +232,18 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         def load_state_dict(self, s: dict[str, Any]) -> None:
             self.i = int(s["i"])
 
-    sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
-                        normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
-                        dtype="float32", compute_dtype=cfg.dtype)
+    if arch == "transcoder":  # the fields train() gives it on the paired store (its training rows' scales)
+        from monoscope.sae.multihook import multi_hook_fields
+
+        d_model = spec["data"]["d_model"]
+        shape = multi_hook_fields(arch, spec["data"]["hook"].split(","), spec["data"]["hook_normalisers_train"],
+                                  d_model, "the paired store")
+        sae_cfg = SAEConfig(arch=arch, d_sae=cfg.d_sae(d_model), k=cfg.k, aux_coef=cfg.aux_coef, model="default",
+                            dtype="float32", compute_dtype=cfg.dtype, **shape)  # type: ignore[arg-type]
+    else:
+        sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
+                            normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
+                            dtype="float32", compute_dtype=cfg.dtype)
     sae = build_sae(sae_cfg, seed=cfg.seed)
     trainer = Trainer(sae, cfg, Source())
     gate = Gate(spec["name"], held, sae_cfg.d_sae, data.batch, data.steps, _marks(spec), ctl)
@@ -282,7 +305,7 @@ def child_monoscope_train(spec: dict[str, Any], ctl: Any = None) -> dict[str, An
 def child_sparsify(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
     data, held = _open(spec)
     return train_sparsify(data, held, spec["width"], spec["k"], spec["seed"], _marks(spec), spec["dead_window"],
-                          ctl=ctl)
+                          ctl=ctl, transcode=bool(spec.get("transcode")))
 
 
 def child_saelens(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
@@ -449,6 +472,10 @@ def main() -> None:
                          "Trainer (bf16/auto) and SAELens's trainer of the same architecture, in the same group")
     ap.add_argument("--gated-l1", type=float, default=5.0,
                     help="gated: the L1 coefficient, the same for monoscope and SAELens (both E||x||^2 = d_in)")
+    ap.add_argument("--transcoder", action="store_true",
+                    help=f"instead: a TopK transcoder ({TRANSCODER_HOOKS}) with monoscope's Trainer against "
+                         "sparsify's transcoder, on a paired store (defaults: --store runs/bench/acts-tc, --work "
+                         "runs/bench/tvp-tc, --name train_vs_peers_transcoder)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--name", default=NAME, help="result file name under benchmarks/results/")
@@ -459,6 +486,14 @@ def main() -> None:
         child_main(args.child, args.child_out)
         return
     os.chdir(ROOT)
+    args.hook = HOOK
+    if args.transcoder:
+        args.hook = TRANSCODER_HOOKS
+        for name, default, tc in (("store", "runs/bench/acts", "runs/bench/acts-tc"),
+                                  ("work", "runs/bench/tvp", "runs/bench/tvp-tc"),
+                                  ("name", NAME, f"{NAME}_transcoder")):
+            if getattr(args, name) == default:
+                setattr(args, name, tc)
     args.tokens = parse_count(args.tokens)
     t_start = time.perf_counter()
     load_start = load_now()
@@ -477,6 +512,9 @@ def main() -> None:
     log(f"matmul peak {batch}x{d} @ {d}x{n_feat}: bf16 {peaks['bf16']:.2f} TFLOP/s, fp32 {peaks['fp32']:.2f} TFLOP/s")
 
     runs: dict[str, dict[str, Any]] = {}
+    if args.transcoder:
+        transcoder_main(args, base, info, peaks, quarter, load_start, t_start)
+        return
     if args.tune_only:
         if not args.tune_l1:
             raise SystemExit("--tune-only needs --tune-l1 (e.g. --tune-l1 5,20,60)")
@@ -582,6 +620,53 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[str, Any], peaks: dict[str, float],
+                    quarter: list[int], load_start: list[float], t_start: float) -> None:
+    """--transcoder: monoscope's TopK transcoder (Trainer, compute dtype auto) and sparsify's transcoder on the same
+    shuffled stream of paired rows, interleaved; held-out FVU of the target (mlp_out) alone."""
+    work = Path(args.work)
+    d = info["d_model"]
+    group = [{**base, "name": "monoscope_transcoder", "kind": "monoscope_trainer", "dtype": "auto",
+              "arch": "transcoder", "eval_steps": quarter},
+             {**base, "name": "sparsify_transcoder", "kind": "sparsify", "transcode": True, "eval_steps": quarter}]
+    runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_transcoder")
+    t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
+    peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
+                 "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
+    summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
+    table = markdown_table(summary, t_mono, None)
+    payload = {
+        "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:]),
+        "config": {"model": info["model"], "hooks": args.hook, "d_model": d, "features": base["width"], "k": args.k,
+                   "batch": args.batch, "training_tokens": info["tokens"], "steps": info["steps"], "seed": args.seed,
+                   "heldout_rows": info["heldout_rows"], "train_rows_available": info["train_rows"],
+                   "store_tokens": info["store_tokens"]},
+        "protocol": {
+            "same_tokens": "both trainers read the same shuffled stream of paired rows [mlp_in, mlp_out] once",
+            "interleaved": f"separate processes taking turns of {args.turn_s:g}s of training time (one runs, the "
+                           "other waits), so both meet the same background load",
+            "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the raw held-out mlp_out rows, y_hat from the "
+                   "mlp_in rows",
+            "monoscope": "TopK transcoder, unit-norm decoder, AuxK, Adam, its default lr; scales c_in, c_out from "
+                         "the training rows",
+            "sparsify": "its transcoder recipe (transcode=True): zero-init W_dec, no decoder normalisation, signum "
+                        "+ schedule-free, auxk off (its defaults)",
+        },
+        "matmul_peak_tflops": {"shape": f"{args.batch}x{d} @ {d}x{base['width']}", "start": peaks, "end": peaks_end},
+        "load": {"start": load_start, "end": load_now(), "interleaved_group": group_info["load1_per_round"]},
+        "interleaving": group_info,
+        "summary": summary,
+        "runs": runs,
+        "table_markdown": table,
+        "total_wall_s": time.perf_counter() - t_start,
+        "target": "monoscope >= 3x the tokens/s of the peer, with equal or lower held-out FVU after the same tokens",
+    }
+    path = write_result(args.name, payload)
+    print(table)
+    print(json.dumps(summary.get("verdict", {}), indent=2))
+    print(f"wrote {path}")
+
+
 def tune_l1(args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[str, Any]:
     """Full-length SAELens ReLU-L1 runs, one per coefficient: L0 and FVU of each."""
     tokens = base["steps"] * base["batch"]
@@ -638,9 +723,13 @@ LABELS = {
     "saelens_matryoshka": "SAELens Matryoshka BatchTopK (fp32)",
     "monoscope_gated": "monoscope Trainer gated bf16",
     "saelens_gated": "SAELens gated (fp32)",
+    "monoscope_transcoder": "monoscope Trainer TopK transcoder (auto dtype)",
+    "sparsify_transcoder": "sparsify transcoder (signum, fp32)",
 }
 PEERS = ("sparsify", "saelens_topk", "saelens_relu_l1")
-ARCH_ROWS = ("matryoshka", "gated")
+ARCH_ROWS = ("matryoshka", "gated", "transcoder")
+PEER_OF = {"transcoder": "sparsify_transcoder"}
+"""The peer row of an architecture when it is not SAELens's trainer of it."""
 """Architectures with a row pair (monoscope, SAELens) compared with each other (--archs)."""
 
 
@@ -657,6 +746,8 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
             continue
         tps = tokens / r["train_s"]
         own = "fp32" if name.endswith("fp32") or not name.startswith("monoscope") else "bf16"
+        ran = (r.get("settings") or {}).get("compute_dtype")  # what `auto` chose (fp32 where bf16 is emulated)
+        own = {"float32": "fp32", "bfloat16": "bf16"}.get(ran, own) if isinstance(ran, str) else own
         row = {
             "tokens_per_s": tps,
             "train_s": r["train_s"],
@@ -701,11 +792,12 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
                                  "fvu_le_every_peer": rows[name]["fvu_same_tokens"] <= best_peer_fvu,
                                  "fraction_of_limit": rows[name]["fraction_of_limit"]}
     for a in ARCH_ROWS:  # each newer architecture against SAELens's trainer of the same architecture
-        m, p = rows.get(f"monoscope_{a}", {}), rows.get(f"saelens_{a}", {})
+        peer = PEER_OF.get(a, f"saelens_{a}")
+        m, p = rows.get(f"monoscope_{a}", {}), rows.get(peer, {})
         if "tokens_per_s" in m and "tokens_per_s" in p:
             sp = m["tokens_per_s"] / p["tokens_per_s"]
             m["speedup_vs_fastest_peer"] = sp
-            verdict[f"monoscope_{a}"] = {"peer": f"saelens_{a}", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0,
+            verdict[f"monoscope_{a}"] = {"peer": peer, "speedup_vs_peer": sp, "meets_3x": sp >= 3.0,
                                          "fvu": m["fvu_same_tokens"], "peer_fvu": p["fvu_same_tokens"],
                                          "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"],
                                          "l0": m["l0"], "peer_l0": p["l0"]}

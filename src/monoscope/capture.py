@@ -99,9 +99,18 @@ def tokenizer_record(lm: LoadedModel) -> dict[str, Any]:
             "vocab_size": len(lm.tokenizer)}
 
 
-def config_key(lm: LoadedModel, hp: HookPoint, corpus_fp: str, cfg: CaptureConfig) -> str:
+Hooks = HookPoint | tuple[HookPoint, ...]
+"""One hook, or several captured side by side in one forward (`--hook mlp_in.3,mlp_out.3`)."""
+
+
+def hook_label(hp: Hooks) -> str:
+    """The manifest's `hook`: the hook's name, or the names of several joined by commas in row order."""
+    return ",".join(str(h) for h in hp) if isinstance(hp, tuple) else str(hp)
+
+
+def config_key(lm: LoadedModel, hp: Hooks, corpus_fp: str, cfg: CaptureConfig) -> str:
     ident = {k: v for k, v in lm.identity().items() if k != "spec"}
-    blob = json.dumps({"model": ident, "hook": str(hp), "corpus": corpus_fp, "cfg": vars(cfg),
+    blob = json.dumps({"model": ident, "hook": hook_label(hp), "corpus": corpus_fp, "cfg": vars(cfg),
                        "tokenizer": tokenizer_record(lm), "compute": lm.compute_dtype,
                        "device": lm.device.type}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -129,7 +138,9 @@ def capture(
     progress: bool = True,
 ) -> CaptureResult:
     """Capture activations at `hook` into the store folder `out`, resuming an unfinished one and repairing a
-    damaged one (every recorded shard is checked: size, and sha256 unless `trust_sizes`)."""
+    damaged one (every recorded shard is checked: size, and sha256 unless `trust_sizes`). `hook` may list
+    several hooks (`mlp_in.3,mlp_out.3`): one forward stores them side by side in each row (a paired store for a
+    transcoder, the layers of a crosscoder)."""
     cfg = CaptureConfig(tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len, dtype=dtype,
                         batch_contexts=batch_contexts, contexts_per_shard=contexts_per_shard, exclude_bos=exclude_bos,
                         outlier_factor=outlier_factor)
@@ -141,7 +152,9 @@ def capture(
         next(iter(corp.documents()))  # an empty or unreadable corpus fails here, before the model loads
         lm = model if isinstance(model, LoadedModel) else load_model(model, device=device,
                                                                         compute_dtype=compute_dtype)
-        hp = lm.hook(hook)
+        hp: Hooks = lm.hooks(hook) if hook is not None and "," in hook else lm.hook(hook)
+        if isinstance(hp, tuple) and len(hp) == 1:
+            hp = hp[0]
         key = config_key(lm, hp, corp.fingerprint(), cfg)
         writer = StoreWriter(folder, key, overwrite=overwrite, trust_sizes=trust_sizes)
         if writer.complete is not None:
@@ -149,13 +162,13 @@ def capture(
         return _write(writer, lm, hp, corp, cfg, progress)
 
 
-def build_manifest(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cfg: CaptureConfig) -> Manifest:
+def build_manifest(writer: StoreWriter, lm: LoadedModel, hp: Hooks, corp: Corpus, cfg: CaptureConfig) -> Manifest:
     """The manifest a finished capture writes (shards are filled in by `StoreWriter.finish`); a repaired store
     keeps its recorded facts. Shared with the distributed capture, so both write the same bytes."""
     if writer.recorded is not None:  # repaired: the manifest's facts stand, only its shard records change
         return writer.recorded
     return Manifest(
-        model=lm.identity(), hook=str(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
+        model=lm.identity(), hook=hook_label(hp), d_model=lm.d_model, dtype=cfg.dtype, ctx_len=cfg.ctx_len,
         tokenizer=tokenizer_record(lm), row_policy=writer.row_policy or RowPolicy(),
         corpus={**corp.describe(), "fingerprint": corp.fingerprint(), "replaced_bytes": corp.replacements},
         capture={"config": vars(cfg), "compute_dtype": lm.compute_dtype, "device": lm.device.type,
@@ -164,7 +177,7 @@ def build_manifest(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Co
     )
 
 
-def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cfg: CaptureConfig,
+def _write(writer: StoreWriter, lm: LoadedModel, hp: Hooks, corp: Corpus, cfg: CaptureConfig,
            progress: bool) -> CaptureResult:
     """Compute and write every shard the writer still needs, then the manifest."""
     resumed = writer.done_contexts
@@ -183,7 +196,7 @@ def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cf
             writer.set_row_policy(RowPolicy.measured(acts, cfg.exclude_bos, cfg.outlier_factor))
         policy = writer.row_policy
         assert policy is not None
-        writer.add_shard(toks, acts, policy.keep(acts), index=index)
+        writer.add_shard(toks, acts, policy.keep(acts), index=index, n_hooks=len(hp) if isinstance(hp, tuple) else 1)
         buf_tok.clear()
         buf_act.clear()
 
@@ -204,7 +217,8 @@ def _write(writer: StoreWriter, lm: LoadedModel, hp: HookPoint, corp: Corpus, cf
                     break
                 continue
             buf_tok.append(ids.to(torch.int32))
-            buf_act.append(lm.acts(hp, ids).to(store_dtype).cpu())
+            acts = lm.acts_many(hp, ids) if isinstance(hp, tuple) else lm.acts(hp, ids)
+            buf_act.append(acts.to(store_dtype).cpu())
             new_contexts += len(ids)
             bar.update(len(ids) * cfg.ctx_len)
             if done % cps == 0 or done >= cfg.n_contexts:

@@ -113,6 +113,9 @@ def _capture(folder: Path, model: str | LoadedModel, corpus: str | Corpus, hook:
                 dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             lm = model if isinstance(model, LoadedModel) else load_model(model, device=dev,
                                                                             compute_dtype=compute_dtype)
+            if hook is not None and "," in hook:
+                raise MonoscopeError(f"--hook {hook}: a distributed capture stores one hook; capture several hooks "
+                                     "side by side in one process (monoscope capture without torchrun)")
             hp = lm.hook(hook)
             return cfg, corp, lm, hp, config_key(lm, hp, corp.fingerprint(), cfg)
 

@@ -34,7 +34,9 @@ def _add_capture_args(p: argparse.ArgumentParser, *, tokens_default: str | None)
     p.add_argument("--text-field", default="text", help="text field of .jsonl / column of .parquet (default: text)")
     p.add_argument("--strict-utf8", action="store_true", help="reject non-UTF-8 bytes instead of replacing them")
     p.add_argument("--hook", default=None,
-                   help="hook point, e.g. resid_post.15 (default: resid_post at the middle layer)")
+                   help="hook point, e.g. resid_post.15 (default: resid_post at the middle layer)"
+                        + ("; several, comma-separated (mlp_in.6,mlp_out.6), are stored side by side from one "
+                           "forward" if tokens_default is None else ""))
     p.add_argument("--tokens", default=tokens_default, required=tokens_default is None,
                    help="tokens to capture: 500000, 500k, 2M")
     p.add_argument("--ctx-len", type=int, default=128, help="tokens per context, BOS included (default 128)")

@@ -160,6 +160,9 @@ class RunConfig:
             raise RunConfigError(f"--model {self.model!r}: give a Hugging Face id, a folder, a .gguf file or 'default'")
         if not isinstance(self.device, str) or not self.device.strip():
             _fail("device", self.device, "auto, cpu, cuda or cuda:N")
+        if isinstance(self.hook, str) and "," in self.hook:
+            raise RunConfigError(f"--hook {self.hook}: monoscope run trains SAEs on one hook; capture several hooks "
+                                 "with monoscope capture and train a transcoder or crosscoder with monoscope train")
         _choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _choice("dtype", self.dtype, STORE_DTYPES)
         _choice("arch", self.arch, ARCHS)

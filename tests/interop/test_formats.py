@@ -286,7 +286,6 @@ def test_saelens_weight_problems(tmp_path: Path) -> None:
     ("cfg_change", "tensor_change", "match"),
     [
         ({"activation": "groupmax"}, {}, "groupmax"),
-        ({"transcode": True}, {}, "transcoder"),
         ({"k": None}, {}, "k .* is missing"),
         ({"signed": True}, {}, r"unknown sparsify settings \['signed'\]"),
         ({"skip_connection": True}, {"W_skip": torch.eye(D_IN)}, "non-zero W_skip"),

@@ -159,8 +159,8 @@ def test_missing_architecture_is_never_guessed(saved: Path) -> None:
 
 
 def test_unknown_architecture(saved: Path) -> None:
-    _edit_cfg(saved, architecture="crosscoder")
-    with pytest.raises(MonoscopeError, match=r"unknown architecture 'crosscoder'"):
+    _edit_cfg(saved, architecture="clt")
+    with pytest.raises(MonoscopeError, match=r"unknown architecture 'clt'"):
         load_sae(saved)
 
 

@@ -65,6 +65,9 @@ def _load_sae(sae_dir: Path, store: ActivationStore, device: torch.device) -> SA
     sae = load_any(sae_dir, device=device)
     m = store.manifest
     check_compatible(sae, d_model=m.d_model, hook=m.hook)
+    if sae.row_width != m.row_width:
+        raise MonoscopeError(f"SAE {sae_dir} ({sae.cfg.arch}) reads rows of {sae.store_hook} but store {store.folder} "
+                             f"holds {m.hook}: evaluate it on a store captured with --hook {sae.store_hook}")
     model_ids = {m.model.get("id"), m.model.get("spec")}
     if sae.cfg.model is not None and sae.cfg.model not in model_ids:
         raise MonoscopeError(
@@ -128,16 +131,29 @@ def evaluate(
         return done
     t0 = time.perf_counter()
 
+    if lm and model.cfg.arch == "crosscoder":
+        raise MonoscopeError("--lm splices one hook's reconstruction into the model; a crosscoder writes several "
+                             "layers at once, which monoscope eval does not splice: evaluate it without --lm "
+                             "(per-hook FVU)")
     acc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
+    per_hook = _per_hook_accumulators(model, m.ctx_len)
     with progress_bar("eval: store rows", total=n_rows, unit="tok", enabled=progress) as bar, torch.inference_mode():
         for x, pos in store_rows(store, n_rows):
             for xb, pb in zip(x.split(8192), pos.split(8192), strict=True):
                 xb = xb.to(dev)
-                f = model.encode_raw(xb)
-                acc.add(xb, model.decode_raw(f), f != 0, pb)
+                x_in, target = model.split_target(xb)  # a transcoder encodes its input, reconstructs its target
+                f = model.encode_raw(x_in)
+                x_hat = model.decode_raw(f)
+                acc.add(target, x_hat, f != 0, pb)
+                for i, (_, a) in enumerate(per_hook):
+                    w = model.hook_width
+                    a.add(target[:, i * w:(i + 1) * w], x_hat[:, i * w:(i + 1) * w], f != 0, pb)
                 bar.update(len(xb))
     res = EvalResult(out_dir, acc.result(), notes=notes)
     density = {"store": acc.density()}
+    if per_hook:
+        res.metrics["per_hook"] = {h: {k: v for k, v in a.result().to_dict().items() if k in _PER_HOOK_KEYS}
+                                   for h, a in per_hook}
 
     if lm:
         from monoscope.model.load import load_model
@@ -147,8 +163,19 @@ def evaluate(
         if lmodel.tokenizer_sha256 != m.tokenizer.get("sha256"):
             raise MonoscopeError(f"model {m.model.get('spec')} now has a different tokenizer than when store "
                                  f"{store.folder} was captured: recapture the store")
-        hp = lmodel.hook(m.hook)
-        splicer = Splicer(lmodel, hp, model, lambda h, _ids: m.row_policy.keep(h), error_check=error_check)
+        if model.cfg.arch == "transcoder":
+            from monoscope.eval.splice import TranscoderSplicer
+
+            if model.cfg.hook is None or model.cfg.target_hook is None:
+                raise MonoscopeError(f"transcoder {sae_dir} records no input/target hooks (imported without its "
+                                     "hookpoint), so --lm cannot tell which module it replaces: evaluate without --lm")
+
+            splicer: Splicer = TranscoderSplicer(lmodel, lmodel.hook(str(model.cfg.target_hook)), model,
+                                                 lambda h, _ids: m.row_policy.keep(h), error_check=error_check,
+                                                 source=lmodel.hook(str(model.cfg.hook)))
+        else:
+            splicer = Splicer(lmodel, lmodel.hook(m.hook), model, lambda h, _ids: m.row_policy.keep(h),
+                              error_check=error_check)
         hacc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
         lacc = LMAccumulator(splicer.variants)
         n_ctx = max(1, math.ceil(n_tokens / m.ctx_len))
@@ -173,15 +200,27 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     if plots:
         res.plots = _plots(res, density, out_dir)
-    lm_eval = res.metrics.get("lm_eval")
+    lm_eval, hooks_fvu = res.metrics.get("lm_eval"), res.metrics.get("per_hook")
     res.metrics = _metrics_json(res, sae_dir, model, store, n_tokens, time.perf_counter() - t0)
     res.metrics["lm_eval"] = lm_eval
+    if hooks_fvu is not None:
+        res.metrics["per_hook"] = hooks_fvu
     res.metrics["request"] = request
     res.metrics, replaced = nonfinite_to_null(res.metrics)
     if replaced:  # undefined metrics are null with the reason, never a bare NaN (which is not JSON)
         res.metrics["non_finite"] = {k: f"{v}: {_undefined_reason(k)}" for k, v in replaced.items()}
     write_json_atomic(out_dir / "metrics.json", res.metrics)
     return res
+
+
+_PER_HOOK_KEYS = ("rows", "fvu", "explained_variance", "mse", "shrinkage_norm_ratio", "shrinkage_projection")
+
+
+def _per_hook_accumulators(sae: SAE, ctx_len: int) -> list[tuple[str, ReconAccumulator]]:
+    """A crosscoder's reconstruction, hook by hook (metrics.json `per_hook`: FVU, MSE, shrinkage per layer)."""
+    if sae.cfg.arch != "crosscoder":
+        return []
+    return [(h, ReconAccumulator(sae.cfg.d_sae, ctx_len)) for h in sae.hooks]  # type: ignore[attr-defined]
 
 
 _UNDEFINED = {
@@ -246,7 +285,8 @@ def _metrics_json(res: EvalResult, sae_dir: Path, sae: SAE, store: ActivationSto
     return {
         "format": "monoscope-eval/1",
         "sae": {"path": str(sae_dir.resolve()), "weights_sha256": sae_sha, "arch": cfg.arch, "d_in": cfg.d_in,
-                "d_sae": cfg.d_sae, "k": cfg.k, "hook": cfg.hook, "model": cfg.model},
+                "d_sae": cfg.d_sae, "k": cfg.k, "hook": cfg.hook, "model": cfg.model,
+                **({"target_hook": cfg.target_hook} if cfg.target_hook else {})},
         "store": {"path": str(store.folder.resolve()), "manifest_sha256": store_digest(store.folder),
                   "hook": store.manifest.hook, "model": store.manifest.model.get("id"),
                   "rows_evaluated": res.store.rows, "which_rows": "the last kept rows of the store"},

@@ -131,11 +131,7 @@ class Splicer:
     # ------------------------------------------------------------------ the hook
     def _variants(self, h: Tensor) -> list[Tensor]:
         """h [B, T, d] -> one tensor per variant; fills the cache with x, x̂, features, positions."""
-        assert self._ids is not None
-        keep = self.keep(h, self._ids).to(h.device)
-        x = h[keep].float()  # [N, d]
-        feats = self.sae.encode_raw(x)
-        x_hat = self.sae.decode_raw(feats)
+        keep, x, feats, x_hat = self._reconstruct(h)
         self._cache.update(x=x, x_hat=x_hat, active=feats != 0,
                            positions=torch.nonzero(keep)[:, 1])
         out = [h]
@@ -152,6 +148,14 @@ class Splicer:
                 hv[keep] = (x_hat + (x - x_hat)).to(h.dtype)
             out.append(hv)
         return out
+
+    def _reconstruct(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(rows replaced [B, T] bool, x [N, d], features, x̂ [N, d]) for the activation h at the hook."""
+        assert self._ids is not None
+        keep = self.keep(h, self._ids).to(h.device)
+        x = h[keep].float()  # [N, d]
+        feats = self.sae.encode_raw(x)
+        return keep, x, feats, self.sae.decode_raw(feats)
 
     @contextlib.contextmanager
     def _hooked(self, pick: int | None) -> Iterator[None]:
@@ -271,3 +275,46 @@ class Splicer:
         c = self._cache
         return SpliceBatch(c["x"].cpu(), c["x_hat"].cpu(), c["active"].cpu(), c["positions"].cpu(), ce, kl,
                            int(ce_mask.sum()), int(mask.sum()))
+
+
+class TranscoderSplicer(Splicer):
+    """The splice of a transcoder: the activation at `hp` (its target, e.g. `mlp_out.L`) is replaced by the
+    transcoder's output computed from the activation at `source` (its input, e.g. `mlp_in.L`) of the same
+    forward; x (what the CE/KL compare against and FVU is measured on) is the target's clean activation. The
+    rows replaced are chosen by `keep` on the input and target side by side, as the paired store's row policy
+    measured them."""
+
+    def __init__(self, lm: LoadedModel, hp: HookPoint, sae: SAE, keep: Callable[[Tensor, Tensor], Tensor], *,
+                 source: HookPoint, **kwargs: Any) -> None:
+        super().__init__(lm, hp, sae, keep, **kwargs)
+        self.source = source
+        self._src: Tensor | None = None
+
+    def _reconstruct(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert self._ids is not None and self._src is not None
+        src = self._src[: h.shape[0]]
+        keep = self.keep(torch.cat([src, h], -1), self._ids).to(h.device)
+        feats = self.sae.encode_raw(src[keep].float())
+        return keep, h[keep].float(), feats, self.sae.decode_raw(feats)
+
+    @contextlib.contextmanager
+    def _hooked(self, pick: int | None) -> Iterator[None]:
+        module, pre = _module_for(self.lm.layout, self.source)
+
+        def keep_src(value: Tensor) -> None:
+            self._src = value
+
+        def post_hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
+            keep_src(_first_tensor(out))
+
+        def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            keep_src(args[0] if args else kwargs["hidden_states"])
+
+        handle = (module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre
+                  else module.register_forward_hook(post_hook))
+        try:
+            with super()._hooked(pick):
+                yield
+        finally:
+            handle.remove()
+            self._src = None

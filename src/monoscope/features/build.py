@@ -145,7 +145,10 @@ def _store_manifest(sae: SAE) -> dict[str, Any] | None:
 def _store_policy(sae: SAE) -> RowPolicy | None:
     """The row policy of the SAE's training store: the pass then counts the rows training and
     `monoscope eval` saw (same BOS rule, same outlier threshold), so densities add up to eval's L0."""
-    rp = (_store_manifest(sae) or {}).get("row_policy")
+    m = _store_manifest(sae) or {}
+    if "," in str(m.get("hook") or ""):  # a transcoder's paired store: its policy measured norms of both hooks
+        return None
+    rp = m.get("row_policy")
     return RowPolicy(**rp) if isinstance(rp, dict) else None
 
 
@@ -286,6 +289,10 @@ def build_features(
         if compute_dtype in _SAE_COMPUTE:  # the encode's matmuls as asked; "auto" keeps the SAE's own setting
             saes[-1].cfg.compute_dtype = _SAE_COMPUTE[compute_dtype]  # type: ignore[assignment]
     first = saes[0]
+    for d, s in zip(dirs, saes, strict=True):
+        if s.cfg.arch == "crosscoder":
+            raise MonoscopeError(f"{d} is a crosscoder (it reads {s.cfg.hook}); monoscope features reads one hook per "
+                                 "pass: build features of a single-hook SAE or a transcoder")
     for d, s in zip(dirs[1:], saes[1:], strict=True):
         if s.cfg.d_in != first.cfg.d_in or (s.cfg.hook and first.cfg.hook and s.cfg.hook != first.cfg.hook):
             raise MonoscopeError(f"--also {d} reads {s.cfg.hook} (d_in {s.cfg.d_in}) but {dirs[0]} reads "

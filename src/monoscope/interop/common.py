@@ -61,6 +61,10 @@ class RawSAE:
     b_mag: Tensor | None = None
     """gated: [d_sae] bias of the magnitude path."""
     normaliser: float = 1.0
+    target_normaliser: float = 1.0
+    """transcoder: the output scale (x̂_raw = x̂ / target_normaliser)."""
+    target_hook: str | None = None
+    """transcoder: the hook it reconstructs."""
     hook: str | None = None
     model: str | None = None
     dtype: str = "float32"
@@ -94,6 +98,8 @@ def to_monoscope(raw: RawSAE, provenance: dict[str, Any]) -> SAE:
         b_dec_to_input=raw.b_dec_to_input,
         threshold=float(raw.threshold) if raw.arch in THRESHOLD_STYLE and raw.threshold is not None else None,
         prefixes=list(raw.prefixes) if raw.arch == "matryoshka" and raw.prefixes is not None else None,
+        **({"target_hook": raw.target_hook, "target_normaliser": float(raw.target_normaliser)}
+           if raw.arch == "transcoder" else {}),  # type: ignore[arg-type]
     )
     sae = build_sae(cfg, seed=0)
     wdt = torch.bfloat16 if raw.dtype == "bfloat16" else torch.float32
@@ -122,7 +128,8 @@ def from_monoscope(sae: SAE, *, b_dec_to_input: bool) -> RawSAE:
     not, as the target format needs; thresholds are unchanged because the pre-activations are."""
     cfg = sae.cfg
     c = float(cfg.normaliser)
-    fold = c != 1.0 or bool(cfg.b_dec_to_input) != b_dec_to_input
+    c_out = float(cfg.target_normaliser) if cfg.arch == "transcoder" else c  # a transcoder decodes its target
+    fold = c != 1.0 or c_out != 1.0 or bool(cfg.b_dec_to_input) != b_dec_to_input
     w_enc, b_enc, w_dec, b_dec = (
         p.detach().cpu().double() if fold else p.detach().cpu() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
     )
@@ -148,8 +155,11 @@ def from_monoscope(sae: SAE, *, b_dec_to_input: bool) -> RawSAE:
                 "an untrained threshold cannot be exported"
             )
         threshold = t
-    if c != 1.0:
-        w_enc, w_dec, b_dec = w_enc * c, w_dec / c, b_dec / c
+    if c != 1.0 or c_out != 1.0:
+        w_enc, w_dec, b_dec = w_enc * c, w_dec / c_out, b_dec / c_out
+    notes: dict[str, Any] = {"normaliser_folded": c} if c != 1.0 else {}
+    if cfg.arch == "transcoder" and c_out != 1.0:
+        notes["target_normaliser_folded"] = c_out
     return RawSAE(
         arch=cfg.arch,
         W_enc=w_enc,
@@ -163,9 +173,10 @@ def from_monoscope(sae: SAE, *, b_dec_to_input: bool) -> RawSAE:
         r_mag=r_mag,
         b_mag=b_mag,
         normaliser=1.0,
+        target_hook=cfg.target_hook,
         hook=cfg.hook,
         model=cfg.model,
-        notes={"normaliser_folded": c} if c != 1.0 else {},
+        notes=notes,
     )
 
 

@@ -65,6 +65,13 @@ _ARCH_FROM_SAELENS = {"standard": "relu-l1", "topk": "topk", "jumprelu": "jumpre
                       "matryoshka_batchtopk": "matryoshka", "gated": "gated"}
 _ARCH_TO_SAELENS = {"relu-l1": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
                     "matryoshka": "jumprelu", "gated": "gated"}
+NO_SAELENS = {
+    "transcoder": "architecture 'transcoder' cannot be written for SAELens: sae-lens 6 has ReLU, JumpReLU and skip "
+                  "transcoders but no TopK one (checked on 6.54), so its encoder would keep other latents; export it "
+                  "for sparsify (--to sparsify), whose transcoders are TopK",
+    "crosscoder": "architecture 'crosscoder' cannot be written for SAELens: sae-lens 6 has no crosscoder (checked on "
+                  "6.54); keep the monoscope folder",
+}
 # The cfg.json layout written here is SAELens 6's; older versions are read through their own layout.
 FORMAT_VERSION = "6.0.0"
 
@@ -232,6 +239,8 @@ def write_saelens(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> P
     `sae.encode_raw(x_raw)` (float32 weights, monoscope's normaliser folded in)."""
     folder = Path(folder)
     cfg = sae.cfg
+    if cfg.arch not in _ARCH_TO_SAELENS:
+        raise InteropError(NO_SAELENS[cfg.arch])
     arch = _ARCH_TO_SAELENS[cfg.arch]
     raw = from_monoscope(sae, b_dec_to_input=bool(cfg.b_dec_to_input))
     tensors: dict[str, Tensor] = {

@@ -11,13 +11,16 @@ normalize_decoder, multi_topk, skip_connection, transcode.
 
 Import: only activation 'topk' (a missing key is 'topk': sparsify had no other activation before
 groupmax, and its config defaults to it) with k present. Refused, naming the field: groupmax (a max
-per group of latents, not a top-k), transcode (the decoder predicts another module's output, not its
-input), and a skip connection with non-zero W_skip (x̂ has a dense linear term monoscope lacks).
+per group of latents, not a top-k) and a skip connection with non-zero W_skip (x̂ has a dense linear
+term monoscope lacks). `transcode=true` (sparsify's TopK transcoder: `f = topk(ReLU(encoder(x)))` with no
+b_dec on the input, `ŷ = f W_dec + b_dec` predicting the module's output) is monoscope's transcoder with
+both scales 1; a hookpoint `layers.L.mlp` gives hooks `mlp_in.L` -> `mlp_out.L` (any other: no hooks).
 multi_topk is a training loss only and normalize_decoder a training constraint: both are ignored
 for inference and noted in the provenance. Unknown keys that are set (truthy) are refused, since
 they may change the encoder; unknown keys left false/0/empty are accepted.
 
-Export: only topk. relu-l1, jumprelu and batchtopk (whose inference is a threshold, not a per-token
+Export: topk, and transcoder (as `transcode=true`, `normalize_decoder=false`, both scales folded in; its
+hookpoint `layers.L.mlp`). relu-l1, jumprelu and batchtopk (whose inference is a threshold, not a per-token
 top-k) are refused. The normaliser is folded in, and a monoscope SAE without b_dec on the input
 gets b_enc + W_enc·b_dec, the same pre-activations with sparsify's subtraction.
 """
@@ -25,6 +28,7 @@ gets b_enc + W_enc·b_dec, the same pre-activations with sparsify's subtraction.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +78,7 @@ def read_sparsify(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
         )
     if activation != "topk":
         raise InteropError(f"{path}: activation={activation!r} is unknown; sparsify's are 'topk' and 'groupmax'")
-    if cfg.get("transcode"):
-        raise InteropError(
-            f"{path}: transcode=true: this is a transcoder (it predicts another module's output from its input), "
-            "not an autoencoder; monoscope's SAEs reconstruct their input"
-        )
+    transcode = bool(cfg.get("transcode"))
     d_in = cfg_int(cfg, "d_in", path)
     if "k" not in cfg:
         raise InteropError(
@@ -124,16 +124,23 @@ def read_sparsify(folder: Path) -> tuple[RawSAE, dict[str, Any]]:
         notes["W_skip"] = "all zeros, dropped"
     weights = {n: tensors[n] for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec")}
     hookpoint, model = _run_context(folder)
+    hook = hook_from_module_path(hookpoint) if hookpoint else None
+    target = None
+    if transcode:  # what an MLP module reads and adds: mlp_in.L -> mlp_out.L; another module: not a hook we have
+        mlp = re.fullmatch(r"(?:.*\.)?(?:layers|h)\.(\d+)\.mlp", hookpoint or "")
+        hook, target = (f"mlp_in.{mlp.group(1)}", f"mlp_out.{mlp.group(1)}") if mlp else (None, None)
+        notes["transcode"] = f"sparsify transcoder at {hookpoint!r}" if hookpoint else "sparsify transcoder"
     raw = RawSAE(
-        arch="topk",
+        arch="transcoder" if transcode else "topk",
         W_enc=tensors["encoder.weight"],
         b_enc=tensors["encoder.bias"],
         W_dec=tensors["W_dec"],
         b_dec=tensors["b_dec"],
-        b_dec_to_input=True,
+        b_dec_to_input=not transcode,
         k=k,
         normaliser=1.0,
-        hook=hook_from_module_path(hookpoint) if hookpoint else None,
+        target_hook=target,
+        hook=hook,
         model=model_id(model),
         dtype=import_dtype(weights, False),
         notes=notes,
@@ -147,19 +154,21 @@ def write_sparsify(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> 
     activations to the same top-k latents as `sae.encode_raw` (float32 weights)."""
     folder = Path(folder)
     cfg = sae.cfg
-    if cfg.arch != "topk":
+    if cfg.arch not in ("topk", "transcoder"):
         why = {
             "relu-l1": "a ReLU SAE has no fixed number of active latents",
             "jumprelu": "a JumpReLU SAE keeps latents above per-latent thresholds",
             "batchtopk": "a BatchTopK SAE keeps latents above one global threshold at inference",
             "matryoshka": "a Matryoshka SAE keeps latents above one global threshold at inference",
             "gated": "a gated SAE has no fixed number of active latents",
+            "crosscoder": "a crosscoder reads several hooks at once; sparsify has no crosscoder",
         }[cfg.arch]
         raise InteropError(
             f"architecture {cfg.arch!r} cannot be written for sparsify, whose SAEs keep exactly k latents per token "
             f"({why}); export it to SAELens instead, or train a topk SAE"
         )
-    raw = from_monoscope(sae, b_dec_to_input=True)
+    transcode = cfg.arch == "transcoder"
+    raw = from_monoscope(sae, b_dec_to_input=not transcode)
     norms = raw.W_dec.double().norm(dim=1)
     unit = bool(torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-4))
     tensors: dict[str, Tensor] = {
@@ -173,12 +182,12 @@ def write_sparsify(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> 
         "expansion_factor": max(1, cfg.d_sae // cfg.d_in),  # informational: num_latents takes precedence
         # sparsify renormalises the decoder while training when true; after folding a normaliser the
         # rows are 1/c long, and saying true would make fine-tuning change the SAE.
-        "normalize_decoder": unit,
+        "normalize_decoder": unit and not transcode,  # sparsify never normalises a transcoder's decoder
         "num_latents": cfg.d_sae,
         "k": int(cfg.k),  # type: ignore[arg-type]
         "multi_topk": False,
         "skip_connection": False,
-        "transcode": False,
+        "transcode": transcode,
         "d_in": cfg.d_in,
     }
     prepare_out(folder, (CFG_NAME, SPARSIFY_WEIGHTS), overwrite)
@@ -187,7 +196,11 @@ def write_sparsify(sae: SAE, folder: str | Path, *, overwrite: bool = False) -> 
 
 
 def suggested_hookpoint(sae: SAE) -> str | None:
-    """The folder name sparsify's `load_many` would give this SAE (`layers.L` for `resid_post.L`)."""
+    """The folder name sparsify's `load_many` would give this SAE (`layers.L` for `resid_post.L`, `layers.L.mlp`
+    for a transcoder of `mlp_in.L` -> `mlp_out.L`)."""
+    if sae.cfg.arch == "transcoder":
+        m = re.fullmatch(r"mlp_in\.(\d+)", sae.cfg.hook or "")
+        return f"layers.{m.group(1)}.mlp" if m and sae.cfg.target_hook == f"mlp_out.{m.group(1)}" else None
     return hook_to_module_path(sae.cfg.hook)
 
 

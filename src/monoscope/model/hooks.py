@@ -5,7 +5,11 @@ A hook point is `KIND.LAYER`:
 - `resid_pre.L`  the residual stream entering block L (block L's input);
 - `resid_post.L` the residual stream leaving block L (block L's output; equals `resid_pre.(L+1)`);
 - `attn_out.L`   what block L's attention adds to the residual stream;
+- `mlp_in.L`     what block L's MLP reads (the input of its MLP module, after the block's pre-MLP norm);
 - `mlp_out.L`    what block L's MLP adds to the residual stream.
+
+Several hooks can be read in one forward (`capture_many`, `run_to_hooks`): a paired store for a transcoder
+(`mlp_in.L,mlp_out.L`) or the layers of a crosscoder.
 
 For Gemma-style blocks, which normalise the attention and MLP outputs before adding them
 (`post_attention_layernorm`, `post_feedforward_layernorm`), `attn_out`/`mlp_out` are taken after
@@ -28,8 +32,9 @@ from torch import nn
 
 from monoscope.errors import ModelError
 
-HookKind = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
-HOOK_KINDS: tuple[HookKind, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+HookKind = Literal["resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out"]
+HOOK_KINDS: tuple[HookKind, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out")
+_ORDER_IN_BLOCK = {"resid_pre": 0, "attn_out": 1, "mlp_in": 2, "mlp_out": 3, "resid_post": 4}
 
 # Where each family keeps its stack of blocks, and what it calls the attention and MLP sub-modules.
 _BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
@@ -50,6 +55,11 @@ class HookPoint:
 
     def __str__(self) -> str:
         return f"{self.kind}.{self.layer}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the forward reaches it: (layer, place in the block)."""
+        return self.layer, _ORDER_IN_BLOCK[self.kind]
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,8 @@ def _module_for(layout: Layout, hp: HookPoint) -> tuple[nn.Module, bool]:
         return block, True
     if hp.kind == "resid_post":
         return block, False
+    if hp.kind == "mlp_in":
+        return getattr(block, layout.mlp_name), True
     if hp.kind == "attn_out":
         return (getattr(block, _ATTN_POST_NORM) if layout.gemma_post_norms else getattr(block, layout.attn_name)), False
     return (getattr(block, _MLP_POST_NORM) if layout.gemma_post_norms else getattr(block, layout.mlp_name)), False
@@ -183,3 +195,64 @@ def run_to_hook(model: nn.Module, layout: Layout, hp: HookPoint, input_ids: torc
     if "acts" not in box:
         raise ModelError(f"hook {hp} never fired: the model's forward did not reach {layout.blocks_path}[{hp.layer}]")
     return box["acts"]
+
+
+def parse_hooks(names: str, layout: Layout) -> tuple[HookPoint, ...]:
+    """`a,b,c` -> hook points in the order given (each checked by `parse_hook`); a repeated hook is an error."""
+    hps = tuple(parse_hook(n, layout) for n in names.split(","))
+    if len(set(hps)) != len(hps):
+        raise ModelError(f"--hook {names!r} names a hook twice: list each hook once")
+    return hps
+
+
+@contextlib.contextmanager
+def capture_many(layout: Layout, hps: tuple[HookPoint, ...], *, stop: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Like `capture_at` for several hooks in one forward: the yielded dict maps str(hook) -> activation; with
+    `stop`, the forward ends once the last of them has fired."""
+    box: dict[str, torch.Tensor] = {}
+    want = len(hps)
+    handles = []
+
+    def store(name: str, value: torch.Tensor) -> None:
+        box[name] = value
+        if stop and len(box) == want:
+            raise _StopForward
+
+    for hp in hps:
+        module, pre = _module_for(layout, hp)
+        name = str(hp)
+        if pre:
+            def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+                store(name, args[0] if args else kwargs["hidden_states"])
+
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+            def post_hook(_m: nn.Module, _args: Any, out: Any, name: str = name) -> None:
+                store(name, _first_tensor(out))
+
+            handles.append(module.register_forward_hook(post_hook))
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_to_hooks(model: nn.Module, layout: Layout, hps: tuple[HookPoint, ...], input_ids: torch.Tensor
+                 ) -> torch.Tensor:
+    """Activations at every hook of `hps` side by side, [batch, seq, n_hooks·d], in the order given; nothing is
+    computed after the last of them. Hooks of different widths are an error (a store row has one width per hook)."""
+    with capture_many(layout, hps) as box:
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    missing = [str(hp) for hp in hps if str(hp) not in box]
+    if missing:
+        raise ModelError(f"hooks {', '.join(missing)} never fired: the model's forward did not reach them")
+    acts = [box[str(hp)] for hp in hps]
+    widths = {str(hp): a.shape[-1] for hp, a in zip(hps, acts, strict=True)}
+    if len(set(widths.values())) > 1:
+        shown = ", ".join(f"{k} ({v})" for k, v in widths.items())
+        raise ModelError(f"hooks of mismatched widths: {shown}: capture hooks of one width together")
+    return torch.cat(acts, dim=-1)

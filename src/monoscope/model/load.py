@@ -25,7 +25,16 @@ from torch import nn
 from monoscope.cache import cache_dir
 from monoscope.devices import bf16_is_fast, resolve_device
 from monoscope.errors import ModelError
-from monoscope.model.hooks import HookPoint, Layout, default_hook, find_layout, parse_hook, run_to_hook
+from monoscope.model.hooks import (
+    HookPoint,
+    Layout,
+    default_hook,
+    find_layout,
+    parse_hook,
+    parse_hooks,
+    run_to_hook,
+    run_to_hooks,
+)
 
 ComputeDtype = Literal["auto", "fp32", "bf16"]
 DEFAULT_MODEL = "default"
@@ -255,6 +264,10 @@ class LoadedModel:
         """Parse a hook name against this model (None gives the default: `resid_post` at the middle)."""
         return default_hook(self.layout) if name in (None, "", "default") else parse_hook(name, self.layout)
 
+    def hooks(self, names: str) -> tuple[HookPoint, ...]:
+        """Parse `a,b,c` against this model (one or more hooks, each once)."""
+        return parse_hooks(names, self.layout)
+
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         if self.compute_dtype == "bf16":
@@ -268,6 +281,13 @@ class LoadedModel:
         """Activations [batch, seq, d_model] in fp32 at `hp`; no block after it is run."""
         with self.autocast():
             out = run_to_hook(self.model, self.layout, hp, input_ids.to(self.device))
+        return out.float()
+
+    @torch.inference_mode()
+    def acts_many(self, hps: tuple[HookPoint, ...], input_ids: torch.Tensor) -> torch.Tensor:
+        """Activations at several hooks from one forward, side by side: [batch, seq, n_hooks·d_model] fp32."""
+        with self.autocast():
+            out = run_to_hooks(self.model, self.layout, hps, input_ids.to(self.device))
         return out.float()
 
     @property

@@ -1,4 +1,5 @@
-"""Sparse autoencoders: six architectures behind one interface, and monoscope's file format.
+"""Sparse autoencoders: six architectures behind one interface, plus the transcoder and the crosscoder
+(`multihook.py`, trained on stores of several hooks), and monoscope's file format.
 
     cfg = SAEConfig(arch="topk", d_in=576, d_sae=parse_width("16x", 576), k=32, normaliser=c)
     sae = build_sae(cfg, seed=0)
@@ -24,6 +25,7 @@ from monoscope.sae.gated import GatedSAE
 from monoscope.sae.io import SAEFileError, check_compatible, load_sae, read_sae_metadata, save_sae
 from monoscope.sae.jumprelu import JumpReLUSAE
 from monoscope.sae.matryoshka import MatryoshkaSAE
+from monoscope.sae.multihook import CrosscoderSAE, TranscoderSAE
 from monoscope.sae.registry import build_sae
 from monoscope.sae.relu import ReluL1SAE
 from monoscope.sae.sparse import gather_linear, sparse_decode
@@ -33,6 +35,7 @@ __all__ = [
     "ARCHITECTURES",
     "SAE",
     "BatchTopKSAE",
+    "CrosscoderSAE",
     "ForwardOutput",
     "GatedSAE",
     "JumpReLUSAE",
@@ -42,6 +45,7 @@ __all__ = [
     "SAEConfigError",
     "SAEFileError",
     "TopKSAE",
+    "TranscoderSAE",
     "build_sae",
     "check_compatible",
     "gather_linear",

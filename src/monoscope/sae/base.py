@@ -188,6 +188,26 @@ class SAE(nn.Module):
         """
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the data it reads
+    @property
+    def store_hook(self) -> str | None:
+        """The hook label of the store rows it trains on (a transcoder: `input,target`)."""
+        return self.cfg.hook
+
+    @property
+    def row_width(self) -> int:
+        """Width of the store rows it trains on (a transcoder's rows hold input and target)."""
+        return self.cfg.d_in
+
+    @property
+    def hook_width(self) -> int:
+        """The model's width at each hook it reads (a crosscoder reads several hooks of this width)."""
+        return self.cfg.d_in
+
+    def split_target(self, x_raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Store rows -> (what it encodes, what it reconstructs): the same rows, except for a transcoder."""
+        return x_raw, x_raw
+
     # ------------------------------------------------------------------ raw-space helpers
     def scale(self, x_raw: Tensor) -> Tensor:
         """Raw activations -> the scaled space the SAE works in: c·x_raw (float32)."""

@@ -16,9 +16,11 @@ from typing import Any, Literal, get_args
 
 from monoscope.errors import MonoscopeError
 
-Arch = Literal["relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka", "gated"]
+Arch = Literal["relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka", "gated", "transcoder", "crosscoder"]
 ARCHITECTURES: tuple[str, ...] = get_args(Arch)
-TOPK_STYLE: tuple[str, ...] = ("topk", "batchtopk", "matryoshka")
+TOPK_STYLE: tuple[str, ...] = ("topk", "batchtopk", "matryoshka", "transcoder", "crosscoder")
+MULTI_HOOK: tuple[str, ...] = ("transcoder", "crosscoder")
+"""Architectures trained on a store of several hooks captured in one pass (`capture --hook a,b`)."""
 THRESHOLD_STYLE: tuple[str, ...] = ("batchtopk", "matryoshka")
 """Architectures that select by batch top-k in training and by one global threshold θ at inference."""
 DEFAULT_PREFIX_FRACTIONS: tuple[float, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
@@ -29,9 +31,11 @@ ComputeDType = Literal["auto", "float32", "bfloat16"]
 
 # Per-architecture defaults for fields left as None (resolved in __post_init__).
 _DEFAULT_DECODER_NORM = {"relu-l1": 0.1, "topk": 1.0, "batchtopk": 1.0, "jumprelu": 1.0, "matryoshka": 1.0,
-                         "gated": 0.1}
+                         "gated": 0.1, "transcoder": 1.0, "crosscoder": 1.0}
 _DEFAULT_B_DEC_TO_INPUT = {"relu-l1": False, "topk": True, "batchtopk": True, "jumprelu": False,
-                           "matryoshka": True, "gated": True}
+                           "matryoshka": True, "gated": True, "transcoder": False, "crosscoder": True}
+_OPTIONAL_FIELDS = ("target_hook", "target_normaliser", "hook_normalisers")
+"""Fields written to cfg.json only when set, so the files of the other architectures keep their bytes."""
 
 
 class SAEConfigError(MonoscopeError):
@@ -51,8 +55,9 @@ class SAEConfig:
     arch: Arch
     """Architecture: `relu-l1` (Anthropic's recipe), `topk` (Gao et al. 2024), `batchtopk`
     (Bussmann et al. 2024), `jumprelu` (Rajamanoharan et al. 2024), `matryoshka` (BatchTopK with
-    nested prefixes each trained to reconstruct; Bussmann et al. 2025, Nabeshima 2024) or `gated`
-    (Rajamanoharan et al. 2024). Never guessed on load."""
+    nested prefixes each trained to reconstruct; Bussmann et al. 2025, Nabeshima 2024), `gated`
+    (Rajamanoharan et al. 2024), `transcoder` (TopK; reads `hook`, reconstructs `target_hook`) or `crosscoder`
+    (acausal TopK crosscoder over the hooks of `hook`, comma-separated). Never guessed on load."""
 
     d_in: int
     """Width of the activations the SAE reads (the model's d_model at the hook)."""
@@ -121,6 +126,16 @@ class SAEConfig:
     """BatchTopK: weight of each training batch's smallest kept activation in the running
     threshold θ ← (1 − w)·θ + w·min (Bussmann et al. use 0.01)."""
 
+    target_hook: str | None = None
+    """Transcoder: the hook it reconstructs (e.g. `mlp_out.3`) from `hook` (e.g. `mlp_in.3`). None otherwise."""
+
+    target_normaliser: float | None = None
+    """Transcoder: scale c_out of the target (E‖c_out·y_raw‖² = d_in), as `normaliser` is of the input."""
+
+    hook_normalisers: list[float] | None = None
+    """Crosscoder: one input scale per hook of `hook` (d_in = hooks × layer width; each layer's block of the
+    input is scaled by its own c_l, so no layer dominates the loss by its norm). None otherwise."""
+
     sparse_kernels: bool = True
     """Use the sparse encoder-backward and sparse decoder, which touch only the active rows of
     W_enc/W_dec. topk/batchtopk always qualify; relu-l1 and jumprelu switch per batch, taking the
@@ -188,13 +203,53 @@ class SAEConfig:
                 )
             _check_float("threshold", self.threshold, lo=0.0)
         _check_float("threshold_ema", self.threshold_ema, lo=0.0, lo_open=True, hi=1.0)
+        self._check_multi_hook()
         _check_float("sparse_max_density", self.sparse_max_density, lo=0.0, hi=1.0)
         if not isinstance(self.sparse_kernels, bool):
             raise SAEConfigError(f"SAEConfig.sparse_kernels={self.sparse_kernels!r} must be true or false")
 
+    def _check_multi_hook(self) -> None:
+        """Transcoder: target hook and scale given; crosscoder: one scale per hook, equal widths per hook."""
+        given = {n: getattr(self, n) for n in _OPTIONAL_FIELDS if getattr(self, n) is not None}
+        wanted = {"transcoder": ("target_hook", "target_normaliser"), "crosscoder": ("hook_normalisers",)}
+        need = wanted.get(self.arch, ())
+        if self.arch == "transcoder" and self.hook is None:  # e.g. imported without its hookpoint: neither known
+            need = ("target_normaliser",)
+        for name in given:
+            if name not in wanted.get(self.arch, ()):
+                raise SAEConfigError(f"SAEConfig.{name}={given[name]!r} has no meaning for arch {self.arch!r}: "
+                                     "leave it None")
+        for name in need:
+            if name not in given:
+                raise SAEConfigError(f"SAEConfig.{name} is required for arch {self.arch!r}: train it with monoscope "
+                                     "train on a store captured with --hook A,B")
+        if self.arch == "transcoder":
+            if self.target_hook is not None and (not isinstance(self.target_hook, str) or not self.target_hook.strip()):
+                raise SAEConfigError(f"SAEConfig.target_hook={self.target_hook!r} must be a hook name, e.g. mlp_out.3")
+            _check_float("target_normaliser", self.target_normaliser, lo=0.0, lo_open=True)
+            if self.b_dec_to_input:
+                raise SAEConfigError("SAEConfig.b_dec_to_input=True has no meaning for a transcoder (b_dec lives in "
+                                     "the target's space, not the input's): leave it None")
+        if self.arch == "crosscoder":
+            scales = self.hook_normalisers
+            if not isinstance(scales, list) or len(scales) < 2:
+                raise SAEConfigError(f"SAEConfig.hook_normalisers={scales!r} must list one scale per hook (at least 2)")
+            for c in scales:
+                _check_float("hook_normalisers[]", c, lo=0.0, lo_open=True)
+            hooks = (self.hook or "").split(",") if self.hook else None
+            if hooks is not None and len(hooks) != len(scales):
+                raise SAEConfigError(f"SAEConfig.hook={self.hook!r} names {len(hooks)} hooks but hook_normalisers has "
+                                     f"{len(scales)} scales: give one scale per hook")
+            if self.d_in % len(scales):
+                raise SAEConfigError(
+                    f"crosscoder widths do not match: d_in={self.d_in} is not {len(scales)} hooks of one width; every "
+                    "hook a crosscoder reads must have the same width (capture hooks of one model's residual stream)")
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field (what `cfg.json` stores)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain JSON-able dict of every field (what `cfg.json` stores; the transcoder/crosscoder fields only
+        when set)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _OPTIONAL_FIELDS or getattr(self, f.name) is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> SAEConfig:

@@ -245,14 +245,14 @@ def check_compatible(
     hook cannot be checked and passes)."""
     cfg = sae.cfg
     origin = f"(trained on model={cfg.model!r}, hook={cfg.hook!r})"
-    if d_model is not None and d_model != cfg.d_in:
+    if d_model is not None and d_model != sae.hook_width:
         raise MonoscopeError(
-            f"the SAE reads d_in={cfg.d_in} activations but the model is {d_model} wide at the hook "
+            f"the SAE reads d_in={sae.hook_width} activations but the model is {d_model} wide at the hook "
             f"{origin}: use an SAE trained on this model"
         )
-    if hook is not None and cfg.hook is not None and hook != cfg.hook:
+    if hook is not None and cfg.hook is not None and hook not in (cfg.hook, sae.store_hook):
         raise MonoscopeError(
-            f"the SAE was trained on hook {cfg.hook!r}, not {hook!r}: use --hook {cfg.hook} or an SAE "
+            f"the SAE was trained on hook {sae.store_hook!r}, not {hook!r}: use --hook {sae.store_hook} or an SAE "
             f"trained on {hook!r}"
         )
     if model is not None and cfg.model is not None and model.rstrip("/") != cfg.model.rstrip("/"):

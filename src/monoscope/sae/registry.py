@@ -9,6 +9,7 @@ from monoscope.sae.config import ARCHITECTURES, SAEConfig, SAEConfigError
 from monoscope.sae.gated import GatedSAE
 from monoscope.sae.jumprelu import JumpReLUSAE
 from monoscope.sae.matryoshka import MatryoshkaSAE
+from monoscope.sae.multihook import CrosscoderSAE, TranscoderSAE
 from monoscope.sae.relu import ReluL1SAE
 from monoscope.sae.topk import BatchTopKSAE, TopKSAE
 
@@ -19,6 +20,8 @@ SAE_CLASSES: dict[str, type[SAE]] = {
     "jumprelu": JumpReLUSAE,
     "matryoshka": MatryoshkaSAE,
     "gated": GatedSAE,
+    "transcoder": TranscoderSAE,
+    "crosscoder": CrosscoderSAE,
 }
 assert tuple(SAE_CLASSES) == ARCHITECTURES
 

@@ -33,6 +33,14 @@ class ShardInfo:
     bytes: int
     sha256: str
     sum_sq: float  # Σ‖x‖² over kept rows, fp64: the normaliser is derived from these, never re-read
+    sum_sq_hooks: list[float] | None = None  # per hook of a multi-hook store (Σ‖x_h‖²); absent for one hook
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record (a one-hook store's has no `sum_sq_hooks` key: older stores keep their bytes)."""
+        d = asdict(self)
+        if d["sum_sq_hooks"] is None:
+            del d["sum_sq_hooks"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -113,8 +121,29 @@ class Manifest:
         msq = self.mean_sq_norm
         return math.sqrt(self.d_model / msq) if msq > 0 else 1.0
 
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks whose activations a row holds side by side (`capture --hook a,b`), in that order."""
+        return self.hook.split(",")
+
+    @property
+    def row_width(self) -> int:
+        """Width of one stored row: d_model per hook."""
+        return self.d_model * len(self.hooks)
+
+    @property
+    def hook_normalisers(self) -> list[float]:
+        """Per hook, c_h with E‖c_h·x_h‖² = d_model over kept rows (a one-hook store: [normaliser])."""
+        if len(self.hooks) == 1:
+            return [self.normaliser]
+        n = max(self.n_rows, 1)
+        sums = [sum((s.sum_sq_hooks or [0.0] * len(self.hooks))[h] for s in self.shards) for h in
+                range(len(self.hooks))]
+        return [math.sqrt(self.d_model * n / v) if v > 0 else 1.0 for v in sums]
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        d["shards"] = [s.record() for s in self.shards]
         d.update(n_contexts=self.n_contexts, n_tokens=self.n_tokens, n_rows=self.n_rows,
                  mean_sq_norm=self.mean_sq_norm, normaliser=self.normaliser)
         return d

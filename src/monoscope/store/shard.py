@@ -37,8 +37,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def write_shard(path: Path, tokens: torch.Tensor, acts: torch.Tensor, keep: torch.Tensor) -> ShardInfo:
-    """Write atomically; the returned record carries the digest the manifest will hold."""
+def write_shard(path: Path, tokens: torch.Tensor, acts: torch.Tensor, keep: torch.Tensor, n_hooks: int = 1
+                ) -> ShardInfo:
+    """Write atomically; the returned record carries the digest the manifest will hold (and, for rows holding
+    `n_hooks` > 1 hooks side by side, Σ‖x_h‖² per hook, from which each hook's normaliser follows)."""
     data = st_save(
         {"tokens": tokens.to(torch.int32).contiguous(), "acts": acts.contiguous(),
          "keep": keep.to(torch.uint8).contiguous()},
@@ -47,8 +49,12 @@ def write_shard(path: Path, tokens: torch.Tensor, acts: torch.Tensor, keep: torc
     digest = write_bytes_atomic(path, data)
     sq = acts[keep.bool()].double().pow(2).sum(1)  # [rows] ‖x‖²
     # rows that are not finite add nothing (training stops at or skips them), so the record stays valid JSON
+    per_hook = None
+    if n_hooks > 1:
+        parts = acts[keep.bool()].double().pow(2).unflatten(1, (n_hooks, -1)).sum(2)  # [rows, n_hooks]
+        per_hook = [float(c[torch.isfinite(c)].sum()) for c in parts.unbind(1)]
     return ShardInfo(file=path.name, contexts=int(tokens.shape[0]), rows=int(keep.sum()), bytes=len(data),
-                     sha256=digest, sum_sq=float(sq[torch.isfinite(sq)].sum()))
+                     sha256=digest, sum_sq=float(sq[torch.isfinite(sq)].sum()), sum_sq_hooks=per_hook)
 
 
 def read_shard_bytes(path: Path, info: ShardInfo) -> bytes:

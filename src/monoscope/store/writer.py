@@ -59,7 +59,8 @@ class StoreWriter:
         remove_temp_files(folder)
         progress = self._read_progress()
         manifest, damage = self._read_manifest()
-        if manifest is not None and (progress is None or progress.get("shards") == [vars(s) for s in manifest.shards]):
+        recorded = None if manifest is None else [s.record() for s in manifest.shards]
+        if manifest is not None and (progress is None or progress.get("shards") == recorded):
             self.recorded = manifest
             self.shards = list(manifest.shards)
             self.row_policy = manifest.row_policy
@@ -163,16 +164,17 @@ class StoreWriter:
         write_json_atomic(self.folder / PROGRESS, {
             "config_key": self.config_key,
             "row_policy": None if self.row_policy is None else vars(self.row_policy),
-            "shards": [vars(s) for s in self.shards],
+            "shards": [s.record() for s in self.shards],
         })
 
     def add_shard(self, tokens: torch.Tensor, acts: torch.Tensor, keep: torch.Tensor,
-                  index: int | None = None) -> ShardInfo:
+                  index: int | None = None, n_hooks: int = 1) -> ShardInfo:
         """Write shard `index` (default: the next one; `keep` is its row-policy mask) and record it."""
         index = len(self.shards) if index is None else index
         if index > len(self.shards):
             raise StoreError(f"shard {index} written before shard {len(self.shards)}: capture batches out of order")
-        return self.record_shard(index, write_shard(self.folder / shard_name(index), tokens, acts, keep))
+        return self.record_shard(index, write_shard(self.folder / shard_name(index), tokens, acts, keep,
+                                                   n_hooks))
 
     def record_shard(self, index: int, info: ShardInfo) -> ShardInfo:
         """Record shard `index`, already written to its file (by `write_shard`, e.g. in another process of a

@@ -31,6 +31,10 @@ class TrainData:
     """Training rows in a store (None when streamed)."""
     get_normaliser: Callable[[], float | None]
     """c with E‖c·x‖² = d_model (a stream knows it once its first chunk is computed)."""
+    hooks: list[str] | None = None
+    """The hooks a row holds side by side (a store captured with `--hook a,b`); None: one hook."""
+    hook_normalisers: list[float] | None = None
+    """Per hook of `hooks`, c_h with E‖c_h·x_h‖² = d_model."""
 
 
 def store_data(folder: str | os.PathLike[str], batch_size: int, seed: int) -> TrainData:
@@ -63,6 +67,8 @@ def store_data(folder: str | os.PathLike[str], batch_size: int, seed: int) -> Tr
         model=m.model.get("id"),
         n_rows=store.n_rows,
         get_normaliser=lambda: store.normaliser,
+        hooks=m.hooks if len(m.hooks) > 1 else None,
+        hook_normalisers=m.hook_normalisers if len(m.hooks) > 1 else None,
     )
 
 

@@ -35,6 +35,7 @@ from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, load_sae, save_sae
 from monoscope.sae.config import SAEConfigError, parse_width
 from monoscope.sae.io import CFG_NAME, WEIGHTS_NAME, SAEFileError
+from monoscope.sae.multihook import multi_hook_fields
 from monoscope.train.checkpoint import CheckpointDir
 from monoscope.train.config import TrainConfig, TrainConfigError, cli_flag, config_diff
 from monoscope.train.data import TrainData, store_data, stream_data
@@ -244,10 +245,14 @@ def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
         raise TrainConfigError(f"--k {cfg.k} is more than the {d_sae:,} features of --width {cfg.width} (d_model "
                                f"{data.d_model}): lower --k or raise --width")
     try:
+        hooks = data.hooks or [data.hook or ""]
+        where = f"store {data.identity.get('path')}" if data.identity.get("kind") == "store" else "the stream"
+        shape = multi_hook_fields(cfg.arch, hooks, data.hook_normalisers or [float(normaliser)], data.d_model, where)
+        if data.hook is None or data.hooks is None:  # one hook: exactly what it was before transcoders
+            shape.update(hook=data.hook, normaliser=float(normaliser))
         return SAEConfig(
-            arch=cfg.arch, d_in=data.d_model, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef,
-            prefixes=cfg.prefix_widths(data.d_model),
-            normaliser=float(normaliser), hook=data.hook, model=data.model, dtype="float32", compute_dtype=cfg.dtype,
+            arch=cfg.arch, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef, prefixes=cfg.prefix_widths(data.d_model),
+            model=data.model, dtype="float32", compute_dtype=cfg.dtype, **shape,  # type: ignore[arg-type]
         )
     except SAEConfigError as e:  # name the option the user typed, not the internal class
         raise TrainConfigError(re.sub(r"SAEConfig\.(\w+)=", lambda m: cli_flag(m.group(1)) + " ", str(e))) from None

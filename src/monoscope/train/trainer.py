@@ -148,7 +148,7 @@ class Trainer:
 
     def scaled(self, acts: Tensor) -> Tensor:
         """Raw activations -> float32 c·x on the training device ([B, d])."""
-        return acts.to(self.device, non_blocking=True).float().mul_(self.sae.cfg.normaliser)
+        return self.sae.scale(acts.to(self.device, non_blocking=True))
 
     @torch.no_grad()
     def init_b_dec(self, sample_raw: Tensor) -> None:
