@@ -74,7 +74,7 @@ from monoscope.train.checkpoint import Checkpoint, CheckpointDir
 from monoscope.train.config import TrainConfig
 from monoscope.train.data import TrainData, store_data
 from monoscope.train.log import LOG_NAME, JsonlLog
-from monoscope.train.trainer import BatchSource, Peeked, RunOutcome, Trainer, TrainingInterrupted
+from monoscope.train.trainer import BatchSource, Peeked, RunOutcome, Trainer
 
 DEFAULT_TIMEOUT_S = 600.0
 """Process-group timeout: how long a rank waits in a collective for a silent peer (rank 0 writing a
@@ -502,7 +502,6 @@ class DistributedTrainer(Trainer):
     def run(self, on_log: Callable[[dict[str, Any]], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> RunOutcome:
         """`Trainer.run` with the stop decision shared; a failed collective becomes DistributedError."""
-        every = self.cfg.checkpoint_every
         last_ckpt: str | None = None
         saved_at = self.step
         self._t_log, self._tok_log = time.perf_counter(), self.tokens
@@ -511,25 +510,10 @@ class DistributedTrainer(Trainer):
                 if self._agreed_stop():
                     break
                 self.train_step()
-                if on_step is not None:
-                    on_step(self.cfg.batch_size)
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                    rec = self.flush_metrics()
-                    if self.log is not None:
-                        self.log.write(rec)
-                    if on_log is not None:
-                        on_log(rec)
-                if every and self.step % every == 0 and self.step < self.total_steps:
+                if self._after_step(on_log, on_step):
                     last_ckpt, saved_at = self.save_checkpoint(), self.step
-            if self.stop_signal is not None and self.step < self.total_steps:
-                if saved_at != self.step or last_ckpt is None:
-                    last_ckpt = self.save_checkpoint() if self.step else None
-                raise TrainingInterrupted(
-                    f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps} on every rank "
-                    f"(checkpoint {last_ckpt}): run the same command with --resume to continue",
-                    self.step, self.stop_signal)
-            if saved_at != self.step or last_ckpt is None:
-                last_ckpt = self.save_checkpoint()
+            self._raise_if_stopped(last_ckpt, saved_at, " on every rank")
+            last_ckpt = self._final_checkpoint(last_ckpt, saved_at)
         except (RuntimeError, dist.DistError) as e:
             raise self.lost_contact(e, last_ckpt) from e
         return RunOutcome(self.step >= self.total_steps, False, last_ckpt)

@@ -329,7 +329,6 @@ class Trainer:
             on_step: Callable[[int], None] | None = None) -> RunOutcome:
         """Train to `config.steps`, logging, checkpointing every `checkpoint_every` steps and at the
         end. A set `stop_signal` saves a checkpoint and raises `TrainingInterrupted`."""
-        every = self.cfg.checkpoint_every
         last_ckpt: str | None = None
         saved_at = self.step
         data_ended = False
@@ -342,36 +341,52 @@ class Trainer:
             except StopIteration:
                 data_ended = True
                 break
-            if on_step is not None:
-                on_step(self.cfg.batch_size)
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                rec = self.flush_metrics()
-                if self.log is not None:
-                    self.log.write(rec)
-                if on_log is not None:
-                    on_log(rec)
-            if every and self.step % every == 0 and self.step < self.total_steps:
+            if self._after_step(on_log, on_step):
                 last_ckpt, saved_at = self.save_checkpoint(), self.step
-        if self.stop_signal is not None and self.step < self.total_steps:
-            if self.step == 0:  # nothing trained yet: a fresh start is the same as a resume
-                saved = "nothing to save before the first step"
-            else:
-                if saved_at != self.step or last_ckpt is None:
-                    last_ckpt = self.save_checkpoint()
-                saved = f"checkpoint {last_ckpt}"
-            raise TrainingInterrupted(
-                f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps} ({saved}): "
-                "run the same command with --resume to continue",
-                self.step,
-                self.stop_signal,
-            )
+        self._raise_if_stopped(last_ckpt, saved_at)
         if data_ended and self._acc_steps:
             rec = self.flush_metrics()
             if self.log is not None:
                 self.log.write(rec)
+        return RunOutcome(self.step >= self.total_steps, data_ended, self._final_checkpoint(last_ckpt, saved_at))
+
+    def _after_step(self, on_log: Callable[[dict[str, Any]], None] | None,
+                    on_step: Callable[[int], None] | None) -> bool:
+        """Progress and the log after a step; True when a periodic checkpoint is due now."""
+        if on_step is not None:
+            on_step(self.cfg.batch_size)
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            rec = self.flush_metrics()
+            if self.log is not None:
+                self.log.write(rec)
+            if on_log is not None:
+                on_log(rec)
+        every = self.cfg.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def _raise_if_stopped(self, last_ckpt: str | None, saved_at: int, scope: str = "") -> None:
+        """After the loop: a stop signal before the last step saves a checkpoint (unless one was just
+        saved) and raises `TrainingInterrupted`; `scope` qualifies where it stopped (" on every rank")."""
+        if self.stop_signal is None or self.step >= self.total_steps:
+            return
+        if self.step == 0:  # nothing trained yet: a fresh start is the same as a resume
+            saved = "nothing to save before the first step"
+        else:
+            if saved_at != self.step or last_ckpt is None:
+                last_ckpt = self.save_checkpoint()
+            saved = f"checkpoint {last_ckpt}"
+        raise TrainingInterrupted(
+            f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps}{scope} ({saved}): "
+            "run the same command with --resume to continue",
+            self.step,
+            self.stop_signal,
+        )
+
+    def _final_checkpoint(self, last_ckpt: str | None, saved_at: int) -> str | None:
+        """The checkpoint of the last step (saved now unless the loop just saved it)."""
         if saved_at != self.step or last_ckpt is None:
             last_ckpt = self.save_checkpoint()
-        return RunOutcome(self.step >= self.total_steps, data_ended, last_ckpt)
+        return last_ckpt
 
 
 class Peeked:
