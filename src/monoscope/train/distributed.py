@@ -642,6 +642,9 @@ def train_distributed(
 
 
 def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
+    if cfg.loss != "mse":
+        raise MonoscopeError(f"--loss {cfg.loss} trains in one process (it runs the model, not a store): launch "
+                             "monoscope train without torchrun, or use --loss mse")
     if topo.fs > 1 and cfg.arch not in FEATURE_SHARDED:
         raise MonoscopeError(f"--shard-features {topo.fs} splits the features of --arch "
                              f"{', '.join(FEATURE_SHARDED)} only, not {cfg.arch}: train {cfg.arch} data parallel "
