@@ -142,8 +142,8 @@ def test_impossible_combinations_are_one_line_errors(store: Path, tmp_path: Path
     res = run_ranks(2, tmp_path, store=store, out=tmp_path / "c", config=config(arch="relu-l1", k=None,
                                                                                  sparsity_coef=1.0), shard_features=2)
     assert [r["code"] for r in res] == [2, 2]
-    assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 splits the features of --arch topk only, not "
-                             "relu-l1: train relu-l1 data parallel (--shard-features 1), or use --arch topk")
+    assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 splits the features of --arch topk, batchtopk only, "
+                             "not relu-l1: train relu-l1 data parallel (--shard-features 1), or use --arch topk")
     res = run_ranks(2, tmp_path, store=store, out=tmp_path / "c2", config=config(revive="resample"), shard_features=2)
     assert [r["code"] for r in res] == [2, 2]
     assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 does not resample dead features: use --revive auxk "

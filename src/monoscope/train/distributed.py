@@ -21,13 +21,16 @@ ranks is a 2-D `DeviceMesh` of shape (dp, fs), fs = `shard_features`, dp = W / f
   its k_aux dead latents globally the same way.
 
 One rank's step equals one process's step on the same global batch up to float summation order
-(tests: max abs weight difference <= 1e-5 after training, TopK indices identical). Feature sharding:
-the topk architecture (AuxK or no revival). Data parallel: every architecture, each replica running its
-own forward on its rows; batchtopk and matryoshka choose their k·B entries over the global batch
-(`GlobalBatchSelect`: each rank's top k·B candidates' values all-gathered, a global cut, the threshold's
-running minimum all-reduced), relu-l1 resamples dead features on the global batch (x̂ all-gathered at
-the resample steps), and batchtopk's eval threshold is calibrated on rank 0 from the next global
-batches, as one process does. Activations from a store (not streamed; `--loss mse`).
+(tests: max abs weight difference <= 1e-5 after training, TopK indices identical).
+
+Feature sharding: topk, and batchtopk (its k·B entries chosen over the whole mesh: every rank's top
+k·B candidates all-gathered, one global cut; `_global_batch_select`), with AuxK or no revival.
+Data parallel: every architecture, each replica running its own forward on its rows; batchtopk and
+matryoshka choose their k·B entries over the global batch (`GlobalBatchSelect`: each rank's top k·B
+candidates' values all-gathered, a global cut, the threshold's running minimum all-reduced),
+relu-l1 resamples dead features on the global batch (x̂ all-gathered at the resample steps), and
+batchtopk's eval threshold is calibrated on rank 0 from the next global batches, as one process
+does. Activations from a store (not streamed; `--loss mse`).
 
 Outputs and resume: rank 0 alone writes the log, the checkpoints and the final SAE, atomically
 (`CheckpointDir`). A checkpoint holds the assembled SAE (sae.safetensors, loadable as usual) and
@@ -74,7 +77,7 @@ from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, save_sae
 from monoscope.sae.config import THRESHOLD_STYLE
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
-from monoscope.sae.topk import TopKSAE, _batch_topk, _order_view
+from monoscope.sae.topk import BatchTopKSAE, TopKSAE, _batch_topk, _order_view
 from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointDir
 from monoscope.train.config import TrainConfig
@@ -89,7 +92,7 @@ large checkpoint keeps the others waiting, so it is generous; tests lower it).""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FEATURE_SHARDED = ("topk",)
+FEATURE_SHARDED = ("topk", "batchtopk")
 """Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
 
 _T = TypeVar("_T")
@@ -346,8 +349,8 @@ class DistributedTrainer(Trainer):
         super().__init__(sae, config, source, **kwargs)
         self.topo = topo
         self.full_cfg = full_cfg
-        self.sharded_topk = full_cfg.arch == "topk"
-        """topk runs the feature-sharded forward (any fs); other architectures their own forward (fs = 1)."""
+        self.sharded_topk = full_cfg.arch in FEATURE_SHARDED
+        """topk and batchtopk run the feature-sharded forward (any fs); the others their own forward (fs = 1)."""
         self.k = int(full_cfg.k or 0)
         self.k_aux = int(full_cfg.k_aux or 0)
         self.offset = topo.fs_rank * sae.cfg.d_sae
@@ -368,14 +371,17 @@ class DistributedTrainer(Trainer):
         n_rows, n_loc = x.shape[0], sae.cfg.d_sae
         with torch.no_grad():
             pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
-            sel_v, sel_i = _global_topk(pre, self.k, self.offset, topo)  # [b, k]
-            mine = (sel_i >= self.offset) & (sel_i < self.offset + n_loc)
-            rows, slots = mine.nonzero(as_tuple=True)  # row-major
-            cols = sel_i[rows, slots] - self.offset  # [nnz] local feature ids
+            if self.full_cfg.arch == "batchtopk":
+                rows, cols, values, l0 = self._global_batch_select(pre)
+            else:
+                sel_v, sel_i = _global_topk(pre, self.k, self.offset, topo)  # [b, k]
+                mine = (sel_i >= self.offset) & (sel_i < self.offset + n_loc)
+                rows, slots = mine.nonzero(as_tuple=True)  # row-major
+                cols = sel_i[rows, slots] - self.offset  # [nnz] local feature ids
+                values = pre[rows, cols]
+                l0 = (sel_v > 0).sum(dtype=torch.float32) / n_rows
             counts = torch.bincount(rows, minlength=n_rows)
             pattern = SparsePattern(cols, n_loc, counts.cumsum(0) - counts)
-            values = pre[rows, cols]
-            l0 = (sel_v > 0).sum(dtype=torch.float32) / n_rows
         xs, shift = sae._sparse_encoder_input(x32, x_c)
         vals = gather_linear(values, xs, sae.W_enc, sae.b_enc, pattern, shift).float().relu()  # [nnz]
         part = sparse_decode(vals, cols, sae.W_dec, dtype=cd, pattern=pattern).float()
@@ -392,6 +398,30 @@ class DistributedTrainer(Trainer):
         zero = torch.zeros((), device=x.device)
         aux_v = zero if aux is None else aux.detach()
         return total, [mse.detach(), zero, aux_v, fvu, l0], fired, x_hat.detach()
+
+    def _global_batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """batchtopk over the whole mesh: the k·B largest entries of the global batch (B = b·dp rows, every
+        shard's features) -> this rank's (rows, local cols, values, L0 of its rows over all shards). Each rank's
+        top k·B candidates are all-gathered (every (row, feature) entry lives on exactly one rank), the
+        (k·B)-th largest is the cut; the running threshold takes the smallest kept positive value of all ranks."""
+        topo = self.topo
+        n_rows = pre.shape[0]
+        n_keep = self.k * n_rows * topo.dp
+        rows, cols, vals = _batch_topk(pre, min(n_keep, pre.numel()))  # row-major
+        gathered = [torch.empty_like(vals) for _ in range(topo.world)]
+        dist.all_gather(gathered, vals.contiguous())
+        cut = _order_view(torch.cat(gathered)).topk(n_keep, sorted=False).values.min()
+        keep = _order_view(vals) >= cut
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        pos = vals[vals > 0]
+        if self.sae.training:
+            m = (pos.min() if pos.numel() else pos.new_full((), math.inf)).float().reshape(1)
+            dist.all_reduce(m, op=dist.ReduceOp.MIN)
+            self.sae._update_threshold(m[torch.isfinite(m)])  # type: ignore[operator]
+        n_pos = torch.tensor([pos.numel()], dtype=torch.float32, device=pre.device)
+        if topo.fs > 1:
+            dist.all_reduce(n_pos, group=topo.fs_group)
+        return rows, cols, vals, n_pos[0] / n_rows
 
     def _auxk(self, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype) -> Tensor | None:
         """AuxK (`TopKSAE._auxk`) with the k_aux dead latents chosen over every shard."""
@@ -739,7 +769,8 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             sae_cfg = SAEConfig.from_dict(box[0])
         full = build_sae(sae_cfg, seed=cfg.seed)  # CPU; the same draw as one process makes
         if sae_cfg.arch in FEATURE_SHARDED:
-            shard: SAE = TopKSAE(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
+            cls = TopKSAE if sae_cfg.arch == "topk" else BatchTopKSAE
+            shard: SAE = cls(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
             shard.load_state_dict(shard_state(full.state_dict(), topo.fs, topo.fs_rank))
         else:
             shard = data_parallel_sae(full, topo)
