@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +66,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def features_run(tmp_path_factory: pytest.TempPathFactory, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A tiny run for the features pass (one per test module): a 4-layer Llama saved to disk, a store at
+    resid_post.1 (1,024 tokens, 16-token contexts) and two TopK SAEs (4x in sae/, 2x in sae-2x/)."""
+    from monoscope.capture import capture
+    from monoscope.train import train
+
+    root = tmp_path_factory.mktemp("feat")
+    model = root / "model"
+    make_llama(len(tokenizer), seed=5).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{t} number {i}"}) + "\n" for i, t in enumerate(TRAIN_TEXT * 4)))
+    capture(root / "acts", model=str(model), corpus=str(corpus), hook="resid_post.1", tokens=1024, ctx_len=16,
+            batch_contexts=8, contexts_per_shard=16, compute_dtype="fp32", progress=False)
+    for name, width in (("sae", "4x"), ("sae-2x", "2x")):
+        train(root / name, store=root / "acts", arch="topk", k=4, width=width, tokens=4096, batch_size=256,
+              progress=False)
+    return root

@@ -19,6 +19,7 @@ Collectives carry only small objects (gloo, even when the model runs on cuda:LOC
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from datetime import timedelta
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from monoscope.capture import STORE_DTYPES, CaptureConfig, CaptureResult, build_manifest, config_key
+from monoscope.capture import STORE_DTYPES, CaptureConfig, CaptureResult, build_manifest, capture, config_key
 from monoscope.corpus import Corpus, open_corpus
 from monoscope.corpus.contexts import batched_contexts
 from monoscope.errors import MonoscopeError, StoreError
@@ -42,30 +43,15 @@ from monoscope.train.distributed import DEFAULT_TIMEOUT_S, ENV_VARS, Distributed
 from monoscope.units import parse_count
 
 
-def capture_distributed(
-    out: str | Path,
-    *,
-    model: str | LoadedModel = "default",
-    corpus: str | Corpus = "default",
-    hook: str | None = None,
-    tokens: int | str = 100_000,
-    ctx_len: int = 128,
-    dtype: str = "bfloat16",
-    batch_contexts: int = 32,
-    contexts_per_shard: int = 128,
-    exclude_bos: bool = True,
-    outlier_factor: float = 10.0,
-    device: str | None = "auto",
-    compute_dtype: str = "auto",
-    text_field: str = "text",
-    strict_utf8: bool = False,
-    overwrite: bool = False,
-    trust_sizes: bool = False,
-    progress: bool = True,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> CaptureResult | None:
+def capture_distributed(out: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                        **options: Any) -> CaptureResult | None:
     """`monoscope.capture.capture` on every process of a torchrun launch (same arguments on every rank);
-    returns the result on rank 0 and None on the others (module docstring)."""
+    returns the result on rank 0 and None on the others (module docstring). `options` are exactly
+    `capture`'s keyword arguments, bound against its signature (defaults included), so the two
+    entry points cannot drift apart; an unknown one is a TypeError, as for `capture` itself."""
+    bound = inspect.signature(capture).bind(out, **options)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
     owned = not dist.is_initialized()
     if owned:
         missing = [v for v in ENV_VARS if v not in os.environ]
@@ -74,9 +60,7 @@ def capture_distributed(
                                  "launch it with `torchrun --nproc-per-node N -m monoscope capture ...`")
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     try:
-        return _capture(Path(out), model, corpus, hook, tokens, ctx_len, dtype, batch_contexts, contexts_per_shard,
-                        exclude_bos, outlier_factor, device, compute_dtype, text_field, strict_utf8, overwrite,
-                        trust_sizes, progress)
+        return _capture(Path(out), args)
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DistributedError(
@@ -89,22 +73,21 @@ def capture_distributed(
                 dist.destroy_process_group()
 
 
-def _capture(folder: Path, model: str | LoadedModel, corpus: str | Corpus, hook: str | None, tokens: int | str,
-             ctx_len: int, dtype: str, batch_contexts: int, contexts_per_shard: int, exclude_bos: bool,
-             outlier_factor: float, device: str | None, compute_dtype: str, text_field: str, strict_utf8: bool,
-             overwrite: bool, trust_sizes: bool, progress: bool) -> CaptureResult | None:
+def _capture(folder: Path, a: dict[str, Any]) -> CaptureResult | None:
+    """`a`: `capture`'s arguments by name (`capture_distributed`)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     main = rank == 0
+    model, corpus, device = a["model"], a["corpus"], a["device"]
     stack = contextlib.ExitStack()
     with stack:
         def setup() -> tuple[CaptureConfig, Corpus, LoadedModel, Any, str]:
-            cfg = CaptureConfig(tokens=parse_count(tokens, "--tokens"), ctx_len=ctx_len, dtype=dtype,
-                                batch_contexts=batch_contexts, contexts_per_shard=contexts_per_shard,
-                                exclude_bos=exclude_bos, outlier_factor=outlier_factor)
+            cfg = CaptureConfig(tokens=parse_count(a["tokens"], "--tokens"), ctx_len=a["ctx_len"], dtype=a["dtype"],
+                                batch_contexts=a["batch_contexts"], contexts_per_shard=a["contexts_per_shard"],
+                                exclude_bos=a["exclude_bos"], outlier_factor=a["outlier_factor"])
             if folder.exists() and not folder.is_dir():
                 raise StoreError(f"--out {folder} is a file: pass a folder for the store")
-            corp = open_corpus(corpus, text_field=text_field, strict_utf8=strict_utf8) if isinstance(corpus, str) \
-                else corpus
+            corp = open_corpus(corpus, text_field=a["text_field"], strict_utf8=a["strict_utf8"]) \
+                if isinstance(corpus, str) else corpus
             next(iter(corp.documents()))
             if main:
                 stack.enter_context(FolderLock(folder, "capture"))
@@ -112,7 +95,8 @@ def _capture(folder: Path, model: str | LoadedModel, corpus: str | Corpus, hook:
             if isinstance(model, str) and device in (None, "auto", "cuda") and torch.cuda.is_available():
                 dev = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             lm = model if isinstance(model, LoadedModel) else load_model(model, device=dev,
-                                                                            compute_dtype=compute_dtype)
+                                                                            compute_dtype=a["compute_dtype"])
+            hook = a["hook"]
             if hook is not None and "," in hook:
                 raise MonoscopeError(f"--hook {hook}: a distributed capture stores one hook; capture several hooks "
                                      "side by side in one process (monoscope capture without torchrun)")
@@ -120,7 +104,8 @@ def _capture(folder: Path, model: str | LoadedModel, corpus: str | Corpus, hook:
             return cfg, corp, lm, hp, config_key(lm, hp, corp.fingerprint(), cfg)
 
         cfg, corp, lm, hp, key = agree(setup)
-        writer = agree(lambda: StoreWriter(folder, key, overwrite=overwrite, trust_sizes=trust_sizes) if main else None)
+        writer = agree(lambda: StoreWriter(folder, key, overwrite=a["overwrite"], trust_sizes=a["trust_sizes"])
+                       if main else None)
         state: list[Any] = [None]
         if main:
             assert writer is not None
@@ -136,7 +121,7 @@ def _capture(folder: Path, model: str | LoadedModel, corpus: str | Corpus, hook:
                 return None
             assert writer is not None and writer.complete is not None
             return CaptureResult(folder, writer.complete, writer.complete.n_contexts, 0, 0.0)
-        return _rounds(folder, writer, lm, hp, corp, cfg, plan, world, rank, progress)
+        return _rounds(folder, writer, lm, hp, corp, cfg, plan, world, rank, a["progress"])
 
 
 def _rounds(folder: Path, writer: StoreWriter | None, lm: LoadedModel, hp: Any, corp: Corpus, cfg: CaptureConfig,

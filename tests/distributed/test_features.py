@@ -3,16 +3,12 @@ order; the databases (every table) equal those of one process, families and all.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from monoscope.capture import capture
 from monoscope.features.build import build_features, build_features_distributed
-from monoscope.train import train
-from tests.conftest import TRAIN_TEXT, make_llama
 from tests.distributed.helpers import fork_ranks, join_ranks
 
 HOOK = "resid_post.1"
@@ -20,19 +16,9 @@ KW = {"tokens": 512, "batch_contexts": 4, "checkpoint_every": 3, "feature_map": 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("feat")
-    model = root / "model"
-    make_llama(len(tokenizer), seed=5).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{t} number {i}"}) + "\n" for i, t in enumerate(TRAIN_TEXT * 4)))
-    capture(root / "acts", model=str(model), corpus=str(corpus), hook=HOOK, tokens=1024, ctx_len=16,
-            batch_contexts=8, contexts_per_shard=16, compute_dtype="fp32", progress=False)
-    for name, width in (("sae", "4x"), ("sae-2x", "2x")):
-        train(root / name, store=root / "acts", arch="topk", k=4, width=width, tokens=4096, batch_size=256,
-              progress=False)
-    return root
+def run(features_run: Path) -> Path:
+    """The tiny run of `features_run` (tests/conftest.py)."""
+    return features_run
 
 
 def dump(db_path: Path) -> dict[str, list[tuple]]:

@@ -12,33 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from monoscope.capture import capture
 from monoscope.cli import main
 from monoscope.errors import MonoscopeError
 from monoscope.features import FeatureDB
 from monoscope.features import stats as stats_mod
 from monoscope.features.build import build_features, default_features_dir
 from monoscope.features.stats import FeatureStats
-from monoscope.train import train
-from tests.conftest import TRAIN_TEXT, make_llama
 
 HOOK = "resid_post.1"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("feat")
-    model = root / "model"
-    make_llama(len(tokenizer), seed=5).save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{t} number {i}"}) + "\n" for i, t in enumerate(TRAIN_TEXT * 4)))
-    capture(root / "acts", model=str(model), corpus=str(corpus), hook=HOOK, tokens=1024, ctx_len=16,
-            batch_contexts=8, contexts_per_shard=16, compute_dtype="fp32", progress=False)
-    for name, width in (("sae", "4x"), ("sae-2x", "2x")):
-        train(root / name, store=root / "acts", arch="topk", k=4, width=width, tokens=4096, batch_size=256,
-              progress=False)
-    return root
+def run(features_run: Path) -> Path:
+    """The tiny run of `features_run` (tests/conftest.py)."""
+    return features_run
 
 
 def _dump(db_path: Path) -> dict[str, list[tuple]]:

@@ -144,3 +144,44 @@ def test_cli_subprocess(done: tuple[Any, Path], tmp_path: Path) -> None:
                        env=env, timeout=300)
     assert r.returncode == 2
     assert r.stderr.startswith("error: --widths 1x,2x: give at least 3 distinct widths")
+
+
+def test_threads_setting_is_restored(done: tuple[Any, Path], tmp_path: Path) -> None:
+    """`threads=` holds for the sweep's own work only: the caller's torch thread count comes back,
+    after a finished sweep and after a failed one."""
+    import torch
+
+    _, out = done
+    torch.set_num_threads(2)  # the one_thread fixture restores the original afterwards
+    sweep(out.parent / "acts", "1e8", out, **GRID)  # threads=1 inside
+    assert torch.get_num_threads() == 2
+    with pytest.raises(MonoscopeError):
+        sweep(tmp_path / "no-store", "1e8", tmp_path / "sw", **GRID)
+    assert torch.get_num_threads() == 2
+
+
+def test_interrupted_sweep_says_rerun_not_resume(done: tuple[Any, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal during a point stops the sweep with advice that works: `monoscope sweep` has no --resume,
+    the same command continues it."""
+    from monoscope.train.trainer import Trainer, TrainingInterrupted
+
+    _, done_out = done
+    out = tmp_path / "sweep"
+    out.mkdir()
+    shutil.copy(done_out / "cost.json", out / "cost.json")  # same cost key: no benchmark here
+    real_step = Trainer.train_step
+
+    def step_then_signal(self: Trainer) -> None:
+        real_step(self)
+        if self.step == 2:
+            self.stop_signal = 15  # what the SIGTERM handler sets
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted) as e:
+        sweep(done_out.parent / "acts", "1e8", out, **GRID)
+    assert str(e.value) == ("sweep stopped by signal 15 during point n32-t256-k4-s0 (step 2; its checkpoint and the "
+                            "finished points are kept): run the same monoscope sweep command again to continue")
+    assert "--resume" not in str(e.value)
+    assert (e.value.step, e.value.signum) == (2, 15)
+    assert any((out / "runs" / "n32-t256-k4-s0" / "checkpoints").iterdir())

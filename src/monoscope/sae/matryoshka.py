@@ -64,14 +64,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def forward(  # type: ignore[override]
         self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
     ) -> ForwardOutput:
-        cd = self.compute_dtype(x.device)
-        x32, x_c = self._prepare_input(x, cd)
-        dense = not self.cfg.sparse_kernels
-        pre = self._pre_acts(x_c, cd, with_grad=dense)  # [B, F]
-        with torch.no_grad():
-            values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
-        xs, shift = self._sparse_encoder_input(x32, x_c)
-        vals = self._gather(pre, values, pattern, xs, dense, shift).float().relu()  # [nnz]
+        cd, x32, x_c, dense, vals, pattern, indices, offsets = self._encode_selected(x)  # vals [nnz]
         levels = self._level_decodes(vals, pattern, cd, dense)
         b_dec = self.b_dec.float()
         x_hat = levels[-1] + b_dec  # [B, d]

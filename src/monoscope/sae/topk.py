@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,19 @@ from monoscope.errors import MonoscopeError
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
+
+
+class _Selected(NamedTuple):
+    """What `_TopKStyle._encode_selected` hands the decoder half of a forward."""
+
+    cd: torch.dtype
+    x32: Tensor  # [B, d] float32 input
+    x_c: Tensor  # [B, d] encoder input in the compute dtype
+    dense: bool  # plain autograd (sparse_kernels off)
+    vals: Tensor  # differentiable active values (float32, ReLU'd)
+    pattern: SparsePattern
+    indices: Tensor
+    offsets: Tensor | None
 
 
 class _TopKStyle(SAE):
@@ -128,9 +142,10 @@ class _TopKStyle(SAE):
         f = torch.zeros(x.shape[0], self.cfg.d_sae, device=x.device, dtype=torch.float32)
         return f.index_put((pattern.rows, pattern.flat), vals.reshape(-1))
 
-    def forward(  # type: ignore[override]
-        self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
-    ) -> ForwardOutput:
+    def _encode_selected(self, x: Tensor) -> _Selected:
+        """The encoder half of `forward` (shared by every subclass's forward): input preparation,
+        pre-activations, selection (training-time state updates in training mode) and the
+        differentiable active values."""
         cd = self.compute_dtype(x.device)
         x32, x_c = self._prepare_input(x, cd)
         dense = not self.cfg.sparse_kernels
@@ -139,6 +154,12 @@ class _TopKStyle(SAE):
             values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
         xs, shift = self._sparse_encoder_input(x32, x_c)
         vals = self._gather(pre, values, pattern, xs, dense, shift).float().relu()  # like `values`
+        return _Selected(cd, x32, x_c, dense, vals, pattern, indices, offsets)
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
+    ) -> ForwardOutput:
+        cd, x32, x_c, dense, vals, pattern, indices, offsets = self._encode_selected(x)
         x_hat = self._decode_active(vals, pattern, cd, dense) + self.b_dec.float()  # [B, d]
         aux = self._auxk(x_c, x32 - x_hat, dead_mask, cd)
         with torch.no_grad():

@@ -267,6 +267,7 @@ def _run_point(p: GridPoint, cfg: SweepConfig, view: ActivationStore, x_held: to
                key: str) -> dict[str, Any]:
     from monoscope.devices import resolve_device
     from monoscope.train import train
+    from monoscope.train.trainer import TrainingInterrupted
 
     steps = p.tokens // cfg.batch_size
     settings: dict[str, Any] = {"arch": cfg.arch, "tokens": p.tokens, "width": p.width, "batch_size": cfg.batch_size,
@@ -275,7 +276,13 @@ def _run_point(p: GridPoint, cfg: SweepConfig, view: ActivationStore, x_held: to
                                 "log_every": max(1, min(50, steps))}
     if p.k is not None:
         settings["k"] = p.k
-    res = train(folder, store=view.folder, resume=True, command=f"monoscope sweep (point {p.name})", **settings)
+    try:
+        res = train(folder, store=view.folder, resume=True, command=f"monoscope sweep (point {p.name})", **settings)
+    except TrainingInterrupted as e:  # train's own advice (--resume) is not how a sweep continues
+        raise TrainingInterrupted(
+            f"sweep stopped by signal {e.signum} during point {p.name} (step {e.step}; its checkpoint and the "
+            "finished points are kept): run the same monoscope sweep command again to continue", e.step, e.signum
+        ) from None
     dev = resolve_device(cfg.device)
     metrics = heldout_metrics(res.sae.to(dev).eval(), x_held, dev)
     rec = {"key": key, "name": p.name, "width": p.width, "tokens": res.tokens, "k": p.k, "seed": p.seed,
@@ -302,9 +309,17 @@ def sweep(store: str | Path, budget: str | float, out: str | Path, *, config: Sw
     except TypeError as e:
         raise SweepError(f"sweep: {e}") from None
     bud = parse_budget(budget)
+    threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    out = Path(out)
+    try:
+        return _sweep(store, bud, Path(out), cfg, command, on_point)
+    finally:  # `threads` is this call's setting only, not the calling process's
+        torch.set_num_threads(threads)
+
+
+def _sweep(store: str | Path, bud: Budget, out: Path, cfg: SweepConfig, command: str | None,
+           on_point: Callable[[dict[str, Any]], None] | None) -> SweepResult:
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out} is a file: give a folder for the sweep")
     src = ActivationStore.open(store)

@@ -14,7 +14,7 @@ import inspect
 import itertools
 import math
 import textwrap
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, get_args
 
 from monoscope.errors import MonoscopeError
@@ -23,6 +23,7 @@ from monoscope.sae.config import ARCHITECTURES, TOPK_STYLE, Arch, parse_width
 DType = Literal["auto", "float32", "bfloat16"]
 Revive = Literal["auto", "auxk", "resample", "none"]
 InitBDec = Literal["geometric_median", "mean", "zero"]
+Loss = Literal["mse", "e2e-kl", "e2e-ce"]
 
 RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "progress"})
 """Fields that may change between a run and its resumption: they do not touch the numbers."""
@@ -139,6 +140,15 @@ class TrainConfig:
     log_every: int = 50
     """Steps between log lines (train_log.jsonl) and metric updates; metrics are averaged over them."""
 
+    loss: Loss = "mse"
+    """What the SAE minimises besides its sparsity and aux terms: mse (reconstruction), or end to end
+    through the model with the reconstruction spliced in at the hook: e2e-kl (KL divergence to the clean
+    next-token distribution) or e2e-ce (next-token cross-entropy). e2e-* need --model and a corpus, not
+    a store (`monoscope.train.e2e`)."""
+
+    ctx_len: int = 128
+    """With --model: tokens per context of the corpus (end to end: --batch-size must be a multiple of it)."""
+
     skip_nonfinite: bool = False
     """Skip (and count) a batch whose activations or loss are not finite, instead of stopping."""
 
@@ -186,6 +196,9 @@ class TrainConfig:
         _float("aux_coef", self.aux_coef, 0.0, None, "a weight >= 0 such as 0.03125")
         if self.dead_window is not None:
             _int("dead_window", self.dead_window, 1, "a positive number of tokens such as 10M")
+        if self.loss not in get_args(Loss):
+            raise TrainConfigError(f"--loss {self.loss!r}: use one of {', '.join(get_args(Loss))}")
+        _int("ctx_len", self.ctx_len, 2, "a context length in tokens such as 128")
         if self.revive not in get_args(Revive):
             raise TrainConfigError(f"--revive {self.revive!r}: use one of {', '.join(get_args(Revive))}")
         if self.revive == "auxk" and self.arch not in TOPK_STYLE:
@@ -284,10 +297,12 @@ class TrainConfig:
 def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RUNTIME_FIELDS) -> list[str]:
     """Human-readable `field: saved -> current` for every field that differs (runtime ones ignored)."""
     out = []
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     for name in sorted(set(saved) | set(current)):
         if name in ignore:
             continue
-        a, b = saved.get(name, "<absent>"), current.get(name, "<absent>")
+        # a field added after the saved run was made: its absence means the default it then had
+        a, b = saved.get(name, defaults.get(name, "<absent>")), current.get(name, "<absent>")
         if a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out

@@ -73,7 +73,7 @@ def store_data(folder: str | os.PathLike[str], batch_size: int, seed: int) -> Tr
 
 
 def stream_data(model: str, corpus: str, hook: str | None, batch_size: int, seed: int, device: str,
-                text_field: str = "text") -> TrainData:
+                text_field: str = "text", ctx_len: int = 128) -> TrainData:
     """Batches computed from `model` over `corpus` as training goes (no store on disk)."""
     from monoscope.corpus import open_corpus
     from monoscope.model import load_model
@@ -81,7 +81,7 @@ def stream_data(model: str, corpus: str, hook: str | None, batch_size: int, seed
 
     corp = open_corpus(corpus, text_field=text_field)
     lm = load_model(model, device=device)
-    batches = stream_batches(lm, corp, hook, batch_size, seed=seed)
+    batches = stream_batches(lm, corp, hook, batch_size, seed=seed, ctx_len=ctx_len)
     ident = {k: v for k, v in lm.identity().items() if k != "spec"}
     identity = {"kind": "stream", "model": ident, "corpus": corp.fingerprint(), "hook": str(batches.hook),
                 "d_model": lm.d_model}
@@ -91,6 +91,31 @@ def stream_data(model: str, corpus: str, hook: str | None, batch_size: int, seed
         identity=identity,
         describe_row=lambda row: f"streamed row {row} (context {row // batches.ctx_len}, "
                                  f"position {row % batches.ctx_len} of the corpus)",
+        hook=str(batches.hook),
+        model=model,
+        n_rows=None,
+        get_normaliser=lambda: batches.normaliser,
+    )
+
+
+def e2e_data(model: str, corpus: str, hook: str | None, batch_size: int, ctx_len: int, device: str,
+             text_field: str = "text") -> TrainData:
+    """Whole contexts of `corpus` run through `model`, for end-to-end training (`train.e2e`)."""
+    from monoscope.corpus import open_corpus
+    from monoscope.model import load_model
+    from monoscope.train.e2e import ContextBatches
+
+    corp = open_corpus(corpus, text_field=text_field)
+    lm = load_model(model, device=device)
+    batches = ContextBatches(lm, corp, lm.hook(hook), batch_size, ctx_len)
+    ident = {k: v for k, v in lm.identity().items() if k != "spec"}
+    identity = {"kind": "e2e", "model": ident, "corpus": corp.fingerprint(), "hook": str(batches.hook),
+                "d_model": lm.d_model, "ctx_len": ctx_len}
+    return TrainData(
+        batches=batches,
+        d_model=lm.d_model,
+        identity=identity,
+        describe_row=lambda row: f"corpus token {row} (context {row // ctx_len}, position {row % ctx_len})",
         hook=str(batches.hook),
         model=model,
         n_rows=None,

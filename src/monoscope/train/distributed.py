@@ -21,9 +21,16 @@ ranks is a 2-D `DeviceMesh` of shape (dp, fs), fs = `shard_features`, dp = W / f
   its k_aux dead latents globally the same way.
 
 One rank's step equals one process's step on the same global batch up to float summation order
-(tests: max abs weight difference <= 1e-5 after training, TopK indices identical). Supported: the
-topk architecture with AuxK or no revival (batchtopk's batch-wide selection and relu-l1's
-resampling would need their own collectives); activations from a store (not streamed).
+(tests: max abs weight difference <= 1e-5 after training, TopK indices identical).
+
+Feature sharding: topk, and batchtopk (its k·B entries chosen over the whole mesh: every rank's top
+k·B candidates all-gathered, one global cut; `_global_batch_select`), with AuxK or no revival.
+Data parallel: every architecture, each replica running its own forward on its rows; batchtopk and
+matryoshka choose their k·B entries over the global batch (`GlobalBatchSelect`: each rank's top k·B
+candidates' values all-gathered, a global cut, the threshold's running minimum all-reduced),
+relu-l1 resamples dead features on the global batch (x̂ all-gathered at the resample steps), and
+batchtopk's eval threshold is calibrated on rank 0 from the next global batches, as one process
+does. Activations from a store (not streamed; `--loss mse`).
 
 Outputs and resume: rank 0 alone writes the log, the checkpoints and the final SAE, atomically
 (`CheckpointDir`). A checkpoint holds the assembled SAE (sae.safetensors, loadable as usual) and
@@ -46,6 +53,7 @@ with gloo; `--device cpu` forces gloo.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import sys
@@ -67,20 +75,25 @@ from monoscope.fileio import check_output_dir
 from monoscope.locking import folder_locks
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, save_sae
+from monoscope.sae.config import THRESHOLD_STYLE
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
-from monoscope.sae.topk import TopKSAE, _order_view
+from monoscope.sae.topk import BatchTopKSAE, TopKSAE, _batch_topk, _order_view
 from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointDir
 from monoscope.train.config import TrainConfig
 from monoscope.train.data import TrainData, store_data
+from monoscope.train.dead import resample_dead
 from monoscope.train.log import LOG_NAME, JsonlLog
-from monoscope.train.trainer import BatchSource, Peeked, RunOutcome, Trainer, TrainingInterrupted
+from monoscope.train.trainer import CALIBRATION_BATCHES, BatchSource, Peeked, RunOutcome, Trainer
 
 DEFAULT_TIMEOUT_S = 600.0
 """Process-group timeout: how long a rank waits in a collective for a silent peer (rank 0 writing a
 large checkpoint keeps the others waiting, so it is generous; tests lower it)."""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+FEATURE_SHARDED = ("topk", "batchtopk")
+"""Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
 
 _T = TypeVar("_T")
 
@@ -202,6 +215,15 @@ def _sum_parts(part: Tensor, group: Any, size: int) -> Tensor:
     return part if size == 1 else _SumParts.apply(part, group)
 
 
+def _all_gather_rows(t: Tensor, group: Any, size: int) -> Tensor:
+    """Concatenate `t` [b, ...] of every rank of `group` along dim 0, in rank order -> [size·b, ...]."""
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
 def _all_gather_cat(t: Tensor, group: Any, size: int) -> Tensor:
     """Concatenate `t` [B, m] of every rank of `group` along dim 1 -> [B, size·m]."""
     if size == 1:
@@ -223,6 +245,50 @@ def _global_topk(pre: Tensor, k: int, offset: int, topo: Topology) -> tuple[Tens
         return vals, ids
     _, pos = _order_view(vals).topk(k, dim=1, sorted=False)  # [B, k]
     return vals.gather(1, pos), ids.gather(1, pos)
+
+
+class GlobalBatchSelect:
+    """Mixin for BatchTopK-style SAEs (batchtopk, matryoshka) trained data parallel: the k·B entries
+    of a training step are chosen over the *global* batch, as one process chooses them. Each rank
+    takes the top k·B of its own rows (the global top k·B's entries from its rows are among them),
+    the candidates' values are all-gathered over the dp group, the (k·B)-th largest is the global
+    cut, and each rank keeps its entries at or above it. The running threshold is updated with the
+    smallest kept positive value over all ranks (an all-reduce MIN), so replicas stay identical."""
+
+    dp_group: Any = None
+    dp: int = 1
+
+    def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
+        if not self.training or self.dp == 1:  # type: ignore[attr-defined]
+            return super()._select(pre, update)  # type: ignore[misc, no-any-return]
+        n_rows, n_feat = pre.shape
+        n_keep = int(self.cfg.k) * n_rows * self.dp  # type: ignore[attr-defined]
+        rows, cols, vals = _batch_topk(pre, min(n_keep, pre.numel()))  # row-major, as one process has them
+        gathered = [torch.empty_like(vals) for _ in range(self.dp)]
+        dist.all_gather(gathered, vals.contiguous(), group=self.dp_group)
+        cut = _order_view(torch.cat(gathered)).topk(n_keep, sorted=False).values.min()
+        keep = _order_view(vals) >= cut
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        if update:
+            pos = vals[vals > 0]
+            m = (pos.min() if pos.numel() else pos.new_full((), math.inf)).float().reshape(1)
+            dist.all_reduce(m, op=dist.ReduceOp.MIN, group=self.dp_group)
+            self._update_threshold(m[torch.isfinite(m)])  # type: ignore[attr-defined]
+        counts = torch.bincount(rows, minlength=n_rows)  # [B]
+        offsets = counts.cumsum(0) - counts
+        return vals, SparsePattern(cols, n_feat, offsets), cols, offsets
+
+
+def data_parallel_sae(full: SAE, topo: Topology) -> SAE:
+    """The replica this rank trains for an unsharded SAE: `full` itself, or for batch-wide selection
+    (batchtopk, matryoshka) over several dp ranks a copy whose selection is global (`GlobalBatchSelect`)."""
+    if full.arch not in THRESHOLD_STYLE or topo.dp == 1:
+        return full
+    cls = type(f"DataParallel{type(full).__name__}", (GlobalBatchSelect, type(full)), {})
+    sae = cls(full.cfg, generator=torch.Generator())  # weights overwritten below
+    sae.load_state_dict(full.state_dict())
+    sae.dp_group, sae.dp = topo.dp_group, topo.dp
+    return sae  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------- batches
@@ -274,36 +340,48 @@ def shard_state(full: dict[str, Tensor], fs: int, fs_rank: int) -> dict[str, Ten
 
 
 class DistributedTrainer(Trainer):
-    """`Trainer` whose SAE is this rank's feature shard and whose steps talk to the other ranks
-    (module docstring). `sae` is a TopKSAE of `shard_config(full_cfg, fs)`."""
+    """`Trainer` whose SAE is this rank's feature shard (topk: a TopKSAE of `shard_config(full_cfg, fs)`)
+    or its data-parallel replica (every architecture, `data_parallel_sae`), and whose steps talk to the
+    other ranks (module docstring)."""
 
     def __init__(self, sae: SAE, full_cfg: SAEConfig, config: TrainConfig, source: RankSlice, topo: Topology,
                  **kwargs: Any) -> None:
         super().__init__(sae, config, source, **kwargs)
         self.topo = topo
         self.full_cfg = full_cfg
-        self.k = int(full_cfg.k)  # type: ignore[arg-type]
-        self.k_aux = int(full_cfg.k_aux)  # type: ignore[arg-type]
+        self.sharded_topk = full_cfg.arch in FEATURE_SHARDED
+        """topk and batchtopk run the feature-sharded forward (any fs); the others their own forward (fs = 1)."""
+        self.k = int(full_cfg.k or 0)
+        self.k_aux = int(full_cfg.k_aux or 0)
         self.offset = topo.fs_rank * sae.cfg.d_sae
         self.slice: RankSlice = source
 
     # ---------------------------------------------------------------- forward
-    def _forward(self, x: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, list[Tensor], Tensor]:
-        """(total loss, [mse, aux, fvu, l0] detached, fired [F_local]) for this rank's rows x [b, d]."""
+    def _forward(self, x: Tensor, dead_mask: Tensor | None,
+                 sparsity_coef: float) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """(total loss, [mse, sparsity, aux, fvu, l0] detached, fired [F_local], x̂ [b, d] detached) for this
+        rank's rows x [b, d]."""
+        if not self.sharded_topk:  # a whole replica: the architecture's own forward on this rank's rows
+            out = self.sae(x, sparsity_coef=sparsity_coef, dead_mask=dead_mask)
+            return out.total, [out.mse.detach(), out.sparsity.detach(), out.aux.detach(), out.fvu, out.l0], \
+                out.fired, out.x_hat.detach()
         sae, topo = self.sae, self.topo
         cd = sae.compute_dtype(x.device)
         x32, x_c = sae._prepare_input(x, cd)
         n_rows, n_loc = x.shape[0], sae.cfg.d_sae
         with torch.no_grad():
             pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
-            sel_v, sel_i = _global_topk(pre, self.k, self.offset, topo)  # [b, k]
-            mine = (sel_i >= self.offset) & (sel_i < self.offset + n_loc)
-            rows, slots = mine.nonzero(as_tuple=True)  # row-major
-            cols = sel_i[rows, slots] - self.offset  # [nnz] local feature ids
+            if self.full_cfg.arch == "batchtopk":
+                rows, cols, values, l0 = self._global_batch_select(pre)
+            else:
+                sel_v, sel_i = _global_topk(pre, self.k, self.offset, topo)  # [b, k]
+                mine = (sel_i >= self.offset) & (sel_i < self.offset + n_loc)
+                rows, slots = mine.nonzero(as_tuple=True)  # row-major
+                cols = sel_i[rows, slots] - self.offset  # [nnz] local feature ids
+                values = pre[rows, cols]
+                l0 = (sel_v > 0).sum(dtype=torch.float32) / n_rows
             counts = torch.bincount(rows, minlength=n_rows)
             pattern = SparsePattern(cols, n_loc, counts.cumsum(0) - counts)
-            values = pre[rows, cols]
-            l0 = (sel_v > 0).sum(dtype=torch.float32) / n_rows
         xs, shift = sae._sparse_encoder_input(x32, x_c)
         vals = gather_linear(values, xs, sae.W_enc, sae.b_enc, pattern, shift).float().relu()  # [nnz]
         part = sparse_decode(vals, cols, sae.W_dec, dtype=cd, pattern=pattern).float()
@@ -317,8 +395,33 @@ class DistributedTrainer(Trainer):
             fired = torch.zeros(n_loc, dtype=torch.bool, device=x.device)
             fired[cols[vals.detach() != 0]] = True
         total = mse if aux is None else mse + aux
-        aux_v = torch.zeros((), device=x.device) if aux is None else aux.detach()
-        return total, [mse.detach(), aux_v, fvu, l0], fired
+        zero = torch.zeros((), device=x.device)
+        aux_v = zero if aux is None else aux.detach()
+        return total, [mse.detach(), zero, aux_v, fvu, l0], fired, x_hat.detach()
+
+    def _global_batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """batchtopk over the whole mesh: the k·B largest entries of the global batch (B = b·dp rows, every
+        shard's features) -> this rank's (rows, local cols, values, L0 of its rows over all shards). Each rank's
+        top k·B candidates are all-gathered (every (row, feature) entry lives on exactly one rank), the
+        (k·B)-th largest is the cut; the running threshold takes the smallest kept positive value of all ranks."""
+        topo = self.topo
+        n_rows = pre.shape[0]
+        n_keep = self.k * n_rows * topo.dp
+        rows, cols, vals = _batch_topk(pre, min(n_keep, pre.numel()))  # row-major
+        gathered = [torch.empty_like(vals) for _ in range(topo.world)]
+        dist.all_gather(gathered, vals.contiguous())
+        cut = _order_view(torch.cat(gathered)).topk(n_keep, sorted=False).values.min()
+        keep = _order_view(vals) >= cut
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        pos = vals[vals > 0]
+        if self.sae.training:
+            m = (pos.min() if pos.numel() else pos.new_full((), math.inf)).float().reshape(1)
+            dist.all_reduce(m, op=dist.ReduceOp.MIN)
+            self.sae._update_threshold(m[torch.isfinite(m)])  # type: ignore[operator]
+        n_pos = torch.tensor([pos.numel()], dtype=torch.float32, device=pre.device)
+        if topo.fs > 1:
+            dist.all_reduce(n_pos, group=topo.fs_group)
+        return rows, cols, vals, n_pos[0] / n_rows
 
     def _auxk(self, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype) -> Tensor | None:
         """AuxK (`TopKSAE._auxk`) with the k_aux dead latents chosen over every shard."""
@@ -371,14 +474,15 @@ class DistributedTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group["lr"] = sched.lr
         dead_mask = self.dead.dead() if self.use_auxk else None
-        total, metrics, fired = self._forward(x, dead_mask)
+        total, metrics, fired, x_hat = self._forward(x, dead_mask, sched.sparsity_coef)
         total.backward()
         if not bool(torch.isfinite(total.detach())):  # poison the gradients: every rank then sees it
             for p in self._params:
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
         self._reduce_grads()
-        self.sae.remove_parallel_grads_()
+        if self.unit_norm_decoder:
+            self.sae.remove_parallel_grads_()
         grad_norm = self._clip_grads()
         if not bool(torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -386,7 +490,8 @@ class DistributedTrainer(Trainer):
             return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.sae.normalize_decoder_()
+        if self.unit_norm_decoder:
+            self.sae.normalize_decoder_()
         if self.topo.dp > 1:
             f = fired.to(torch.uint8)
             dist.all_reduce(f, op=dist.ReduceOp.MAX, group=self.topo.dp_group)
@@ -394,12 +499,18 @@ class DistributedTrainer(Trainer):
         n = full.acts.shape[0]
         self.dead.update(fired, n)
         with torch.no_grad():
-            mse, aux, fvu, l0 = metrics
-            self._acc += torch.stack([total.detach(), mse, torch.zeros_like(mse), aux, fvu, l0,
+            mse, sparsity, aux, fvu, l0 = metrics
+            self._acc += torch.stack([total.detach(), mse, sparsity, aux, fvu, l0,
                                       grad_norm.detach().float()]).double()
         self._acc_steps += 1
         self.step += 1
         self.tokens += n
+        if self.step in self.resample_steps:  # on the whole global batch, as one process (fs = 1 here)
+            x_hat_all = _all_gather_rows(x_hat, self.topo.dp_group, self.topo.dp)
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x_all, x_hat_all, gen)
+            self.dead.reset(idx)
+            self.resampled += idx.numel()
 
     def _reduce_grads(self) -> None:
         """b_dec's gradient summed over the fs group (its encoder path is partial per shard); every
@@ -421,14 +532,16 @@ class DistributedTrainer(Trainer):
 
     def _clip_grads(self) -> Tensor:
         """torch's clip_grad_norm_ over the whole (sharded) parameter set: shard squares summed over fs."""
-        sharded = [p.grad for p in (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec) if p.grad is not None]
+        rows = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec)
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in sharded:
-            sq = sq + torch.linalg.vector_norm(g.float()).square()
+        for p in rows:
+            if p.grad is not None:
+                sq = sq + torch.linalg.vector_norm(p.grad.float()).square()
         if self.topo.fs > 1:
             dist.all_reduce(sq, group=self.topo.fs_group)
-        if self.sae.b_dec.grad is not None:
-            sq = sq + torch.linalg.vector_norm(self.sae.b_dec.grad.float()).square()
+        for p in self._params:  # replicated: b_dec and the extras of other architectures
+            if p.grad is not None and not any(p is r for r in rows):
+                sq = sq + torch.linalg.vector_norm(p.grad.float()).square()
         norm = sq.sqrt()
         if self.cfg.grad_clip > 0:
             coef = (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
@@ -502,7 +615,6 @@ class DistributedTrainer(Trainer):
     def run(self, on_log: Callable[[dict[str, Any]], None] | None = None,
             on_step: Callable[[int], None] | None = None) -> RunOutcome:
         """`Trainer.run` with the stop decision shared; a failed collective becomes DistributedError."""
-        every = self.cfg.checkpoint_every
         last_ckpt: str | None = None
         saved_at = self.step
         self._t_log, self._tok_log = time.perf_counter(), self.tokens
@@ -511,25 +623,10 @@ class DistributedTrainer(Trainer):
                 if self._agreed_stop():
                     break
                 self.train_step()
-                if on_step is not None:
-                    on_step(self.cfg.batch_size)
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                    rec = self.flush_metrics()
-                    if self.log is not None:
-                        self.log.write(rec)
-                    if on_log is not None:
-                        on_log(rec)
-                if every and self.step % every == 0 and self.step < self.total_steps:
+                if self._after_step(on_log, on_step):
                     last_ckpt, saved_at = self.save_checkpoint(), self.step
-            if self.stop_signal is not None and self.step < self.total_steps:
-                if saved_at != self.step or last_ckpt is None:
-                    last_ckpt = self.save_checkpoint() if self.step else None
-                raise TrainingInterrupted(
-                    f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps} on every rank "
-                    f"(checkpoint {last_ckpt}): run the same command with --resume to continue",
-                    self.step, self.stop_signal)
-            if saved_at != self.step or last_ckpt is None:
-                last_ckpt = self.save_checkpoint()
+            self._raise_if_stopped(last_ckpt, saved_at, " on every rank")
+            last_ckpt = self._final_checkpoint(last_ckpt, saved_at)
         except (RuntimeError, dist.DistError) as e:
             raise self.lost_contact(e, last_ckpt) from e
         return RunOutcome(self.step >= self.total_steps, False, last_ckpt)
@@ -575,11 +672,16 @@ def train_distributed(
 
 
 def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
-    if cfg.arch != "topk":
-        raise MonoscopeError(f"distributed training supports --arch topk, not {cfg.arch}: train {cfg.arch} in one "
-                             "process (without torchrun), or use --arch topk")
-    if cfg.revive_method == "resample":
-        raise MonoscopeError("distributed training does not resample dead features: use --revive auxk or none")
+    if cfg.loss != "mse":
+        raise MonoscopeError(f"--loss {cfg.loss} trains in one process (it runs the model, not a store): launch "
+                             "monoscope train without torchrun, or use --loss mse")
+    if topo.fs > 1 and cfg.arch not in FEATURE_SHARDED:
+        raise MonoscopeError(f"--shard-features {topo.fs} splits the features of --arch "
+                             f"{', '.join(FEATURE_SHARDED)} only, not {cfg.arch}: train {cfg.arch} data parallel "
+                             "(--shard-features 1), or use --arch topk")
+    if topo.fs > 1 and cfg.revive_method == "resample":
+        raise MonoscopeError(f"--shard-features {topo.fs} does not resample dead features: use --revive auxk or "
+                             "none, or --shard-features 1")
     if cfg.batch_size % topo.dp:
         raise MonoscopeError(f"--batch-size {cfg.batch_size} does not split over {topo.dp} data-parallel ranks "
                              f"(world {topo.world} / --shard-features {topo.fs}): use a multiple of {topo.dp}")
@@ -666,8 +768,12 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             dist.broadcast_object_list(box, src=0)
             sae_cfg = SAEConfig.from_dict(box[0])
         full = build_sae(sae_cfg, seed=cfg.seed)  # CPU; the same draw as one process makes
-        shard = TopKSAE(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
-        shard.load_state_dict(shard_state(full.state_dict(), topo.fs, topo.fs_rank))
+        if sae_cfg.arch in FEATURE_SHARDED:
+            cls = TopKSAE if sae_cfg.arch == "topk" else BatchTopKSAE
+            shard: SAE = cls(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
+            shard.load_state_dict(shard_state(full.state_dict(), topo.fs, topo.fs_rank))
+        else:
+            shard = data_parallel_sae(full, topo)
         del full
         shard = shard.to(topo.device)
         log = JsonlLog(out / LOG_NAME) if topo.is_main else None
@@ -701,6 +807,8 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
         if not topo.is_main:
             return None
         assert final is not None
+        if trainer.step > 0:  # after the final checkpoint, as one process: batchtopk's eval threshold from data
+            _calibrate(final.to(topo.device), trainer)
         prov = {
             "command": command or "monoscope.train.train_distributed(...)",
             "train_config": cfg.to_dict(),
@@ -753,6 +861,25 @@ def _gather_full_sae(trainer: DistributedTrainer) -> SAE | None:
     sae = build_sae(trainer.full_cfg)
     sae.load_state_dict(full)
     return sae
+
+
+def _calibrate(sae: SAE, trainer: DistributedTrainer) -> None:
+    """`Trainer.calibrate_threshold` for the assembled SAE on rank 0: the next whole global batches of
+    the cursor (the ones one process reads); nothing for architectures without a threshold."""
+    calibrate = getattr(sae, "calibrate_threshold_", None)
+    if calibrate is None:
+        return
+    xs: list[Tensor] = []
+    for _ in range(CALIBRATION_BATCHES):
+        try:
+            x = trainer.scaled(next(trainer.slice.source).acts)
+        except StopIteration:
+            break
+        x = x[torch.isfinite(x).all(1)]
+        if x.shape[0]:
+            xs.append(x)
+    if xs:
+        trainer.last_metrics = {**trainer.last_metrics, "threshold": float(calibrate(xs))}
 
 
 def _to_cpu(obj: Any) -> Any:

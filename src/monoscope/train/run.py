@@ -38,7 +38,7 @@ from monoscope.sae.io import CFG_NAME, WEIGHTS_NAME, SAEFileError
 from monoscope.sae.multihook import multi_hook_fields
 from monoscope.train.checkpoint import CheckpointDir
 from monoscope.train.config import TrainConfig, TrainConfigError, cli_flag, config_diff
-from monoscope.train.data import TrainData, store_data, stream_data
+from monoscope.train.data import TrainData, e2e_data, store_data, stream_data
 from monoscope.train.log import LOG_NAME, JsonlLog
 from monoscope.train.trainer import Peeked, Trainer
 
@@ -100,14 +100,22 @@ def train(
     out = Path(out)
     if (store is None) == (model is None):
         raise MonoscopeError("train needs exactly one data source: an activation store folder, or --model to stream")
+    e2e = cfg.loss != "mse"
+    if e2e and model is None:
+        raise MonoscopeError(f"--loss {cfg.loss} measures the loss through the model, which a store ({store}) does not "
+                             "hold: pass --model MODEL (with --corpus and --hook) instead of the store, or use --loss "
+                             "mse")
     ckpts = CheckpointDir(out / CHECKPOINTS, keep=cfg.keep_checkpoints)
     _check_out_folder(out, ckpts, resume)
     device = resolve_device(cfg.device)
     if store is not None:
         data = store_data(store, cfg.batch_size, cfg.seed)
+    elif e2e:
+        assert model is not None
+        data = e2e_data(model, corpus, hook, cfg.batch_size, cfg.ctx_len, cfg.device)
     else:
         assert model is not None
-        data = stream_data(model, corpus, hook, cfg.batch_size, cfg.seed, cfg.device)
+        data = stream_data(model, corpus, hook, cfg.batch_size, cfg.seed, cfg.device, ctx_len=cfg.ctx_len)
     ckpt = ckpts.latest() if resume else None
     notes = [f"skipped damaged checkpoint: {s}" for s in ckpts.skipped]
     if ckpt is not None:
@@ -137,7 +145,14 @@ def train(
     sae = build_sae(sae_cfg, seed=cfg.seed, device=device)
     log = JsonlLog(out / LOG_NAME)
     meta = {"config": cfg.to_dict(), "data": data.identity, "sae_config": sae_cfg.to_dict()}
-    trainer = Trainer(sae, cfg, source, sink=ckpts, log=log, describe_row=data.describe_row, meta=meta)
+    if e2e:
+        from monoscope.train.e2e import E2ETrainer
+
+        ctx = data.batches
+        trainer: Trainer = E2ETrainer(sae, cfg, source, lm=ctx.lm, hook=ctx.hook,  # type: ignore[attr-defined]
+                                      sink=ckpts, log=log, describe_row=data.describe_row, meta=meta)
+    else:
+        trainer = Trainer(sae, cfg, source, sink=ckpts, log=log, describe_row=data.describe_row, meta=meta)
     if ckpt is None:
         assert isinstance(source, Peeked) and source.first is not None
         trainer.init_b_dec(source.first.acts)

@@ -10,7 +10,8 @@ One step (every architecture):
   1. x = c·acts (float32, c the store's normaliser, so E‖x‖² = d_model); a non-finite x stops the
      run (or is skipped with `skip_nonfinite`), naming the step and the offending rows;
   2. lr(step) and λ(step) from `schedules.py` (pure functions of the step: nothing to save);
-  3. out = sae(x, sparsity_coef=λ, dead_mask=dead if AuxK) -> loss = mse + sparsity + aux;
+  3. out = sae(x, sparsity_coef=λ, dead_mask=dead if AuxK) -> loss = mse + sparsity + aux (with
+     --loss e2e-kl/e2e-ce, the e2e term replaces mse: `e2e.py`);
   4. backward; unit-norm decoders (topk, batchtopk, jumprelu) drop the gradient component parallel
      to each decoder row; global grad-norm clip (1.0); non-finite loss or gradient norm: stop/skip;
   5. Adam step; unit-norm decoders are renormalised; dead counters advance with `out.fired`;
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from monoscope.errors import MonoscopeError
 from monoscope.sae import SAE
+from monoscope.sae.base import ForwardOutput
 from monoscope.sae.config import THRESHOLD_STYLE
 from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointSink, rng_state, set_rng_state
@@ -207,13 +209,14 @@ class Trainer:
             group["lr"] = sched.lr
         dead_mask = self.dead.dead() if self.use_auxk else None
         out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
-        out.total.backward()
+        total = self._loss(batch, x, out)
+        total.backward()
         if self.unit_norm_decoder:
             self.sae.remove_parallel_grads_()
         grad_norm = self._clip_grads()
-        if not bool(torch.isfinite(out.total.detach()) & torch.isfinite(grad_norm)):
+        if not bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self._nonfinite(batch, x, f"the loss or its gradient is not finite (loss {float(out.total.detach()):g})")
+            self._nonfinite(batch, x, f"the loss or its gradient is not finite (loss {float(total.detach()):g})")
             return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -221,7 +224,7 @@ class Trainer:
             self.sae.normalize_decoder_()
         self.dead.update(out.fired, n)
         with torch.no_grad():
-            vals = torch.stack([out.total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(),
+            vals = torch.stack([total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(),
                                 out.fvu, out.l0, grad_norm.detach().float()])
             self._acc += vals
         self._acc_steps += 1
@@ -232,6 +235,11 @@ class Trainer:
             idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x, out.x_hat.detach(), gen)
             self.dead.reset(idx)
             self.resampled += idx.numel()
+
+    def _loss(self, batch: Batch, x: Tensor, out: ForwardOutput) -> Tensor:
+        """The loss one step minimises: the SAE's own total (reconstruction + sparsity + aux); end-to-end
+        training (`e2e.E2ETrainer`) measures the reconstruction through the model instead."""
+        return out.total
 
     def _clip_grads(self) -> Tensor:
         if self.cfg.grad_clip > 0:
@@ -329,7 +337,6 @@ class Trainer:
             on_step: Callable[[int], None] | None = None) -> RunOutcome:
         """Train to `config.steps`, logging, checkpointing every `checkpoint_every` steps and at the
         end. A set `stop_signal` saves a checkpoint and raises `TrainingInterrupted`."""
-        every = self.cfg.checkpoint_every
         last_ckpt: str | None = None
         saved_at = self.step
         data_ended = False
@@ -342,36 +349,52 @@ class Trainer:
             except StopIteration:
                 data_ended = True
                 break
-            if on_step is not None:
-                on_step(self.cfg.batch_size)
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                rec = self.flush_metrics()
-                if self.log is not None:
-                    self.log.write(rec)
-                if on_log is not None:
-                    on_log(rec)
-            if every and self.step % every == 0 and self.step < self.total_steps:
+            if self._after_step(on_log, on_step):
                 last_ckpt, saved_at = self.save_checkpoint(), self.step
-        if self.stop_signal is not None and self.step < self.total_steps:
-            if self.step == 0:  # nothing trained yet: a fresh start is the same as a resume
-                saved = "nothing to save before the first step"
-            else:
-                if saved_at != self.step or last_ckpt is None:
-                    last_ckpt = self.save_checkpoint()
-                saved = f"checkpoint {last_ckpt}"
-            raise TrainingInterrupted(
-                f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps} ({saved}): "
-                "run the same command with --resume to continue",
-                self.step,
-                self.stop_signal,
-            )
+        self._raise_if_stopped(last_ckpt, saved_at)
         if data_ended and self._acc_steps:
             rec = self.flush_metrics()
             if self.log is not None:
                 self.log.write(rec)
+        return RunOutcome(self.step >= self.total_steps, data_ended, self._final_checkpoint(last_ckpt, saved_at))
+
+    def _after_step(self, on_log: Callable[[dict[str, Any]], None] | None,
+                    on_step: Callable[[int], None] | None) -> bool:
+        """Progress and the log after a step; True when a periodic checkpoint is due now."""
+        if on_step is not None:
+            on_step(self.cfg.batch_size)
+        if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            rec = self.flush_metrics()
+            if self.log is not None:
+                self.log.write(rec)
+            if on_log is not None:
+                on_log(rec)
+        every = self.cfg.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def _raise_if_stopped(self, last_ckpt: str | None, saved_at: int, scope: str = "") -> None:
+        """After the loop: a stop signal before the last step saves a checkpoint (unless one was just
+        saved) and raises `TrainingInterrupted`; `scope` qualifies where it stopped (" on every rank")."""
+        if self.stop_signal is None or self.step >= self.total_steps:
+            return
+        if self.step == 0:  # nothing trained yet: a fresh start is the same as a resume
+            saved = "nothing to save before the first step"
+        else:
+            if saved_at != self.step or last_ckpt is None:
+                last_ckpt = self.save_checkpoint()
+            saved = f"checkpoint {last_ckpt}"
+        raise TrainingInterrupted(
+            f"stopped by signal {self.stop_signal} after step {self.step} of {self.total_steps}{scope} ({saved}): "
+            "run the same command with --resume to continue",
+            self.step,
+            self.stop_signal,
+        )
+
+    def _final_checkpoint(self, last_ckpt: str | None, saved_at: int) -> str | None:
+        """The checkpoint of the last step (saved now unless the loop just saved it)."""
         if saved_at != self.step or last_ckpt is None:
             last_ckpt = self.save_checkpoint()
-        return RunOutcome(self.step >= self.total_steps, data_ended, last_ckpt)
+        return last_ckpt
 
 
 class Peeked:
