@@ -145,16 +145,26 @@ def _f1(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def _encode_tokens(lm: Any, sae: Any, hp: Any, texts: Sequence[str], *, ctx_len: int, batch: int,
-                   positions: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenise (BOS + text, cut to ctx_len), run to the hook, and return per text either the activation at
-    `positions[i]` or the mean over its tokens after BOS: (residual [N, d] float32, SAE codes [N, F] float32)."""
+_KEEP = [False]
+_RESID_MEMO: dict[tuple[Any, ...], list[Tensor]] = {}
+"""Residual rows per text, keyed by (model, hook, texts, positions, ctx_len): several SAEs on one model and hook
+(`saebench_many`) run the model once."""
+
+
+def _resid_rows(lm: Any, hp: Any, texts: Sequence[str], *, ctx_len: int, batch: int,
+                positions: Sequence[int] | None) -> list[Tensor]:
+    """Per text: the residual row at `positions[i]` (negative: from the end), or its rows after BOS."""
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key = (id(lm.model), str(hp), digest, tuple(positions) if positions is not None else None, ctx_len)
+    if key in _RESID_MEMO:
+        return _RESID_MEMO[key]
     tok = lm.tokenizer
     bos = lm.special_ids()[0]
     ids = [([bos] + tok(t, add_special_tokens=False)["input_ids"])[:ctx_len] for t in texts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos
-    dev = next(sae.parameters()).device
-    resid_out: list[tuple[int, np.ndarray, np.ndarray]] = []
+    rows: list[Tensor | None] = [None] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # length-sorted batches, less padding
     for s in range(0, len(order), batch):
         sel = order[s:s + batch]
@@ -162,20 +172,32 @@ def _encode_tokens(lm: Any, sae: Any, hp: Any, texts: Sequence[str], *, ctx_len:
         x = torch.full((len(sel), T), pad, dtype=torch.long)
         for r, i in enumerate(sel):
             x[r, :len(ids[i])] = torch.tensor(ids[i])
-        acts = lm.acts(hp, x).to(dev)  # [B, T, d]
-        with torch.inference_mode():
-            for r, i in enumerate(sel):
-                n = len(ids[i])
-                if positions is not None:
-                    rows = acts[r, positions[i]:positions[i] + 1] if positions[i] >= 0 else \
-                        acts[r, n + positions[i]:n + positions[i] + 1]
-                else:
-                    rows = acts[r, 1:n] if n > 1 else acts[r, :1]
-                f = sae.encode_raw(rows).float()
-                resid_out.append((i, rows.mean(0).cpu().numpy(), f.mean(0).cpu().numpy()))
-    resid_out.sort(key=lambda t: t[0])
-    return (np.stack([t[1] for t in resid_out]).astype(np.float32),
-            np.stack([t[2] for t in resid_out]).astype(np.float32))
+        acts = lm.acts(hp, x).cpu()  # [B, T, d]; right padding leaves a causal model's earlier rows unchanged
+        for r, i in enumerate(sel):
+            n = len(ids[i])
+            if positions is not None:
+                p = positions[i] if positions[i] >= 0 else n + positions[i]
+                rows[i] = acts[r, p:p + 1].clone()
+            else:
+                rows[i] = acts[r, 1:n].clone() if n > 1 else acts[r, :1].clone()
+    out = [r for r in rows if r is not None]
+    if not _KEEP[0]:
+        _RESID_MEMO.clear()  # one entry outside `saebench_many`: bounded memory
+    _RESID_MEMO[key] = out
+    return out
+
+
+def _encode_tokens(lm: Any, sae: Any, hp: Any, texts: Sequence[str], *, ctx_len: int, batch: int,
+                   positions: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise (BOS + text, cut to ctx_len), run to the hook, and return per text either the activation at
+    `positions[i]` or the mean over its tokens after BOS: (residual [N, d] float32, SAE codes [N, F] float32)."""
+    dev = next(sae.parameters()).device
+    res, codes = [], []
+    with torch.inference_mode():
+        for rows in _resid_rows(lm, hp, texts, ctx_len=ctx_len, batch=batch, positions=positions):
+            res.append(rows.mean(0).numpy())
+            codes.append(sae.encode_raw(rows.to(dev)).float().mean(0).cpu().numpy())
+    return np.stack(res).astype(np.float32), np.stack(codes).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- absorption
@@ -524,3 +546,19 @@ def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
     for k, v in p.items():
         print(f"{k + ' (higher is better)':<40}{v:.4f}")
     print(f"results: {path}")
+
+
+def saebench_many(lm: Any, saes: dict[str, Any], hook: Any, *, absorption_cfg: AbsorptionConfig | None = None,
+                  probing_cfg: ProbingConfig | None = None) -> dict[str, dict[str, Any]]:
+    """`saebench_metrics` for several SAEs on one model and hook, running the model once per text (the residual
+    rows are kept for the duration of the call). Each SAE's numbers equal a run of its own."""
+    _KEEP[0] = True
+    try:
+        out = {}
+        for name, sae in saes.items():
+            torch.manual_seed(0)
+            out[name] = saebench_metrics(lm, sae, hook, absorption_cfg=absorption_cfg, probing_cfg=probing_cfg)
+        return out
+    finally:
+        _KEEP[0] = False
+        _RESID_MEMO.clear()

@@ -66,13 +66,13 @@ def saelens_lookup(release_and_id: str) -> tuple[str, str]:
 
 
 def _split_hf(spec: str) -> tuple[str, str]:
-    """`OWNER/NAME/SUB/DIR` -> (OWNER/NAME, SUB/DIR); a local folder keeps its whole path as the 'repo'."""
+    """`OWNER/NAME/SUB/DIR` -> (OWNER/NAME, SUB/DIR); a local folder (a path starting with /, . or ~) is its own
+    'repository' with no subfolder."""
     if spec.startswith(("/", ".", "~")):
         p = Path(spec).expanduser()
-        for parent in [p, *p.parents]:  # the deepest existing folder that is not inside the SAE folder
-            if parent.is_dir():
-                return str(parent), str(p.relative_to(parent)) if parent != p else ""
-        raise InteropError(f"hf:{spec}: no such local folder")
+        if not p.is_dir():
+            raise InteropError(f"hf:{spec}: no such local folder")
+        return str(p), ""
     parts = spec.strip("/").split("/")
     if len(parts) < 2 or not all(parts[:2]):
         raise InteropError(f"hf:{spec}: expected hf:OWNER/NAME[/SUBFOLDER]")
