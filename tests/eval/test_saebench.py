@@ -64,7 +64,7 @@ def test_multi_probe_separates_and_is_deterministic() -> None:
 
 def test_alpha_tokens_and_prompt(tokenizer) -> None:  # type: ignore[no-untyped-def]
     words = sb.alpha_tokens(tokenizer)
-    assert len(words) == 91 and words[:3] == [" a", " b", " brown"]
+    assert len(words) == 91 and words[:4] == [" a", " b", " br", " de"]
     p = sb.icl_prompt(" fox", words, random.Random(0), CFG.prompt_template, 2)
     lines = p.split("\n")
     assert lines[0] == "" and lines[-1] == " fox has the first letter:" and len(lines) == 4
