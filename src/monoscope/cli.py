@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monoscope.features.cli import add_features_parser
     from monoscope.features.show import add_show_parser
     from monoscope.interop.cli import add_convert_parser
+    from monoscope.interop.push_cli import add_push_parser
     from monoscope.interp.cli import add_explain_parser
     from monoscope.interp.models_cli import add_models_parser
     from monoscope.scaling.cli import add_sweep_parser
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_parser(sub)
     add_sweep_parser(sub)
     add_serve_parser(sub)
+    add_push_parser(sub)
     return parser
 
 
@@ -209,6 +211,17 @@ def _check_launch(args: argparse.Namespace) -> None:
                              f"{', '.join(DISTRIBUTED_COMMANDS)})")
 
 
+def _resolve_published(args: argparse.Namespace) -> None:
+    """`saelens:RELEASE/ID` or `hf:REPO[/SUB]` in any command's SAE argument becomes a local SAE folder
+    (monoscope.interop.published), so every stage takes a published SAE the same way."""
+    from monoscope.interop.published import is_published, resolve_sae
+
+    for name in ("sae", "path", "src"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and is_published(value):
+            setattr(args, name, str(resolve_sae(value)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -216,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _check_launch(args)
+        _resolve_published(args)
         return int(args.func(args))
     except TrainingInterrupted as e:  # a checkpoint was saved: say how to continue
         print(f"interrupted: {e}", file=sys.stderr)

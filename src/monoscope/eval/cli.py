@@ -20,7 +20,8 @@ def add_eval_parser(subparsers: Any) -> None:
         "store and, with --lm, on held-out text (the store's corpus after the store) with the reconstruction "
         "spliced into the model. Writes metrics.json and PNG plots.")
     p.add_argument("sae", help="SAE folder")
-    p.add_argument("--acts", required=True, help="activation store of the model and hook the SAE reads")
+    p.add_argument("--acts", default=None,
+                   help="activation store of the model and hook the SAE reads (required unless --saebench)")
     p.add_argument("--lm", action="store_true", help="also the LM loss with the reconstruction spliced in")
     p.add_argument("--tokens", default=None,
                    help="store rows, and held-out tokens with --lm (default 100k, or every row of a smaller store; "
@@ -34,11 +35,33 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--compute-dtype", default=None, choices=["auto", "fp32", "bf16"],
                    help="model forward precision with --lm (default: the one the store was captured with)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    g = p.add_argument_group("SAEBench metrics (--saebench; docs/saebench.md)")
+    g.add_argument("--saebench", action="store_true",
+                   help="SAEBench-compatible absorption (lower is better) and sparse probing on offline data, "
+                        "into OUT/saebench.json; needs the SAE's model, not --acts")
+    g.add_argument("--model", default=None, help="with --saebench: the model (default: the one the SAE records)")
+    g.add_argument("--absorption-words", type=int, default=None,
+                   help="with --saebench: vocabulary words of the first-letter task (default 2000)")
+    g.add_argument("--probe-per-class", type=int, default=None,
+                   help="with --saebench: texts per class of each probing task (default 150)")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from monoscope.errors import MonoscopeError
+
     check_output_dir(args.out if args.out is not None else default_out(Path(args.sae)))  # before any loading
+    if args.acts is None and not args.saebench:
+        raise MonoscopeError("monoscope eval needs --acts STORE (the store of the SAE's model and hook), or "
+                             "--saebench for the SAEBench metrics")
+    if args.saebench:
+        from monoscope.eval.saebench import print_saebench_summary, run_saebench
+
+        path, metrics = run_saebench(args.sae, out=args.out, model=args.model, device=args.device,
+                                     max_words=args.absorption_words, max_per_class=args.probe_per_class)
+        print_saebench_summary(metrics, path)
+        if args.acts is None:
+            return 0
     res = evaluate(args.sae, acts=args.acts, lm=args.lm, tokens=args.tokens, out=args.out, text=args.text,
                    batch_contexts=args.batch_contexts, error_check=not args.no_error_check, device=args.device,
                    compute_dtype=args.compute_dtype, progress=not args.quiet)

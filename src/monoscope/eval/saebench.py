@@ -1,0 +1,564 @@
+"""SAEBench-compatible metrics on data that ships offline: feature absorption and sparse probing.
+
+Definitions and defaults follow SAEBench 0.6.0 (`sae_bench.evals.absorption`, `sae_bench.evals.sparse_probing`);
+every place where monoscope differs is listed in `DIFFERENCES` (written into the metric JSON and
+docs/saebench.md), so a number here is never silently compared with a different definition.
+
+Absorption (first-letter task; lower is better): ICL prompts "{word} has the first letter:" over the
+alphabetic tokens of the model's own vocabulary; a logistic probe on the residual per letter (ground truth),
+k-sparse probes on SAE latents (an L1 probe ranks the latents, k = 1..10, feature splits found by an F1 jump
+of 0.03), then for every test word the ground-truth probe gets right: the fraction of the probe projection
+carried by other probe-aligned latents instead of the letter's own (absorption fraction), and whether one
+such latent carries it alone while the letter's latents are silent (full absorption).
+
+Sparse probing (higher is better): binary tasks built from the concept packs, Django's translation
+catalogues (language of a message) and the standard library (code vs its docstrings); mean-pooled activations,
+a logistic probe on the full residual vs on the k = 1, 2, 5 SAE latents with the largest class mean difference.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from monoscope.errors import MonoscopeError
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+EPS = 1e-6  # SAEBench's EPS for "a latent fired"
+
+DIFFERENCES: dict[str, str] = {
+    "absorption.words": "SAEBench uses every alphabetic vocabulary token; monoscope samples `max_words` of them "
+                        "(seeded) to bound CPU time. Same filter (ASCII letters, optional leading space).",
+    "absorption.position": "SAEBench reads the word at a fixed position (-6 for its template and tokenizers); "
+                           "monoscope computes the word's last token from the tokenized template suffix and "
+                           "skips a word whose prompt does not end with that suffix (count recorded).",
+    "absorption.padding": "SAEBench runs prompts of equal length; monoscope right-pads a batch (causal model: "
+                          "earlier positions are unchanged) and reads each prompt's own position.",
+    "absorption.projection": "SAEBench's latent probe projection is f_i·cos(d_i, p) (unit-norm decoder, no input "
+                             "scaling assumed); monoscope uses the latent's exact raw-space contribution "
+                             "f_i·‖d_i‖·cos(d_i, p)/c (c = the SAE's input normaliser). Identical for unit-norm "
+                             "decoders with c = 1.",
+    "absorption.split": "SAEBench builds train/test prompts with a random ICL sample per word from Python's "
+                        "global `random`; monoscope seeds one `random.Random(seed)` for the split and the "
+                        "ICL examples.",
+    "sparse_probing.datasets": "SAEBench uses bias_in_bios, Amazon reviews, GitHub code, Europarl and AG News "
+                               "from the Hugging Face Hub; monoscope builds tasks from data that ships offline: "
+                               "the concept packs (positives vs negatives), Django's .po catalogues (language of "
+                               "a message, one-vs-rest) and the standard library (code vs docstrings). Scores are "
+                               "comparable across SAEs of one model, not with SAEBench's published numbers.",
+    "sparse_probing.sizes": "SAEBench uses 4,000 train / 1,000 test texts per task; monoscope uses what the "
+                            "offline data holds (capped at `max_per_class` per class, 80/20 split).",
+    "sparse_probing.llm_probe": "SAEBench trains the full-residual probe with its own torch trainer; monoscope "
+                                "uses scikit-learn's LogisticRegression (L2, C=1, max_iter=1000), as SAEBench "
+                                "does for the k-latent probes.",
+    "scr_tpp": "Spurious correlation removal needs a dataset with two correlated binary attributes (SAEBench: "
+               "profession x gender in bias_in_bios, sentiment x category in Amazon reviews); nothing that ships "
+               "offline here carries two such attributes, so SCR is not computed. Targeted probe perturbation "
+               "is not implemented yet.",
+}
+
+
+def _first_letter(word: str) -> str:
+    chars = [c for c in word.strip() if c.isalpha()]
+    return chars[0].lower()
+
+
+def alpha_tokens(tokenizer: Any) -> list[str]:
+    """Vocabulary entries made of ASCII letters only, optionally with one leading space (SAEBench's
+    `get_alpha_tokens`), as decoded strings, sorted and deduplicated."""
+    allowed = set(LETTERS + LETTERS.upper())
+    out = set()
+    for tok in tokenizer.get_vocab():
+        word = tokenizer.convert_tokens_to_string([tok])
+        w = word[1:] if word.startswith(" ") else word
+        if w and all(c in allowed for c in w):
+            out.add(word)
+    return sorted(out)
+
+
+def icl_prompt(word: str, examples: Sequence[str], rng: random.Random, template: str, n_icl: int) -> str:
+    """SAEBench's `create_icl_prompt` with the first-letter formatter and a separator before the first example."""
+    pool = [e for e in examples if e != word]
+    icl = rng.sample(pool, min(n_icl, len(pool)))
+    lines = [template.format(word=e) + " " + _first_letter(e).upper() for e in icl]
+    return "\n" + "\n".join(lines) + "\n" + template.format(word=word)
+
+
+# ---------------------------------------------------------------------------------------------- probes
+class _Probe(nn.Module):
+    def __init__(self, d: int, n: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+
+def train_multi_probe(x: Tensor, y: Tensor, *, epochs: int = 50, lr: float = 1e-2, end_lr: float = 1e-5,
+                      weight_decay: float = 1e-4, l1: float = 0.0, batch_size: int = 4096, seed: int = 0,
+                      map_x: Callable[[Tensor], Tensor] | None = None, dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """SAEBench's `train_multi_probe`: one-vs-rest logistic probes trained together (BCE with pos_weight
+    = negatives/positives per class, Adam, exponential decay lr → end_lr over the epochs, optional L1 on
+    the weights averaged over probes). Returns (weights [n, dim], biases [n])."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    yf = y.float()
+    pos = yf.sum(0).clamp_min(1)
+    pos_weight = (yf.shape[0] - yf.sum(0)) / pos
+    probe = _Probe(dim if dim is not None else x.shape[1], y.shape[1])
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / epochs))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for s in range(0, x.shape[0], batch_size):
+            idx = perm[s:s + batch_size]
+            xb = x[idx] if map_x is None else map_x(x[idx])
+            opt.zero_grad()
+            loss = loss_fn(probe(xb), yf[idx])
+            if l1:
+                loss = loss + l1 * probe.fc.weight.abs().sum(dim=-1).mean()
+            loss.backward()
+            opt.step()
+        sched.step()
+    return probe.fc.weight.detach().clone(), probe.fc.bias.detach().clone()
+
+
+def _sk_probe(x: np.ndarray, y: np.ndarray, **kw: Any) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(**kw).fit(x, y)
+
+
+def _f1(y: np.ndarray, pred: np.ndarray) -> float:
+    tp = float(np.sum(y & pred))
+    fp = float(np.sum(~y & pred))
+    fn = float(np.sum(y & ~pred))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+_KEEP = [False]
+_RESID_MEMO: dict[tuple[Any, ...], list[Tensor]] = {}
+"""Residual rows per text, keyed by (model, hook, texts, positions, ctx_len): several SAEs on one model and hook
+(`saebench_many`) run the model once."""
+
+
+def _resid_rows(lm: Any, hp: Any, texts: Sequence[str], *, ctx_len: int, batch: int,
+                positions: Sequence[int] | None) -> list[Tensor]:
+    """Per text: the residual row at `positions[i]` (negative: from the end), or its rows after BOS."""
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    key = (id(lm.model), str(hp), digest, tuple(positions) if positions is not None else None, ctx_len)
+    if key in _RESID_MEMO:
+        return _RESID_MEMO[key]
+    tok = lm.tokenizer
+    bos = lm.special_ids()[0]
+    ids = [([bos] + tok(t, add_special_tokens=False)["input_ids"])[:ctx_len] for t in texts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else bos
+    rows: list[Tensor | None] = [None] * len(ids)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # length-sorted batches, less padding
+    for s in range(0, len(order), batch):
+        sel = order[s:s + batch]
+        T = max(len(ids[i]) for i in sel)
+        x = torch.full((len(sel), T), pad, dtype=torch.long)
+        for r, i in enumerate(sel):
+            x[r, :len(ids[i])] = torch.tensor(ids[i])
+        acts = lm.acts(hp, x).cpu()  # [B, T, d]; right padding leaves a causal model's earlier rows unchanged
+        for r, i in enumerate(sel):
+            n = len(ids[i])
+            if positions is not None:
+                p = positions[i] if positions[i] >= 0 else n + positions[i]
+                rows[i] = acts[r, p:p + 1].clone()
+            else:
+                rows[i] = acts[r, 1:n].clone() if n > 1 else acts[r, :1].clone()
+    out = [r for r in rows if r is not None]
+    if not _KEEP[0]:
+        _RESID_MEMO.clear()  # one entry outside `saebench_many`: bounded memory
+    _RESID_MEMO[key] = out
+    return out
+
+
+def _encode_tokens(lm: Any, sae: Any, hp: Any, texts: Sequence[str], *, ctx_len: int, batch: int,
+                   positions: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise (BOS + text, cut to ctx_len), run to the hook, and return per text either the activation at
+    `positions[i]` or the mean over its tokens after BOS: (residual [N, d] float32, SAE codes [N, F] float32)."""
+    dev = next(sae.parameters()).device
+    res, codes = [], []
+    with torch.inference_mode():
+        for rows in _resid_rows(lm, hp, texts, ctx_len=ctx_len, batch=batch, positions=positions):
+            res.append(rows.mean(0).numpy())
+            codes.append(sae.encode_raw(rows.to(dev)).float().mean(0).cpu().numpy())
+    return np.stack(res).astype(np.float32), np.stack(codes).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- absorption
+@dataclass
+class AbsorptionConfig:
+    """SAEBench's `AbsorptionEvalConfig` defaults, plus `max_words` (see DIFFERENCES)."""
+
+    prompt_template: str = "{word} has the first letter:"
+    max_icl_examples: int = 10
+    max_words: int = 2000
+    train_fraction: float = 0.8
+    max_k_value: int = 10
+    f1_jump_threshold: float = 0.03
+    k_sparse_probe_l1_decay: float = 0.01
+    k_sparse_probe_batch_size: int = 4096
+    k_sparse_probe_num_epochs: int = 50
+    probe_epochs: int = 50
+    probe_lr: float = 1e-2
+    probe_weight_decay: float = 1e-4
+    min_gt_probe_f1: float = 0.6
+    min_feats_for_eval: int = 20
+    full_absorption_probe_cos_threshold: float = 0.025
+    absorption_fraction_probe_cos_threshold: float = 0.1
+    probe_projection_proportion_threshold: float = 0.4
+    absorption_fraction_max_absorbing_latents: int = 3
+    topk_feats: int = 10
+    seed: int = 42
+    batch: int = 16
+
+
+def word_absorption(acts: np.ndarray, x_proj: float, contrib: np.ndarray, cos: np.ndarray, main: Sequence[int],
+                    cfg: AbsorptionConfig) -> tuple[float, bool]:
+    """SAEBench's per-word absorption fraction and full-absorption flag (FeatureAbsorptionCalculator).
+
+    acts: the word's latent activations [F]; x_proj: the residual's projection on the unit probe direction;
+    contrib: each latent's projection on the probe direction [F]; cos: cos(decoder row, probe) [F];
+    main: the letter's split latents."""
+    main = list(main)
+    main_proj = float(contrib[main].sum()) if main else 0.0
+    mask = np.ones(contrib.shape[0], dtype=bool)
+    mask[main] = False
+    mask &= cos >= cfg.absorption_fraction_probe_cos_threshold
+    mask &= contrib > 0
+    cand = np.sort(contrib[mask])[::-1][:cfg.absorption_fraction_max_absorbing_latents]
+    absorbers = float(cand.sum())
+    proportion = absorbers / x_proj if x_proj != 0 else math.copysign(math.inf, absorbers) if absorbers else 0.0
+    if main_proj >= x_proj or proportion < cfg.probe_projection_proportion_threshold:
+        frac = 0.0
+    elif main_proj <= 0.0:
+        frac = 1.0
+    else:
+        absorbed = min(absorbers, x_proj - main_proj)
+        frac = float(np.clip(absorbed / (absorbed + main_proj), 0.0, 1.0))
+    top = int(np.argsort(-contrib, kind="stable")[0])
+    full = (all(acts[m] < EPS for m in main) and cos[top] >= cfg.full_absorption_probe_cos_threshold
+            and x_proj >= 0 and x_proj != 0
+            and contrib[top] / x_proj >= cfg.probe_projection_proportion_threshold)
+    return frac, bool(full)
+
+
+def feature_splits(f1_by_k: Sequence[float], feats_by_k: Sequence[Sequence[int]], threshold: float) -> list[int]:
+    """SAEBench's `add_feature_splits_to_metrics_df` for one letter: grow k while F1 jumps by > threshold."""
+    prev = -100.0
+    chosen: list[int] = []
+    for f1, feats in zip(f1_by_k, feats_by_k, strict=True):
+        if f1 > prev + threshold:
+            prev, chosen = f1, list(feats)
+        else:
+            break
+    return chosen
+
+
+def absorption(lm: Any, sae: Any, hook: Any, cfg: AbsorptionConfig | None = None) -> dict[str, Any]:
+    """The first-letter absorption metrics of `sae` at `hook` of `lm` (see the module docstring)."""
+    cfg = cfg or AbsorptionConfig()
+    rng = random.Random(cfg.seed)
+    vocab = alpha_tokens(lm.tokenizer)
+    if len(vocab) < 2 * len(LETTERS):
+        raise MonoscopeError(f"the tokenizer of {lm.model_id} has {len(vocab)} alphabetic tokens: the first-letter "
+                             "absorption task needs a vocabulary of words (at least 52)")
+    words = list(vocab)
+    rng.shuffle(words)
+    words = words[:cfg.max_words]
+    suffix = cfg.prompt_template.split("{word}", 1)[1]
+    suf_ids = lm.tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    prompts, kept, positions = [], [], []
+    skipped = 0
+    for w in words:
+        p = icl_prompt(w, vocab, rng, cfg.prompt_template, cfg.max_icl_examples)
+        ids = lm.tokenizer(p, add_special_tokens=False)["input_ids"]
+        if not suf_ids or ids[-len(suf_ids):] != suf_ids:
+            skipped += 1
+            continue
+        prompts.append(p)
+        kept.append(w)
+        positions.append(-len(suf_ids) - 1)
+    x, f = _encode_tokens(lm, sae, hook, prompts, ctx_len=10_000, batch=cfg.batch, positions=positions)
+    y = np.array([LETTERS.index(_first_letter(w)) for w in kept])
+    n_train = int(len(kept) * cfg.train_fraction)
+    xt, ft, yt = torch.from_numpy(x), torch.from_numpy(f), torch.from_numpy(y)
+    onehot = torch.nn.functional.one_hot(yt[:n_train], len(LETTERS))
+    pw, pb = train_multi_probe(xt[:n_train], onehot, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                               weight_decay=cfg.probe_weight_decay, seed=cfg.seed)
+    lw, _ = train_multi_probe(ft[:n_train], onehot, epochs=cfg.k_sparse_probe_num_epochs, lr=1e-2,
+                              weight_decay=1e-6, l1=cfg.k_sparse_probe_l1_decay,
+                              batch_size=cfg.k_sparse_probe_batch_size, seed=cfg.seed)
+    probe_scores = (xt[n_train:] @ pw.T + pb).numpy()
+    f_tr, f_te, y_tr, y_te = f[:n_train], f[n_train:], y[:n_train], y[n_train:]
+    dirs = (pw / pw.norm(dim=1, keepdim=True)).numpy()
+    W = sae.W_dec.detach().float().cpu().numpy()
+    dnorm = np.linalg.norm(W, axis=1)
+    cos_all = (W / np.maximum(dnorm, 1e-12)[:, None]) @ dirs.T  # [F, 26]
+    c = float(sae.cfg.normaliser)
+    per_letter: list[dict[str, Any]] = []
+    for li, letter in enumerate(LETTERS):
+        yl = y_te == li
+        if yl.sum() == 0 or (y_tr == li).sum() == 0:
+            per_letter.append({"letter": letter, "f1_probe": None, "evaluated": False,
+                               "reason": "no words with this letter in train or test"})
+            continue
+        f1_probe = _f1(yl, probe_scores[:, li] > 0)
+        f1s, feats_k = [], []
+        for k in range(1, cfg.max_k_value + 1):
+            feats = torch.from_numpy(lw[li].numpy()).topk(k).indices.tolist()
+            sk = _sk_probe(f_tr[:, feats], (y_tr == li).astype(np.int64), max_iter=500, class_weight="balanced")
+            pred = sk.decision_function(f_te[:, feats]) > 0
+            f1s.append(_f1(yl, pred))
+            feats_k.append(feats)
+        split = feature_splits(f1s, feats_k, cfg.f1_jump_threshold)
+        tp = np.where(yl & (probe_scores[:, li] > 0))[0]
+        cos = cos_all[:, li]
+        fracs, fulls = [], []
+        for i in tp:
+            contrib = f_te[i] * dnorm * cos / c
+            frac, full = word_absorption(f_te[i], float(x[n_train + i] @ dirs[li]), contrib, cos, split, cfg)
+            fracs.append(frac)
+            fulls.append(full)
+        n_tp = len(tp)
+        per_letter.append({
+            "letter": letter, "f1_probe": f1_probe, "f1_sparse_sae": f1s, "split_feats": split,
+            "num_split_features": len(split) - 1, "num_probe_true_positives": n_tp,
+            "mean_absorption_fraction": (sum(fracs) / n_tp) if n_tp else None,
+            "full_absorption_rate": (sum(fulls) / n_tp) if n_tp else None,
+            "num_full_absorption": int(sum(fulls)),
+            "evaluated": bool(f1_probe > cfg.min_gt_probe_f1 and n_tp > 0)})
+    ev = [r for r in per_letter if r["evaluated"]]
+    result: dict[str, Any] = {
+        "lower_is_better": ["mean_absorption_fraction_score", "mean_full_absorption_score"],
+        "words": len(kept), "words_skipped_position": skipped, "train_words": n_train,
+        "test_words": len(kept) - n_train, "letters_evaluated": len(ev), "config": asdict(cfg),
+        "per_letter": per_letter}
+    if len(ev) < cfg.min_feats_for_eval:
+        result.update(mean_absorption_fraction_score=None, mean_full_absorption_score=None,
+                      mean_num_split_features=None,
+                      reason=f"only {len(ev)} letters have a ground-truth probe with F1 > {cfg.min_gt_probe_f1} "
+                             f"(SAEBench requires {cfg.min_feats_for_eval})")
+        return result
+    fr = [r["mean_absorption_fraction"] for r in ev]
+    fu = [r["full_absorption_rate"] for r in ev]
+    result.update(mean_absorption_fraction_score=float(np.mean(fr)), mean_full_absorption_score=float(np.mean(fu)),
+                  mean_num_split_features=float(np.mean([r["num_split_features"] for r in ev])),
+                  std_dev_absorption_fraction_score=float(np.std(fr, ddof=1)) if len(fr) > 1 else None,
+                  std_dev_full_absorption_score=float(np.std(fu, ddof=1)) if len(fu) > 1 else None)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- sparse probing
+@dataclass
+class ProbingConfig:
+    """SAEBench's `SparseProbingEvalConfig` defaults (k = 1, 2, 5; context 128), plus offline data sizes."""
+
+    k_values: list[int] = field(default_factory=lambda: [1, 2, 5])
+    context_length: int = 128
+    max_per_class: int = 150
+    train_fraction: float = 0.8
+    languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ru", "ja"])
+    packs: list[str] | None = None
+    seed: int = 42
+    batch: int = 16
+
+
+@dataclass
+class Dataset:
+    name: str
+    texts: list[str]
+    labels: list[str]
+    source: str
+
+
+def offline_datasets(cfg: ProbingConfig) -> list[Dataset]:
+    """The probing datasets: one per concept pack, the language of Django's messages, stdlib code vs docstrings."""
+    from monoscope.search.packs import _names, load_pack
+
+    rng = random.Random(cfg.seed)
+    out: list[Dataset] = []
+    for name in (cfg.packs if cfg.packs is not None else _names()):
+        p = load_pack(name)
+        out.append(Dataset(f"pack:{name}", [i.text for i in p.items], [str(i.label) for i in p.items],
+                           f"monoscope concept pack {name} v{p.version}"))
+    try:
+        from pathlib import Path
+
+        import django
+
+        from monoscope.corpus.po import read_po
+        root = Path(django.__file__).parent / "conf" / "locale"
+        texts, labels = [], []
+        for lang in cfg.languages:
+            path = root / lang / "LC_MESSAGES" / "django.po"
+            if not path.is_file():
+                continue
+            msgs = sorted({t for e in read_po(path) if not e.fuzzy for t in e.translated if len(t) >= 20})
+            rng.shuffle(msgs)
+            texts += msgs[:cfg.max_per_class]
+            labels += [lang] * len(msgs[:cfg.max_per_class])
+        if len(set(labels)) >= 2:
+            out.append(Dataset("language", texts, labels, f"Django {django.__version__} conf/locale/*/django.po"))
+    except ImportError:
+        pass
+    from monoscope.corpus.sources import _docstrings, _read_source, stdlib_files
+
+    code, prose = [], []
+    for path in stdlib_files()[:200]:
+        text = _read_source(path)
+        if not text:
+            continue
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", '"', "'"))]
+        if len(lines) >= 12:
+            code.append("\n".join(lines[len(lines) // 2:len(lines) // 2 + 12]))
+        prose += [d for d in _docstrings(text) if len(d) >= 80][:2]
+    rng.shuffle(code)
+    rng.shuffle(prose)
+    n = min(len(code), len(prose), cfg.max_per_class)
+    if n >= 10:
+        out.append(Dataset("code", code[:n] + prose[:n], ["code"] * n + ["docstring"] * n,
+                           "Python standard library sources"))
+    return out
+
+
+def sparse_probing(lm: Any, sae: Any, hook: Any, cfg: ProbingConfig | None = None,
+                   datasets: list[Dataset] | None = None) -> dict[str, Any]:
+    """Test accuracy of a full-residual probe and of k-latent probes (latents by class mean difference), one
+    binary one-vs-rest task per class of each dataset, balanced by subsampling the rest."""
+    cfg = cfg or ProbingConfig()
+    datasets = datasets if datasets is not None else offline_datasets(cfg)
+    tasks: list[dict[str, Any]] = []
+    for ds in datasets:
+        x, f = _encode_tokens(lm, sae, hook, ds.texts, ctx_len=cfg.context_length, batch=cfg.batch)
+        labels = np.array(ds.labels)
+        classes = sorted(set(ds.labels))
+        for cls in (classes if len(classes) > 2 else classes[-1:]):
+            rng = np.random.default_rng(cfg.seed)
+            pos = np.where(labels == cls)[0]
+            neg = np.where(labels != cls)[0]
+            n = min(len(pos), len(neg))
+            pos, neg = rng.permutation(pos)[:n], rng.permutation(neg)[:n]
+            idx = np.concatenate([pos, neg])
+            yb = np.concatenate([np.ones(n, np.int64), np.zeros(n, np.int64)])
+            perm = rng.permutation(len(idx))
+            idx, yb = idx[perm], yb[perm]
+            ntr = int(len(idx) * cfg.train_fraction)
+            tr, te = idx[:ntr], idx[ntr:]
+            ytr, yte = yb[:ntr], yb[ntr:]
+            if len(set(ytr.tolist())) < 2 or len(te) == 0:
+                continue
+            llm = _sk_probe(x[tr], ytr, max_iter=1000)
+            row: dict[str, Any] = {"dataset": ds.name, "class": cls, "train": int(ntr), "test": len(te),
+                                   "llm_test_accuracy": float((llm.predict(x[te]) == yte).mean())}
+            diff = np.abs(f[tr][ytr == 1].mean(0) - f[tr][ytr == 0].mean(0))
+            order = np.argsort(-diff, kind="stable")
+            for k in cfg.k_values:
+                feats = order[:k]
+                sk = _sk_probe(f[tr][:, feats], ytr, max_iter=1000)
+                row[f"sae_top_{k}_test_accuracy"] = float((sk.predict(f[te][:, feats]) == yte).mean())
+                row[f"sae_top_{k}_features"] = [int(i) for i in feats]
+            sk = _sk_probe(f[tr], ytr, max_iter=1000)
+            row["sae_test_accuracy"] = float((sk.predict(f[te]) == yte).mean())
+            tasks.append(row)
+    if not tasks:
+        raise MonoscopeError("no sparse-probing task could be built from the offline data (concept packs, Django "
+                             "catalogues, standard library): check that monoscope's packs are installed")
+    keys = ["llm_test_accuracy", "sae_test_accuracy"] + [f"sae_top_{k}_test_accuracy" for k in cfg.k_values]
+    return {"higher_is_better": keys, "mean": {k: float(np.mean([t[k] for t in tasks])) for k in keys},
+            "tasks": tasks, "datasets": [{"name": d.name, "texts": len(d.texts), "source": d.source}
+                                         for d in datasets], "config": asdict(cfg)}
+
+
+def saebench_metrics(lm: Any, sae: Any, hook: Any, *, absorption_cfg: AbsorptionConfig | None = None,
+                     probing_cfg: ProbingConfig | None = None) -> dict[str, Any]:
+    """Both metric families in one JSON-able dict, with the list of differences from SAEBench."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # scikit-learn's small L-BFGS fits are ~3x faster on one BLAS thread
+        return _metrics(lm, sae, hook, absorption_cfg, probing_cfg)
+
+
+def _metrics(lm: Any, sae: Any, hook: Any, absorption_cfg: AbsorptionConfig | None,
+             probing_cfg: ProbingConfig | None) -> dict[str, Any]:
+    return {"format": "monoscope-saebench/1", "reference": "SAEBench 0.6.0 (sae_bench.evals)",
+            "absorption": absorption(lm, sae, hook, absorption_cfg),
+            "sparse_probing": sparse_probing(lm, sae, hook, probing_cfg),
+            "differences_from_saebench": DIFFERENCES}
+
+
+def run_saebench(sae_dir: str | Any, *, out: str | Any | None = None, model: str | None = None,
+                 device: str = "auto", max_words: int | None = None, max_per_class: int | None = None,
+                 packs: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Open the SAE and its model, compute both metric families, write `OUT/saebench.json` (atomic).
+    Returns (path, metrics)."""
+    from pathlib import Path
+
+    from monoscope.eval.run import default_out
+    from monoscope.fileio import nonfinite_to_null, write_json_atomic
+    from monoscope.sae.io import weights_sha256
+    from monoscope.steer.target import open_target
+
+    t = open_target(sae_dir, model=model, device=device, compute_dtype="fp32")
+    a_cfg = AbsorptionConfig() if max_words is None else AbsorptionConfig(max_words=max_words)
+    p_cfg = ProbingConfig(packs=packs)
+    if max_per_class is not None:
+        p_cfg.max_per_class = max_per_class
+    torch.manual_seed(0)
+    metrics = saebench_metrics(t.lm, t.sae, t.hook, absorption_cfg=a_cfg, probing_cfg=p_cfg)
+    metrics["sae"] = {"path": str(sae_dir), "weights_sha256": weights_sha256(sae_dir), "arch": t.sae.cfg.arch,
+                      "d_sae": t.sae.cfg.d_sae, "hook": str(t.hook), "model": t.lm.model_id}
+    folder = Path(out) if out is not None else default_out(Path(sae_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    clean, _ = nonfinite_to_null(metrics)
+    path = folder / "saebench.json"
+    write_json_atomic(path, clean)
+    return path, metrics
+
+
+def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
+    """The headline numbers, each with its direction."""
+    a, p = metrics["absorption"], metrics["sparse_probing"]["mean"]
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"absorption fraction (lower is better)   {fmt(a['mean_absorption_fraction_score'])}")
+    print(f"full absorption (lower is better)       {fmt(a['mean_full_absorption_score'])}")
+    print(f"letters evaluated / words               {a['letters_evaluated']} / {a['words']}")
+    if a.get("reason"):
+        print(f"note: {a['reason']}")
+    for k, v in p.items():
+        print(f"{k + ' (higher is better)':<40}{v:.4f}")
+    print(f"results: {path}")
+
+
+def saebench_many(lm: Any, saes: dict[str, Any], hook: Any, *, absorption_cfg: AbsorptionConfig | None = None,
+                  probing_cfg: ProbingConfig | None = None) -> dict[str, dict[str, Any]]:
+    """`saebench_metrics` for several SAEs on one model and hook, running the model once per text (the residual
+    rows are kept for the duration of the call). Each SAE's numbers equal a run of its own."""
+    _KEEP[0] = True
+    try:
+        out = {}
+        for name, sae in saes.items():
+            torch.manual_seed(0)
+            out[name] = saebench_metrics(lm, sae, hook, absorption_cfg=absorption_cfg, probing_cfg=probing_cfg)
+        return out
+    finally:
+        _KEEP[0] = False
+        _RESID_MEMO.clear()
