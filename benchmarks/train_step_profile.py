@@ -122,7 +122,8 @@ def main() -> None:
         add("decoder renorm + dead counters", t0)
     phases = {k: v / args.steps for k, v in phases.items()}
 
-    # (3) sparsify's own step (its SparseCoder, Adam as in its trainer, no dead mask) on the same resident rows
+    # (3) sparsify's SparseCoder step on the same resident rows (Adam here; its Trainer defaults to signum,
+    # an elementwise update as cheap as Adam's: the step is dominated by the encoder), no dead mask
     sparsify_s = None
     try:
         from sparsify import SparseCoder, SparseCoderConfig
