@@ -478,6 +478,9 @@ def main() -> None:
                          "runs/bench/tvp-tc, --name train_vs_peers_transcoder)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
+    ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
+                    help="interleaved: trainers take turns (fair under background load); sequential: each "
+                         "trainer alone in its own process, one after the other (a quiet machine)")
     ap.add_argument("--name", default=NAME, help="result file name under benchmarks/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -557,7 +560,14 @@ def main() -> None:
                       "l1": args.gated_l1, "eval_steps": quarter})
         group.append({**base, "name": f"saelens_{a}", "kind": "saelens", "saelens_kind": a, "l1": args.gated_l1,
                       "eval_steps": quarter})
-    group_runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_bf16")
+    if args.protocol == "sequential":  # a quiet machine: each trainer alone, one process after the other
+        group_runs = {spec["name"]: run_child(spec, work) for spec in group}
+        befores = [float(r.get("load_before") or 0.0) for r in group_runs.values()]
+        group_info = {"protocol": "sequential", "t_mono": group_runs["monoscope_bf16"].get("train_s"),
+                      "load1_per_round": {"n": len(befores), "mean": sum(befores) / max(len(befores), 1),
+                                          "min": min(befores, default=0.0), "max": max(befores, default=0.0)}}
+    else:
+        group_runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_bf16")
     runs.update(group_runs)
     t_mono = group_info["t_mono"] or runs["monoscope_bf16"].get("train_s") or 0.0
 

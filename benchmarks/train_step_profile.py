@@ -1,0 +1,171 @@
+"""Where one TopK training step's time goes on this machine, against its float32 matmul roofline.
+
+Measures (1) the float32 matmul rate of the encoder shape ([B, d] @ [d, F]) and the encoder-bound
+limits it implies: 4·d·F flops per token (the encoder forward and a dense weight gradient) and
+2·d·F (the forward alone: the trainer's encoder weight gradient is sparse, so this is the real
+bound), (2) one `Trainer.train_step` split into phases by manual timers on a resident batch,
+(3) sparsify's own step on the same rows, and (4) reading and gathering batches from a store.
+Writes a JSON record to benchmarks/results/. Usage:
+
+    PYTHONPATH=src python benchmarks/train_step_profile.py --store runs/small/acts --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monoscope.sae import SAEConfig, build_sae
+from monoscope.store.batches import Batch
+from monoscope.store.reader import ActivationStore
+from monoscope.train import MemorySink, TrainConfig, Trainer
+
+
+class Resident:
+    """The same batch forever: isolates the step from data loading."""
+
+    normaliser = 1.0
+
+    def __init__(self, acts: torch.Tensor) -> None:
+        self.batch = Batch(acts=acts, rows=torch.arange(acts.shape[0]))
+
+    def __next__(self) -> Batch:
+        return self.batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def timed(fn: Any, reps: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="runs/small/acts")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--width-mult", type=int, default=16)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--out", default="benchmarks/results/train_step_profile.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    store = ActivationStore.open(args.store)
+    it = store.batches(args.batch, seed=0)
+    first = next(it)
+    d = first.acts.shape[1]
+    f = d * args.width_mult
+    b = args.batch
+
+    # (1) roofline: the encoder matmul, and its weight-gradient matmul
+    x = torch.randn(b, d)
+    w = torch.randn(d, f)
+    g = torch.randn(b, f)
+    t_fwd = timed(lambda: x @ w, 3)
+    t_wg = timed(lambda: x.t() @ g, 3)
+    tflops = 2 * b * d * f / t_fwd / 1e12
+    limit = b / (t_fwd + t_wg)  # the issue's 4·d·F limit (dense encoder weight gradient)
+    limit_fwd = b / t_fwd  # the trainer's weight gradient is sparse: the dense encoder forward alone bounds it
+
+    # (2) one step by phases on a resident batch (the trainer's own step, timed end to end, and its phases
+    # reproduced with the same calls)
+    cfg = TrainConfig(arch="topk", tokens=10**9, batch_size=b, width=f"{args.width_mult}x", k=args.k,
+                      log_every=10**9, checkpoint_every=0, progress=False)
+    sae = build_sae(SAEConfig(arch="topk", d_in=d, d_sae=f, k=args.k, normaliser=store.normaliser), seed=0)
+    src = Resident(first.acts)
+    src.normaliser = store.normaliser
+    tr = Trainer(sae, cfg, src, sink=MemorySink())
+    tr.train_step()
+    t_step = timed(tr.train_step, args.steps)
+    phases: dict[str, float] = {}
+
+    def add(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + (now - t0)
+        return now
+
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        xs = tr.scaled(first.acts)
+        bool(torch.isfinite(xs.sum()))
+        t0 = add("scale + finiteness test of x", t0)
+        dead = tr.dead.dead() if tr.use_auxk else None
+        out = tr.sae(xs, sparsity_coef=0.0, dead_mask=dead)
+        t0 = add("forward (encoder, top-k, decoder, AuxK)", t0)
+        out.total.backward()
+        t0 = add("backward", t0)
+        if tr.unit_norm_decoder:
+            tr.sae.remove_parallel_grads_()
+        gn = tr._clip_grads()
+        bool(torch.isfinite(out.total.detach()) & torch.isfinite(gn))
+        t0 = add("parallel-grad removal + clip + finiteness", t0)
+        tr.optimizer.step()
+        tr.optimizer.zero_grad(set_to_none=True)
+        t0 = add("Adam step", t0)
+        if tr.unit_norm_decoder:
+            tr.sae.normalize_decoder_()
+        tr.dead.update(out.fired, b)
+        add("decoder renorm + dead counters", t0)
+    phases = {k: v / args.steps for k, v in phases.items()}
+
+    # (3) sparsify's SparseCoder step on the same resident rows (Adam here; its Trainer defaults to signum,
+    # an elementwise update as cheap as Adam's: the step is dominated by the encoder), no dead mask
+    sparsify_s = None
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        pass
+    else:
+        torch.manual_seed(0)
+        peer = SparseCoder(d, SparseCoderConfig(num_latents=f, k=args.k), device="cpu")
+        popt = torch.optim.Adam(peer.parameters(), lr=2e-4)
+        xp = tr.scaled(first.acts)
+
+        def peer_step() -> None:
+            peer(xp, dead_mask=None).fvu.backward()
+            popt.step()
+            popt.zero_grad(set_to_none=True)
+        sparsify_s = timed(peer_step, max(2, args.steps // 2))
+
+    # (4) data: read + gather batches from the store
+    t_data = timed(lambda: next(it), args.steps)
+
+    rec = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "load_avg": os.getloadavg(), "torch": torch.__version__},
+        "shape": {"batch": b, "d": d, "features": f, "k": args.k},
+        "matmul_fp32_tflops": round(tflops, 3),
+        "encoder_matmul_s": round(t_fwd, 4),
+        "encoder_bound_4dF_tok_s": round(limit),
+        "encoder_forward_bound_2dF_tok_s": round(limit_fwd),
+        "step_vs_2dF_bound": round(b / t_step / limit_fwd, 3),
+        "step_resident_s": round(t_step, 4), "step_resident_tok_s": round(b / t_step),
+        "phases_s": {k: round(v, 4) for k, v in phases.items()},
+        "sparsify_step_resident_s": None if sparsify_s is None else round(sparsify_s, 4),
+        "sparsify_step_resident_tok_s": None if sparsify_s is None else round(b / sparsify_s),
+        "step_ratio_vs_sparsify": None if sparsify_s is None else round(sparsify_s / t_step, 2),
+        "max_ratio_if_at_2dF_bound": None if sparsify_s is None else round(sparsify_s * limit_fwd / b, 2),
+        "store_batch_s": round(t_data, 4), "store_tok_s": round(b / t_data),
+        "serial_step_plus_data_tok_s": round(b / (t_step + t_data)),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rec, indent=1) + "\n")
+    print(json.dumps(rec, indent=1))
+
+
+if __name__ == "__main__":
+    main()
