@@ -52,11 +52,8 @@ def reference(store: Path, out: Path, run: dict[str, Any]) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["topk", "relu-l1", "matryoshka", "gated"])
-def test_sigkill_mid_run_then_resume_is_bit_identical(store: Path, tmp_path: Path, name: str) -> None:
-    run = RUNS[name]
-    ref = reference(store, tmp_path / "ref", run)
-    out = tmp_path / "sae"
+def kill_then_resume(store: Path, out: Path, run: dict[str, Any], ref: Path) -> None:
+    """The real `monoscope train` SIGKILLed past its first checkpoint, then `--resume`: ends as `ref`."""
     proc = subprocess.Popen(args(store, out, run), env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     wait_for_checkpoint(proc, out / "checkpoints")
@@ -70,6 +67,14 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(store: Path, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert "resumed at step" in done.stdout
     assert_same_state(out, ref)
+
+
+@pytest.mark.parametrize("name", ["topk", "relu-l1", "matryoshka", "gated"])
+def test_sigkill_mid_run_then_resume_is_bit_identical(store: Path, tmp_path: Path, name: str) -> None:
+    run = RUNS[name]
+    ref = reference(store, tmp_path / "ref", run)
+    out = tmp_path / "sae"
+    kill_then_resume(store, out, run, ref)
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes_identically(store: Path, tmp_path: Path) -> None:

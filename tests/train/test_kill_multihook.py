@@ -4,9 +4,6 @@ uninterrupted run (weights, Adam state, dead counters, log), as `test_kill.py` c
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +12,8 @@ import torch
 
 from monoscope.store import Manifest, RowPolicy
 from monoscope.store.writer import StoreWriter
-from tests.train.helpers import D, assert_same_state, child_env, synthetic_rows, wait_for_checkpoint
-from tests.train.test_kill import args, reference
+from tests.train.helpers import D, synthetic_rows
+from tests.train.test_kill import kill_then_resume, reference
 
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     # TopK transcoder: input hook -> target hook, AuxK on dead latents, target normaliser
@@ -56,16 +53,4 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path: Path, name: str)
     assert m.hooks == hooks.split(",") and len(m.hook_normalisers) == len(m.hooks)
     ref = reference(store, tmp_path / "ref", run)
     out = tmp_path / "sae"
-    proc = subprocess.Popen(args(store, out, run), env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    wait_for_checkpoint(proc, out / "checkpoints")
-    time.sleep(0.3)  # past the checkpoint: those steps are lost and must be redone identically
-    assert proc.poll() is None, "the run finished before it could be killed: give it more steps"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "sae.safetensors").exists()
-    done = subprocess.run(args(store, out, run, "--resume"), env=child_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "resumed at step" in done.stdout
-    assert_same_state(out, ref)
+    kill_then_resume(store, out, run, ref)

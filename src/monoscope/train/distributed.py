@@ -215,22 +215,14 @@ def _sum_parts(part: Tensor, group: Any, size: int) -> Tensor:
     return part if size == 1 else _SumParts.apply(part, group)
 
 
-def _all_gather_rows(t: Tensor, group: Any, size: int) -> Tensor:
-    """Concatenate `t` [b, ...] of every rank of `group` along dim 0, in rank order -> [size·b, ...]."""
+def _all_gather(t: Tensor, group: Any, size: int, dim: int) -> Tensor:
+    """Concatenate `t` of every rank of `group` along `dim`, in rank order (dim 0: rows [size·b, ...]; dim 1:
+    columns [B, size·m])."""
     if size == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
-
-
-def _all_gather_cat(t: Tensor, group: Any, size: int) -> Tensor:
-    """Concatenate `t` [B, m] of every rank of `group` along dim 1 -> [B, size·m]."""
-    if size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=dim)
 
 
 def _global_topk(pre: Tensor, k: int, offset: int, topo: Topology) -> tuple[Tensor, Tensor]:
@@ -239,8 +231,8 @@ def _global_topk(pre: Tensor, k: int, offset: int, topo: Topology) -> tuple[Tens
     the positive entries chosen are the same as on one process."""
     kk = min(k, pre.shape[1])
     loc_key, loc_i = _order_view(pre).topk(kk, dim=1, sorted=False)  # [B, kk]
-    vals = _all_gather_cat(loc_key.view(pre.dtype), topo.fs_group, topo.fs)  # [B, fs·kk]
-    ids = _all_gather_cat(loc_i + offset, topo.fs_group, topo.fs)
+    vals = _all_gather(loc_key.view(pre.dtype), topo.fs_group, topo.fs, 1)  # [B, fs·kk]
+    ids = _all_gather(loc_i + offset, topo.fs_group, topo.fs, 1)
     if vals.shape[1] == k:
         return vals, ids
     _, pos = _order_view(vals).topk(k, dim=1, sorted=False)  # [B, k]
@@ -446,8 +438,8 @@ class DistributedTrainer(Trainer):
             if kl < k_aux:  # pad: -0.0 is the smallest key of the integer view, its id matches no rank
                 vals = torch.cat([vals, vals.new_full((n_rows, k_aux - kl), -0.0)], 1)
                 ids = torch.cat([ids, ids.new_full((n_rows, k_aux - kl), -1)], 1)
-            all_v = _all_gather_cat(vals, topo.fs_group, topo.fs)
-            all_i = _all_gather_cat(ids, topo.fs_group, topo.fs)
+            all_v = _all_gather(vals, topo.fs_group, topo.fs, 1)
+            all_i = _all_gather(ids, topo.fs_group, topo.fs, 1)
             _, sel = _order_view(all_v).topk(k_aux, dim=1, sorted=False)
             chosen = all_i.gather(1, sel) - topo.fs_rank * sae.cfg.d_sae  # [b, k_aux] local dead positions
             keep = torch.zeros_like(pre)
@@ -506,7 +498,7 @@ class DistributedTrainer(Trainer):
         self.step += 1
         self.tokens += n
         if self.step in self.resample_steps:  # on the whole global batch, as one process (fs = 1 here)
-            x_hat_all = _all_gather_rows(x_hat, self.topo.dp_group, self.topo.dp)
+            x_hat_all = _all_gather(x_hat, self.topo.dp_group, self.topo.dp, 0)
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
             idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x_all, x_hat_all, gen)
             self.dead.reset(idx)
