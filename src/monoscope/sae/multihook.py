@@ -64,7 +64,7 @@ class TranscoderSAE(TopKSAE):
 
     def _prepare_input(self, x: Tensor, cd: torch.dtype) -> tuple[Tensor, Tensor]:
         """(target float32, input in the compute dtype) from [B, 2·d_in] rows; an input alone ([B, d_in], for
-        encoding) gives itself as a placeholder target."""
+        encoding) is returned in the target's place: encoding computes no loss from it."""
         d = self.cfg.d_in
         if x.dim() != 2 or x.shape[1] not in (d, 2 * d):
             raise ValueError(f"transcoder expects inputs [B, {d}] or input+target rows [B, {2 * d}], got "

@@ -147,6 +147,33 @@ class _Runner:
         return out.logits
 
 
+@dataclass
+class _Nodes:
+    """The clean activation split into nodes: x [T, d] = codes @ W + base_shift + err on every non-BOS row."""
+
+    x: Tensor
+    codes: Tensor  # [T, F] (row 0, the BOS, is not a node: zeros)
+    err: Tensor  # [T, d]
+    W: Tensor  # [F, d] raw-space decoder rows
+    base_shift: Tensor  # [1, d] = decode_raw(0)
+    node_rows: Tensor  # [T, 1]: 0 for the BOS row, 1 elsewhere
+
+
+def _nodes(t: Target, r: _Runner) -> _Nodes:
+    sae = t.sae
+    W = sae.W_dec.detach().float() / sae.cfg.normaliser
+    base_shift = (sae.b_dec.detach().float() / sae.cfg.normaliser)[None]
+    with torch.no_grad():
+        x = r.clean_acts()
+        codes = sae.encode_raw(x)
+        codes[0] = 0  # the BOS row is not a node: it keeps its clean activation
+        err = x - (codes @ W + base_shift)  # fp32, the same sum the forwards rebuild
+        err[0] = 0
+    node_rows = torch.zeros(x.shape[0], 1, device=x.device)
+    node_rows[1:] = 1.0
+    return _Nodes(x, codes, err, W, base_shift, node_rows)
+
+
 def attribute(t: Target, prompt: str, metric: Metric, *, ig_steps: int = 0, verify: int = 10,
               batch: int = 8) -> Attribution:
     """Attribute `metric` to every feature x position and error node (module docstring)."""
@@ -156,19 +183,12 @@ def attribute(t: Target, prompt: str, metric: Metric, *, ig_steps: int = 0, veri
     t.check_length(ids.shape[1])
     if ids.shape[1] < 2:
         raise SteerError("the prompt is empty: pass some text with --prompt")
-    sae, r = t.sae, _Runner(t, ids)
-    W = sae.W_dec.detach().float() / sae.cfg.normaliser  # [F, d] raw-space decoder rows
-    base_shift = (sae.b_dec.detach().float() / sae.cfg.normaliser)[None]  # [1, d] = decode_raw(0)
+    r = _Runner(t, ids)
+    n = _nodes(t, r)
+    x, codes, err, W, base_shift, node_rows = n.x, n.codes, n.err, n.W, n.base_shift, n.node_rows
     with torch.no_grad():
-        x = r.clean_acts()  # [T, d]
-        codes = sae.encode_raw(x)
-        codes[0] = 0  # the BOS row is not a node: it keeps its clean activation
-        err = x - (codes @ W + base_shift)  # fp32, the same sum the forward below rebuilds
-        err[0] = 0
         base = x.clone()
         base[1:] = base_shift  # all nodes 0
-    node_rows = torch.zeros(x.shape[0], 1, device=x.device)
-    node_rows[1:] = 1.0
     alphas = [1.0] if ig_steps == 0 else [(k + 0.5) / ig_steps for k in range(ig_steps)]
     g_codes = torch.zeros_like(codes)
     g_err = torch.zeros_like(err)
@@ -201,23 +221,14 @@ def text_attribution(t: Target, ids: Tensor) -> Tensor:
     defines no single target token. ids [1, T] with the BOS first."""
     if ids.shape[1] < 2:
         raise SteerError("the text is empty: nothing to attribute")
-    sae, r = t.sae, _Runner(t, ids)
-    W = sae.W_dec.detach().float() / sae.cfg.normaliser
-    base_shift = (sae.b_dec.detach().float() / sae.cfg.normaliser)[None]
-    with torch.no_grad():
-        x = r.clean_acts()
-        codes = sae.encode_raw(x)
-        codes[0] = 0
-        err = x - (codes @ W + base_shift)
-        err[0] = 0
-    node_rows = torch.zeros(x.shape[0], 1, device=x.device)
-    node_rows[1:] = 1.0
-    c_node = codes.clone().requires_grad_(True)
-    xs = x * (1 - node_rows) + (c_node @ W + base_shift + err) * node_rows
+    r = _Runner(t, ids)
+    n = _nodes(t, r)
+    c_node = n.codes.clone().requires_grad_(True)
+    xs = n.x * (1 - n.node_rows) + (c_node @ n.W + n.base_shift + n.err) * n.node_rows
     logp = torch.log_softmax(r.logits(xs[None])[0, :-1].float(), dim=-1)
     m = logp.gather(1, ids[0, 1:, None].to(logp.device)).sum()
     (g,) = torch.autograd.grad(m, (c_node,))
-    return (codes * g).sum(0).detach().cpu()
+    return (n.codes * g).sum(0).detach().cpu()
 
 
 @torch.no_grad()
