@@ -236,12 +236,16 @@ class SAE(nn.Module):
         return self.W_dec.float().norm(dim=1)
 
     @torch.no_grad()
-    def normalize_decoder_(self) -> None:
+    def normalize_decoder_(self, only_if: Tensor | None = None) -> None:
         """Rescale every decoder row to unit L2 norm (topk, batchtopk, jumprelu: after each
-        optimiser step)."""
+        optimiser step). `only_if`: a bool scalar on the device; when false the rows stay as they are
+        (a skipped step, decided without a host sync)."""
         w = self.W_dec
         norms = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.float32)  # [F, 1]
-        w.div_(norms.clamp_min(1e-12).to(w.dtype))  # in place: no [F, d] temporaries
+        norms = norms.clamp_min(1e-12)
+        if only_if is not None:
+            norms = torch.where(only_if, norms, torch.ones_like(norms))  # x / 1 is exact
+        w.div_(norms.to(w.dtype))  # in place: no [F, d] temporaries
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:

@@ -35,8 +35,9 @@ class DeadFeatureTracker:
         self.window = window
         self.since = torch.zeros(d_sae, dtype=torch.int64, device=device)  # [F] tokens since last firing
 
-    def update(self, fired: Tensor, n_tokens: int) -> None:
-        """fired [F] bool: features active somewhere in a batch of `n_tokens` tokens."""
+    def update(self, fired: Tensor, n_tokens: int | Tensor) -> None:
+        """fired [F] bool: features active somewhere in a batch of `n_tokens` tokens (a device
+        scalar when the trainer masks a skipped step without a host sync)."""
         self.since.add_(n_tokens).masked_fill_(fired, 0)
 
     def dead(self) -> Tensor:

@@ -40,6 +40,7 @@ from monoscope.train.checkpoint import CheckpointDir
 from monoscope.train.config import TrainConfig, TrainConfigError, cli_flag, config_diff
 from monoscope.train.data import TrainData, e2e_data, store_data, stream_data
 from monoscope.train.log import LOG_NAME, JsonlLog
+from monoscope.train.prefetch import DevicePrefetch
 from monoscope.train.trainer import Peeked, Trainer
 
 CHECKPOINTS = "checkpoints"
@@ -142,6 +143,9 @@ def train(
         sae_cfg = _sae_config(cfg, data)
     else:
         sae_cfg = SAEConfig.from_dict(ckpt.meta["sae_config"])
+    peeked = source if isinstance(source, Peeked) else None
+    if store is not None and device.type == "cuda":  # store reads and copies overlap the GPU's steps
+        source = DevicePrefetch(source, device)
     sae = build_sae(sae_cfg, seed=cfg.seed, device=device)
     log = JsonlLog(out / LOG_NAME)
     meta = {"config": cfg.to_dict(), "data": data.identity, "sae_config": sae_cfg.to_dict()}
@@ -154,8 +158,8 @@ def train(
     else:
         trainer = Trainer(sae, cfg, source, sink=ckpts, log=log, describe_row=data.describe_row, meta=meta)
     if ckpt is None:
-        assert isinstance(source, Peeked) and source.first is not None
-        trainer.init_b_dec(source.first.acts)
+        assert peeked is not None and peeked.first is not None
+        trainer.init_b_dec(peeked.first.acts)
     else:
         trainer.load(ckpt)
     log.start(trainer.step)
@@ -174,13 +178,20 @@ def train(
                 bar.update(0, loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
                            dead=f"{rec['dead_frac']:.1%}")
 
-        outcome = trainer.run(on_log=on_log, on_step=bar.update)
+        try:
+            outcome = trainer.run(on_log=on_log, on_step=bar.update)
+        except BaseException:
+            _close(source)
+            raise
     seconds = time.perf_counter() - t0
     if outcome.data_ended:
         notes.append(f"the data ran out after {trainer.tokens:,} of {cfg.tokens:,} tokens: the learning rate never "
                      "finished its decay; use a longer corpus or fewer --tokens")
-    if trainer.step > 0:  # after the final checkpoint: batchtopk's eval threshold from data
-        trainer.calibrate_threshold()
+    try:
+        if trainer.step > 0:  # after the final checkpoint: batchtopk's eval threshold from data
+            trainer.calibrate_threshold()
+    finally:
+        _close(source)
     metrics = dict(trainer.last_metrics)
     save_sae(sae.eval(), out, provenance=_provenance(trainer, data, command, outcome.data_ended), overwrite=True)
     return TrainResult(out, sae, cfg, trainer.step, trainer.tokens, metrics, seconds,
@@ -189,6 +200,12 @@ def train(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _close(source: Any) -> None:
+    """Stop a prefetching source's reader thread (other sources hold no thread)."""
+    if isinstance(source, DevicePrefetch):
+        source.close()
 
 
 def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainConfig:

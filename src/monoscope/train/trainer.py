@@ -17,13 +17,19 @@ One step (every architecture):
   5. Adam step; unit-norm decoders are renormalised; dead counters advance with `out.fired`;
   6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
 Before step 0, b_dec is set from the first batch (geometric median by default).
-Per-step metrics are summed on the device and read (one host sync) every `log_every` steps. The
-other host syncs of a step: the two finiteness tests (a sum over x, then the loss and gradient
-norm); for topk and batchtopk with AuxK, the list of dead features (a `nonzero`); for batchtopk in
-training, batch top-k's check for rows that need more candidates (one `any`, more when it redoes
-rows); for relu-l1 and jumprelu with sparse kernels, the active pattern (a `nonzero`). Each is
-free on CPU and a few microseconds on a GPU; each sizes a tensor or takes a branch, so it cannot
-be deferred.
+Per-step metrics are summed on the device and read (one host sync) every `log_every` steps. On a
+CPU the two finiteness tests (a sum over x, then the loss and gradient norm) are host syncs that
+cost nothing. On a GPU (`defer_checks`) a sync stalls the CPU until the queued kernels finish, so
+the step always runs and the verdict stays on the device: fused Adam's `found_inf` turns a bad step
+into a no-op (no update, no step count), and the dead counters, metrics, buffers (batchtopk's θ) and
+decoder renormalisation are masked by it. `check_pending` reads the verdicts at each log, checkpoint
+and the end, then counts skips or raises `NonFiniteError` naming the first bad step and row, as the
+eager test does; nothing unchecked is ever checkpointed. Both paths train bit for bit alike. The
+host syncs left: for topk and batchtopk with AuxK, the list of dead features (a `nonzero`); for
+batchtopk in training, batch top-k's check for rows that need more candidates (one `any`, more when
+it redoes rows); for relu-l1 and jumprelu with sparse kernels, the active pattern (a `nonzero`).
+Each sizes a tensor or takes a branch, so it cannot be deferred. On a GPU, `train()` also reads the
+store through `prefetch.DevicePrefetch` (reads and copies on a background thread).
 
 Resume is exact because everything the next step reads is in `state()`: SAE, Adam, dead counters,
 data cursor, step, RNG states, metric accumulators; schedules and resampling draws are functions
@@ -140,6 +146,14 @@ class Trainer:
         self._t_log = time.perf_counter()
         self._tok_log = 0
         self._params = [p for p in sae.parameters() if p.requires_grad]
+        self.defer_checks = self.device.type == "cuda"
+        """Test finiteness on the device and read the verdict once per log interval (module docstring):
+        on by default on a GPU, where each host sync stalls the queue of kernels; off on a CPU."""
+        # deferred checks, on the device: [good steps, bad steps] since the last read; the first bad step,
+        # whether its inputs were finite, its first non-finite row; the rows of the batches since the last read
+        self._pending = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._first_bad = torch.full((3,), -1, dtype=torch.int64, device=self.device)
+        self._pending_rows: dict[int, Tensor] = {}
 
     # ---------------------------------------------------------------- one step
     def schedule(self, step: int | None = None) -> Schedule:
@@ -198,6 +212,8 @@ class Trainer:
         """Take one batch and do one optimiser step (module docstring). Raises StopIteration when
         the source is exhausted, NonFiniteError on NaN/inf unless `skip_nonfinite`."""
         batch = next(self.source)
+        if self.defer_checks:
+            return self._deferred_step(batch)
         n = batch.acts.shape[0]
         x = self.scaled(batch.acts)  # [B, d] float32, scaled
         # one reduction (a NaN/inf anywhere makes the sum non-finite); the exact test only then
@@ -236,6 +252,84 @@ class Trainer:
             self.dead.reset(idx)
             self.resampled += idx.numel()
 
+    def _deferred_step(self, batch: Batch) -> None:
+        """`train_step` without host syncs: the step always runs, and a non-finite batch, loss or
+        gradient norm turns it into a no-op on the device (fused Adam's `found_inf` skips the update
+        and its step count; dead counters, metrics and the decoder renormalisation are masked).
+        `check_pending` reads the verdict later and stops or counts the skip as the eager step would."""
+        n = batch.acts.shape[0]
+        x = self.scaled(batch.acts)
+        sched = self.schedule()
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched.lr
+        dead_mask = self.dead.dead() if self.use_auxk else None
+        buffers = [(b, b.clone()) for b in self.sae.buffers()]  # state a forward updates (batchtopk's θ)
+        out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
+        total = self._loss(batch, x, out)
+        total.backward()
+        if self.unit_norm_decoder:
+            self.sae.remove_parallel_grads_()
+        grad_norm = self._clip_grads()
+        row_ok = torch.isfinite(x).all(1)  # [B]
+        x_ok = row_ok.all()
+        ok = x_ok & torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.unit_norm_decoder:
+            self.sae.normalize_decoder_(only_if=ok)
+        self.dead.update(out.fired & ok, ok.long() * n)
+        for b, before in buffers:
+            b.copy_(torch.where(ok, b, before))
+        with torch.no_grad():
+            vals = torch.stack([total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(),
+                                out.fvu, out.l0, grad_norm.detach().float()]).to(self._acc.dtype)
+            self._acc += torch.where(ok, vals, torch.zeros_like(vals))
+            self._pending += torch.stack([ok.long(), (~ok).long()])
+            first = torch.stack([torch.full((), self.step, dtype=torch.int64, device=self.device), x_ok.long(),
+                                 (~row_ok).long().argmax()])  # torch.full: no host-to-device copy
+            self._first_bad.copy_(torch.where((self._first_bad[0] < 0) & ~ok, first, self._first_bad))
+        self._pending_rows[self.step] = batch.rows
+        self.step += 1
+        self.tokens += n
+        if self.step in self.resample_steps:  # rare: read the verdict now
+            self.check_pending()
+            if not bool(ok):
+                return
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x, out.x_hat.detach(), gen)
+            self.dead.reset(idx)
+            self.resampled += idx.numel()
+
+    def check_pending(self) -> None:
+        """Read the deferred finiteness verdicts (one host sync): fold the good steps into the metric
+        count and the bad ones into `skipped`, or raise `NonFiniteError` for the first bad step unless
+        `skip_nonfinite`. A no-op for eager checks."""
+        if not self._pending_rows:
+            return
+        good, bad = (int(v) for v in self._pending.tolist())
+        step, x_ok, bad_row = (int(v) for v in self._first_bad.tolist())
+        rows, self._pending_rows = self._pending_rows, {}
+        self._pending.zero_()
+        self._first_bad.fill_(-1)
+        self._acc_steps += good
+        if bad and not self.cfg.skip_nonfinite:
+            batch_rows = rows[step]
+            if not x_ok:
+                row = int(batch_rows[bad_row])
+                what = "the batch holds non-finite activations"
+                where = f"first bad row {row} = {self.describe_row(row)}"
+                fix = "the activations are damaged there: recapture the store, or pass --skip-nonfinite to skip them"
+            else:
+                first = int(batch_rows[0])
+                what = "the loss or its gradient is not finite"
+                where = f"inputs finite; batch starts at row {first} = {self.describe_row(first)}"
+                fix = "training diverged: start again with a lower --lr, or pass --skip-nonfinite"
+            raise NonFiniteError(
+                f"step {step + 1}: {what} ({where}); found at step {self.step} (on {self.device.type} the check is "
+                f"read once per log interval), nothing after the last checkpoint was saved: {fix}")
+        self.skipped += bad
+
     def _loss(self, batch: Batch, x: Tensor, out: ForwardOutput) -> Tensor:
         """The loss one step minimises: the SAE's own total (reconstruction + sparsity + aux); end-to-end
         training (`e2e.E2ETrainer`) measures the reconstruction through the model instead."""
@@ -270,6 +364,7 @@ class Trainer:
     # ---------------------------------------------------------------- metrics
     def flush_metrics(self, seconds: float | None = None) -> dict[str, Any]:
         """Average the metrics since the last call (one host sync) and reset the accumulators."""
+        self.check_pending()
         now = time.perf_counter()
         steps = max(self._acc_steps, 1)
         avg = (self._acc / steps).tolist()
@@ -293,6 +388,7 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def state(self) -> Checkpoint:
         """Everything the next step depends on (module docstring)."""
+        self.check_pending()  # a checkpoint never holds an unchecked step
         tensors = {
             "dead_since": self.dead.since.detach().cpu().clone(),
             "acc": self._acc.detach().cpu().clone(),
@@ -351,6 +447,7 @@ class Trainer:
                 break
             if self._after_step(on_log, on_step):
                 last_ckpt, saved_at = self.save_checkpoint(), self.step
+        self.check_pending()
         self._raise_if_stopped(last_ckpt, saved_at)
         if data_ended and self._acc_steps:
             rec = self.flush_metrics()
