@@ -149,7 +149,7 @@ def nonfinite_on_device() -> dict[str, Any]:
 
 def nccl_one_rank(store: Path, work: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
-           "monoscope.cli", "train", str(store), "--arch", "topk", "--k", "32", "--tokens", "1M", "--device",
+           "monoscope.train.cli", str(store), "--arch", "topk", "--k", "32", "--tokens", "1M", "--device",
            DEVICE, "--dist-timeout", "120", "--out", str(work / "nccl"), "--quiet"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=150)
