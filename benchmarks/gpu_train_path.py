@@ -153,8 +153,20 @@ def nccl_one_rank(store: Path, work: Path) -> dict[str, Any]:
            DEVICE, "--dist-timeout", "120", "--out", str(work / "nccl"), "--quiet"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=150)
+    log = (p.stdout + p.stderr).splitlines()
+    errors = [line for line in log if "Error" in line or "error:" in line]
     return {"command": " ".join(cmd[1:]), "returncode": p.returncode, "seconds": round(time.perf_counter() - t0, 1),
-            "output_tail": (p.stdout + p.stderr)[-2500:]}
+            "first_error_lines": errors[:8], "output_tail": "\n".join(log[-25:])}
+
+
+def batch_sizes(store: Path, work: Path, tokens: str) -> dict[str, Any]:
+    """TopK 16x bf16 on the GPU path at several batch sizes: how much of a step is per-step overhead."""
+    out: dict[str, Any] = {}
+    for bs in (4096, 16384):
+        out[str(bs)] = _train(store, work / f"bs-{bs}", "new", arch="topk", k=32, width="16x", tokens=tokens,
+                              dtype="bfloat16", batch_size=bs)
+        print(f"  batch {bs}: {out[str(bs)]}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -164,6 +176,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", default="2M", help="tokens per training run")
     ap.add_argument("--store-tokens", default="1M")
+    ap.add_argument("--steps", default="nonfinite,speed,nccl,batch", help="which steps to run after the capture")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (the comparison is for GPUs)")
     args = ap.parse_args()
     global DEVICE
@@ -193,9 +206,10 @@ def main() -> None:
     step("capture", lambda: {"seconds": round(_timed(lambda: capture(store, model=str(model), corpus=args.corpus,
                                                                        tokens=args.store_tokens, device=DEVICE,
                                                                        progress=False)), 1)})
-    step("nonfinite", nonfinite_on_device)
-    step("speed", lambda: speed(store, work, args.tokens))
-    step("nccl", lambda: nccl_one_rank(store, work))
+    steps = {"nonfinite": nonfinite_on_device, "speed": lambda: speed(store, work, args.tokens),
+             "nccl": lambda: nccl_one_rank(store, work), "batch": lambda: batch_sizes(store, work, args.tokens)}
+    for name in args.steps.split(","):
+        step(name, steps[name])
     if DEVICE == "cuda":
         report["max_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     step("done", lambda: True)
