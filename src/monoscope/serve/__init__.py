@@ -7,6 +7,18 @@
 live panels, `app.py` holds the routes and the safety rules, `cli.py` the command.
 """
 
-from monoscope.serve.app import create_app
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["create_app"]
+
+
+def __getattr__(name: str) -> Any:
+    """`create_app` imported on first use: every other command (train on a GPU node, say) builds the CLI,
+    which names `serve`, without importing FastAPI."""
+    if name == "create_app":
+        from monoscope.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
