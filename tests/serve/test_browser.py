@@ -153,7 +153,8 @@ def test_feature_page_screenshot_for_the_readme(page, server: str) -> None:  # t
 @pytest.mark.integration
 def test_real_run_feature_page_screenshot(tmp_path: Path) -> None:
     """The README's picture: a feature page of a real run (MONOSCOPE_SERVE_RUN, default runs/small; feature
-    MONOSCOPE_SERVE_FEATURE, default 5873), saved as tests/artifacts/serve/real-feature-page.png."""
+    MONOSCOPE_SERVE_FEATURE, default 5873), saved as tests/artifacts/serve/real-feature-page.png, with its
+    ablation panel run on the real model (real-ablation.png)."""
     import uvicorn
 
     from monoscope.serve import create_app
@@ -181,6 +182,13 @@ def test_real_run_feature_page_screenshot(tmp_path: Path) -> None:
             out = ARTIFACTS / "serve"
             out.mkdir(parents=True, exist_ok=True)
             pg.screenshot(path=str(out / "real-feature-page.png"))
+            # the per-token ablation effect on the real model, on the feature's top context (loads the model:
+            # minutes on a loaded 2-core machine)
+            pg.click("#ablateform button")
+            pg.wait_for_selector("#ablateform[data-done='1']", timeout=600_000)
+            toks = pg.locator("#ablateout .tok")
+            assert toks.count() > 3 and toks.nth(1).get_attribute("title").startswith("loss change ")
+            pg.locator("section:has(#ablateform)").screenshot(path=str(out / "real-ablation.png"))
             pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/")
             pg.wait_for_selector("canvas#featuremap[data-ready]")
             pg.screenshot(path=str(out / "real-run-page.png"), full_page=True)
