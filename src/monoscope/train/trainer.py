@@ -220,16 +220,7 @@ class Trainer:
         if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             self._nonfinite(batch, x, "the batch holds non-finite activations")
             return
-        sched = self.schedule()
-        for group in self.optimizer.param_groups:
-            group["lr"] = sched.lr
-        dead_mask = self.dead.dead() if self.use_auxk else None
-        out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
-        total = self._loss(batch, x, out)
-        total.backward()
-        if self.unit_norm_decoder:
-            self.sae.remove_parallel_grads_()
-        grad_norm = self._clip_grads()
+        out, total, grad_norm = self._forward_backward(batch, x)
         if not bool(torch.isfinite(total.detach()) & torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite(batch, x, f"the loss or its gradient is not finite (loss {float(total.detach()):g})")
@@ -239,18 +230,33 @@ class Trainer:
         if self.unit_norm_decoder:
             self.sae.normalize_decoder_()
         self.dead.update(out.fired, n)
-        with torch.no_grad():
-            vals = torch.stack([total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(),
-                                out.fvu, out.l0, grad_norm.detach().float()])
-            self._acc += vals
+        self._acc += _metric_values(out, total, grad_norm).to(self._acc.dtype)
         self._acc_steps += 1
         self.step += 1
         self.tokens += n
         if self.step in self.resample_steps:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x, out.x_hat.detach(), gen)
-            self.dead.reset(idx)
-            self.resampled += idx.numel()
+            self._resample(x, out)
+
+    def _forward_backward(self, batch: Batch, x: Tensor) -> tuple[ForwardOutput, Tensor, Tensor]:
+        """Steps 2-4 of a step (module docstring): schedules, forward, loss, backward, decoder-parallel
+        gradient removal, clipping -> (forward output, loss, gradient norm)."""
+        sched = self.schedule()
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched.lr
+        dead_mask = self.dead.dead() if self.use_auxk else None
+        out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
+        total = self._loss(batch, x, out)
+        total.backward()
+        if self.unit_norm_decoder:
+            self.sae.remove_parallel_grads_()
+        return out, total, self._clip_grads()
+
+    def _resample(self, x: Tensor, out: ForwardOutput) -> None:
+        """relu-l1 at a resample step: dead features toward this batch's badly reconstructed inputs."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x, out.x_hat.detach(), gen)
+        self.dead.reset(idx)
+        self.resampled += idx.numel()
 
     def _deferred_step(self, batch: Batch) -> None:
         """`train_step` without host syncs: the step always runs, and a non-finite batch, loss or
@@ -259,17 +265,8 @@ class Trainer:
         `check_pending` reads the verdict later and stops or counts the skip as the eager step would."""
         n = batch.acts.shape[0]
         x = self.scaled(batch.acts)
-        sched = self.schedule()
-        for group in self.optimizer.param_groups:
-            group["lr"] = sched.lr
-        dead_mask = self.dead.dead() if self.use_auxk else None
         buffers = [(b, b.clone()) for b in self.sae.buffers()]  # state a forward updates (batchtopk's θ)
-        out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
-        total = self._loss(batch, x, out)
-        total.backward()
-        if self.unit_norm_decoder:
-            self.sae.remove_parallel_grads_()
-        grad_norm = self._clip_grads()
+        out, total, grad_norm = self._forward_backward(batch, x)
         row_ok = torch.isfinite(x).all(1)  # [B]
         x_ok = row_ok.all()
         ok = x_ok & torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
@@ -282,8 +279,7 @@ class Trainer:
         for b, before in buffers:
             b.copy_(torch.where(ok, b, before))
         with torch.no_grad():
-            vals = torch.stack([total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(),
-                                out.fvu, out.l0, grad_norm.detach().float()]).to(self._acc.dtype)
+            vals = _metric_values(out, total, grad_norm).to(self._acc.dtype)
             self._acc += torch.where(ok, vals, torch.zeros_like(vals))
             self._pending += torch.stack([ok.long(), (~ok).long()])
             first = torch.stack([torch.full((), self.step, dtype=torch.int64, device=self.device), x_ok.long(),
@@ -294,12 +290,8 @@ class Trainer:
         self.tokens += n
         if self.step in self.resample_steps:  # rare: read the verdict now
             self.check_pending()
-            if not bool(ok):
-                return
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x, out.x_hat.detach(), gen)
-            self.dead.reset(idx)
-            self.resampled += idx.numel()
+            if bool(ok):
+                self._resample(x, out)
 
     def check_pending(self) -> None:
         """Read the deferred finiteness verdicts (one host sync): fold the good steps into the metric
@@ -518,6 +510,13 @@ class Peeked:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.first = None
         self.source.load_state_dict(state)
+
+
+@torch.no_grad()
+def _metric_values(out: ForwardOutput, total: Tensor, grad_norm: Tensor) -> Tensor:
+    """One step's METRICS, in order, as one device vector (summed into the accumulator, read per log)."""
+    return torch.stack([total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(), out.fvu, out.l0,
+                        grad_norm.detach().float()])
 
 
 def _adam_impl(device: torch.device) -> dict[str, Any]:
