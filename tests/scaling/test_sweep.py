@@ -185,3 +185,14 @@ def test_interrupted_sweep_says_rerun_not_resume(done: tuple[Any, Path], tmp_pat
     assert "--resume" not in str(e.value)
     assert (e.value.step, e.value.signum) == (2, 15)
     assert any((out / "runs" / "n32-t256-k4-s0" / "checkpoints").iterdir())
+
+
+def test_lnk_points_are_those_at_the_largest_trained_token_count() -> None:
+    """80k tokens at batch 256 trains 79,872: the L(n,k) fit must still find those points (it found none
+    when it compared with the requested 80,000)."""
+    from monoscope.scaling.sweep import lnk_records
+
+    recs = [{"name": f"n{n}-t{t}-k{k}", "tokens": t // 256 * 256} for n in (576, 1152) for k in (16, 32)
+            for t in (20_000, 80_000)]
+    assert [r["name"] for r in lnk_records(recs)] == ["n576-t80000-k16", "n576-t80000-k32", "n1152-t80000-k16",
+                                                      "n1152-t80000-k32"]

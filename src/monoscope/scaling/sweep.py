@@ -177,6 +177,14 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
 
+def lnk_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points of the L(n,k) fit: those at the largest token count, as trained. A point trains whole batches,
+    so its `tokens` is the requested count rounded down to a multiple of the batch size (80k at batch 256 is
+    79,872): compare trained counts with each other, never with the requested one."""
+    t_max = max(r["tokens"] for r in records)
+    return [r for r in records if r["tokens"] == t_max]
+
+
 def grid_points(cfg: SweepConfig, d_model: int) -> tuple[list[GridPoint], list[GridPoint]]:
     """(points of the L(n, T) grid, extra points of the L(n, k) grid) in training order (cheap first)."""
     widths = sorted({parse_width(w, d_model) for w in cfg.widths})
@@ -407,8 +415,7 @@ def _sweep(store: str | Path, bud: Budget, out: Path, cfg: SweepConfig, command:
                "relative_error": (predicted - measured) / measured, "metric": metric}
     lnk = None
     if cfg.ks:
-        t_max = max(cfg.tokens)
-        kr = [r for r in records if r["tokens"] == t_max]
+        kr = lnk_records(records)
         try:
             lnk = fit_lnk([r["width"] for r in kr], [r["k"] for r in kr], [r["heldout"][metric] for r in kr],
                           bootstrap=cfg.bootstrap)
