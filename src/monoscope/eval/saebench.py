@@ -437,6 +437,25 @@ def offline_datasets(cfg: ProbingConfig) -> list[Dataset]:
     return out
 
 
+def probe_task(x_tr: np.ndarray, x_te: np.ndarray, f_tr: np.ndarray, f_te: np.ndarray, y_tr: np.ndarray,
+               y_te: np.ndarray, k_values: Sequence[int]) -> dict[str, Any]:
+    """One binary task (labels 1/0): test accuracy of a logistic probe on the residual x, on all latents f, and on
+    the k latents with the largest |mean(pos) − mean(neg)| over the train split, as SAEBench's
+    `get_top_k_mean_diff_mask` + `train_sklearn_probe` (tests/eval/test_saebench.py runs both on the same data)."""
+    llm = _sk_probe(x_tr, y_tr, max_iter=1000)
+    row: dict[str, Any] = {"llm_test_accuracy": float((llm.predict(x_te) == y_te).mean())}
+    diff = np.abs(f_tr[y_tr == 1].mean(0) - f_tr[y_tr == 0].mean(0))
+    order = np.argsort(-diff, kind="stable")
+    for k in k_values:
+        feats = order[:k]
+        sk = _sk_probe(f_tr[:, feats], y_tr, max_iter=1000)
+        row[f"sae_top_{k}_test_accuracy"] = float((sk.predict(f_te[:, feats]) == y_te).mean())
+        row[f"sae_top_{k}_features"] = [int(i) for i in feats]
+    sk = _sk_probe(f_tr, y_tr, max_iter=1000)
+    row["sae_test_accuracy"] = float((sk.predict(f_te) == y_te).mean())
+    return row
+
+
 def sparse_probing(lm: Any, sae: Any, hook: Any, cfg: ProbingConfig | None = None,
                    datasets: list[Dataset] | None = None) -> dict[str, Any]:
     """Test accuracy of a full-residual probe and of k-latent probes (latents by class mean difference), one
@@ -463,18 +482,8 @@ def sparse_probing(lm: Any, sae: Any, hook: Any, cfg: ProbingConfig | None = Non
             ytr, yte = yb[:ntr], yb[ntr:]
             if len(set(ytr.tolist())) < 2 or len(te) == 0:
                 continue
-            llm = _sk_probe(x[tr], ytr, max_iter=1000)
-            row: dict[str, Any] = {"dataset": ds.name, "class": cls, "train": int(ntr), "test": len(te),
-                                   "llm_test_accuracy": float((llm.predict(x[te]) == yte).mean())}
-            diff = np.abs(f[tr][ytr == 1].mean(0) - f[tr][ytr == 0].mean(0))
-            order = np.argsort(-diff, kind="stable")
-            for k in cfg.k_values:
-                feats = order[:k]
-                sk = _sk_probe(f[tr][:, feats], ytr, max_iter=1000)
-                row[f"sae_top_{k}_test_accuracy"] = float((sk.predict(f[te][:, feats]) == yte).mean())
-                row[f"sae_top_{k}_features"] = [int(i) for i in feats]
-            sk = _sk_probe(f[tr], ytr, max_iter=1000)
-            row["sae_test_accuracy"] = float((sk.predict(f[te]) == yte).mean())
+            row: dict[str, Any] = {"dataset": ds.name, "class": cls, "train": int(ntr), "test": len(te)}
+            row.update(probe_task(x[tr], x[te], f[tr], f[te], ytr, yte, cfg.k_values))
             tasks.append(row)
     if not tasks:
         raise MonoscopeError("no sparse-probing task could be built from the offline data (concept packs, Django "
