@@ -131,10 +131,6 @@ def evaluate(
         return done
     t0 = time.perf_counter()
 
-    if lm and model.cfg.arch == "crosscoder":
-        raise MonoscopeError("--lm splices one hook's reconstruction into the model; a crosscoder writes several "
-                             "layers at once, which monoscope eval does not splice: evaluate it without --lm "
-                             "(per-hook FVU)")
     acc = ReconAccumulator(model.cfg.d_sae, m.ctx_len)
     per_hook = _per_hook_accumulators(model, m.ctx_len)
     with progress_bar("eval: store rows", total=n_rows, unit="tok", enabled=progress) as bar, torch.inference_mode():
@@ -173,6 +169,11 @@ def evaluate(
             splicer: Splicer = TranscoderSplicer(lmodel, lmodel.hook(str(model.cfg.target_hook)), model,
                                                  lambda h, _ids: m.row_policy.keep(h), error_check=error_check,
                                                  source=lmodel.hook(str(model.cfg.hook)))
+        elif model.cfg.arch == "crosscoder":
+            from monoscope.eval.splice import CrosscoderSplicer
+
+            splicer = CrosscoderSplicer(lmodel, [lmodel.hook(h) for h in model.hooks], model,  # type: ignore[attr-defined]
+                                        lambda h, _ids: m.row_policy.keep(h), error_check=error_check)
         else:
             splicer = Splicer(lmodel, lmodel.hook(m.hook), model, lambda h, _ids: m.row_policy.keep(h),
                               error_check=error_check)

@@ -318,3 +318,102 @@ class TranscoderSplicer(Splicer):
         finally:
             handle.remove()
             self._src = None
+
+
+class CrosscoderSplicer(Splicer):
+    """The splice of an acausal crosscoder over hooks h_1..h_L (in forward order): each hook's activation is
+    replaced by the crosscoder's reconstruction of that layer, all computed from the clean activations of every
+    layer. The reconstruction of an early layer needs the later layers' clean activations, so a batch takes
+    one clean forward (which captures them and gives the clean logits) and then one forward per variant with
+    every hook replaced at once; there is no stacked forward. x and x̂ are the layers side by side
+    ([N, L·d], as the store holds them); rows are chosen by `keep` on that row, as the store's row policy did."""
+
+    def __init__(self, lm: LoadedModel, hps: list[HookPoint], sae: SAE, keep: Callable[[Tensor, Tensor], Tensor],
+                 **kwargs: Any) -> None:
+        super().__init__(lm, hps[-1], sae, keep, **{**kwargs, "stacked": False})
+        self.hps = hps
+        self.fallback = "a crosscoder is spliced with one forward per variant after a clean forward"
+
+    @contextlib.contextmanager
+    def _at_hooks(self, fn: Callable[[int, Tensor], Tensor | None]) -> Iterator[None]:
+        """Hooks at every read hook point: `fn(layer, h)` sees the activation and may return its replacement."""
+        handles = []
+        for i, hp in enumerate(self.hps):
+            module, pre = _module_for(self.lm.layout, hp)
+
+            def post_hook(_m: torch.nn.Module, _args: Any, out: Any, i: int = i) -> Any:
+                new = fn(i, _first_tensor(out))
+                if new is None:
+                    return None
+                return new if isinstance(out, torch.Tensor) else (new, *out[1:])
+
+            def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i) -> Any:
+                h = args[0] if args else kwargs["hidden_states"]
+                new = fn(i, h)
+                if new is None:
+                    return None
+                if args:
+                    return (new, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
+
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre
+                           else module.register_forward_hook(post_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _clean_pass(self, ids: Tensor) -> Tensor:
+        """Clean logits; fills the cache with the rows replaced, x, x̂, active features and positions."""
+        acts: list[Tensor] = [torch.empty(0)] * len(self.hps)
+
+        def grab(i: int, h: Tensor) -> None:
+            acts[i] = h
+
+        with self._at_hooks(grab):
+            clean = self._logits(ids)
+        h = torch.cat(acts, -1)  # [B, T, L·d]
+        keep = self.keep(h, ids).to(h.device)
+        x = h[keep].float()
+        feats = self.sae.encode_raw(x)
+        self._cache.update(keep=keep, x=x, x_hat=self.sae.decode_raw(feats), active=feats != 0,
+                           positions=torch.nonzero(keep)[:, 1])
+        return clean
+
+    def _variant_pass(self, ids: Tensor, variant: str) -> Tensor:
+        c = self._cache
+        keep, x, x_hat = c["keep"], c["x"], c["x_hat"]
+        w = x.shape[1] // len(self.hps)
+
+        def put(i: int, h: Tensor) -> Tensor:
+            hv = h.clone()
+            if variant == "zero":
+                if self.zero_all:
+                    return hv.zero_()
+                hv[keep] = 0
+                return hv
+            block = x_hat[:, i * w:(i + 1) * w]
+            if variant == "error":  # the error term added back: the clean activation up to rounding
+                block = block + (x[:, i * w:(i + 1) * w] - block)
+            hv[keep] = block.to(h.dtype)
+            return hv
+
+        with self._at_hooks(put):
+            return self._logits(ids)
+
+    @torch.inference_mode()
+    def variant_logits(self, ids: Tensor, variant: str) -> Tensor:
+        ids = ids.to(self.lm.device)
+        self._ids = ids
+        clean = self._clean_pass(ids)
+        return clean if variant == "clean" else self._variant_pass(ids, variant)
+
+    @torch.inference_mode()
+    def run(self, ids: Tensor) -> SpliceBatch:
+        ids = ids.to(self.lm.device)
+        self._cache.clear()
+        self._ids = ids
+        logits = [self._clean_pass(ids)]
+        logits += [self._variant_pass(ids, v) for v in self.variants[1:]]
+        return self._losses(ids, logits)
