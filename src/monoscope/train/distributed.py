@@ -75,14 +75,16 @@ from monoscope.fileio import check_output_dir
 from monoscope.locking import folder_locks
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, save_sae
+from monoscope.sae.base import fired_from_sparse
 from monoscope.sae.config import THRESHOLD_STYLE
+from monoscope.sae.relu import positive_mask, relu_linear
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
-from monoscope.sae.topk import BatchTopKSAE, TopKSAE, _batch_topk, _order_view
+from monoscope.sae.topk import _batch_topk, _order_view
 from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointDir
 from monoscope.train.config import TrainConfig
 from monoscope.train.data import TrainData, store_data
-from monoscope.train.dead import resample_dead
+from monoscope.train.dead import reinit_features, resample_dead
 from monoscope.train.log import LOG_NAME, JsonlLog
 from monoscope.train.trainer import CALIBRATION_BATCHES, BatchSource, Peeked, RunOutcome, Trainer
 
@@ -92,8 +94,15 @@ large checkpoint keeps the others waiting, so it is generous; tests lower it).""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FEATURE_SHARDED = ("topk", "batchtopk")
+FEATURE_SHARDED = ("topk", "batchtopk", "relu-l1")
 """Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
+
+SELECT_SHARDED = ("topk", "batchtopk")
+"""Feature-sharded architectures whose selection is global (`_global_topk`, `_global_batch_select`); the others
+(relu-l1, jumprelu, gated) decide each feature alone and sum per-feature penalties over the shards."""
+
+FEATURE_KEYS = ("W_enc", "b_enc", "W_dec", "log_threshold", "r_mag", "b_mag")
+"""state_dict entries indexed by feature (dim 0): split over the fs ranks; every other entry is replicated."""
 
 _T = TypeVar("_T")
 
@@ -320,15 +329,23 @@ def shard_config(cfg: SAEConfig, fs: int) -> SAEConfig:
     """The SAEConfig of one feature shard (d_sae / fs features; k and k_aux capped to fit)."""
     d = cfg.to_dict()
     n = cfg.d_sae // fs
-    d.update(d_sae=n, k=min(int(cfg.k), n), k_aux=min(int(cfg.k_aux), n))  # type: ignore[arg-type]
+    d.update(d_sae=n)
+    for name in ("k", "k_aux"):  # topk-style only (None for the others)
+        if d.get(name) is not None:
+            d[name] = min(int(d[name]), n)
     return SAEConfig.from_dict(d)
 
 
 def shard_state(full: dict[str, Tensor], fs: int, fs_rank: int) -> dict[str, Tensor]:
-    """Rows of the feature-indexed tensors of a full TopK state_dict that shard `fs_rank` holds."""
+    """Rows of the feature-indexed tensors (`FEATURE_KEYS`) of a full state_dict that shard `fs_rank` holds."""
     n = full["W_enc"].shape[0] // fs
     lo = fs_rank * n
-    return {k: (v[lo: lo + n].clone() if k in ("W_enc", "b_enc", "W_dec") else v.clone()) for k, v in full.items()}
+    return {k: (v[lo: lo + n].clone() if k in FEATURE_KEYS else v.clone()) for k, v in full.items()}
+
+
+def join_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The full state_dict from the fs shards' state_dicts, in feature order (inverse of `shard_state`)."""
+    return {k: (torch.cat([s[k] for s in shards]) if k in FEATURE_KEYS else shards[0][k]) for k in shards[0]}
 
 
 class DistributedTrainer(Trainer):
@@ -341,8 +358,10 @@ class DistributedTrainer(Trainer):
         super().__init__(sae, config, source, **kwargs)
         self.topo = topo
         self.full_cfg = full_cfg
-        self.sharded_topk = full_cfg.arch in FEATURE_SHARDED
-        """topk and batchtopk run the feature-sharded forward (any fs); the others their own forward (fs = 1)."""
+        self.sharded_topk = full_cfg.arch in SELECT_SHARDED
+        """topk and batchtopk run the feature-sharded forward (any fs)."""
+        self.sharded_local = topo.fs > 1 and not self.sharded_topk
+        """relu-l1 (jumprelu, gated) over several shards: `_forward_local_select`; with fs = 1 their own forward."""
         self.k = int(full_cfg.k or 0)
         self.k_aux = int(full_cfg.k_aux or 0)
         self.offset = topo.fs_rank * sae.cfg.d_sae
@@ -353,6 +372,8 @@ class DistributedTrainer(Trainer):
                  sparsity_coef: float) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
         """(total loss, [mse, sparsity, aux, fvu, l0] detached, fired [F_local], x̂ [b, d] detached) for this
         rank's rows x [b, d]."""
+        if self.sharded_local:
+            return self._forward_local_select(x, sparsity_coef)
         if not self.sharded_topk:  # a whole replica: the architecture's own forward on this rank's rows
             out = self.sae(x, sparsity_coef=sparsity_coef, dead_mask=dead_mask)
             return out.total, [out.mse.detach(), out.sparsity.detach(), out.aux.detach(), out.fvu, out.l0], \
@@ -452,6 +473,87 @@ class DistributedTrainer(Trainer):
         scale = min(n_dead / self.k_aux, 1.0)
         return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
+    def _forward_local_select(self, x: Tensor, sparsity_coef: float) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """`_forward` for the architectures whose features decide alone (relu-l1): this shard's codes and
+        partial reconstruction (plus b_dec / fs), its part of the per-feature penalty and of L0, summed over the
+        fs group in one all-reduce (`_SumParts`: each rank's part gets the full gradient back). The loss
+        is then the one process's loss on every rank."""
+        sae, topo = self.sae, self.topo
+        arch = self.full_cfg.arch
+        cd = sae.compute_dtype(x.device)
+        n_rows, d = x.shape
+        if arch == "relu-l1":
+            x32, x_c = sae._prepare_input(x, cd)
+            pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
+            with torch.no_grad():
+                pattern = sae._active_pattern(positive_mask(pre))
+            norms = sae.decoder_norms()  # [F_local]
+            if pattern is None:  # dense codes
+                f = relu_linear(pre, x_c, sae.W_enc, sae.b_enc)
+                part = (f @ sae.W_dec.to(cd)).float()
+                f_sum = torch.sum(f, dim=0, dtype=torch.float32)
+                pen = (f_sum * norms).sum() / n_rows  # this shard's part of mean_b Σ_i f_i ‖W_dec[i]‖
+                with torch.no_grad():
+                    l0 = torch.count_nonzero(f).float() / n_rows
+                    fired = f_sum > 0
+            else:
+                xs, shift = sae._sparse_encoder_input(x32, x_c)
+                vals = gather_linear(pre[pattern.rows, pattern.flat], xs, sae.W_enc, sae.b_enc, pattern, shift).float()
+                part = sparse_decode(vals, pattern.flat, sae.W_dec, dtype=cd, pattern=pattern).float()
+                pen = (vals * norms[pattern.flat]).sum() / n_rows
+                with torch.no_grad():
+                    l0 = x32.new_tensor(pattern.nnz / n_rows)
+                    fired = fired_from_sparse(pattern.flat, vals, sae.cfg.d_sae)
+        else:
+            raise MonoscopeError(f"--arch {arch} is not feature sharded")
+        flat = torch.cat([(part + sae.b_dec.float() / topo.fs).reshape(-1), pen.reshape(1), l0.reshape(1)])
+        flat = _sum_parts(flat, topo.fs_group, topo.fs)
+        x_hat = flat[: n_rows * d].view(n_rows, d)
+        sparsity = sparsity_coef * flat[n_rows * d]
+        l0_all = flat[n_rows * d + 1].detach()
+        sq = (x32 - x_hat).pow(2).sum(-1)
+        mse = sq.mean()
+        with torch.no_grad():
+            fvu = sq.sum() / (x32 - x32.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total = mse + sparsity
+        zero = torch.zeros((), device=x.device)
+        return total, [mse.detach(), sparsity.detach(), zero, fvu, l0_all], fired, x_hat.detach()
+
+    @torch.no_grad()
+    def _resample_sharded(self, x: Tensor, x_hat: Tensor, gen: torch.Generator) -> tuple[Tensor, int]:
+        """`resample_dead` over the fs group: every rank draws the inputs for all dead features of every
+        shard (the same draws, in global feature order, as one process) and keeps its own; the live
+        features' mean norms are summed over the shards. Returns (this shard's local indices, the count over
+        all shards)."""
+        topo, sae = self.topo, self.sae
+        dead = self.dead.dead()
+        idx = dead.nonzero().squeeze(1)
+        counts = _all_gather(torch.tensor([idx.numel()], dtype=torch.int64, device=self.device), topo.fs_group,
+                             topo.fs, 0).tolist()
+        alive = ~dead
+        sums = torch.stack([sae.W_dec.float()[alive].norm(dim=1).sum(), sae.W_enc.float()[alive].norm(dim=1).sum(),
+                            alive.sum().float()])
+        dist.all_reduce(sums, group=topo.fs_group)
+        n_dead = sum(counts)
+        if n_dead == 0:
+            return idx, 0
+        weights = (x.float() - x_hat.float()).pow(2).sum(1).pow(2).cpu().double()  # [B] loss²
+        if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
+            weights = torch.ones_like(weights)
+        pick = torch.multinomial(weights, n_dead, replacement=True, generator=gen)  # every shard's draws
+        lo = sum(counts[: topo.fs_rank])
+        pick = pick[lo: lo + idx.numel()]
+        if idx.numel() == 0:
+            return idx, n_dead
+        v = x.float()[pick.to(x.device)] - sae.b_dec.float()
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if float(sums[2]) > 0:
+            dec_norm, enc_norm = sums[0] / sums[2], sums[1] / sums[2]
+        else:
+            dec_norm = enc_norm = torch.tensor(1.0, device=v.device)
+        reinit_features(sae, self.optimizer, idx, v, dec_norm, enc_norm)
+        return idx, n_dead
+
     # ---------------------------------------------------------------- one step
     def train_step(self) -> None:
         batch = next(self.source)
@@ -497,12 +599,16 @@ class DistributedTrainer(Trainer):
         self._acc_steps += 1
         self.step += 1
         self.tokens += n
-        if self.step in self.resample_steps:  # on the whole global batch, as one process (fs = 1 here)
+        if self.step in self.resample_steps:  # on the whole global batch, as one process
             x_hat_all = _all_gather(x_hat, self.topo.dp_group, self.topo.dp, 0)
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x_all, x_hat_all, gen)
+            if self.topo.fs > 1:
+                idx, n_all = self._resample_sharded(x_all, x_hat_all, gen)
+            else:
+                idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x_all, x_hat_all, gen)
+                n_all = idx.numel()
             self.dead.reset(idx)
-            self.resampled += idx.numel()
+            self.resampled += n_all
 
     def _reduce_grads(self) -> None:
         """b_dec's gradient summed over the fs group (its encoder path is partial per shard); every
@@ -524,7 +630,7 @@ class DistributedTrainer(Trainer):
 
     def _clip_grads(self) -> Tensor:
         """torch's clip_grad_norm_ over the whole (sharded) parameter set: shard squares summed over fs."""
-        rows = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec)
+        rows = [p for name, p in self.sae.named_parameters() if name in FEATURE_KEYS]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in rows:
             if p.grad is not None:
@@ -584,8 +690,7 @@ class DistributedTrainer(Trainer):
         order), each rank's optimizer and tensors, rank 0's meta plus the topology."""
         fs = self.topo.fs
         shards = [parts[j]["sae"] for j in range(fs)]  # ranks 0..fs-1 = dp replica 0, fs ranks 0..fs-1
-        full = {k: (torch.cat([s[k] for s in shards]) if k in ("W_enc", "b_enc", "W_dec") else shards[0][k])
-                for k in shards[0]}
+        full = join_shards(shards)
         meta = {**parts[0]["meta"], "distributed": self.topo.describe()}
         return Checkpoint(self.step, full, {"ranks": [p["optimizer"] for p in parts]},
                           {"ranks": [p["tensors"] for p in parts]}, meta)
@@ -671,9 +776,6 @@ def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
         raise MonoscopeError(f"--shard-features {topo.fs} splits the features of --arch "
                              f"{', '.join(FEATURE_SHARDED)} only, not {cfg.arch}: train {cfg.arch} data parallel "
                              "(--shard-features 1), or use --arch topk")
-    if topo.fs > 1 and cfg.revive_method == "resample":
-        raise MonoscopeError(f"--shard-features {topo.fs} does not resample dead features: use --revive auxk or "
-                             "none, or --shard-features 1")
     if cfg.batch_size % topo.dp:
         raise MonoscopeError(f"--batch-size {cfg.batch_size} does not split over {topo.dp} data-parallel ranks "
                              f"(world {topo.world} / --shard-features {topo.fs}): use a multiple of {topo.dp}")
@@ -760,9 +862,8 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             dist.broadcast_object_list(box, src=0)
             sae_cfg = SAEConfig.from_dict(box[0])
         full = build_sae(sae_cfg, seed=cfg.seed)  # CPU; the same draw as one process makes
-        if sae_cfg.arch in FEATURE_SHARDED:
-            cls = TopKSAE if sae_cfg.arch == "topk" else BatchTopKSAE
-            shard: SAE = cls(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
+        if sae_cfg.arch in SELECT_SHARDED or topo.fs > 1:
+            shard: SAE = type(full)(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
             shard.load_state_dict(shard_state(full.state_dict(), topo.fs, topo.fs_rank))
         else:
             shard = data_parallel_sae(full, topo)
@@ -813,7 +914,7 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             "steps": trainer.step,
             "tokens": trainer.tokens,
             "skipped_steps": trainer.skipped,
-            "resampled_features": 0,
+            "resampled_features": trainer.resampled,
             "final_metrics": dict(trainer.last_metrics),
             "data_ended_early": False,
         }
@@ -848,8 +949,7 @@ def _gather_full_sae(trainer: DistributedTrainer) -> SAE | None:
         return None
     assert parts is not None
     shards = parts[: topo.fs]
-    full = {k: (torch.cat([s[k] for s in shards]) if k in ("W_enc", "b_enc", "W_dec") else shards[0][k])
-            for k in shards[0]}
+    full = join_shards(shards)
     sae = build_sae(trainer.full_cfg)
     sae.load_state_dict(full)
     return sae
