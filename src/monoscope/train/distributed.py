@@ -77,6 +77,7 @@ from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, save_sae
 from monoscope.sae.base import fired_from_sparse
 from monoscope.sae.config import THRESHOLD_STYLE
+from monoscope.sae.jumprelu import INIT_L0, _SparseJumpReLUL0, jumprelu_l0
 from monoscope.sae.relu import positive_mask, relu_linear
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
 from monoscope.sae.topk import _batch_topk, _order_view
@@ -94,7 +95,7 @@ large checkpoint keeps the others waiting, so it is generous; tests lower it).""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FEATURE_SHARDED = ("topk", "batchtopk", "relu-l1")
+FEATURE_SHARDED = ("topk", "batchtopk", "relu-l1", "jumprelu")
 """Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
 
 SELECT_SHARDED = ("topk", "batchtopk")
@@ -367,6 +368,23 @@ class DistributedTrainer(Trainer):
         self.offset = topo.fs_rank * sae.cfg.d_sae
         self.slice: RankSlice = source
 
+    @torch.no_grad()
+    def init_b_dec(self, sample_raw: Tensor) -> None:
+        """`Trainer.init_b_dec`; jumprelu's thresholds aim at the full dictionary's initial L0 (each shard
+        holds F / fs of the features, so it aims at that share: the same per-feature quantile)."""
+        init_threshold = getattr(self.sae, "init_threshold_", None)
+        if init_threshold is None or self.topo.fs == 1:
+            return super().init_b_dec(sample_raw)
+        x = self.scaled(sample_raw)
+        x = x[torch.isfinite(x).all(1)]
+        if not x.shape[0]:
+            return None
+        if self.cfg.init_b_dec != "zero":
+            self.sae.init_b_dec_(x, method=self.cfg.init_b_dec)
+        n_full = self.full_cfg.d_sae
+        init_threshold(x, target_l0=min(INIT_L0, n_full / 4) * self.sae.cfg.d_sae / n_full)
+        return None
+
     # ---------------------------------------------------------------- forward
     def _forward(self, x: Tensor, dead_mask: Tensor | None,
                  sparsity_coef: float) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
@@ -504,6 +522,29 @@ class DistributedTrainer(Trainer):
                 with torch.no_grad():
                     l0 = x32.new_tensor(pattern.nnz / n_rows)
                     fired = fired_from_sparse(pattern.flat, vals, sae.cfg.d_sae)
+        elif arch == "jumprelu":  # threshold and straight-through estimators per feature; L0 summed over shards
+            eps = sae.cfg.jumprelu_bandwidth
+            x32, x_c, pre = sae._pre_nograd(x)  # [b, F_local] float32, >= 0
+            log_theta = sae.log_threshold
+            pattern = None
+            if sae.cfg.sparse_kernels:
+                with torch.no_grad():
+                    pattern = sae._active_pattern(pre > log_theta.exp() - eps / 2)
+            if pattern is None:  # dense codes
+                pre = relu_linear(pre, x_c, sae.W_enc, sae.b_enc)
+                f, l0_rows = jumprelu_l0(pre, log_theta, eps)
+                part = (f.to(cd) @ sae.W_dec.to(cd)).float()
+                with torch.no_grad():
+                    fired = (f > 0).any(0)
+            else:
+                xs, shift = sae._sparse_encoder_input(x32, x_c)
+                values = gather_linear(pre[pattern.rows, pattern.flat], xs, sae.W_enc, sae.b_enc, pattern, shift)
+                f, l0_rows = _SparseJumpReLUL0.apply(values, log_theta, pattern, eps)
+                part = sparse_decode(f, pattern.flat, sae.W_dec, dtype=cd, pattern=pattern).float()
+                with torch.no_grad():
+                    fired = fired_from_sparse(pattern.flat, f, sae.cfg.d_sae)
+            pen = l0_rows.mean()  # this shard's part of the L0 (the penalty is L0 itself)
+            l0 = pen.detach()
         else:
             raise MonoscopeError(f"--arch {arch} is not feature sharded")
         flat = torch.cat([(part + sae.b_dec.float() / topo.fs).reshape(-1), pen.reshape(1), l0.reshape(1)])
