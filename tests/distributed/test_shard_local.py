@@ -22,8 +22,9 @@ from tests.train.helpers import make_store, synthetic_rows
 ARCHS: dict[str, dict[str, Any]] = {
     "relu-l1": {"arch": "relu-l1", "k": None},  # revive auto = resample at steps 12, 24, 36
     "jumprelu": {"arch": "jumprelu", "k": None},
+    "gated": {"arch": "gated", "k": None},
 }
-TOLERANCE = {"relu-l1": 1e-5, "jumprelu": 1e-5}
+TOLERANCE = {"relu-l1": 1e-5, "jumprelu": 1e-5, "gated": 1e-5}
 
 
 @pytest.fixture(scope="module")

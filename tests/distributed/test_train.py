@@ -143,7 +143,7 @@ def test_impossible_combinations_are_one_line_errors(store: Path, tmp_path: Path
                     shard_features=2)
     assert [r["code"] for r in res] == [2, 2]
     assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 splits the features of --arch topk, batchtopk, "
-                             "relu-l1, jumprelu only, not matryoshka: train matryoshka data parallel "
+                             "relu-l1, jumprelu, gated only, not matryoshka: train matryoshka data parallel "
                              "(--shard-features 1), or use --arch topk")
 
     # a checkpoint of 2 ranks (1 x 2) resumed by 2 ranks as 2 x 1, and by one process

@@ -95,7 +95,7 @@ large checkpoint keeps the others waiting, so it is generous; tests lower it).""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FEATURE_SHARDED = ("topk", "batchtopk", "relu-l1", "jumprelu")
+FEATURE_SHARDED = ("topk", "batchtopk", "relu-l1", "jumprelu", "gated")
 """Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
 
 SELECT_SHARDED = ("topk", "batchtopk")
@@ -500,6 +500,7 @@ class DistributedTrainer(Trainer):
         arch = self.full_cfg.arch
         cd = sae.compute_dtype(x.device)
         n_rows, d = x.shape
+        via: Tensor | None = None  # gated: the gate path's partial reconstruction through the frozen decoder
         if arch == "relu-l1":
             x32, x_c = sae._prepare_input(x, cd)
             pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
@@ -545,20 +546,55 @@ class DistributedTrainer(Trainer):
                     fired = fired_from_sparse(pattern.flat, f, sae.cfg.d_sae)
             pen = l0_rows.mean()  # this shard's part of the L0 (the penalty is L0 itself)
             l0 = pen.detach()
+        elif arch == "gated":  # gate and magnitude paths per feature; L1 on the gate summed over shards
+            x32, x_c = sae._prepare_input(x, cd)
+            norms = sae.decoder_norms()
+            z_all = F.linear(x_c, sae.W_enc.to(cd))  # [b, F_local]
+            z0 = z_all.detach()
+            with torch.no_grad():
+                pattern = sae._active_pattern(z0.float() + sae.b_enc.float() > 0)
+            w_frozen = sae.W_dec.detach()
+            if pattern is None:  # dense codes
+                pi_gate, pi_mag = sae._paths(z_all)
+                gate = torch.relu(pi_gate)
+                f = (pi_gate.detach() > 0) * torch.relu(pi_mag)
+                part = (f.to(cd) @ sae.W_dec.to(cd)).float()
+                via = (gate.to(cd) @ w_frozen.to(cd)).float()
+                pen = (gate.sum(0) * norms).sum() / n_rows
+                with torch.no_grad():
+                    l0 = (f > 0).sum(dtype=torch.float32) / n_rows
+                    fired = (f > 0).any(0)
+            else:
+                xs, shift = sae._sparse_encoder_input(x32, x_c)
+                no_bias = torch.zeros(sae.cfg.d_sae, dtype=sae.b_enc.dtype, device=x.device)
+                z = gather_linear(z0[pattern.rows, pattern.flat], xs, sae.W_enc, no_bias, pattern, shift)
+                pi_gate, pi_mag = sae._paths(z, pattern.flat)
+                f = torch.relu(pi_mag)
+                part = sparse_decode(f, pattern.flat, sae.W_dec, dtype=cd, pattern=pattern).float()
+                gate = torch.relu(pi_gate)
+                via = sparse_decode(gate, pattern.flat, w_frozen, dtype=cd, pattern=pattern).float()
+                pen = (gate * norms[pattern.flat]).sum() / n_rows
+                with torch.no_grad():
+                    l0 = (f > 0).sum(dtype=torch.float32) / n_rows
+                    fired = fired_from_sparse(pattern.flat, f, sae.cfg.d_sae)
         else:
             raise MonoscopeError(f"--arch {arch} is not feature sharded")
-        flat = torch.cat([(part + sae.b_dec.float() / topo.fs).reshape(-1), pen.reshape(1), l0.reshape(1)])
-        flat = _sum_parts(flat, topo.fs_group, topo.fs)
-        x_hat = flat[: n_rows * d].view(n_rows, d)
-        sparsity = sparsity_coef * flat[n_rows * d]
-        l0_all = flat[n_rows * d + 1].detach()
+        pieces = [(part + sae.b_dec.float() / topo.fs).reshape(-1)]
+        if via is not None:
+            pieces.append((via + sae.b_dec.detach().float() / topo.fs).reshape(-1))
+        flat = _sum_parts(torch.cat([*pieces, pen.reshape(1), l0.reshape(1)]), topo.fs_group, topo.fs)
+        n = n_rows * d
+        x_hat = flat[:n].view(n_rows, d)
+        sparsity = sparsity_coef * flat[len(pieces) * n]
+        l0_all = flat[len(pieces) * n + 1].detach()
         sq = (x32 - x_hat).pow(2).sum(-1)
         mse = sq.mean()
         with torch.no_grad():
             fvu = sq.sum() / (x32 - x32.mean(0)).pow(2).sum().clamp_min(1e-12)
-        total = mse + sparsity
         zero = torch.zeros((), device=x.device)
-        return total, [mse.detach(), sparsity.detach(), zero, fvu, l0_all], fired, x_hat.detach()
+        aux = zero if via is None else (x32 - flat[n: 2 * n].view(n_rows, d)).pow(2).sum(-1).mean()
+        total = mse + sparsity + aux
+        return total, [mse.detach(), sparsity.detach(), aux.detach(), fvu, l0_all], fired, x_hat.detach()
 
     @torch.no_grad()
     def _resample_sharded(self, x: Tensor, x_hat: Tensor, gen: torch.Generator) -> tuple[Tensor, int]:
