@@ -1,8 +1,10 @@
-"""Feature sharding of the architectures whose features decide alone (relu-l1), 2 forked gloo ranks
-(--shard-features 2): each rank holds half the features; the partial reconstructions and the partial
-per-feature penalties are all-reduced. After 60 steps the assembled SAE equals one process's on the same
-batches (max abs weight difference <= 1e-5 unless a test says why more), relu-l1 resamples dead features
-over both shards with the draws one process makes, a resume from a mid-run checkpoint ends bit-identical,
+"""Feature sharding of relu-l1, jumprelu, gated and matryoshka, 2 forked gloo ranks (--shard-features 2): each
+rank holds half the features (encoder and decoder rows, b_enc, jumprelu's thresholds, gated's r_mag and b_mag);
+the partial reconstructions (matryoshka: every prefix level, with prefixes inside and across the shards) and the
+partial per-feature penalties (L1, L0) are all-reduced; matryoshka's k·B entries are chosen over both shards.
+After 60 steps the assembled SAE equals one process's on the same batches (max abs weight difference <= 1e-5,
+matryoshka 2e-5: `TOLERANCE` says why), relu-l1 resamples dead features over both shards with the draws one
+process makes, a resume from a mid-run checkpoint ends bit-identical,
 and the assembled SAE loads and encodes like the single-process one."""
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ ARCHS: dict[str, dict[str, Any]] = {
     "relu-l1": {"arch": "relu-l1", "k": None},  # revive auto = resample at steps 12, 24, 36
     "jumprelu": {"arch": "jumprelu", "k": None},
     "gated": {"arch": "gated", "k": None},
+    "matryoshka": {"arch": "matryoshka", "prefixes": "8,32,96,128"},  # prefixes inside and across the shards
 }
-TOLERANCE = {"relu-l1": 1e-5, "jumprelu": 1e-5, "gated": 1e-5}
+TOLERANCE = {"relu-l1": 1e-5, "jumprelu": 1e-5, "gated": 1e-5, "matryoshka": 2e-5}
+"""Measured max abs differences after 60 steps: relu-l1 8e-8, jumprelu 1.5e-7, gated 7.6e-8, matryoshka 1.57e-5.
+matryoshka, like batchtopk (tests/distributed/test_archs.py), differs by ~1.6e-5 already after 3 steps, on W_enc and
+b_enc: in the first Adam steps an entry whose gradient is near zero (a feature barely selected) moves by
+lr·g/(|g| + eps), which magnifies the other summation order of the shards' narrower matmuls; it then stays flat
+(1.8e-5 at 3 steps, 1.7e-5 at 15, 1.6e-5 at 60). A prefix level summed wrongly would differ by ~1e-3."""
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,7 @@ def test_feature_sharded_equals_one_process_and_resumes_exactly(store: Path, tmp
     x = synthetic_rows(256, seed=7) * sae_a.cfg.normaliser
     with torch.no_grad():
         fa, fb = sae_a.encode(x), sae_b.encode(x)
-    assert float((fa - fb).abs().max()) <= 1e-4
+    assert float((fa - fb).abs().max()) <= 20 * TOLERANCE[arch]  # weight differences summed over d_in = 32 inputs
     assert torch.equal(fa > 0, fb > 0)
 
     # as if killed after the step-20 checkpoint: the resumed run ends bit-identical

@@ -95,10 +95,10 @@ large checkpoint keeps the others waiting, so it is generous; tests lower it).""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FEATURE_SHARDED = ("topk", "batchtopk", "relu-l1", "jumprelu", "gated")
+FEATURE_SHARDED = ("topk", "batchtopk", "matryoshka", "relu-l1", "jumprelu", "gated")
 """Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
 
-SELECT_SHARDED = ("topk", "batchtopk")
+SELECT_SHARDED = ("topk", "batchtopk", "matryoshka")
 """Feature-sharded architectures whose selection is global (`_global_topk`, `_global_batch_select`); the others
 (relu-l1, jumprelu, gated) decide each feature alone and sum per-feature penalties over the shards."""
 
@@ -331,6 +331,8 @@ def shard_config(cfg: SAEConfig, fs: int) -> SAEConfig:
     d = cfg.to_dict()
     n = cfg.d_sae // fs
     d.update(d_sae=n)
+    if d.get("prefixes") is not None:  # matryoshka: the shard's own config needs valid prefixes; the trainer
+        d["prefixes"] = [n]  # decodes the full dictionary's prefixes across the shards (`_level_parts`)
     for name in ("k", "k_aux"):  # topk-style only (None for the others)
         if d.get(name) is not None:
             d[name] = min(int(d[name]), n)
@@ -402,7 +404,7 @@ class DistributedTrainer(Trainer):
         n_rows, n_loc = x.shape[0], sae.cfg.d_sae
         with torch.no_grad():
             pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
-            if self.full_cfg.arch == "batchtopk":
+            if self.full_cfg.arch in ("batchtopk", "matryoshka"):
                 rows, cols, values, l0 = self._global_batch_select(pre)
             else:
                 sel_v, sel_i = _global_topk(pre, self.k, self.offset, topo)  # [b, k]
@@ -415,12 +417,22 @@ class DistributedTrainer(Trainer):
             pattern = SparsePattern(cols, n_loc, counts.cumsum(0) - counts)
         xs, shift = sae._sparse_encoder_input(x32, x_c)
         vals = gather_linear(values, xs, sae.W_enc, sae.b_enc, pattern, shift).float().relu()  # [nnz]
-        part = sparse_decode(vals, cols, sae.W_dec, dtype=cd, pattern=pattern).float()
-        x_hat = _sum_parts(part + sae.b_dec.float() / topo.fs, topo.fs_group, topo.fs)  # [b, d]
+        inner: Tensor | None = None
+        if self.full_cfg.prefixes:  # matryoshka: every prefix level's partial sum, all levels in one all-reduce
+            parts = self._level_parts(vals, cols, rows, n_rows, cd) + sae.b_dec.float() / topo.fs  # [b, M, d]
+            levels = _sum_parts(parts, topo.fs_group, topo.fs)
+            x_hat = levels[:, -1]
+            inner = sum(((x32 - levels[:, m]).pow(2).sum(-1).mean() for m in range(levels.shape[1] - 1)),
+                        x32.new_zeros(()))
+        else:
+            part = sparse_decode(vals, cols, sae.W_dec, dtype=cd, pattern=pattern).float()
+            x_hat = _sum_parts(part + sae.b_dec.float() / topo.fs, topo.fs_group, topo.fs)  # [b, d]
         err = x32 - x_hat
         sq = err.pow(2).sum(-1)
         mse = sq.mean()
         aux = self._auxk(x_c, err, dead_mask, cd)
+        if inner is not None:
+            aux = inner if aux is None else inner + aux
         with torch.no_grad():
             fvu = sq.sum() / (x32 - x32.mean(0)).pow(2).sum().clamp_min(1e-12)
             fired = torch.zeros(n_loc, dtype=torch.bool, device=x.device)
@@ -429,6 +441,20 @@ class DistributedTrainer(Trainer):
         zero = torch.zeros((), device=x.device)
         aux_v = zero if aux is None else aux.detach()
         return total, [mse.detach(), zero, aux_v, fvu, l0], fired, x_hat.detach()
+
+    def _level_parts(self, vals: Tensor, cols: Tensor, rows: Tensor, n_rows: int, cd: torch.dtype) -> Tensor:
+        """Matryoshka: this shard's part of each prefix level, [b, M, d] (level m: Σ over its selected features
+        whose global id is below prefixes[m]); the full prefixes clipped to this shard's feature range."""
+        sae = self.sae
+        n_loc = sae.cfg.d_sae
+        prefixes = [min(max(p - self.offset, 0), n_loc) for p in self.full_cfg.prefixes or [self.full_cfg.d_sae]]
+        m = len(prefixes)
+        # entries are row-major and in feature order within a row, so each (row, group) bag is contiguous
+        group = torch.bucketize(cols, cols.new_tensor(prefixes), right=True).clamp_max(m - 1)  # [nnz]
+        counts = torch.bincount(rows * m + group, minlength=n_rows * m)
+        bags = SparsePattern(cols, n_loc, counts.cumsum(0) - counts)
+        parts = sparse_decode(vals.reshape(-1), cols, sae.W_dec, dtype=cd, pattern=bags).float()
+        return parts.view(n_rows, m, -1).cumsum(1)
 
     def _global_batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """batchtopk over the whole mesh: the k·B largest entries of the global batch (B = b·dp rows, every
