@@ -23,9 +23,19 @@ ranks is a 2-D `DeviceMesh` of shape (dp, fs), fs = `shard_features`, dp = W / f
 One rank's step equals one process's step on the same global batch up to float summation order
 (tests: max abs weight difference <= 1e-5 after training, TopK indices identical).
 
-Feature sharding: topk, and batchtopk (its k·B entries chosen over the whole mesh: every rank's top
-k·B candidates all-gathered, one global cut; `_global_batch_select`), with AuxK or no revival.
-Data parallel: every architecture, each replica running its own forward on its rows; batchtopk and
+Feature sharding: topk, and batchtopk and matryoshka (their k·B entries chosen over the whole mesh:
+every rank's top k·B candidates all-gathered, one global cut; `_global_batch_select`; matryoshka's
+prefix levels are partial sums per shard, the full prefixes clipped to its feature range, all levels
+all-reduced together: `_level_parts`). relu-l1, jumprelu and gated (`_forward_local_select`): each
+feature decides alone, so each shard computes its codes, its partial reconstruction (gated: also its
+part of the frozen-decoder gate reconstruction) and its part of the per-feature penalty (relu-l1 and
+gated: L1 weighted by decoder norms; jumprelu: L0 through the straight-through estimators), and one
+all-reduce sums them; jumprelu's log_threshold and gated's r_mag/b_mag are split with their features
+(`FEATURE_KEYS`). Dead features are revived by AuxK, by resampling (`_resample_sharded`: every rank
+draws the inputs for all shards' dead features in global order, as one process does, and keeps its
+own; the live features' mean norms are summed over the shards) or not at all. transcoder and
+crosscoder train data parallel only.
+Data parallel: every architecture, each replica running its own forward on its rows (fs = 1); batchtopk and
 matryoshka choose their k·B entries over the global batch (`GlobalBatchSelect`: each rank's top k·B
 candidates' values all-gathered, a global cut, the threshold's running minimum all-reduced),
 relu-l1 resamples dead features on the global batch (x̂ all-gathered at the resample steps), and
@@ -352,7 +362,7 @@ def join_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 class DistributedTrainer(Trainer):
-    """`Trainer` whose SAE is this rank's feature shard (topk: a TopKSAE of `shard_config(full_cfg, fs)`)
+    """`Trainer` whose SAE is this rank's feature shard (an SAE of its class built from `shard_config(full_cfg, fs)`)
     or its data-parallel replica (every architecture, `data_parallel_sae`), and whose steps talk to the
     other ranks (module docstring)."""
 
@@ -1043,7 +1053,7 @@ def _scatter_checkpoint(topo: Topology, ckpt: Checkpoint | None) -> dict[str, An
 
 
 def _gather_full_sae(trainer: DistributedTrainer) -> SAE | None:
-    """The full TopK SAE assembled on rank 0 from dp replica 0's shards (None elsewhere)."""
+    """The full SAE assembled on rank 0 from dp replica 0's shards (None elsewhere)."""
     topo = trainer.topo
     mine = {k: v.detach().cpu().clone() for k, v in trainer.sae.state_dict().items()}
     parts: list[Any] | None = [None] * topo.world if topo.is_main else None
