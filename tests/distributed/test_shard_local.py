@@ -4,8 +4,8 @@ the partial reconstructions (matryoshka: every prefix level, with prefixes insid
 partial per-feature penalties (L1, L0) are all-reduced; matryoshka's k·B entries are chosen over both shards.
 After 60 steps the assembled SAE equals one process's on the same batches (max abs weight difference <= 1e-5,
 matryoshka 2e-5: `TOLERANCE` says why), relu-l1 resamples dead features over both shards with the draws one
-process makes, a resume from a mid-run checkpoint ends bit-identical,
-and the assembled SAE loads and encodes like the single-process one."""
+process makes (also on a 2x2 mesh, and topk with --revive resample: test_shard_resample.py), a resume from
+a mid-run checkpoint ends bit-identical, and the assembled SAE loads and encodes like the single-process one."""
 
 from __future__ import annotations
 
@@ -91,19 +91,3 @@ def test_feature_sharded_equals_one_process_and_resumes_exactly(store: Path, tmp
         assert torch.equal(b[k], again[k]), k
     assert load_sae(out).provenance["resampled_features"] == prov["resampled_features"]
 
-
-def test_relu_l1_resamples_on_a_2x2_mesh_like_one_process(store: Path, tmp_path: Path) -> None:
-    """dp 2 x fs 2: the resample draws are made on the all-gathered global batch and split over the shards."""
-    ref = tmp_path / "ref"
-    train(ref, store=store, progress=False, **settings("relu-l1"))
-    out = tmp_path / "sae"
-    cfg = TrainConfig(**{**settings("relu-l1"), "progress": False})
-    res = join_ranks(fork_ranks(4, tmp_path, store=store, out=out, config=cfg, shard_features=2, timeout_s=60),
-                     tmp_path)
-    assert [r["code"] for r in res] == [0] * 4, res
-    a, b = weights(ref), weights(out)
-    diff = {k: float((a[k] - b[k]).abs().max()) for k in a}
-    assert max(diff.values()) <= 1e-5, diff
-    prov = load_sae(out).provenance
-    assert prov["distributed"] == {"world_size": 4, "data_parallel": 2, "shard_features": 2}
-    assert prov["resampled_features"] == load_sae(ref).provenance["resampled_features"] > 0
