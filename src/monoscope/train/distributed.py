@@ -35,9 +35,11 @@ all-reduce sums them; jumprelu's log_threshold and gated's r_mag/b_mag are split
 draws the inputs for all shards' dead features in global order, as one process does, and keeps its
 own; the live features' mean norms are summed over the shards) or not at all. transcoder and
 crosscoder train data parallel only.
-Data parallel: every architecture, each replica running its own forward on its rows (fs = 1); batchtopk and
-matryoshka choose their k·B entries over the global batch (`GlobalBatchSelect`: each rank's top k·B
-candidates' values all-gathered, a global cut, the threshold's running minimum all-reduced),
+Data parallel: every architecture; with fs = 1, topk, batchtopk and matryoshka run the sharded forward
+above with one shard (`_global_batch_select` over the dp ranks: each rank's top k·B candidates' values
+all-gathered, a global cut, the threshold's running minimum all-reduced), the others their own
+forward on each replica's rows (`GlobalBatchSelect`, the replica-side form of that selection, is no
+longer reached by any architecture);
 relu-l1 resamples dead features on the global batch (x̂ all-gathered at the resample steps), and
 batchtopk's eval threshold is calibrated on rank 0 from the next global batches, as one process
 does. Activations from a store (not streamed; `--loss mse`).
