@@ -139,15 +139,11 @@ def test_impossible_combinations_are_one_line_errors(store: Path, tmp_path: Path
     assert [r["code"] for r in res] == [2, 2]
     assert res[0]["msg"] == ("MonoscopeError: --batch-size 63 does not split over 2 data-parallel ranks (world 2 / "
                              "--shard-features 1): use a multiple of 2")
-    res = run_ranks(2, tmp_path, store=store, out=tmp_path / "c", config=config(arch="relu-l1", k=None,
-                                                                                 sparsity_coef=1.0), shard_features=2)
+    res = run_ranks(2, tmp_path, store=store, out=tmp_path / "c", config=config(arch="transcoder"), shard_features=2)
     assert [r["code"] for r in res] == [2, 2]
-    assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 splits the features of --arch topk, batchtopk only, "
-                             "not relu-l1: train relu-l1 data parallel (--shard-features 1), or use --arch topk")
-    res = run_ranks(2, tmp_path, store=store, out=tmp_path / "c2", config=config(revive="resample"), shard_features=2)
-    assert [r["code"] for r in res] == [2, 2]
-    assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 does not resample dead features: use --revive auxk "
-                             "or none, or --shard-features 1")
+    assert res[0]["msg"] == ("MonoscopeError: --shard-features 2 splits the features of --arch topk, batchtopk, "
+                             "matryoshka, relu-l1, jumprelu, gated only, not transcoder: train transcoder data "
+                             "parallel (--shard-features 1), or use --arch topk")
 
     # a checkpoint of 2 ranks (1 x 2) resumed by 2 ranks as 2 x 1, and by one process
     out = tmp_path / "d"

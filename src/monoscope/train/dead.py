@@ -84,6 +84,15 @@ def resample_dead(
         enc_norm = sae.W_enc.float()[alive].norm(dim=1).mean()
     else:
         dec_norm = enc_norm = torch.tensor(1.0, device=v.device)
+    reinit_features(sae, optimizer, idx, v, dec_norm, enc_norm)
+    return idx
+
+
+@torch.no_grad()
+def reinit_features(sae: SAE, optimizer: torch.optim.Optimizer, idx: Tensor, v: Tensor, dec_norm: Tensor,
+                    enc_norm: Tensor) -> None:
+    """Steps 3-4 of resampling for features `idx` [n] toward unit directions v [n, d] (shared with the
+    feature-sharded trainer, which draws v and the live norms over every shard)."""
     sae.W_dec[idx] = (v * dec_norm).to(sae.W_dec.dtype)
     sae.W_enc[idx] = (v * 0.2 * enc_norm).to(sae.W_enc.dtype)
     sae.b_enc[idx] = 0
@@ -95,4 +104,3 @@ def resample_dead(
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in state:
                 state[key][idx] = 0
-    return idx

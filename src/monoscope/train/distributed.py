@@ -23,11 +23,23 @@ ranks is a 2-D `DeviceMesh` of shape (dp, fs), fs = `shard_features`, dp = W / f
 One rank's step equals one process's step on the same global batch up to float summation order
 (tests: max abs weight difference <= 1e-5 after training, TopK indices identical).
 
-Feature sharding: topk, and batchtopk (its k·B entries chosen over the whole mesh: every rank's top
-k·B candidates all-gathered, one global cut; `_global_batch_select`), with AuxK or no revival.
-Data parallel: every architecture, each replica running its own forward on its rows; batchtopk and
-matryoshka choose their k·B entries over the global batch (`GlobalBatchSelect`: each rank's top k·B
-candidates' values all-gathered, a global cut, the threshold's running minimum all-reduced),
+Feature sharding: topk, and batchtopk and matryoshka (their k·B entries chosen over the whole mesh:
+every rank's top k·B candidates all-gathered, one global cut; `_global_batch_select`; matryoshka's
+prefix levels are partial sums per shard, the full prefixes clipped to its feature range, all levels
+all-reduced together: `_level_parts`). relu-l1, jumprelu and gated (`_forward_local_select`): each
+feature decides alone, so each shard computes its codes, its partial reconstruction (gated: also its
+part of the frozen-decoder gate reconstruction) and its part of the per-feature penalty (relu-l1 and
+gated: L1 weighted by decoder norms; jumprelu: L0 through the straight-through estimators), and one
+all-reduce sums them; jumprelu's log_threshold and gated's r_mag/b_mag are split with their features
+(`FEATURE_KEYS`). Dead features are revived by AuxK, by resampling (`_resample_sharded`: every rank
+draws the inputs for all shards' dead features in global order, as one process does, and keeps its
+own; the live features' mean norms are summed over the shards) or not at all. transcoder and
+crosscoder train data parallel only.
+Data parallel: every architecture; with fs = 1, topk, batchtopk and matryoshka run the sharded forward
+above with one shard (`_global_batch_select` over the dp ranks: each rank's top k·B candidates' values
+all-gathered, a global cut, the threshold's running minimum all-reduced), the others their own
+forward on each replica's rows (`GlobalBatchSelect`, the replica-side form of that selection, is no
+longer reached by any architecture);
 relu-l1 resamples dead features on the global batch (x̂ all-gathered at the resample steps), and
 batchtopk's eval threshold is calibrated on rank 0 from the next global batches, as one process
 does. Activations from a store (not streamed; `--loss mse`).
@@ -75,14 +87,17 @@ from monoscope.fileio import check_output_dir
 from monoscope.locking import folder_locks
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, save_sae
+from monoscope.sae.base import fired_from_sparse
 from monoscope.sae.config import THRESHOLD_STYLE
+from monoscope.sae.jumprelu import INIT_L0, _SparseJumpReLUL0, jumprelu_l0
+from monoscope.sae.relu import positive_mask, relu_linear
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
-from monoscope.sae.topk import BatchTopKSAE, TopKSAE, _batch_topk, _order_view
+from monoscope.sae.topk import _batch_topk, _order_view
 from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointDir
 from monoscope.train.config import TrainConfig
 from monoscope.train.data import TrainData, store_data
-from monoscope.train.dead import resample_dead
+from monoscope.train.dead import reinit_features, resample_dead
 from monoscope.train.log import LOG_NAME, JsonlLog
 from monoscope.train.trainer import CALIBRATION_BATCHES, BatchSource, Peeked, RunOutcome, Trainer
 
@@ -92,8 +107,15 @@ large checkpoint keeps the others waiting, so it is generous; tests lower it).""
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-FEATURE_SHARDED = ("topk", "batchtopk")
+FEATURE_SHARDED = ("topk", "batchtopk", "matryoshka", "relu-l1", "jumprelu", "gated")
 """Architectures whose features `--shard-features` splits over ranks; every architecture trains data parallel."""
+
+SELECT_SHARDED = ("topk", "batchtopk", "matryoshka")
+"""Feature-sharded architectures whose selection is global (`_global_topk`, `_global_batch_select`); the others
+(relu-l1, jumprelu, gated) decide each feature alone and sum per-feature penalties over the shards."""
+
+FEATURE_KEYS = ("W_enc", "b_enc", "W_dec", "log_threshold", "r_mag", "b_mag")
+"""state_dict entries indexed by feature (dim 0): split over the fs ranks; every other entry is replicated."""
 
 _T = TypeVar("_T")
 
@@ -320,19 +342,29 @@ def shard_config(cfg: SAEConfig, fs: int) -> SAEConfig:
     """The SAEConfig of one feature shard (d_sae / fs features; k and k_aux capped to fit)."""
     d = cfg.to_dict()
     n = cfg.d_sae // fs
-    d.update(d_sae=n, k=min(int(cfg.k), n), k_aux=min(int(cfg.k_aux), n))  # type: ignore[arg-type]
+    d.update(d_sae=n)
+    if d.get("prefixes") is not None:  # matryoshka: the shard's own config needs valid prefixes; the trainer
+        d["prefixes"] = [n]  # decodes the full dictionary's prefixes across the shards (`_level_parts`)
+    for name in ("k", "k_aux"):  # topk-style only (None for the others)
+        if d.get(name) is not None:
+            d[name] = min(int(d[name]), n)
     return SAEConfig.from_dict(d)
 
 
 def shard_state(full: dict[str, Tensor], fs: int, fs_rank: int) -> dict[str, Tensor]:
-    """Rows of the feature-indexed tensors of a full TopK state_dict that shard `fs_rank` holds."""
+    """Rows of the feature-indexed tensors (`FEATURE_KEYS`) of a full state_dict that shard `fs_rank` holds."""
     n = full["W_enc"].shape[0] // fs
     lo = fs_rank * n
-    return {k: (v[lo: lo + n].clone() if k in ("W_enc", "b_enc", "W_dec") else v.clone()) for k, v in full.items()}
+    return {k: (v[lo: lo + n].clone() if k in FEATURE_KEYS else v.clone()) for k, v in full.items()}
+
+
+def join_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The full state_dict from the fs shards' state_dicts, in feature order (inverse of `shard_state`)."""
+    return {k: (torch.cat([s[k] for s in shards]) if k in FEATURE_KEYS else shards[0][k]) for k in shards[0]}
 
 
 class DistributedTrainer(Trainer):
-    """`Trainer` whose SAE is this rank's feature shard (topk: a TopKSAE of `shard_config(full_cfg, fs)`)
+    """`Trainer` whose SAE is this rank's feature shard (an SAE of its class built from `shard_config(full_cfg, fs)`)
     or its data-parallel replica (every architecture, `data_parallel_sae`), and whose steps talk to the
     other ranks (module docstring)."""
 
@@ -341,18 +373,39 @@ class DistributedTrainer(Trainer):
         super().__init__(sae, config, source, **kwargs)
         self.topo = topo
         self.full_cfg = full_cfg
-        self.sharded_topk = full_cfg.arch in FEATURE_SHARDED
-        """topk and batchtopk run the feature-sharded forward (any fs); the others their own forward (fs = 1)."""
+        self.sharded_topk = full_cfg.arch in SELECT_SHARDED
+        """topk and batchtopk run the feature-sharded forward (any fs)."""
+        self.sharded_local = topo.fs > 1 and not self.sharded_topk
+        """relu-l1 (jumprelu, gated) over several shards: `_forward_local_select`; with fs = 1 their own forward."""
         self.k = int(full_cfg.k or 0)
         self.k_aux = int(full_cfg.k_aux or 0)
         self.offset = topo.fs_rank * sae.cfg.d_sae
         self.slice: RankSlice = source
+
+    @torch.no_grad()
+    def init_b_dec(self, sample_raw: Tensor) -> None:
+        """`Trainer.init_b_dec`; jumprelu's thresholds aim at the full dictionary's initial L0 (each shard
+        holds F / fs of the features, so it aims at that share: the same per-feature quantile)."""
+        init_threshold = getattr(self.sae, "init_threshold_", None)
+        if init_threshold is None or self.topo.fs == 1:
+            return super().init_b_dec(sample_raw)
+        x = self.scaled(sample_raw)
+        x = x[torch.isfinite(x).all(1)]
+        if not x.shape[0]:
+            return None
+        if self.cfg.init_b_dec != "zero":
+            self.sae.init_b_dec_(x, method=self.cfg.init_b_dec)
+        n_full = self.full_cfg.d_sae
+        init_threshold(x, target_l0=min(INIT_L0, n_full / 4) * self.sae.cfg.d_sae / n_full)
+        return None
 
     # ---------------------------------------------------------------- forward
     def _forward(self, x: Tensor, dead_mask: Tensor | None,
                  sparsity_coef: float) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
         """(total loss, [mse, sparsity, aux, fvu, l0] detached, fired [F_local], x̂ [b, d] detached) for this
         rank's rows x [b, d]."""
+        if self.sharded_local:
+            return self._forward_local_select(x, sparsity_coef)
         if not self.sharded_topk:  # a whole replica: the architecture's own forward on this rank's rows
             out = self.sae(x, sparsity_coef=sparsity_coef, dead_mask=dead_mask)
             return out.total, [out.mse.detach(), out.sparsity.detach(), out.aux.detach(), out.fvu, out.l0], \
@@ -363,7 +416,7 @@ class DistributedTrainer(Trainer):
         n_rows, n_loc = x.shape[0], sae.cfg.d_sae
         with torch.no_grad():
             pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
-            if self.full_cfg.arch == "batchtopk":
+            if self.full_cfg.arch in ("batchtopk", "matryoshka"):
                 rows, cols, values, l0 = self._global_batch_select(pre)
             else:
                 sel_v, sel_i = _global_topk(pre, self.k, self.offset, topo)  # [b, k]
@@ -376,12 +429,22 @@ class DistributedTrainer(Trainer):
             pattern = SparsePattern(cols, n_loc, counts.cumsum(0) - counts)
         xs, shift = sae._sparse_encoder_input(x32, x_c)
         vals = gather_linear(values, xs, sae.W_enc, sae.b_enc, pattern, shift).float().relu()  # [nnz]
-        part = sparse_decode(vals, cols, sae.W_dec, dtype=cd, pattern=pattern).float()
-        x_hat = _sum_parts(part + sae.b_dec.float() / topo.fs, topo.fs_group, topo.fs)  # [b, d]
+        inner: Tensor | None = None
+        if self.full_cfg.prefixes:  # matryoshka: every prefix level's partial sum, all levels in one all-reduce
+            parts = self._level_parts(vals, cols, rows, n_rows, cd) + sae.b_dec.float() / topo.fs  # [b, M, d]
+            levels = _sum_parts(parts, topo.fs_group, topo.fs)
+            x_hat = levels[:, -1]
+            inner = sum(((x32 - levels[:, m]).pow(2).sum(-1).mean() for m in range(levels.shape[1] - 1)),
+                        x32.new_zeros(()))
+        else:
+            part = sparse_decode(vals, cols, sae.W_dec, dtype=cd, pattern=pattern).float()
+            x_hat = _sum_parts(part + sae.b_dec.float() / topo.fs, topo.fs_group, topo.fs)  # [b, d]
         err = x32 - x_hat
         sq = err.pow(2).sum(-1)
         mse = sq.mean()
         aux = self._auxk(x_c, err, dead_mask, cd)
+        if inner is not None:
+            aux = inner if aux is None else inner + aux
         with torch.no_grad():
             fvu = sq.sum() / (x32 - x32.mean(0)).pow(2).sum().clamp_min(1e-12)
             fired = torch.zeros(n_loc, dtype=torch.bool, device=x.device)
@@ -390,6 +453,20 @@ class DistributedTrainer(Trainer):
         zero = torch.zeros((), device=x.device)
         aux_v = zero if aux is None else aux.detach()
         return total, [mse.detach(), zero, aux_v, fvu, l0], fired, x_hat.detach()
+
+    def _level_parts(self, vals: Tensor, cols: Tensor, rows: Tensor, n_rows: int, cd: torch.dtype) -> Tensor:
+        """Matryoshka: this shard's part of each prefix level, [b, M, d] (level m: Σ over its selected features
+        whose global id is below prefixes[m]); the full prefixes clipped to this shard's feature range."""
+        sae = self.sae
+        n_loc = sae.cfg.d_sae
+        prefixes = [min(max(p - self.offset, 0), n_loc) for p in self.full_cfg.prefixes or [self.full_cfg.d_sae]]
+        m = len(prefixes)
+        # entries are row-major and in feature order within a row, so each (row, group) bag is contiguous
+        group = torch.bucketize(cols, cols.new_tensor(prefixes), right=True).clamp_max(m - 1)  # [nnz]
+        counts = torch.bincount(rows * m + group, minlength=n_rows * m)
+        bags = SparsePattern(cols, n_loc, counts.cumsum(0) - counts)
+        parts = sparse_decode(vals.reshape(-1), cols, sae.W_dec, dtype=cd, pattern=bags).float()
+        return parts.view(n_rows, m, -1).cumsum(1)
 
     def _global_batch_select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """batchtopk over the whole mesh: the k·B largest entries of the global batch (B = b·dp rows, every
@@ -452,6 +529,146 @@ class DistributedTrainer(Trainer):
         scale = min(n_dead / self.k_aux, 1.0)
         return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
+    def _forward_local_select(self, x: Tensor, sparsity_coef: float) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """`_forward` for the architectures whose features decide alone (relu-l1): this shard's codes and
+        partial reconstruction (plus b_dec / fs), its part of the per-feature penalty and of L0, summed over the
+        fs group in one all-reduce (`_SumParts`: each rank's part gets the full gradient back). The loss
+        is then the one process's loss on every rank."""
+        sae, topo = self.sae, self.topo
+        arch = self.full_cfg.arch
+        cd = sae.compute_dtype(x.device)
+        n_rows, d = x.shape
+        via: Tensor | None = None  # gated: the gate path's partial reconstruction through the frozen decoder
+        if arch == "relu-l1":
+            x32, x_c = sae._prepare_input(x, cd)
+            pre = sae._encode_nograd(x_c, cd)  # [b, F_local]
+            with torch.no_grad():
+                pattern = sae._active_pattern(positive_mask(pre))
+            norms = sae.decoder_norms()  # [F_local]
+            if pattern is None:  # dense codes
+                f = relu_linear(pre, x_c, sae.W_enc, sae.b_enc)
+                part = (f @ sae.W_dec.to(cd)).float()
+                f_sum = torch.sum(f, dim=0, dtype=torch.float32)
+                pen = (f_sum * norms).sum() / n_rows  # this shard's part of mean_b Σ_i f_i ‖W_dec[i]‖
+                with torch.no_grad():
+                    l0 = torch.count_nonzero(f).float() / n_rows
+                    fired = f_sum > 0
+            else:
+                xs, shift = sae._sparse_encoder_input(x32, x_c)
+                vals = gather_linear(pre[pattern.rows, pattern.flat], xs, sae.W_enc, sae.b_enc, pattern, shift).float()
+                part = sparse_decode(vals, pattern.flat, sae.W_dec, dtype=cd, pattern=pattern).float()
+                pen = (vals * norms[pattern.flat]).sum() / n_rows
+                with torch.no_grad():
+                    l0 = x32.new_tensor(pattern.nnz / n_rows)
+                    fired = fired_from_sparse(pattern.flat, vals, sae.cfg.d_sae)
+        elif arch == "jumprelu":  # threshold and straight-through estimators per feature; L0 summed over shards
+            eps = sae.cfg.jumprelu_bandwidth
+            x32, x_c, pre = sae._pre_nograd(x)  # [b, F_local] float32, >= 0
+            log_theta = sae.log_threshold
+            pattern = None
+            if sae.cfg.sparse_kernels:
+                with torch.no_grad():
+                    pattern = sae._active_pattern(pre > log_theta.exp() - eps / 2)
+            if pattern is None:  # dense codes
+                pre = relu_linear(pre, x_c, sae.W_enc, sae.b_enc)
+                f, l0_rows = jumprelu_l0(pre, log_theta, eps)
+                part = (f.to(cd) @ sae.W_dec.to(cd)).float()
+                with torch.no_grad():
+                    fired = (f > 0).any(0)
+            else:
+                xs, shift = sae._sparse_encoder_input(x32, x_c)
+                values = gather_linear(pre[pattern.rows, pattern.flat], xs, sae.W_enc, sae.b_enc, pattern, shift)
+                f, l0_rows = _SparseJumpReLUL0.apply(values, log_theta, pattern, eps)
+                part = sparse_decode(f, pattern.flat, sae.W_dec, dtype=cd, pattern=pattern).float()
+                with torch.no_grad():
+                    fired = fired_from_sparse(pattern.flat, f, sae.cfg.d_sae)
+            pen = l0_rows.mean()  # this shard's part of the L0 (the penalty is L0 itself)
+            l0 = pen.detach()
+        elif arch == "gated":  # gate and magnitude paths per feature; L1 on the gate summed over shards
+            x32, x_c = sae._prepare_input(x, cd)
+            norms = sae.decoder_norms()
+            z_all = F.linear(x_c, sae.W_enc.to(cd))  # [b, F_local]
+            z0 = z_all.detach()
+            with torch.no_grad():
+                pattern = sae._active_pattern(z0.float() + sae.b_enc.float() > 0)
+            w_frozen = sae.W_dec.detach()
+            if pattern is None:  # dense codes
+                pi_gate, pi_mag = sae._paths(z_all)
+                gate = torch.relu(pi_gate)
+                f = (pi_gate.detach() > 0) * torch.relu(pi_mag)
+                part = (f.to(cd) @ sae.W_dec.to(cd)).float()
+                via = (gate.to(cd) @ w_frozen.to(cd)).float()
+                pen = (gate.sum(0) * norms).sum() / n_rows
+                with torch.no_grad():
+                    l0 = (f > 0).sum(dtype=torch.float32) / n_rows
+                    fired = (f > 0).any(0)
+            else:
+                xs, shift = sae._sparse_encoder_input(x32, x_c)
+                no_bias = torch.zeros(sae.cfg.d_sae, dtype=sae.b_enc.dtype, device=x.device)
+                z = gather_linear(z0[pattern.rows, pattern.flat], xs, sae.W_enc, no_bias, pattern, shift)
+                pi_gate, pi_mag = sae._paths(z, pattern.flat)
+                f = torch.relu(pi_mag)
+                part = sparse_decode(f, pattern.flat, sae.W_dec, dtype=cd, pattern=pattern).float()
+                gate = torch.relu(pi_gate)
+                via = sparse_decode(gate, pattern.flat, w_frozen, dtype=cd, pattern=pattern).float()
+                pen = (gate * norms[pattern.flat]).sum() / n_rows
+                with torch.no_grad():
+                    l0 = (f > 0).sum(dtype=torch.float32) / n_rows
+                    fired = fired_from_sparse(pattern.flat, f, sae.cfg.d_sae)
+        else:
+            raise MonoscopeError(f"--arch {arch} is not feature sharded")
+        pieces = [(part + sae.b_dec.float() / topo.fs).reshape(-1)]
+        if via is not None:
+            pieces.append((via + sae.b_dec.detach().float() / topo.fs).reshape(-1))
+        flat = _sum_parts(torch.cat([*pieces, pen.reshape(1), l0.reshape(1)]), topo.fs_group, topo.fs)
+        n = n_rows * d
+        x_hat = flat[:n].view(n_rows, d)
+        sparsity = sparsity_coef * flat[len(pieces) * n]
+        l0_all = flat[len(pieces) * n + 1].detach()
+        sq = (x32 - x_hat).pow(2).sum(-1)
+        mse = sq.mean()
+        with torch.no_grad():
+            fvu = sq.sum() / (x32 - x32.mean(0)).pow(2).sum().clamp_min(1e-12)
+        zero = torch.zeros((), device=x.device)
+        aux = zero if via is None else (x32 - flat[n: 2 * n].view(n_rows, d)).pow(2).sum(-1).mean()
+        total = mse + sparsity + aux
+        return total, [mse.detach(), sparsity.detach(), aux.detach(), fvu, l0_all], fired, x_hat.detach()
+
+    @torch.no_grad()
+    def _resample_sharded(self, x: Tensor, x_hat: Tensor, gen: torch.Generator) -> tuple[Tensor, int]:
+        """`resample_dead` over the fs group: every rank draws the inputs for all dead features of every
+        shard (the same draws, in global feature order, as one process) and keeps its own; the live
+        features' mean norms are summed over the shards. Returns (this shard's local indices, the count over
+        all shards)."""
+        topo, sae = self.topo, self.sae
+        dead = self.dead.dead()
+        idx = dead.nonzero().squeeze(1)
+        counts = _all_gather(torch.tensor([idx.numel()], dtype=torch.int64, device=self.device), topo.fs_group,
+                             topo.fs, 0).tolist()
+        alive = ~dead
+        sums = torch.stack([sae.W_dec.float()[alive].norm(dim=1).sum(), sae.W_enc.float()[alive].norm(dim=1).sum(),
+                            alive.sum().float()])
+        dist.all_reduce(sums, group=topo.fs_group)
+        n_dead = sum(counts)
+        if n_dead == 0:
+            return idx, 0
+        weights = (x.float() - x_hat.float()).pow(2).sum(1).pow(2).cpu().double()  # [B] loss²
+        if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
+            weights = torch.ones_like(weights)
+        pick = torch.multinomial(weights, n_dead, replacement=True, generator=gen)  # every shard's draws
+        lo = sum(counts[: topo.fs_rank])
+        pick = pick[lo: lo + idx.numel()]
+        if idx.numel() == 0:
+            return idx, n_dead
+        v = x.float()[pick.to(x.device)] - sae.b_dec.float()
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if float(sums[2]) > 0:
+            dec_norm, enc_norm = sums[0] / sums[2], sums[1] / sums[2]
+        else:
+            dec_norm = enc_norm = torch.tensor(1.0, device=v.device)
+        reinit_features(sae, self.optimizer, idx, v, dec_norm, enc_norm)
+        return idx, n_dead
+
     # ---------------------------------------------------------------- one step
     def train_step(self) -> None:
         batch = next(self.source)
@@ -497,12 +714,16 @@ class DistributedTrainer(Trainer):
         self._acc_steps += 1
         self.step += 1
         self.tokens += n
-        if self.step in self.resample_steps:  # on the whole global batch, as one process (fs = 1 here)
+        if self.step in self.resample_steps:  # on the whole global batch, as one process
             x_hat_all = _all_gather(x_hat, self.topo.dp_group, self.topo.dp, 0)
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x_all, x_hat_all, gen)
+            if self.topo.fs > 1:
+                idx, n_all = self._resample_sharded(x_all, x_hat_all, gen)
+            else:
+                idx = resample_dead(self.sae, self.optimizer, self.dead.dead(), x_all, x_hat_all, gen)
+                n_all = idx.numel()
             self.dead.reset(idx)
-            self.resampled += idx.numel()
+            self.resampled += n_all
 
     def _reduce_grads(self) -> None:
         """b_dec's gradient summed over the fs group (its encoder path is partial per shard); every
@@ -524,7 +745,7 @@ class DistributedTrainer(Trainer):
 
     def _clip_grads(self) -> Tensor:
         """torch's clip_grad_norm_ over the whole (sharded) parameter set: shard squares summed over fs."""
-        rows = (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec)
+        rows = [p for name, p in self.sae.named_parameters() if name in FEATURE_KEYS]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for p in rows:
             if p.grad is not None:
@@ -584,8 +805,7 @@ class DistributedTrainer(Trainer):
         order), each rank's optimizer and tensors, rank 0's meta plus the topology."""
         fs = self.topo.fs
         shards = [parts[j]["sae"] for j in range(fs)]  # ranks 0..fs-1 = dp replica 0, fs ranks 0..fs-1
-        full = {k: (torch.cat([s[k] for s in shards]) if k in ("W_enc", "b_enc", "W_dec") else shards[0][k])
-                for k in shards[0]}
+        full = join_shards(shards)
         meta = {**parts[0]["meta"], "distributed": self.topo.describe()}
         return Checkpoint(self.step, full, {"ranks": [p["optimizer"] for p in parts]},
                           {"ranks": [p["tensors"] for p in parts]}, meta)
@@ -671,9 +891,6 @@ def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
         raise MonoscopeError(f"--shard-features {topo.fs} splits the features of --arch "
                              f"{', '.join(FEATURE_SHARDED)} only, not {cfg.arch}: train {cfg.arch} data parallel "
                              "(--shard-features 1), or use --arch topk")
-    if topo.fs > 1 and cfg.revive_method == "resample":
-        raise MonoscopeError(f"--shard-features {topo.fs} does not resample dead features: use --revive auxk or "
-                             "none, or --shard-features 1")
     if cfg.batch_size % topo.dp:
         raise MonoscopeError(f"--batch-size {cfg.batch_size} does not split over {topo.dp} data-parallel ranks "
                              f"(world {topo.world} / --shard-features {topo.fs}): use a multiple of {topo.dp}")
@@ -760,9 +977,8 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             dist.broadcast_object_list(box, src=0)
             sae_cfg = SAEConfig.from_dict(box[0])
         full = build_sae(sae_cfg, seed=cfg.seed)  # CPU; the same draw as one process makes
-        if sae_cfg.arch in FEATURE_SHARDED:
-            cls = TopKSAE if sae_cfg.arch == "topk" else BatchTopKSAE
-            shard: SAE = cls(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
+        if sae_cfg.arch in SELECT_SHARDED or topo.fs > 1:
+            shard: SAE = type(full)(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
             shard.load_state_dict(shard_state(full.state_dict(), topo.fs, topo.fs_rank))
         else:
             shard = data_parallel_sae(full, topo)
@@ -813,7 +1029,7 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             "steps": trainer.step,
             "tokens": trainer.tokens,
             "skipped_steps": trainer.skipped,
-            "resampled_features": 0,
+            "resampled_features": trainer.resampled,
             "final_metrics": dict(trainer.last_metrics),
             "data_ended_early": False,
         }
@@ -839,7 +1055,7 @@ def _scatter_checkpoint(topo: Topology, ckpt: Checkpoint | None) -> dict[str, An
 
 
 def _gather_full_sae(trainer: DistributedTrainer) -> SAE | None:
-    """The full TopK SAE assembled on rank 0 from dp replica 0's shards (None elsewhere)."""
+    """The full SAE assembled on rank 0 from dp replica 0's shards (None elsewhere)."""
     topo = trainer.topo
     mine = {k: v.detach().cpu().clone() for k, v in trainer.sae.state_dict().items()}
     parts: list[Any] | None = [None] * topo.world if topo.is_main else None
@@ -848,8 +1064,7 @@ def _gather_full_sae(trainer: DistributedTrainer) -> SAE | None:
         return None
     assert parts is not None
     shards = parts[: topo.fs]
-    full = {k: (torch.cat([s[k] for s in shards]) if k in ("W_enc", "b_enc", "W_dec") else shards[0][k])
-            for k in shards[0]}
+    full = join_shards(shards)
     sae = build_sae(trainer.full_cfg)
     sae.load_state_dict(full)
     return sae
