@@ -21,7 +21,10 @@ Training contract: decoder rows at unit norm. Per step the trainer calls
 Fast path (cfg.sparse_kernels, the default): the dense pre-activations are computed once without
 autograd (into a reused workspace), the top entries are chosen, and `sparse.gather_linear` /
 `sparse.sparse_decode` carry the gradient through the active entries only; no [B, d_sae] gradient
-or dense decoder product is built. `sparse_kernels=False` runs plain dense autograd (a reference).
+or dense decoder product is built. AuxK reuses those pre-activations for the dead latents and
+carries its gradient through the k_aux chosen entries per row the same way (no second encoder
+matmul; dense AuxK cost several times the rest of a step when most latents are dead).
+`sparse_kernels=False` runs plain dense autograd (a reference).
 """
 
 from __future__ import annotations
