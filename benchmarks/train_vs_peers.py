@@ -213,7 +213,7 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
                       k=spec["k"] if arch != "gated" else None,
                       sparsity_coef=spec.get("l1") if arch == "gated" else None,
                       batch_size=spec["batch"], dtype=spec["dtype"], seed=spec["seed"], progress=False,
-                      checkpoint_every=0, lr=spec.get("lr"))
+                      checkpoint_every=0, lr=spec.get("lr"), revive=spec.get("revive", "auto"))
 
     class Source:  # a BatchSource over the shared stream
         def __init__(self) -> None:
@@ -476,6 +476,9 @@ def main() -> None:
                     help=f"instead: a TopK transcoder ({TRANSCODER_HOOKS}) with monoscope's Trainer against "
                          "sparsify's transcoder, on a paired store (defaults: --store runs/bench/acts-tc, --work "
                          "runs/bench/tvp-tc, --name train_vs_peers_transcoder)")
+    ap.add_argument("--transcoder-no-auxk", action="store_true",
+                    help="with --transcoder: also a monoscope row trained with --revive none (AuxK off, sparsify's "
+                         "default)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
@@ -639,11 +642,22 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     group = [{**base, "name": "monoscope_transcoder", "kind": "monoscope_trainer", "dtype": "auto",
               "arch": "transcoder", "eval_steps": quarter},
              {**base, "name": "sparsify_transcoder", "kind": "sparsify", "transcode": True, "eval_steps": quarter}]
+    if args.transcoder_no_auxk:  # the AuxK policy as a choice: `--revive none` (sparsify's default, auxk off)
+        group.insert(1, {**base, "name": "monoscope_transcoder_revive_none", "kind": "monoscope_trainer",
+                         "dtype": "auto", "arch": "transcoder", "revive": "none", "eval_steps": quarter})
     runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
     peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
                  "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
+    m, p = summary["rows"].get("monoscope_transcoder_revive_none", {}), summary["rows"].get("sparsify_transcoder", {})
+    if "tokens_per_s" in m and "tokens_per_s" in p:
+        sp = m["tokens_per_s"] / p["tokens_per_s"]
+        m["speedup_vs_fastest_peer"] = sp
+        summary["verdict"]["monoscope_transcoder_revive_none"] = {
+            "peer": "sparsify_transcoder", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0, "fvu": m["fvu_same_tokens"],
+            "peer_fvu": p["fvu_same_tokens"], "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"],
+            "l0": m["l0"], "peer_l0": p["l0"]}
     table = markdown_table(summary, t_mono, None)
     payload = {
         "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:]),
@@ -657,8 +671,9 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
                            "other waits), so both meet the same background load",
             "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the raw held-out mlp_out rows, y_hat from the "
                    "mlp_in rows",
-            "monoscope": "TopK transcoder, unit-norm decoder, AuxK, Adam, its default lr; scales c_in, c_out from "
-                         "the training rows",
+            "monoscope": "TopK transcoder, unit-norm decoder, AuxK (sparse: the k_aux chosen dead latents per row "
+                         "carry gradient), Adam, its default lr; scales c_in, c_out from the training rows; "
+                         "monoscope_transcoder_revive_none (--transcoder-no-auxk): the same with --revive none",
             "sparsify": "its transcoder recipe (transcode=True): zero-init W_dec, no decoder normalisation, signum "
                         "+ schedule-free, auxk off (its defaults)",
         },
@@ -734,6 +749,7 @@ LABELS = {
     "monoscope_gated": "monoscope Trainer gated bf16",
     "saelens_gated": "SAELens gated (fp32)",
     "monoscope_transcoder": "monoscope Trainer TopK transcoder (auto dtype)",
+    "monoscope_transcoder_revive_none": "monoscope Trainer TopK transcoder, --revive none (auto dtype)",
     "sparsify_transcoder": "sparsify transcoder (signum, fp32)",
 }
 PEERS = ("sparsify", "saelens_topk", "saelens_relu_l1")

@@ -1,6 +1,12 @@
 """Published SAEs: `hf:` and `saelens:` specs resolved offline from folders laid out like the Hub's (a local
 repository folder, and huggingface_hub's own cache with HF_HUB_OFFLINE=1), used by a stage (steer) through the
-CLI, and `push`: the exact folder it would upload and its one-line errors when it cannot."""
+CLI, and `push`: the exact folder it would upload and its one-line errors when it cannot.
+
+Speed: every interpreter start costs seconds (torch, transformers, huggingface_hub, sae-lens imports), so one
+module-scoped fixture starts all of them at once, in parallel: one real `python -m monoscope.cli` subprocess per
+user-facing command (convert, steer, push), and one driver process that runs the remaining CLI invocations
+through `monoscope.cli.main` in a single interpreter whose HF_* environment is set before huggingface_hub is
+imported (it reads HF_* once, at import). Checks that need no Hub environment run in-process."""
 
 from __future__ import annotations
 
@@ -8,11 +14,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from monoscope.cli import main as cli_main
 from monoscope.interop import load_any
 from monoscope.interop.common import InteropError
 from monoscope.interop.published import push_plan, resolve_sae
@@ -23,6 +31,24 @@ from tests.steer.helpers import SRC, make_run
 SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO = "jbloom/GPT2-Small-SAEs-Reformatted"  # gpt2-small-res-jb in sae-lens's pretrained_saes.yaml
 SAE_ID = "blocks.8.hook_resid_pre"
+STEER_ARGS = ["--feature", "3", "--add", "-2", "--prompt", "def add(a, b):", "--max-new-tokens", "4", "--json",
+              "--device", "cpu", "--compute-dtype", "fp32"]
+
+# Runs several CLI invocations in one interpreter: argv lists on stdin -> [{rc, out, err}] as JSON on stdout.
+_DRIVER = """
+import contextlib, io, json, sys
+from monoscope.cli import main
+res = []
+for argv in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 2
+    res.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
+sys.__stdout__.write(json.dumps(res))
+"""
 
 
 def _gpt2_sized_sae(folder: Path) -> torch.Tensor:
@@ -33,13 +59,13 @@ def _gpt2_sized_sae(folder: Path) -> torch.Tensor:
     return sae.encode_raw(x)
 
 
-def _hub_cache(root: Path) -> tuple[Path, torch.Tensor]:
-    """huggingface_hub's cache layout: models--OWNER--NAME/refs/main -> snapshots/<commit>/<files>."""
-    repo = root / ("models--" + REPO.replace("/", "--"))
+def _hub_repo(cache: Path, repo_id: str) -> Path:
+    """huggingface_hub's cache layout: models--OWNER--NAME/refs/main -> snapshots/<commit>/<files>; returns the
+    snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(SHA)
-    codes = _gpt2_sized_sae(repo / "snapshots" / SHA / SAE_ID)
-    return root, codes
+    return repo / "snapshots" / SHA
 
 
 def _env(tmp: Path, cache: Path | None = None, offline: bool = True) -> dict[str, str]:
@@ -48,15 +74,64 @@ def _env(tmp: Path, cache: Path | None = None, offline: bool = True) -> dict[str
                HF_HUB_OFFLINE="1" if offline else "0")
     if cache is not None:
         env["HF_HUB_CACHE"] = str(cache)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(SRC.parent), env.get("PYTHONPATH", "")])
     return env
 
 
-def _run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    """The CLI in a subprocess with `env` (huggingface_hub reads HF_* once, at import)."""
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(SRC), str(SRC.parent), env.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "monoscope.cli", *args], capture_output=True, text=True, env=env,
-                       timeout=300)
-    return r.returncode, r.stdout, r.stderr
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+@dataclass
+class Hub:
+    tmp: Path
+    codes: torch.Tensor  # the gpt2-sized SAE's codes on a fixed input
+    src: Path  # a saelens folder to push
+    results: dict[str, Result]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Hub:  # type: ignore[no-untyped-def]
+    """Builds an offline Hub cache (a gpt2-sized SAE of a sae-lens release, and a tiny run's SAE), then runs every
+    process at once and waits for all of them."""
+    tmp = tmp_path_factory.mktemp("published")
+    cache = tmp / "hub"
+    codes = _gpt2_sized_sae(_hub_repo(cache, REPO) / SAE_ID)
+    sae_dir = make_run(tmp / "run", tokenizer, with_db=False)
+    write_saelens(load_any(sae_dir), _hub_repo(cache, "me/tiny") / "resid_post.1")
+    src = tmp / "sl"
+    _gpt2_sized_sae(src)
+    steer = [*STEER_ARGS, "--model", str(tmp / "run" / "model")]
+    offline, online = _env(tmp, cache), _env(tmp, offline=False)
+    cli = [sys.executable, "-m", "monoscope.cli"]
+    procs = {  # name -> (argv, env, stdin)
+        "convert": ([*cli, "convert", f"saelens:gpt2-small-res-jb/{SAE_ID}", "--to", "monoscope", "--out",
+                           str(tmp / "conv")], offline, None),
+        "steer_hf": ([*cli, "steer", "hf:me/tiny/resid_post.1", *steer], offline, None),
+        "push_no_token": ([*cli, "push", str(src), "me/my-sae"], online, None),
+        "driver": ([sys.executable, "-c", _DRIVER], offline, json.dumps([
+            ["convert", "saelens:gpt2-small-res-jb/blocks.99.nope", "--to", "monoscope", "--out", str(tmp / "c2")],
+            ["convert", "saelens:no-such-release/x", "--to", "monoscope", "--out", str(tmp / "c3")],
+            ["convert", "hf:someone/not-cached/sae", "--to", "monoscope", "--out", str(tmp / "c4")],
+            ["steer", str(sae_dir), *steer],
+            ["push", str(src), "me/my-sae"],
+        ])),
+    }
+    running = {name: subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+               for name, (argv, env, stdin) in procs.items()}
+    results: dict[str, Result] = {}
+    for name, p in running.items():
+        out, err = p.communicate(procs[name][2], timeout=600)
+        results[name] = Result(p.returncode, out, err)
+    drv = results.pop("driver")
+    assert drv.rc == 0, drv.err
+    names = ["convert_nope", "convert_no_release", "convert_not_cached", "steer_folder", "push_offline"]
+    results.update({n: Result(**r) for n, r in zip(names, json.loads(drv.out), strict=True)})
+    return Hub(tmp, codes, src, results)
 
 
 def test_hf_local_folder_resolves_and_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,49 +152,35 @@ def test_hf_local_folder_resolves_and_reuses(tmp_path: Path, monkeypatch: pytest
         resolve_sae(f"hf:{repo}")
 
 
-def test_saelens_release_from_offline_hub_cache(tmp_path: Path) -> None:
-    cache, codes = _hub_cache(tmp_path / "hub")
-    env = _env(tmp_path, cache)
-    rc, _, err = _run(env, "convert", f"saelens:gpt2-small-res-jb/{SAE_ID}", "--to", "monoscope",
-                        "--out", str(tmp_path / "conv"))
-    assert rc == 0, err
-    sae = load_any(tmp_path / "conv")
+def test_saelens_release_from_offline_hub_cache(hub: Hub) -> None:
+    r = hub.results
+    assert r["convert"].rc == 0, r["convert"].err
+    sae = load_any(hub.tmp / "conv")
     x = torch.randn(5, 768, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(sae.encode_raw(x), codes, atol=1e-6)
-    rec = json.loads((tmp_path / "published" / f"saelens-gpt2-small-res-jb__{SAE_ID}" / "published.json").read_text())
+    assert torch.allclose(sae.encode_raw(x), hub.codes, atol=1e-6)
+    rec = json.loads((hub.tmp / "published" / f"saelens-gpt2-small-res-jb__{SAE_ID}" / "published.json").read_text())
     assert (rec["repo"], rec["subfolder"], rec["revision"]) == (REPO, SAE_ID, SHA)
-    rc, _, err = _run(env, "convert", "saelens:gpt2-small-res-jb/blocks.99.nope", "--to", "monoscope",
-                      "--out", str(tmp_path / "c2"))
-    assert rc == 2 and err.startswith("error: release gpt2-small-res-jb has no SAE 'blocks.99.nope' (e.g. ")
-    rc, _, err = _run(env, "convert", "saelens:no-such-release/x", "--to", "monoscope", "--out", str(tmp_path / "c3"))
-    assert (rc, err.strip()) == (2, "error: release 'no-such-release' is not in sae-lens's pretrained_saes.yaml")
-    rc, _, err = _run(env, "convert", "hf:someone/not-cached/sae", "--to", "monoscope", "--out", str(tmp_path / "c4"))
-    assert (rc, err.strip()) == (2, "error: hf:someone/not-cached: not in the Hugging Face cache and HF_HUB_OFFLINE "
-                                    "is set: download it once online (or unset HF_HUB_OFFLINE)")
+    assert r["convert_nope"].rc == 2
+    assert r["convert_nope"].err.startswith("error: release gpt2-small-res-jb has no SAE 'blocks.99.nope' (e.g. ")
+    assert (r["convert_no_release"].rc, r["convert_no_release"].err.strip()) == (
+        2, "error: release 'no-such-release' is not in sae-lens's pretrained_saes.yaml")
+    assert (r["convert_not_cached"].rc, r["convert_not_cached"].err.strip()) == (
+        2, "error: hf:someone/not-cached: not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once "
+           "online (or unset HF_HUB_OFFLINE)")
 
 
-def test_published_sae_works_in_a_stage(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_published_sae_works_in_a_stage(hub: Hub) -> None:
     """steer on `hf:` of a Hub-cache copy of a tiny SAE gives the same output as on the folder itself."""
-    sae_dir = make_run(tmp_path / "run", tokenizer, with_db=False)
-    cache = tmp_path / "hub"
-    repo = cache / "models--me--tiny"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SHA)
-    write_saelens(load_any(sae_dir), repo / "snapshots" / SHA / "resid_post.1")
-    model = str(tmp_path / "run" / "model")
-    args = ["--feature", "3", "--add", "-2", "--prompt", "def add(a, b):", "--max-new-tokens", "4", "--json",
-            "--model", model, "--device", "cpu", "--compute-dtype", "fp32"]
-    env = _env(tmp_path, cache)
-    rc1, out1, err1 = _run(env, "steer", str(sae_dir), *args)
-    rc2, out2, err2 = _run(env, "steer", "hf:me/tiny/resid_post.1", *args)
-    assert rc1 == 0 and rc2 == 0, err1 + err2
-    a, b = json.loads(out1), json.loads(out2)
-    assert a["steered"] == b["steered"] and a["default"] == b["default"]
+    a, b = hub.results["steer_folder"], hub.results["steer_hf"]
+    assert a.rc == 0 and b.rc == 0, a.err + b.err
+    ja, jb = json.loads(a.out), json.loads(b.out)
+    assert ja["steered"] == jb["steered"] and ja["default"] == jb["default"]
 
 
-def test_push_plan_and_errors(tmp_path: Path) -> None:
-    src = tmp_path / "sl"
-    _gpt2_sized_sae(src)
+def test_push_plan_and_errors(hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    src = hub.src
     assert push_plan(src, tmp_path / "stage", "saelens") == ["cfg.json", "sae_weights.safetensors"]
     cfg = json.loads((tmp_path / "stage" / "cfg.json").read_text())
     assert {k: cfg[k] for k in ("architecture", "d_in", "d_sae", "k", "apply_b_dec_to_input")} == {
@@ -127,10 +188,10 @@ def test_push_plan_and_errors(tmp_path: Path) -> None:
     assert cfg["metadata"]["hook_name"] == "blocks.8.hook_resid_pre"
     assert push_plan(src, tmp_path / "stage2", "monoscope") == ["cfg.json", "sae.safetensors"]
     assert json.loads((tmp_path / "stage2" / "cfg.json").read_text())["format"] == "monoscope-sae"
-    rc, _, err = _run(_env(tmp_path), "push", str(src), "me/my-sae")
-    assert (rc, err.strip()) == (2, "error: cannot push while HF_HUB_OFFLINE is set: unset it (pushing needs the Hub)")
-    rc, _, err = _run(_env(tmp_path, offline=False), "push", str(src), "me/my-sae")
-    assert (rc, err.strip()) == (2, "error: no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push "
-                                    "again")
-    rc, _, err = _run(_env(tmp_path, offline=False), "push", str(src), "not a repo")
-    assert (rc, err.strip()) == (2, "error: repository id 'not a repo': expected OWNER/NAME")
+    r = hub.results
+    assert (r["push_offline"].rc, r["push_offline"].err.strip()) == (
+        2, "error: cannot push while HF_HUB_OFFLINE is set: unset it (pushing needs the Hub)")
+    assert (r["push_no_token"].rc, r["push_no_token"].err.strip()) == (
+        2, "error: no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again")
+    assert cli_main(["push", str(src), "not a repo"]) == 2  # checked before anything reads the Hub's settings
+    assert capsys.readouterr().err.strip() == "error: repository id 'not a repo': expected OWNER/NAME"

@@ -64,12 +64,13 @@ class MatryoshkaSAE(BatchTopKSAE):
     def forward(  # type: ignore[override]
         self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
     ) -> ForwardOutput:
-        cd, x32, x_c, dense, vals, pattern, indices, offsets = self._encode_selected(x)  # vals [nnz]
+        sel = self._encode_selected(x)
+        cd, x32, x_c, dense, vals, pattern, indices, offsets = sel[:8]  # vals [nnz]
         levels = self._level_decodes(vals, pattern, cd, dense)
         b_dec = self.b_dec.float()
         x_hat = levels[-1] + b_dec  # [B, d]
         inner = sum(((x32 - (lv + b_dec)).pow(2).sum(-1).mean() for lv in levels[:-1]), x_hat.new_zeros(()))
-        auxk = self._auxk(x_c, x32 - x_hat, dead_mask, cd)
+        auxk = self._auxk(x_c, x32 - x_hat, dead_mask, cd, sel)
         aux = inner if auxk is None else inner + auxk
         with torch.no_grad():
             l0 = (vals > 0).sum(dtype=torch.float32) / x.shape[0]

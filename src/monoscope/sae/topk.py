@@ -21,7 +21,10 @@ Training contract: decoder rows at unit norm. Per step the trainer calls
 Fast path (cfg.sparse_kernels, the default): the dense pre-activations are computed once without
 autograd (into a reused workspace), the top entries are chosen, and `sparse.gather_linear` /
 `sparse.sparse_decode` carry the gradient through the active entries only; no [B, d_sae] gradient
-or dense decoder product is built. `sparse_kernels=False` runs plain dense autograd (a reference).
+or dense decoder product is built. AuxK reuses those pre-activations for the dead latents and
+carries its gradient through the k_aux chosen entries per row the same way (no second encoder
+matmul; dense AuxK cost several times the rest of a step when most latents are dead).
+`sparse_kernels=False` runs plain dense autograd (a reference).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class _Selected(NamedTuple):
     pattern: SparsePattern
     indices: Tensor
     offsets: Tensor | None
+    pre: Tensor  # [B, F] pre-activations (no grad on the sparse path: the reused workspace)
+    xs: Tensor  # encoder input for `gather_linear`
+    shift: Tensor | None  # its x_shift (b_dec when subtracted from x needing no gradient)
 
 
 class _TopKStyle(SAE):
@@ -103,10 +109,16 @@ class _TopKStyle(SAE):
             return (f @ self.W_dec.to(cd)).float()
         return sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
 
-    def _auxk(self, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype) -> Tensor | None:
-        """AuxK loss (module docstring). Computed densely over the dead latents only: with k_aux
-        (~d_in/2) of n_dead latents active the code is far from sparse, and bf16 matmuls on the
-        [B, n_dead] block cost less than gathering k_aux rows per token."""
+    def _auxk(
+        self, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype, sel: _Selected | None = None
+    ) -> Tensor | None:
+        """AuxK loss (module docstring). With the sparse kernels and the forward's selection `sel`, the dead
+        latents' pre-activations are read from the forward's no-grad [B, F] pre-activations (no second encoder
+        matmul) and only the k_aux chosen entries per row carry gradient (`gather_linear`, `sparse_decode`):
+        the dense form costs ~6 encoder-sized matmuls over the [B, n_dead] block, several times the whole
+        sparse forward and backward when most latents are dead (83% on a 94-step transcoder run). Without
+        `sel` or with sparse kernels off it is computed densely (the reference; both agree to float rounding,
+        tests/sae/test_auxk_sparse.py)."""
         if dead_mask is None:
             return None
         if dead_mask.shape != (self.cfg.d_sae,) or dead_mask.dtype != torch.bool:
@@ -119,6 +131,16 @@ class _TopKStyle(SAE):
             return None
         k_aux_cfg = int(self.cfg.k_aux)  # type: ignore[arg-type]
         k_aux = min(k_aux_cfg, n_dead)
+        scale = min(n_dead / k_aux_cfg, 1.0)
+        if sel is not None and not sel.dense:
+            with torch.no_grad():
+                pre_dead = sel.pre.index_select(1, dead_idx)  # [B, n_dead]
+                key_v, local = _order_view(pre_dead).topk(k_aux, dim=1, sorted=False)  # [B, k_aux]
+                values = key_v.view(pre_dead.dtype)
+                pattern = SparsePattern(dead_idx[local], self.cfg.d_sae)
+            f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu()
+            e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()  # [B, d]
+            return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
         w_enc = self.W_enc.index_select(0, dead_idx).to(cd)  # [n_dead, d]
         b_enc = self.b_enc.index_select(0, dead_idx).to(cd)  # [n_dead]
         pre = F.linear(x_c, w_enc, b_enc)  # [B, n_dead]
@@ -127,7 +149,6 @@ class _TopKStyle(SAE):
             keep = torch.zeros_like(pre).scatter_(1, local, 1.0)  # [B, n_dead] 0/1
         f_aux = torch.relu(pre) * keep  # [B, n_dead]
         e_hat = (f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)).float()  # [B, d]
-        scale = min(n_dead / k_aux_cfg, 1.0)
         return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------- interface
@@ -154,14 +175,15 @@ class _TopKStyle(SAE):
             values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
         xs, shift = self._sparse_encoder_input(x32, x_c)
         vals = self._gather(pre, values, pattern, xs, dense, shift).float().relu()  # like `values`
-        return _Selected(cd, x32, x_c, dense, vals, pattern, indices, offsets)
+        return _Selected(cd, x32, x_c, dense, vals, pattern, indices, offsets, pre, xs, shift)
 
     def forward(  # type: ignore[override]
         self, x: Tensor, sparsity_coef: float = 0.0, dead_mask: Tensor | None = None
     ) -> ForwardOutput:
-        cd, x32, x_c, dense, vals, pattern, indices, offsets = self._encode_selected(x)
+        sel = self._encode_selected(x)
+        cd, x32, x_c, dense, vals, pattern, indices, offsets = sel[:8]
         x_hat = self._decode_active(vals, pattern, cd, dense) + self.b_dec.float()  # [B, d]
-        aux = self._auxk(x_c, x32 - x_hat, dead_mask, cd)
+        aux = self._auxk(x_c, x32 - x_hat, dead_mask, cd, sel)
         with torch.no_grad():
             l0 = (vals > 0).sum(dtype=torch.float32) / x.shape[0]
             fired = fired_from_sparse(pattern.flat, vals.reshape(-1), self.cfg.d_sae)

@@ -112,7 +112,9 @@ class TrainConfig:
 
     revive: Revive = "auto"
     """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling),
-    none. auto: auxk for topk, batchtopk and matryoshka, resample for relu-l1, none for jumprelu and gated."""
+    none. auto: auxk for topk-style SAEs (topk, batchtopk, matryoshka, transcoder, crosscoder),
+    resample for relu-l1, none for jumprelu and gated. `none` on a topk-style SAE skips AuxK, as
+    sparsify's default (auxk_alpha=0) does: each step is cheaper, dead latents stay dead."""
 
     resample_at: tuple[float, ...] = (0.2, 0.4, 0.6)
     """Fractions of the run at which dead features are resampled (when revive is resample); all

@@ -1,0 +1,71 @@
+"""AuxK on the sparse path (the forward's no-grad pre-activations, gradient through the k_aux chosen entries only)
+against the dense reference (sparse_kernels=False): same loss, same gradient on every parameter, for each
+architecture that runs AuxK, with b_dec subtracted from the input (topk) and not (transcoder)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monoscope.sae import SAEConfig, build_sae
+
+D, N_FEAT, B = 12, 48, 10
+
+
+def _pair(arch: str, **kw: object) -> tuple[torch.nn.Module, torch.nn.Module]:
+    extra: dict[str, object] = {"target_hook": "mlp_out.1", "target_normaliser": 0.7, "hook": "mlp_in.1",
+                                "b_dec_to_input": False} if arch == "transcoder" else {}
+    if arch == "matryoshka":
+        extra["prefixes"] = [16, 48]
+    saes = []
+    for sparse in (True, False):
+        cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=3, k_aux=5, aux_coef=0.5, compute_dtype="float32",
+                        sparse_kernels=sparse, **extra, **kw)  # type: ignore[arg-type]
+        sae = build_sae(cfg, seed=0)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+            sae.b_dec.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+        saes.append(sae)
+    return saes[0], saes[1]
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "transcoder"])
+@pytest.mark.parametrize("n_dead", [3, 20])  # fewer dead than k_aux (scaled term), and more
+def test_sparse_auxk_equals_dense(arch: str, n_dead: int) -> None:
+    sparse, dense = _pair(arch)
+    width = 2 * D if arch == "transcoder" else D
+    x = torch.randn(B, width, generator=torch.Generator().manual_seed(0)) * 1.5
+    dead = torch.zeros(N_FEAT, dtype=torch.bool)
+    dead[torch.randperm(N_FEAT, generator=torch.Generator().manual_seed(3))[:n_dead]] = True
+    outs = []
+    for sae in (sparse, dense):
+        sae.train()
+        out = sae(x, dead_mask=dead)
+        out.aux.backward()
+        outs.append(out)
+    assert outs[0].aux.item() > 0
+    assert outs[0].aux.item() == pytest.approx(outs[1].aux.item(), rel=1e-5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        gs, gd = getattr(sparse, name).grad, getattr(dense, name).grad
+        if arch == "transcoder" and name == "b_dec":  # b_dec is not subtracted from its input: no aux gradient
+            assert gs is None and gd is None
+            continue
+        assert torch.allclose(gs, gd, rtol=1e-4, atol=1e-5), name
+    if arch == "matryoshka":  # its aux also holds the prefix losses, which train live latents
+        return
+    # only dead latents' encoder rows receive the aux gradient
+    sparse.zero_grad()
+    sparse(x, dead_mask=dead).aux.backward()
+    assert sparse.W_enc.grad[~dead].abs().sum() == 0 and sparse.W_enc.grad[dead].abs().sum() > 0
+
+
+def test_sparse_auxk_golden_value() -> None:
+    """A fixed tiny transcoder: the AuxK term to 6 digits (changes if selection, scaling or units change)."""
+    sparse, _ = _pair("transcoder")
+    x = torch.randn(B, 2 * D, generator=torch.Generator().manual_seed(0)) * 1.5
+    dead = torch.zeros(N_FEAT, dtype=torch.bool)
+    dead[::3] = True  # 16 dead >= k_aux
+    assert sparse(x, dead_mask=dead).aux.item() == pytest.approx(GOLDEN_AUX, rel=1e-5)
+
+
+GOLDEN_AUX = 79.15858459472656  # measured with the dense reference too (test above)
