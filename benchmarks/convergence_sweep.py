@@ -41,6 +41,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _summary(res: dict[str, Any], steps: int, spec: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """One run's record: held-out FVU by fraction of the run, the final metrics, its settings and load."""
+    curve = {f"{round(100 * r['step'] / steps)}%": round(r["fvu"], 4) for r in res.get("curve", [])}
+    return {"fvu": curve, "final": {k: res.get("final", {}).get(k) for k in ("fvu", "l0", "dead_heldout_frac")},
+            "settings": {k: spec.get(k) for k in ("lr", "train_overrides", "sae_overrides")},
+            "train_s": res.get("train_s"), "load_before": res.get("load_before"), "load_after": res.get("load_after"),
+            "wall_s": round(wall_s, 1), "error": res.get("error")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", required=True, help="activation store (read only)")
@@ -51,6 +60,9 @@ def main() -> None:
     ap.add_argument("--variants", default="default", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--skip-sparsify", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--collect", action="store_true",
+                    help="run nothing: record the finished runs' results found in --work (runs started by several "
+                         "invocations, or cut short)")
     args = ap.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in names:
@@ -71,6 +83,14 @@ def main() -> None:
     lr0 = default_lr("topk", n_feat)
     runs: dict[str, Any] = {}
     order = ([] if args.skip_sparsify else ["sparsify"]) + names
+    if args.collect:
+        order = []
+        for f in sorted(work.glob("result-*.json")):
+            name = f.stem.removeprefix("result-").removeprefix("mono_")
+            res = json.loads(f.read_text())
+            runs[name] = _summary(res, steps, json.loads((work / f"spec-{f.stem.removeprefix('result-')}.json")
+                                                         .read_text()), 0.0)
+            runs[name]["load_at_collect"] = tvp.load_now()
     for name in order:
         if name == "sparsify":
             spec = {**base, "name": "sparsify", "kind": "sparsify"}
@@ -81,14 +101,8 @@ def main() -> None:
                     "sae_overrides": v.get("sae", {})}
         t0 = time.perf_counter()
         res = tvp.run_child(spec, work)
-        curve = {f"{round(100 * r['step'] / steps)}%": round(r["fvu"], 4) for r in res.get("curve", [])}
-        runs[name] = {"fvu": curve, "final": {k: res.get("final", {}).get(k) for k in ("fvu", "l0",
-                                                                                      "dead_heldout_frac")},
-                      "settings": {k: spec.get(k) for k in ("lr", "train_overrides", "sae_overrides")},
-                      "train_s": res.get("train_s"), "load_before": res.get("load_before"),
-                      "load_after": res.get("load_after"), "wall_s": round(time.perf_counter() - t0, 1),
-                      "error": res.get("error")}
-        tvp.log(f"== {name}: {curve}")
+        runs[name] = _summary(res, steps, spec, time.perf_counter() - t0)
+        tvp.log(f"== {name}: {runs[name]['fvu']}")
     path = RESULTS / f"{NAME}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     sweeps = old.get("sweeps", [])
