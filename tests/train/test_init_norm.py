@@ -1,5 +1,5 @@
 """`--init-decoder-norm`: the initial decoder (and so encoder) row norm, a convergence lever of the
-sweep in benchmarks/convergence_sweep.py. Golden values of a deterministic tiny run, and the refusals."""
+sweep in benchmarks/convergence_vs_sparsify.py. Golden values of a deterministic tiny run, and the refusals."""
 
 from __future__ import annotations
 

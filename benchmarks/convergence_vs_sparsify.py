@@ -1,7 +1,7 @@
 """Early convergence: held-out FVU of monoscope's TopK trainer against sparsify at 25%, 50% and 100% of a run.
 
-    python benchmarks/convergence_sweep.py --store runs/small/acts --work /tmp/cs-small --corpus-name default \\
-        --tokens 160k --variants default,lr2x,lr3x,...      # appends to benchmarks/results/convergence_sweep.json
+    python benchmarks/convergence_vs_sparsify.py --store runs/small/acts --work /tmp/cs-small --corpus-name default \\
+        --tokens 160k --variants default,lr2x,lr3x,...      # appends to benchmarks/results/convergence_vs_sparsify.json
 
 Each trainer is a separate process, run one after the other (train_vs_peers' sequential protocol), on the
 same shuffled stream of training rows (`train_vs_peers.prepare`: the last shards of the store, >=
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_vs_peers as tvp
 from machine import RESULTS, describe, write_result
 
-NAME = "convergence_sweep"
+NAME = "convergence_vs_sparsify"
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # name: {"train": TrainConfig overrides, "sae": SAEConfig overrides, "lr_mult": x the default rate}
@@ -109,10 +109,10 @@ def main() -> None:
     sweeps.append({"corpus": args.corpus_name, "store": args.store, "store_tokens": info["store_tokens"],
                    "train_rows": info["train_rows"], "heldout_rows": info["heldout_rows"], "steps": steps,
                    "tokens": steps * batch, "batch": batch, "features": n_feat, "k": 32, "default_lr": lr0,
-                   "command": "python benchmarks/convergence_sweep.py " + " ".join(sys.argv[1:]),
+                   "command": "python benchmarks/convergence_vs_sparsify.py " + " ".join(sys.argv[1:]),
                    "machine": describe(), "runs": runs})
     write_result(NAME, {"note": "held-out FVU at 25/50/100% of each run; one process after the other; see "
-                        "benchmarks/convergence_sweep.py", "sweeps": sweeps})
+                        "benchmarks/convergence_vs_sparsify.py", "sweeps": sweeps})
     print(json.dumps(runs, indent=1))
 
 
