@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noaux": {"train": {"aux_coef": 0.0}},
     "noclip": {"train": {"grad_clip": 0.0}},
     "enc0.5": {"sae": {"init_decoder_norm": 0.5}},
+    "enc0.25": {"sae": {"init_decoder_norm": 0.25}},
     "mean_bdec": {"train": {"init_b_dec": "mean"}},
 }
 
