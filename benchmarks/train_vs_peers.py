@@ -213,7 +213,8 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
                       k=spec["k"] if arch != "gated" else None,
                       sparsity_coef=spec.get("l1") if arch == "gated" else None,
                       batch_size=spec["batch"], dtype=spec["dtype"], seed=spec["seed"], progress=False,
-                      checkpoint_every=0, lr=spec.get("lr"), revive=spec.get("revive", "auto"))
+                      checkpoint_every=0, lr=spec.get("lr"),
+                      **{"revive": spec.get("revive", "auto"), **spec.get("train_overrides", {})})
 
     class Source:  # a BatchSource over the shared stream
         def __init__(self) -> None:
@@ -243,7 +244,7 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
     else:
         sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
                             normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
-                            dtype="float32", compute_dtype=cfg.dtype)
+                            dtype="float32", compute_dtype=cfg.dtype, **spec.get("sae_overrides", {}))
     sae = build_sae(sae_cfg, seed=cfg.seed)
     trainer = Trainer(sae, cfg, Source())
     gate = Gate(spec["name"], held, sae_cfg.d_sae, data.batch, data.steps, _marks(spec), ctl)

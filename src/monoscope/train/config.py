@@ -123,6 +123,11 @@ class TrainConfig:
     init_b_dec: InitBDec = "geometric_median"
     """How b_dec is set before step 0 from the first batch: geometric median, mean, or zero."""
 
+    init_decoder_norm: float | None = None
+    """Norm of the random decoder rows at initialisation; the encoder starts as their transpose, so for
+    unit-norm-decoder SAEs (topk-style, jumprelu) this is the encoder's initial row norm in the scaled space
+    (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated)."""
+
     dtype: DType = "auto"
     """Dtype of the SAE's large matmuls (master weights and Adam state stay float32). auto:
     bfloat16 on CPUs with AMX/AVX512-BF16 and on CUDA GPUs with bf16, float32 elsewhere."""
@@ -227,6 +232,9 @@ class TrainConfig:
             _float("resample_at", f, 0.0, 1.0, "fractions of the run between 0 and 1, e.g. 0.2,0.4,0.6", open_lo=True)
         if self.init_b_dec not in get_args(InitBDec):
             raise TrainConfigError(f"--init-b-dec {self.init_b_dec!r}: use one of {', '.join(get_args(InitBDec))}")
+        if self.init_decoder_norm is not None:
+            _float("init_decoder_norm", self.init_decoder_norm, 0.0, None, "a positive norm such as 1 or 0.5",
+                   open_lo=True)
         if self.dtype not in get_args(DType):
             raise TrainConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(get_args(DType))}")
         if not isinstance(self.device, str) or not self.device:

@@ -284,7 +284,8 @@ def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
             shape.update(hook=data.hook, normaliser=float(normaliser))
         return SAEConfig(
             arch=cfg.arch, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef, prefixes=cfg.prefix_widths(data.d_model),
-            model=data.model, dtype="float32", compute_dtype=cfg.dtype, **shape,  # type: ignore[arg-type]
+            model=data.model, dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
+            **shape,  # type: ignore[arg-type]
         )
     except SAEConfigError as e:  # name the option the user typed, not the internal class
         raise TrainConfigError(re.sub(r"SAEConfig\.(\w+)=", lambda m: cli_flag(m.group(1)) + " ", str(e))) from None
