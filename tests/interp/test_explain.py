@@ -99,7 +99,7 @@ def test_failures_are_recorded_and_retried(db_path: Path) -> None:
             return None  # a server error for feature 1's explanation
         if system == prompts.EXPLAIN_SYSTEM and "animals" in good:
             return "  \n ** ** \n"  # nothing usable for feature 2
-        if system == prompts.DETECTION_SYSTEM:
+        if system in (prompts.DETECTION_SYSTEM, prompts.DETECTION_ONE_SYSTEM):
             return "The first one, I think."
         return good
 

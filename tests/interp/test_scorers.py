@@ -153,6 +153,11 @@ def competent(messages: Sequence[Any]) -> str:
         else:
             answers = [int(all(pred(w) for s in _spans(x) for w in _words(s))) for x in excerpts]
         return json.dumps(answers)
+    if system in (prompts.DETECTION_ONE_SYSTEM, prompts.FUZZING_ONE_SYSTEM):
+        x = user.split("Excerpt:\n", 1)[1].rsplit("\n\nAnswer", 1)[0]
+        if system == prompts.DETECTION_ONE_SYSTEM:
+            return str(int(any(pred(w) for w in _words(x))))
+        return str(int(all(pred(w) for s in _spans(x) for w in _words(s))))
     if system == prompts.SIMULATION_SYSTEM:
         toks = [json.loads(t) for t in re.findall(r"^\d+\t(.*)$", user, re.M)]
         return "Here you go:\n" + json.dumps([10 if pred(t) else 0 for t in toks])
@@ -281,8 +286,11 @@ def test_malformed_answers_are_failures(db: FeatureDB) -> None:
         seen["n"] += 1
         return "garbage" if seen["n"] == 1 else competent(messages)
 
-    (r,) = score_detection(items, FakeLLM(flaky), progress=False)
+    (r,) = score_detection(items, FakeLLM(flaky), progress=False, method="text")
     assert r.value == 1.0 and r.details["failed_requests"] == 1 and r.details["unanswered"] == 5
+    seen["n"] = 0  # one excerpt per request (method logprob, here without log-probabilities): one excerpt lost
+    (r,) = score_detection(items, FakeLLM(flaky), progress=False)
+    assert r.value == 1.0 and r.details["failed_requests"] == 1 and r.details["unanswered"] == 1
     # nothing to compare against: a failure, not a crash
     bare = Evidence(5, 1.0)
     assert all(s([(bare, "x")], FakeLLM(), progress=False)[0].value is None

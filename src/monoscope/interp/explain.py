@@ -63,6 +63,7 @@ from monoscope.interp.prompts import (
 )
 from monoscope.interp.scorers import (
     ALL_SCORERS,
+    DEFAULT_CLASSIFY_METHOD,
     INTERVENTION_STRENGTH,
     SCORER_NAMES,
     SCORERS,
@@ -409,6 +410,8 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
 def _settings(name: str, options: dict[str, Any]) -> list[Any]:
     """What besides the evidence shapes a score (part of its key): the scorer's options (intervention: also the
     model it steers)."""
+    if name in ("detection", "fuzzing"):  # the method always counts: log-prob and text scores are not comparable
+        return [json.dumps({"method": DEFAULT_CLASSIFY_METHOD, **options}, sort_keys=True, default=str)]
     if name != "intervention":
         return [json.dumps(options, sort_keys=True, default=str)] if options else []
     t = options.get("target")

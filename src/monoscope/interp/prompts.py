@@ -225,6 +225,19 @@ FUZZING_SYSTEM = (
     "explanation describes, 0 if they are not. ⏎ stands for a newline. Answer with a JSON array of 0/1 values, "
     "one per excerpt in order, and nothing else; for three excerpts, e.g. [0, 1, 1].")
 
+# One excerpt per request, answered with a single digit, for log-probability scoring (scorers.py, method
+# "logprob"): the answer's first token is the digit, so P("1") and P("0") are read at generated position 0.
+DETECTION_ONE_SYSTEM = (
+    "You check an explanation of a language-model feature. You get the explanation and one text excerpt. "
+    "Decide whether the excerpt contains what the explanation describes, so that the feature would fire "
+    "somewhere in it. ⏎ stands for a newline. Answer with the single digit 1 (yes) or 0 (no) and nothing else.")
+
+FUZZING_ONE_SYSTEM = (
+    f"You check an explanation of a language-model feature. In the excerpt some tokens are marked "
+    f"{MARK_OPEN}like this{MARK_CLOSE}: either the tokens where the feature fires or other, random tokens. "
+    "Decide whether the marked tokens are what the explanation describes. ⏎ stands for a newline. Answer with "
+    "the single digit 1 (yes) or 0 (no) and nothing else.")
+
 SIMULATION_SYSTEM = (
     "You predict how strongly a language-model feature fires on each token of a text, given an explanation of "
     "the feature. Activations are on a 0-10 scale: 0 = not active (most tokens), 10 = the strongest activation. "
@@ -261,6 +274,16 @@ def fuzzing_messages(explanation: str, excerpts: Sequence[str]) -> list[dict[str
     return [{"role": "system", "content": FUZZING_SYSTEM},
             {"role": "user", "content": f"Explanation: {explanation}\n\nExcerpts:\n{numbered(excerpts)}\n\n"
                                         f"Answer with a JSON array of {len(excerpts)} values (0 or 1)."}]
+
+
+def detection_one_messages(explanation: str, excerpt: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": DETECTION_ONE_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\nExcerpt:\n{excerpt}\n\nAnswer (1 or 0):"}]
+
+
+def fuzzing_one_messages(explanation: str, excerpt: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": FUZZING_ONE_SYSTEM},
+            {"role": "user", "content": f"Explanation: {explanation}\n\nExcerpt:\n{excerpt}\n\nAnswer (1 or 0):"}]
 
 
 def simulation_messages(explanation: str, tokens: Sequence[str]) -> list[dict[str, str]]:

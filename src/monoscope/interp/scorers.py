@@ -11,11 +11,15 @@ own contexts only when nothing is held out, flagged `held_out: false`) and `Evid
 Choices are deterministic (seeded by the feature id), so a rerun asks the same questions.
 
 - detection (Paulo et al. 2024, delphi): explanation + a shuffled mix of activating and non-activating
-  excerpts, unmarked, 5 per request; the model says which contain the feature. Value: balanced accuracy
-  (mean of the hit rates on activating and on non-activating excerpts), 0.5 = chance.
+  excerpts, unmarked; the model says which contain the feature. Value: balanced accuracy (mean of the hit
+  rates on activating and on non-activating excerpts), 0.5 = chance. By default (method "logprob", as delphi's
+  log-prob scoring) one excerpt per request, scored by P("1") / (P("1") + P("0")) read from the answer's
+  log-probabilities and thresholded at the median of the feature's excerpts (a yes-biased small model then
+  still scores by its ranking; details add the AUROC and the text answers' accuracy); method "text" asks 5
+  per request and parses a 0/1 array. The method is in the score's details and its key.
 - fuzzing (delphi): activating excerpts, half with the active tokens marked, half with the same number of
   marks moved to random inactive tokens; the model says whether the marks fit the explanation.
-  Value: balanced accuracy.
+  Value: balanced accuracy, by either method as detection.
 - simulation (Bills et al. 2023): the model predicts a 0-10 activation for every token of 4 activating and
   2 non-activating excerpts; value: Pearson correlation with the true activations over all their tokens
   (0 when the prediction is constant).
@@ -60,7 +64,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from monoscope.errors import MonoscopeError
-from monoscope.interp.llm import ChatRequest, ChatResponse, parse_number
+from monoscope.interp.llm import MAX_TOP_LOGPROBS, ChatRequest, ChatResponse, parse_number
 from monoscope.interp.prompts import (
     INTERVENTION_MAX_TOKENS,
     INTRUDER_MAX_TOKENS,
@@ -68,7 +72,9 @@ from monoscope.interp.prompts import (
     Context,
     Evidence,
     detection_messages,
+    detection_one_messages,
     fuzzing_messages,
+    fuzzing_one_messages,
     intervention_messages,
     intruder_messages,
     list_max_tokens,
@@ -186,33 +192,125 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 # ---------------------------------------------------------------------------------------------- classification
+CLASSIFY_METHODS = ("logprob", "text")
+"""How detection and fuzzing read the model: "logprob" (default) asks one excerpt per request and reads
+P("1") / (P("1") + P("0")) from the answer token's log-probabilities (delphi's log-prob scoring); "text" asks
+`batch_size` excerpts per request and parses the generated JSON 0/1 array (the scorers' first method)."""
+DEFAULT_CLASSIFY_METHOD = "logprob"
+TEXT_BATCH_SIZE = 5  # excerpts per request of the "text" method
+LOGPROB_TOP = MAX_TOP_LOGPROBS  # candidates asked per position: "1" and "0" are found among them
+
+
+def _check_classify(name: str, method: str, batch_size: int | None, n_examples: int) -> int:
+    """The batch size to use; a one-line error for an unknown method or a bad size."""
+    if method not in CLASSIFY_METHODS:
+        raise MonoscopeError(f"{name} method {method!r} is unknown: use 'logprob' (log-probabilities of the "
+                             "answer, the default) or 'text' (the generated 0/1 answers)")
+    if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
+        raise MonoscopeError(f"{name} n_examples={n_examples!r}: use 1 or more excerpts of each kind (e.g. 10)")
+    if method == "logprob":
+        if batch_size not in (None, 1):
+            raise MonoscopeError(f"{name} batch_size={batch_size!r} applies to method 'text' only: the 'logprob' "
+                                 "method asks one excerpt per request; drop batch_size or pass method='text'")
+        return 1
+    if batch_size is None:
+        return TEXT_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MonoscopeError(f"{name} batch_size={batch_size!r}: use 1 or more excerpts per request (e.g. 5)")
+    return batch_size
+
+
+def digit_probability(top_logprobs: list[dict[str, float]] | None, position: int = 0) -> float | None:
+    """P("1") / (P("1") + P("0")) among the candidates at one generated position (" 1" and "1" both count);
+    None when the endpoint returned no log-probabilities or neither digit is among the candidates."""
+    if not top_logprobs or position >= len(top_logprobs):
+        return None
+    p1 = p0 = 0.0
+    for tok, lp in top_logprobs[position].items():
+        t = tok.strip()
+        if t == "1":
+            p1 += math.exp(lp)
+        elif t == "0":
+            p0 += math.exp(lp)
+    return p1 / (p1 + p0) if p1 + p0 > 0 else None
+
+
+def median_threshold_accuracy(truth: Sequence[int],
+                              scores: Sequence[float]) -> tuple[float | None, float, dict[str, int]]:
+    """Balanced accuracy predicting "feature" where score >= the median score of the feature's own excerpts.
+
+    Why the median: a small scorer model says "yes" to nearly everything, so at the natural threshold 0.5 every
+    excerpt is predicted positive and the balanced accuracy is 0.5 whatever the ranking. The excerpts are about
+    half activating (detection: n + n; fuzzing: half mis-marked), so the median splits them where the truth
+    does and the accuracy depends only on how the model orders the excerpts, not on its bias (like AUROC, but
+    in the unit the issue's target and the text method use). Constant scores predict all positive: 0.5.
+    Returns (value, threshold, confusion counts)."""
+    thr = float(np.median(np.asarray(scores, dtype=np.float64))) if len(scores) else 0.5
+    value, counts = _balanced(truth, [int(v >= thr) for v in scores])
+    return value, thr, counts
+
+
 def _classify(items: Sequence[ScoreItem], llm: LLMLike, name: str, build: Callable[[str, Sequence[str]], Any],
-              cases: Sequence[tuple[list[str], list[int], dict[str, Any]]], batch_size: int,
-              progress: bool) -> list[ScoreResult]:
-    """Shared by detection and fuzzing: per item, excerpts + truth labels, asked `batch_size` at a time,
-    answered as a JSON 0/1 array; balanced accuracy over the answered excerpts."""
+              build_one: Callable[[str, str], Any], cases: Sequence[tuple[list[str], list[int], dict[str, Any]]],
+              batch_size: int, method: str, progress: bool) -> list[ScoreResult]:
+    """Shared by detection and fuzzing: per item, excerpts + truth labels. Method "text": asked `batch_size` at
+    a time, answered as a JSON 0/1 array; balanced accuracy over the answered excerpts. Method "logprob": one
+    excerpt per request, scored by P("1"); value = `median_threshold_accuracy`, details add the AUROC, the
+    accuracy at 0.5 and the text answers' balanced accuracy. A feature with an excerpt whose answer came
+    without usable log-probabilities (an endpoint that returns none) is scored from the text answers instead,
+    and its details say so (`method: "text"`, `logprob_fallback`)."""
     reqs: list[ChatRequest] = []
     plan: list[list[tuple[int, range]]] = []
     for (_, expl), (texts, _, _) in zip(items, cases, strict=True):
         mine = []
         for b in _batches(len(texts), batch_size):
             mine.append((len(reqs), b))
-            reqs.append(ChatRequest(messages=build(expl, [texts[i] for i in b]), max_tokens=list_max_tokens(len(b))))
+            if method == "logprob":
+                reqs.append(ChatRequest(messages=build_one(expl, texts[b[0]]), max_tokens=1, logprobs=LOGPROB_TOP))
+            else:
+                reqs.append(ChatRequest(messages=build(expl, [texts[i] for i in b]),
+                                        max_tokens=list_max_tokens(len(b))))
         plan.append(mine)
     resps = llm.chat_many(reqs, progress=f"score: {name}" if progress else None) if reqs else []
     out = []
     for (texts, truth, extra), mine in zip(cases, plan, strict=True):
         pred: list[int | None] = [None] * len(texts)
+        probs: list[float | None] = [None] * len(texts)
         usable = []
         for ri, b in mine:
             vals = parse_number_list(resps[ri].text, len(b), 0, 1) if resps[ri].text else None
-            usable.append(vals is not None)
+            if method == "logprob":
+                probs[b[0]] = digit_probability(resps[ri].top_logprobs)
+            usable.append(vals is not None or probs[b[0]] is not None)
             for i, v in zip(b, vals or [], strict=False):
                 pred[i] = int(v >= 0.5)
         value, counts = _balanced(truth, pred)
         bad = usable.count(False)
         problems, first = _problems([resps[ri] for ri, _ in mine], usable)
-        details: dict[str, Any] = {**extra, **counts, "requests": len(mine), "failed_requests": bad, **problems}
+        details: dict[str, Any] = {**extra, "method": method, **counts, "requests": len(mine),
+                                   "failed_requests": bad, **problems}
+        if method == "logprob":
+            got = [i for i, p in enumerate(probs) if p is not None]
+            if mine and len(got) == len(texts):
+                details["text_balanced_accuracy"] = value
+                details["text_counts"] = counts
+                scores = [float(p) for p in probs if p is not None]
+                value, thr, mcounts = median_threshold_accuracy(truth, scores)
+                pos = [s for s, t in zip(scores, truth, strict=True) if t]
+                neg = [s for s, t in zip(scores, truth, strict=True) if not t]
+                details.update(mcounts)
+                details.pop("unanswered", None)
+                details["threshold"] = round(thr, 6)
+                details["auroc"] = round(auroc(pos, neg), 6) if pos and neg else None
+                details["balanced_accuracy_at_0.5"] = _balanced(truth, [int(s >= 0.5) for s in scores])[0]
+                details["p_yes"] = [round(s, 4) for s in scores]
+                details["truth"] = list(truth)
+            elif mine:
+                missing = len(texts) - len(got)
+                details["method"] = "text"
+                details["logprob_fallback"] = (f"{missing} of {len(texts)} answers came without log-probabilities "
+                                               "of '1' and '0' (the endpoint returned none, or other tokens): "
+                                               "scored from the text answers")
         if value is None and mine and bad == len(mine):
             details["error"] = first
         elif value is None:
@@ -221,9 +319,11 @@ def _classify(items: Sequence[ScoreItem], llm: LLMLike, name: str, build: Callab
     return out
 
 
-def score_detection(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int = 5,
-                    progress: bool = True) -> list[ScoreResult]:
-    """Balanced accuracy of telling activating from non-activating excerpts by the explanation alone."""
+def score_detection(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int | None = None,
+                    method: str = DEFAULT_CLASSIFY_METHOD, progress: bool = True) -> list[ScoreResult]:
+    """Balanced accuracy of telling activating from non-activating excerpts by the explanation alone
+    (`method`: see CLASSIFY_METHODS; `batch_size` is for "text", default 5)."""
+    batch_size = _check_classify("detection", method, batch_size, n_examples)
     cases = []
     for ev, _ in items:
         pos, held = activating_sample(ev, n_examples)
@@ -232,12 +332,15 @@ def score_detection(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int
         order = _rng(ev, 1).permutation(len(ctxs))
         cases.append(([ctxs[i][0] for i in order], [ctxs[i][1] for i in order],
                       {"activating": len(pos), "non_activating": len(neg), "held_out": held}))
-    return _classify(items, llm, "detection", detection_messages, cases, batch_size, progress)
+    return _classify(items, llm, "detection", detection_messages, detection_one_messages, cases, batch_size, method,
+                     progress)
 
 
-def score_fuzzing(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int = 5,
-                  progress: bool = True) -> list[ScoreResult]:
-    """Balanced accuracy of telling correctly marked active tokens from marks moved to random tokens."""
+def score_fuzzing(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int | None = None,
+                  method: str = DEFAULT_CLASSIFY_METHOD, progress: bool = True) -> list[ScoreResult]:
+    """Balanced accuracy of telling correctly marked active tokens from marks moved to random tokens
+    (`method`: see CLASSIFY_METHODS; `batch_size` is for "text", default 5)."""
+    batch_size = _check_classify("fuzzing", method, batch_size, n_examples)
     cases = []
     for ev, _ in items:
         pos, held = activating_sample(ev, n_examples)
@@ -260,7 +363,8 @@ def score_fuzzing(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int =
         shuffle = rng.permutation(len(texts))
         cases.append(([texts[i] for i in shuffle], [truth[i] for i in shuffle],
                       {"correct": sum(truth), "mismarked": len(truth) - sum(truth), "held_out": held}))
-    return _classify(items, llm, "fuzzing", fuzzing_messages, cases, batch_size, progress)
+    return _classify(items, llm, "fuzzing", fuzzing_messages, fuzzing_one_messages, cases, batch_size, method,
+                     progress)
 
 
 # ---------------------------------------------------------------------------------------------- simulation
