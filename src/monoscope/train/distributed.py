@@ -38,8 +38,7 @@ crosscoder train data parallel only.
 Data parallel: every architecture; with fs = 1, topk, batchtopk and matryoshka run the sharded forward
 above with one shard (`_global_batch_select` over the dp ranks: each rank's top k·B candidates' values
 all-gathered, a global cut, the threshold's running minimum all-reduced), the others their own
-forward on each replica's rows (`GlobalBatchSelect`, the replica-side form of that selection, is no
-longer reached by any architecture);
+forward on each replica's rows;
 relu-l1 resamples dead features on the global batch (x̂ all-gathered at the resample steps), and
 batchtopk's eval threshold is calibrated on rank 0 from the next global batches, as one process
 does. Activations from a store (not streamed; `--loss mse`).
@@ -88,7 +87,6 @@ from monoscope.locking import folder_locks
 from monoscope.progress import progress_bar
 from monoscope.sae import SAE, SAEConfig, build_sae, save_sae
 from monoscope.sae.base import fired_from_sparse
-from monoscope.sae.config import THRESHOLD_STYLE
 from monoscope.sae.jumprelu import INIT_L0, _SparseJumpReLUL0, jumprelu_l0
 from monoscope.sae.relu import positive_mask, relu_linear
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
@@ -261,50 +259,6 @@ def _global_topk(pre: Tensor, k: int, offset: int, topo: Topology) -> tuple[Tens
     return vals.gather(1, pos), ids.gather(1, pos)
 
 
-class GlobalBatchSelect:
-    """Mixin for BatchTopK-style SAEs (batchtopk, matryoshka) trained data parallel: the k·B entries
-    of a training step are chosen over the *global* batch, as one process chooses them. Each rank
-    takes the top k·B of its own rows (the global top k·B's entries from its rows are among them),
-    the candidates' values are all-gathered over the dp group, the (k·B)-th largest is the global
-    cut, and each rank keeps its entries at or above it. The running threshold is updated with the
-    smallest kept positive value over all ranks (an all-reduce MIN), so replicas stay identical."""
-
-    dp_group: Any = None
-    dp: int = 1
-
-    def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
-        if not self.training or self.dp == 1:  # type: ignore[attr-defined]
-            return super()._select(pre, update)  # type: ignore[misc, no-any-return]
-        n_rows, n_feat = pre.shape
-        n_keep = int(self.cfg.k) * n_rows * self.dp  # type: ignore[attr-defined]
-        rows, cols, vals = _batch_topk(pre, min(n_keep, pre.numel()))  # row-major, as one process has them
-        gathered = [torch.empty_like(vals) for _ in range(self.dp)]
-        dist.all_gather(gathered, vals.contiguous(), group=self.dp_group)
-        cut = _order_view(torch.cat(gathered)).topk(n_keep, sorted=False).values.min()
-        keep = _order_view(vals) >= cut
-        rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        if update:
-            pos = vals[vals > 0]
-            m = (pos.min() if pos.numel() else pos.new_full((), math.inf)).float().reshape(1)
-            dist.all_reduce(m, op=dist.ReduceOp.MIN, group=self.dp_group)
-            self._update_threshold(m[torch.isfinite(m)])  # type: ignore[attr-defined]
-        counts = torch.bincount(rows, minlength=n_rows)  # [B]
-        offsets = counts.cumsum(0) - counts
-        return vals, SparsePattern(cols, n_feat, offsets), cols, offsets
-
-
-def data_parallel_sae(full: SAE, topo: Topology) -> SAE:
-    """The replica this rank trains for an unsharded SAE: `full` itself, or for batch-wide selection
-    (batchtopk, matryoshka) over several dp ranks a copy whose selection is global (`GlobalBatchSelect`)."""
-    if full.arch not in THRESHOLD_STYLE or topo.dp == 1:
-        return full
-    cls = type(f"DataParallel{type(full).__name__}", (GlobalBatchSelect, type(full)), {})
-    sae = cls(full.cfg, generator=torch.Generator())  # weights overwritten below
-    sae.load_state_dict(full.state_dict())
-    sae.dp_group, sae.dp = topo.dp_group, topo.dp
-    return sae  # type: ignore[no-any-return]
-
-
 # ----------------------------------------------------------------------------- batches
 
 
@@ -365,7 +319,7 @@ def join_shards(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 class DistributedTrainer(Trainer):
     """`Trainer` whose SAE is this rank's feature shard (an SAE of its class built from `shard_config(full_cfg, fs)`)
-    or its data-parallel replica (every architecture, `data_parallel_sae`), and whose steps talk to the
+    or its data-parallel replica (the whole SAE), and whose steps talk to the
     other ranks (module docstring)."""
 
     def __init__(self, sae: SAE, full_cfg: SAEConfig, config: TrainConfig, source: RankSlice, topo: Topology,
@@ -980,8 +934,8 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
         if sae_cfg.arch in SELECT_SHARDED or topo.fs > 1:
             shard: SAE = type(full)(shard_config(sae_cfg, topo.fs), generator=torch.Generator())  # overwritten below
             shard.load_state_dict(shard_state(full.state_dict(), topo.fs, topo.fs_rank))
-        else:
-            shard = data_parallel_sae(full, topo)
+        else:  # a data-parallel replica: the whole SAE on every rank
+            shard = full
         del full
         shard = shard.to(topo.device)
         log = JsonlLog(out / LOG_NAME) if topo.is_main else None
