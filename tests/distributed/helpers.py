@@ -143,3 +143,33 @@ def join_ranks(procs: list[Any], tmp: Path, timeout: float = 120) -> list[dict[s
         out.append(json.loads(f.read_text()) if f.is_file() else {"code": None, "msg": f"exit {p.exitcode}"})
         f.unlink(missing_ok=True)
     return out
+
+
+def one_process_and_ranks(store: Path, tmp: Path, settings: dict[str, Any], world: int,
+                          **kwargs: Any) -> tuple[Path, Path, Any]:
+    """Train `settings` in this process (tmp/ref) and on `world` forked gloo ranks (tmp/sae, `kwargs` such as
+    shard_features passed on); every rank must exit 0. Returns (ref, out, the ranks' TrainConfig)."""
+    from monoscope.train import TrainConfig, train
+
+    ref, out = tmp / "ref", tmp / "sae"
+    train(ref, store=store, progress=False, **settings)
+    cfg = TrainConfig(**{**settings, "progress": False})
+    res = join_ranks(fork_ranks(world, tmp, store=store, out=out, config=cfg, timeout_s=60, **kwargs), tmp)
+    assert [r["code"] for r in res] == [0] * world, res
+    return ref, out, cfg
+
+
+def torchrun_sharded_matches_one_process(store: Path, tmp: Path, settings: dict[str, Any], out: Path) -> Path:
+    """`settings` trained in this process (tmp/ref) and by a real `torchrun --nproc-per-node 2 ... --shard-features
+    2` into `out`: the run exits 0 with one process's weights (max abs difference <= 1e-5). Returns ref."""
+    from monoscope.train import train
+
+    ref = tmp / "ref"
+    train(ref, store=store, progress=False, **settings)
+    done = subprocess.run(torchrun(2, ["train", *train_args(store, out, settings, "--shard-features", "2")]),
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(ref), weights(out)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    return ref

@@ -13,8 +13,7 @@ import torch
 
 from monoscope.sae import load_sae
 from monoscope.train import TrainConfig, train
-from tests.distributed.helpers import COMMON, fork_ranks, join_ranks, weights
-from tests.train.helpers import make_store
+from tests.distributed.helpers import COMMON, fork_ranks, join_ranks, one_process_and_ranks, weights
 
 ARCHS: dict[str, dict[str, Any]] = {
     "relu-l1": {"arch": "relu-l1", "k": None},  # resamples dead features at steps 12, 24, 36
@@ -25,25 +24,13 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("acts") / "store"
-    make_store(folder)
-    return folder
-
-
 def settings(arch: str) -> dict[str, Any]:
     return {**COMMON, **ARCHS[arch], "keep_checkpoints": 10}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_data_parallel_equals_one_process_and_resumes_exactly(store: Path, tmp_path: Path, arch: str) -> None:
-    ref = tmp_path / "ref"
-    train(ref, store=store, progress=False, **settings(arch))
-    out = tmp_path / "sae"
-    cfg = TrainConfig(**{**settings(arch), "progress": False})
-    res = join_ranks(fork_ranks(2, tmp_path, store=store, out=out, config=cfg, timeout_s=60), tmp_path)
-    assert [r["code"] for r in res] == [0, 0], res
+    ref, out, cfg = one_process_and_ranks(store, tmp_path, settings(arch), 2)
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()
     diff = {k: float((a[k] - b[k]).abs().max()) for k in a}

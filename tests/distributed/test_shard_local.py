@@ -17,9 +17,8 @@ import pytest
 import torch
 
 from monoscope.sae import load_sae
-from monoscope.train import TrainConfig, train
-from tests.distributed.helpers import COMMON, fork_ranks, join_ranks, weights
-from tests.train.helpers import make_store, synthetic_rows
+from tests.distributed.helpers import COMMON, fork_ranks, join_ranks, one_process_and_ranks, weights
+from tests.train.helpers import synthetic_rows
 
 ARCHS: dict[str, dict[str, Any]] = {
     "relu-l1": {"arch": "relu-l1", "k": None},  # revive auto = resample at steps 12, 24, 36
@@ -35,26 +34,13 @@ lr·g/(|g| + eps), which magnifies the other summation order of the shards' narr
 (1.8e-5 at 3 steps, 1.7e-5 at 15, 1.6e-5 at 60). A prefix level summed wrongly would differ by ~1e-3."""
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("acts") / "store"
-    make_store(folder)
-    return folder
-
-
 def settings(arch: str) -> dict[str, Any]:
     return {**COMMON, **ARCHS[arch], "keep_checkpoints": 10}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_feature_sharded_equals_one_process_and_resumes_exactly(store: Path, tmp_path: Path, arch: str) -> None:
-    ref = tmp_path / "ref"
-    train(ref, store=store, progress=False, **settings(arch))
-    out = tmp_path / "sae"
-    cfg = TrainConfig(**{**settings(arch), "progress": False})
-    res = join_ranks(fork_ranks(2, tmp_path, store=store, out=out, config=cfg, shard_features=2, timeout_s=60),
-                     tmp_path)
-    assert [r["code"] for r in res] == [0, 0], res
+    ref, out, cfg = one_process_and_ranks(store, tmp_path, settings(arch), 2, shard_features=2)
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()
     diff = {k: float((a[k] - b[k]).abs().max()) for k in a}

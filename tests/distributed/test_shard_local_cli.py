@@ -6,36 +6,17 @@ Python API (test_train.py)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-import pytest
-
 from monoscope.sae import load_sae
-from monoscope.train import train
-from tests.distributed.helpers import COMMON, env, torchrun, train_args, weights
-from tests.train.helpers import make_store
+from tests.distributed.helpers import COMMON, torchrun_sharded_matches_one_process
 
 SETTINGS = {k: v for k, v in COMMON.items() if k != "k"} | {"arch": "relu-l1"}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("acts") / "store"
-    make_store(folder)
-    return folder
-
-
 def test_torchrun_relu_l1_feature_sharded_matches_one_process(store: Path, tmp_path: Path) -> None:
-    ref = tmp_path / "ref"
-    train(ref, store=store, progress=False, **SETTINGS)
     out = tmp_path / "sae"
-    done = subprocess.run(torchrun(2, ["train", *train_args(store, out, SETTINGS, "--shard-features", "2")]),
-                          env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    a, b = weights(ref), weights(out)
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    ref = torchrun_sharded_matches_one_process(store, tmp_path, SETTINGS, out)
     sa, sb = load_sae(ref), load_sae(out)
     assert type(sb).__name__ == "ReluL1SAE" and sb.cfg.to_dict() == sa.cfg.to_dict()
     assert sb.provenance["resampled_features"] == sa.provenance["resampled_features"] > 0

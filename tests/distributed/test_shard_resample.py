@@ -11,16 +11,7 @@ from typing import Any
 import pytest
 
 from monoscope.sae import load_sae
-from monoscope.train import TrainConfig, train
-from tests.distributed.helpers import COMMON, fork_ranks, join_ranks, weights
-from tests.train.helpers import make_store
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("acts") / "store"
-    make_store(folder)
-    return folder
+from tests.distributed.helpers import COMMON, one_process_and_ranks, weights
 
 
 def settings(arch: str) -> dict[str, Any]:
@@ -30,13 +21,7 @@ def settings(arch: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(("arch", "world"), [("relu-l1", 4), ("topk", 2)], ids=["relu-l1-dp2xfs2", "topk-fs2"])
 def test_resampling_on_shards_like_one_process(store: Path, tmp_path: Path, arch: str, world: int) -> None:
-    ref = tmp_path / "ref"
-    train(ref, store=store, progress=False, **settings(arch))
-    out = tmp_path / "sae"
-    cfg = TrainConfig(**{**settings(arch), "progress": False})
-    res = join_ranks(fork_ranks(world, tmp_path, store=store, out=out, config=cfg, shard_features=2, timeout_s=60),
-                     tmp_path)
-    assert [r["code"] for r in res] == [0] * world, res
+    ref, out, _ = one_process_and_ranks(store, tmp_path, settings(arch), world, shard_features=2)
     a, b = weights(ref), weights(out)
     diff = {k: float((a[k] - b[k]).abs().max()) for k in a}
     assert max(diff.values()) <= 1e-5, diff

@@ -13,34 +13,25 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
 
-from monoscope.train import train
-from tests.distributed.helpers import COMMON, alive, env, torchrun, train_args, weights
-from tests.train.helpers import make_store
+from tests.distributed.helpers import (
+    COMMON,
+    alive,
+    env,
+    torchrun,
+    torchrun_sharded_matches_one_process,
+    train_args,
+    weights,
+)
 
 STEPS = 240
 SETTINGS = {**COMMON, "tokens": STEPS * 64, "checkpoint_every": 20}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("acts") / "store"
-    make_store(folder)
-    return folder
-
-
 def test_torchrun_sharded_matches_one_process_and_resumes_after_a_killed_worker(store: Path, tmp_path: Path) -> None:
-    ref = tmp_path / "ref"
-    train(ref, store=store, progress=False, **SETTINGS)
-
     full = tmp_path / "full"
-    done = subprocess.run(torchrun(2, ["train", *train_args(store, full, SETTINGS, "--shard-features", "2")]),
-                          env=env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    a, b = weights(ref), weights(full)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    torchrun_sharded_matches_one_process(store, tmp_path, SETTINGS, full)
 
     out = tmp_path / "sae"
     argv = ["train", *train_args(store, out, SETTINGS, "--shard-features", "2", "--dist-timeout", "30")]

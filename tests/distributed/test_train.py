@@ -21,14 +21,7 @@ from monoscope.errors import MonoscopeError
 from monoscope.sae import load_sae
 from monoscope.train import TrainConfig, train, train_distributed
 from tests.distributed.helpers import COMMON, alive, fork_ranks, join_ranks, weights
-from tests.train.helpers import make_store, synthetic_rows
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("acts") / "store"
-    make_store(folder)
-    return folder
+from tests.train.helpers import synthetic_rows
 
 
 @pytest.fixture(scope="module")
