@@ -24,6 +24,7 @@ the clean CE; a difference means the splice machinery, not the SAE, is wrong.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from monoscope.model.hooks import HookPoint, _first_tensor, _module_for
+from monoscope.model.hooks import HookPoint, hooked_at
 from monoscope.model.load import LoadedModel
 from monoscope.sae import SAE
 
@@ -125,7 +126,6 @@ class Splicer:
         self.stacked = stacked
         self.fallback: str | None = None
         """Why the stacked forward was given up (None: it was not, or never tried)."""
-        self.module, self.pre = _module_for(lm.layout, hp)
         self._cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the hook
@@ -165,21 +165,8 @@ class Splicer:
             vs = self._variants(h)
             return torch.cat(vs) if pick is None else vs[pick]
 
-        def post_hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-            new = replace(_first_tensor(out))
-            return new if isinstance(out, torch.Tensor) else (new, *out[1:])
-
-        def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if args:
-                return (replace(args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
-
-        handle = (self.module.register_forward_pre_hook(pre_hook, with_kwargs=True) if self.pre
-                  else self.module.register_forward_hook(post_hook))
-        try:
+        with hooked_at(self.lm, self.hp, replace):
             yield
-        finally:
-            handle.remove()
 
     def _logits(self, ids: Tensor) -> Tensor:
         with self.lm.autocast():
@@ -299,24 +286,13 @@ class TranscoderSplicer(Splicer):
 
     @contextlib.contextmanager
     def _hooked(self, pick: int | None) -> Iterator[None]:
-        module, pre = _module_for(self.lm.layout, self.source)
-
         def keep_src(value: Tensor) -> None:
             self._src = value
 
-        def post_hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
-            keep_src(_first_tensor(out))
-
-        def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            keep_src(args[0] if args else kwargs["hidden_states"])
-
-        handle = (module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre
-                  else module.register_forward_hook(post_hook))
         try:
-            with super()._hooked(pick):
+            with hooked_at(self.lm, self.source, keep_src), super()._hooked(pick):
                 yield
         finally:
-            handle.remove()
             self._src = None
 
 
@@ -337,32 +313,10 @@ class CrosscoderSplicer(Splicer):
     @contextlib.contextmanager
     def _at_hooks(self, fn: Callable[[int, Tensor], Tensor | None]) -> Iterator[None]:
         """Hooks at every read hook point: `fn(layer, h)` sees the activation and may return its replacement."""
-        handles = []
-        for i, hp in enumerate(self.hps):
-            module, pre = _module_for(self.lm.layout, hp)
-
-            def post_hook(_m: torch.nn.Module, _args: Any, out: Any, i: int = i) -> Any:
-                new = fn(i, _first_tensor(out))
-                if new is None:
-                    return None
-                return new if isinstance(out, torch.Tensor) else (new, *out[1:])
-
-            def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], i: int = i) -> Any:
-                h = args[0] if args else kwargs["hidden_states"]
-                new = fn(i, h)
-                if new is None:
-                    return None
-                if args:
-                    return (new, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": new}
-
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre
-                           else module.register_forward_hook(post_hook))
-        try:
+        with contextlib.ExitStack() as stack:
+            for i, hp in enumerate(self.hps):
+                stack.enter_context(hooked_at(self.lm, hp, functools.partial(fn, i)))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _clean_pass(self, ids: Tensor) -> Tensor:
         """Clean logits; fills the cache with the rows replaced, x, x̂, active features and positions."""

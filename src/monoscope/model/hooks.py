@@ -23,7 +23,7 @@ on later blocks, the final norm or the unembedding.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -256,3 +256,31 @@ def run_to_hooks(model: nn.Module, layout: Layout, hps: tuple[HookPoint, ...], i
         shown = ", ".join(f"{k} ({v})" for k, v in widths.items())
         raise ModelError(f"hooks of mismatched widths: {shown}: capture hooks of one width together")
     return torch.cat(acts, dim=-1)
+
+
+@contextlib.contextmanager
+def hooked_at(lm: Any, hp: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """While open, `fn(h)` sees the activation h at `hp` on every forward and may return its replacement
+    (None keeps h): one forward hook or pre-hook, as the hook point needs."""
+    module, pre = _module_for(lm.layout, hp)  # lm: a LoadedModel
+
+    def post_hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
+        new = fn(_first_tensor(out))
+        if new is None:
+            return None
+        return new if isinstance(out, torch.Tensor) else (new, *out[1:])
+
+    def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        new = fn(args[0] if args else kwargs["hidden_states"])
+        if new is None:
+            return None
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    handle = (module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre
+              else module.register_forward_hook(post_hook))
+    try:
+        yield
+    finally:
+        handle.remove()

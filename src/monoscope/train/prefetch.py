@@ -40,11 +40,6 @@ class DevicePrefetch:
         self._stop = threading.Event()
         self._ended = False
 
-    @property
-    def first(self) -> Batch | None:
-        """The wrapped `Peeked` source's first batch, while the thread has not taken it."""
-        return getattr(self.source, "first", None) if self._thread is None else None
-
     def _start(self) -> None:
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.depth)

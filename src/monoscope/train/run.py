@@ -169,29 +169,26 @@ def train(
 
     start_step, start_tokens = trainer.step, trainer.tokens
     t0 = time.perf_counter()
-    with progress_bar("train", total=cfg.steps * cfg.batch_size, unit="tok", enabled=cfg.progress) as bar, \
-            _stop_on_signals(trainer):
-        bar.update(trainer.tokens)
+    try:  # the prefetching source's reader thread stops however training ends
+        with progress_bar("train", total=cfg.steps * cfg.batch_size, unit="tok", enabled=cfg.progress) as bar, \
+                _stop_on_signals(trainer):
+            bar.update(trainer.tokens)
 
-        def on_log(rec: dict[str, Any]) -> None:
-            if rec["loss"] is not None:
-                bar.update(0, loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
-                           dead=f"{rec['dead_frac']:.1%}")
+            def on_log(rec: dict[str, Any]) -> None:
+                if rec["loss"] is not None:
+                    bar.update(0, loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
+                               dead=f"{rec['dead_frac']:.1%}")
 
-        try:
             outcome = trainer.run(on_log=on_log, on_step=bar.update)
-        except BaseException:
-            _close(source)
-            raise
-    seconds = time.perf_counter() - t0
-    if outcome.data_ended:
-        notes.append(f"the data ran out after {trainer.tokens:,} of {cfg.tokens:,} tokens: the learning rate never "
-                     "finished its decay; use a longer corpus or fewer --tokens")
-    try:
+        seconds = time.perf_counter() - t0
         if trainer.step > 0:  # after the final checkpoint: batchtopk's eval threshold from data
             trainer.calibrate_threshold()
     finally:
-        _close(source)
+        if isinstance(source, DevicePrefetch):
+            source.close()
+    if outcome.data_ended:
+        notes.append(f"the data ran out after {trainer.tokens:,} of {cfg.tokens:,} tokens: the learning rate never "
+                     "finished its decay; use a longer corpus or fewer --tokens")
     metrics = dict(trainer.last_metrics)
     save_sae(sae.eval(), out, provenance=_provenance(trainer, data, command, outcome.data_ended), overwrite=True)
     return TrainResult(out, sae, cfg, trainer.step, trainer.tokens, metrics, seconds,
@@ -201,11 +198,6 @@ def train(
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def _close(source: Any) -> None:
-    """Stop a prefetching source's reader thread (other sources hold no thread)."""
-    if isinstance(source, DevicePrefetch):
-        source.close()
 
 
 def _make_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainConfig:
