@@ -33,7 +33,7 @@ demo: $(VENV)/.installed
 	$(BIN)/monoscope run
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q --ignore=tests/reliability
+	$(BIN)/python -m pytest -q --durations=30 --ignore=tests/reliability
 	$(BIN)/python tests/reliability/battery.py   # the reliability battery: every failure case a user can cause, with a table
 
 test-fast: $(VENV)/.installed

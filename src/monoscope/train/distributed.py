@@ -958,7 +958,7 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
         from monoscope.train.run import _stop_on_signals
 
         with progress_bar("train", total=cfg.steps * cfg.batch_size, unit="tok", enabled=show) as bar, \
-                _stop_on_signals(trainer):
+                _stop_on_signals(trainer, keep_on_error=True):
             bar.update(trainer.tokens)
             outcome = trainer.run(on_step=bar.update if show else None)
         seconds = time.perf_counter() - t0

@@ -325,9 +325,14 @@ def _as_flag(diff: str) -> str:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+def _stop_on_signals(trainer: Trainer, keep_on_error: bool = False) -> Iterator[None]:
     """SIGTERM/SIGINT ask the trainer to stop after its current step (it checkpoints, then raises
-    TrainingInterrupted). Only the main thread can install handlers; elsewhere this does nothing."""
+    TrainingInterrupted). Only the main thread can install handlers; elsewhere this does nothing.
+
+    keep_on_error (a torchrun worker): when the block raises, the handler stays. torchrun SIGTERMs the
+    survivors the moment a peer dies, often in the instant between this block ending and the CLI
+    printing why: with the default handler back, that signal killed the worker before it said which
+    step failed and how to resume. The process is about to exit; torchrun SIGKILLs it after its grace."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -336,8 +341,13 @@ def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
         trainer.stop_signal = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        if not (failed and keep_on_error):
+            for s, h in old.items():
+                signal.signal(s, h)
