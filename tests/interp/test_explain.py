@@ -165,6 +165,21 @@ def test_cli(db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "explained 2 of 2 features with fake" in out and "digits and numbers" in out and "fuzzing" in out
     assert f"monoscope show runs/x/sae 0 --db {db_path}" in out
+    with FeatureDB.open(db_path) as db:
+        asked = [json.loads(d)["settings"] for (d,) in db.conn.execute("SELECT details FROM scores WHERE scorer IN "
+                                                                       "('detection', 'fuzzing') ORDER BY scorer")]
+    assert asked == [['{"method": "logprob"}']] * 4  # (this fake has no log-probs: each fell back to text answers)
+    args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--endpoint", "http://127.0.0.1:9/v1",
+                              "--features", "0,2", "--scorers", "detection", "--db", str(db_path),
+                              "--concurrency", "2", "--quiet", "--classify-method", "text"])
+    assert args.func(args) == 0
+    with FeatureDB.open(db_path) as db:
+        asked = sorted(json.loads(d)["settings"][0] for (d,) in db.conn.execute("SELECT details FROM scores WHERE "
+                                                                               "scorer = 'detection'"))
+    assert asked == ['{"method": "text"}'] * 2  # scored again, not taken from the log-prob scores
+    with pytest.raises(SystemExit):
+        parser.parse_args(["explain", "runs/x/sae", "--classify-method", "vibes"])
+    assert "argument --classify-method: invalid choice: 'vibes' (choose from 'logprob', 'text')" in capsys.readouterr().err
     args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--scorers", "bogus"])
     with pytest.raises(MonoscopeError, match="unknown scorer"):
         args.func(args)

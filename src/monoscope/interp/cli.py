@@ -4,6 +4,7 @@
     monoscope explain runs/x/sae --llm openai:Qwen/Qwen2.5-7B-Instruct --endpoint http://gpu:8000 --features 200
     monoscope explain runs/x/sae --llm local:default --features 3,17,42 --scorers detection,embedding
     monoscope explain runs/x/sae --llm local:default --features 5 --scorers intruder,intervention --steer-strength 4x
+    monoscope explain runs/x/sae --llm openai:my-model --endpoint http://host:8000 --classify-method text  # no logprobs
 
 Writes explanations and scores into the feature database (see monoscope.interp.explain) and ends with the
 distribution of every score: mean, quartiles and failures.
@@ -29,7 +30,13 @@ from monoscope.interp.explain import (
 )
 from monoscope.interp.llm import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, STALL_AFTER_TIMEOUTS
 from monoscope.interp.prompts import EXPLAIN_STYLES
-from monoscope.interp.scorers import ALL_SCORERS, INTERVENTION_STRENGTH, SCORER_NAMES
+from monoscope.interp.scorers import (
+    ALL_SCORERS,
+    CLASSIFY_METHODS,
+    DEFAULT_CLASSIFY_METHOD,
+    INTERVENTION_STRENGTH,
+    SCORER_NAMES,
+)
 
 SHOW_EXPLANATIONS = 10  # explanations printed in the summary (all are in the database)
 
@@ -58,6 +65,10 @@ def add_explain_parser(subparsers: Any) -> None:
     p.add_argument("--scorers", default=",".join(SCORER_NAMES),
                    help=f"comma-separated, from {','.join(ALL_SCORERS)} (default: {','.join(SCORER_NAMES)}; all = "
                         "every one; none = explanations only)")
+    p.add_argument("--classify-method", default=DEFAULT_CLASSIFY_METHOD, choices=CLASSIFY_METHODS,
+                   help="detection and fuzzing: 'logprob' reads P('1') from the answer's log-probabilities, one "
+                        "excerpt per request (default; needs an endpoint that returns logprobs, which local models "
+                        "and OpenAI do); 'text' parses generated 0/1 answers, several excerpts per request")
     p.add_argument("--steer-strength", default=INTERVENTION_STRENGTH, metavar="VALUE",
                    help=f"intervention scorer: clamp value, raw or Nx = N x the feature's max activation (default "
                         f"{INTERVENTION_STRENGTH})")
@@ -85,9 +96,10 @@ def add_explain_parser(subparsers: Any) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    parse_scorers(args.scorers)  # argument errors first, then the files
+    scorers = parse_scorers(args.scorers)  # argument errors first, then the files
     parse_features(args.features)
-    if "intervention" in parse_scorers(args.scorers):
+    classify = {n: {"method": args.classify_method} for n in ("detection", "fuzzing") if n in scorers}
+    if "intervention" in scorers:
         from monoscope.steer.edits import parse_strength
 
         parse_strength(args.steer_strength, what="--steer-strength")
@@ -97,7 +109,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                            db_path=args.db, progress=not args.quiet, max_concurrency=args.concurrency,
                            cache=not args.no_cache, timeout_s=args.timeout, retries=args.retries, model=args.model,
                            device=args.device, steer_strength=args.steer_strength,
-                           style=args.prompt)
+                           style=args.prompt, scorer_options=classify)
     print_explain_summary(res, sae_dir=args.sae, db_arg=args.db)
     check_explained(res)  # every request failed: exit non-zero with the reason
     return 0
