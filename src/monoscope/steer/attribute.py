@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from monoscope.model.hooks import _first_tensor, _module_for
+from monoscope.model.hooks import hooked_at
 from monoscope.steer.edits import SteerError
 from monoscope.steer.target import Target
 
@@ -108,7 +108,6 @@ class _Runner:
 
     def __init__(self, t: Target, ids: Tensor) -> None:
         self.t, self.ids = t, ids
-        self.module, self.pre = _module_for(t.lm.layout, t.hook)
 
     def clean_acts(self) -> Tensor:
         return self.t.lm.acts(self.t.hook, self.ids)[0]  # [T, d] fp32
@@ -119,32 +118,14 @@ class _Runner:
 
     def logits(self, x: Tensor, *, last_only: bool = False) -> Tensor:
         """x [B, T, d] (the hook's activation for B copies of the prompt) -> logits [B, T, V] (or [B, 1, V])."""
-        B = x.shape[0]
-
-        def post_hook(_m: torch.nn.Module, _a: Any, out: Any) -> Any:
-            h = _first_tensor(out)
-            new = x.to(h.dtype)
-            return new if isinstance(out, Tensor) else (new, *out[1:])
-
-        def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            h = args[0] if args else kwargs["hidden_states"]
-            new = x.to(h.dtype)
-            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-
-        handle = (self.module.register_forward_pre_hook(pre_hook, with_kwargs=True) if self.pre
-                  else self.module.register_forward_hook(post_hook))
-        try:
-            with self.t.lm.autocast():
-                if not last_only:
-                    out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False)
-                else:
-                    try:
-                        out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False, logits_to_keep=1)
-                    except TypeError:  # a model class without logits_to_keep
-                        out = self.t.lm.model(input_ids=self.ids.expand(B, -1), use_cache=False)
-        finally:
-            handle.remove()
-        return out.logits
+        ids = self.ids.expand(x.shape[0], -1)
+        with hooked_at(self.t.lm, self.t.hook, lambda h: x.to(h.dtype)), self.t.lm.autocast():
+            if not last_only:
+                return self.t.lm.model(input_ids=ids, use_cache=False).logits
+            try:
+                return self.t.lm.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+            except TypeError:  # a model class without logits_to_keep
+                return self.t.lm.model(input_ids=ids, use_cache=False).logits
 
 
 @dataclass

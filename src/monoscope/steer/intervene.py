@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from monoscope.model.hooks import HookPoint, _first_tensor, _module_for
+from monoscope.model.hooks import HookPoint, hooked_at
 from monoscope.model.load import LoadedModel
 from monoscope.sae import SAE
 from monoscope.steer.edits import WHERE, Edit, ResolvedEdit, SteerError, resolve_edits
@@ -142,7 +142,6 @@ def steer(lm: LoadedModel, sae: SAE, edits: Sequence[Edit], *, where: str = "all
     resolved = resolve_edits(edits, sae.cfg.d_sae, max_act)
     state = SteerState(hp, resolved, where, prompt_len)
     bos = lm.special_ids()[0] if skip_bos else None
-    module, pre = _module_for(lm.layout, hp)
 
     def model_pre(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         off, ids = _offset(args, kwargs)
@@ -175,20 +174,9 @@ def steer(lm: LoadedModel, sae: SAE, edits: Sequence[Edit], *, where: str = "all
             return h
         return new.to(h.dtype).reshape(B, T, d)
 
-    def post_hook(_m: torch.nn.Module, _args: Any, out: Any) -> Any:
-        new = replace(_first_tensor(out))
-        return new if isinstance(out, Tensor) else (new, *out[1:])
-
-    def pre_hook(_m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if args:
-            return (replace(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
-
-    handles = [lm.model.register_forward_pre_hook(model_pre, with_kwargs=True)]
-    handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True) if pre
-                   else module.register_forward_hook(post_hook))
+    handle = lm.model.register_forward_pre_hook(model_pre, with_kwargs=True)
     try:
-        yield state
+        with hooked_at(lm, hp, replace):
+            yield state
     finally:
-        for hd in handles:
-            hd.remove()
+        handle.remove()
