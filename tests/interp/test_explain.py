@@ -179,7 +179,8 @@ def test_cli(db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     assert asked == ['{"method": "text"}'] * 2  # scored again, not taken from the log-prob scores
     with pytest.raises(SystemExit):
         parser.parse_args(["explain", "runs/x/sae", "--classify-method", "vibes"])
-    assert "argument --classify-method: invalid choice: 'vibes' (choose from 'logprob', 'text')" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "argument --classify-method: invalid choice: 'vibes' (choose from 'logprob', 'text')" in err
     args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--scorers", "bogus"])
     with pytest.raises(MonoscopeError, match="unknown scorer"):
         args.func(args)

@@ -205,6 +205,31 @@ def test_features_and_show_on_a_transcoder_read_its_input_hook(run: Path) -> Non
     assert f"feature {fid}" in shown.stdout.lower()
 
 
+def test_features_of_a_crosscoder_read_every_layer_from_one_forward(run: Path) -> None:
+    """The pass encodes the layers side by side (the training store's rows: densities add up to eval's L0) and
+    the logit effects read the block the crosscoder writes to its last layer."""
+    from monoscope.features.build import _logit_effects, build_features
+    from monoscope.features.db import FeatureDB
+
+    res = build_features(run / "xc", tokens=320, batch_contexts=4, feature_map=False, progress=False,
+                         compute_dtype="fp32")
+    sae = load_sae(run / "xc")
+    ev = evaluate(run / "xc", acts=run / "layers", tokens=600, progress=False, plots=False)
+    with FeatureDB.open(res.dbs[0]) as db:
+        assert db.meta()["hook"] == LAYERS
+        density = db.conn.execute("SELECT SUM(density) FROM features").fetchone()[0]
+        fid = db.features_with_examples()[0]
+        top = db.feature(fid)["logit_pos"]
+        vocab = dict(db.conn.execute("SELECT id, text FROM vocab").fetchall())
+    assert density == pytest.approx(ev.store.l0_mean, rel=0.05)
+    model = load_model(str(run / "model"), compute_dtype="fp32")
+    promoted = _logit_effects(sae, model)[0][fid]
+    last = sae.W_dec[fid, -64:].float()
+    direct = model.model.lm_head.weight.float() @ (last / last.square().mean().sqrt())
+    assert int(promoted[0]) == int(direct.argmax())
+    assert top[0][0] == vocab[int(direct.argmax())]
+
+
 def one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main([*argv, "--quiet"] if argv[0] in ("train", "eval", "capture") else argv) == 2, argv
     err = capsys.readouterr().err.strip()
@@ -236,8 +261,6 @@ def test_bad_input_is_one_line(run: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "names a hook twice" in err
     err = one_line_error(["eval", str(run / "tc"), "--acts", str(run / "out")], capsys)
     assert "--hook mlp_in.1,mlp_out.1" in err
-    err = one_line_error(["features", str(run / "xc"), "--tokens", "100", "--quiet"], capsys)
-    assert "is a crosscoder (it reads resid_post.0,resid_post.1,resid_post.2)" in err
     err = one_line_error(["convert", str(run / "tc"), "--to", "saelens", "--out", str(run / "bad7")], capsys)
     assert "no TopK one" in err
     with pytest.raises(MonoscopeError, match=r"crosscoder widths do not match: d_in=100 is not 3 hooks"):

@@ -146,8 +146,8 @@ def _store_policy(sae: SAE) -> RowPolicy | None:
     """The row policy of the SAE's training store: the pass then counts the rows training and
     `monoscope eval` saw (same BOS rule, same outlier threshold), so densities add up to eval's L0."""
     m = _store_manifest(sae) or {}
-    if "," in str(m.get("hook") or ""):  # a transcoder's paired store: its policy measured norms of both hooks
-        return None
+    if "," in str(m.get("hook") or "") and sae.cfg.arch != "crosscoder":  # a transcoder's paired store: its
+        return None  # policy measured norms of both hooks, the pass reads only the input (a crosscoder reads all)
     rp = m.get("row_policy")
     return RowPolicy(**rp) if isinstance(rp, dict) else None
 
@@ -289,10 +289,6 @@ def build_features(
         if compute_dtype in _SAE_COMPUTE:  # the encode's matmuls as asked; "auto" keeps the SAE's own setting
             saes[-1].cfg.compute_dtype = _SAE_COMPUTE[compute_dtype]  # type: ignore[assignment]
     first = saes[0]
-    for d, s in zip(dirs, saes, strict=True):
-        if s.cfg.arch == "crosscoder":
-            raise MonoscopeError(f"{d} is a crosscoder (it reads {s.cfg.hook}); monoscope features reads one hook per "
-                                 "pass: build features of a single-hook SAE or a transcoder")
     for d, s in zip(dirs[1:], saes[1:], strict=True):
         if s.cfg.d_in != first.cfg.d_in or (s.cfg.hook and first.cfg.hook and s.cfg.hook != first.cfg.hook):
             raise MonoscopeError(f"--also {d} reads {s.cfg.hook} (d_in {s.cfg.d_in}) but {dirs[0]} reads "
@@ -342,9 +338,9 @@ def build_features(
         (work / _STAGES).unlink(missing_ok=True)
     stages = _load_stages(work, key)
     lm = load_model(model_spec, device=device, compute_dtype=compute_dtype)
-    hp = lm.hook(first.cfg.hook)
-    if lm.d_model != first.cfg.d_in:
-        raise MonoscopeError(f"model {model_spec} is {lm.d_model} wide at {hp} but the SAE reads d_in "
+    hp = _hook_points(lm, first)
+    if lm.d_model * (len(hp) if isinstance(hp, tuple) else 1) != first.cfg.d_in:
+        raise MonoscopeError(f"model {model_spec} is {lm.d_model} wide at {_hook_name(hp)} but the SAE reads d_in "
                              f"{first.cfg.d_in}: pass the model the SAE was trained on with --model")
     toks = _memmap(work / "tokens.i32", np.int32, (n_ctx, ctx_len), state is not None)
     codes = [_Codes(work, i, n_ctx * ctx_len, None if state is None else int(s["entries"]))
@@ -404,7 +400,7 @@ def build_features(
         _kill_point("streamed")
     seconds = time.perf_counter() - t0
 
-    meta_common = {"model": model_spec, "hook": str(hp), "corpus": {"spec": corpus_spec,
+    meta_common = {"model": model_spec, "hook": _hook_name(hp), "corpus": {"spec": corpus_spec,
                    "fingerprint": corp.fingerprint()}, "tokens": done * ctx_len, "ctx_len": ctx_len,
                    "config_key": key, "created_by": f"monoscope {__version__}", "bins": bins, "top_k": top_k,
                    "interest_criterion": _INTEREST_DOC, "row_policy": vars(policy)}
@@ -465,11 +461,26 @@ class _BatchOut:
     codes: list[tuple[Tensor, Tensor, Tensor]]
 
 
+def _hook_points(lm: Any, sae: SAE) -> Any:
+    """The HookPoint the SAE reads, or a crosscoder's hook points (a tuple: read side by side from one forward)."""
+    if sae.cfg.arch == "crosscoder":
+        return tuple(lm.hook(h) for h in str(sae.cfg.hook).split(","))
+    return lm.hook(sae.cfg.hook)
+
+
+def _hook_name(hp: Any) -> str:
+    return ",".join(map(str, hp)) if isinstance(hp, tuple) else str(hp)
+
+
+def _acts(lm: Any, hp: Any, ids: Tensor) -> Tensor:
+    return lm.acts_many(hp, ids) if isinstance(hp, tuple) else lm.acts(hp, ids)
+
+
 def _encode_batch(lm: Any, hp: Any, ids: Tensor, policy: RowPolicy | None, first: SAE, saes: list[SAE],
                   want_sample: int) -> _BatchOut:
     """Forward `ids` to the hook and encode with every SAE (the policy, when None, is the training store's,
     else measured on this batch); `want_sample` raw kept rows are returned for the families' correlation."""
-    acts = lm.acts(hp, ids)  # [B, T, d] float32
+    acts = _acts(lm, hp, ids)  # [B, T, d] float32 (a crosscoder's: [B, T, L·d])
     if policy is None:  # the training store's rows (as eval counts them), else measured here
         policy = _store_policy(first) or RowPolicy.measured(acts.cpu(), True, 10.0)
     keep = policy.keep(acts).reshape(-1).to(acts.device)
@@ -531,7 +542,7 @@ def _ordered_outputs(batches: Any, n_ctx: int, done: int, compute: Any, policy: 
     for ids in batches:
         ids = ids[: n_ctx - done]
         if policy is None:
-            policy = _store_policy(first) or RowPolicy.measured(lm.acts(hp, ids).cpu(), True, 10.0)
+            policy = _store_policy(first) or RowPolicy.measured(_acts(lm, hp, ids).cpu(), True, 10.0)
         pending.append(ids)
         done += len(ids)
         if len(pending) == world or done >= n_ctx:
@@ -551,7 +562,7 @@ def _features_worker(model_spec: str, device: str | None, compute_dtype: str, fi
     if plan is None or plan["streamed"]:
         return FeaturesResult([], 0, time.perf_counter() - t0, 0)
     lm = load_model(model_spec, device=device, compute_dtype=compute_dtype)
-    hp = lm.hook(first.cfg.hook)
+    hp = _hook_points(lm, first)
     done = int(plan["done"])
     policy = None if plan["policy"] is None else RowPolicy(**plan["policy"])
     batches = batched_contexts(lm, corp, ctx_len, batch_contexts, skip=done)
@@ -994,13 +1005,14 @@ def _final_norm(lm: Any) -> Any:
 def _logit_effects(sae: SAE, lm: Any, top: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per feature, the tokens its decoder direction most promotes and suppresses through the final
     norm (applied to the direction alone: its gain, at unit RMS) and the unembedding: (promoted ids,
-    their effects, suppressed ids, their effects (negative)) [F, top]."""
+    their effects, suppressed ids, their effects (negative)) [F, top]. A crosscoder's direction is the block
+    it writes to the last layer it reads, the one nearest the unembedding (its direct effect)."""
     norm = _final_norm(lm)
     W_U = lm.model.get_output_embeddings().weight.float()  # [V, d]
     dev = W_U.device
     base = norm(torch.zeros(1, 1, W_U.shape[1], device=dev)).float().reshape(-1) @ W_U.T  # a LayerNorm's bias
     out: list[list[Tensor]] = [[], [], [], []]
-    W = sae.W_dec.float().to(dev)
+    W = sae.W_dec.float().to(dev)[:, -W_U.shape[1]:]  # a crosscoder: the block it writes to its last layer
     for s0 in range(0, W.shape[0], 1024):
         d = W[s0: s0 + 1024]
         d = d / d.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
