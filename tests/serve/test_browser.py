@@ -45,17 +45,24 @@ def server(tiny_run: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def page(server: str) -> Iterator[object]:
+def browser() -> Iterator[object]:
+    """One Chromium for the module: Playwright's sync API refuses a second one while the first is open."""
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1200, "height": 900})
-        errors: list[str] = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        pg.errors = errors  # type: ignore[attr-defined]
-        yield pg
-        browser.close()
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(server: str, browser) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    pg = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.errors = errors  # type: ignore[attr-defined]
+    yield pg
+    pg.close()
 
 
 def _shot(pg, name: str) -> Path:  # type: ignore[no-untyped-def]
@@ -151,7 +158,7 @@ def test_feature_page_screenshot_for_the_readme(page, server: str) -> None:  # t
 
 
 @pytest.mark.integration
-def test_real_run_feature_page_screenshot(tmp_path: Path) -> None:
+def test_real_run_feature_page_screenshot(request: pytest.FixtureRequest) -> None:
     """The README's picture: a feature page of a real run (MONOSCOPE_SERVE_RUN, default runs/small; feature
     MONOSCOPE_SERVE_FEATURE, default 5873), saved as tests/artifacts/serve/real-feature-page.png, with its
     ablation panel run on the real model (real-ablation.png)."""
@@ -163,7 +170,7 @@ def test_real_run_feature_page_screenshot(tmp_path: Path) -> None:
     fid = int(os.environ.get("MONOSCOPE_SERVE_FEATURE", "5873"))
     if not (run / "features" / "features.db").is_file():
         pytest.skip(f"no run with a features database at {run}")
-    playwright = pytest.importorskip("playwright.sync_api")
+    browser = request.getfixturevalue("browser")
     app = create_app(run)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -173,26 +180,24 @@ def test_real_run_feature_page_screenshot(tmp_path: Path) -> None:
     while not srv.started:
         time.sleep(0.05)
     try:
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            pg = browser.new_page(viewport={"width": 1100, "height": 1500})
-            pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/sae/sae/feature/{fid}")
-            assert pg.locator("h1").inner_text().startswith(f"feature {fid}")
-            pg.locator("#top .tok.peak").first.hover()
-            out = ARTIFACTS / "serve"
-            out.mkdir(parents=True, exist_ok=True)
-            pg.screenshot(path=str(out / "real-feature-page.png"))
-            # the per-token ablation effect on the real model, on the feature's top context (loads the model:
-            # minutes on a loaded 2-core machine)
-            pg.click("#ablateform button")
-            pg.wait_for_selector("#ablateform[data-done='1']", timeout=600_000)
-            toks = pg.locator("#ablateout .tok")
-            assert toks.count() > 3 and toks.nth(1).get_attribute("title").startswith("loss change ")
-            pg.locator("section:has(#ablateform)").screenshot(path=str(out / "real-ablation.png"))
-            pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/")
-            pg.wait_for_selector("canvas#featuremap[data-ready]")
-            pg.screenshot(path=str(out / "real-run-page.png"), full_page=True)
-            browser.close()
+        pg = browser.new_page(viewport={"width": 1100, "height": 1500})
+        pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/sae/sae/feature/{fid}")
+        assert pg.locator("h1").inner_text().startswith(f"feature {fid}")
+        pg.locator("#top .tok.peak").first.hover()
+        out = ARTIFACTS / "serve"
+        out.mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(out / "real-feature-page.png"))
+        # the per-token ablation effect on the real model, on the feature's top context (loads the model:
+        # minutes on a loaded 2-core machine)
+        pg.click("#ablateform button")
+        pg.wait_for_selector("#ablateform[data-done='1']", timeout=600_000)
+        toks = pg.locator("#ablateout .tok")
+        assert toks.count() > 3 and toks.nth(1).get_attribute("title").startswith("loss change ")
+        pg.locator("section:has(#ablateform)").screenshot(path=str(out / "real-ablation.png"))
+        pg.goto(f"http://127.0.0.1:{sock.getsockname()[1]}/")
+        pg.wait_for_selector("canvas#featuremap[data-ready]")
+        pg.screenshot(path=str(out / "real-run-page.png"), full_page=True)
+        pg.close()
     finally:
         srv.should_exit = True
         th.join(10)
