@@ -84,6 +84,10 @@ def test_default_rate_and_schedule_follow_sparsify() -> None:
     assert cfg.lr_decay_frac == 0.0  # no decay, as sparsify
     assert TrainConfig(arch="topk", tokens=4096, k=32).lr_decay_frac == 0.2
     assert TrainConfig(arch="topk", tokens=4096, k=32, optimizer="signum-sf", lr_decay_frac=0.1).lr_decay_frac == 0.1
+    assert cfg.init_decoder_norm == 0.577  # sparsify's encoder row norm, ≈ 1/sqrt(3)
+    assert TrainConfig(arch="topk", tokens=4096, k=32).init_decoder_norm is None  # the architecture's default
+    explicit = TrainConfig(arch="topk", tokens=4096, k=32, optimizer="signum-sf", init_decoder_norm=1.0)
+    assert explicit.init_decoder_norm == 1
 
 
 def test_the_trainer_takes_sparsifys_steps() -> None:
@@ -167,7 +171,7 @@ def test_monoscope_train_saves_the_averaged_weights_and_resumes_after_sigkill(st
     run = {"arch": "batchtopk", "k": 4, "dead_window": 256, "optimizer": "signum-sf"}
     ref = tmp_path / "ref"
     res = train(ref, store=store, **COMMON, **run)
-    assert res.config.optimizer == "signum-sf"
+    assert res.config.optimizer == "signum-sf" and res.sae.cfg.init_decoder_norm == 0.577
     last = sorted((ref / "checkpoints").glob("step-*"))[-1]
     y = safetensors.torch.load_file(str(last / "sae.safetensors"))
     z = torch.load(last / "optimizer.pt", weights_only=True)
