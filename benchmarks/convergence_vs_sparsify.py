@@ -42,6 +42,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # --optimizer signum-sf: sparsify's optimiser in monoscope's trainer; lr_mult scales its own default rate
     "signum_sf": {"train": {"optimizer": "signum-sf"}},
     "signum_sf_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"}},  # no AuxK, as sparsify's default
+    "signum_sf_enc0.58": {"train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 0.577}},
+    "signum_sf_enc0.58_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"},
+                                "sae": {"init_decoder_norm": 0.577}},
     "signum_sf_lr2x": {"lr_mult": 2.0, "train": {"optimizer": "signum-sf"}},
     "signum_sf_lr0.5x": {"lr_mult": 0.5, "train": {"optimizer": "signum-sf"}},
 }
