@@ -39,14 +39,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "enc0.5": {"sae": {"init_decoder_norm": 0.5}},
     "enc0.25": {"sae": {"init_decoder_norm": 0.25}},
     "mean_bdec": {"train": {"init_b_dec": "mean"}},
-    # --optimizer signum-sf: sparsify's optimiser in monoscope's trainer; lr_mult scales its own default rate
-    "signum_sf": {"train": {"optimizer": "signum-sf"}},
-    "signum_sf_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"}},  # no AuxK, as sparsify's default
+    # --optimizer signum-sf: sparsify's optimiser in monoscope's trainer; lr_mult scales its own default rate.
+    # The signum_sf variants with norm 1 are the runs recorded before signum-sf's encoder init default became 0.577
+    # (the child then ignored TrainConfig's init_decoder_norm); signum_sf_enc0.58 is `--optimizer signum-sf`'s
+    # default, signum_sf_enc0.58_noaux adds `--revive none` (sparsify's auxk_alpha=0).
+    "signum_sf": {"train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_lr2x": {"lr_mult": 2.0, "train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_lr0.5x": {"lr_mult": 0.5, "train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 1.0}},
     "signum_sf_enc0.58": {"train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 0.577}},
     "signum_sf_enc0.58_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"},
                                 "sae": {"init_decoder_norm": 0.577}},
-    "signum_sf_lr2x": {"lr_mult": 2.0, "train": {"optimizer": "signum-sf"}},
-    "signum_sf_lr0.5x": {"lr_mult": 0.5, "train": {"optimizer": "signum-sf"}},
 }
 
 

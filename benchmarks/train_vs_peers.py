@@ -254,7 +254,8 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
     else:
         sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
                             normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
-                            dtype="float32", compute_dtype=cfg.dtype, **spec.get("sae_overrides", {}))
+                            dtype="float32", compute_dtype=cfg.dtype,  # init_decoder_norm as train() passes it
+                            **{"init_decoder_norm": cfg.init_decoder_norm, **spec.get("sae_overrides", {})})
     sae = build_sae(sae_cfg, seed=cfg.seed)
     trainer = Trainer(sae, cfg, Source())
     gate = Gate(spec["name"], held, sae_cfg.d_sae, data.batch, data.steps, _marks(spec), ctl)
