@@ -85,6 +85,8 @@ def test_default_rate_and_schedule_follow_sparsify() -> None:
     assert TrainConfig(arch="topk", tokens=4096, k=32).lr_decay_frac == 0.2
     assert TrainConfig(arch="topk", tokens=4096, k=32, optimizer="signum-sf", lr_decay_frac=0.1).lr_decay_frac == 0.1
     assert cfg.init_decoder_norm == 0.577  # sparsify's encoder row norm, ≈ 1/sqrt(3)
+    assert cfg.revive_method == "none"  # no AuxK, as sparsify's auxk_alpha=0
+    assert TrainConfig(arch="topk", tokens=4096, k=32, optimizer="signum-sf", revive="auxk").revive_method == "auxk"
     assert TrainConfig(arch="topk", tokens=4096, k=32).init_decoder_norm is None  # the architecture's default
     explicit = TrainConfig(arch="topk", tokens=4096, k=32, optimizer="signum-sf", init_decoder_norm=1.0)
     assert explicit.init_decoder_norm == 1
@@ -121,17 +123,17 @@ def test_the_trainer_takes_sparsifys_steps() -> None:
     assert not torch.equal(t.sae.W_dec, sae.W_dec)  # y again after the block
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_resume_and_mid_run_evaluations_are_bit_identical(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "revive"), [("topk", "auxk"), ("batchtopk", "auto")])
+def test_resume_and_mid_run_evaluations_are_bit_identical(arch: str, revive: str) -> None:
     """Stopped at step 23 and resumed in a trainer initialised differently, with held-out evaluations on the
     averaged weights at steps 10 and 30 in between: ends as an uninterrupted run without them."""
-    ref = make_trainer(arch, optimizer="signum-sf")
+    ref = make_trainer(arch, optimizer="signum-sf", revive=revive)
     ref.init_b_dec(RandomSource(256, seed=9).data.float())
     ref.run()
     want = snapshot(ref)
     assert "z" in next(iter(ref.optimizer.state.values()))
 
-    first = make_trainer(arch, optimizer="signum-sf")
+    first = make_trainer(arch, optimizer="signum-sf", revive=revive)
     first.defer_checks = True  # the GPU's deferred path falls back to the eager step for signum-sf
     first.init_b_dec(RandomSource(256, seed=9).data.float())
     held = RandomSource(BATCH, seed=5).data.float()
@@ -152,11 +154,13 @@ def test_resume_and_mid_run_evaluations_are_bit_identical(arch: str) -> None:
         first.run(on_step=stop)
     ckpt = first.sink.latest()  # type: ignore[union-attr]
     assert ckpt is not None and ckpt.step == 23
-    second = make_trainer(arch, seed=1, optimizer="signum-sf")
+    second = make_trainer(arch, seed=1, optimizer="signum-sf", revive=revive)
     second.log.records = [r for r in first.log.records if r["step"] <= 23]  # type: ignore[attr-defined]
     second.load(ckpt)
     second.run(on_step=lambda n: evaluate(second) if second.step == 30 else None)
     assert_identical(snapshot(second), want)
+    aux = [r["aux"] for r in ref.log.records]  # type: ignore[attr-defined]
+    assert any(a > 0 for a in aux) if revive == "auxk" else all(a == 0 for a in aux)
     assert torch.allclose(second.sae.decoder_norms(), torch.ones(4 * D))  # y's decoder rows are unit norm
 
 
