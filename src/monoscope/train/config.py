@@ -31,8 +31,9 @@ SIGNUM_ARCHS = ("topk", "batchtopk")
 SIGNUM_INIT_NORM = 0.577
 """`--init-decoder-norm` default with signum-sf: sparsify's encoder init (`nn.Linear`, entries U(±1/sqrt(d)), rows of
 norm ≈ 1/sqrt(3)), which is the same weight in monoscope's scaled space (a sign step moves every weight by ±lr, so
-the initial scale sets how far the first steps go). 40 steps on SmolLM2 resid_post.15, held-out FVU at 25%: 0.454
-with norm 1, 0.367 with 0.577 (benchmarks/results/convergence_vs_sparsify.json)."""
+the initial scale sets how far the first steps go). 40 steps on SmolLM2 resid_post.15, held-out FVU at 25% with norm
+1 -> 0.577: 0.454 -> 0.367 (default corpus), 0.427 -> 0.345 (pydoc + stdlib);
+benchmarks/results/convergence_vs_sparsify.json."""
 
 RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "progress"})
 """Fields that may change between a run and its resumption: they do not touch the numbers."""
