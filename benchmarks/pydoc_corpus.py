@@ -1,8 +1,8 @@
 """A second corpus for the convergence sweeps: Python's pydoc topics and standard-library sources, as JSONL.
 
-    python benchmarks/pydoc_corpus.py /tmp/opt18-pydoc/pystd.jsonl
-    monoscope capture --model default --corpus /tmp/opt18-pydoc/pystd.jsonl --text-field text --tokens 200k \\
-        --out /tmp/opt18-pydoc/acts
+    python benchmarks/pydoc_corpus.py /tmp/pydoc/pystd.jsonl
+    monoscope capture --model default --corpus /tmp/pydoc/pystd.jsonl --text-field text --tokens 200k \\
+        --out /tmp/pydoc/acts
 
 One document per `pydoc_data.topics` entry (the language reference `help()` shows) and per top-level
 standard-library module longer than 500 characters (its first 20,000), shuffled with a fixed seed, so the
