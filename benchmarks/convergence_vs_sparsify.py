@@ -39,6 +39,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "enc0.5": {"sae": {"init_decoder_norm": 0.5}},
     "enc0.25": {"sae": {"init_decoder_norm": 0.25}},
     "mean_bdec": {"train": {"init_b_dec": "mean"}},
+    # --optimizer signum-sf: sparsify's optimiser in monoscope's trainer; lr_mult scales its own default rate.
+    # The signum_sf variants with norm 1 are the runs recorded before signum-sf's encoder init default became 0.577
+    # (the child then ignored TrainConfig's init_decoder_norm); signum_sf_enc0.58 is `--optimizer signum-sf`'s
+    # default, signum_sf_enc0.58_noaux adds `--revive none` (sparsify's auxk_alpha=0).
+    "signum_sf": {"train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_lr2x": {"lr_mult": 2.0, "train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_lr0.5x": {"lr_mult": 0.5, "train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 1.0}},
+    "signum_sf_enc0.58": {"train": {"optimizer": "signum-sf"}, "sae": {"init_decoder_norm": 0.577}},
+    "signum_sf_enc0.58_noaux": {"train": {"optimizer": "signum-sf", "revive": "none"},
+                                "sae": {"init_decoder_norm": 0.577}},
 }
 
 
@@ -79,7 +90,7 @@ def main() -> None:
     base = {"data": info, "steps": steps, "batch": batch, "k": 32, "width": n_feat, "seed": args.seed,
             "dead_window": max(batch, steps * batch // 5),
             "eval_steps": sorted({max(1, steps // 4), max(1, steps // 2)})}
-    from monoscope.train.config import default_lr
+    from monoscope.train.config import default_lr, default_signum_lr
 
     lr0 = default_lr("topk", n_feat)
     runs: dict[str, Any] = {}
@@ -97,8 +108,10 @@ def main() -> None:
             spec = {**base, "name": "sparsify", "kind": "sparsify"}
         else:
             v = VARIANTS[name]
+            signum = v.get("train", {}).get("optimizer") == "signum-sf"
             spec = {**base, "name": f"mono_{name}", "kind": "monoscope_trainer", "dtype": "auto",
-                    "lr": lr0 * v.get("lr_mult", 1.0), "train_overrides": v.get("train", {}),
+                    "lr": (default_signum_lr(n_feat) if signum else lr0) * v.get("lr_mult", 1.0),
+                    "train_overrides": v.get("train", {}),
                     "sae_overrides": v.get("sae", {})}
         t0 = time.perf_counter()
         res = tvp.run_child(spec, work)

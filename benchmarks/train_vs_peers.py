@@ -46,6 +46,7 @@ each trainer's fraction of the measured limit and of 45,000 is reported. Unless 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -184,9 +185,14 @@ def _marks(spec: dict[str, Any]) -> Marks:
     return Marks(steps=set(spec.get("eval_steps", [])), seconds=sorted(spec.get("eval_seconds", [])))
 
 
-def _mono_recon(sae: Any) -> Any:
+def _mono_recon(sae: Any, trainer: Any = None) -> Any:
+    """Held-out evaluation of a monoscope SAE; with a `trainer`, on its evaluation weights (--optimizer signum-sf:
+    the averaged ones, restored to the training ones afterwards, as sparsify's schedule-free eval mode)."""
+
     def factory() -> Any:
         was = sae.training
+        averaged = trainer.averaged_weights() if trainer is not None else contextlib.nullcontext()
+        averaged.__enter__()
         sae.eval()
 
         def recon(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,7 +202,11 @@ def _mono_recon(sae: Any) -> Any:
                 x_hat = torch.cat([x[:, : sae.cfg.d_in].float(), x_hat], 1)
             return x_hat, out.l0 * x.shape[0], out.fired
 
-        return recon, (lambda: sae.train(was))
+        def restore() -> None:
+            averaged.__exit__(None, None, None)
+            sae.train(was)
+
+        return recon, restore
 
     return factory
 
@@ -244,14 +254,16 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
     else:
         sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
                             normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
-                            dtype="float32", compute_dtype=cfg.dtype, **spec.get("sae_overrides", {}))
+                            dtype="float32", compute_dtype=cfg.dtype,  # init_decoder_norm as train() passes it
+                            **{"init_decoder_norm": cfg.init_decoder_norm, **spec.get("sae_overrides", {})})
     sae = build_sae(sae_cfg, seed=cfg.seed)
     trainer = Trainer(sae, cfg, Source())
     gate = Gate(spec["name"], held, sae_cfg.d_sae, data.batch, data.steps, _marks(spec), ctl)
-    recon = _mono_recon(sae)
+    recon = _mono_recon(sae, trainer)
     gate.start()
     trainer.init_b_dec(data.read(0))  # as train() does, from the first batch (on the clock)
     trainer.run(on_step=lambda n: gate.after_step(trainer.step, recon))
+    trainer.use_averaged_weights()  # signum-sf: the averaged weights, as train() saves them (no-op with Adam)
     trainer.calibrate_threshold()  # batchtopk-style: the inference threshold, as train() sets it (no-op otherwise)
     train_s, final = gate.finish(trainer.step, recon)
     return {"train_s": train_s, "curve": gate.rec.curve, "final": final, "turn_log": gate.turn_log,

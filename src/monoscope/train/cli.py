@@ -136,6 +136,9 @@ def _cmd_train_distributed(args: argparse.Namespace, cfg: TrainConfig, command: 
     if args.model is not None:
         raise MonoscopeError("distributed training reads an activation store, not --model: capture a store first "
                              "(monoscope capture), then train on it with torchrun")
+    if cfg.optimizer != "adam":  # before the process group forms (train_distributed checks it again)
+        raise MonoscopeError(f"--optimizer {cfg.optimizer} trains in one process (its averaged weights are not "
+                             "sharded): launch monoscope train without torchrun, or use --optimizer adam")
     timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
     if timeout <= 0:
         raise MonoscopeError(f"--dist-timeout {args.dist_timeout} must be positive (seconds)")

@@ -24,6 +24,16 @@ DType = Literal["auto", "float32", "bfloat16"]
 Revive = Literal["auto", "auxk", "resample", "none"]
 InitBDec = Literal["geometric_median", "mean", "zero"]
 Loss = Literal["mse", "e2e-kl", "e2e-ce"]
+Optim = Literal["adam", "signum-sf"]
+SIGNUM_ARCHS = ("topk", "batchtopk")
+"""Architectures `--optimizer signum-sf` is tested on (sparsify trains TopK SAEs with it)."""
+
+SIGNUM_INIT_NORM = 0.577
+"""`--init-decoder-norm` default with signum-sf: sparsify's encoder init (`nn.Linear`, entries U(±1/sqrt(d)), rows of
+norm ≈ 1/sqrt(3)), which is the same weight in monoscope's scaled space (a sign step moves every weight by ±lr, so
+the initial scale sets how far the first steps go). 40 steps on SmolLM2 resid_post.15, held-out FVU at 25% with norm
+1 -> 0.577: 0.454 -> 0.367 (default corpus), 0.427 -> 0.345 (pydoc + stdlib);
+benchmarks/results/convergence_vs_sparsify.json."""
 
 RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "progress"})
 """Fields that may change between a run and its resumption: they do not touch the numbers."""
@@ -49,6 +59,12 @@ def default_lr(arch: str, d_sae: int) -> float:
     if arch == "jumprelu":
         return 7e-5
     return 1.5e-3 / math.sqrt(d_sae / 2**14)
+
+
+def default_signum_lr(d_sae: int) -> float:
+    """Learning rate of `--optimizer signum-sf` when none is given: sparsify's rule for its signum optimiser,
+    5e-3 / sqrt(d_sae / 2^14) (each step moves every weight by ±lr, so the rate is larger than Adam's)."""
+    return 5e-3 / math.sqrt(d_sae / 2**14)
 
 
 @dataclass
@@ -85,11 +101,16 @@ class TrainConfig:
     """Activation rows per optimiser step."""
 
     lr: float | None = None
-    """Adam learning rate. Default: 5e-5 relu-l1, 7e-5 jumprelu, 1.5e-3/sqrt(d_sae/16384) topk and batchtopk
-    (`default_lr`)."""
+    """Learning rate. Default with adam: 5e-5 relu-l1, 7e-5 jumprelu, 1.5e-3/sqrt(d_sae/16384) topk and batchtopk
+    (`default_lr`); with signum-sf: 5e-3/sqrt(d_sae/16384), sparsify's rule (`default_signum_lr`)."""
 
-    lr_decay_frac: float = 0.2
-    """The learning rate decays linearly to 0 over this last fraction of the steps (paper: 20%)."""
+    optimizer: Optim = "adam"
+    """adam, or signum-sf: sparsify's default optimiser, schedule-free (Defazio et al. 2024) sign descent with
+    momentum 0.95 (`monoscope.train.optim`); the saved SAE holds its averaged weights. topk and batchtopk only."""
+
+    lr_decay_frac: float | None = None
+    """The learning rate decays linearly to 0 over this last fraction of the steps. Default: 0.2 with adam (the
+    paper's 20%), 0 with signum-sf (schedule-free needs no decay; sparsify has none)."""
 
     lr_warmup_frac: float = 0.0
     """The learning rate rises linearly from 0 over this first fraction of the steps. Off by default:
@@ -114,7 +135,9 @@ class TrainConfig:
     """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling),
     none. auto: auxk for topk-style SAEs (topk, batchtopk, matryoshka, transcoder, crosscoder),
     resample for relu-l1, none for jumprelu and gated. `none` on a topk-style SAE skips AuxK, as
-    sparsify's default (auxk_alpha=0) does: each step is cheaper, dead latents stay dead."""
+    sparsify's default (auxk_alpha=0) does: each step is cheaper, dead latents stay dead. With --optimizer signum-sf
+    auto is none: on two corpora (40 steps, held-out) AuxK left 18-21% of features dead instead of 2%, for FVU
+    0.001-0.003 lower (benchmarks/results/convergence_vs_sparsify.json)."""
 
     resample_at: tuple[float, ...] = (0.2, 0.4, 0.6)
     """Fractions of the run at which dead features are resampled (when revive is resample); all
@@ -126,7 +149,7 @@ class TrainConfig:
     init_decoder_norm: float | None = None
     """Norm of the random decoder rows at initialisation; the encoder starts as their transpose, so for
     unit-norm-decoder SAEs (topk-style, jumprelu) this is the encoder's initial row norm in the scaled space
-    (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated)."""
+    (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated; 0.577 with --optimizer signum-sf, sparsify's)."""
 
     dtype: DType = "auto"
     """Dtype of the SAE's large matmuls (master weights and Adam state stay float32). auto:
@@ -194,6 +217,22 @@ class TrainConfig:
             if self.sparsity_coef is None:
                 self.sparsity_coef = _DEFAULT_SPARSITY[self.arch]
             _float("sparsity_coef", self.sparsity_coef, 0.0, None, "a number >= 0 such as 5")
+        if self.optimizer not in get_args(Optim):
+            raise TrainConfigError(f"--optimizer {self.optimizer!r}: use one of {', '.join(get_args(Optim))}")
+        if self.lr_decay_frac is None:
+            self.lr_decay_frac = 0.0 if self.optimizer == "signum-sf" else 0.2
+        if self.optimizer == "signum-sf":
+            if self.init_decoder_norm is None:
+                self.init_decoder_norm = SIGNUM_INIT_NORM
+            if self.arch not in SIGNUM_ARCHS:
+                raise TrainConfigError(f"--optimizer signum-sf is only supported for --arch "
+                                       f"{' or '.join(SIGNUM_ARCHS)}, not {self.arch}: use --optimizer adam")
+            if self.loss != "mse":
+                raise TrainConfigError(f"--optimizer signum-sf is not supported with --loss {self.loss}: use "
+                                       "--optimizer adam")
+            if self.revive == "resample":
+                raise TrainConfigError("--optimizer signum-sf is not supported with --revive resample: use --revive "
+                                       "auxk or none, or --optimizer adam")
         if self.lr is not None:
             _float("lr", self.lr, 0.0, None, "a positive learning rate such as 3e-4", open_lo=True)
         _float("lr_decay_frac", self.lr_decay_frac, 0.0, 1.0, "a fraction from 0 to 1 (0.2 = the last 20%)")
@@ -255,6 +294,8 @@ class TrainConfig:
         """`revive` with auto resolved: auxk, resample or none."""
         if self.revive != "auto":
             return self.revive
+        if self.optimizer == "signum-sf":  # sparsify's auxk_alpha=0 (see the field)
+            return "none"
         return "auxk" if self.arch in TOPK_STYLE else "resample" if self.arch == "relu-l1" else "none"
 
     @property
@@ -288,8 +329,12 @@ class TrainConfig:
             raise TrainConfigError(str(e)) from None
 
     def learning_rate(self, d_in: int) -> float:
-        """`lr`, or the architecture's default for this width."""
-        return self.lr if self.lr is not None else default_lr(self.arch, self.d_sae(d_in))
+        """`lr`, or the architecture's (signum-sf: the optimiser's) default for this width."""
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer == "signum-sf":
+            return default_signum_lr(self.d_sae(d_in))
+        return default_lr(self.arch, self.d_sae(d_in))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field (tuples become lists)."""

@@ -838,6 +838,9 @@ def train_distributed(
 
 
 def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
+    if cfg.optimizer != "adam":
+        raise MonoscopeError(f"--optimizer {cfg.optimizer} trains in one process (its averaged weights are not "
+                             "sharded): launch monoscope train without torchrun, or use --optimizer adam")
     if cfg.loss != "mse":
         raise MonoscopeError(f"--loss {cfg.loss} trains in one process (it runs the model, not a store): launch "
                              "monoscope train without torchrun, or use --loss mse")

@@ -181,6 +181,7 @@ def train(
 
             outcome = trainer.run(on_log=on_log, on_step=bar.update)
         seconds = time.perf_counter() - t0
+        trainer.use_averaged_weights()  # signum-sf: save (and calibrate) its averaged weights, as sparsify does
         if trainer.step > 0:  # after the final checkpoint: batchtopk's eval threshold from data
             trainer.calibrate_threshold()
     finally:

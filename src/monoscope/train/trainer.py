@@ -14,7 +14,8 @@ One step (every architecture):
      --loss e2e-kl/e2e-ce, the e2e term replaces mse: `e2e.py`);
   4. backward; unit-norm decoders (topk, batchtopk, jumprelu) drop the gradient component parallel
      to each decoder row; global grad-norm clip (1.0); non-finite loss or gradient norm: stop/skip;
-  5. Adam step; unit-norm decoders are renormalised; dead counters advance with `out.fired`;
+  5. Adam step (or --optimizer signum-sf, `optim.py`, whose averaged weights are what `train` saves and
+     evaluates); unit-norm decoders are renormalised; dead counters advance with `out.fired`;
   6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
 Before step 0, b_dec is set from the first batch (geometric median by default).
 Per-step metrics are summed on the device and read (one host sync) every `log_every` steps. On a
@@ -41,6 +42,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,6 +57,7 @@ from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointSink, rng_state, set_rng_state
 from monoscope.train.config import TrainConfig
 from monoscope.train.dead import DeadFeatureTracker, resample_dead
+from monoscope.train.optim import SignumScheduleFree, make_optimizer
 from monoscope.train.schedules import Schedule, schedule_at
 
 METRICS = ("loss", "mse", "sparsity", "aux", "fvu", "l0", "grad_norm")
@@ -131,8 +134,7 @@ class Trainer:
         self.unit_norm_decoder = sae.unit_norm_decoder
         self.use_auxk = config.revive_method == "auxk"
         self.resample_steps = set(config.resample_steps)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999),
-                                          **_adam_impl(self.device))
+        self.optimizer = make_optimizer(config.optimizer, sae.parameters(), self.base_lr, self.device)
         self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens, self.device)
         self.step = 0
         self.tokens = 0
@@ -148,7 +150,8 @@ class Trainer:
         self._params = [p for p in sae.parameters() if p.requires_grad]
         self.defer_checks = self.device.type == "cuda"
         """Test finiteness on the device and read the verdict once per log interval (module docstring):
-        on by default on a GPU, where each host sync stalls the queue of kernels; off on a CPU."""
+        on by default on a GPU, where each host sync stalls the queue of kernels; off on a CPU. Adam only:
+        signum-sf has no `found_inf` no-op, so it always takes the eager step."""
         # deferred checks, on the device: [good steps, bad steps] since the last read; the first bad step,
         # whether its inputs were finite, its first non-finite row; the rows of the batches since the last read
         self._pending = torch.zeros(2, dtype=torch.int64, device=self.device)
@@ -158,7 +161,7 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def schedule(self, step: int | None = None) -> Schedule:
         s = self.step if step is None else step
-        return schedule_at(s, self.total_steps, self.base_lr, self.cfg.lr_decay_frac,
+        return schedule_at(s, self.total_steps, self.base_lr, float(self.cfg.lr_decay_frac or 0.0),
                            float(self.cfg.sparsity_coef or 0.0), self.cfg.sparsity_warmup_frac,
                            self.cfg.lr_warmup_frac)
 
@@ -212,7 +215,7 @@ class Trainer:
         """Take one batch and do one optimiser step (module docstring). Raises StopIteration when
         the source is exhausted, NonFiniteError on NaN/inf unless `skip_nonfinite`."""
         batch = next(self.source)
-        if self.defer_checks:
+        if self.defer_checks and self.cfg.optimizer == "adam":
             return self._deferred_step(batch)
         n = batch.acts.shape[0]
         x = self.scaled(batch.acts)  # [B, d] float32, scaled
@@ -417,6 +420,34 @@ class Trainer:
         self._tok_log = self.tokens
         self._t_log = time.perf_counter()
 
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """With signum-sf, the SAE holds the averaged (evaluation) weights x inside the block and its training
+        weights y again, bit for bit, after it (a held-out evaluation mid-run). A no-op with Adam."""
+        if not isinstance(self.optimizer, SignumScheduleFree):
+            yield
+            return
+        saved = [(p, p.detach().clone()) for p in self._params]
+        self.use_averaged_weights()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, y in saved:
+                    p.copy_(y)
+
+    @torch.no_grad()
+    def use_averaged_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """With signum-sf, put the averaged weights x into the SAE for good (after the last step and its
+        checkpoint: what `train` saves, calibrates batchtopk's threshold on and reports, as sparsify saves x);
+        returns the (parameter, x) pairs. Training must not continue after it. A no-op with Adam."""
+        if not isinstance(self.optimizer, SignumScheduleFree):
+            return []
+        pairs = self.optimizer.averaged()
+        for p, x in pairs:
+            p.copy_(x)
+        return pairs
+
     def save_checkpoint(self) -> str | None:
         return None if self.sink is None else self.sink.save(self.state())
 
@@ -517,9 +548,3 @@ def _metric_values(out: ForwardOutput, total: Tensor, grad_norm: Tensor) -> Tens
     """One step's METRICS, in order, as one device vector (summed into the accumulator, read per log)."""
     return torch.stack([total.detach(), out.mse.detach(), out.sparsity.detach(), out.aux.detach(), out.fvu, out.l0,
                         grad_norm.detach().float()])
-
-
-def _adam_impl(device: torch.device) -> dict[str, Any]:
-    """Fused Adam where torch has it for the device (CPU and CUDA since torch 2.4): one pass per
-    parameter instead of several; it is deterministic."""
-    return {"fused": True} if device.type in ("cpu", "cuda") else {}
