@@ -454,6 +454,25 @@ def child_main(spec_path: str, out_path: str) -> None:
 # ============================================================================= the run
 
 
+PROTOCOLS = {
+    "interleaved": "separate processes taking turns of {turn_s:g}s of training time (one runs, the others wait), so "
+                   "all meet the same background load",
+    "sequential": "each trainer alone in its own process, one after the other (a quiet machine)",
+}
+
+
+def run_trainers(group: list[dict[str, Any]], work: Path, args: argparse.Namespace,
+                 mono: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The group's runs under --protocol: interleaved turns (`run_group`) or one process after the other."""
+    if args.protocol == "interleaved":
+        return run_group(group, work, args.turn_s, mono=mono)
+    runs = {spec["name"]: run_child(spec, work) for spec in group}
+    befores = [float((r.get("load_before") or [0.0])[0]) for r in runs.values()]  # 1-minute load average
+    return runs, {"protocol": "sequential", "t_mono": runs[mono].get("train_s"),
+                  "load1_per_round": {"n": len(befores), "mean": sum(befores) / max(len(befores), 1),
+                                      "min": min(befores, default=0.0), "max": max(befores, default=0.0)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default="runs/bench/acts", help="activation store (captured here if missing)")
@@ -576,14 +595,7 @@ def main() -> None:
                       "l1": args.gated_l1, "eval_steps": quarter})
         group.append({**base, "name": f"saelens_{a}", "kind": "saelens", "saelens_kind": a, "l1": args.gated_l1,
                       "eval_steps": quarter})
-    if args.protocol == "sequential":  # a quiet machine: each trainer alone, one process after the other
-        group_runs = {spec["name"]: run_child(spec, work) for spec in group}
-        befores = [float(r.get("load_before") or 0.0) for r in group_runs.values()]
-        group_info = {"protocol": "sequential", "t_mono": group_runs["monoscope_bf16"].get("train_s"),
-                      "load1_per_round": {"n": len(befores), "mean": sum(befores) / max(len(befores), 1),
-                                          "min": min(befores, default=0.0), "max": max(befores, default=0.0)}}
-    else:
-        group_runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_bf16")
+    group_runs, group_info = run_trainers(group, work, args, mono="monoscope_bf16")
     runs.update(group_runs)
     t_mono = group_info["t_mono"] or runs["monoscope_bf16"].get("train_s") or 0.0
 
@@ -658,7 +670,7 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     if args.transcoder_no_auxk:  # the AuxK policy as a choice: `--revive none` (sparsify's default, auxk off)
         group.insert(1, {**base, "name": "monoscope_transcoder_revive_none", "kind": "monoscope_trainer",
                          "dtype": "auto", "arch": "transcoder", "revive": "none", "eval_steps": quarter})
-    runs, group_info = run_group(group, work, args.turn_s, mono="monoscope_transcoder")
+    runs, group_info = run_trainers(group, work, args, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
     peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
                  "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
@@ -680,8 +692,7 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
                    "store_tokens": info["store_tokens"]},
         "protocol": {
             "same_tokens": "both trainers read the same shuffled stream of paired rows [mlp_in, mlp_out] once",
-            "interleaved": f"separate processes taking turns of {args.turn_s:g}s of training time (one runs, the "
-                           "other waits), so both meet the same background load",
+            args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
             "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the raw held-out mlp_out rows, y_hat from the "
                    "mlp_in rows",
             "monoscope": "TopK transcoder, unit-norm decoder, AuxK (sparse: the k_aux chosen dead latents per row "
