@@ -511,6 +511,9 @@ def main() -> None:
     ap.add_argument("--transcoder-no-auxk", action="store_true",
                     help="with --transcoder: also a monoscope row trained with --revive none (AuxK off, sparsify's "
                          "default)")
+    ap.add_argument("--transcoder-signum", action="store_true",
+                    help="with --transcoder: also a monoscope row trained with --optimizer signum-sf (sparsify's "
+                         "optimiser; AuxK off, as its default)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
@@ -670,6 +673,10 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     if args.transcoder_no_auxk:  # the AuxK policy as a choice: `--revive none` (sparsify's default, auxk off)
         group.insert(1, {**base, "name": "monoscope_transcoder_revive_none", "kind": "monoscope_trainer",
                          "dtype": "auto", "arch": "transcoder", "revive": "none", "eval_steps": quarter})
+    if args.transcoder_signum:
+        group.insert(-1, {**base, "name": "monoscope_transcoder_signum_sf", "kind": "monoscope_trainer",
+                          "dtype": "auto", "arch": "transcoder", "train_overrides": {"optimizer": "signum-sf"},
+                          "eval_steps": quarter})
     runs, group_info = run_trainers(group, work, args, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
     peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
@@ -774,6 +781,7 @@ LABELS = {
     "saelens_gated": "SAELens gated (fp32)",
     "monoscope_transcoder": "monoscope Trainer TopK transcoder (auto dtype)",
     "monoscope_transcoder_revive_none": "monoscope Trainer TopK transcoder, --revive none (auto dtype)",
+    "monoscope_transcoder_signum_sf": "monoscope Trainer TopK transcoder, --optimizer signum-sf (auto dtype)",
     "sparsify_transcoder": "sparsify transcoder (signum, fp32)",
 }
 PEERS = ("sparsify", "saelens_topk", "saelens_relu_l1")

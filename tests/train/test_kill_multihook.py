@@ -18,6 +18,9 @@ from tests.train.test_kill import kill_then_resume, reference
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     # TopK transcoder: input hook -> target hook, AuxK on dead latents, target normaliser
     "transcoder": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256}),
+    # the same with sparsify's optimiser: its z and step counters in the checkpoint, the averaged weights saved
+    "transcoder-signum-sf": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256,
+                                                    "optimizer": "signum-sf"}),
     # acausal crosscoder over three hooks, one scale per hook
     "crosscoder": ("resid_post.0,resid_post.1,resid_post.2", {"arch": "crosscoder", "k": 6, "dead_window": 256}),
 }

@@ -189,8 +189,8 @@ def test_monoscope_train_saves_the_averaged_weights_and_resumes_after_sigkill(st
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"arch": "relu-l1"}, "--optimizer signum-sf is only supported for --arch topk or batchtopk, not relu-l1: "
-                          "use --optimizer adam"),
+    ({"arch": "relu-l1"}, "--optimizer signum-sf is only supported for --arch topk, batchtopk or transcoder, not "
+                          "relu-l1: use --optimizer adam"),
     ({"arch": "topk", "k": 4, "revive": "resample"},
      "--optimizer signum-sf is not supported with --revive resample: use --revive auxk or none, or --optimizer adam"),
     ({"arch": "topk", "k": 4, "loss": "e2e-kl"},
@@ -210,8 +210,8 @@ def test_the_cli_refuses_with_one_line(store: Path, tmp_path: Path) -> None:
     p = subprocess.run(cli(*base, "--out", str(tmp_path / "a"), "--arch", "jumprelu"), env=child_env(),
                        capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.strip() == ("error: --optimizer signum-sf is only supported for --arch topk or batchtopk, "
-                                "not jumprelu: use --optimizer adam")
+    assert p.stderr.strip() == ("error: --optimizer signum-sf is only supported for --arch topk, batchtopk or "
+                                "transcoder, not jumprelu: use --optimizer adam")
     torchrun = {**child_env(), "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
     p = subprocess.run(cli(*base, "--out", str(tmp_path / "b"), "--arch", "topk", "--k", "4"), env=torchrun,
                        capture_output=True, text=True)

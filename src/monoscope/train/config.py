@@ -25,8 +25,8 @@ Revive = Literal["auto", "auxk", "resample", "none"]
 InitBDec = Literal["geometric_median", "mean", "zero"]
 Loss = Literal["mse", "e2e-kl", "e2e-ce"]
 Optim = Literal["adam", "signum-sf"]
-SIGNUM_ARCHS = ("topk", "batchtopk")
-"""Architectures `--optimizer signum-sf` is tested on (sparsify trains TopK SAEs with it)."""
+SIGNUM_ARCHS = ("topk", "batchtopk", "transcoder")
+"""Architectures `--optimizer signum-sf` is tested on (sparsify trains TopK SAEs and transcoders with it)."""
 
 SIGNUM_INIT_NORM = 0.577
 """`--init-decoder-norm` default with signum-sf: sparsify's encoder init (`nn.Linear`, entries U(±1/sqrt(d)), rows of
@@ -225,8 +225,9 @@ class TrainConfig:
             if self.init_decoder_norm is None:
                 self.init_decoder_norm = SIGNUM_INIT_NORM
             if self.arch not in SIGNUM_ARCHS:
-                raise TrainConfigError(f"--optimizer signum-sf is only supported for --arch "
-                                       f"{' or '.join(SIGNUM_ARCHS)}, not {self.arch}: use --optimizer adam")
+                archs = f"{', '.join(SIGNUM_ARCHS[:-1])} or {SIGNUM_ARCHS[-1]}"
+                raise TrainConfigError(f"--optimizer signum-sf is only supported for --arch {archs}, not {self.arch}: "
+                                       "use --optimizer adam")
             if self.loss != "mse":
                 raise TrainConfigError(f"--optimizer signum-sf is not supported with --loss {self.loss}: use "
                                        "--optimizer adam")
