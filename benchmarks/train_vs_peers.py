@@ -682,14 +682,16 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
                  "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
-    m, p = summary["rows"].get("monoscope_transcoder_revive_none", {}), summary["rows"].get("sparsify_transcoder", {})
-    if "tokens_per_s" in m and "tokens_per_s" in p:
-        sp = m["tokens_per_s"] / p["tokens_per_s"]
-        m["speedup_vs_fastest_peer"] = sp
-        summary["verdict"]["monoscope_transcoder_revive_none"] = {
-            "peer": "sparsify_transcoder", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0, "fvu": m["fvu_same_tokens"],
-            "peer_fvu": p["fvu_same_tokens"], "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"],
-            "l0": m["l0"], "peer_l0": p["l0"]}
+    p = summary["rows"].get("sparsify_transcoder", {})
+    for name in ("monoscope_transcoder_revive_none", "monoscope_transcoder_signum_sf"):  # the other monoscope rows
+        m = summary["rows"].get(name, {})
+        if "tokens_per_s" in m and "tokens_per_s" in p:
+            sp = m["tokens_per_s"] / p["tokens_per_s"]
+            m["speedup_vs_fastest_peer"] = sp
+            summary["verdict"][name] = {
+                "peer": "sparsify_transcoder", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0,
+                "fvu": m["fvu_same_tokens"], "peer_fvu": p["fvu_same_tokens"],
+                "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"], "l0": m["l0"], "peer_l0": p["l0"]}
     table = markdown_table(summary, t_mono, None)
     payload = {
         "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:]),
