@@ -276,14 +276,17 @@ def fuzzing_messages(explanation: str, excerpts: Sequence[str]) -> list[dict[str
                                         f"Answer with a JSON array of {len(excerpts)} values (0 or 1)."}]
 
 
-def detection_one_messages(explanation: str, excerpt: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": DETECTION_ONE_SYSTEM},
+def _one_excerpt_messages(system: str, explanation: str, excerpt: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system},
             {"role": "user", "content": f"Explanation: {explanation}\n\nExcerpt:\n{excerpt}\n\nAnswer (1 or 0):"}]
+
+
+def detection_one_messages(explanation: str, excerpt: str) -> list[dict[str, str]]:
+    return _one_excerpt_messages(DETECTION_ONE_SYSTEM, explanation, excerpt)
 
 
 def fuzzing_one_messages(explanation: str, excerpt: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": FUZZING_ONE_SYSTEM},
-            {"role": "user", "content": f"Explanation: {explanation}\n\nExcerpt:\n{excerpt}\n\nAnswer (1 or 0):"}]
+    return _one_excerpt_messages(FUZZING_ONE_SYSTEM, explanation, excerpt)
 
 
 def simulation_messages(explanation: str, tokens: Sequence[str]) -> list[dict[str, str]]:

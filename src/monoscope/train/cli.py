@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_train_distributed(args: argparse.Namespace, cfg: TrainConfig, command: str) -> int:
     """`monoscope train` on one rank of a torchrun launch: rank 0 prints the summary."""
-    from monoscope.train.distributed import DEFAULT_TIMEOUT_S, train_distributed
+    from monoscope.train.distributed import DEFAULT_TIMEOUT_S, check_one_process_options, train_distributed
 
     if not launched_distributed():
         raise MonoscopeError(f"--shard-features/--dist-timeout need several processes: launch with `torchrun "
@@ -136,9 +136,7 @@ def _cmd_train_distributed(args: argparse.Namespace, cfg: TrainConfig, command: 
     if args.model is not None:
         raise MonoscopeError("distributed training reads an activation store, not --model: capture a store first "
                              "(monoscope capture), then train on it with torchrun")
-    if cfg.optimizer != "adam":  # before the process group forms (train_distributed checks it again)
-        raise MonoscopeError(f"--optimizer {cfg.optimizer} trains in one process (its averaged weights are not "
-                             "sharded): launch monoscope train without torchrun, or use --optimizer adam")
+    check_one_process_options(cfg)  # before the process group forms
     timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
     if timeout <= 0:
         raise MonoscopeError(f"--dist-timeout {args.dist_timeout} must be positive (seconds)")

@@ -837,13 +837,18 @@ def train_distributed(
                 dist.destroy_process_group()
 
 
-def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
+def check_one_process_options(cfg: TrainConfig) -> None:
+    """The settings that train in one process only (the CLI calls this before the process group forms)."""
     if cfg.optimizer != "adam":
         raise MonoscopeError(f"--optimizer {cfg.optimizer} trains in one process (its averaged weights are not "
                              "sharded): launch monoscope train without torchrun, or use --optimizer adam")
     if cfg.loss != "mse":
         raise MonoscopeError(f"--loss {cfg.loss} trains in one process (it runs the model, not a store): launch "
                              "monoscope train without torchrun, or use --loss mse")
+
+
+def _check_supported(cfg: TrainConfig, topo: Topology) -> None:
+    check_one_process_options(cfg)
     if topo.fs > 1 and cfg.arch not in FEATURE_SHARDED:
         raise MonoscopeError(f"--shard-features {topo.fs} splits the features of --arch "
                              f"{', '.join(FEATURE_SHARDED)} only, not {cfg.arch}: train {cfg.arch} data parallel "

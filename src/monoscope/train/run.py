@@ -342,13 +342,15 @@ def _stop_on_signals(trainer: Trainer, keep_on_error: bool = False) -> Iterator[
         trainer.stop_signal = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    failed = False
     try:
         yield
     except BaseException:
-        failed = True
+        if not keep_on_error:
+            _restore(old)
         raise
-    finally:
-        if not (failed and keep_on_error):
-            for s, h in old.items():
-                signal.signal(s, h)
+    _restore(old)
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for s, h in handlers.items():
+        signal.signal(s, h)

@@ -437,16 +437,13 @@ class Trainer:
                     p.copy_(y)
 
     @torch.no_grad()
-    def use_averaged_weights(self) -> list[tuple[Tensor, Tensor]]:
+    def use_averaged_weights(self) -> None:
         """With signum-sf, put the averaged weights x into the SAE for good (after the last step and its
-        checkpoint: what `train` saves, calibrates batchtopk's threshold on and reports, as sparsify saves x);
-        returns the (parameter, x) pairs. Training must not continue after it. A no-op with Adam."""
-        if not isinstance(self.optimizer, SignumScheduleFree):
-            return []
-        pairs = self.optimizer.averaged()
-        for p, x in pairs:
-            p.copy_(x)
-        return pairs
+        checkpoint: what `train` saves, calibrates batchtopk's threshold on and reports, as sparsify saves x).
+        Training must not continue after it. A no-op with Adam."""
+        if isinstance(self.optimizer, SignumScheduleFree):
+            for p, x in self.optimizer.averaged():
+                p.copy_(x)
 
     def save_checkpoint(self) -> str | None:
         return None if self.sink is None else self.sink.save(self.state())
