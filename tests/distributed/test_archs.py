@@ -21,6 +21,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     "jumprelu": {"arch": "jumprelu", "k": None},
     "gated": {"arch": "gated", "k": None},
     "matryoshka": {"arch": "matryoshka", "prefixes": "8,32,128"},
+    "topk-signum-sf": {"arch": "topk", "optimizer": "signum-sf"},  # saves the averaged weights of every replica
 }
 
 
@@ -56,6 +57,18 @@ def test_data_parallel_equals_one_process_and_resumes_exactly(store: Path, tmp_p
     for k in done:
         assert torch.equal(done[k], again[k]), k
     assert load_sae(out).provenance["steps"] == 60
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_signum_sf_feature_sharded_equals_one_process(store: Path, tmp_path: Path, arch: str) -> None:
+    """--optimizer signum-sf on 2 feature shards: each shard's z, its averaged weights and the step's weighting
+    live with the shard, so the assembled (averaged) SAE is one process's."""
+    ref, out, _ = one_process_and_ranks(store, tmp_path, {**COMMON, "arch": arch, "optimizer": "signum-sf"}, 2,
+                                        shard_features=2)
+    a, b = weights(ref), weights(out)
+    diff = {k: float((a[k] - b[k]).abs().max()) for k in a}
+    assert max(diff.values()) <= 1e-5, diff
+    assert load_sae(out).provenance["train_config"]["optimizer"] == "signum-sf"
 
 
 @pytest.mark.parametrize(("world", "shards"), [(2, 2), (4, 2)], ids=["fs2", "dp2xfs2"])

@@ -212,9 +212,3 @@ def test_the_cli_refuses_with_one_line(store: Path, tmp_path: Path) -> None:
     assert p.returncode == 2
     assert p.stderr.strip() == ("error: --optimizer signum-sf is only supported for --arch topk, batchtopk or "
                                 "transcoder, not jumprelu: use --optimizer adam")
-    torchrun = {**child_env(), "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    p = subprocess.run(cli(*base, "--out", str(tmp_path / "b"), "--arch", "topk", "--k", "4"), env=torchrun,
-                       capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip() == ("error: --optimizer signum-sf trains in one process (its averaged weights are not "
-                                "sharded): launch monoscope train without torchrun, or use --optimizer adam")

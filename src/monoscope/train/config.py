@@ -106,7 +106,8 @@ class TrainConfig:
 
     optimizer: Optim = "adam"
     """adam, or signum-sf: sparsify's default optimiser, schedule-free (Defazio et al. 2024) sign descent with
-    momentum 0.95 (`monoscope.train.optim`); the saved SAE holds its averaged weights. topk and batchtopk only."""
+    momentum 0.95 (`monoscope.train.optim`); the saved SAE holds its averaged weights. topk, batchtopk and
+    transcoder only; data parallel and feature sharded under torchrun too."""
 
     lr_decay_frac: float | None = None
     """The learning rate decays linearly to 0 over this last fraction of the steps. Default: 0.2 with adam (the

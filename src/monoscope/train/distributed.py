@@ -839,9 +839,6 @@ def train_distributed(
 
 def check_one_process_options(cfg: TrainConfig) -> None:
     """The settings that train in one process only (the CLI calls this before the process group forms)."""
-    if cfg.optimizer != "adam":
-        raise MonoscopeError(f"--optimizer {cfg.optimizer} trains in one process (its averaged weights are not "
-                             "sharded): launch monoscope train without torchrun, or use --optimizer adam")
     if cfg.loss != "mse":
         raise MonoscopeError(f"--loss {cfg.loss} trains in one process (it runs the model, not a store): launch "
                              "monoscope train without torchrun, or use --loss mse")
@@ -970,6 +967,7 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
             bar.update(trainer.tokens)
             outcome = trainer.run(on_step=bar.update if show else None)
         seconds = time.perf_counter() - t0
+        trainer.use_averaged_weights()  # signum-sf: every shard's averaged weights, assembled below as one process's
         try:
             final = _gather_full_sae(trainer)
         except (RuntimeError, dist.DistError) as e:
