@@ -124,6 +124,15 @@ def test_other_architectures_are_refused(arch: str) -> None:
         TrainConfig(arch="transcoder", k=4, tokens=4096, transcoder_init="zero")  # type: ignore[arg-type]
 
 
+def test_resampling_is_refused_for_transcoders() -> None:
+    """Resampling points dead rows at inputs [B, 2·D] against a decoder of the target's width: refused up front."""
+    with pytest.raises(TrainConfigError) as e:
+        TrainConfig(arch="transcoder", k=4, tokens=4096, revive="resample")
+    assert str(e.value) == ("--revive resample is not supported for --arch transcoder (resampling points a dead "
+                            "feature's decoder row at an input, and a transcoder's decoder writes the target hook): "
+                            "use --revive auxk or none")
+
+
 def test_the_cli_refuses_with_one_line(tmp_path: Any) -> None:
     p = subprocess.run(cli(str(tmp_path / "store"), "--out", str(tmp_path / "a"), "--arch", "topk", "--k", "4",
                            "--tokens", "640", "--batch-size", "64", "--quiet", "--transcoder-init", "sparsify"),

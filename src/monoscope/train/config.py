@@ -133,7 +133,7 @@ class TrainConfig:
     topk run: window 200k -> 8.9% of features never fire on held-out rows, 25k -> 1.8%."""
 
     revive: Revive = "auto"
-    """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling),
+    """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling; not transcoders),
     none. auto: auxk for topk-style SAEs (topk, batchtopk, matryoshka, transcoder, crosscoder),
     resample for relu-l1, none for jumprelu and gated. `none` on a topk-style SAE skips AuxK, as
     sparsify's default (auxk_alpha=0) does: each step is cheaper, dead latents stay dead. With --optimizer signum-sf
@@ -267,6 +267,10 @@ class TrainConfig:
         _int("ctx_len", self.ctx_len, 2, "a context length in tokens such as 128")
         if self.revive not in get_args(Revive):
             raise TrainConfigError(f"--revive {self.revive!r}: use one of {', '.join(get_args(Revive))}")
+        if self.revive == "resample" and self.arch == "transcoder":
+            raise TrainConfigError("--revive resample is not supported for --arch transcoder (resampling points a dead "
+                                   "feature's decoder row at an input, and a transcoder's decoder writes the target "
+                                   "hook): use --revive auxk or none")
         if self.revive == "auxk" and self.arch not in TOPK_STYLE:
             raise TrainConfigError(
                 f"--revive auxk needs a topk-style SAE, not --arch {self.arch}: use resample, none or auto"
