@@ -250,7 +250,8 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         shape = multi_hook_fields(arch, spec["data"]["hook"].split(","), spec["data"]["hook_normalisers_train"],
                                   d_model, "the paired store")
         sae_cfg = SAEConfig(arch=arch, d_sae=cfg.d_sae(d_model), k=cfg.k, aux_coef=cfg.aux_coef, model="default",
-                            dtype="float32", compute_dtype=cfg.dtype, **shape)  # type: ignore[arg-type]
+                            dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
+                            **shape)  # type: ignore[arg-type]  # init_decoder_norm as train() passes it
     else:
         sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
                             normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
@@ -514,6 +515,9 @@ def main() -> None:
     ap.add_argument("--transcoder-signum", action="store_true",
                     help="with --transcoder: also a monoscope row trained with --optimizer signum-sf (sparsify's "
                          "optimiser; AuxK off, as its default)")
+    ap.add_argument("--transcoder-sparsify-init", action="store_true",
+                    help="with --transcoder: also two monoscope rows trained with --transcoder-init sparsify "
+                         "--init-b-dec mean (sparsify's start, decoder rows free), with Adam and with signum-sf")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
@@ -677,13 +681,21 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
         group.insert(-1, {**base, "name": "monoscope_transcoder_signum_sf", "kind": "monoscope_trainer",
                           "dtype": "auto", "arch": "transcoder", "train_overrides": {"optimizer": "signum-sf"},
                           "eval_steps": quarter})
+    if args.transcoder_sparsify_init:  # sparsify's start and free decoder rows, with Adam and with signum-sf
+        sp_init = {"transcoder_init": "sparsify", "init_b_dec": "mean"}
+        group.insert(-1, {**base, "name": "monoscope_transcoder_sparsify_init", "kind": "monoscope_trainer",
+                          "dtype": "auto", "arch": "transcoder", "train_overrides": sp_init, "eval_steps": quarter})
+        group.insert(-1, {**base, "name": "monoscope_transcoder_sparsify_init_signum_sf", "kind": "monoscope_trainer",
+                          "dtype": "auto", "arch": "transcoder", "eval_steps": quarter,
+                          "train_overrides": {**sp_init, "optimizer": "signum-sf"}})
     runs, group_info = run_trainers(group, work, args, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
     peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
                  "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
     p = summary["rows"].get("sparsify_transcoder", {})
-    for name in ("monoscope_transcoder_revive_none", "monoscope_transcoder_signum_sf"):  # the other monoscope rows
+    for name in ("monoscope_transcoder_revive_none", "monoscope_transcoder_signum_sf",  # the other monoscope rows
+                 "monoscope_transcoder_sparsify_init", "monoscope_transcoder_sparsify_init_signum_sf"):
         m = summary["rows"].get(name, {})
         if "tokens_per_s" in m and "tokens_per_s" in p:
             sp = m["tokens_per_s"] / p["tokens_per_s"]
@@ -706,7 +718,10 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
                    "mlp_in rows",
             "monoscope": "TopK transcoder, unit-norm decoder, AuxK (sparse: the k_aux chosen dead latents per row "
                          "carry gradient), Adam, its default lr; scales c_in, c_out from the training rows; "
-                         "monoscope_transcoder_revive_none (--transcoder-no-auxk): the same with --revive none",
+                         "monoscope_transcoder_revive_none (--transcoder-no-auxk): the same with --revive none; "
+                         "monoscope_transcoder_sparsify_init[_signum_sf] (--transcoder-sparsify-init): "
+                         "--transcoder-init sparsify --init-b-dec mean (zero-init W_dec, centred b_enc, no decoder "
+                         "normalisation), Adam or --optimizer signum-sf",
             "sparsify": "its transcoder recipe (transcode=True): zero-init W_dec, no decoder normalisation, signum "
                         "+ schedule-free, auxk off (its defaults)",
         },
@@ -784,6 +799,9 @@ LABELS = {
     "monoscope_transcoder": "monoscope Trainer TopK transcoder (auto dtype)",
     "monoscope_transcoder_revive_none": "monoscope Trainer TopK transcoder, --revive none (auto dtype)",
     "monoscope_transcoder_signum_sf": "monoscope Trainer TopK transcoder, --optimizer signum-sf (auto dtype)",
+    "monoscope_transcoder_sparsify_init": "monoscope Trainer TopK transcoder, --transcoder-init sparsify (auto dtype)",
+    "monoscope_transcoder_sparsify_init_signum_sf": "monoscope Trainer TopK transcoder, --transcoder-init sparsify "
+                                                    "--optimizer signum-sf (auto dtype)",
     "sparsify_transcoder": "sparsify transcoder (signum, fp32)",
 }
 PEERS = ("sparsify", "saelens_topk", "saelens_relu_l1")

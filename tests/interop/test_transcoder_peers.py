@@ -61,3 +61,25 @@ def test_transcoder_exports_load_in_sparsify(tmp_path: Path, sparsify: ModuleTyp
     back = float32(load_any(out))  # and back: the same transcoder, scales folded
     assert back.cfg.arch == "transcoder" and back.cfg.target_normaliser == 1.0
     assert_close(back.reconstruct_raw(x), sae.reconstruct_raw(x))
+
+
+@torch.no_grad()
+def test_a_sparsify_init_transcoder_exports_with_free_zero_rows(tmp_path: Path, sparsify: ModuleType) -> None:
+    """`--transcoder-init sparsify` leaves never-active latents with zero decoder rows and the others at their own
+    norms: the export says normalize_decoder=false and sparsify computes the same latents and output."""
+    cfg = SAEConfig(arch="transcoder", d_in=D_IN, d_sae=D_SAE, k=K, normaliser=0.37, target_normaliser=2.9,
+                    hook="mlp_in.3", target_hook="mlp_out.3", compute_dtype="float32")
+    sae = build_sae(cfg, seed=1)
+    rows = torch.randn(64, 2 * D_IN, generator=torch.Generator().manual_seed(5))
+    sae.init_sparsify_(rows, 0.577, torch.Generator().manual_seed(0))
+    trained = torch.arange(D_SAE) % 3 == 0  # a third of the rows "trained" (grown to various norms), the rest zero
+    sae.W_dec[trained] = torch.randn(int(trained.sum()), D_IN, generator=torch.Generator().manual_seed(6)) * 0.3
+    sae.eval()
+    out = convert(save_sae(sae, tmp_path / "mono"), "sparsify", tmp_path / "run" / "layers.3.mlp")
+    coder = sparsify.SparseCoder.load_from_disk(out)
+    assert coder.cfg.transcode and not coder.cfg.normalize_decoder
+    assert int((coder.W_dec.norm(dim=1) == 0).sum()) == int((~trained).sum())
+    x = inputs()
+    f, y_hat = _sparsify_dense(coder, x)
+    assert_close(f, sae.encode_raw(x))
+    assert_close(y_hat, sae.reconstruct_raw(x))

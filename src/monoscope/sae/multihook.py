@@ -1,8 +1,9 @@
 """Dictionaries over several hook points captured in one pass: the transcoder and the acausal crosscoder.
 
 Both are TopK dictionaries (`topk.py`: exactly k active features per token, AuxK on dead latents, unit-norm
-decoder rows) trained on the rows of a store captured with `--hook A,B[,C...]`, whose rows are the hooks'
-activations side by side ([B, n_hooks·d_model], in the order given).
+decoder rows, except for a transcoder trained with `--transcoder-init sparsify`: `init_sparsify_`) trained on
+the rows of a store captured with `--hook A,B[,C...]`, whose rows are the hooks' activations side by side
+([B, n_hooks·d_model], in the order given).
 
 Transcoder (Dunefsky, Chlenski & Nanda 2024; sparsify's `transcode=True`): reads x = the input hook (e.g.
 `mlp_in.L`, what the MLP reads) and reconstructs y = the target hook (`mlp_out.L`, what the MLP adds):
@@ -79,6 +80,23 @@ class TranscoderSAE(TopKSAE):
         """b_dec (target space) from the target half of scaled store rows (or a target sample [N, d_in])."""
         target = sample[:, self.cfg.d_in:] if sample.dim() == 2 and sample.shape[1] == 2 * self.cfg.d_in else sample
         return super().init_b_dec_(target, method, max_iter)
+
+    @torch.no_grad()
+    def init_sparsify_(self, sample: Tensor, encoder_norm: float, generator: torch.Generator | None = None) -> None:
+        """sparsify's transcoder start (`--transcoder-init sparsify`), from scaled store rows [N, 2·d_in]: encoder
+        entries U(±a) with a = encoder_norm·sqrt(3/d_in) (expected row norm `encoder_norm`; nn.Linear's init when it
+        is 1/sqrt(3)), b_enc = -mean(input)·W_encᵀ so the pre-activations start centred, W_dec = 0 (every feature
+        starts as a zero output; its row grows from the error it sees). b_dec is `init_b_dec_`'s. `generator` (a
+        CPU generator) makes it reproducible on every device."""
+        d = self.cfg.d_in
+        if sample.dim() != 2 or sample.shape[1] != 2 * d:
+            raise ValueError(f"init_sparsify_ needs scaled store rows [N, {2 * d}], got {tuple(sample.shape)}")
+        a = float(encoder_norm) * (3.0 / d) ** 0.5
+        w = (torch.rand(self.cfg.d_sae, d, generator=generator, dtype=torch.float32) * 2 - 1) * a  # [F, d]
+        self.W_enc.copy_(w.to(self.W_enc.device, self.W_enc.dtype))
+        mean_in = sample[:, :d].float().mean(0).to(self.W_enc.device)  # [d]
+        self.b_enc.copy_((-(self.W_enc.float() @ mean_in)).to(self.b_enc.dtype))
+        self.W_dec.zero_()
 
 
 class CrosscoderSAE(TopKSAE):

@@ -25,6 +25,7 @@ Revive = Literal["auto", "auxk", "resample", "none"]
 InitBDec = Literal["geometric_median", "mean", "zero"]
 Loss = Literal["mse", "e2e-kl", "e2e-ce"]
 Optim = Literal["adam", "signum-sf"]
+TranscoderInit = Literal["sae", "sparsify"]
 SIGNUM_ARCHS = ("topk", "batchtopk", "transcoder")
 """Architectures `--optimizer signum-sf` is tested on (sparsify trains TopK SAEs and transcoders with it)."""
 
@@ -133,7 +134,7 @@ class TrainConfig:
     topk run: window 200k -> 8.9% of features never fire on held-out rows, 25k -> 1.8%."""
 
     revive: Revive = "auto"
-    """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling),
+    """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling; not transcoders),
     none. auto: auxk for topk-style SAEs (topk, batchtopk, matryoshka, transcoder, crosscoder),
     resample for relu-l1, none for jumprelu and gated. `none` on a topk-style SAE skips AuxK, as
     sparsify's default (auxk_alpha=0) does: each step is cheaper, dead latents stay dead. With --optimizer signum-sf
@@ -150,7 +151,16 @@ class TrainConfig:
     init_decoder_norm: float | None = None
     """Norm of the random decoder rows at initialisation; the encoder starts as their transpose, so for
     unit-norm-decoder SAEs (topk-style, jumprelu) this is the encoder's initial row norm in the scaled space
-    (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated; 0.577 with --optimizer signum-sf, sparsify's)."""
+    (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated; 0.577 with --optimizer signum-sf, sparsify's). With
+    --transcoder-init sparsify: the encoder's expected row norm (default 0.577); its decoder starts at zero."""
+
+    transcoder_init: TranscoderInit = "sae"
+    """--arch transcoder: how it starts and which decoder constraint it trains under. sae: as every topk-style SAE
+    (random unit-norm decoder rows, encoder = their transpose; decoder rows renormalised after each step, the
+    gradient parallel to them removed). sparsify: sparsify's transcoder recipe: encoder entries U(±a) (nn.Linear's
+    init; expected row norm --init-decoder-norm, default 0.577), b_enc = -mean(input)·W_encᵀ on the first batch
+    (centred pre-activations), W_dec = 0, b_dec from the first batch's targets by --init-b-dec (mean is
+    sparsify's), and the decoder rows free (never renormalised, no gradient removed)."""
 
     dtype: DType = "auto"
     """Dtype of the SAE's large matmuls (master weights and Adam state stay float32). auto:
@@ -222,6 +232,15 @@ class TrainConfig:
             raise TrainConfigError(f"--optimizer {self.optimizer!r}: use one of {', '.join(get_args(Optim))}")
         if self.lr_decay_frac is None:
             self.lr_decay_frac = 0.0 if self.optimizer == "signum-sf" else 0.2
+        if self.transcoder_init not in get_args(TranscoderInit):
+            raise TrainConfigError(f"--transcoder-init {self.transcoder_init!r}: use one of "
+                                   f"{', '.join(get_args(TranscoderInit))}")
+        if self.transcoder_init == "sparsify":
+            if self.arch != "transcoder":
+                raise TrainConfigError(f"--transcoder-init sparsify only applies to --arch transcoder, not "
+                                       f"{self.arch}: drop it, or train --arch transcoder")
+            if self.init_decoder_norm is None:  # the encoder's expected row norm (the decoder starts at zero)
+                self.init_decoder_norm = SIGNUM_INIT_NORM
         if self.optimizer == "signum-sf":
             if self.init_decoder_norm is None:
                 self.init_decoder_norm = SIGNUM_INIT_NORM
@@ -249,6 +268,10 @@ class TrainConfig:
         _int("ctx_len", self.ctx_len, 2, "a context length in tokens such as 128")
         if self.revive not in get_args(Revive):
             raise TrainConfigError(f"--revive {self.revive!r}: use one of {', '.join(get_args(Revive))}")
+        if self.revive == "resample" and self.arch == "transcoder":
+            raise TrainConfigError("--revive resample is not supported for --arch transcoder (resampling points a dead "
+                                   "feature's decoder row at an input, and a transcoder's decoder writes the target "
+                                   "hook): use --revive auxk or none")
         if self.revive == "auxk" and self.arch not in TOPK_STYLE:
             raise TrainConfigError(
                 f"--revive auxk needs a topk-style SAE, not --arch {self.arch}: use resample, none or auto"

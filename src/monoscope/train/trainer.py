@@ -12,12 +12,14 @@ One step (every architecture):
   2. lr(step) and λ(step) from `schedules.py` (pure functions of the step: nothing to save);
   3. out = sae(x, sparsity_coef=λ, dead_mask=dead if AuxK) -> loss = mse + sparsity + aux (with
      --loss e2e-kl/e2e-ce, the e2e term replaces mse: `e2e.py`);
-  4. backward; unit-norm decoders (topk, batchtopk, jumprelu) drop the gradient component parallel
-     to each decoder row; global grad-norm clip (1.0); non-finite loss or gradient norm: stop/skip;
+  4. backward; unit-norm decoders (topk-style and jumprelu; not a --transcoder-init sparsify transcoder) drop
+     the gradient component parallel to each decoder row; global grad-norm clip (1.0); non-finite loss or
+     gradient norm: stop/skip;
   5. Adam step (or --optimizer signum-sf, `optim.py`, whose averaged weights are what `train` saves and
      evaluates); unit-norm decoders are renormalised; dead counters advance with `out.fired`;
   6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
-Before step 0, b_dec is set from the first batch (geometric median by default).
+Before step 0, b_dec is set from the first batch (geometric median by default; --transcoder-init sparsify also
+sets the encoder, its bias and a zero decoder there).
 Per-step metrics are summed on the device and read (one host sync) every `log_every` steps. On a
 CPU the two finiteness tests (a sum over x, then the loss and gradient norm) are host syncs that
 cost nothing. On a GPU (`defer_checks`) a sync stalls the CPU until the queued kernels finish, so
@@ -131,7 +133,9 @@ class Trainer:
         self.device = sae.W_enc.device
         self.total_steps = config.steps
         self.base_lr = config.learning_rate(sae.cfg.d_in)
-        self.unit_norm_decoder = sae.unit_norm_decoder
+        self.unit_norm_decoder = sae.unit_norm_decoder and config.transcoder_init != "sparsify"
+        """Renormalise decoder rows and remove the gradient parallel to them (not for relu-l1/gated, whose L1 term
+        weighs decoder norms, nor for a transcoder trained with --transcoder-init sparsify, as sparsify trains it)."""
         self.use_auxk = config.revive_method == "auxk"
         self.resample_steps = set(config.resample_steps)
         self.optimizer = make_optimizer(config.optimizer, sae.parameters(), self.base_lr, self.device)
@@ -172,12 +176,16 @@ class Trainer:
     @torch.no_grad()
     def init_b_dec(self, sample_raw: Tensor) -> None:
         """Data-dependent init from a sample of raw activations (the first batch), before step 0:
-        b_dec as `config.init_b_dec` says; then, for jumprelu, the per-feature thresholds
-        (`JumpReLUSAE.init_threshold_`: a moderate initial L0 instead of thousands)."""
+        with --transcoder-init sparsify, sparsify's transcoder start (`TranscoderSAE.init_sparsify_`: zero decoder,
+        encoder drawn from (seed), centred b_enc); b_dec as `config.init_b_dec` says; then, for jumprelu, the
+        per-feature thresholds (`JumpReLUSAE.init_threshold_`: a moderate initial L0 instead of thousands)."""
         x = self.scaled(sample_raw)
         x = x[torch.isfinite(x).all(1)]
         if not x.shape[0]:
             return
+        if self.cfg.transcoder_init == "sparsify":
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            self.sae.init_sparsify_(x, float(self.cfg.init_decoder_norm), gen)  # type: ignore[operator,arg-type]
         if self.cfg.init_b_dec != "zero":
             self.sae.init_b_dec_(x, method=self.cfg.init_b_dec)
         init_threshold = getattr(self.sae, "init_threshold_", None)
