@@ -154,8 +154,10 @@ class TrainConfig:
     (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated; 0.577 with --optimizer signum-sf, sparsify's). With
     --transcoder-init sparsify: the encoder's expected row norm (default 0.577); its decoder starts at zero."""
 
-    transcoder_init: TranscoderInit = "sae"
-    """--arch transcoder: how it starts and which decoder constraint it trains under. sae: as every topk-style SAE
+    transcoder_init: TranscoderInit | None = None
+    """--arch transcoder: how it starts and which decoder constraint it trains under (default: sparsify for a
+    transcoder, measured better at every point of the run in benchmarks/results/train_vs_peers_transcoder.json;
+    sae for every other architecture, the only start they have). sae: as every topk-style SAE
     (random unit-norm decoder rows, encoder = their transpose; decoder rows renormalised after each step, the
     gradient parallel to them removed). sparsify: sparsify's transcoder recipe: encoder entries U(±a) (nn.Linear's
     init; expected row norm --init-decoder-norm, default 0.577), b_enc = -mean(input)·W_encᵀ on the first batch
@@ -232,6 +234,8 @@ class TrainConfig:
             raise TrainConfigError(f"--optimizer {self.optimizer!r}: use one of {', '.join(get_args(Optim))}")
         if self.lr_decay_frac is None:
             self.lr_decay_frac = 0.0 if self.optimizer == "signum-sf" else 0.2
+        if self.transcoder_init is None:
+            self.transcoder_init = "sparsify" if self.arch == "transcoder" else "sae"
         if self.transcoder_init not in get_args(TranscoderInit):
             raise TrainConfigError(f"--transcoder-init {self.transcoder_init!r}: use one of "
                                    f"{', '.join(get_args(TranscoderInit))}")
@@ -371,7 +375,12 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise TrainConfigError(f"unknown training settings {unknown}: remove them (known: {sorted(known)})")
-        return cls(**data)
+        return cls(**{**ABSENT_MEANS, **data})
+
+
+ABSENT_MEANS: dict[str, Any] = {"transcoder_init": "sae"}
+"""Fields whose default changed after runs were saved without them: their absence means this value (a transcoder
+trained before `--transcoder-init` existed started as `sae`)."""
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RUNTIME_FIELDS) -> list[str]:
@@ -382,7 +391,8 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: frozense
         if name in ignore:
             continue
         # a field added after the saved run was made: its absence means the default it then had
-        a, b = saved.get(name, defaults.get(name, "<absent>")), current.get(name, "<absent>")
+        a = saved.get(name, ABSENT_MEANS.get(name, defaults.get(name, "<absent>")))
+        b = current.get(name, "<absent>")
         if a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
