@@ -640,7 +640,9 @@ def node_effects(f_tr: Tensor, y_tr: Tensor, w: Tensor, w_dec_raw: Tensor) -> Te
 
 
 def top_n_latents(effects: Tensor, n: int) -> Tensor:
-    """SAEBench's `select_top_n_features`: the n largest effects among the non-zero ones (fewer if fewer)."""
+    """SAEBench's `select_top_n_features`: the k = min(n, number of non-zero effects) largest effects. As there,
+    a zero effect ranks above a negative one, so with negative effects present some zero-effect latents are
+    chosen too."""
     k = min(n, int((effects != 0).sum()))
     return torch.topk(effects, k).indices if k else torch.zeros(0, dtype=torch.long)
 
