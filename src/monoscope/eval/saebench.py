@@ -1,6 +1,7 @@
-"""SAEBench-compatible metrics on data that ships offline: feature absorption and sparse probing.
+"""SAEBench-compatible metrics on data that ships offline: feature absorption, sparse probing and TPP.
 
-Definitions and defaults follow SAEBench 0.6.0 (`sae_bench.evals.absorption`, `sae_bench.evals.sparse_probing`);
+Definitions and defaults follow SAEBench 0.6.0 (`sae_bench.evals.absorption`, `sae_bench.evals.sparse_probing`,
+`sae_bench.evals.scr_and_tpp`);
 every place where monoscope differs is listed in `DIFFERENCES` (written into the metric JSON and
 docs/saebench.md), so a number here is never silently compared with a different definition.
 
@@ -14,6 +15,11 @@ such latent carries it alone while the letter's latents are silent (full absorpt
 Sparse probing (higher is better): binary tasks built from the concept packs, Django's translation
 catalogues (language of a message) and the standard library (code vs its docstrings); mean-pooled activations,
 a logistic probe on the full residual vs on the k = 1, 2, 5 SAE latents with the largest class mean difference.
+
+Targeted probe perturbation (higher is better): on the multi-class offline datasets (language of Django's messages,
+concept pack by pack), one residual probe per class (SAEBench's torch trainer); for each class the n latents with the
+largest effect on its probe are zero-ablated with the SAE's error kept, and the metric is the drop of that class's
+probe accuracy minus the mean drop of the other classes' probes, for n = 2 .. 500.
 """
 
 from __future__ import annotations
@@ -58,10 +64,41 @@ DIFFERENCES: dict[str, str] = {
     "sparse_probing.llm_probe": "SAEBench trains the full-residual probe with its own torch trainer; monoscope "
                                 "uses scikit-learn's LogisticRegression (L2, C=1, max_iter=1000), as SAEBench "
                                 "does for the k-latent probes.",
-    "scr_tpp": "Spurious correlation removal needs a dataset with two correlated binary attributes (SAEBench: "
-               "profession x gender in bias_in_bios, sentiment x category in Amazon reviews); nothing that ships "
-               "offline here carries two such attributes, so SCR is not computed. Targeted probe perturbation "
-               "is not implemented yet.",
+    "tpp.datasets": "SAEBench runs TPP on 5 classes each of bias_in_bios (professions) and Amazon reviews "
+                    "(product categories) from the Hugging Face Hub; monoscope on the multi-class data that ships "
+                    "offline: `language` (Django's messages in de, es, fr, ja, ru) and `concepts` (the positive "
+                    "texts of each concept pack, labelled by pack); a dataset with fewer than 3 classes is skipped "
+                    "(recorded). "
+                    "Comparable across SAEs of one model, not with SAEBench's published numbers.",
+    "tpp.sizes": "SAEBench uses 4,000 train / 1,000 test texts per dataset from equal-sized classes; monoscope uses "
+                 "what the offline data holds, at most `max_per_class` per class (default 150; ja has 80 messages), "
+                 "80/20 per class. With unequal classes a probe's positives are cut to the negatives available "
+                 "(SAEBench's `prepare_probe_data` would stop).",
+    "tpp.negatives": "SAEBench draws each probe's negatives with torch's global generator, and draws the test "
+                     "negatives again at every evaluation (clean and each ablation); monoscope draws each probe's "
+                     "train and test sets once (numpy, seeded per class) and evaluates every ablation on the same "
+                     "test set, so a change in accuracy is the ablation's alone.",
+    "tpp.probe_seed": "SAEBench's probe trainer (`train_probe_gpu`: nn.Linear init, AdamW lr 1e-3, batch 16, 20 "
+                      "epochs, L1 1e-3, best test-accuracy epoch) is followed step for step, but each class's probe "
+                      "starts from its own generator seeded seed + class index instead of one global stream.",
+    "tpp.ablation": "SAEBench splices per token (x̂(f with the latents zeroed) + (x − x̂(f))) and mean-pools; monoscope "
+                    "computes x − Σ f_j·d_j on the mean-pooled x and f, the same number because the decoder is "
+                    "affine. SAEBench's pooled sum also includes its zeroed BOS/padding positions, where the splice "
+                    "adds −Σ f_j(0)·d_j for ablated latents that fire on a zero vector; monoscope pools real tokens "
+                    "only.",
+    "tpp.effects": "SAEBench's latent effect is the clamped class mean difference × probe·W_dec[j] (sae-lens decoders "
+                   "are in raw space); monoscope divides by the SAE's input normaliser c (raw-space decoder row), a "
+                   "positive factor that does not change which latents are chosen.",
+    "tpp.n_values": "SAEBench asserts n ≤ d_sae for n in 2, 5, 10, 20, 50, 100, 500; monoscope skips the n above d_sae "
+                    "(listed in `n_values_skipped`).",
+    "scr": "Spurious correlation removal needs texts that each carry two binary attributes with all four combinations "
+           "well populated, so that a probe is trained on a fully correlated subset (SAEBench: every professor male, "
+           "every nurse female, in bias_in_bios; category x rating in Amazon reviews, 1,000 train texts per "
+           "combination) and the latents of the spurious attribute are ablated. The offline data carries one label "
+           "per text (concept packs: concept or not; language; code or docstring). The one offline candidate with "
+           "two attributes, Django's catalogues (language x the catalogue a message is from, e.g. core vs "
+           "contrib.admin: 104 to 138 messages per combination for de/fr), is about 10x smaller than SAEBench's "
+           "sets and untested as a probe target, so SCR is not computed.",
 }
 
 
@@ -815,8 +852,10 @@ def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
     tp = metrics.get("tpp")
     if tp is not None:
         for k in tp["higher_is_better"]:
-            print(f"{k + ' (higher is better)':<40}{tp['mean'][k]:.4f}")
-        print(f"TPP datasets                            {', '.join(tp['datasets'])}")
+            print(f"{k + ' (higher is better)':<40} {tp['mean'][k]:.4f}")
+        skipped = ", ".join(s["name"] for s in tp["skipped_datasets"])
+        label = f"TPP datasets (skipped: {skipped})" if skipped else "TPP datasets"
+        print(f"{label:<40}{', '.join(tp['datasets'])}")
     print(f"results: {path}")
 
 
