@@ -127,7 +127,7 @@ def _saebench_tpp_functions() -> dict[str, Any]:
     transformer-lens, sae-lens and tabulate (slow, and not all installed), which these functions do not use."""
     pt = pytest.importorskip("sae_bench.evals.sparse_probing.probe_training",
                              reason="sae_bench not importable (see docs/saebench.md for the cross-check)")
-    import einops
+    einops = pytest.importorskip("einops")
     import sae_bench.sae_bench_utils.dataset_info as dataset_info
 
     spec = importlib.util.find_spec("sae_bench")
