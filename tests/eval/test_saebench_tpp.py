@@ -121,6 +121,27 @@ TINY_GOLDEN = {"tpp_threshold_2_total_metric": 0.0375, "tpp_threshold_5_total_me
 leaves SAEBench's 20 at chance."""
 
 
+def test_tpp_without_a_multiclass_dataset_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    r = sb.tpp(None, None, None, sb.TPPConfig(), datasets=[])
+    assert r["mean"] == {} and r["reason"] == ("no offline dataset with at least 3 classes of 10+ texts (install "
+                                               "django for its translation catalogues, or use more concept packs)")
+    sb.print_saebench_summary({"absorption": {"mean_absorption_fraction_score": None, "mean_full_absorption_score":
+                               None, "letters_evaluated": 0, "words": 0}, "sparse_probing": {"mean": {}}, "tpp": r},
+                              "x.json")
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3:-1] == ["TPP datasets                            none",
+                          "note: TPP not computed: " + r["reason"]]
+
+
+def test_tpp_datasets_drop_small_classes() -> None:
+    """ja has 80 messages of 20+ characters and each pack 60 positives: under min_per_class=90 they are dropped."""
+    ds, skipped = sb.tpp_datasets(sb.TPPConfig(max_per_class=100, min_per_class=90, languages=["de", "fr", "es", "ja"],
+                                               packs=["sycophancy", "bias", "deception"]))
+    assert [d.name for d in ds] == ["language"] and sorted(set(ds[0].labels)) == ["de", "es", "fr"]
+    assert len(ds[0].texts) == 300
+    assert skipped == [{"name": "concepts", "reason": "0 classes; TPP needs at least 3"}]
+
+
 # ------------------------------------------------------------------------------ cross-check with SAEBench
 def _saebench_tpp_functions() -> dict[str, Any]:
     """SAEBench's TPP functions compiled from its installed `scr_and_tpp/main.py`: importing that module pulls in

@@ -67,8 +67,8 @@ DIFFERENCES: dict[str, str] = {
     "tpp.datasets": "SAEBench runs TPP on 5 classes each of bias_in_bios (professions) and Amazon reviews "
                     "(product categories) from the Hugging Face Hub; monoscope on the multi-class data that ships "
                     "offline: `language` (Django's messages in de, es, fr, ja, ru) and `concepts` (the positive "
-                    "texts of each concept pack, labelled by pack); a dataset with fewer than 3 classes is skipped "
-                    "(recorded). "
+                    "texts of each concept pack, labelled by pack); a class with fewer than 10 texts is dropped and a "
+                    "dataset with fewer than 3 classes skipped (recorded). "
                     "Comparable across SAEs of one model, not with SAEBench's published numbers.",
     "tpp.sizes": "SAEBench uses 4,000 train / 1,000 test texts per dataset from equal-sized classes; monoscope uses "
                  "what the offline data holds, at most `max_per_class` per class (default 150; ja has 80 messages), "
@@ -559,6 +559,7 @@ class TPPConfig:
     languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ru", "ja"])
     packs: list[str] | None = None
     min_classes: int = 3
+    min_per_class: int = 10
     seed: int = 42
     batch: int = 16
 
@@ -587,6 +588,10 @@ def tpp_datasets(cfg: TPPConfig) -> tuple[list[Dataset], list[dict[str, str]]]:
     out.append(Dataset("concepts", texts, labels, "monoscope concept packs (positives): " + ", ".join(versions)))
     kept = []
     for ds in out:
+        small = {c for c in set(ds.labels) if ds.labels.count(c) < cfg.min_per_class}
+        if small:
+            keep = [i for i, c in enumerate(ds.labels) if c not in small]
+            ds = Dataset(ds.name, [ds.texts[i] for i in keep], [ds.labels[i] for i in keep], ds.source)
         n = len(set(ds.labels))
         if n < cfg.min_classes:
             skipped.append({"name": ds.name, "reason": f"{n} classes; TPP needs at least {cfg.min_classes}"})
@@ -766,8 +771,9 @@ def tpp(lm: Any, sae: Any, hook: Any, cfg: TPPConfig | None = None,
     if datasets is None:
         datasets, skipped = tpp_datasets(cfg)
     if not datasets:
-        raise MonoscopeError("no TPP dataset with at least 3 classes could be built from the offline data: "
-                             "install django (its translation catalogues) or use more concept packs")
+        return {"higher_is_better": [], "mean": {}, "datasets": {}, "skipped_datasets": skipped, "config": asdict(cfg),
+                "reason": f"no offline dataset with at least {cfg.min_classes} classes of {cfg.min_per_class}+ texts "
+                          "(install django for its translation catalogues, or use more concept packs)"}
     w_dec_raw = sae.W_dec.detach().float().cpu() / float(sae.cfg.normaliser)
     per_ds = {}
     for ds in datasets:
@@ -855,7 +861,9 @@ def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
             print(f"{k + ' (higher is better)':<40} {tp['mean'][k]:.4f}")
         skipped = ", ".join(s["name"] for s in tp["skipped_datasets"])
         label = f"TPP datasets (skipped: {skipped})" if skipped else "TPP datasets"
-        print(f"{label:<40}{', '.join(tp['datasets'])}")
+        print(f"{label:<40}{', '.join(tp['datasets']) or 'none'}")
+        if tp.get("reason"):
+            print(f"note: TPP not computed: {tp['reason']}")
     print(f"results: {path}")
 
 
