@@ -133,6 +133,16 @@ def test_tpp_without_a_multiclass_dataset_says_why(capsys: pytest.CaptureFixture
                           "note: TPP not computed: " + r["reason"]]
 
 
+def test_families_are_checked() -> None:
+    assert sb.check_families(["tpp", "absorption"]) == ["absorption", "tpp"]
+    with pytest.raises(sb.MonoscopeError) as e:
+        sb.run_saebench("/nonexistent/sae", families=["tpp", "scr"])  # refused before anything is opened
+    assert str(e.value) == ("--saebench-metrics: unknown metric family 'scr' (choose from absorption, probing, tpp, "
+                            "comma-separated)")
+    with pytest.raises(sb.MonoscopeError, match="name at least one of absorption, probing, tpp"):
+        sb.check_families([])
+
+
 def test_tpp_datasets_drop_small_classes() -> None:
     """ja has 80 messages of 20+ characters and each pack 60 positives: under min_per_class=90 they are dropped."""
     ds, skipped = sb.tpp_datasets(sb.TPPConfig(max_per_class=100, min_per_class=90, languages=["de", "fr", "es", "ja"],

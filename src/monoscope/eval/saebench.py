@@ -786,16 +786,34 @@ def tpp(lm: Any, sae: Any, hook: Any, cfg: TPPConfig | None = None,
             "skipped_datasets": skipped, "config": asdict(cfg)}
 
 
+FAMILIES = ("absorption", "probing", "tpp")
+"""The metric families `--saebench-metrics` chooses from (JSON keys absorption, sparse_probing, tpp)."""
+
+
+def check_families(families: Sequence[str]) -> list[str]:
+    """The families in FAMILIES order, or a one-line error naming the unknown one."""
+    for f in families:
+        if f not in FAMILIES:
+            raise MonoscopeError(f"--saebench-metrics: unknown metric family {f!r} (choose from "
+                                 f"{', '.join(FAMILIES)}, comma-separated)")
+    if not families:
+        raise MonoscopeError(f"--saebench-metrics: name at least one of {', '.join(FAMILIES)}")
+    return [f for f in FAMILIES if f in families]
+
+
 def saebench_metrics(lm: Any, sae: Any, hook: Any, *, absorption_cfg: AbsorptionConfig | None = None,
-                     probing_cfg: ProbingConfig | None = None, tpp_cfg: TPPConfig | None = None) -> dict[str, Any]:
-    """The three metric families in one JSON-able dict, with the list of differences from SAEBench."""
+                     probing_cfg: ProbingConfig | None = None, tpp_cfg: TPPConfig | None = None,
+                     families: Sequence[str] = FAMILIES) -> dict[str, Any]:
+    """The metric families (all three by default) in one JSON-able dict, with the list of differences from
+    SAEBench."""
     from threadpoolctl import threadpool_limits
 
+    families = check_families(families)
     keep = _KEEP[0]
     _KEEP[0] = True  # sparse probing and TPP share the language texts: one model pass
     try:
         with threadpool_limits(1):  # scikit-learn's small L-BFGS fits are ~3x faster on one BLAS thread
-            return _metrics(lm, sae, hook, absorption_cfg, probing_cfg, tpp_cfg)
+            return _metrics(lm, sae, hook, absorption_cfg, probing_cfg, tpp_cfg, families)
     finally:
         _KEEP[0] = keep
         if not keep:
@@ -803,19 +821,25 @@ def saebench_metrics(lm: Any, sae: Any, hook: Any, *, absorption_cfg: Absorption
 
 
 def _metrics(lm: Any, sae: Any, hook: Any, absorption_cfg: AbsorptionConfig | None,
-             probing_cfg: ProbingConfig | None, tpp_cfg: TPPConfig | None) -> dict[str, Any]:
-    return {"format": "monoscope-saebench/1", "reference": "SAEBench 0.6.0 (sae_bench.evals)",
-            "absorption": absorption(lm, sae, hook, absorption_cfg),
-            "sparse_probing": sparse_probing(lm, sae, hook, probing_cfg),
-            "tpp": tpp(lm, sae, hook, tpp_cfg),
-            "differences_from_saebench": DIFFERENCES}
+             probing_cfg: ProbingConfig | None, tpp_cfg: TPPConfig | None, families: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"format": "monoscope-saebench/1", "reference": "SAEBench 0.6.0 (sae_bench.evals)",
+                           "families": families}
+    if "absorption" in families:
+        out["absorption"] = absorption(lm, sae, hook, absorption_cfg)
+    if "probing" in families:
+        out["sparse_probing"] = sparse_probing(lm, sae, hook, probing_cfg)
+    if "tpp" in families:
+        out["tpp"] = tpp(lm, sae, hook, tpp_cfg)
+    out["differences_from_saebench"] = DIFFERENCES
+    return out
 
 
 def run_saebench(sae_dir: str | Any, *, out: str | Any | None = None, model: str | None = None,
                  device: str = "auto", max_words: int | None = None, max_per_class: int | None = None,
-                 packs: list[str] | None = None) -> tuple[Any, dict[str, Any]]:
+                 packs: list[str] | None = None, families: Sequence[str] = FAMILIES) -> tuple[Any, dict[str, Any]]:
     """Open the SAE and its model, compute the metric families, write `OUT/saebench.json` (atomic).
     Returns (path, metrics)."""
+    families = check_families(families)  # before loading the model
     from pathlib import Path
 
     from monoscope.eval.run import default_out
@@ -830,7 +854,8 @@ def run_saebench(sae_dir: str | Any, *, out: str | Any | None = None, model: str
     if max_per_class is not None:
         p_cfg.max_per_class = t_cfg.max_per_class = max_per_class
     torch.manual_seed(0)
-    metrics = saebench_metrics(t.lm, t.sae, t.hook, absorption_cfg=a_cfg, probing_cfg=p_cfg, tpp_cfg=t_cfg)
+    metrics = saebench_metrics(t.lm, t.sae, t.hook, absorption_cfg=a_cfg, probing_cfg=p_cfg, tpp_cfg=t_cfg,
+                               families=families)
     metrics["sae"] = {"path": str(sae_dir), "weights_sha256": weights_sha256(sae_dir), "arch": t.sae.cfg.arch,
                       "d_sae": t.sae.cfg.d_sae, "hook": str(t.hook), "model": t.lm.model_id}
     folder = Path(out) if out is not None else default_out(Path(sae_dir))
@@ -843,18 +868,19 @@ def run_saebench(sae_dir: str | Any, *, out: str | Any | None = None, model: str
 
 def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
     """The headline numbers, each with its direction."""
-    a, p = metrics["absorption"], metrics["sparse_probing"]["mean"]
-
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
-    print(f"absorption fraction (lower is better)   {fmt(a['mean_absorption_fraction_score'])}")
-    print(f"full absorption (lower is better)       {fmt(a['mean_full_absorption_score'])}")
-    print(f"letters evaluated / words               {a['letters_evaluated']} / {a['words']}")
-    if a.get("reason"):
-        print(f"note: {a['reason']}")
-    for k, v in p.items():
-        print(f"{k + ' (higher is better)':<40}{v:.4f}")
+    a = metrics.get("absorption")
+    if a is not None:
+        print(f"absorption fraction (lower is better)   {fmt(a['mean_absorption_fraction_score'])}")
+        print(f"full absorption (lower is better)       {fmt(a['mean_full_absorption_score'])}")
+        print(f"letters evaluated / words               {a['letters_evaluated']} / {a['words']}")
+        if a.get("reason"):
+            print(f"note: {a['reason']}")
+    if "sparse_probing" in metrics:
+        for k, v in metrics["sparse_probing"]["mean"].items():
+            print(f"{k + ' (higher is better)':<40}{v:.4f}")
     tp = metrics.get("tpp")
     if tp is not None:
         for k in tp["higher_is_better"]:
