@@ -70,7 +70,8 @@ DIFFERENCES: dict[str, str] = {
                     "texts of each concept pack, labelled by pack); a class with fewer than 10 texts is dropped and a "
                     "dataset with fewer than 3 classes skipped (recorded). "
                     "Comparable across SAEs of one model, not with SAEBench's published numbers.",
-    "tpp.sizes": "SAEBench uses 4,000 train / 1,000 test texts per dataset from equal-sized classes; monoscope uses "
+    "tpp.sizes": "SAEBench uses 2,000 train / 500 test texts per class (a probe's balanced binary set: 4,000 / "
+                 "1,000), classes of equal size; monoscope uses "
                  "what the offline data holds, at most `max_per_class` per class (default 150; ja has 80 messages), "
                  "80/20 per class. With unequal classes a probe's positives are cut to the negatives available "
                  "(SAEBench's `prepare_probe_data` would stop).",
