@@ -1,4 +1,4 @@
-"""SAEBench-compatible absorption and sparse probing for several SAEs of one model and hook, in one process.
+"""SAEBench-compatible absorption, sparse probing and TPP for several SAEs of one model and hook, in one process.
 
     python benchmarks/saebench_small.py topk=runs/small/sae batchtopk=/tmp/sae-batchtopk \\
         matryoshka=/tmp/sae-matryoshka --absorption-words 1000 --probe-per-class 60
@@ -29,7 +29,7 @@ from monoscope.steer.target import open_target
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     rows = ["| SAE | arch | absorption fraction ↓ | full absorption ↓ | letters | probe k=1 ↑ | k=2 ↑ | k=5 ↑ "
-            "| all latents ↑ | residual probe ↑ |", "|" + " --- |" * 10]
+            "| all latents ↑ | residual probe ↑ | TPP n=20 ↑ |", "|" + " --- |" * 11]
 
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -39,7 +39,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         rows.append(f"| {name} | {m['sae']['arch']} | {f(a['mean_absorption_fraction_score'])} | "
                     f"{f(a['mean_full_absorption_score'])} | {a['letters_evaluated']} | "
                     f"{f(p['sae_top_1_test_accuracy'])} | {f(p['sae_top_2_test_accuracy'])} | "
-                    f"{f(p['sae_top_5_test_accuracy'])} | {f(p['sae_test_accuracy'])} | {f(p['llm_test_accuracy'])} |")
+                    f"{f(p['sae_top_5_test_accuracy'])} | {f(p['sae_test_accuracy'])} | {f(p['llm_test_accuracy'])} | "
+                    f"{f(m['tpp']['mean'].get('tpp_threshold_20_total_metric'))} |")
     return "\n".join(rows)
 
 
@@ -60,8 +61,10 @@ def main() -> None:
         saes[name] = sae
     a_cfg = sb.AbsorptionConfig(max_words=args.absorption_words)
     p_cfg = sb.ProbingConfig(max_per_class=args.probe_per_class)
+    t_cfg = sb.TPPConfig(max_per_class=args.probe_per_class)
     with torch.inference_mode(False):
-        results = sb.saebench_many(target.lm, saes, target.hook, absorption_cfg=a_cfg, probing_cfg=p_cfg)
+        results = sb.saebench_many(target.lm, saes, target.hook, absorption_cfg=a_cfg, probing_cfg=p_cfg,
+                                   tpp_cfg=t_cfg)
     for name, d in pairs:
         s = saes[name]
         results[name]["sae"] = {"path": d, "weights_sha256": weights_sha256(d), "arch": s.cfg.arch,

@@ -71,14 +71,16 @@ def test_alpha_tokens_and_prompt(tokenizer) -> None:  # type: ignore[no-untyped-
     assert all(ln.endswith(" has the first letter: " + ln.strip()[0].upper()) for ln in lines[1:3])
 
 
-def test_tiny_model_golden(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_tiny_model_golden(tmp_path: Path, tokenizer, capsys) -> None:  # type: ignore[no-untyped-def]
     from tests.steer.helpers import make_run
 
     sae_dir = make_run(tmp_path, tokenizer, with_db=False)
     path, _ = sb.run_saebench(sae_dir, out=tmp_path / "out", device="cpu", max_words=300, max_per_class=30,
                               packs=["sycophancy"])
     saved = json.loads(path.read_text())
-    assert saved["format"] == "monoscope-saebench/1" and "scr_tpp" in saved["differences_from_saebench"]
+    assert saved["format"] == "monoscope-saebench/1" and "scr" in saved["differences_from_saebench"]
+    assert {k for k in saved["differences_from_saebench"] if k.startswith("tpp.")} == {
+        "tpp.datasets", "tpp.sizes", "tpp.negatives", "tpp.probe_seed", "tpp.ablation", "tpp.effects", "tpp.n_values"}
     a = saved["absorption"]
     assert (a["words"], a["train_words"], a["letters_evaluated"]) == (91, 72, 1)
     assert a["mean_absorption_fraction_score"] is None and "SAEBench requires 20" in a["reason"]
@@ -90,6 +92,19 @@ def test_tiny_model_golden(tmp_path: Path, tokenizer) -> None:  # type: ignore[n
     golden = GOLDEN_MEAN
     for k, v in golden.items():
         assert p["mean"][k] == pytest.approx(v, abs=1e-6), k
+    # TPP at SAEBench's probe defaults: the tiny model's residual (norm ~0.13) leaves 20 epochs at lr 1e-3 near chance
+    # (tests/eval/test_saebench_tpp.py trains longer for golden values that move)
+    t = saved["tpp"]
+    assert list(t["datasets"]) == ["language"] and t["skipped_datasets"][0]["name"] == "concepts"
+    assert t["datasets"]["language"]["clean_accuracy"] == pytest.approx(
+        {"de": 0.5833333134651184, "es": 0.5, "fr": 0.5, "ja": 0.5, "ru": 0.5}, abs=1e-6)
+    assert t["higher_is_better"] == [f"tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100)]
+    assert [t["mean"][k] for k in t["higher_is_better"]] == pytest.approx([-0.004166665673255921] * 5 + [0.0],
+                                                                          abs=1e-6)
+    sb.print_saebench_summary(saved, path)
+    out = capsys.readouterr().out.splitlines()
+    assert "tpp_threshold_20_total_metric (higher is better) -0.0042" in out
+    assert "TPP datasets (skipped: concepts)        language" in out
 
 
 GOLDEN_MEAN = {"llm_test_accuracy": 0.5714285714285714, "sae_test_accuracy": 0.7916666666666667,

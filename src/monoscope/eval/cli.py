@@ -37,13 +37,17 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     g = p.add_argument_group("SAEBench metrics (--saebench; docs/saebench.md)")
     g.add_argument("--saebench", action="store_true",
-                   help="SAEBench-compatible absorption (lower is better) and sparse probing on offline data, "
-                        "into OUT/saebench.json; needs the SAE's model, not --acts")
+                   help="SAEBench-compatible absorption (lower is better), sparse probing and targeted probe "
+                        "perturbation (higher is better) on offline data, into OUT/saebench.json; needs the SAE's "
+                        "model, not --acts")
     g.add_argument("--model", default=None, help="with --saebench: the model (default: the one the SAE records)")
     g.add_argument("--absorption-words", type=int, default=None,
                    help="with --saebench: vocabulary words of the first-letter task (default 2000)")
     g.add_argument("--probe-per-class", type=int, default=None,
-                   help="with --saebench: texts per class of each probing task (default 150)")
+                   help="with --saebench: texts per class of each probing and TPP task (default 150)")
+    g.add_argument("--saebench-metrics", default="absorption,probing,tpp", metavar="LIST",
+                   help="with --saebench: the metric families to compute, comma-separated (default "
+                        "absorption,probing,tpp), e.g. tpp alone")
     p.set_defaults(func=cmd_eval)
 
 
@@ -58,7 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from monoscope.eval.saebench import print_saebench_summary, run_saebench
 
         path, metrics = run_saebench(args.sae, out=args.out, model=args.model, device=args.device,
-                                     max_words=args.absorption_words, max_per_class=args.probe_per_class)
+                                     max_words=args.absorption_words, max_per_class=args.probe_per_class,
+                                     families=[f.strip() for f in args.saebench_metrics.split(",") if f.strip()])
         print_saebench_summary(metrics, path)
         if args.acts is None:
             return 0
