@@ -16,6 +16,13 @@ What runs (the defaults of each library, read from its source; deviations are li
   data-provider iterator, with `normalize_activations="expected_average_only_in"` (its
   `ActivationScaler`, estimated by its own `estimate_scaling_factor`), Adam and the runner's defaults
   (lr 3e-4 constant for TopK; the tutorial's lr 5e-5, 20% linear decay and 5% L1 warm-up for ReLU-L1).
+- llamascopium 2.0.0b34 (OpenMOSS's lm_saes; `--crosscoder` only, run by the python of its own venv): its acausal
+  `Crosscoder` with act_fn=topk, its `Initializer` and `Trainer.fit` defaults (Adam lr 4e-4, W_enc = W_dec^T,
+  dataset-wise activation norms, no AuxK), deviations in `LMSAES_DEVIATIONS`. It differs from monoscope's crosscoder
+  in the model, not only the recipe: the TopK runs per head (layer) on the shared pre-activation times that head's
+  decoder-row norm, so a token's latents are the union of L TopK sets (between k and L·k latents); the decoder is
+  never normalised (the norm enters the selection instead); b_dec is not subtracted from the input; its loss is the
+  mean over tokens and heads of the per-head squared error.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Trainers, each in its own child process (so each reports its own peak RSS, as Vm
   sparsify           its SparseCoder + its Trainer.fit step and default optimizer (see peers.py);
   SAELens TopK       TopKTrainingSAE through its SAETrainer.fit, expected_average_only_in, Adam 3e-4;
   SAELens ReLU-L1    StandardTrainingSAE, its tutorial settings, L1 coefficient from the recorded sweep.
+--crosscoder: monoscope's acausal TopK crosscoder (Trainer, auto dtype) against llamascopium's `Crosscoder`
+(peers.py: its Initializer + Trainer.fit; `--lmsaes-grid-init` adds a row with its decoder-norm grid search), the
+peer's child started with `--lmsaes-python`; held-out FVU over the three hooks side by side (raw scale) and per hook.
 The Trainer runs and the peers are interleaved: they run as separate processes taking turns of
 `--turn-s` seconds of training time (one runs while the others wait), so on this shared 2-core
 machine they all meet the same background load; the load is recorded.
