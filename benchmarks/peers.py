@@ -531,11 +531,12 @@ LMSAES_DEVIATIONS = [
 
 def train_lmsaes_crosscoder(data: BatchFile, held: HeldOut, hooks: list[str], n_features: int, k: int, seed: int,
                             marks: Marks, dead_window_tokens: int, amp_dtype: str = "float32",
-                            grid_init: bool = False, work: str | None = None,
+                            grid_init: bool = False, lr: float | None = None, work: str | None = None,
                             ctl: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """llamascopium's (OpenMOSS lm_saes) acausal `Crosscoder` with TopK, initialised by its `Initializer` and trained
     by its `Trainer.fit` on rows holding `hooks` side by side ([B, L·d]); deviations in `LMSAES_DEVIATIONS`.
-    `grid_init`: its initialisation search over the decoder norm (`grid_search_init_norm=True`; off by default)."""
+    `grid_init`: its initialisation search over the decoder norm (`grid_search_init_norm=True`; off by default).
+    `lr`: Adam's learning rate instead of its default 4e-4."""
     import tempfile
 
     from llamascopium import Crosscoder, CrosscoderConfig
@@ -563,7 +564,8 @@ def train_lmsaes_crosscoder(data: BatchFile, held: HeldOut, hooks: list[str], n_
     init_cfg = InitializerConfig(grid_search_init_norm=grid_init)  # others: its defaults
     tc = TrainerConfig(total_training_tokens=data.steps * data.batch, amp_dtype=amp, k_warmup_steps=0,
                        lr_warm_up_steps=max(1, data.steps // 20), n_checkpoints=0, skip_metrics_calculation=True,
-                       eval_frequency=1, exp_result_path=work or tempfile.mkdtemp(prefix="lmsaes-"))
+                       eval_frequency=1, exp_result_path=work or tempfile.mkdtemp(prefix="lmsaes-"),
+                       **({"lr": lr} if lr is not None else {}))
     since = torch.zeros(n_features, dtype=torch.long)
     pairs = {"nnz": 0.0, "rows": 0}
     gate = Gate("lmsaes_crosscoder", held, n_features, data.batch, data.steps, marks, ctl)

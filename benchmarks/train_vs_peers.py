@@ -350,7 +350,8 @@ def child_lmsaes(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
     work = Path(spec["work"]) / f"out-{spec['name']}"
     return train_lmsaes_crosscoder(data, held, spec["data"]["hook"].split(","), spec["width"], spec["k"],
                                    spec["seed"], _marks(spec), spec["dead_window"], amp_dtype=spec["amp_dtype"],
-                                   grid_init=bool(spec.get("grid_init")), work=str(work), ctl=ctl)
+                                   grid_init=bool(spec.get("grid_init")), lr=spec.get("lr"), work=str(work),
+                                   ctl=ctl)
 
 
 CHILDREN = {"monoscope_trainer": child_monoscope_trainer, "monoscope_train": child_monoscope_train,
@@ -557,6 +558,9 @@ def main() -> None:
     ap.add_argument("--lmsaes-grid-init", action="store_true",
                     help="with --crosscoder: also a llamascopium row with its decoder-norm grid search at "
                          "initialisation (grid_search_init_norm=True; off in its defaults)")
+    ap.add_argument("--lmsaes-lr", default="",
+                    help="with --crosscoder: also llamascopium rows (grid-search init) with these Adam learning rates "
+                         "(comma-separated; its default is 4e-4)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
@@ -797,6 +801,8 @@ def crosscoder_specs(args: argparse.Namespace, base: dict[str, Any], quarter: li
              {**peer, "name": "lmsaes_crosscoder"}]
     if args.lmsaes_grid_init:
         group.append({**peer, "name": "lmsaes_crosscoder_grid_init", "grid_init": True})
+    for lr in [float(v) for v in args.lmsaes_lr.split(",") if v.strip()]:
+        group.append({**peer, "name": f"lmsaes_crosscoder_grid_init_lr{lr:g}", "grid_init": True, "lr": lr})
     return group
 
 
@@ -1029,7 +1035,9 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
     order[n_mono:n_mono] = [n for n in summary["rows"] if n not in LABELS]  # extra monoscope runs (--mono-lr)
     for name in order:
         r = summary["rows"][name]
-        label = LABELS.get(name) or f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}"
+        label = LABELS.get(name) or (f"llamascopium Crosscoder, TopK, grid init, lr {name.rsplit('lr', 1)[-1]}"
+                                     if name.startswith("lmsaes") else
+                                     f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}")
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} | | | | | | | | | | |")
             continue

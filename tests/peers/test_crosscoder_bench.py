@@ -31,14 +31,16 @@ def test_child_command_uses_the_spec_python(tmp_path: Path) -> None:
 def test_crosscoder_specs_pair_monoscope_with_the_peer() -> None:
     from monoscope.devices import bf16_is_fast
 
-    args = argparse.Namespace(lmsaes_python="/v/bin/python", work="/w", lmsaes_grid_init=True)
+    args = argparse.Namespace(lmsaes_python="/v/bin/python", work="/w", lmsaes_grid_init=True, lmsaes_lr="2e-3")
     base = {"steps": 4, "batch": 8, "k": 2, "width": 32, "seed": 0, "dead_window": 8, "data": {}}
     specs = tvp.crosscoder_specs(args, base, [1, 2, 3])
-    assert [s["name"] for s in specs] == ["monoscope_crosscoder", "lmsaes_crosscoder", "lmsaes_crosscoder_grid_init"]
-    assert [s["kind"] for s in specs] == ["monoscope_trainer", "lmsaes", "lmsaes"]
+    assert [s["name"] for s in specs] == ["monoscope_crosscoder", "lmsaes_crosscoder", "lmsaes_crosscoder_grid_init",
+                                          "lmsaes_crosscoder_grid_init_lr0.002"]
+    assert [s["kind"] for s in specs] == ["monoscope_trainer", "lmsaes", "lmsaes", "lmsaes"]
+    assert [s.get("lr") for s in specs] == [None, None, None, 0.002]
     assert specs[0]["arch"] == "crosscoder" and "python" not in specs[0]
     assert {s["python"] for s in specs[1:]} == {"/v/bin/python"}
-    assert [bool(s.get("grid_init")) for s in specs] == [False, False, True]
+    assert [bool(s.get("grid_init")) for s in specs] == [False, False, True, True]
     assert {s["amp_dtype"] for s in specs[1:]} == {"bfloat16" if bf16_is_fast("cpu") else "float32"}
     assert all(s["crosscoder"] and s["eval_steps"] == [1, 2, 3] and s["k"] == 2 for s in specs)
     assert tvp.PEER_OF["crosscoder"] == "lmsaes_crosscoder"
