@@ -532,7 +532,7 @@ LMSAES_DEVIATIONS = [
 def train_lmsaes_crosscoder(data: BatchFile, held: HeldOut, hooks: list[str], n_features: int, k: int, seed: int,
                             marks: Marks, dead_window_tokens: int, amp_dtype: str = "float32",
                             grid_init: bool = False, lr: float | None = None, work: str | None = None,
-                            ctl: tuple[Any, Any] | None = None) -> dict[str, Any]:
+                            name: str = "lmsaes_crosscoder", ctl: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """llamascopium's (OpenMOSS lm_saes) acausal `Crosscoder` with TopK, initialised by its `Initializer` and trained
     by its `Trainer.fit` on rows holding `hooks` side by side ([B, L·d]); deviations in `LMSAES_DEVIATIONS`.
     `grid_init`: its initialisation search over the decoder norm (`grid_search_init_norm=True`; off by default).
@@ -568,7 +568,7 @@ def train_lmsaes_crosscoder(data: BatchFile, held: HeldOut, hooks: list[str], n_
                        **({"lr": lr} if lr is not None else {}))
     since = torch.zeros(n_features, dtype=torch.long)
     pairs = {"nnz": 0.0, "rows": 0}
-    gate = Gate("lmsaes_crosscoder", held, n_features, data.batch, data.steps, marks, ctl)
+    gate = Gate(name, held, n_features, data.batch, data.steps, marks, ctl)
 
     def recon_factory() -> tuple[Recon, Callable[[], None]]:
         was = sae.training

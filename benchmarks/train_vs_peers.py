@@ -351,7 +351,7 @@ def child_lmsaes(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
     return train_lmsaes_crosscoder(data, held, spec["data"]["hook"].split(","), spec["width"], spec["k"],
                                    spec["seed"], _marks(spec), spec["dead_window"], amp_dtype=spec["amp_dtype"],
                                    grid_init=bool(spec.get("grid_init")), lr=spec.get("lr"), work=str(work),
-                                   ctl=ctl)
+                                   name=spec["name"], ctl=ctl)
 
 
 CHILDREN = {"monoscope_trainer": child_monoscope_trainer, "monoscope_train": child_monoscope_train,
