@@ -9,7 +9,7 @@
         # paired store (runs/bench/acts-tc) -> benchmarks/results/train_vs_peers_transcoder.json
     python benchmarks/train_vs_peers.py --crosscoder --lmsaes-python /tmp/venv-lmsaes/bin/python \
         --store /tmp/cc-peer/acts --work /tmp/cc-peer/tvp --tokens 48k --batch 1024 --heldout-rows 8192 \
-        --protocol sequential --lmsaes-grid-init
+        --protocol sequential --lmsaes-grid-init --lmsaes-lr 2e-3
         # acausal TopK crosscoder over resid_post.10,15,20: monoscope against llamascopium's (OpenMOSS lm_saes)
         # Crosscoder + Trainer, run by that separate venv's python (llamascopium pins transformer-lens<4 APIs and
         # is no dependency of monoscope: python3 -m venv /tmp/venv-lmsaes; pip install torch==2.13.0 (CPU);
