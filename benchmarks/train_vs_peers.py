@@ -8,13 +8,14 @@
         # TopK transcoder mlp_in.15 -> mlp_out.15: monoscope against sparsify's transcoder (transcode=True), on a
         # paired store (runs/bench/acts-tc) -> benchmarks/results/train_vs_peers_transcoder.json
     python benchmarks/train_vs_peers.py --crosscoder --lmsaes-python /tmp/venv-lmsaes/bin/python \
-        --store /tmp/cc-peer/acts --work /tmp/cc-peer/tvp --tokens 48k --batch 1024 --heldout-rows 8192 \
-        --protocol sequential --lmsaes-grid-init --lmsaes-lr 2e-3
+        --capture-tokens 64k --tokens 48k --batch 1024 --heldout-rows 8192 --protocol sequential \
+        --lmsaes-grid-init --lmsaes-lr 2e-3
         # acausal TopK crosscoder over resid_post.10,15,20: monoscope against llamascopium's (OpenMOSS lm_saes)
-        # Crosscoder + Trainer, run by that separate venv's python (llamascopium pins transformer-lens<4 APIs and
-        # is no dependency of monoscope: python3 -m venv /tmp/venv-lmsaes; pip install torch==2.13.0 (CPU);
-        # pip install llamascopium "transformer-lens<4"), on a store captured with
-        # `monoscope capture --hook resid_post.10,resid_post.15,resid_post.20`
+        # Crosscoder + Trainer, run by that separate venv's python (llamascopium needs transformer-lens<4 and is
+        # no dependency of monoscope: python3 -m venv /tmp/venv-lmsaes; pip install torch==2.13.0 (CPU wheel);
+        # pip install llamascopium "transformer-lens<4"), on a store of those hooks side by side (runs/bench/acts-cc,
+        # captured if missing, as `monoscope capture --hook resid_post.10,resid_post.15,resid_post.20` does)
+        # -> benchmarks/results/train_vs_peers_crosscoder.json
 
 Data: the default model's `resid_post.15` captured once into `runs/bench/acts` (1.2M tokens; a rerun
 of the capture is a no-op). The last shards (>= --heldout-rows rows) are held out; the training
