@@ -16,6 +16,13 @@ What runs (the defaults of each library, read from its source; deviations are li
   data-provider iterator, with `normalize_activations="expected_average_only_in"` (its
   `ActivationScaler`, estimated by its own `estimate_scaling_factor`), Adam and the runner's defaults
   (lr 3e-4 constant for TopK; the tutorial's lr 5e-5, 20% linear decay and 5% L1 warm-up for ReLU-L1).
+- llamascopium 2.0.0b34 (OpenMOSS's lm_saes; `--crosscoder` only, run by the python of its own venv): its acausal
+  `Crosscoder` with act_fn=topk, its `Initializer` and `Trainer.fit` defaults (Adam lr 4e-4, W_enc = W_dec^T,
+  dataset-wise activation norms, no AuxK), deviations in `LMSAES_DEVIATIONS`. It differs from monoscope's crosscoder
+  in the model, not only the recipe: the TopK runs per head (layer) on the shared pre-activation times that head's
+  decoder-row norm, so a token's latents are the union of L TopK sets (between k and L·k latents); the decoder is
+  never normalised (the norm enters the selection instead); b_dec is not subtracted from the input; its loss is the
+  mean over tokens and heads of the per-head squared error.
 """
 
 from __future__ import annotations
@@ -68,14 +75,20 @@ class BatchFile:
 
 @dataclass
 class HeldOut:
-    """Held-out raw activations (bf16 [n, d]) and the FVU denominator Σ‖x − x̄‖² (float64)."""
+    """Held-out raw activations (bf16 [n, d]) and the FVU denominator Σ‖x − x̄‖² (float64). `blocks` > 1: the rows
+    hold that many hooks side by side (a crosscoder's store), and each hook's own FVU is reported as well."""
 
     rows: Tensor
     denom: float = 0.0
+    blocks: int = 1
+    block_denoms: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        x = self.rows.double()
-        self.denom = float((x - x.mean(0)).pow(2).sum())
+        c = self.rows.double()
+        c -= c.mean(0)
+        self.denom = float(c.pow(2).sum())
+        if self.blocks > 1:
+            self.block_denoms = [float(b.pow(2).sum()) for b in c.chunk(self.blocks, 1)]
 
 
 Recon = Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -87,15 +100,22 @@ features with a non-zero code [F] bool)."""
 def evaluate(recon: Recon, held: HeldOut, n_features: int) -> dict[str, float]:
     """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² on RAW held-out rows, L0, and the share of features never active."""
     sse, nnz, n = 0.0, 0.0, held.rows.shape[0]
+    block_sse = torch.zeros(max(held.blocks, 1), dtype=torch.float64)
     fired = torch.zeros(n_features, dtype=torch.bool)
     for s in range(0, n, EVAL_CHUNK):
         x = held.rows[s: s + EVAL_CHUNK].float()
         x_hat, active, f = recon(x)
-        sse += float((x.double() - x_hat.double()).pow(2).sum())
+        err = (x.double() - x_hat.double()).pow(2)
+        sse += float(err.sum())
+        if held.blocks > 1:
+            block_sse += err.view(err.shape[0], held.blocks, -1).sum((0, 2))
         nnz += float(active)
         fired |= f.cpu()
-    return {"fvu": sse / held.denom, "mse_per_row": sse / n, "l0": nnz / n,
-            "dead_heldout_frac": 1.0 - float(fired.float().mean())}
+    out = {"fvu": sse / held.denom, "mse_per_row": sse / n, "l0": nnz / n,
+           "dead_heldout_frac": 1.0 - float(fired.float().mean())}
+    if held.blocks > 1:
+        out["fvu_per_hook"] = [float(e) / dn for e, dn in zip(block_sse, held.block_denoms, strict=True)]
+    return out
 
 
 class Clock:
@@ -487,6 +507,122 @@ def train_saelens(kind: str, data: BatchFile, held: HeldOut, n_features: int, k:
                      if kind in ("topk", "matryoshka") else
                      "ReLU-L1 settings of its training tutorial (lr, warm-ups), the same coefficient as monoscope's"
                      if kind == "gated" else "ReLU-L1 settings of its training tutorial; l1 tuned for L0 ~ k"),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- llamascopium (OpenMOSS lm_saes)
+
+
+LMSAES_DEVIATIONS = [
+    "its Crosscoder and Trainer.fit without a device mesh (its train_crosscoder runner always builds a "
+    "torch.distributed mesh, one head per process group); activations from the store instead of its model hook",
+    "mask given as ones of shape [batch, heads]: its crosscoder loss reduces l_rec [batch, heads] against the mask "
+    "while its step metrics reduce feature_acts against a [batch] mask, so one mask shape fails either way; "
+    "skip_metrics_calculation=True (those metrics only feed its logs) and the [batch, heads] mask (all ones: the "
+    "loss is exactly its unmasked mean)",
+    "k_warmup_steps=0: its default 0.1 anneals k from initial_k, which has no default (it asserts)",
+    "lr_warm_up_steps = 5% of the steps: its 5000-step default is longer than this whole run",
+    "amp_dtype = the compute dtype monoscope's auto picks on this machine (its bf16 autocast default is emulated on "
+    "a CPU without AVX512-BF16/AMX, where monoscope runs float32 too)",
+    "no checkpoints (n_checkpoints=0)",
+]
+
+
+def train_lmsaes_crosscoder(data: BatchFile, held: HeldOut, hooks: list[str], n_features: int, k: int, seed: int,
+                            marks: Marks, dead_window_tokens: int, amp_dtype: str = "float32",
+                            grid_init: bool = False, lr: float | None = None, work: str | None = None,
+                            name: str = "lmsaes_crosscoder", ctl: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """llamascopium's (OpenMOSS lm_saes) acausal `Crosscoder` with TopK, initialised by its `Initializer` and trained
+    by its `Trainer.fit` on rows holding `hooks` side by side ([B, L·d]); deviations in `LMSAES_DEVIATIONS`.
+    `grid_init`: its initialisation search over the decoder norm (`grid_search_init_norm=True`; off by default).
+    `lr`: Adam's learning rate instead of its default 4e-4."""
+    import tempfile
+
+    from llamascopium import Crosscoder, CrosscoderConfig
+    from llamascopium.initializer import Initializer, InitializerConfig
+    from llamascopium.trainer import Trainer, TrainerConfig
+
+    n_hooks = len(hooks)
+    d = data.d // n_hooks
+    amp = getattr(torch, amp_dtype)
+    cfg = CrosscoderConfig(hook_points=list(hooks), d_model=d, expansion_factor=n_features / d, act_fn="topk",
+                           top_k=k, device="cpu", dtype=torch.float32)  # others: its defaults
+    if cfg.d_sae != n_features:
+        raise ValueError(f"{n_features} features is not a whole expansion of d_model {d}")
+
+    def as_batch(raw: Tensor) -> dict[str, Tensor]:
+        x = raw.float()
+        return {**{h: x[:, i * d:(i + 1) * d] for i, h in enumerate(hooks)},
+                "tokens": torch.zeros(x.shape[0], dtype=torch.long), "mask": torch.ones(x.shape[0], n_hooks)}
+
+    class Stream:  # re-iterable: its initializer and trainer each peek at the first batch with iter()
+        def __iter__(self) -> Iterator[dict[str, Tensor]]:
+            return (as_batch(raw) for raw in data)
+
+    torch.manual_seed(seed)
+    init_cfg = InitializerConfig(grid_search_init_norm=grid_init)  # others: its defaults
+    tc = TrainerConfig(total_training_tokens=data.steps * data.batch, amp_dtype=amp, k_warmup_steps=0,
+                       lr_warm_up_steps=max(1, data.steps // 20), n_checkpoints=0, skip_metrics_calculation=True,
+                       eval_frequency=1, exp_result_path=work or tempfile.mkdtemp(prefix="lmsaes-"),
+                       **({"lr": lr} if lr is not None else {}))
+    since = torch.zeros(n_features, dtype=torch.long)
+    pairs = {"nnz": 0.0, "rows": 0}
+    gate = Gate(name, held, n_features, data.batch, data.steps, marks, ctl)
+
+    def recon_factory() -> tuple[Recon, Callable[[], None]]:
+        was = sae.training
+        sae.eval()
+        pairs.update(nnz=0.0, rows=0)
+
+        def recon(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            b = as_batch(x)
+            nb, scale = sae.normalize_activations(b, return_scale_factor=True)
+            f = sae.encode(sae.prepare_input(nb)[0])  # [n, heads, F]: each head its own TopK
+            r = sae.decode(f)  # [n, heads, d]
+            on = f > 0
+            pairs["nnz"] += float(on.sum())
+            pairs["rows"] += x.shape[0]
+            latent_on = on.any(1)  # a latent counts once however many heads it fires in
+            x_hat = torch.cat([r[:, i].float() / scale[h] for i, h in enumerate(hooks)], 1)
+            return x_hat, latent_on.sum(), latent_on.any(0)
+
+        return recon, lambda: sae.train(was)
+
+    gate.start()  # its initialisation (dataset norms from 8 batches, the optional grid search) is on the clock
+    t_init = time.perf_counter()
+    sae = Initializer(init_cfg).initialize_sae_from_config(cfg, activation_stream=Stream())
+    init_s = time.perf_counter() - t_init
+    assert isinstance(sae, Crosscoder)
+    compute_loss = sae.compute_loss
+
+    def watched_loss(*a: Any, **kw: Any) -> Any:  # what fired this step: the dead-latent statistic
+        ctx = compute_loss(*a, **kw)
+        with torch.no_grad():
+            since.add_(data.batch)
+            since[ctx["feature_acts"].detach().amax(dim=(0, 1)) > 0] = 0
+        return ctx
+
+    sae.compute_loss = watched_loss  # type: ignore[method-assign]
+    trainer = Trainer(tc)
+    trainer.fit(sae, Stream(), eval_fn=lambda _: gate.after_step(trainer.cur_step + 1, recon_factory))
+    train_s, final = gate.finish(trainer.cur_step, recon_factory)
+    final["l0_latent_layer_pairs_per_hook"] = pairs["nnz"] / max(pairs["rows"], 1) / n_hooks
+    return {
+        "train_s": train_s, "init_s": init_s, "curve": gate.rec.curve, "final": final, "turn_log": gate.turn_log,
+        "steps": trainer.cur_step, "dead_train_frac": float((since >= dead_window_tokens).float().mean()),
+        "dataset_average_activation_norm": sae.dataset_average_activation_norm,
+        "settings": {
+            "library": f"llamascopium {_version('llamascopium')} (OpenMOSS lm_saes), "
+                       f"transformer-lens {_version('transformer-lens')}",
+            "model": f"Crosscoder(hook_points={list(hooks)}, d_model={d}, d_sae={n_features}, act_fn=topk, "
+                     f"top_k={k}, sparsity_include_decoder_norm=True, norm_activation=dataset-wise)",
+            "initializer": init_cfg.model_dump(),
+            "trainer": {k_: v for k_, v in tc.model_dump().items() if k_ not in ("exp_result_path",)}
+            | {"amp_dtype": amp_dtype},
+            "l0": "l0: distinct latents active in any head per token; final.l0_latent_layer_pairs_per_hook: "
+                  "(latent, head) activations per token / heads (its TopK runs per head, k per head)",
+            "deviations": LMSAES_DEVIATIONS,
         },
     }
 

@@ -7,6 +7,15 @@
     python benchmarks/train_vs_peers.py --transcoder --tokens 200k --capture-tokens 260k --heldout-rows 16000
         # TopK transcoder mlp_in.15 -> mlp_out.15: monoscope against sparsify's transcoder (transcode=True), on a
         # paired store (runs/bench/acts-tc) -> benchmarks/results/train_vs_peers_transcoder.json
+    python benchmarks/train_vs_peers.py --crosscoder --lmsaes-python /tmp/venv-lmsaes/bin/python \
+        --capture-tokens 64k --tokens 48k --batch 1024 --heldout-rows 8192 --protocol sequential \
+        --lmsaes-grid-init --lmsaes-lr 2e-3
+        # acausal TopK crosscoder over resid_post.10,15,20: monoscope against llamascopium's (OpenMOSS lm_saes)
+        # Crosscoder + Trainer, run by that separate venv's python (llamascopium needs transformer-lens<4 and is
+        # no dependency of monoscope: python3 -m venv /tmp/venv-lmsaes; pip install torch==2.13.0 (CPU wheel);
+        # pip install llamascopium "transformer-lens<4"), on a store of those hooks side by side (runs/bench/acts-cc,
+        # captured if missing, as `monoscope capture --hook resid_post.10,resid_post.15,resid_post.20` does)
+        # -> benchmarks/results/train_vs_peers_crosscoder.json
 
 Data: the default model's `resid_post.15` captured once into `runs/bench/acts` (1.2M tokens; a rerun
 of the capture is a no-op). The last shards (>= --heldout-rows rows) are held out; the training
@@ -23,6 +32,9 @@ Trainers, each in its own child process (so each reports its own peak RSS, as Vm
   sparsify           its SparseCoder + its Trainer.fit step and default optimizer (see peers.py);
   SAELens TopK       TopKTrainingSAE through its SAETrainer.fit, expected_average_only_in, Adam 3e-4;
   SAELens ReLU-L1    StandardTrainingSAE, its tutorial settings, L1 coefficient from the recorded sweep.
+--crosscoder: monoscope's acausal TopK crosscoder (Trainer, auto dtype) against llamascopium's `Crosscoder`
+(peers.py: its Initializer + Trainer.fit; `--lmsaes-grid-init` adds a row with its decoder-norm grid search), the
+peer's child started with `--lmsaes-python`; held-out FVU over the three hooks side by side (raw scale) and per hook.
 The Trainer runs and the peers are interleaved: they run as separate processes taking turns of
 `--turn-s` seconds of training time (one runs while the others wait), so on this shared 2-core
 machine they all meet the same background load; the load is recorded.
@@ -82,6 +94,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOOK = "resid_post.15"
 TRANSCODER_HOOKS = "mlp_in.15,mlp_out.15"
 """--transcoder: the paired store's hooks (what the MLP of block 15 reads, what it adds)."""
+CROSSCODER_HOOKS = "resid_post.10,resid_post.15,resid_post.20"
+"""--crosscoder: the store's hooks (three layers of the residual stream, read and written by one dictionary)."""
 NAME = "train_vs_peers"
 
 
@@ -174,6 +188,8 @@ def _open(spec: dict[str, Any]) -> tuple[BatchFile, HeldOut]:
     p = spec["data"]["paths"]
     width = spec["data"].get("row_width", spec["data"]["d_model"])
     data = BatchFile(p["stream"], width, spec["batch"], spec["steps"])
+    if spec.get("crosscoder"):  # rows [x_1, ..., x_L]: FVU over all hooks, and each hook's own
+        return data, HeldOut(load_file(p["heldout"])["rows"], blocks=width // spec["data"]["d_model"])
     held = HeldOut(load_file(p["heldout"])["rows"])
     if width != spec["data"]["d_model"]:  # transcoder rows [input, target]: FVU of the target alone
         y = held.rows[:, spec["data"]["d_model"]:].double()
@@ -243,7 +259,7 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         def load_state_dict(self, s: dict[str, Any]) -> None:
             self.i = int(s["i"])
 
-    if arch == "transcoder":  # the fields train() gives it on the paired store (its training rows' scales)
+    if arch in ("transcoder", "crosscoder"):  # the fields train() gives it on the paired store (training rows' scales)
         from monoscope.sae.multihook import multi_hook_fields
 
         d_model = spec["data"]["d_model"]
@@ -328,8 +344,20 @@ def child_saelens(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
                          spec["dead_window"], l1=spec.get("l1"), ctl=ctl)
 
 
+def child_lmsaes(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
+    """llamascopium's crosscoder; this child runs under the python of --lmsaes-python (its own venv)."""
+    from peers import train_lmsaes_crosscoder
+
+    data, held = _open(spec)
+    work = Path(spec["work"]) / f"out-{spec['name']}"
+    return train_lmsaes_crosscoder(data, held, spec["data"]["hook"].split(","), spec["width"], spec["k"],
+                                   spec["seed"], _marks(spec), spec["dead_window"], amp_dtype=spec["amp_dtype"],
+                                   grid_init=bool(spec.get("grid_init")), lr=spec.get("lr"), work=str(work),
+                                   name=spec["name"], ctl=ctl)
+
+
 CHILDREN = {"monoscope_trainer": child_monoscope_trainer, "monoscope_train": child_monoscope_train,
-            "sparsify": child_sparsify, "saelens": child_saelens}
+            "sparsify": child_sparsify, "saelens": child_saelens, "lmsaes": child_lmsaes}
 
 
 CHILD_ENV = {"TQDM_DISABLE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -347,6 +375,13 @@ def _result(spec: dict[str, Any], work: Path, returncode: int | None) -> dict[st
     return dict(json.loads(out_path.read_text()))
 
 
+def child_command(spec: dict[str, Any], spec_path: Path, out_path: Path) -> list[str]:
+    """The child's command line: this script under the spec's own python (a peer installed in a venv of its own,
+    e.g. llamascopium) or under this one."""
+    return [spec.get("python") or sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path),
+            "--child-out", str(out_path)]
+
+
 def run_child(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """Run one trainer alone in a fresh process; its result, its own peak RSS, the load around it."""
     spec_path, out_path = _paths(spec, work)
@@ -355,8 +390,7 @@ def run_child(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     load_before = load_now()
     log(f"--- {spec['name']} alone (load {load_before}) ---")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--child-out", str(out_path)],
-                          env=dict(os.environ, **CHILD_ENV), cwd=ROOT)
+    proc = subprocess.run(child_command(spec, spec_path, out_path), env=dict(os.environ, **CHILD_ENV), cwd=ROOT)
     res = _result(spec, work, proc.returncode)
     res.update(load_before=load_before, load_after=load_now(), process_wall_s=time.perf_counter() - t0)
     return res
@@ -374,8 +408,8 @@ def run_group(specs: list[dict[str, Any]], work: Path, turn_s: float,
         spec_path, out_path = _paths(spec, work)
         spec_path.write_text(json.dumps({**spec, "ctl": [to_child, to_parent]}))
         out_path.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, __file__, "--child", str(spec_path), "--child-out", str(out_path)],
-                                env=dict(os.environ, **CHILD_ENV), cwd=ROOT, pass_fds=(to_child, to_parent))
+        proc = subprocess.Popen(child_command(spec, spec_path, out_path), env=dict(os.environ, **CHILD_ENV),
+                                cwd=ROOT, pass_fds=(to_child, to_parent))
         os.close(to_child)
         os.close(to_parent)
         procs[spec["name"]] = (proc, os.fdopen(from_parent, "w"), os.fdopen(from_child, "r"))
@@ -515,9 +549,24 @@ def main() -> None:
     ap.add_argument("--transcoder-signum", action="store_true",
                     help="with --transcoder: also a monoscope row trained with --optimizer signum-sf (sparsify's "
                          "optimiser; AuxK off, as its default)")
-    ap.add_argument("--transcoder-sparsify-init", action="store_true",
-                    help="with --transcoder: also two monoscope rows trained with --transcoder-init sparsify "
-                         "--init-b-dec mean (sparsify's start, decoder rows free), with Adam and with signum-sf")
+    ap.add_argument("--transcoder-sae-init", action="store_true",
+                    help="with --transcoder: also a monoscope row trained with --transcoder-init sae (the TopK SAE "
+                         "start: random unit-norm decoder rows kept at unit norm; the default before it was measured "
+                         "against sparsify's start)")
+    ap.add_argument("--crosscoder", action="store_true",
+                    help=f"instead: an acausal TopK crosscoder ({CROSSCODER_HOOKS}) with monoscope's Trainer against "
+                         "llamascopium's Crosscoder (needs --lmsaes-python), on a store of those hooks side by side "
+                         "(defaults: --store runs/bench/acts-cc, --work runs/bench/tvp-cc, --name "
+                         "train_vs_peers_crosscoder)")
+    ap.add_argument("--lmsaes-python", default=os.environ.get("MONOSCOPE_LMSAES_PYTHON"),
+                    help="with --crosscoder: the python of a venv holding llamascopium (OpenMOSS lm_saes), which runs "
+                         "the peer's child process (default: $MONOSCOPE_LMSAES_PYTHON)")
+    ap.add_argument("--lmsaes-grid-init", action="store_true",
+                    help="with --crosscoder: also a llamascopium row with its decoder-norm grid search at "
+                         "initialisation (grid_search_init_norm=True; off in its defaults)")
+    ap.add_argument("--lmsaes-lr", default="",
+                    help="with --crosscoder: also llamascopium rows (grid-search init) with these Adam learning rates "
+                         "(comma-separated; its default is 4e-4)")
     ap.add_argument("--turn-s", type=float, default=5.0,
                     help="interleaving: seconds of training each trainer runs per turn")
     ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
@@ -532,6 +581,19 @@ def main() -> None:
         return
     os.chdir(ROOT)
     args.hook = HOOK
+    if args.crosscoder:
+        if args.transcoder:
+            raise SystemExit("--crosscoder and --transcoder are separate runs: pass one of them")
+        if not args.lmsaes_python or not Path(args.lmsaes_python).is_file():
+            raise SystemExit(f"--crosscoder needs --lmsaes-python: the python of a venv holding llamascopium (got "
+                             f"{args.lmsaes_python!r}); make one with `python3 -m venv /tmp/venv-lmsaes` and pip "
+                             "install torch==2.13.0, llamascopium and 'transformer-lens<4' into it")
+        args.hook = CROSSCODER_HOOKS
+        for name, default, cc in (("store", "runs/bench/acts", "runs/bench/acts-cc"),
+                                  ("work", "runs/bench/tvp", "runs/bench/tvp-cc"),
+                                  ("name", NAME, f"{NAME}_crosscoder")):
+            if getattr(args, name) == default:
+                setattr(args, name, cc)
     if args.transcoder:
         args.hook = TRANSCODER_HOOKS
         for name, default, tc in (("store", "runs/bench/acts", "runs/bench/acts-tc"),
@@ -559,6 +621,9 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     if args.transcoder:
         transcoder_main(args, base, info, peaks, quarter, load_start, t_start)
+        return
+    if args.crosscoder:
+        crosscoder_main(args, base, info, peaks, quarter, load_start, t_start)
         return
     if args.tune_only:
         if not args.tune_l1:
@@ -681,13 +746,10 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
         group.insert(-1, {**base, "name": "monoscope_transcoder_signum_sf", "kind": "monoscope_trainer",
                           "dtype": "auto", "arch": "transcoder", "train_overrides": {"optimizer": "signum-sf"},
                           "eval_steps": quarter})
-    if args.transcoder_sparsify_init:  # sparsify's start and free decoder rows, with Adam and with signum-sf
-        sp_init = {"transcoder_init": "sparsify", "init_b_dec": "mean"}
-        group.insert(-1, {**base, "name": "monoscope_transcoder_sparsify_init", "kind": "monoscope_trainer",
-                          "dtype": "auto", "arch": "transcoder", "train_overrides": sp_init, "eval_steps": quarter})
-        group.insert(-1, {**base, "name": "monoscope_transcoder_sparsify_init_signum_sf", "kind": "monoscope_trainer",
-                          "dtype": "auto", "arch": "transcoder", "eval_steps": quarter,
-                          "train_overrides": {**sp_init, "optimizer": "signum-sf"}})
+    if args.transcoder_sae_init:  # the TopK SAE start (the default before --transcoder-init sparsify won)
+        group.insert(-1, {**base, "name": "monoscope_transcoder_sae_init", "kind": "monoscope_trainer",
+                          "dtype": "auto", "arch": "transcoder", "train_overrides": {"transcoder_init": "sae"},
+                          "eval_steps": quarter})
     runs, group_info = run_trainers(group, work, args, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
     peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
@@ -695,7 +757,7 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
     p = summary["rows"].get("sparsify_transcoder", {})
     for name in ("monoscope_transcoder_revive_none", "monoscope_transcoder_signum_sf",  # the other monoscope rows
-                 "monoscope_transcoder_sparsify_init", "monoscope_transcoder_sparsify_init_signum_sf"):
+                 "monoscope_transcoder_sae_init"):
         m = summary["rows"].get(name, {})
         if "tokens_per_s" in m and "tokens_per_s" in p:
             sp = m["tokens_per_s"] / p["tokens_per_s"]
@@ -716,17 +778,92 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
             args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
             "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the raw held-out mlp_out rows, y_hat from the "
                    "mlp_in rows",
-            "monoscope": "TopK transcoder, unit-norm decoder, AuxK (sparse: the k_aux chosen dead latents per row "
-                         "carry gradient), Adam, its default lr; scales c_in, c_out from the training rows; "
+            "monoscope": "TopK transcoder, --transcoder-init sparsify (its default: nn.Linear-style encoder, centred "
+                         "b_enc, zero-init W_dec, decoder rows free), AuxK (sparse: the k_aux chosen dead latents per "
+                         "row carry gradient), Adam, its default lr; scales c_in, c_out from the training rows; "
                          "monoscope_transcoder_revive_none (--transcoder-no-auxk): the same with --revive none; "
-                         "monoscope_transcoder_sparsify_init[_signum_sf] (--transcoder-sparsify-init): "
-                         "--transcoder-init sparsify --init-b-dec mean (zero-init W_dec, centred b_enc, no decoder "
-                         "normalisation), Adam or --optimizer signum-sf",
+                         "monoscope_transcoder_signum_sf (--transcoder-signum): with --optimizer signum-sf; "
+                         "monoscope_transcoder_sae_init (--transcoder-sae-init): --transcoder-init sae (random "
+                         "unit-norm decoder rows, encoder = their transpose, rows kept at unit norm)",
             "sparsify": "its transcoder recipe (transcode=True): zero-init W_dec, no decoder normalisation, signum "
                         "+ schedule-free, auxk off (its defaults)",
         },
         "matmul_peak_tflops": {"shape": f"{args.batch}x{d} @ {d}x{base['width']}", "start": peaks, "end": peaks_end},
         "load": {"start": load_start, "end": load_now(), "interleaved_group": group_info["load1_per_round"]},
+        "interleaving": group_info,
+        "summary": summary,
+        "runs": runs,
+        "table_markdown": table,
+        "total_wall_s": time.perf_counter() - t_start,
+        "target": "monoscope >= 3x the tokens/s of the peer, with equal or lower held-out FVU after the same tokens",
+    }
+    path = write_result(args.name, payload)
+    print(table)
+    print(json.dumps(summary.get("verdict", {}), indent=2))
+    print(f"wrote {path}")
+
+
+def crosscoder_specs(args: argparse.Namespace, base: dict[str, Any], quarter: list[int]) -> list[dict[str, Any]]:
+    """--crosscoder's children: monoscope's crosscoder (Trainer, compute dtype auto) and llamascopium's, the peer under
+    --lmsaes-python with autocast in the dtype monoscope's auto picks here (bf16 only where bf16 is fast)."""
+    from monoscope.devices import bf16_is_fast
+
+    amp = "bfloat16" if bf16_is_fast("cpu") else "float32"
+    base = {**base, "crosscoder": True, "eval_steps": quarter}
+    peer = {**base, "kind": "lmsaes", "python": args.lmsaes_python, "amp_dtype": amp, "work": str(args.work)}
+    group = [{**base, "name": "monoscope_crosscoder", "kind": "monoscope_trainer", "dtype": "auto",
+              "arch": "crosscoder"},
+             {**peer, "name": "lmsaes_crosscoder"}]
+    if args.lmsaes_grid_init:
+        group.append({**peer, "name": "lmsaes_crosscoder_grid_init", "grid_init": True})
+    for lr in [float(v) for v in args.lmsaes_lr.split(",") if v.strip()]:
+        group.append({**peer, "name": f"lmsaes_crosscoder_grid_init_lr{lr:g}", "grid_init": True, "lr": lr})
+    return group
+
+
+def crosscoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[str, Any], peaks: dict[str, float],
+                    quarter: list[int], load_start: list[float], t_start: float) -> None:
+    """--crosscoder: monoscope's acausal TopK crosscoder and llamascopium's on the same shuffled stream of rows
+    [x_1, ..., x_L]; held-out FVU over all hooks (raw scale) and per hook."""
+    work = Path(args.work)
+    d = info["d_model"]
+    group = crosscoder_specs(args, base, quarter)
+    runs, group_info = run_trainers(group, work, args, mono="monoscope_crosscoder")
+    t_mono = group_info["t_mono"] or runs["monoscope_crosscoder"].get("train_s") or 0.0
+    peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
+                 "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
+    summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
+    m, g = summary["rows"].get("monoscope_crosscoder", {}), summary["rows"].get("lmsaes_crosscoder_grid_init", {})
+    if "tokens_per_s" in m and "tokens_per_s" in g:
+        summary["verdict"]["monoscope_crosscoder_vs_grid_init"] = {
+            "peer": "lmsaes_crosscoder_grid_init", "speedup_vs_peer": m["tokens_per_s"] / g["tokens_per_s"],
+            "fvu": m["fvu_same_tokens"], "peer_fvu": g["fvu_same_tokens"],
+            "fvu_le_peer": m["fvu_same_tokens"] <= g["fvu_same_tokens"], "l0": m["l0"], "peer_l0": g["l0"]}
+    table = markdown_table(summary, t_mono, None)
+    payload = {
+        "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:]),
+        "config": {"model": info["model"], "hooks": args.hook, "d_model": d, "features": base["width"], "k": args.k,
+                   "batch": args.batch, "training_tokens": info["tokens"], "steps": info["steps"], "seed": args.seed,
+                   "heldout_rows": info["heldout_rows"], "train_rows_available": info["train_rows"],
+                   "store_tokens": info["store_tokens"]},
+        "protocol": {
+            "same_tokens": "every trainer reads the same shuffled stream of rows [x_1, ..., x_L] once",
+            args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
+            "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the raw held-out rows of all hooks side by side "
+                   "(fvu_per_hook: the same per hook)",
+            "l0": "latents active per token (monoscope: exactly k, shared by every hook; llamascopium: TopK per head, "
+                  "so a token's latents are the union of the heads' k each; its (latent, head) count per hook is in "
+                  "runs.lmsaes_crosscoder.final.l0_latent_layer_pairs_per_hook)",
+            "monoscope": "acausal TopK crosscoder: one TopK over the summed per-layer encodings, decoder rows unit "
+                         "norm over all layers together, AuxK, Adam, its default lr; per-layer scales c_l from the "
+                         "training rows",
+            "llamascopium": "its Crosscoder (act_fn=topk, TopK per head on the shared pre-activation times that "
+                            "head's decoder norm; decoder unconstrained), its Initializer and Trainer defaults "
+                            "(Adam lr 4e-4, W_enc = W_dec^T, dataset-wise norms, no AuxK) except the deviations "
+                            "listed in runs.lmsaes_crosscoder.settings.deviations",
+        },
+        "matmul_peak_tflops": {"shape": f"{args.batch}x{d} @ {d}x{base['width']}", "start": peaks, "end": peaks_end},
+        "load": {"start": load_start, "end": load_now(), "group": group_info["load1_per_round"]},
         "interleaving": group_info,
         "summary": summary,
         "runs": runs,
@@ -799,14 +936,15 @@ LABELS = {
     "monoscope_transcoder": "monoscope Trainer TopK transcoder (auto dtype)",
     "monoscope_transcoder_revive_none": "monoscope Trainer TopK transcoder, --revive none (auto dtype)",
     "monoscope_transcoder_signum_sf": "monoscope Trainer TopK transcoder, --optimizer signum-sf (auto dtype)",
-    "monoscope_transcoder_sparsify_init": "monoscope Trainer TopK transcoder, --transcoder-init sparsify (auto dtype)",
-    "monoscope_transcoder_sparsify_init_signum_sf": "monoscope Trainer TopK transcoder, --transcoder-init sparsify "
-                                                    "--optimizer signum-sf (auto dtype)",
+    "monoscope_transcoder_sae_init": "monoscope Trainer TopK transcoder, --transcoder-init sae (auto dtype)",
     "sparsify_transcoder": "sparsify transcoder (signum, fp32)",
+    "monoscope_crosscoder": "monoscope Trainer acausal TopK crosscoder (auto dtype)",
+    "lmsaes_crosscoder": "llamascopium Crosscoder, TopK (its defaults)",
+    "lmsaes_crosscoder_grid_init": "llamascopium Crosscoder, TopK, grid_search_init_norm",
 }
 PEERS = ("sparsify", "saelens_topk", "saelens_relu_l1")
-ARCH_ROWS = ("matryoshka", "gated", "transcoder")
-PEER_OF = {"transcoder": "sparsify_transcoder"}
+ARCH_ROWS = ("matryoshka", "gated", "transcoder", "crosscoder")
+PEER_OF = {"transcoder": "sparsify_transcoder", "crosscoder": "lmsaes_crosscoder"}
 """The peer row of an architecture when it is not SAELens's trainer of it."""
 """Architectures with a row pair (monoscope, SAELens) compared with each other (--archs)."""
 
@@ -842,6 +980,8 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
             "fraction_of_issue_45k": tps / 45_000,
             "load_before": r.get("load_before"), "load_after": r.get("load_after"),
         }
+        if "fvu_per_hook" in r["final"]:
+            row["fvu_per_hook"] = r["final"]["fvu_per_hook"]
         turns = turn_speeds(r.get("turn_log"), tokens // max(r["final"]["step"], 1))
         if turns:
             row["turn_tokens_per_s"] = turns
@@ -911,7 +1051,9 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
     order[n_mono:n_mono] = [n for n in summary["rows"] if n not in LABELS]  # extra monoscope runs (--mono-lr)
     for name in order:
         r = summary["rows"][name]
-        label = LABELS.get(name) or f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}"
+        label = LABELS.get(name) or (f"llamascopium Crosscoder, TopK, grid init, lr {name.rsplit('lr', 1)[-1]}"
+                                     if name.startswith("lmsaes") else
+                                     f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}")
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} | | | | | | | | | | |")
             continue

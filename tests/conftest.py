@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from monoscope.model import LoadedModel, from_module
 
 # Tests never read or write the user's cache; subprocesses inherit this.
-os.environ["MONOSCOPE_CACHE"] = tempfile.mkdtemp(prefix="monoscope-test-cache-")
+_CACHE = tempfile.mkdtemp(prefix="monoscope-test-cache-")
+_PID = os.getpid()
+os.environ["MONOSCOPE_CACHE"] = _CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The test cache goes with the session: it holds a dequantised copy of the default GGUF (1.6 GB), and
+    every run used to leave one behind in the temp folder."""
+    if os.getpid() == _PID:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 TRAIN_TEXT = [
     "the quick brown fox jumps over the lazy dog",

@@ -16,18 +16,16 @@ from tests.train.helpers import D, synthetic_rows
 from tests.train.test_kill import kill_then_resume, reference
 
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    # TopK transcoder: input hook -> target hook, AuxK on dead latents, target normaliser
+    # TopK transcoder: input hook -> target hook, AuxK on dead latents, target normaliser; sparsify's start (the
+    # default): zero decoder, centred encoder bias, decoder rows never renormalised
     "transcoder": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256}),
-    # the same with sparsify's optimiser: its z and step counters in the checkpoint, the averaged weights saved
+    # the same with sparsify's optimiser (its whole recipe): its z and step counters in the checkpoint, the
+    # averaged weights saved
     "transcoder-signum-sf": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256,
-                                                    "optimizer": "signum-sf"}),
-    # sparsify's transcoder start: zero decoder, centred encoder bias, decoder rows never renormalised
-    "transcoder-sparsify-init": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256,
-                                                        "transcoder_init": "sparsify", "init_b_dec": "mean"}),
-    # ... with sparsify's optimiser too (its whole recipe)
-    "transcoder-sparsify-init-signum-sf": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256,
-                                                                  "transcoder_init": "sparsify",
-                                                                  "optimizer": "signum-sf", "revive": "none"}),
+                                                    "optimizer": "signum-sf", "revive": "none"}),
+    # the TopK SAE start: unit-norm decoder rows, renormalised after every step
+    "transcoder-sae-init": ("mlp_in.1,mlp_out.1", {"arch": "transcoder", "k": 4, "dead_window": 256,
+                                                   "transcoder_init": "sae"}),
     # acausal crosscoder over three hooks, one scale per hook
     "crosscoder": ("resid_post.0,resid_post.1,resid_post.2", {"arch": "crosscoder", "k": 6, "dead_window": 256}),
 }
