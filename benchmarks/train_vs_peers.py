@@ -752,8 +752,7 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
                           "eval_steps": quarter})
     runs, group_info = run_trainers(group, work, args, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
-    peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
-                 "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
+    peaks_end = _peaks_now(args.batch, d, base["width"])
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
     p = summary["rows"].get("sparsify_transcoder", {})
     for name in ("monoscope_transcoder_revive_none", "monoscope_transcoder_signum_sf",  # the other monoscope rows
@@ -766,41 +765,23 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
                 "peer": "sparsify_transcoder", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0,
                 "fvu": m["fvu_same_tokens"], "peer_fvu": p["fvu_same_tokens"],
                 "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"], "l0": m["l0"], "peer_l0": p["l0"]}
-    table = markdown_table(summary, t_mono, None)
-    payload = {
-        "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:]),
-        "config": {"model": info["model"], "hooks": args.hook, "d_model": d, "features": base["width"], "k": args.k,
-                   "batch": args.batch, "training_tokens": info["tokens"], "steps": info["steps"], "seed": args.seed,
-                   "heldout_rows": info["heldout_rows"], "train_rows_available": info["train_rows"],
-                   "store_tokens": info["store_tokens"]},
-        "protocol": {
-            "same_tokens": "both trainers read the same shuffled stream of paired rows [mlp_in, mlp_out] once",
-            args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
-            "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the raw held-out mlp_out rows, y_hat from the "
-                   "mlp_in rows",
-            "monoscope": "TopK transcoder, --transcoder-init sparsify (its default: nn.Linear-style encoder, centred "
-                         "b_enc, zero-init W_dec, decoder rows free), AuxK (sparse: the k_aux chosen dead latents per "
-                         "row carry gradient), Adam, its default lr; scales c_in, c_out from the training rows; "
-                         "monoscope_transcoder_revive_none (--transcoder-no-auxk): the same with --revive none; "
-                         "monoscope_transcoder_signum_sf (--transcoder-signum): with --optimizer signum-sf; "
-                         "monoscope_transcoder_sae_init (--transcoder-sae-init): --transcoder-init sae (random "
-                         "unit-norm decoder rows, encoder = their transpose, rows kept at unit norm)",
-            "sparsify": "its transcoder recipe (transcode=True): zero-init W_dec, no decoder normalisation, signum "
-                        "+ schedule-free, auxk off (its defaults)",
-        },
-        "matmul_peak_tflops": {"shape": f"{args.batch}x{d} @ {d}x{base['width']}", "start": peaks, "end": peaks_end},
-        "load": {"start": load_start, "end": load_now(), "interleaved_group": group_info["load1_per_round"]},
-        "interleaving": group_info,
-        "summary": summary,
-        "runs": runs,
-        "table_markdown": table,
-        "total_wall_s": time.perf_counter() - t_start,
-        "target": "monoscope >= 3x the tokens/s of the peer, with equal or lower held-out FVU after the same tokens",
+    protocol = {
+        "same_tokens": "both trainers read the same shuffled stream of paired rows [mlp_in, mlp_out] once",
+        args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
+        "fvu": "sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over the raw held-out mlp_out rows, y_hat from the "
+               "mlp_in rows",
+        "monoscope": "TopK transcoder, --transcoder-init sparsify (its default: nn.Linear-style encoder, centred "
+                     "b_enc, zero-init W_dec, decoder rows free), AuxK (sparse: the k_aux chosen dead latents per "
+                     "row carry gradient), Adam, its default lr; scales c_in, c_out from the training rows; "
+                     "monoscope_transcoder_revive_none (--transcoder-no-auxk): the same with --revive none; "
+                     "monoscope_transcoder_signum_sf (--transcoder-signum): with --optimizer signum-sf; "
+                     "monoscope_transcoder_sae_init (--transcoder-sae-init): --transcoder-init sae (random "
+                     "unit-norm decoder rows, encoder = their transpose, rows kept at unit norm)",
+        "sparsify": "its transcoder recipe (transcode=True): zero-init W_dec, no decoder normalisation, signum "
+                    "+ schedule-free, auxk off (its defaults)",
     }
-    path = write_result(args.name, payload)
-    print(table)
-    print(json.dumps(summary.get("verdict", {}), indent=2))
-    print(f"wrote {path}")
+    _write_group(args, base, info, peaks, peaks_end, load_start, t_start, runs, group_info, summary, t_mono,
+                 protocol)
 
 
 def crosscoder_specs(args: argparse.Namespace, base: dict[str, Any], quarter: list[int]) -> list[dict[str, Any]]:
@@ -830,8 +811,7 @@ def crosscoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     group = crosscoder_specs(args, base, quarter)
     runs, group_info = run_trainers(group, work, args, mono="monoscope_crosscoder")
     t_mono = group_info["t_mono"] or runs["monoscope_crosscoder"].get("train_s") or 0.0
-    peaks_end = {"bf16": matmul_tflops(args.batch, d, base["width"], torch.bfloat16),
-                 "fp32": matmul_tflops(args.batch, d, base["width"], torch.float32)}
+    peaks_end = _peaks_now(args.batch, d, base["width"])
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
     m, g = summary["rows"].get("monoscope_crosscoder", {}), summary["rows"].get("lmsaes_crosscoder_grid_init", {})
     if "tokens_per_s" in m and "tokens_per_s" in g:
@@ -839,6 +819,37 @@ def crosscoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
             "peer": "lmsaes_crosscoder_grid_init", "speedup_vs_peer": m["tokens_per_s"] / g["tokens_per_s"],
             "fvu": m["fvu_same_tokens"], "peer_fvu": g["fvu_same_tokens"],
             "fvu_le_peer": m["fvu_same_tokens"] <= g["fvu_same_tokens"], "l0": m["l0"], "peer_l0": g["l0"]}
+    protocol = {
+        "same_tokens": "every trainer reads the same shuffled stream of rows [x_1, ..., x_L] once",
+        args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
+        "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the raw held-out rows of all hooks side by side "
+               "(fvu_per_hook: the same per hook)",
+        "l0": "latents active per token (monoscope: exactly k, shared by every hook; llamascopium: TopK per head, "
+              "so a token's latents are the union of the heads' k each; its (latent, head) count per hook is in "
+              "runs.lmsaes_crosscoder.final.l0_latent_layer_pairs_per_hook)",
+        "monoscope": "acausal TopK crosscoder: one TopK over the summed per-layer encodings, decoder rows unit "
+                     "norm over all layers together, AuxK, Adam, its default lr; per-layer scales c_l from the "
+                     "training rows",
+        "llamascopium": "its Crosscoder (act_fn=topk, TopK per head on the shared pre-activation times that "
+                        "head's decoder norm; decoder unconstrained), its Initializer and Trainer defaults "
+                        "(Adam lr 4e-4, W_enc = W_dec^T, dataset-wise norms, no AuxK) except the deviations "
+                        "listed in runs.lmsaes_crosscoder.settings.deviations",
+    }
+    _write_group(args, base, info, peaks, peaks_end, load_start, t_start, runs, group_info, summary, t_mono,
+                 protocol)
+
+
+def _peaks_now(batch: int, d: int, width: int) -> dict[str, float]:
+    """The encoder matmul's measured TFLOP/s in both dtypes, now (the machine's peak drifts over a run)."""
+    return {"bf16": matmul_tflops(batch, d, width, torch.bfloat16),
+            "fp32": matmul_tflops(batch, d, width, torch.float32)}
+
+
+def _write_group(args: argparse.Namespace, base: dict[str, Any], info: dict[str, Any], peaks: dict[str, float],
+                 peaks_end: dict[str, float], load_start: list[float], t_start: float, runs: dict[str, Any],
+                 group_info: dict[str, Any], summary: dict[str, Any], t_mono: float, protocol: dict[str, str]) -> None:
+    """The result JSON of a --transcoder or --crosscoder group (its own protocol text), its table printed."""
+    d = info["d_model"]
     table = markdown_table(summary, t_mono, None)
     payload = {
         "command": "python benchmarks/train_vs_peers.py " + " ".join(sys.argv[1:]),
@@ -846,22 +857,7 @@ def crosscoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
                    "batch": args.batch, "training_tokens": info["tokens"], "steps": info["steps"], "seed": args.seed,
                    "heldout_rows": info["heldout_rows"], "train_rows_available": info["train_rows"],
                    "store_tokens": info["store_tokens"]},
-        "protocol": {
-            "same_tokens": "every trainer reads the same shuffled stream of rows [x_1, ..., x_L] once",
-            args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
-            "fvu": "sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the raw held-out rows of all hooks side by side "
-                   "(fvu_per_hook: the same per hook)",
-            "l0": "latents active per token (monoscope: exactly k, shared by every hook; llamascopium: TopK per head, "
-                  "so a token's latents are the union of the heads' k each; its (latent, head) count per hook is in "
-                  "runs.lmsaes_crosscoder.final.l0_latent_layer_pairs_per_hook)",
-            "monoscope": "acausal TopK crosscoder: one TopK over the summed per-layer encodings, decoder rows unit "
-                         "norm over all layers together, AuxK, Adam, its default lr; per-layer scales c_l from the "
-                         "training rows",
-            "llamascopium": "its Crosscoder (act_fn=topk, TopK per head on the shared pre-activation times that "
-                            "head's decoder norm; decoder unconstrained), its Initializer and Trainer defaults "
-                            "(Adam lr 4e-4, W_enc = W_dec^T, dataset-wise norms, no AuxK) except the deviations "
-                            "listed in runs.lmsaes_crosscoder.settings.deviations",
-        },
+        "protocol": protocol,
         "matmul_peak_tflops": {"shape": f"{args.batch}x{d} @ {d}x{base['width']}", "start": peaks, "end": peaks_end},
         "load": {"start": load_start, "end": load_now(), "group": group_info["load1_per_round"]},
         "interleaving": group_info,
