@@ -761,10 +761,7 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
         if "tokens_per_s" in m and "tokens_per_s" in p:
             sp = m["tokens_per_s"] / p["tokens_per_s"]
             m["speedup_vs_fastest_peer"] = sp
-            summary["verdict"][name] = {
-                "peer": "sparsify_transcoder", "speedup_vs_peer": sp, "meets_3x": sp >= 3.0,
-                "fvu": m["fvu_same_tokens"], "peer_fvu": p["fvu_same_tokens"],
-                "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"], "l0": m["l0"], "peer_l0": p["l0"]}
+            summary["verdict"][name] = {**_verdict(m, p, "sparsify_transcoder"), "meets_3x": sp >= 3.0}
     protocol = {
         "same_tokens": "both trainers read the same shuffled stream of paired rows [mlp_in, mlp_out] once",
         args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
@@ -815,10 +812,7 @@ def crosscoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
     m, g = summary["rows"].get("monoscope_crosscoder", {}), summary["rows"].get("lmsaes_crosscoder_grid_init", {})
     if "tokens_per_s" in m and "tokens_per_s" in g:
-        summary["verdict"]["monoscope_crosscoder_vs_grid_init"] = {
-            "peer": "lmsaes_crosscoder_grid_init", "speedup_vs_peer": m["tokens_per_s"] / g["tokens_per_s"],
-            "fvu": m["fvu_same_tokens"], "peer_fvu": g["fvu_same_tokens"],
-            "fvu_le_peer": m["fvu_same_tokens"] <= g["fvu_same_tokens"], "l0": m["l0"], "peer_l0": g["l0"]}
+        summary["verdict"]["monoscope_crosscoder_vs_grid_init"] = _verdict(m, g, "lmsaes_crosscoder_grid_init")
     protocol = {
         "same_tokens": "every trainer reads the same shuffled stream of rows [x_1, ..., x_L] once",
         args.protocol: PROTOCOLS[args.protocol].format(turn_s=args.turn_s),
@@ -837,6 +831,13 @@ def crosscoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
     }
     _write_group(args, base, info, peaks, peaks_end, load_start, t_start, runs, group_info, summary, t_mono,
                  protocol)
+
+
+def _verdict(m: dict[str, Any], p: dict[str, Any], peer: str) -> dict[str, Any]:
+    """A monoscope row against a peer's row of the same group: speed ratio, FVU and L0 side by side."""
+    return {"peer": peer, "speedup_vs_peer": m["tokens_per_s"] / p["tokens_per_s"], "fvu": m["fvu_same_tokens"],
+            "peer_fvu": p["fvu_same_tokens"], "fvu_le_peer": m["fvu_same_tokens"] <= p["fvu_same_tokens"],
+            "l0": m["l0"], "peer_l0": p["l0"]}
 
 
 def _peaks_now(batch: int, d: int, width: int) -> dict[str, float]:
