@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr3x_nodecay": {"lr_mult": 3.0, "train": {"lr_decay_frac": 0.0}},
     "noaux": {"train": {"aux_coef": 0.0}},
     "noclip": {"train": {"grad_clip": 0.0}},
+    "enc1": {"sae": {"init_decoder_norm": 1.0}},  # the TopK/BatchTopK default before 0.25 (named, so it stays)
     "enc0.5": {"sae": {"init_decoder_norm": 0.5}},
     "enc0.25": {"sae": {"init_decoder_norm": 0.25}},
     "mean_bdec": {"train": {"init_b_dec": "mean"}},
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="160k", help="training tokens per run (one pass over distinct rows)")
     ap.add_argument("--heldout-rows", type=int, default=8192)
     ap.add_argument("--variants", default="default", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--arch", default="topk", choices=("topk", "batchtopk", "matryoshka"),
+                    help="monoscope's architecture (sparsify's row is always its TopK: it has no other)")
     ap.add_argument("--skip-sparsify", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--collect", action="store_true",
@@ -92,7 +95,7 @@ def main() -> None:
             "eval_steps": sorted({max(1, steps // 4), max(1, steps // 2)})}
     from monoscope.train.config import default_lr, default_signum_lr
 
-    lr0 = default_lr("topk", n_feat)
+    lr0 = default_lr(args.arch, n_feat)
     runs: dict[str, Any] = {}
     order = ([] if args.skip_sparsify else ["sparsify"]) + names
     if args.collect:
@@ -109,7 +112,7 @@ def main() -> None:
         else:
             v = VARIANTS[name]
             signum = v.get("train", {}).get("optimizer") == "signum-sf"
-            spec = {**base, "name": f"mono_{name}", "kind": "monoscope_trainer", "dtype": "auto",
+            spec = {**base, "name": f"mono_{name}", "kind": "monoscope_trainer", "dtype": "auto", "arch": args.arch,
                     "lr": (default_signum_lr(n_feat) if signum else lr0) * v.get("lr_mult", 1.0),
                     "train_overrides": v.get("train", {}),
                     "sae_overrides": v.get("sae", {})}
@@ -120,7 +123,8 @@ def main() -> None:
     path = RESULTS / f"{NAME}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     sweeps = old.get("sweeps", [])
-    sweeps.append({"corpus": args.corpus_name, "store": args.store, "store_tokens": info["store_tokens"],
+    sweeps.append({"corpus": args.corpus_name, "arch": args.arch, "store": args.store,
+                   "store_tokens": info["store_tokens"],
                    "train_rows": info["train_rows"], "heldout_rows": info["heldout_rows"], "steps": steps,
                    "tokens": steps * batch, "batch": batch, "features": n_feat, "k": 32, "default_lr": lr0,
                    "command": "python benchmarks/convergence_vs_sparsify.py " + " ".join(sys.argv[1:]),

@@ -1,7 +1,9 @@
 """On a CUDA GPU: `train()` from a store with the GPU data path (finiteness checks read once per log
 interval, batches prefetched to the GPU on a thread) against the eager loop it replaced, in the same
-process on the same store; plus the path's behaviour on the device (a NaN batch skipped or stopped)
-and a one-rank NCCL run of `torchrun ... monoscope train`.
+process on the same store; plus the path's behaviour on the device (a NaN batch skipped or stopped),
+a one-rank NCCL run of `torchrun ... monoscope train`, and (`--steps vs_sparsify`) monoscope's `train()`
+against sparsify's TopK SAE and TopK transcoder recipes (peers.SparsifyStep, its own kernels) on the same
+store, each run its own process, one after the other, A B A B.
 
     python benchmarks/gpu_train_path.py --random-model-from CONFIG_AND_TOKENIZER_DIR --corpus CORPUS.jsonl \\
         --out results.json
@@ -159,6 +161,92 @@ def nccl_one_rank(store: Path, work: Path) -> dict[str, Any]:
             "first_error_lines": errors[:8], "output_tail": "\n".join(log[-25:])}
 
 
+def _child(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One training run in its own process (this script with --child), its result read back."""
+    name = Path(spec["out"]).name
+    spec_path, out_path = work / f"spec-{name}.json", work / f"result-{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    p = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--child-out", str(out_path)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=400)
+    if p.returncode != 0 or not out_path.is_file():
+        return {"error": (p.stdout + p.stderr)[-3000:]}
+    return json.loads(out_path.read_text())
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """monoscope: `train()` from the store (what `monoscope train STORE --device cuda` runs). sparsify: its
+    SparseCoder and step on the same store's rows, read into GPU memory before the clock starts (its Trainer
+    reads them from the model's hook instead: this is its best case), batches of 4,096 rows, no warm-up for
+    either. tokens/s counts the training loop only; wall_s adds set-up (model, store, optimiser)."""
+    from monoscope.units import parse_count
+
+    global DEVICE
+    DEVICE = spec["device"]
+    t_start = time.perf_counter()
+    tokens, arch, batch = parse_count(spec["tokens"]), spec["arch"], 4096
+    if spec["who"] == "monoscope":
+        from monoscope.train import train
+
+        r = train(spec["out"], store=spec["store"], device=DEVICE, progress=False, arch=arch, k=32, width="16x",
+                  tokens=tokens, batch_size=batch, command="benchmarks/gpu_train_path.py vs_sparsify")
+        return {"tokens_per_s": round(r.tokens_per_s), "seconds": round(r.seconds, 3),
+                "wall_s": round(time.perf_counter() - t_start, 2), "fvu_last_log": r.metrics.get("fvu"),
+                "l0": r.metrics.get("l0"), "dead_frac": r.metrics.get("dead_frac"),
+                "compute_dtype": str(r.sae.compute_dtype()).split(".")[-1]}
+    note = None
+    try:
+        import datasets  # noqa: F401  (sparsify's trainer module imports it; its step does not use it)
+    except Exception as e:  # a GPU image whose pyarrow is older than datasets asks
+        import types
+
+        stub = types.ModuleType("datasets")
+        stub.Dataset = stub.DatasetDict = type("Unused", (), {})  # type: ignore[attr-defined]
+        sys.modules["datasets"] = stub
+        note = f"datasets not importable ({e!r}); a stub stood in for it (sparsify's step never touches it)"
+    from sparsify.utils import decoder_impl
+
+    from monoscope.store.reader import ActivationStore
+    from peers import SparsifyStep
+
+    store = ActivationStore.open(spec["store"])
+    steps = tokens // batch
+    it = iter(store.batches(batch, seed=0))
+    rows = torch.stack([next(it).acts.reshape(batch, -1) for _ in range(steps)]).to(DEVICE)  # [steps, B, width]
+    transcode = arch == "transcoder"
+    d_in = rows.shape[-1] // 2 if transcode else rows.shape[-1]
+    step = SparsifyStep(d_in, 16 * d_in, 32, 0, DEVICE, transcode)
+    _sync()
+    t0 = time.perf_counter()
+    for x in rows:
+        step(x)
+    _sync()
+    seconds = time.perf_counter() - t0
+    return {"tokens_per_s": round(steps * batch / seconds), "seconds": round(seconds, 3),
+            "wall_s": round(time.perf_counter() - t_start, 2), "fvu_last_batch": step.last_fvu,
+            "dead_frac_since_10M_or_run": float((step.since >= min(10_000_000, steps * batch // 5)).float().mean()),
+            "decoder": decoder_impl.__name__,
+            "rows_dtype_in_store": str(rows.dtype), "note": note}
+
+
+def vs_sparsify(store: Path, tc_store: Path | None, work: Path, tokens: str) -> dict[str, Any]:
+    """monoscope's TopK SAE (and transcoder, given a paired store) against sparsify's, 16x, k=32, A B A B."""
+    out: dict[str, Any] = {}
+    for arch, st in (("topk", store), ("transcoder", tc_store)):
+        if st is None:
+            continue
+        row: dict[str, Any] = {}
+        for rep, who in enumerate(("monoscope", "sparsify") * 2):
+            spec = {"who": who, "arch": arch, "store": str(st), "tokens": tokens, "device": DEVICE,
+                    "out": str(work / f"vs-{arch}-{who}-{rep}")}
+            row.setdefault(who, []).append(_child(spec, work))
+        rates = {w: [r.get("tokens_per_s") for r in row[w]] for w in ("monoscope", "sparsify")}
+        if all(v for vs in rates.values() for v in vs):
+            row["ratio_monoscope_over_sparsify"] = round(sum(rates["monoscope"]) / sum(rates["sparsify"]), 2)
+        out[arch] = row
+        print(f"  {arch}: {json.dumps(rates)} ratio {row.get('ratio_monoscope_over_sparsify')}", flush=True)
+    return out
+
+
 def batch_sizes(store: Path, work: Path, tokens: str) -> dict[str, Any]:
     """TopK 16x bf16 on the GPU path at several batch sizes: how much of a step is per-step overhead."""
     out: dict[str, Any] = {}
@@ -170,13 +258,22 @@ def batch_sizes(store: Path, work: Path, tokens: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    if "--child" in sys.argv:  # one run of vs_sparsify, in its own process
+        spec = json.loads(Path(sys.argv[sys.argv.index("--child") + 1]).read_text())
+        res = run_child(spec)
+        Path(sys.argv[sys.argv.index("--child-out") + 1]).write_text(json.dumps(res))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random-model-from", type=Path, required=True)
     ap.add_argument("--corpus", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", default="2M", help="tokens per training run")
     ap.add_argument("--store-tokens", default="1M")
-    ap.add_argument("--steps", default="nonfinite,speed,nccl,batch", help="which steps to run after the capture")
+    ap.add_argument("--steps", default="nonfinite,speed,nccl,batch",
+                    help="which steps to run after the capture (also: vs_sparsify)")
+    ap.add_argument("--tc-store-tokens", default="1M",
+                    help="vs_sparsify: tokens of the paired mlp_in.15,mlp_out.15 store of the transcoder rows "
+                         "(0: none; training cycles over it)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (the comparison is for GPUs)")
     args = ap.parse_args()
     global DEVICE
@@ -206,7 +303,13 @@ def main() -> None:
     step("capture", lambda: {"seconds": round(_timed(lambda: capture(store, model=str(model), corpus=args.corpus,
                                                                        tokens=args.store_tokens, device=DEVICE,
                                                                        progress=False)), 1)})
+    tc_store = work / "acts-tc" if "vs_sparsify" in args.steps and args.tc_store_tokens != "0" else None
+    if tc_store is not None:
+        step("capture_tc", lambda: {"seconds": round(_timed(lambda: capture(
+            tc_store, model=str(model), corpus=args.corpus, hook="mlp_in.15,mlp_out.15", tokens=args.tc_store_tokens,
+            device=DEVICE, progress=False)), 1)})
     steps = {"nonfinite": nonfinite_on_device, "speed": lambda: speed(store, work, args.tokens),
+             "vs_sparsify": lambda: vs_sparsify(store, tc_store, work, args.tokens),
              "nccl": lambda: nccl_one_rank(store, work), "batch": lambda: batch_sizes(store, work, args.tokens)}
     for name in args.steps.split(","):
         step(name, steps[name])

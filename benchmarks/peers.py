@@ -266,29 +266,70 @@ def load_now() -> list[float]:
 # ----------------------------------------------------------------------------- sparsify
 
 
+class SparsifyStep:
+    """sparsify's SparseCoder and a copy of its `Trainer.fit` step (module docstring) on `device`: its
+    optimiser, its first-batch centring, decoder normalisation, dead-latent counters and the per-step FVU it
+    reads back to the host (`float(...)`, as its Trainer logs). `transcode`: its transcoder
+    (`SparseCoderConfig(transcode=True)`) on rows holding input and target side by side ([B, 2d]): x = the input
+    half, y = the target half, its transcoder initialisation (W_dec zero, encoder bias centring the input's mean,
+    b_dec = the target's mean) and no decoder normalisation, as its Trainer does."""
+
+    def __init__(self, d_in: int, n_features: int, k: int, seed: int, device: str = "cpu",
+                 transcode: bool = False) -> None:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify.sign_sgd import SignSGD
+
+        torch.set_float32_matmul_precision("high")  # as sparsify's Trainer.fit does
+        cfg = SparseCoderConfig(activation="topk", num_latents=n_features, k=k, transcode=transcode)  # its defaults
+        torch.manual_seed(seed)
+        self.d_in, self.transcode, self.device, self.steps = d_in, transcode, device, 0
+        self.sae = SparseCoder(d_in, cfg, device, dtype=torch.float32)
+        self.normalize = self.sae.cfg.normalize_decoder and not transcode  # its Trainer never normalises a transcoder
+        self.lr = 5e-3 / (self.sae.num_latents / (2**14)) ** 0.5  # its rule for the default optimizer "signum"
+        self.opt = ScheduleFreeWrapper(SignSGD([{"params": self.sae.parameters(), "lr": self.lr}]), momentum=0.95)
+        self.opt.train()
+        self.auxk_alpha = 0.0  # TrainConfig.auxk_alpha default
+        self.since = torch.zeros(self.sae.num_latents, dtype=torch.long, device=device)  # num_tokens_since_fired
+        self.did_fire = torch.zeros(self.sae.num_latents, dtype=torch.bool, device=device)
+        self.last_fvu = float("nan")
+
+    def __call__(self, raw: Tensor) -> None:
+        sae = self.sae
+        x = raw.to(self.device).float()
+        y = x
+        if self.transcode:
+            x, y = x[:, :self.d_in], x[:, self.d_in:]
+        if self.steps == 0:  # "Ensure the preactivations are centered at initialization"
+            if self.transcode:
+                sae.encoder.bias.data = -x.mean(0) @ sae.encoder.weight.data.T
+            sae.b_dec.data = y.mean(0).to(sae.dtype)
+        if self.normalize:
+            sae.set_decoder_norm_to_unit_norm()
+        total_variance = (y - y.mean(0)).pow(2).sum()
+        out = sae(x=x, y=y, dead_mask=None, total_variance=total_variance)
+        self.did_fire[out.latent_indices.flatten()] = True
+        self.last_fvu = float(out.fvu.detach())
+        loss = out.fvu + self.auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        if self.normalize:
+            sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        with torch.no_grad():
+            self.since += x.shape[0]
+            self.since[self.did_fire] = 0
+            self.did_fire.zero_()
+        self.steps += 1
+
+
 def train_sparsify(data: BatchFile, held: HeldOut, n_features: int, k: int, seed: int, marks: Marks,
                    dead_window_tokens: int, ctl: tuple[Any, Any] | None = None, transcode: bool = False
                    ) -> dict[str, Any]:
-    """sparsify's SparseCoder trained by a copy of its `Trainer.fit` step (module docstring). `transcode`: its
-    transcoder (`SparseCoderConfig(transcode=True)`) on rows holding input and target side by side ([B, 2d]):
-    x = the input half, y = the target half, its transcoder initialisation (W_dec zero, encoder bias centring
-    the input's mean, b_dec = the target's mean) and no decoder normalisation, as its Trainer does."""
-    from schedulefree import ScheduleFreeWrapper
-    from sparsify import SparseCoder, SparseCoderConfig
-    from sparsify.sign_sgd import SignSGD
-
-    torch.set_float32_matmul_precision("high")  # as sparsify's Trainer.fit does
-    cfg = SparseCoderConfig(activation="topk", num_latents=n_features, k=k, transcode=transcode)  # others: defaults
-    torch.manual_seed(seed)
+    """`SparsifyStep` over the shared stream on the CPU, evaluated at `marks` (schedule-free eval mode)."""
     d_in = data.d // 2 if transcode else data.d
-    sae = SparseCoder(d_in, cfg, "cpu", dtype=torch.float32)
-    normalize = sae.cfg.normalize_decoder and not transcode  # its Trainer never normalises a transcoder
-    lr = 5e-3 / (sae.num_latents / (2**14)) ** 0.5  # its rule for the default optimizer "signum"
-    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
-    opt.train()
-    auxk_alpha = 0.0  # TrainConfig.auxk_alpha default
-    since = torch.zeros(sae.num_latents, dtype=torch.long)  # num_tokens_since_fired
-    did_fire = torch.zeros(sae.num_latents, dtype=torch.bool)
+    step = SparsifyStep(d_in, n_features, k, seed, "cpu", transcode)
+    sae, opt, lr, since = step.sae, step.opt, step.lr, step.since
 
     def recon_factory() -> tuple[Recon, Callable[[], None]]:
         opt.eval()  # the weights sparsify saves (its _checkpoint switches to eval mode)
@@ -305,37 +346,13 @@ def train_sparsify(data: BatchFile, held: HeldOut, n_features: int, k: int, seed
         return recon, opt.train
 
     gate = Gate("sparsify", held, sae.num_latents, data.batch, data.steps, marks, ctl)
-    avg_fvu = 0.0
     gate.start()
-    for step, raw in enumerate(data):
-        x = raw.float()
-        y = x
-        if transcode:
-            x, y = x[:, :d_in], x[:, d_in:]
-        if step == 0:  # "Ensure the preactivations are centered at initialization"
-            if transcode:
-                sae.encoder.bias.data = -x.mean(0) @ sae.encoder.weight.data.T
-            sae.b_dec.data = y.mean(0).to(sae.dtype)
-        if normalize:
-            sae.set_decoder_norm_to_unit_norm()
-        total_variance = (y - y.mean(0)).pow(2).sum()
-        out = sae(x=x, y=y, dead_mask=None, total_variance=total_variance)
-        did_fire[out.latent_indices.flatten()] = True
-        avg_fvu = float(out.fvu.detach())
-        loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
-        loss.backward()
-        if normalize:
-            sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            since += x.shape[0]
-            since[did_fire] = 0
-            did_fire.zero_()
-        gate.after_step(step + 1, recon_factory)
+    for i, raw in enumerate(data):
+        step(raw)
+        gate.after_step(i + 1, recon_factory)
     train_s, final = gate.finish(data.steps, recon_factory)
     return {
-        "train_s": train_s, "curve": gate.rec.curve, "final": final, "last_batch_fvu": avg_fvu,
+        "train_s": train_s, "curve": gate.rec.curve, "final": final, "last_batch_fvu": step.last_fvu,
         "turn_log": gate.turn_log,
         "dead_train_frac": float((since >= dead_window_tokens).float().mean()),
         "settings": {
