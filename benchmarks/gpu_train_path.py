@@ -183,16 +183,19 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     global DEVICE
     DEVICE = spec["device"]
     t_start = time.perf_counter()
-    tokens, arch, batch = parse_count(spec["tokens"]), spec["arch"], 4096
+    tokens, arch, batch = parse_count(spec["tokens"]), spec["arch"], int(spec.get("batch", 4096))
     if spec["who"] == "monoscope":
         from monoscope.train import train
 
         r = train(spec["out"], store=spec["store"], device=DEVICE, progress=False, arch=arch, k=32, width="16x",
-                  tokens=tokens, batch_size=batch, command="benchmarks/gpu_train_path.py vs_sparsify")
+                  tokens=tokens, batch_size=batch, revive=spec.get("revive", "auto"),
+                  command="benchmarks/gpu_train_path.py vs_sparsify")
         return {"tokens_per_s": round(r.tokens_per_s), "seconds": round(r.seconds, 3),
                 "wall_s": round(time.perf_counter() - t_start, 2), "fvu_last_log": r.metrics.get("fvu"),
                 "l0": r.metrics.get("l0"), "dead_frac": r.metrics.get("dead_frac"),
                 "compute_dtype": str(r.sae.compute_dtype()).split(".")[-1]}
+    if spec["who"] == "monoscope_resident":
+        return _resident_monoscope(spec, tokens, batch, t_start)
     note = None
     try:
         import datasets  # noqa: F401  (sparsify's trainer module imports it; its step does not use it)
@@ -205,13 +208,10 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         note = f"datasets not importable ({e!r}); a stub stood in for it (sparsify's step never touches it)"
     from sparsify.utils import decoder_impl
 
-    from monoscope.store.reader import ActivationStore
     from peers import SparsifyStep
 
-    store = ActivationStore.open(spec["store"])
     steps = tokens // batch
-    it = iter(store.batches(batch, seed=0))
-    rows = torch.stack([next(it).acts.reshape(batch, -1) for _ in range(steps)]).to(DEVICE)  # [steps, B, width]
+    rows = _resident_rows(spec["store"], tokens, batch)
     transcode = arch == "transcoder"
     d_in = rows.shape[-1] // 2 if transcode else rows.shape[-1]
     step = SparsifyStep(d_in, 16 * d_in, 32, 0, DEVICE, transcode)
@@ -228,22 +228,81 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             "rows_dtype_in_store": str(rows.dtype), "note": note}
 
 
-def vs_sparsify(store: Path, tc_store: Path | None, work: Path, tokens: str) -> dict[str, Any]:
-    """monoscope's TopK SAE (and transcoder, given a paired store) against sparsify's, 16x, k=32, A B A B."""
+def _resident_rows(store_dir: str, tokens: int, batch: int) -> Any:
+    """The store's first tokens//batch shuffled batches, stacked in GPU memory [steps, B, width] (not timed)."""
+    from monoscope.store.reader import ActivationStore
+
+    it = iter(ActivationStore.open(store_dir).batches(batch, seed=0))
+    return torch.stack([next(it).acts.reshape(batch, -1) for _ in range(tokens // batch)]).to(DEVICE)
+
+
+def _resident_monoscope(spec: dict[str, Any], tokens: int, batch: int, t_start: float) -> dict[str, Any]:
+    """monoscope's Trainer (train()'s loop and step) on rows already in GPU memory, as sparsify's rows are:
+    the step and loop without the store's data path."""
+    from monoscope.sae import SAEConfig, build_sae
+    from monoscope.store.batches import Batch
+    from monoscope.store.reader import ActivationStore
+    from monoscope.train import TrainConfig, Trainer
+
+    store = ActivationStore.open(spec["store"])
+    rows = _resident_rows(spec["store"], tokens, batch)
+    cfg = TrainConfig(arch=spec["arch"], tokens=tokens, width="16x", k=32, batch_size=batch, device=DEVICE,
+                      progress=False, checkpoint_every=0, revive=spec.get("revive", "auto"))
+    sae = build_sae(SAEConfig(arch=spec["arch"], d_in=rows.shape[-1], d_sae=cfg.d_sae(rows.shape[-1]), k=32,
+                              normaliser=float(store.normaliser), dtype="float32", compute_dtype=cfg.dtype),
+                    seed=0, device=DEVICE)
+
+    class Resident:  # a BatchSource over the resident rows
+        i = 0
+
+        def __next__(self) -> Any:
+            if self.i >= len(rows):
+                raise StopIteration
+            self.i += 1
+            return Batch(rows[self.i - 1], torch.arange(batch))
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"i": self.i}
+
+        def load_state_dict(self, s: dict[str, Any]) -> None:
+            self.i = s["i"]
+
+    trainer = Trainer(sae, cfg, Resident())
+    trainer.init_b_dec(rows[0])
+    _sync()
+    t0 = time.perf_counter()
+    trainer.run()
+    _sync()
+    seconds = time.perf_counter() - t0
+    return {"tokens_per_s": round(trainer.tokens / seconds), "seconds": round(seconds, 3),
+            "wall_s": round(time.perf_counter() - t_start, 2), "fvu_last_log": trainer.last_metrics.get("fvu"),
+            "compute_dtype": str(sae.compute_dtype()).split(".")[-1], "defer_checks": trainer.defer_checks}
+
+
+def vs_sparsify(store: Path, tc_store: Path | None, work: Path, tokens: str, configs: str) -> dict[str, Any]:
+    """monoscope's TopK SAE (and transcoder, given a paired store) against sparsify's, 16x, k=32, A B A B.
+    configs: comma-separated ARCH[:BATCH][:noaux][:resident] (noaux: monoscope with --revive none, as sparsify's
+    auxk_alpha=0; resident: monoscope's Trainer on rows already in GPU memory, as sparsify's are, instead of
+    train() reading the store)."""
     out: dict[str, Any] = {}
-    for arch, st in (("topk", store), ("transcoder", tc_store)):
+    for conf in configs.split(","):
+        arch, *rest = conf.split(":")
+        batch = int(rest[0]) if rest and rest[0].isdigit() else 4096
+        revive = "none" if "noaux" in rest else "auto"
+        mono = "monoscope_resident" if "resident" in rest else "monoscope"
+        st = tc_store if arch == "transcoder" else store
         if st is None:
             continue
-        row: dict[str, Any] = {}
-        for rep, who in enumerate(("monoscope", "sparsify") * 2):
-            spec = {"who": who, "arch": arch, "store": str(st), "tokens": tokens, "device": DEVICE,
-                    "out": str(work / f"vs-{arch}-{who}-{rep}")}
+        row: dict[str, Any] = {"batch": batch, "monoscope_revive": revive}
+        for rep, who in enumerate((mono, "sparsify") * 2):
+            spec = {"who": who, "arch": arch, "store": str(st), "tokens": tokens, "device": DEVICE, "batch": batch,
+                    "revive": revive, "out": str(work / f"vs-{conf.replace(':', '-')}-{who}-{rep}")}
             row.setdefault(who, []).append(_child(spec, work))
-        rates = {w: [r.get("tokens_per_s") for r in row[w]] for w in ("monoscope", "sparsify")}
+        rates = {w: [r.get("tokens_per_s") for r in row[w]] for w in (mono, "sparsify")}
         if all(v for vs in rates.values() for v in vs):
-            row["ratio_monoscope_over_sparsify"] = round(sum(rates["monoscope"]) / sum(rates["sparsify"]), 2)
-        out[arch] = row
-        print(f"  {arch}: {json.dumps(rates)} ratio {row.get('ratio_monoscope_over_sparsify')}", flush=True)
+            row["ratio_monoscope_over_sparsify"] = round(sum(rates[mono]) / sum(rates["sparsify"]), 2)
+        out[conf] = row
+        print(f"  {conf}: {json.dumps(rates)} ratio {row.get('ratio_monoscope_over_sparsify')}", flush=True)
     return out
 
 
@@ -274,6 +333,9 @@ def main() -> None:
     ap.add_argument("--tc-store-tokens", default="1M",
                     help="vs_sparsify: tokens of the paired mlp_in.15,mlp_out.15 store of the transcoder rows "
                          "(0: none; training cycles over it)")
+    ap.add_argument("--vs-configs", default="topk,transcoder",
+                    help="vs_sparsify rows: ARCH[:BATCH][:noaux][:resident], comma-separated (noaux: monoscope "
+                         "--revive none; resident: its Trainer on rows in GPU memory)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (the comparison is for GPUs)")
     args = ap.parse_args()
     global DEVICE
@@ -303,13 +365,14 @@ def main() -> None:
     step("capture", lambda: {"seconds": round(_timed(lambda: capture(store, model=str(model), corpus=args.corpus,
                                                                        tokens=args.store_tokens, device=DEVICE,
                                                                        progress=False)), 1)})
-    tc_store = work / "acts-tc" if "vs_sparsify" in args.steps and args.tc_store_tokens != "0" else None
+    tc_store = (work / "acts-tc" if "vs_sparsify" in args.steps and "transcoder" in args.vs_configs
+                and args.tc_store_tokens != "0" else None)
     if tc_store is not None:
         step("capture_tc", lambda: {"seconds": round(_timed(lambda: capture(
             tc_store, model=str(model), corpus=args.corpus, hook="mlp_in.15,mlp_out.15", tokens=args.tc_store_tokens,
             device=DEVICE, progress=False)), 1)})
     steps = {"nonfinite": nonfinite_on_device, "speed": lambda: speed(store, work, args.tokens),
-             "vs_sparsify": lambda: vs_sparsify(store, tc_store, work, args.tokens),
+             "vs_sparsify": lambda: vs_sparsify(store, tc_store, work, args.tokens, args.vs_configs),
              "nccl": lambda: nccl_one_rank(store, work), "batch": lambda: batch_sizes(store, work, args.tokens)}
     for name in args.steps.split(","):
         step(name, steps[name])
