@@ -55,7 +55,8 @@ def _acts(child: SAE, n: int = 2000, seed: int = 2) -> torch.Tensor:
 
 @pytest.fixture()
 def pair() -> tuple[SAE, SAE, np.ndarray]:
-    parent = build_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=F_PARENT, k=4), seed=0).eval()
+    # unit-norm rows, as a trained SAE's decoder (the split below assumes them)
+    parent = build_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=F_PARENT, k=4, init_decoder_norm=1.0), seed=0).eval()
     child, truth = _split_child(parent)
     return parent, child, truth
 

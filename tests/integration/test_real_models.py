@@ -123,14 +123,15 @@ def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     m = json.loads((out / "eval" / "metrics.json").read_text())
     lm = m["lm"]
     assert lm["ce_clean"] < lm["ce_spliced"] < lm["ce_zero"]
+    print(json.dumps({"lm": lm, "heldout": m["heldout"], "store_rows": m["store_rows"]}))  # the golden values' source
     # golden values of this deterministic run (measured with 2 threads and with OMP_NUM_THREADS=1)
-    assert lm["ce_recovered"] == pytest.approx(0.9195059054290496, rel=1e-4)
+    assert lm["ce_recovered"] == pytest.approx(0.9425414247172994, rel=1e-4)
     assert lm["ce_clean"] == pytest.approx(2.7109482780335443, rel=1e-4)
     assert abs(lm["ce_error"] - lm["ce_clean"]) < 0.02  # the error term restores the clean loss
     assert m["lm_eval"]["stacked_variants"] is True  # one forward carried every variant on Llama
-    assert m["heldout"]["fvu"] == pytest.approx(0.4813080398283656, rel=1e-4)
-    assert m["store_rows"]["fvu"] == pytest.approx(0.46344848029434005, rel=1e-4)
-    assert m["store_rows"]["l0_mean"] == 32.0 and m["store_rows"]["dead_frac"] == pytest.approx(0.024739583333333332)
+    assert m["heldout"]["fvu"] == pytest.approx(0.4060642031892059, rel=1e-4)
+    assert m["store_rows"]["fvu"] == pytest.approx(0.38273207237058354, rel=1e-4)
+    assert m["store_rows"]["l0_mean"] == 32.0 and m["store_rows"]["dead_frac"] == pytest.approx(0.08116319444444445)
     assert all((out / "eval" / p).stat().st_size > 1000 for p in m["plots"])
     assert "monoscope show" in text and (out / "features" / "features.db").is_file()
     assert (out / "sae-2x-features" / "features.db").is_file() and (out / "features" / "feature_map.png").is_file()

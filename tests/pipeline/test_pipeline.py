@@ -65,14 +65,16 @@ def tree(out: Path) -> dict[str, tuple[str, int]]:
 
 # ------------------------------------------------------------------------------------------- golden values
 # Measured on this tiny run (fp32, CPU) with the default thread count and with OMP_NUM_THREADS=1.
-GOLDEN_STORE = {"fvu": 0.20236915616411646, "l0_mean": 4.0, "dead_frac": 0.30078125}
-GOLDEN_HELDOUT = {"fvu": 0.2206024640655604, "l0_mean": 4.0, "dead_frac": 0.30078125}
-GOLDEN_LM = {"ce_recovered": 0.7790020738075486, "ce_clean": 5.691878318786621, "ce_spliced": 5.688263211931501,
+GOLDEN_STORE = {"fvu": 0.14283650421120736, "l0_mean": 4.0, "dead_frac": 0.16796875}
+GOLDEN_HELDOUT = {"fvu": 0.14783000595248819, "l0_mean": 4.0, "dead_frac": 0.1796875}
+GOLDEN_LM = {"ce_recovered": 0.4493832712856627, "ce_clean": 5.691878318786621, "ce_spliced": 5.682871273585728,
              "ce_zero": 5.6755202157156805}
-GOLDEN_TOP_FEATURES = [150, 139, 108, 194, 224]
+GOLDEN_TOP_FEATURES = [224, 100, 150, 152, 4]
 """The 5 densest features of the main SAE (ties broken by id)."""
-GOLDEN_AUDIT_BEST = {"people": 30, "code_types": 35}
+GOLDEN_AUDIT_BEST = {"people": 116, "code_types": 139}
 """The audit stage's best candidate per pack (highest AUROC on the pack) on the tiny run."""
+GOLDEN_AUDIT_N = 0
+"""How many of the tiny run's packs have a candidate with AUROC >= 0.8."""
 
 
 def test_golden_values(reference: tuple[Path, Path, Path, RunResult]) -> None:
@@ -85,11 +87,11 @@ def test_golden_values(reference: tuple[Path, Path, Path, RunResult]) -> None:
     conn.close()
     best = {k: (v or {}).get("feature") for k, v in res.audit.summary["best"].items()}
     print(json.dumps({"audit": best, "n_with_auroc": res.audit.summary["n_with_auroc"]}))
-    assert best == GOLDEN_AUDIT_BEST and res.audit.summary["n_with_auroc"] == 1
-    assert json.loads((out / "audit" / "report.json").read_text())["summary"] == res.audit.summary
     print(json.dumps({"store": {k: m["store_rows"][k] for k in GOLDEN_STORE},
                       "heldout": {k: m["heldout"][k] for k in GOLDEN_HELDOUT},
                       "lm": {k: m["lm"][k] for k in GOLDEN_LM}, "top": top}))
+    assert best == GOLDEN_AUDIT_BEST and res.audit.summary["n_with_auroc"] == GOLDEN_AUDIT_N
+    assert json.loads((out / "audit" / "report.json").read_text())["summary"] == res.audit.summary
     for key, golden in (("store_rows", GOLDEN_STORE), ("heldout", GOLDEN_HELDOUT), ("lm", GOLDEN_LM)):
         for name, want in golden.items():
             assert m[key][name] == pytest.approx(want, rel=1e-4, abs=1e-7), f"{key}.{name}"

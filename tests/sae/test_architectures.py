@@ -293,7 +293,8 @@ def test_wrong_input_width_is_an_error() -> None:
 
 
 def test_initialisation() -> None:
-    for arch, kw, norm in [("relu-l1", {}, 0.1), ("topk", {"k": 2}, 1.0), ("jumprelu", {}, 1.0)]:
+    for arch, kw, norm in [("relu-l1", {}, 0.1), ("topk", {"k": 2}, 0.25), ("batchtopk", {"k": 2}, 0.25),
+                           ("jumprelu", {}, 1.0)]:
         cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, **kw)  # type: ignore[arg-type]
         a, b = build_sae(cfg, seed=7), build_sae(cfg, seed=7)
         assert torch.equal(a.W_enc, a.W_dec)  # encoder = decoder transpose (same [F, d] rows)
@@ -381,7 +382,8 @@ def test_relu_encoder_matches_linear() -> None:
 def test_topk_with_few_positive_preactivations(arch: str, compute_dtype: str) -> None:
     """Fewer positive pre-activations than k: every positive one is kept, the rest are 0."""
     k = 6
-    cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=k, compute_dtype=compute_dtype)  # type: ignore[arg-type]
+    cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=k, compute_dtype=compute_dtype,  # type: ignore[arg-type]
+                    init_decoder_norm=1.0)  # unit rows: the bias below leaves a few positive pre-activations
     sae = build_sae(cfg, seed=0)
     with torch.no_grad():
         sae.b_enc.fill_(-4.0)

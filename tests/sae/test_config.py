@@ -13,7 +13,9 @@ from monoscope.sae import SAEConfig, parse_width
 def test_defaults_resolve_per_architecture() -> None:
     topk = SAEConfig(arch="topk", d_in=64, d_sae=512, k=8)
     assert topk.k_aux == 32  # d_in // 2
-    assert topk.b_dec_to_input is True and topk.init_decoder_norm == 1.0
+    assert topk.b_dec_to_input is True and topk.init_decoder_norm == 0.25
+    assert SAEConfig(arch="batchtopk", d_in=64, d_sae=512, k=8).init_decoder_norm == 0.25
+    assert SAEConfig(arch="matryoshka", d_in=64, d_sae=512, k=8, prefixes=(64, 512)).init_decoder_norm == 1.0
     relu = SAEConfig(arch="relu-l1", d_in=64, d_sae=512)
     assert relu.k is None and relu.k_aux is None
     assert relu.b_dec_to_input is False and relu.init_decoder_norm == 0.1

@@ -151,7 +151,8 @@ class TrainConfig:
     init_decoder_norm: float | None = None
     """Norm of the random decoder rows at initialisation; the encoder starts as their transpose, so for
     unit-norm-decoder SAEs (topk-style, jumprelu) this is the encoder's initial row norm in the scaled space
-    (E‖x‖² = d_model). Default: 1 (0.1 for relu-l1 and gated; 0.577 with --optimizer signum-sf, sparsify's). With
+    (E‖x‖² = d_model). Default: 0.25 for topk and batchtopk (measured: benchmarks/results/convergence_vs_sparsify.json),
+    0.1 for relu-l1 and gated, 1 for the others; 0.577 with --optimizer signum-sf, sparsify's. With
     --transcoder-init sparsify: the encoder's expected row norm (default 0.577); its decoder starts at zero."""
 
     transcoder_init: TranscoderInit | None = None
