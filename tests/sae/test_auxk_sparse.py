@@ -19,8 +19,8 @@ def _pair(arch: str, **kw: object) -> tuple[torch.nn.Module, torch.nn.Module]:
         extra["prefixes"] = [16, 48]
     saes = []
     for sparse in (True, False):
-        cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=3, k_aux=5, aux_coef=0.5, compute_dtype="float32",
-                        sparse_kernels=sparse, **extra, **kw)  # type: ignore[arg-type]
+        cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=3, k_aux=5, aux_coef=0.5, sparse_kernels=sparse,
+                        **{"compute_dtype": "float32", **extra, **kw})  # type: ignore[arg-type]
         sae = build_sae(cfg, seed=0)
         with torch.no_grad():
             sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
@@ -69,3 +69,32 @@ def test_sparse_auxk_golden_value() -> None:
 
 
 GOLDEN_AUX = 79.15858459472656  # measured with the dense reference too (test above)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "transcoder"])
+@pytest.mark.parametrize("n_dead", [0, 3, 20])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_sync_free_auxk_equals_the_dead_list(monkeypatch: pytest.MonkeyPatch, arch: str, n_dead: int,
+                                             compute_dtype: str) -> None:
+    """The GPU's AuxK (fixed-shape top-k over the masked pre-activations, no host sync), forced on the CPU, gives
+    the dead-list AuxK's loss and gradients: with no dead latent, fewer than k_aux, and more."""
+    from monoscope.sae import topk as topk_mod
+
+    width = 2 * D if arch == "transcoder" else D
+    x = torch.randn(B, width, generator=torch.Generator().manual_seed(0)) * 1.5
+    dead = torch.zeros(N_FEAT, dtype=torch.bool)
+    dead[torch.randperm(N_FEAT, generator=torch.Generator().manual_seed(3))[:n_dead]] = True
+    auxes, grads = [], []
+    for devices in (set(), {"cpu"}):
+        monkeypatch.setattr(topk_mod, "SYNC_FREE_AUXK_DEVICES", devices)
+        sae, _ = _pair(arch, compute_dtype=compute_dtype)
+        sae.train()
+        out = sae(x, dead_mask=dead)
+        (out.aux + out.mse).backward()
+        auxes.append(out.aux.item())
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None})
+    assert (auxes[0] > 0) == (n_dead > 0) or arch == "matryoshka"
+    assert auxes[1] == pytest.approx(auxes[0], rel=1e-5, abs=1e-7)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6), name

@@ -42,6 +42,10 @@ from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
 from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
 
+SYNC_FREE_AUXK_DEVICES: set[str] = {"cuda"}
+"""Device types whose AuxK takes a fixed-shape top-k over masked pre-activations (`_auxk_fixed_shape`) instead of
+listing the dead latents with a host sync; on a CPU the sync is free and the dead list the smaller top-k."""
+
 
 class _Selected(NamedTuple):
     """What `_TopKStyle._encode_selected` hands the decoder half of a forward."""
@@ -125,6 +129,8 @@ class _TopKStyle(SAE):
             raise ValueError(
                 f"dead_mask must be a bool tensor [{self.cfg.d_sae}], got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
+        if sel is not None and not sel.dense and x_c.device.type in SYNC_FREE_AUXK_DEVICES:
+            return self._auxk_fixed_shape(err, dead_mask.to(x_c.device), cd, sel)
         dead_idx = dead_mask.to(x_c.device).nonzero().squeeze(1)  # [n_dead]
         n_dead = dead_idx.numel()
         if n_dead == 0:
@@ -149,6 +155,24 @@ class _TopKStyle(SAE):
             keep = torch.zeros_like(pre).scatter_(1, local, 1.0)  # [B, n_dead] 0/1
         f_aux = torch.relu(pre) * keep  # [B, n_dead]
         e_hat = (f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)).float()  # [B, d]
+        return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+
+    def _auxk_fixed_shape(self, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
+        """`_auxk` without a host sync, for GPUs (where `nonzero`, which sizes the dead list, stalls the CPU until
+        the queued kernels finish, every step): each row's top k_aux of the pre-activations with the live latents
+        masked out, a fixed [B, k_aux] shape. Live latents picked when fewer than k_aux are dead are multiplied
+        out, and non-positive picks are zeroed by the ReLU as before, so the loss and the gradients are
+        `_auxk`'s (tests/sae/test_auxk_sparse.py); with no dead latent the term is 0."""
+        k_aux = int(self.cfg.k_aux)  # type: ignore[arg-type]
+        with torch.no_grad():
+            masked = sel.pre.masked_fill(~dead, float("-inf"))  # [B, F]
+            key_v, idx = _order_view(masked).topk(min(k_aux, self.cfg.d_sae), dim=1, sorted=False)  # [B, k_aux]
+            values = key_v.view(masked.dtype)
+            keep = dead[idx]  # [B, k_aux]: False where a live latent filled the row
+            pattern = SparsePattern(idx, self.cfg.d_sae)
+            scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
+        f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu() * keep
+        e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()  # [B, d]
         return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------- interface

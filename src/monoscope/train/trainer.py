@@ -27,8 +27,9 @@ the step always runs and the verdict stays on the device: fused Adam's `found_in
 into a no-op (no update, no step count), and the dead counters, metrics, buffers (batchtopk's θ) and
 decoder renormalisation are masked by it. `check_pending` reads the verdicts at each log, checkpoint
 and the end, then counts skips or raises `NonFiniteError` naming the first bad step and row, as the
-eager test does; nothing unchecked is ever checkpointed. Both paths train bit for bit alike. The
-host syncs left: for topk and batchtopk with AuxK, the list of dead features (a `nonzero`); for
+eager test does; nothing unchecked is ever checkpointed. Both paths train bit for bit alike. AuxK
+takes no host sync on a GPU (`TopKSAE._auxk_fixed_shape`: a fixed-shape top-k over the masked
+pre-activations instead of the list of dead features). The host syncs left: for
 batchtopk in training, batch top-k's check for rows that need more candidates (one `any`, more when
 it redoes rows); for relu-l1 and jumprelu with sparse kernels, the active pattern (a `nonzero`).
 Each sizes a tensor or takes a branch, so it cannot be deferred. On a GPU, `train()` also reads the
