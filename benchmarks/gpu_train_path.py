@@ -211,7 +211,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     from peers import SparsifyStep
 
     steps = tokens // batch
-    rows = _resident_rows(spec["store"], tokens, batch)
+    from monoscope.store.reader import ActivationStore
+
+    rows = _resident_rows(ActivationStore.open(spec["store"]), tokens, batch)
     transcode = arch == "transcoder"
     d_in = rows.shape[-1] // 2 if transcode else rows.shape[-1]
     step = SparsifyStep(d_in, 16 * d_in, 32, 0, DEVICE, transcode)
@@ -228,11 +230,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             "rows_dtype_in_store": str(rows.dtype), "note": note}
 
 
-def _resident_rows(store_dir: str, tokens: int, batch: int) -> Any:
+def _resident_rows(store: Any, tokens: int, batch: int) -> Any:
     """The store's first tokens//batch shuffled batches, stacked in GPU memory [steps, B, width] (not timed)."""
-    from monoscope.store.reader import ActivationStore
-
-    it = iter(ActivationStore.open(store_dir).batches(batch, seed=0))
+    it = iter(store.batches(batch, seed=0))
     return torch.stack([next(it).acts.reshape(batch, -1) for _ in range(tokens // batch)]).to(DEVICE)
 
 
@@ -244,8 +244,8 @@ def _resident_monoscope(spec: dict[str, Any], tokens: int, batch: int, t_start: 
     from monoscope.store.reader import ActivationStore
     from monoscope.train import TrainConfig, Trainer
 
-    store = ActivationStore.open(spec["store"])
-    rows = _resident_rows(spec["store"], tokens, batch)
+    store = ActivationStore.open(spec["store"])  # opened once: its rows and its normaliser
+    rows = _resident_rows(store, tokens, batch)
     cfg = TrainConfig(arch=spec["arch"], tokens=tokens, width="16x", k=32, batch_size=batch, device=DEVICE,
                       progress=False, checkpoint_every=0, revive=spec.get("revive", "auto"))
     sae = build_sae(SAEConfig(arch=spec["arch"], d_in=rows.shape[-1], d_sae=cfg.d_sae(rows.shape[-1]), k=32,
