@@ -501,9 +501,19 @@ def run_trainers(group: list[dict[str, Any]], work: Path, args: argparse.Namespa
     """The group's runs under --protocol: interleaved turns (`run_group`) or one process after the other."""
     if args.protocol == "interleaved":
         return run_group(group, work, args.turn_s, mono=mono)
-    runs = {spec["name"]: run_child(spec, work) for spec in group}
-    befores = [float((r.get("load_before") or [0.0])[0]) for r in runs.values()]  # 1-minute load average
-    return runs, {"protocol": "sequential", "t_mono": runs[mono].get("train_s"),
+    rounds = [{spec["name"]: run_child(spec, work) for spec in group} for _ in range(max(1, args.repeats))]
+    runs = rounds[0]
+    if len(rounds) > 1:  # A B A B: each trainer's training time is the mean over the rounds (the harmonic mean
+        # of its tokens/s); its FVU, L0 and curve are the first round's (the same seed and rows every round)
+        for name, r in runs.items():
+            times = [rd[name]["train_s"] for rd in rounds if "train_s" in rd[name]]
+            if "train_s" in r and len(times) == len(rounds):
+                r["train_s_rounds"] = times
+                r["fvu_rounds"] = [(rd[name].get("final") or {}).get("fvu") for rd in rounds]
+                r["train_s"] = sum(times) / len(times)
+    befores = [float((r.get("load_before") or [0.0])[0]) for rd in rounds for r in rd.values()]  # 1-min load
+    return runs, {"protocol": "sequential", "rounds": len(rounds), "t_mono": runs[mono].get("train_s"),
+                  "order": [spec["name"] for spec in group],
                   "load1_per_round": {"n": len(befores), "mean": sum(befores) / max(len(befores), 1),
                                       "min": min(befores, default=0.0), "max": max(befores, default=0.0)}}
 
@@ -572,6 +582,9 @@ def main() -> None:
     ap.add_argument("--protocol", choices=["interleaved", "sequential"], default="interleaved",
                     help="interleaved: trainers take turns (fair under background load); sequential: each "
                          "trainer alone in its own process, one after the other (a quiet machine)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="sequential protocol: run the whole group this many times, in the same order (A B A B); "
+                         "tokens/s from the mean training time, every round's time recorded")
     ap.add_argument("--name", default=NAME, help="result file name under benchmarks/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -641,10 +654,14 @@ def main() -> None:
         tuning = tune_l1(args, base, work)
     l1 = args.saelens_l1 if args.saelens_l1 is not None else pick_l1((tuning or {}).get("trials") or [], args.k)
 
-    if not args.skip_mono_train:  # the user's path, alone
-        runs["monoscope_train_bf16"] = run_child({**base, "name": "monoscope_train_bf16", "kind": "monoscope_train",
-                                                  "dtype": "auto", "out": str(work / "sae-train-auto")}, work)
     group = [{**base, "name": "monoscope_bf16", "kind": "monoscope_trainer", "dtype": "auto", "eval_steps": quarter}]
+    if not args.skip_mono_train:  # the user's path: alone, or in the sequential rounds (A B A B)
+        spec = {**base, "name": "monoscope_train_bf16", "kind": "monoscope_train", "dtype": "auto",
+                "out": str(work / "sae-train-auto")}
+        if args.protocol == "sequential":
+            group.insert(0, spec)
+        else:
+            runs["monoscope_train_bf16"] = run_child(spec, work)
     if not args.skip_fp32:
         group.append({**base, "name": "monoscope_fp32", "kind": "monoscope_trainer", "dtype": "float32",
                       "eval_steps": quarter})
@@ -979,6 +996,9 @@ def summarise(runs: dict[str, dict[str, Any]], peaks: dict[str, float], peaks_en
         }
         if "fvu_per_hook" in r["final"]:
             row["fvu_per_hook"] = r["final"]["fvu_per_hook"]
+        if r.get("train_s_rounds"):  # --repeats: each round's tokens/s and final FVU
+            row["tokens_per_s_rounds"] = [tokens / t for t in r["train_s_rounds"]]
+            row["fvu_rounds"] = r.get("fvu_rounds")
         turns = turn_speeds(r.get("turn_log"), tokens // max(r["final"]["step"], 1))
         if turns:
             row["turn_tokens_per_s"] = turns

@@ -20,6 +20,10 @@ from monoscope.model import LoadedModel, from_module
 _CACHE = tempfile.mkdtemp(prefix="monoscope-test-cache-")
 _PID = os.getpid()
 os.environ["MONOSCOPE_CACHE"] = _CACHE
+# `auto` computes in float32 on every CPU here (subprocesses inherit it): the golden values and the exact
+# distributed-equals-one-process checks then hold on CPUs with AMX (where auto means bf16) and without; the bf16
+# paths are tested where a test asks for bf16 by name.
+os.environ["MONOSCOPE_CPU_BF16"] = "0"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

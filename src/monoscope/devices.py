@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -24,9 +25,20 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return dev
 
 
+CPU_BF16_ENV = "MONOSCOPE_CPU_BF16"
+"""`0`: `auto` computes in float32 on every CPU; `1`: in bf16 on every CPU; unset: bf16 where the CPU has it natively.
+The test suite sets 0, so that its golden values hold on CPUs with and without AMX (explicit dtypes still apply)."""
+
+
 @functools.cache
 def _cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16: the CPUs where bf16 matmuls run natively (elsewhere they are emulated and slower)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise MonoscopeError(f"{CPU_BF16_ENV}={forced!r}: use 0 (float32 on the CPU), 1 (bf16) or leave it unset "
+                             "(bf16 where the CPU has AMX or AVX512-BF16)")
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:

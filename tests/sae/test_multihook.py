@@ -188,7 +188,9 @@ def test_crosscoder_splice_replaces_every_layer_with_its_reconstruction(run: Pat
             nll -= float(tgt[mask].sum())
             n += int(mask.sum())
     assert lm.predictions == n and lm.ce_spliced == pytest.approx(nll / n, abs=1e-5)
-    assert lm.ce_clean < lm.ce_spliced < lm.ce_zero
+    # the reconstruction is much nearer the clean loss than zero ablation (on this random tiny model a splice can
+    # land a hair below the clean loss, so clean < spliced is not asserted)
+    assert abs(lm.ce_spliced - lm.ce_clean) < 0.5 * (lm.ce_zero - lm.ce_clean)
 
 
 def test_features_and_show_on_a_transcoder_read_its_input_hook(run: Path) -> None:
