@@ -4,7 +4,9 @@ Measures (1) the float32 matmul rate of the encoder shape ([B, d] @ [d, F]) and 
 limits it implies: 4·d·F flops per token (the encoder forward and a dense weight gradient) and
 2·d·F (the forward alone: the trainer's encoder weight gradient is sparse, so this is the real
 bound), (2) one `Trainer.train_step` split into phases by manual timers on a resident batch,
-(3) sparsify's own step on the same rows, and (4) reading and gathering batches from a store.
+(2b) the step with n latents marked dead, so AuxK runs, through each CPU form of the sparse AuxK (per-entry
+kernels, matmuls over the dead block, the automatic choice), (3) sparsify's own step on the same rows, and (4)
+reading and gathering batches from a store.
 Writes a JSON record to benchmarks/results/. Usage:
 
     PYTHONPATH=src python benchmarks/train_step_profile.py --store runs/small/acts --steps 6
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--width-mult", type=int, default=16)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--dead", default="0,1000,2500,4000,6000",
+                    help="dead-latent counts at which a step is timed with AuxK through each CPU form")
     ap.add_argument("--out", default="benchmarks/results/train_step_profile.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -78,6 +82,8 @@ def main() -> None:
     t_fwd = timed(lambda: x @ w, 3)
     t_wg = timed(lambda: x.t() @ g, 3)
     tflops = 2 * b * d * f / t_fwd / 1e12
+    xb, wb = x.bfloat16(), w.bfloat16()
+    tflops_bf16 = 2 * b * d * f / timed(lambda: xb @ wb, 3) / 1e12  # what the step runs at where bf16 is native
     limit = b / (t_fwd + t_wg)  # the 4·d·F limit (dense encoder weight gradient)
     limit_fwd = b / t_fwd  # the trainer's weight gradient is sparse: the dense encoder forward alone bounds it
 
@@ -122,6 +128,25 @@ def main() -> None:
         add("decoder renorm + dead counters", t0)
     phases = {k: v / args.steps for k, v in phases.items()}
 
+    # (2b) the step with AuxK at work: n dead latents (the trainer's dead mask forced), through each CPU form of
+    # the sparse AuxK: per-entry kernels, dense matmuls over the dead block, and the automatic choice
+    from monoscope.sae import topk as topk_mod
+
+    aux_steps: dict[str, dict[str, float]] = {}
+    default_ratio = dict(topk_mod.BLOCK_AUXK_DEAD_PER_K_AUX)
+    real_dead = tr.dead.dead
+    for n_dead in [int(v) for v in args.dead.split(",") if v.strip()]:
+        mask = torch.zeros(f, dtype=torch.bool)
+        mask[torch.randperm(f, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+        tr.dead.dead = lambda m=mask: m  # type: ignore[method-assign]
+        row: dict[str, float] = {}
+        for path, ratio in (("entries", {}), ("block", {dt: 10**9 for dt in default_ratio}), ("auto", default_ratio)):
+            topk_mod.BLOCK_AUXK_DEAD_PER_K_AUX = ratio
+            row[path] = round(b / timed(tr.train_step, max(2, args.steps // 2)))
+        aux_steps[str(n_dead)] = row
+    topk_mod.BLOCK_AUXK_DEAD_PER_K_AUX = default_ratio
+    tr.dead.dead = real_dead  # type: ignore[method-assign]
+
     # (3) sparsify's SparseCoder step on the same resident rows (Adam here; its Trainer defaults to signum,
     # an elementwise update as cheap as Adam's: the step is dominated by the encoder), no dead mask
     sparsify_s = None
@@ -149,6 +174,7 @@ def main() -> None:
                     "load_avg": os.getloadavg(), "torch": torch.__version__},
         "shape": {"batch": b, "d": d, "features": f, "k": args.k},
         "matmul_fp32_tflops": round(tflops, 3),
+        "matmul_bf16_tflops": round(tflops_bf16, 3),
         "encoder_matmul_s": round(t_fwd, 4),
         "encoder_bound_4dF_tok_s": round(limit),
         "encoder_forward_bound_2dF_tok_s": round(limit_fwd),
@@ -160,6 +186,8 @@ def main() -> None:
         "step_ratio_vs_sparsify": None if sparsify_s is None else round(sparsify_s / t_step, 2),
         "max_ratio_if_at_2dF_bound": None if sparsify_s is None else round(sparsify_s * limit_fwd / b, 2),
         "store_batch_s": round(t_data, 4), "store_tok_s": round(b / t_data),
+        "compute_dtype": str(sae.compute_dtype()).removeprefix("torch."),
+        "step_tok_s_with_n_dead_by_auxk_path": aux_steps,
         "serial_step_plus_data_tok_s": round(b / (t_step + t_data)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
