@@ -124,14 +124,18 @@ def test_monoscope_run_small_end_to_end(tmp_path: Path, capsys: pytest.CaptureFi
     lm = m["lm"]
     assert lm["ce_clean"] < lm["ce_spliced"] < lm["ce_zero"]
     print(json.dumps({"lm": lm, "heldout": m["heldout"], "store_rows": m["store_rows"]}))  # the golden values' source
-    # golden values of this deterministic run (measured with 2 threads and with OMP_NUM_THREADS=1)
-    assert lm["ce_recovered"] == pytest.approx(0.9425414247172994, rel=1e-4)
+    # golden values of this deterministic run (measured with 2 threads and with OMP_NUM_THREADS=1, on an AVX2 CPU);
+    # an AVX-512/AMX CPU's float32 kernels round differently and the 32k-token run ends 2e-4 to 6e-4 away (ce
+    # recovered 0.94200, held-out FVU 0.40587, store FVU 0.38279, 2 fewer dead latents), hence rel=2e-3: a change in
+    # training or evaluation moves these far more (the encoder-norm default moved CE recovered from 0.920 to 0.943)
+    assert lm["ce_recovered"] == pytest.approx(0.9425414247172994, rel=2e-3)
     assert lm["ce_clean"] == pytest.approx(2.7109482780335443, rel=1e-4)
     assert abs(lm["ce_error"] - lm["ce_clean"]) < 0.02  # the error term restores the clean loss
     assert m["lm_eval"]["stacked_variants"] is True  # one forward carried every variant on Llama
-    assert m["heldout"]["fvu"] == pytest.approx(0.4060642031892059, rel=1e-4)
-    assert m["store_rows"]["fvu"] == pytest.approx(0.38273207237058354, rel=1e-4)
-    assert m["store_rows"]["l0_mean"] == 32.0 and m["store_rows"]["dead_frac"] == pytest.approx(0.08116319444444445)
+    assert m["heldout"]["fvu"] == pytest.approx(0.4060642031892059, rel=2e-3)
+    assert m["store_rows"]["fvu"] == pytest.approx(0.38273207237058354, rel=2e-3)
+    assert m["store_rows"]["l0_mean"] == 32.0
+    assert m["store_rows"]["dead_frac"] == pytest.approx(0.08116319444444445, abs=6 / 2304)  # within 6 latents
     assert all((out / "eval" / p).stat().st_size > 1000 for p in m["plots"])
     assert "monoscope show" in text and (out / "features" / "features.db").is_file()
     assert (out / "sae-2x-features" / "features.db").is_file() and (out / "features" / "feature_map.png").is_file()
