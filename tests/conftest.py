@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from monoscope.devices import CPU_BF16_ENV
 from monoscope.model import LoadedModel, from_module
 
 # Tests never read or write the user's cache; subprocesses inherit this.
@@ -23,7 +24,7 @@ os.environ["MONOSCOPE_CACHE"] = _CACHE
 # `auto` computes in float32 on every CPU here (subprocesses inherit it): the golden values and the exact
 # distributed-equals-one-process checks then hold on CPUs with AMX (where auto means bf16) and without; the bf16
 # paths are tested where a test asks for bf16 by name.
-os.environ["MONOSCOPE_CPU_BF16"] = "0"
+os.environ[CPU_BF16_ENV] = "0"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

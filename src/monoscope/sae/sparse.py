@@ -233,8 +233,9 @@ class _BlockLinearDecode(torch.autograd.Function):
         # on a CPU than a masked_fill with a bool mask
         d_pre = torch.ops.aten.threshold_backward(g @ wd.t(), f, 0)
         grad_x = grad_we = grad_be = grad_sh = grad_wd = None
+        we_block = w_enc.index_select(0, cols) if need[3] or need[6] else None  # [n, d]
         if need[3]:
-            grad_x = (d_pre @ w_enc.index_select(0, cols).to(f.dtype)).to(x_c.dtype)  # [B, d]
+            grad_x = (d_pre @ we_block.to(f.dtype)).to(x_c.dtype)  # [B, d]
         if need[4]:
             grad_we = torch.zeros_like(w_enc).index_copy_(0, cols, (d_pre.t() @ x_c.to(f.dtype)).to(we_dtype))
         if need[5] or need[6]:
@@ -243,7 +244,7 @@ class _BlockLinearDecode(torch.autograd.Function):
                 grad_be = torch.zeros(w_enc.shape[0], dtype=be_dtype, device=f.device).index_copy_(
                     0, cols, g_feat.to(be_dtype))
             if need[6]:  # x_c = x − shift: d shift = −Σ_f g_feat[f] · W_enc[f]
-                grad_sh = -(g_feat @ w_enc.index_select(0, cols).float()).to(sh_dtype)
+                grad_sh = -(g_feat @ we_block.float()).to(sh_dtype)
         if need[7]:
             grad_wd = torch.zeros(n_feat, wd.shape[1], dtype=wd_dtype, device=f.device)
             grad_wd.index_copy_(0, cols, (f.t() @ g).to(wd_dtype))

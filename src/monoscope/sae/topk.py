@@ -43,6 +43,8 @@ from monoscope.sae.config import SAEConfig
 from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, sparse_decode
 
 SYNC_FREE_AUXK_DEVICES: set[str] = {"cuda"}
+"""Device types whose AuxK takes a fixed-shape top-k over masked pre-activations (`_auxk_fixed_shape`) instead of
+listing the dead latents with a host sync; on a CPU the sync is free and the dead list the smaller top-k."""
 BLOCK_AUXK_DEAD_PER_K_AUX: dict[torch.dtype, int] = {torch.bfloat16: 24, torch.float32: 4}
 """On a CPU, AuxK runs as dense matmuls over the dead block (`block_linear_decode`) while n_dead is at most this
 many times k_aux, and through the per-entry sparse kernels above that. Measured on a 2-core AMX CPU (4096 rows,
@@ -52,8 +54,6 @@ many times k_aux, and through the per-entry sparse kernels above that. Measured 
 
 def _block_auxk(device: torch.device, cd: torch.dtype, n_dead: int, k_aux: int) -> bool:
     return device.type == "cpu" and n_dead <= BLOCK_AUXK_DEAD_PER_K_AUX.get(cd, 0) * k_aux
-"""Device types whose AuxK takes a fixed-shape top-k over masked pre-activations (`_auxk_fixed_shape`) instead of
-listing the dead latents with a host sync; on a CPU the sync is free and the dead list the smaller top-k."""
 
 
 class _Selected(NamedTuple):
@@ -154,12 +154,13 @@ class _TopKStyle(SAE):
                 chosen = None  # a row with at most k_aux positive entries keeps them all: the ReLU drops the rest
                 # (late in a run, rows hold ~100 of k_aux = d/2); positive floats are the positive integers of the
                 # order view, and clamping those to 1 counts them ~2x faster than a bool comparison does on a CPU
-                if int(_order_view(pre_dead).clamp(0, 1).sum(1, dtype=torch.int32).max()) > k_aux:
-                    _, local = _row_topk(_order_view(pre_dead), k_aux)  # [B, k_aux]
+                keys = _order_view(pre_dead)
+                if int(keys.clamp(0, 1).sum(1, dtype=torch.int32).max()) > k_aux:
+                    _, local = _row_topk(keys, k_aux)  # [B, k_aux]
                     chosen = torch.zeros_like(pre_dead, dtype=torch.bool).scatter_(1, local, True)
             e_hat = block_linear_decode(pre_dead, chosen, dead_idx, sel.xs, self.W_enc, self.b_enc, self.W_dec,
                                         sel.shift, dtype=cd).float()  # [B, d]
-            return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+            return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
             with torch.no_grad():
                 pre_dead = sel.pre.index_select(1, dead_idx)  # [B, n_dead]
@@ -168,7 +169,7 @@ class _TopKStyle(SAE):
                 pattern = SparsePattern(dead_idx[local], self.cfg.d_sae)
             f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu()
             e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()  # [B, d]
-            return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+            return self._aux_term(e_hat, err, scale)
         w_enc = self.W_enc.index_select(0, dead_idx).to(cd)  # [n_dead, d]
         b_enc = self.b_enc.index_select(0, dead_idx).to(cd)  # [n_dead]
         pre = F.linear(x_c, w_enc, b_enc)  # [B, n_dead]
@@ -177,6 +178,10 @@ class _TopKStyle(SAE):
             keep = torch.zeros_like(pre).scatter_(1, local, 1.0)  # [B, n_dead] 0/1
         f_aux = torch.relu(pre) * keep  # [B, n_dead]
         e_hat = (f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)).float()  # [B, d]
+        return self._aux_term(e_hat, err, scale)
+
+    def _aux_term(self, e_hat: Tensor, err: Tensor, scale: float | Tensor) -> Tensor:
+        """aux_coef · scale · mean_b ‖ê − e‖² (module docstring): the one AuxK term every form computes."""
         return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
 
     def _auxk_fixed_shape(self, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
@@ -195,7 +200,7 @@ class _TopKStyle(SAE):
             scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
         f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu() * keep
         e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()  # [B, d]
-        return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+        return self._aux_term(e_hat, err, scale)
 
     # ---------------------------------------------------------------- interface
     def encode(self, x: Tensor) -> Tensor:
