@@ -1,7 +1,8 @@
-"""Where one TopK training step's time goes on this machine, against its float32 matmul roofline.
+"""Where one TopK training step's time goes on this machine, against the matmul roofline of its compute dtype.
 
-Measures (1) the float32 matmul rate of the encoder shape ([B, d] @ [d, F]) and the encoder-bound
-limits it implies: 4·d·F flops per token (the encoder forward and a dense weight gradient) and
+Measures (1) the float32 and bf16 matmul rates of the encoder shape ([B, d] @ [d, F]) and the encoder-bound
+limits that the compute dtype's rate implies: 4·d·F flops per token (the encoder forward and a dense weight
+gradient) and
 2·d·F (the forward alone: the trainer's encoder weight gradient is sparse, so this is the real
 bound), (2) one `Trainer.train_step` split into phases by manual timers on a resident batch,
 (2b) the step with n latents marked dead, so AuxK runs, through each CPU form of the sparse AuxK (per-entry
@@ -75,17 +76,22 @@ def main() -> None:
     f = d * args.width_mult
     b = args.batch
 
-    # (1) roofline: the encoder matmul, and its weight-gradient matmul
+    # (1) roofline: the encoder matmul, and its weight-gradient matmul, in the layouts the trainer uses (W_enc is
+    # [F, d], as nn.Linear's weight; oneDNN runs x @ W.T several times faster than x @ a contiguous [d, F] here),
+    # into preallocated outputs: a fresh 75-150 MB output page-faults in longer than the matmul takes
     x = torch.randn(b, d)
-    w = torch.randn(d, f)
+    w = torch.randn(f, d)
     g = torch.randn(b, f)
-    t_fwd = timed(lambda: x @ w, 3)
-    t_wg = timed(lambda: x.t() @ g, 3)
+    rates: dict[torch.dtype, tuple[float, float]] = {}
+    for dt in (torch.float32, torch.bfloat16):
+        xd, wd, gd = x.to(dt), w.to(dt), g.to(dt)
+        out_f, out_w = torch.empty(b, f, dtype=dt), torch.empty(f, d, dtype=dt)
+        rates[dt] = (timed(lambda: torch.mm(xd, wd.t(), out=out_f), 3),  # noqa: B023 (timed now)
+                     timed(lambda: torch.mm(gd.t(), xd, out=out_w), 3))  # noqa: B023
+    t_fwd, t_wg = rates[torch.float32]
     tflops = 2 * b * d * f / t_fwd / 1e12
-    xb, wb = x.bfloat16(), w.bfloat16()
-    tflops_bf16 = 2 * b * d * f / timed(lambda: xb @ wb, 3) / 1e12  # what the step runs at where bf16 is native
-    limit = b / (t_fwd + t_wg)  # the issue's 4·d·F limit (dense encoder weight gradient)
-    limit_fwd = b / t_fwd  # the trainer's weight gradient is sparse: the dense encoder forward alone bounds it
+    t_fwd_bf16, t_wg_bf16 = rates[torch.bfloat16]
+    tflops_bf16 = 2 * b * d * f / t_fwd_bf16 / 1e12  # what the step runs at where bf16 is native
 
     # (2) one step by phases on a resident batch (the trainer's own step, timed end to end, and its phases
     # reproduced with the same calls)
@@ -95,6 +101,10 @@ def main() -> None:
     src = Resident(first.acts)
     src.normaliser = store.normaliser
     tr = Trainer(sae, cfg, src, sink=MemorySink())
+    if sae.compute_dtype() == torch.bfloat16:  # the bounds at the rate of the dtype the step computes in
+        t_fwd, t_wg = t_fwd_bf16, t_wg_bf16
+    limit = b / (t_fwd + t_wg)  # the issue's 4·d·F limit (dense encoder weight gradient)
+    limit_fwd = b / t_fwd  # the trainer's weight gradient is sparse: the dense encoder forward alone bounds it
     tr.train_step()
     t_step = timed(tr.train_step, args.steps)
     phases: dict[str, float] = {}

@@ -29,3 +29,16 @@ def test_bad_env_value_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MonoscopeError, match=r"^MONOSCOPE_CPU_BF16='yes': use 0 \(float32 on the CPU\), 1 \(bf16\) "
                                              r"or leave it unset \(bf16 where the CPU has AMX or AVX512-BF16\)$"):
         devices.bf16_is_fast("cpu")
+
+
+def test_freed_cpu_memory_is_kept_on_glibc_unless_opted_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator setting applies on glibc (this suite's Linux), once per process, and `MONOSCOPE_CPU_MALLOC=0`
+    leaves the allocator alone."""
+    import platform
+
+    devices.keep_freed_cpu_memory.cache_clear()
+    monkeypatch.setenv(devices.CPU_MALLOC_ENV, "0")
+    assert devices.keep_freed_cpu_memory() is False
+    devices.keep_freed_cpu_memory.cache_clear()
+    monkeypatch.delenv(devices.CPU_MALLOC_ENV)
+    assert devices.keep_freed_cpu_memory() is (platform.libc_ver()[0] == "glibc")

@@ -70,6 +70,32 @@ def test_sparse_auxk_equals_dense(arch: str, n_dead: int, cpu_path: str) -> None
     assert sparse.W_enc.grad[~dead].abs().sum() == 0 and sparse.W_enc.grad[dead].abs().sum() > 0
 
 
+def test_block_auxk_top_k_on_the_rows_that_need_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block form keeps every positive dead pre-activation of a row holding at most k_aux of them and takes the
+    top k_aux only on the rows holding more: with both kinds of row in one batch, loss and gradients are still the
+    dense reference's."""
+    from monoscope.sae import topk as topk_mod
+
+    monkeypatch.setattr(topk_mod, "BLOCK_AUXK_DEAD_PER_K_AUX", CPU_PATHS["block"])
+    sparse, dense = _pair("topk")
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(0)) * 1.5
+    dead = torch.zeros(N_FEAT, dtype=torch.bool)
+    dead[torch.randperm(N_FEAT, generator=torch.Generator().manual_seed(3))[:10]] = True
+    with torch.no_grad():
+        pre = (x - sparse.b_dec) @ sparse.W_enc[dead].T + sparse.b_enc[dead]
+    positives = (pre > 0).sum(1)
+    assert (positives > 5).any() and (positives <= 5).any(), positives  # k_aux = 5: both kinds of row
+    losses = []
+    for sae in (sparse, dense):
+        sae.train()
+        out = sae(x, dead_mask=dead)
+        out.aux.backward()
+        losses.append(out.aux.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(sparse, name).grad, getattr(dense, name).grad, rtol=1e-4, atol=1e-5), name
+
+
 def test_sparse_auxk_golden_value(cpu_path: str) -> None:
     """A fixed tiny transcoder: the AuxK term to 6 digits (changes if selection, scaling or units change)."""
     sparse, _ = _pair("transcoder")

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from monoscope.devices import keep_freed_cpu_memory
 from monoscope.errors import MonoscopeError
 from monoscope.sae import SAE
 from monoscope.sae.base import ForwardOutput
@@ -132,6 +133,8 @@ class Trainer:
         self.meta = dict(meta or {})
         """Extra JSON-able facts stored with each checkpoint (config, data identity)."""
         self.device = sae.W_enc.device
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()  # a step's large tensors reuse freed memory instead of page-faulting it in
         self.total_steps = config.steps
         self.base_lr = config.learning_rate(sae.cfg.d_in)
         self.unit_norm_decoder = sae.unit_norm_decoder and config.transcoder_init != "sparsify"
