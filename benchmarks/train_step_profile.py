@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from machine import matmul_tflops
 from monoscope.sae import SAEConfig, build_sae
 from monoscope.store.batches import Batch
 from monoscope.store.reader import ActivationStore
@@ -76,22 +77,14 @@ def main() -> None:
     f = d * args.width_mult
     b = args.batch
 
-    # (1) roofline: the encoder matmul, and its weight-gradient matmul, in the layouts the trainer uses (W_enc is
-    # [F, d], as nn.Linear's weight; oneDNN runs x @ W.T several times faster than x @ a contiguous [d, F] here),
-    # into preallocated outputs: a fresh 75-150 MB output page-faults in longer than the matmul takes
-    x = torch.randn(b, d)
-    w = torch.randn(f, d)
-    g = torch.randn(b, f)
-    rates: dict[torch.dtype, tuple[float, float]] = {}
-    for dt in (torch.float32, torch.bfloat16):
-        xd, wd, gd = x.to(dt), w.to(dt), g.to(dt)
-        out_f, out_w = torch.empty(b, f, dtype=dt), torch.empty(f, d, dtype=dt)
-        rates[dt] = (timed(lambda: torch.mm(xd, wd.t(), out=out_f), 3),  # noqa: B023 (timed now)
-                     timed(lambda: torch.mm(gd.t(), xd, out=out_w), 3))  # noqa: B023
-    t_fwd, t_wg = rates[torch.float32]
-    tflops = 2 * b * d * f / t_fwd / 1e12
-    t_fwd_bf16, t_wg_bf16 = rates[torch.bfloat16]
-    tflops_bf16 = 2 * b * d * f / t_fwd_bf16 / 1e12  # what the step runs at where bf16 is native
+    # (1) roofline: the encoder matmul ([B, d] @ W_enc.T) and its dense weight-gradient matmul ([F, B] @ [B, d]),
+    # measured as every benchmark measures the peak (`machine.matmul_tflops`: the weight's layout, a preallocated
+    # output)
+    rates = {dt: (matmul_tflops(b, d, f, dt), matmul_tflops(f, b, d, dt)) for dt in (torch.float32, torch.bfloat16)}
+    flops = 2 * b * d * f
+    t_fwd, t_wg = (flops / (r * 1e12) for r in rates[torch.float32])
+    t_fwd_bf16, t_wg_bf16 = (flops / (r * 1e12) for r in rates[torch.bfloat16])
+    tflops, tflops_bf16 = rates[torch.float32][0], rates[torch.bfloat16][0]  # bf16: what the step runs at on AMX
 
     # (2) one step by phases on a resident batch (the trainer's own step, timed end to end, and its phases
     # reproduced with the same calls)

@@ -209,18 +209,19 @@ class _BlockLinearDecode(torch.autograd.Function):
         cols: Tensor,
         x_c: Tensor,
         w_enc: Tensor,
+        we_block: Tensor,
         b_enc: Tensor,
         x_shift: Tensor | None,
         w_dec: Tensor,
     ) -> Tensor:
         wd = w_dec.index_select(0, cols).to(codes.dtype)  # [n, d]
-        ctx.save_for_backward(codes, wd, cols, x_c, w_enc)
+        ctx.save_for_backward(codes, wd, cols, x_c, w_enc, we_block)
         ctx.meta = (w_enc.dtype, b_enc.dtype, None if x_shift is None else x_shift.dtype, w_dec.dtype, w_dec.shape[0])
         return codes @ wd  # [B, d]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        f, wd, cols, x_c, w_enc = ctx.saved_tensors
+        f, wd, cols, x_c, w_enc, we_block = ctx.saved_tensors
         we_dtype, be_dtype, sh_dtype, wd_dtype, n_feat = ctx.meta
         need = ctx.needs_input_grad
         g = grad.to(f.dtype)  # [B, d]
@@ -229,22 +230,21 @@ class _BlockLinearDecode(torch.autograd.Function):
         # multiplies by a transposed view ~2x slower than by the copy (measured: 4096 x 576 @ 576 x 2,500, bf16)
         d_pre = torch.ops.aten.threshold_backward(g @ wd.t().contiguous(), f, 0)
         grad_x = grad_we = grad_be = grad_sh = grad_wd = None
-        we_block = w_enc.index_select(0, cols) if need[2] or need[5] else None  # [n, d]
         if need[2]:
             grad_x = (d_pre @ we_block.to(f.dtype)).to(x_c.dtype)  # [B, d]
         if need[3]:
             grad_we = torch.zeros_like(w_enc).index_copy_(0, cols, (d_pre.t() @ x_c.to(f.dtype)).to(we_dtype))
-        if need[4] or need[5]:
+        if need[5] or need[6]:
             g_feat = d_pre.sum(0, dtype=torch.float32)  # [n]
-            if need[4]:
+            if need[5]:
                 grad_be = torch.zeros(w_enc.shape[0], dtype=be_dtype, device=f.device).index_copy_(
                     0, cols, g_feat.to(be_dtype))
-            if need[5]:  # x_c = x − shift: d shift = −Σ_f g_feat[f] · W_enc[f]
+            if need[6]:  # x_c = x − shift: d shift = −Σ_f g_feat[f] · W_enc[f]
                 grad_sh = -(g_feat @ we_block.float()).to(sh_dtype)
-        if need[6]:
+        if need[7]:
             grad_wd = torch.zeros(n_feat, wd.shape[1], dtype=wd_dtype, device=f.device)
             grad_wd.index_copy_(0, cols, (f.t() @ g).to(wd_dtype))
-        return None, None, grad_x, grad_we, grad_be, grad_sh, grad_wd
+        return None, None, grad_x, grad_we, None, grad_be, grad_sh, grad_wd
 
 
 def block_linear_decode(
@@ -252,6 +252,7 @@ def block_linear_decode(
     cols: Tensor,
     x_c: Tensor,
     w_enc: Tensor,
+    we_block: Tensor,
     b_enc: Tensor,
     w_dec: Tensor,
     x_shift: Tensor | None = None,
@@ -259,9 +260,9 @@ def block_linear_decode(
     """Σ_j codes[b, j] · w_dec[cols[j]] -> [B, d] over a block of features, in codes' dtype, with the gradients
     that `gather_linear` followed by `sparse_decode` would give for the entries where codes > 0. codes: [B, n] the
     block's chosen ReLU'd pre-activations (of x_c @ w_enc[cols].T + b_enc[cols], computed without autograd), 0
-    elsewhere.
+    elsewhere; we_block: w_enc[cols] as the caller gathered it for them (no grad; its backward reuses it).
 
     Why: when the chosen entries all lie in a block of n features not much wider than the k chosen per row
     (AuxK: k_aux of the n dead latents), three matmuls over the block beat the per-entry embedding-bag kernels
     on CPUs with fast matmuls: those kernels run far below the matmul peak (`SAE._auxk` chooses)."""
-    return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, b_enc, x_shift, w_dec)
+    return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, we_block, b_enc, x_shift, w_dec)

@@ -149,8 +149,8 @@ class _TopKStyle(SAE):
         scale = min(n_dead / k_aux_cfg, 1.0)
         if sel is not None and not sel.dense and _block_auxk(x_c.device, cd, n_dead, k_aux_cfg):
             with torch.no_grad():  # the dead block's pre-activations: one [B, n_dead] matmul beats a column gather
-                pre_dead = F.linear(sel.xs.detach(), self.W_enc.index_select(0, dead_idx).to(cd),
-                                    self.b_enc.index_select(0, dead_idx).to(cd))  # [B, n_dead]
+                we_dead = self.W_enc.index_select(0, dead_idx)  # [n_dead, d], reused by the block's backward
+                pre_dead = F.linear(sel.xs.detach(), we_dead.to(cd), self.b_enc.index_select(0, dead_idx).to(cd))
                 # a row with at most k_aux positive entries keeps them all: the ReLU drops the rest, so the top-k
                 # runs only on the rows holding more (none late in a run, where rows hold ~100 of k_aux = d/2; a
                 # third at the peak of a 1M-token run). Positive floats are the positive integers of the order
@@ -164,7 +164,7 @@ class _TopKStyle(SAE):
                     key_v, local = _row_topk(_order_view(codes.index_select(0, heavy)), k_aux)  # [n_heavy, k_aux]
                     codes.index_copy_(0, heavy, torch.zeros(heavy.numel(), n_dead, dtype=cd, device=codes.device)
                                       .scatter_(1, local, key_v.view(cd)))
-            e_hat = block_linear_decode(codes, dead_idx, sel.xs, self.W_enc, self.b_enc, self.W_dec,
+            e_hat = block_linear_decode(codes, dead_idx, sel.xs, self.W_enc, we_dead, self.b_enc, self.W_dec,
                                         sel.shift).float()  # [B, d]
             return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
