@@ -183,3 +183,49 @@ def test_finite_epochs_and_too_small(tmp_path: Path) -> None:
     assert len(list(store.batches(10, epochs=2))) == 9  # 90 rows, partial tail dropped
     with pytest.raises(StoreError, match="fewer than one batch"):
         store.batches(1000)
+
+
+def test_shard_views_match_safetensors_and_a_foreign_file_is_named(tmp_path: Path) -> None:
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from monoscope.store.manifest import ShardInfo
+    from monoscope.store.shard import read_shard
+
+    m = make_store(tmp_path / "s")
+    p = tmp_path / "s" / m.shards[1].file
+    ref = st_load(p.read_bytes())
+    shard = ActivationStore.open(tmp_path / "s").read_shard(1)
+    assert torch.equal(shard.acts, ref["acts"]) and shard.acts.dtype == torch.bfloat16
+    assert torch.equal(shard.tokens, ref["tokens"]) and torch.equal(shard.keep, ref["keep"].bool())
+    # a valid safetensors file with the right checksum but not a shard's tensors
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(st_save({"weights": torch.ones(3)}))
+    import hashlib
+
+    info = ShardInfo(file=foreign.name, contexts=1, rows=1, bytes=foreign.stat().st_size,
+                     sha256=hashlib.sha256(foreign.read_bytes()).hexdigest(), sum_sq=0.0)
+    with pytest.raises(StoreError, match=r"^shard foreign.safetensors passed its checksum but cannot be parsed "
+                                         r"\('tokens'\): it was written by another tool or version$"):
+        read_shard(foreign, info)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    info = ShardInfo(file=garbage.name, contexts=1, rows=1, bytes=garbage.stat().st_size,
+                     sha256=hashlib.sha256(garbage.read_bytes()).hexdigest(), sum_sq=0.0)
+    with pytest.raises(StoreError, match=r"^shard garbage.safetensors passed its checksum but cannot be parsed"):
+        read_shard(garbage, info)
+
+
+def test_window_refuses_a_shard_whose_rows_differ_from_the_manifest(tmp_path: Path) -> None:
+    import json
+
+    m = make_store(tmp_path / "s")
+    mp = tmp_path / "s" / "manifest.json"
+    doc = json.loads(mp.read_text())
+    doc["shards"][0]["rows"] += 1
+    mp.write_text(json.dumps(doc))
+    store = ActivationStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match=rf"^shard {m.shards[0].file} of .* holds {m.shards[0].rows} training rows "
+                                         rf"where the manifest says {m.shards[0].rows + 1}: they do not match; "
+                                         "recapture the store$"):
+        next(iter(store.batches(4, shards_per_window=8)))

@@ -43,21 +43,24 @@ class RowStream(ABC):
         self.seed = seed
         self._chunk = 0  # index of the chunk the next row comes from
         self._offset = 0  # rows of that chunk already consumed
-        self._cached: tuple[int, Chunk] | None = None
+        self._cached: tuple[int, Chunk, torch.Tensor] | None = None
 
     @abstractmethod
     def load_chunk(self, index: int) -> Chunk | None:
         """Rows of chunk `index` in source order, or None past the end of the source."""
 
-    def _shuffled(self, index: int) -> Chunk | None:
+    def _shuffled(self, index: int) -> tuple[Chunk, torch.Tensor] | None:
+        """Chunk `index` and its row permutation. The rows are not moved: `__next__` gathers each batch through
+        the permutation, one copy of the batch instead of a copy of the whole window and then of the batch."""
         if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
+            return self._cached[1], self._cached[2]
         chunk = self.load_chunk(index)
-        if chunk is not None:
-            perm = _chunk_perm(self.seed, index, len(chunk.rows))
-            chunk = Chunk(chunk.acts[perm], chunk.rows[perm])
-        self._cached = None if chunk is None else (index, chunk)
-        return chunk
+        if chunk is None:
+            self._cached = None
+            return None
+        perm = _chunk_perm(self.seed, index, len(chunk.rows))
+        self._cached = (index, chunk, perm)
+        return chunk, perm
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -66,12 +69,14 @@ class RowStream(ABC):
         acts, rows, need = [], [], self.batch_size
         chunk_i, offset = self._chunk, self._offset
         while need:
-            chunk = self._shuffled(chunk_i)
-            if chunk is None:
+            got = self._shuffled(chunk_i)
+            if got is None:
                 break
+            chunk, perm = got
             take = min(need, len(chunk.rows) - offset)
-            acts.append(chunk.acts[offset: offset + take])
-            rows.append(chunk.rows[offset: offset + take])
+            idx = perm[offset: offset + take]
+            acts.append(chunk.acts.index_select(0, idx))
+            rows.append(chunk.rows.index_select(0, idx))
             need -= take
             offset += take
             if offset >= len(chunk.rows):
@@ -79,6 +84,8 @@ class RowStream(ABC):
         if need:  # the source ended: the partial tail is dropped so every batch has batch_size rows
             raise StopIteration
         self._chunk, self._offset = chunk_i, offset
+        if len(acts) == 1:
+            return Batch(acts[0], rows[0])
         return Batch(torch.cat(acts), torch.cat(rows))
 
     def state_dict(self) -> dict[str, Any]:

@@ -158,12 +158,25 @@ class StoreBatches(RowStream):
             return None
         g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
         order = torch.randperm(self.n_shards, generator=g).tolist()
-        acts, rows = [], []
-        for s in order[window * self.spw: (window + 1) * self.spw]:
+        shards = order[window * self.spw: (window + 1) * self.spw]
+        n_rows = sum(self.store.manifest.shards[s].rows for s in shards)
+        acts: torch.Tensor | None = None
+        rows, at = [], 0
+        for s in shards:
             shard = self.store.read_shard(s)
-            acts.append(shard.rows())
-            rows.append(torch.arange(self._offsets[s], self._offsets[s] + len(acts[-1]), dtype=torch.int64))
-        return Chunk(torch.cat(acts), torch.cat(rows))
+            kept = shard.keep.reshape(-1).nonzero().squeeze(1)  # [rows] of the flattened contexts
+            info = self.store.manifest.shards[s]
+            if len(kept) != info.rows:
+                raise StoreError(f"shard {info.file} of {self.store.folder} holds {len(kept)} training rows where the "
+                                 f"manifest says {info.rows}: they do not match; recapture the store")
+            if acts is None:
+                acts = torch.empty(n_rows, shard.acts.shape[-1], dtype=shard.acts.dtype)
+            # kept rows straight into the window: one copy, not one per shard and another for the window
+            torch.index_select(shard.acts.reshape(-1, shard.acts.shape[-1]), 0, kept, out=acts[at: at + len(kept)])
+            rows.append(torch.arange(self._offsets[s], self._offsets[s] + len(kept), dtype=torch.int64))
+            at += len(kept)
+        assert acts is not None  # a window holds at least one shard
+        return Chunk(acts, torch.cat(rows))
 
     @property
     def epoch(self) -> int:

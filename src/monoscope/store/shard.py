@@ -8,12 +8,12 @@ and the sha256 before parsing, so a flipped byte is reported with both digests, 
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from monoscope.errors import StoreError
@@ -57,15 +57,18 @@ def write_shard(path: Path, tokens: torch.Tensor, acts: torch.Tensor, keep: torc
                      sha256=digest, sum_sq=float(sq[torch.isfinite(sq)].sum()), sum_sq_hooks=per_hook)
 
 
-def read_shard_bytes(path: Path, info: ShardInfo) -> bytes:
+def read_shard_bytes(path: Path, info: ShardInfo) -> bytearray:
     """The file's bytes, after checking presence, size and digest against the manifest."""
     if not path.is_file():
         raise StoreError(f"shard {path.name} is missing from {path.parent}: the store is damaged; "
                          "recapture it (or restore the file)")
-    data = path.read_bytes()
-    if len(data) != info.bytes:
-        raise StoreError(f"shard {path.name} is truncated or padded: {len(data)} bytes, the manifest says "
+    with open(path, "rb") as fh:  # a bytearray: the tensors of `read_shard` are views of it, not copies
+        data = bytearray(info.bytes + 1)  # one spare byte: a longer file shows up as a longer read
+        n = fh.readinto(data)
+    if n != info.bytes:
+        raise StoreError(f"shard {path.name} is truncated or padded: {path.stat().st_size} bytes, the manifest says "
                          f"{info.bytes}; recapture it (monoscope capture resumes from intact shards)")
+    del data[info.bytes:]
     actual = hashlib.sha256(data).hexdigest()
     if actual != info.sha256:
         raise StoreError(f"shard {path.name} is corrupt: sha256 {actual} but the manifest expects {info.sha256}")
@@ -85,11 +88,35 @@ def check_shard_file(path: Path, info: ShardInfo, *, digest: bool = True) -> str
     return None
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+
+
+def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file's bytes, as views of them: safetensors' own `load` copies every tensor
+    out of the buffer, a second pass over a shard that training reads once per window."""
+    (n,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(bytes(data[8: 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    base, out = 8 + n, {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = spec["data_offsets"]
+        dtype, shape = _DTYPES[spec["dtype"]], [int(v) for v in spec["shape"]]
+        if not 0 <= begin <= end <= len(data) - base:
+            raise ValueError(f"tensor {name} lies outside the file")
+        flat = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=base + begin)
+        out[name] = flat.view(dtype).reshape(shape)
+    return out
+
+
 def read_shard(path: Path, info: ShardInfo) -> Shard:
     data = read_shard_bytes(path, info)
     try:
-        t = st_load(data)
+        t = _tensor_views(data)
         return Shard(t["tokens"], t["acts"], t["keep"].bool())
-    except (SafetensorError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise StoreError(f"shard {path.name} passed its checksum but cannot be parsed ({e}): "
                          "it was written by another tool or version") from e
