@@ -218,3 +218,24 @@ def test_a_stop_before_the_first_step_saves_nothing() -> None:
     with pytest.raises(TrainingInterrupted, match="nothing to save"):
         t.run()
     assert t.sink.latest() is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3])
+def test_cpu_clip_is_clip_grad_norm_bit_for_bit(clip: float) -> None:
+    """The CPU path reads the norm and skips the multiply below the limit: both regimes must match torch's."""
+    tr = make_trainer("topk", grad_clip=clip)
+    x = tr.scaled(next(tr.source).acts)
+    out = tr.sae(x, sparsity_coef=0.0)
+    out.total.backward()
+    ref = [p.grad.clone() for p in tr._params if p.grad is not None]
+    params = [torch.nn.Parameter(torch.empty_like(r)) for r in ref]
+    for p, r in zip(params, ref, strict=True):
+        p.grad = r.clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    norm = tr._clip_grads()
+    assert torch.equal(norm, ref_norm)
+    got = [p.grad for p in tr._params if p.grad is not None]
+    assert all(torch.equal(g, p.grad) for g, p in zip(got, params, strict=True))
+    clipped = float(norm) > clip
+    assert clipped == (clip == 1e-3)  # one case clips, the other does not
+    assert all(torch.equal(g, r) for g, r in zip(got, ref, strict=True)) == (not clipped)
