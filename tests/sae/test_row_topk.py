@@ -1,24 +1,84 @@
-"""`_row_topk` (top-k through group maxima) against aten's top-k: the same values per row, and indices that point
-at them, for shapes where it recurses, where it falls back, and with many ties."""
+"""`_row_topk` against aten's top-k, through the C kernel and through its PyTorch fallback: the same values per
+row, indices that point at them in increasing column order, for shapes where the kernel groups columns, where it
+scans whole rows, and with many ties; and what happens when the kernel cannot be built."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 
+from monoscope import native
 from monoscope.sae.topk import _order_view, _row_topk
 
 
+@pytest.fixture(params=["native", "fallback"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    native._row_topk_lib.cache_clear()
+    if request.param == "fallback":
+        monkeypatch.setenv(native.NATIVE_ENV, "0")
+    yield request.param
+    native._row_topk_lib.cache_clear()
+
+
 @pytest.mark.parametrize(("rows", "n", "k"), [(64, 9216, 32), (16, 2304, 288), (8, 6144, 288), (32, 4096, 64),
-                                              (5, 100, 7), (3, 66, 4)])
+                                              (5, 100, 7), (3, 66, 4), (130, 128, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_topk_equals_aten(rows: int, n: int, k: int, dtype: torch.dtype) -> None:
+def test_row_topk_equals_aten(path: str, rows: int, n: int, k: int, dtype: torch.dtype) -> None:
     x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n + k)).to(dtype)
     x[:, ::7] = x[:, :1]  # ties: a repeated value in every row
-    for t in (x, _order_view(x)):
+    key = _order_view(x)
+    assert (native.row_topk(key, k) is not None) == (path == "native")
+    for t in (x, key):
         v, i = _row_topk(t, k)
         ref = t.topk(k, dim=1, sorted=False).values
         assert v.shape == i.shape == (rows, k)
         assert torch.equal(v.sort(1).values, ref.sort(1).values)
         assert torch.equal(t.gather(1, i), v)
         assert all(len(set(r.tolist())) == k for r in i)  # k distinct positions per row
+        assert bool((i[:, 1:] > i[:, :-1]).all())  # increasing column order, on both paths
+
+
+def test_native_takes_the_lowest_columns_among_ties_and_agrees_with_the_fallback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    native._row_topk_lib.cache_clear()
+    x = torch.zeros(4, 9216, dtype=torch.int16)
+    x[:, 5000] = 7
+    v, i = native.row_topk(x, 3)  # type: ignore[misc]
+    assert i.tolist() == [[0, 1, 5000]] * 4 and v.tolist() == [[0, 0, 7]] * 4
+    x32 = torch.randn(256, 9216, generator=torch.Generator().manual_seed(1))
+    keys = [_order_view(x32), _order_view(x32.bfloat16())]
+    got = [_row_topk(y, 32) for y in keys]
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    native._row_topk_lib.cache_clear()
+    ref = [_row_topk(y, 32) for y in keys]
+    native._row_topk_lib.cache_clear()
+    # float32: no ties, the same entries in the same order; bf16 (8-bit mantissa): the same values per row
+    assert torch.equal(got[0][0], ref[0][0]) and torch.equal(got[0][1], ref[0][1])
+    assert torch.equal(got[1][0].sort(1).values, ref[1][0].sort(1).values)
+    assert not torch.equal(got[1][1], ref[1][1])  # ties at the k-th value: the kernel takes the lowest columns
+
+
+def test_a_compiler_that_fails_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MONOSCOPE_CACHE", str(tmp_path))  # nothing built yet
+    monkeypatch.setenv("CC", "false")
+    native._row_topk_lib.cache_clear()
+    x = torch.randn(8, 512).to(torch.int32)
+    with pytest.warns(RuntimeWarning, match=r"^monoscope's C kernels are off, so CPU training runs slower \(.*\); "
+                                            r"install a C compiler \(e.g. gcc\) or set MONOSCOPE_NATIVE=0 to silence "
+                                            r"this$"):
+        assert native.row_topk(x, 4) is None
+    v, i = _row_topk(x, 4)  # the fallback, without a second warning
+    assert torch.equal(v, x.gather(1, i)) and torch.equal(v.sort(1).values, x.topk(4, 1).values.sort(1).values)
+    native._row_topk_lib.cache_clear()
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MONOSCOPE_CACHE", str(tmp_path))
+    lib = native._build(native._SOURCE)
+    assert lib.parent.parent == tmp_path / "native" and lib.name == "row_topk.so"
+    stamp = lib.stat().st_mtime_ns
+    assert native._build(native._SOURCE) == lib and lib.stat().st_mtime_ns == stamp
+    assert [p.name for p in lib.parent.iterdir()] == ["row_topk.so"]  # no temporary file left

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from monoscope import native
 from monoscope.errors import MonoscopeError
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
@@ -385,8 +386,24 @@ def _batch_topk(pre: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
     return sel_rows[order], sel_cols[order], top_v[order].view(dtype)
 
 
-def _row_topk(x: Tensor, k: int, group: int = 4) -> tuple[Tensor, Tensor]:
-    """`x.topk(k, dim=1, sorted=False)` for a 2-D x, computed through group maxima on CPUs (exact).
+def _row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=1, sorted=False)` for a 2-D x. On a CPU each row's entries come in increasing column order,
+    through the C kernel (`monoscope.native.row_topk`) or, without a compiler, through group maxima in PyTorch: the
+    same values, and the same columns unless several entries tie at the k-th value (the kernel takes the lowest
+    of them; in bf16 that is common, in float32 rare, so float32 runs agree either way). The kernel is ~1.4x faster
+    on the AMX machine."""
+    if x.device.type != "cpu":
+        return x.topk(k, dim=1, sorted=False)
+    got = native.row_topk(x, k) if x.dtype in (torch.int16, torch.int32) else None
+    if got is not None:
+        return got
+    v, i = _group_topk(x, k)
+    i, order = i.sort(1)
+    return v.gather(1, order), i
+
+
+def _group_topk(x: Tensor, k: int, group: int = 4) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=1, sorted=False)` through group maxima (exact).
 
     Why: aten's CPU top-k costs ~1 ns per element whatever k is (40 ms for 4096 x 9216 in bf16, over a quarter
     of a training step on an AMX CPU), while an elementwise max runs at memory speed. The row is cut into
@@ -395,10 +412,10 @@ def _row_topk(x: Tensor, k: int, group: int = 4) -> tuple[Tensor, Tensor]:
     most k of them), so the top k of the slice maxima (recursively) names k·group candidates, and the top k of
     those is the answer. Ties at the k-th value may be broken differently from aten's; the values are the same."""
     n_rows, n = x.shape
-    if x.device.type != "cpu" or n % group or n // group < 4 * k:
+    if n % group or n // group < 4 * k:
         return x.topk(k, dim=1, sorted=False)
     cols = n // group
-    _, best = _row_topk(x.view(n_rows, group, cols).amax(1), k, group)  # [B, k] columns with the largest maxima
+    _, best = _group_topk(x.view(n_rows, group, cols).amax(1), k, group)  # [B, k] columns with the largest maxima
     cand = (best.unsqueeze(-1) + torch.arange(0, n, cols, device=x.device)).reshape(n_rows, k * group)
     v, j = x.gather(1, cand).topk(k, dim=1, sorted=False)
     return v, cand.gather(1, j)
