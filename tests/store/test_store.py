@@ -229,3 +229,33 @@ def test_window_refuses_a_shard_whose_rows_differ_from_the_manifest(tmp_path: Pa
                                          rf"where the manifest says {m.shards[0].rows + 1}: they do not match; "
                                          "recapture the store$"):
         next(iter(store.batches(4, shards_per_window=8)))
+
+
+def test_default_window_fills_the_byte_budget_in_even_windows_and_a_cursor_keeps_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from monoscope.store import reader
+
+    m = make_store(tmp_path / "s", n_shards=20)
+    store = ActivationStore.open(tmp_path / "s")
+    assert store.batches(5).spw == 20  # the whole store fits the default budget: one window
+    shard_bytes = m.shards[0].bytes
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 9 * shard_bytes)  # at most 9 shards: 20 -> 3 windows of 7, 7, 6
+    b = store.batches(5, seed=4)
+    assert (b.spw, b.windows_per_epoch) == (7, 3)
+    monkeypatch.setattr(reader, "WINDOW_BYTES", shard_bytes)  # a tiny budget still mixes 8 shards' worth: 3 windows
+    assert store.batches(5).spw == 7
+    # the window is part of the cursor: resuming under another budget continues the saved run's batches
+    full = _all(store.batches(5, seed=4, shards_per_window=9), 30)
+    first = store.batches(5, seed=4, shards_per_window=9)
+    _all(first, 11)
+    state = first.state_dict()
+    assert state["shards_per_window"] == 9
+    second = store.batches(5, seed=4)
+    second.load_state_dict(state)
+    assert all(torch.equal(x.rows, y.rows) for x, y in zip(full[11:], _all(second, 19), strict=True))
+    # a cursor from before the window was recorded resumes with the old fixed 8
+    legacy = store.batches(5, seed=4)
+    legacy.load_state_dict({k: v for k, v in store.batches(5, seed=4, shards_per_window=8).state_dict().items()
+                            if k != "shards_per_window"})
+    assert legacy.spw == 8
+    assert torch.equal(next(legacy).rows, next(store.batches(5, seed=4, shards_per_window=8)).rows)

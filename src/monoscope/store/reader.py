@@ -17,7 +17,7 @@ import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -127,30 +127,59 @@ class ActivationStore:
         first_ctx = sum(s.contexts for s in self.manifest.shards[:i])
         return RowLocation(self.manifest.shards[i].file, first_ctx + ctx, pos)
 
-    def batches(self, batch_size: int, *, seed: int = 0, shards_per_window: int = 8,
+    def batches(self, batch_size: int, *, seed: int = 0, shards_per_window: int | None = None,
                 epochs: int | None = None) -> StoreBatches:
         return StoreBatches(self, batch_size, seed=seed, shards_per_window=shards_per_window, epochs=epochs)
+
+
+WINDOW_BYTES = 512 * 2**20
+"""Rows a store's shuffle window holds by default (`StoreBatches`): ~460k rows of a 576-wide bf16 store."""
+LEGACY_SHARDS_PER_WINDOW = 8
 
 
 class StoreBatches(RowStream):
     """Shuffled batches over a store: each epoch permutes the shards, each window of shards its rows.
 
-    Memory is bounded by one window (`shards_per_window` shards), whatever the store's size.
-    `epochs=None` cycles forever; otherwise iteration ends after that many passes.
+    Memory is bounded by one window (`shards_per_window` shards), whatever the store's size. By default a window
+    holds as many shards as fit in `WINDOW_BYTES` (at least `LEGACY_SHARDS_PER_WINDOW`), the windows of an epoch
+    evened out (62 shards at 28 per window make windows of 21, 21 and 20, not 28, 28 and 6): the rows of a
+    window come from few documents when it holds few shards, and latents that belong to the other documents then
+    go silent long enough to count as dead (measured on the default 1M-token store, 62 shards: with 8 shards per
+    window 5-7% of the latents were dead through the first 100 steps, with 32 2-3.6%, and the training FVU at
+    step 150 was 0.182 against 0.170). `epochs=None` cycles forever; otherwise iteration ends after that many
+    passes. The window size is part of the cursor: a cursor saved without one (older runs) resumes with 8.
     """
 
-    def __init__(self, store: ActivationStore, batch_size: int, *, seed: int = 0, shards_per_window: int = 8,
+    def __init__(self, store: ActivationStore, batch_size: int, *, seed: int = 0, shards_per_window: int | None = None,
                  epochs: int | None = None) -> None:
         super().__init__(batch_size, seed)
         if store.n_rows < batch_size:
             raise StoreError(f"store {store.folder} has {store.n_rows} training rows, fewer than one batch of "
                              f"{batch_size}: capture more tokens or lower the batch size")
         self.store = store
-        self.spw = max(1, shards_per_window)
         self.epochs = epochs
         self.n_shards = len(store.manifest.shards)
-        self.windows_per_epoch = -(-self.n_shards // self.spw)
         self._offsets = store._row_offsets()
+        self._set_window(self._auto_window() if shards_per_window is None else shards_per_window)
+
+    def _auto_window(self) -> int:
+        shards = self.store.manifest.shards  # a shard file's size bounds the memory its kept rows take
+        per_shard = max(1, sum(s.bytes for s in shards) // max(1, len(shards)))
+        most = max(LEGACY_SHARDS_PER_WINDOW, WINDOW_BYTES // per_shard)
+        windows = -(-self.n_shards // most)
+        return -(-self.n_shards // windows)  # windows of even size: no short last window of a few shards
+
+    def _set_window(self, shards_per_window: int) -> None:
+        self.spw = max(1, int(shards_per_window))
+        self.windows_per_epoch = -(-self.n_shards // self.spw)
+        self._cached = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "shards_per_window": self.spw}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._set_window(int(state.get("shards_per_window", LEGACY_SHARDS_PER_WINDOW)))
 
     def load_chunk(self, index: int) -> Chunk | None:
         epoch, window = divmod(index, self.windows_per_epoch)
