@@ -82,3 +82,27 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatc
     stamp = lib.stat().st_mtime_ns
     assert native._build(native._SOURCE) == lib and lib.stat().st_mtime_ns == stamp
     assert [p.name for p in lib.parent.iterdir()] == ["row_topk.so"]  # no temporary file left
+
+
+def test_a_forked_child_gets_its_own_threads() -> None:
+    import os
+
+    keys = torch.randint(-100, 100, (512, 4096), dtype=torch.int16)
+    ref = native.row_topk(keys, 8)
+    if ref is None or torch.get_num_threads() < 2:
+        pytest.skip("needs the C kernel and two threads")
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's pool threads do not exist here
+        got = native.row_topk(keys, 8)
+        os._exit(0 if got is not None and torch.equal(got[1], ref[1]) else 1)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:  # without its own pool the child waits forever on threads it lacks
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the native row top-k")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -98,6 +98,10 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="monoscope-native")
 
 
+# a forked child inherits the pool object but not its threads, and would wait on them forever: it makes its own
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def row_topk(keys: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """The k largest entries of each row of a 2-D int16 or int32 CPU tensor whose rows are contiguous, as
     (values [B, k], column indices [B, k] int64), each row's entries in increasing column order; ties at the k-th
