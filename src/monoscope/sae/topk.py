@@ -394,7 +394,7 @@ def _row_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     on the AMX machine."""
     if x.device.type != "cpu":
         return x.topk(k, dim=1, sorted=False)
-    got = native.row_topk(x, k) if x.dtype in (torch.int16, torch.int32) else None
+    got = native.row_topk(x, k)  # None for inputs it does not take, or without a compiler
     if got is not None:
         return got
     v, i = _group_topk(x, k)

@@ -133,7 +133,7 @@ class ActivationStore:
 
 
 WINDOW_BYTES = 512 * 2**20
-"""Rows a store's shuffle window holds by default (`StoreBatches`): ~460k rows of a 576-wide bf16 store."""
+"""Bytes of rows a store's shuffle window holds by default (`StoreBatches`): ~460k rows of a 576-wide bf16 store."""
 LEGACY_SHARDS_PER_WINDOW = 8
 
 
@@ -163,8 +163,8 @@ class StoreBatches(RowStream):
         self._set_window(self._auto_window() if shards_per_window is None else shards_per_window)
 
     def _auto_window(self) -> int:
-        shards = self.store.manifest.shards  # a shard file's size bounds the memory its kept rows take
-        per_shard = max(1, sum(s.bytes for s in shards) // max(1, len(shards)))
+        # a shard file's size bounds the memory its kept rows take
+        per_shard = max(1, sum(s.bytes for s in self.store.manifest.shards) // self.n_shards)
         most = max(LEGACY_SHARDS_PER_WINDOW, WINDOW_BYTES // per_shard)
         windows = -(-self.n_shards // most)
         return -(-self.n_shards // windows)  # windows of even size: no short last window of a few shards
@@ -188,18 +188,17 @@ class StoreBatches(RowStream):
         g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
         order = torch.randperm(self.n_shards, generator=g).tolist()
         shards = order[window * self.spw: (window + 1) * self.spw]
-        n_rows = sum(self.store.manifest.shards[s].rows for s in shards)
+        infos = [self.store.manifest.shards[s] for s in shards]
         acts: torch.Tensor | None = None
         rows, at = [], 0
-        for s in shards:
+        for s, info in zip(shards, infos, strict=True):
             shard = self.store.read_shard(s)
             kept = shard.keep.reshape(-1).nonzero().squeeze(1)  # [rows] of the flattened contexts
-            info = self.store.manifest.shards[s]
             if len(kept) != info.rows:
                 raise StoreError(f"shard {info.file} of {self.store.folder} holds {len(kept)} training rows where the "
                                  f"manifest says {info.rows}: they do not match; recapture the store")
             if acts is None:
-                acts = torch.empty(n_rows, shard.acts.shape[-1], dtype=shard.acts.dtype)
+                acts = torch.empty(sum(i.rows for i in infos), shard.acts.shape[-1], dtype=shard.acts.dtype)
             # kept rows straight into the window: one copy, not one per shard and another for the window
             torch.index_select(shard.acts.reshape(-1, shard.acts.shape[-1]), 0, kept, out=acts[at: at + len(kept)])
             rows.append(torch.arange(self._offsets[s], self._offsets[s] + len(kept), dtype=torch.int64))

@@ -343,15 +343,13 @@ class Trainer:
         return out.total
 
     def _clip_grads(self) -> Tensor:
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if self.cfg.grad_clip <= 0:
-            return torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.device.type != "cpu":  # no host sync: the scale is clamped to 1 on the device
+        if self.cfg.grad_clip > 0 and self.device.type != "cpu":  # no host sync: the scale is clamped on the device
             return torch.nn.utils.clip_grad_norm_(self._params, self.cfg.grad_clip, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None], foreach=True)
         # on a CPU reading the norm is free, and a step below the limit skips the multiply by exactly 1
-        # (a read and write of every gradient) that clip_grad_norm_ would do: the same result, bit for bit
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if float(self.cfg.grad_clip / (norm + 1e-6)) < 1.0:  # clip_grad_norm_'s own test, in the same float32
+        # (a read and write of every gradient) that clip_grad_norm_ would do: the same result, bit for bit (its own
+        # test, in the same float32)
+        if self.cfg.grad_clip > 0 and float(self.cfg.grad_clip / (norm + 1e-6)) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, norm, foreach=True)
         return norm
 
