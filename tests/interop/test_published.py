@@ -1,6 +1,7 @@
 """Published SAEs: `hf:` and `saelens:` specs resolved offline from folders laid out like the Hub's (a local
 repository folder, and huggingface_hub's own cache with HF_HUB_OFFLINE=1), used by a stage (steer) through the
-CLI, and `push`: the exact folder it would upload and its one-line errors when it cannot.
+CLI, and `push`: the exact folder it would upload and its one-line errors when it cannot (its upload to a Hub:
+test_push_hub.py).
 
 Speed: every interpreter start costs seconds (torch, transformers, huggingface_hub, sae-lens imports), so one
 module-scoped fixture starts all of them at once, in parallel: one real `python -m monoscope.cli` subprocess per

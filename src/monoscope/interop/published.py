@@ -20,9 +20,12 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monoscope.interop.common import CFG_NAME, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, InteropError
+
+if TYPE_CHECKING:  # huggingface_hub is imported where the Hub is used: `monoscope.cli` imports this module
+    from huggingface_hub.errors import HfHubHTTPError
 
 PREFIXES = ("saelens:", "hf:")
 PUBLISHED_JSON = "published.json"
@@ -172,12 +175,80 @@ def push(sae_dir: str | os.PathLike[str], repo_id: str, *, subfolder: str | None
 
     if get_token() is None:
         raise InteropError("no Hugging Face token: run `hf auth login` or set HF_TOKEN, then push again")
+    from huggingface_hub.errors import HfHubHTTPError
+
     with tempfile.TemporaryDirectory(prefix="monoscope-push-") as tmp:
         staging = Path(tmp) / "sae"
         push_plan(sae_dir, staging, fmt)
         api = HfApi()
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info: Any = api.upload_folder(folder_path=str(staging), repo_id=repo_id, path_in_repo=subfolder or None,
-                                      commit_message=message or f"monoscope push of {Path(sae_dir).name}",
-                                      ignore_patterns=[".lock"])
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info: Any = api.upload_folder(folder_path=str(staging), repo_id=repo_id, path_in_repo=subfolder or None,
+                                          commit_message=message or f"monoscope push of {Path(sae_dir).name}",
+                                          ignore_patterns=[".lock"])
+        except HfHubHTTPError as e:  # an OSError (as are hf_xet's): the CLI would blame the disk, in several lines
+            raise _refused(repo_id, e) from e
+        except _no_answer_errors() as e:
+            raise InteropError(f"cannot reach the Hub at {api.endpoint} to push {repo_id} ({_one_line(e)}): check "
+                               "the network (and HF_ENDPOINT if set), then push again") from e
+        except _xet_errors() as e:  # the files the Hub keeps in LFS (the weights) go to its xet storage
+            raise InteropError(f"the upload of {repo_id}'s files to the Hub's xet storage failed ({_one_line(e)}): "
+                               f"check the network and that the token may write to {repo_id}, then push again") from e
     return str(getattr(info, "commit_url", info))
+
+
+def _one_line(e: BaseException) -> str:
+    said = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {said[0]}" if said else type(e).__name__
+
+
+def _refused(repo_id: str, e: HfHubHTTPError) -> InteropError:
+    """One line for an error answer of the Hub to `push`: its status, the first line of what it said, and the usual
+    fix for that status."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    status = e.response.status_code
+    said = (e.server_message or "").strip().splitlines()
+    detail = f"HTTP {status}" + (f": {said[0].rstrip('.')}" if said else "")
+    owner = repo_id.split("/")[0]
+    if isinstance(e, RepositoryNotFoundError):
+        fix = (f"the token cannot see or create {repo_id}: check that {owner} is your user name or one of your "
+               "organisations (`hf auth whoami`)")
+    elif status == 401:
+        fix = "the token is not valid: run `hf auth login` or set HF_TOKEN to a valid token, then push again"
+    elif status == 403:
+        fix = (f"the token may not write to {repo_id}: use a token with write access to {owner} (`hf auth login` "
+               "or HF_TOKEN), then push again")
+    elif status == 429 or status >= 500:
+        fix = "the Hub is busy or failing: push again later"
+    else:
+        fix = "check the repository id and the options, then push again"
+    return InteropError(f"the Hub refused the push to {repo_id} ({detail}): {fix}")
+
+
+def _no_answer_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP client raises when no answer comes (refused, unknown host, timed out, cut):
+    httpx2's TransportError under huggingface_hub 2 (constraints.txt), httpx's under 1.x, requests' before.
+    Looked up only once a push has failed."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _xet_errors() -> tuple[type[BaseException], ...]:
+    """What hf_xet raises when an upload to the Hub's xet storage fails: ConnectionError (the network, or an error
+    answer), and its XetAuthenticationError (a PermissionError) and XetObjectNotFoundError (a FileNotFoundError)."""
+    found: list[type[BaseException]] = [ConnectionError]
+    try:
+        import hf_xet
+    except ImportError:
+        return tuple(found)
+    found += [getattr(hf_xet, n) for n in ("XetAuthenticationError", "XetObjectNotFoundError") if hasattr(hf_xet, n)]
+    return tuple(found)
