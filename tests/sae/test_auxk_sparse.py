@@ -140,3 +140,30 @@ def test_sync_free_auxk_equals_the_dead_list(monkeypatch: pytest.MonkeyPatch, ar
             assert torch.allclose(grads[1][name], grads[0][name], rtol=4e-3, atol=1e-3 * scale), name
             continue
         assert torch.allclose(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "transcoder"])
+def test_joint_backward_row_gradients_are_bit_identical(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `joint_backward` (set by the Trainer) the block AuxK hands W_enc's and W_dec's gradients over as sparse
+    rows: the loss mse + aux backpropagated as one gives the same dense `.grad` bit for bit (each entry is the same
+    sum of two terms) as the dense zero-filled form."""
+    from monoscope.sae import topk as topk_mod
+
+    monkeypatch.setattr(topk_mod, "BLOCK_AUXK_DEAD_PER_K_AUX", CPU_PATHS["block"])
+    sae, _ = _pair(arch)
+    width = 2 * D if arch == "transcoder" else D
+    x = torch.randn(B, width, generator=torch.Generator().manual_seed(0)) * 1.5
+    dead = torch.zeros(N_FEAT, dtype=torch.bool)
+    dead[torch.randperm(N_FEAT, generator=torch.Generator().manual_seed(3))[:20]] = True
+    grads = []
+    for joint in (False, True):
+        sae.zero_grad(set_to_none=True)
+        sae.joint_backward = joint
+        out = sae.train()(x, dead_mask=dead)
+        (out.mse + out.aux).backward()
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+    for name in ("W_enc", "W_dec"):
+        assert grads[1][name].layout == torch.strided
+        assert grads[1][name][dead].abs().sum() > 0
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name

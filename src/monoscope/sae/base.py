@@ -104,6 +104,11 @@ class SAE(nn.Module):
         self.cfg = cfg
         self.provenance: dict[str, Any] = {}
         """Free-form record of how the SAE was made; `save_sae` writes it, `load_sae` restores it."""
+        self.joint_backward = False
+        """Set by a caller that always backpropagates the reconstruction and the auxiliary loss together (the
+        Trainer): the CPU AuxK block may then hand its weight gradients over as sparse rows, which autograd adds
+        into the main path's dense ones in place (`sparse.block_linear_decode`). Off, `out.aux.backward()` on its
+        own still gives dense `.grad`s."""
         n_feat, d = cfg.d_sae, cfg.d_in
         # compute-dtype copies of [W_enc, b_enc] for `_encode_nograd`, refreshed every call
         self._w_aug: dict[torch.dtype, Tensor] = {}

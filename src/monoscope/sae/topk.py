@@ -165,8 +165,10 @@ class _TopKStyle(SAE):
                     key_v, local = _row_topk(_order_view(codes.index_select(0, heavy)), k_aux)  # [n_heavy, k_aux]
                     codes.index_copy_(0, heavy, torch.zeros(heavy.numel(), n_dead, dtype=cd, device=codes.device)
                                       .scatter_(1, local, key_v.view(cd)))
+            # joint_backward: the main path's gather_linear and sparse_decode give W_enc and W_dec dense gradients
+            # in the same backward, into which the block's rows are added
             e_hat = block_linear_decode(codes, dead_idx, sel.xs, self.W_enc, we_dead, self.b_enc, self.W_dec,
-                                        sel.shift).float()  # [B, d]
+                                        sel.shift, row_grads=self.joint_backward).float()  # [B, d]
             return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
             with torch.no_grad():

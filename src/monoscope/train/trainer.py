@@ -125,6 +125,7 @@ class Trainer:
         meta: dict[str, Any] | None = None,
     ) -> None:
         self.sae = sae.train()
+        sae.joint_backward = True  # every step backpropagates mse + sparsity + aux as one loss
         self.cfg = config
         self.source = source
         self.sink = sink
