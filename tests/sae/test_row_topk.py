@@ -22,11 +22,11 @@ needs_cc = pytest.mark.skipif(
 
 @pytest.fixture(params=[pytest.param("native", marks=needs_cc), "fallback"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
     if request.param == "fallback":
         monkeypatch.setenv(native.NATIVE_ENV, "0")
     yield request.param
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(64, 9216, 32), (16, 2304, 288), (8, 6144, 288), (32, 4096, 64),
@@ -50,7 +50,7 @@ def test_row_topk_equals_aten(path: str, rows: int, n: int, k: int, dtype: torch
 @needs_cc
 def test_native_takes_the_lowest_columns_among_ties_and_agrees_with_the_fallback(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
     x = torch.zeros(4, 9216, dtype=torch.int16)
     x[:, 5000] = 7
     v, i = native.row_topk(x, 3)  # type: ignore[misc]
@@ -59,9 +59,9 @@ def test_native_takes_the_lowest_columns_among_ties_and_agrees_with_the_fallback
     keys = [_order_view(x32), _order_view(x32.bfloat16())]
     got = [_row_topk(y, 32) for y in keys]
     monkeypatch.setenv(native.NATIVE_ENV, "0")
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
     ref = [_row_topk(y, 32) for y in keys]
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
     # float32: no ties, the same entries in the same order; bf16 (8-bit mantissa): the same values per row
     assert torch.equal(got[0][0], ref[0][0]) and torch.equal(got[0][1], ref[0][1])
     assert torch.equal(got[1][0].sort(1).values, ref[1][0].sort(1).values)
@@ -71,7 +71,7 @@ def test_native_takes_the_lowest_columns_among_ties_and_agrees_with_the_fallback
 def test_a_compiler_that_fails_warns_once_and_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("MONOSCOPE_CACHE", str(tmp_path))  # nothing built yet
     monkeypatch.setenv("CC", "false")
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
     x = torch.randn(8, 512).to(torch.int32)
     with pytest.warns(RuntimeWarning, match=r"^monoscope's C kernels are off, so CPU training runs slower \(.*\); "
                                             r"install a C compiler \(e.g. gcc\) or set MONOSCOPE_NATIVE=0 to silence "
@@ -79,17 +79,17 @@ def test_a_compiler_that_fails_warns_once_and_falls_back(monkeypatch: pytest.Mon
         assert native.row_topk(x, 4) is None
     v, i = _row_topk(x, 4)  # the fallback, without a second warning
     assert torch.equal(v, x.gather(1, i)) and torch.equal(v.sort(1).values, x.topk(4, 1).values.sort(1).values)
-    native._row_topk_lib.cache_clear()
+    native._lib.cache_clear()
     assert not list(tmp_path.rglob("*.so"))
 
 
 @needs_cc
 def test_the_library_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("MONOSCOPE_CACHE", str(tmp_path))
-    lib = native._build(native._SOURCE)
+    lib = native._build(native._HERE / "row_topk.c")
     assert lib.parent.parent == tmp_path / "native" and lib.name == "row_topk.so"
     stamp = lib.stat().st_mtime_ns
-    assert native._build(native._SOURCE) == lib and lib.stat().st_mtime_ns == stamp
+    assert native._build(native._HERE / "row_topk.c") == lib and lib.stat().st_mtime_ns == stamp
     assert [p.name for p in lib.parent.iterdir()] == ["row_topk.so"]  # no temporary file left
 
 

@@ -25,6 +25,7 @@ def settings_for(arch: str) -> dict[str, Any]:
 def trained(arch: str, defer: bool, prefetch: bool = False, source: Any = None, **settings: Any) -> Trainer:
     t = make_trainer(arch, source=source, **{**settings_for(arch), **settings})
     t.defer_checks = defer
+    t._fused = None  # the deferred step is the GPU's, with torch's Adam: the eager loop it is held against too
     if prefetch:
         t.source = DevicePrefetch(t.source, "cpu")
     t.init_b_dec(RandomSource(256, seed=9).data.float())

@@ -26,6 +26,7 @@ import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,8 +34,11 @@ from torch import Tensor
 from monoscope.cache import cache_dir
 
 NATIVE_ENV = "MONOSCOPE_NATIVE"
-_SOURCE = Path(__file__).with_name("row_topk.c")
+_HERE = Path(__file__).parent
 _MIN_ROWS_PER_THREAD = 64
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+"""-ffp-contract=off: a multiply and an add stay two roundings, as in the PyTorch arithmetic a kernel reproduces;
+-fno-math-errno: sqrtf may then be vectorised (it is exact either way)."""
 
 
 def enabled() -> bool:
@@ -55,7 +59,8 @@ def _build(source: Path) -> Path:
     """The shared library of `source` in the cache, compiled if it is not there yet."""
     cc = os.environ.get("CC") or "cc"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), _cpu_flags().encode()])).hexdigest()[:20]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), _cpu_flags().encode(),
+                                      " ".join(_CFLAGS).encode()])).hexdigest()[:20]
     folder = cache_dir() / "native" / key
     lib = folder / (source.stem + ".so")
     if lib.is_file():
@@ -64,7 +69,7 @@ def _build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", tmp, str(source)],
+        done = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(source), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-600:]}")
@@ -75,21 +80,32 @@ def _build(source: Path) -> Path:
     return lib
 
 
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
+    "row_topk": {name: (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P]) for name in ("row_topk_i16",
+                                                                                          "row_topk_i32")},
+    "adam_rows": {
+        "grad_sumsq": (None, [_P, _P, _P, _P, _I64, _I64]),
+        "sum_f64": (ctypes.c_double, [_P, _I64]),
+        "adam_rows": (None, [_P, _P, _P, _P, _P, _F32, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _F32, ctypes.c_int]),
+    },
+}
+"""Each C source (`<name>.c` beside this file) and its functions' (result, argument) types."""
+
+
 @functools.cache
-def _row_topk_lib() -> ctypes.CDLL | None:
+def _lib(name: str) -> ctypes.CDLL | None:
     if not enabled():
         return None
     try:
-        lib = ctypes.CDLL(str(_build(_SOURCE)))
+        lib = ctypes.CDLL(str(_build(_HERE / f"{name}.c")))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"monoscope's C kernels are off, so CPU training runs slower ({e}); install a C compiler "
                       f"(e.g. gcc) or set {NATIVE_ENV}=0 to silence this", RuntimeWarning, stacklevel=2)
         return None
-    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_void_p]
-    for name in ("row_topk_i16", "row_topk_i32"):
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = ctypes.c_int, args
+    for fname, (res, args) in _SIGNATURES[name].items():
+        fn = getattr(lib, fname)
+        fn.restype, fn.argtypes = res, args
     return lib
 
 
@@ -102,6 +118,30 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
+def _row_parts(n_rows: int) -> list[int]:
+    parts = max(1, min(torch.get_num_threads(), n_rows // _MIN_ROWS_PER_THREAD))
+    return [n_rows * i // parts for i in range(parts + 1)]
+
+
+def _in_parts(n_rows: int, run: Any) -> None:
+    """run(lo, hi) over the rows split across threads (ctypes releases the GIL for each call)."""
+    bounds = _row_parts(n_rows)
+    if len(bounds) == 2:
+        run(0, n_rows)
+    else:
+        list(_pool(len(bounds) - 1).map(run, bounds[:-1], bounds[1:]))
+
+
+def _rows_of(t: Tensor) -> tuple[int, int]:
+    return (t.shape[0], t.shape[1]) if t.dim() == 2 else (1, t.numel())
+
+
+def _f32_rows(*ts: Tensor | None) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                             and t.dim() in (1, 2)) for t in ts)
+
+
+
 def row_topk(keys: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     """The k largest entries of each row of a 2-D int16 or int32 CPU tensor whose rows are contiguous, as
     (values [B, k], column indices [B, k] int64), each row's entries in increasing column order; ties at the k-th
@@ -109,7 +149,7 @@ def row_topk(keys: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     if (keys.device.type != "cpu" or keys.dim() != 2 or keys.dtype not in (torch.int16, torch.int32)
             or keys.stride(1) != 1 or not 0 < k <= keys.shape[1]):
         return None
-    lib = _row_topk_lib()
+    lib = _lib("row_topk")
     if lib is None:
         return None
     fn = lib.row_topk_i16 if keys.dtype == torch.int16 else lib.row_topk_i32
@@ -119,17 +159,53 @@ def row_topk(keys: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     if n_rows == 0:
         return values, index
     size, ld = keys.element_size(), keys.stride(0)
-    parts = max(1, min(torch.get_num_threads(), n_rows // _MIN_ROWS_PER_THREAD))
-    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    codes: list[int] = []
 
-    def run(lo: int, hi: int) -> int:  # ctypes releases the GIL for the call: the parts run in parallel
-        return int(fn(keys.data_ptr() + lo * ld * size, hi - lo, n, ld, k,
-                      values.data_ptr() + lo * k * size, index.data_ptr() + lo * k * 8))
+    def run(lo: int, hi: int) -> None:
+        codes.append(int(fn(keys.data_ptr() + lo * ld * size, hi - lo, n, ld, k,
+                            values.data_ptr() + lo * k * size, index.data_ptr() + lo * k * 8)))
 
-    if parts == 1:
-        codes = [run(0, n_rows)]
-    else:
-        codes = list(_pool(parts).map(run, bounds[:-1], bounds[1:]))
+    _in_parts(n_rows, run)
     if any(codes):
         raise MemoryError(f"the native row top-k could not allocate its buffers for rows of {n} entries")
     return values, index
+
+
+def adam_available() -> bool:
+    return _lib("adam_rows") is not None
+
+
+def grad_sumsq(g: Tensor, w: Tensor | None = None) -> tuple[float, Tensor | None]:
+    """(Σ of the squared gradient, coef) for a contiguous float32 CPU gradient g [rows, d] (or [n]): with the
+    weight w, each row's component along w's row (coef[r] = <g_r, w_r> / |w_r|², returned [rows]) is taken out
+    of the sum first, as `SAE.remove_parallel_grads_` takes it out of the gradient. Requires `adam_available()`."""
+    lib = _lib("adam_rows")
+    assert lib is not None and _f32_rows(g, w)
+    n_rows, d = _rows_of(g)
+    coef = torch.empty(n_rows, dtype=torch.float32) if w is not None else None
+    rowsq = torch.empty(n_rows, dtype=torch.float64)
+
+    def run(lo: int, hi: int) -> None:
+        lib.grad_sumsq(g.data_ptr() + lo * d * 4, None if w is None else w.data_ptr() + lo * d * 4,
+                       None if coef is None else coef.data_ptr() + lo * 4, rowsq.data_ptr() + lo * 8, hi - lo, d)
+
+    _in_parts(n_rows, run)
+    return float(lib.sum_f64(rowsq.data_ptr(), n_rows)), coef
+
+
+def adam_rows(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor | None, clip: float, *, w1: float, b2: float,
+              c2: float, bc2s: float, eps: float, neg_step: float, renorm: bool) -> None:
+    """One Adam step of p in place (m, v: its exp_avg and exp_avg_sq) with the gradient (g − coef[r]·p_r)·clip,
+    each row rescaled to unit norm after when `renorm`. The float scalars are the ones torch's fused CPU Adam
+    rounds to float (`monoscope.train.fused_step`). Requires `adam_available()`."""
+    lib = _lib("adam_rows")
+    assert lib is not None and _f32_rows(p, g, m, v, coef)
+    n_rows, d = _rows_of(p)
+
+    def run(lo: int, hi: int) -> None:
+        off = lo * d * 4
+        lib.adam_rows(p.data_ptr() + off, g.data_ptr() + off, m.data_ptr() + off, v.data_ptr() + off,
+                      None if coef is None else coef.data_ptr() + lo * 4, clip, hi - lo, d,
+                      w1, b2, c2, bc2s, eps, neg_step, int(renorm))
+
+    _in_parts(n_rows, run)

@@ -61,6 +61,7 @@ from monoscope.store.batches import Batch
 from monoscope.train.checkpoint import Checkpoint, CheckpointSink, rng_state, set_rng_state
 from monoscope.train.config import TrainConfig
 from monoscope.train.dead import DeadFeatureTracker, resample_dead
+from monoscope.train.fused_step import FusedAdamStep
 from monoscope.train.optim import SignumScheduleFree, make_optimizer
 from monoscope.train.schedules import Schedule, schedule_at
 
@@ -144,6 +145,8 @@ class Trainer:
         self.use_auxk = config.revive_method == "auxk"
         self.resample_steps = set(config.resample_steps)
         self.optimizer = make_optimizer(config.optimizer, sae.parameters(), self.base_lr, self.device)
+        self._fused = FusedAdamStep.make(sae, self.optimizer, self.unit_norm_decoder)
+        """The CPU's two-pass optimiser step (`fused_step`), or None: the PyTorch path."""
         self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens, self.device)
         self.step = 0
         self.tokens = 0
@@ -241,10 +244,14 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite(batch, x, f"the loss or its gradient is not finite (loss {float(total.detach()):g})")
             return
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.unit_norm_decoder:
-            self.sae.normalize_decoder_()
+        if self._fused is not None:  # Adam, with the parallel-gradient removal, clipping and renormalisation
+            self._fused.step(self._clip_coef(grad_norm))
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.unit_norm_decoder:
+                self.sae.normalize_decoder_()
         self.dead.update(out.fired, n)
         self._acc += _metric_values(out, total, grad_norm).to(self._acc.dtype)
         self._acc_steps += 1
@@ -263,6 +270,8 @@ class Trainer:
         out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
         total = self._loss(batch, x, out)
         total.backward()
+        if self._fused is not None and not self.defer_checks:  # removal and clipping happen inside its step
+            return out, total, self._fused.grad_norm()
         if self.unit_norm_decoder:
             self.sae.remove_parallel_grads_()
         return out, total, self._clip_grads()
@@ -342,6 +351,13 @@ class Trainer:
         """The loss one step minimises: the SAE's own total (reconstruction + sparsity + aux); end-to-end
         training (`e2e.E2ETrainer`) measures the reconstruction through the model instead."""
         return out.total
+
+    def _clip_coef(self, norm: Tensor) -> float:
+        """The factor `clip_grads_with_norm_` would multiply the gradients by (in its float32), 1.0 below the
+        limit or without clipping."""
+        if self.cfg.grad_clip <= 0:
+            return 1.0
+        return float(torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0))
 
     def _clip_grads(self) -> Tensor:
         if self.cfg.grad_clip > 0 and self.device.type != "cpu":  # no host sync: the scale is clamped on the device

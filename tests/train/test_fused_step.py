@@ -1,0 +1,101 @@
+"""The CPU's two-pass optimiser step (`monoscope.train.fused_step`) against the PyTorch path it replaces: torch's
+fused Adam bit for bit where nothing else is involved, and remove_parallel_grads_ + clipping + Adam +
+normalize_decoder_ to float rounding; where the Trainer uses it and where not."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from monoscope import native
+from monoscope.sae import SAEConfig, build_sae
+from monoscope.sae.base import SAE
+from monoscope.train.fused_step import FusedAdamStep
+from monoscope.train.optim import make_optimizer
+from tests.train.test_trainer import make_trainer
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler on this machine: the fused step cannot be built, the PyTorch "
+                                       "path runs instead (apt-get install gcc to test it)")
+D, F = 48, 320  # 320 rows: split across threads when torch has several
+
+
+def _pair() -> tuple[tuple[SAE, torch.optim.Optimizer], tuple[SAE, torch.optim.Optimizer]]:
+    out = []
+    for _ in range(2):
+        sae = build_sae(SAEConfig(arch="topk", d_in=D, d_sae=F, k=4, normaliser=1.0), seed=0)
+        out.append((sae, make_optimizer("adam", sae.parameters(), 3e-3, torch.device("cpu"))))
+    return out[0], out[1]
+
+
+def _set_grads(saes: list[SAE], step: int, scale: float) -> None:
+    gen = torch.Generator().manual_seed(step)
+    for ps in zip(*(s.parameters() for s in saes), strict=True):
+        g = torch.randn(ps[0].shape, generator=gen) * scale
+        for p in ps:
+            p.grad = g.clone()
+
+
+def test_adam_is_torchs_fused_adam_bit_for_bit() -> None:
+    (ref, opt_ref), (sae, opt) = _pair()
+    fused = FusedAdamStep.make(sae, opt, unit_norm_decoder=False)
+    assert fused is not None
+    for step in range(4):
+        _set_grads([ref, sae], step, 1e-2)
+        opt_ref.step()
+        fused.grad_norm()
+        fused.step(1.0)
+    for (name, p), q in zip(ref.named_parameters(), sae.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_ref.state[p][key], opt.state[q][key]), (name, key)
+    assert opt.state_dict()["state"][0]["step"].dtype == torch.float32  # torch's own layout: checkpoints mix
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # below the clipping limit, and far above it
+def test_the_whole_step_is_the_pytorch_path_to_float_rounding(scale: float) -> None:
+    (ref, opt_ref), (sae, opt) = _pair()
+    fused = FusedAdamStep.make(sae, opt, unit_norm_decoder=True)
+    assert fused is not None
+    for step in range(4):
+        _set_grads([ref, sae], step, scale)
+        ref.remove_parallel_grads_()
+        norm_ref = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
+        coef_ref = torch.clamp(1.0 / (norm_ref + 1e-6), max=1.0)
+        torch.nn.utils.clip_grads_with_norm_(list(ref.parameters()), 1.0, norm_ref)
+        opt_ref.step()
+        ref.normalize_decoder_()
+        norm = fused.grad_norm()
+        assert norm.dtype == torch.float32 and float(norm) == pytest.approx(float(norm_ref), rel=1e-6)
+        coef = float(torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+        assert (coef < 1.0) == (scale > 1.0) and coef == pytest.approx(float(coef_ref), rel=1e-6)
+        fused.step(coef)
+    with torch.no_grad():
+        for (name, p), q in zip(ref.named_parameters(), sae.parameters(), strict=True):
+            assert torch.allclose(p, q, rtol=1e-5, atol=2e-6), name
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(F), atol=1e-6)
+
+
+def test_where_the_trainer_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert make_trainer("topk")._fused is not None
+    assert make_trainer("relu-l1")._fused is not None  # no renormalisation there: Adam and clipping only
+    assert make_trainer("topk", optimizer="signum-sf")._fused is None
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    assert make_trainer("topk")._fused is None
+
+
+def test_a_run_follows_the_pytorch_path() -> None:
+    """60 steps of a TopK SAE through the Trainer: the same training as with the PyTorch step, to the rounding
+    that the summation order of norms and dot products moves."""
+    runs = []
+    for fused in (True, False):
+        t = make_trainer("topk")
+        if not fused:
+            t._fused = None
+        t.run()
+        runs.append(t)
+    for (name, p), q in zip(runs[0].sae.named_parameters(), runs[1].sae.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
+    assert runs[0].last_metrics["fvu"] == pytest.approx(runs[1].last_metrics["fvu"], rel=1e-3)
