@@ -4,7 +4,8 @@ Measures (1) the float32 and bf16 matmul rates of the encoder shape ([B, d] @ [d
 limits that the compute dtype's rate implies: 4·d·F flops per token (the encoder forward and a dense weight
 gradient) and
 2·d·F (the forward alone: the trainer's encoder weight gradient is sparse, so this is the real
-bound), (2) one `Trainer.train_step` split into phases by manual timers on a resident batch,
+bound), (2) one `Trainer.train_step` split into phases by manual timers on a resident batch, the optimiser step
+after the backward timed both ways on the same trainer (the CPU's fused two-pass step and the PyTorch path),
 (2b) the step with n latents marked dead, so AuxK runs, through each CPU form of the sparse AuxK (per-entry
 kernels, matmuls over the dead block, the automatic choice), (3) sparsify's own step on the same rows, and (4)
 reading and gathering batches from a store.
@@ -101,13 +102,20 @@ def main() -> None:
     tr.train_step()
     t_step = timed(tr.train_step, args.steps)
     phases: dict[str, float] = {}
+    post: dict[str, list[float]] = {"fused": [], "pytorch": []}
+    fused = tr._fused
 
     def add(name: str, t0: float) -> float:
         now = time.perf_counter()
         phases[name] = phases.get(name, 0.0) + (now - t0)
         return now
 
-    for _ in range(args.steps):
+    # the optimiser step after the backward both ways, alternately on the same trainer: the CPU's two-pass fused
+    # step (`train/fused_step.py`) and the PyTorch path it replaces (parallel-grad removal, clipping norm, Adam,
+    # decoder renormalisation); the phases below are the trainer's own (fused where it has it)
+    n_rounds = 2 * args.steps if fused is not None else args.steps
+    for i in range(n_rounds):
+        use_fused = fused is not None and i % 2 == 0
         t0 = time.perf_counter()
         xs = tr.scaled(first.acts)
         bool(torch.isfinite(xs.sum()))
@@ -117,19 +125,31 @@ def main() -> None:
         t0 = add("forward (encoder, top-k, decoder, AuxK)", t0)
         out.total.backward()
         t0 = add("backward", t0)
-        if tr.unit_norm_decoder:
-            tr.sae.remove_parallel_grads_()
-        gn = tr._clip_grads()
-        bool(torch.isfinite(out.total.detach()) & torch.isfinite(gn))
-        t0 = add("parallel-grad removal + clip + finiteness", t0)
-        tr.optimizer.step()
-        tr.optimizer.zero_grad(set_to_none=True)
-        t0 = add("Adam step", t0)
-        if tr.unit_norm_decoder:
-            tr.sae.normalize_decoder_()
+        t_post = t0
+        if use_fused:
+            gn = fused.grad_norm()  # type: ignore[union-attr]
+            bool(torch.isfinite(out.total.detach()) & torch.isfinite(gn))
+            fused.step(tr._clip_coef(gn))  # type: ignore[union-attr]
+            tr.optimizer.zero_grad(set_to_none=True)
+            post["fused"].append(time.perf_counter() - t_post)
+        else:
+            if tr.unit_norm_decoder:
+                tr.sae.remove_parallel_grads_()
+            gn = tr._clip_grads()
+            bool(torch.isfinite(out.total.detach()) & torch.isfinite(gn))
+            tr.optimizer.step()
+            tr.optimizer.zero_grad(set_to_none=True)
+            if tr.unit_norm_decoder:
+                tr.sae.normalize_decoder_()
+            post["pytorch"].append(time.perf_counter() - t_post)
+        if use_fused or fused is None:
+            add("optimiser step (removal, clipping, Adam, renorm)", t_post)
+        t0 = time.perf_counter()
         tr.dead.update(out.fired, b)
-        add("decoder renorm + dead counters", t0)
-    phases = {k: v / args.steps for k, v in phases.items()}
+        add("dead counters", t0)
+    phases = {k: v / n_rounds for k, v in phases.items()}
+    phases["optimiser step (removal, clipping, Adam, renorm)"] *= n_rounds / args.steps
+    post_s = {k: round(sorted(v)[len(v) // 2], 4) for k, v in post.items() if v}
 
     # (2b) the step with AuxK at work: n dead latents (the trainer's dead mask forced), through each CPU form of
     # the sparse AuxK: per-entry kernels, dense matmuls over the dead block, and the automatic choice
@@ -184,6 +204,7 @@ def main() -> None:
         "step_vs_2dF_bound": round(b / t_step / limit_fwd, 3),
         "step_resident_s": round(t_step, 4), "step_resident_tok_s": round(b / t_step),
         "phases_s": {k: round(v, 4) for k, v in phases.items()},
+        "optimiser_step_s_median": post_s,
         "sparsify_step_resident_s": None if sparsify_s is None else round(sparsify_s, 4),
         "sparsify_step_resident_tok_s": None if sparsify_s is None else round(b / sparsify_s),
         "step_ratio_vs_sparsify": None if sparsify_s is None else round(sparsify_s / t_step, 2),

@@ -42,13 +42,15 @@ def test_adam_is_torchs_fused_adam_bit_for_bit() -> None:
     (ref, opt_ref), (sae, opt) = _pair()
     fused = FusedAdamStep.make(sae, opt, unit_norm_decoder=False)
     assert fused is not None
+    versions = [p._version for p in sae.parameters()]
     for step in range(4):
         _set_grads([ref, sae], step, 1e-2)
         opt_ref.step()
         fused.grad_norm()
         fused.step(1.0)
-    for (name, p), q in zip(ref.named_parameters(), sae.parameters(), strict=True):
+    for (name, p), q, v in zip(ref.named_parameters(), sae.parameters(), versions, strict=True):
         assert torch.equal(p, q), name
+        assert q._version == v + 4, name  # its in-place changes are counted, as torch's Adam's are
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt_ref.state[p][key], opt.state[q][key]), (name, key)
     assert opt.state_dict()["state"][0]["step"].dtype == torch.float32  # torch's own layout: checkpoints mix

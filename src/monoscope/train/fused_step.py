@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from monoscope import native
 from monoscope.sae.base import SAE
@@ -94,3 +95,6 @@ class FusedAdamStep:
                                  self._coef if p is self.w_dec else None, clip,
                                  w1=1 - beta1, b2=beta2, c2=1 - beta2, bc2s=math.sqrt(bias2), eps=group["eps"],
                                  neg_step=-(group["lr"] / bias1), renorm=p is self.w_dec)
+                # written through raw pointers: count the in-place changes as torch's own ops would, so that
+                # anything keyed on a tensor's version (autograd's saved-tensor check) sees them
+                increment_version([p, state["exp_avg"], state["exp_avg_sq"]])
