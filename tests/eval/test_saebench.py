@@ -78,7 +78,9 @@ def test_tiny_model_golden(tmp_path: Path, tokenizer, capsys) -> None:  # type: 
     path, _ = sb.run_saebench(sae_dir, out=tmp_path / "out", device="cpu", max_words=300, max_per_class=30,
                               packs=["sycophancy"])
     saved = json.loads(path.read_text())
-    assert saved["format"] == "monoscope-saebench/1" and "scr" in saved["differences_from_saebench"]
+    assert saved["format"] == "monoscope-saebench/1" and saved["families"] == ["absorption", "probing", "tpp", "scr"]
+    assert {k for k in saved["differences_from_saebench"] if k.startswith("scr")} == {
+        "scr.datasets", "scr.sizes", "scr.probe_seed", "scr.ablations", "scr.ablation", "scr.effects", "scr.n_values"}
     assert {k for k in saved["differences_from_saebench"] if k.startswith("tpp.")} == {
         "tpp.datasets", "tpp.sizes", "tpp.negatives", "tpp.probe_seed", "tpp.ablation", "tpp.effects", "tpp.n_values"}
     a = saved["absorption"]
@@ -101,10 +103,18 @@ def test_tiny_model_golden(tmp_path: Path, tokenizer, capsys) -> None:  # type: 
     assert t["higher_is_better"] == [f"tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100)]
     assert [t["mean"][k] for k in t["higher_is_better"]] == pytest.approx([-0.004166665673255921] * 5 + [0.0],
                                                                           abs=1e-6)
+    # SCR at its defaults (2 place-name runs, he/she, 100 / 50 texts per quadrant) on the tiny random model: noise
+    # around the small-gap rule, checked for being the same (tests/eval/test_saebench_scr.py has the arithmetic)
+    r = saved["scr"]
+    assert sorted(r["datasets"]) == ["city_country_he_she", "country_city_he_she"] and r["skipped_datasets"] == []
+    assert r["higher_is_better"] == [f"scr_metric_threshold_{n}" for n in (2, 5, 10, 20, 50, 100)]
+    assert [r["mean"][k] for k in r["higher_is_better"]] == pytest.approx([-1.75, 0.0, 0.75, 0.25, 0.5, 0.75], abs=1e-5)
     sb.print_saebench_summary(saved, path)
     out = capsys.readouterr().out.splitlines()
     assert "tpp_threshold_20_total_metric (higher is better) -0.0042" in out
     assert "TPP datasets (skipped: concepts)        language" in out
+    assert "scr_metric_threshold_20 (higher is better) 0.2500" in out
+    assert "SCR datasets                            city_country_he_she, country_city_he_she" in out  # keys sorted
 
 
 GOLDEN_MEAN = {"llm_test_accuracy": 0.5714285714285714, "sae_test_accuracy": 0.7916666666666667,

@@ -134,12 +134,12 @@ def test_tpp_without_a_multiclass_dataset_says_why(capsys: pytest.CaptureFixture
 
 
 def test_families_are_checked() -> None:
-    assert sb.check_families(["tpp", "absorption"]) == ["absorption", "tpp"]
+    assert sb.check_families(["scr", "tpp", "absorption"]) == ["absorption", "tpp", "scr"]
     with pytest.raises(sb.MonoscopeError) as e:
-        sb.run_saebench("/nonexistent/sae", families=["tpp", "scr"])  # refused before anything is opened
-    assert str(e.value) == ("--saebench-metrics: unknown metric family 'scr' (choose from absorption, probing, tpp, "
-                            "comma-separated)")
-    with pytest.raises(sb.MonoscopeError, match="name at least one of absorption, probing, tpp"):
+        sb.run_saebench("/nonexistent/sae", families=["tpp", "ravel"])  # refused before anything is opened
+    assert str(e.value) == ("--saebench-metrics: unknown metric family 'ravel' (choose from absorption, probing, tpp, "
+                            "scr, comma-separated)")
+    with pytest.raises(sb.MonoscopeError, match="name at least one of absorption, probing, tpp, scr"):
         sb.check_families([])
 
 

@@ -37,17 +37,17 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     g = p.add_argument_group("SAEBench metrics (--saebench; docs/saebench.md)")
     g.add_argument("--saebench", action="store_true",
-                   help="SAEBench-compatible absorption (lower is better), sparse probing and targeted probe "
-                        "perturbation (higher is better) on offline data, into OUT/saebench.json; needs the SAE's "
-                        "model, not --acts")
+                   help="SAEBench-compatible absorption (lower is better), sparse probing, targeted probe "
+                        "perturbation and spurious correlation removal (higher is better) on offline data, into "
+                        "OUT/saebench.json; needs the SAE's model, not --acts")
     g.add_argument("--model", default=None, help="with --saebench: the model (default: the one the SAE records)")
     g.add_argument("--absorption-words", type=int, default=None,
                    help="with --saebench: vocabulary words of the first-letter task (default 2000)")
     g.add_argument("--probe-per-class", type=int, default=None,
                    help="with --saebench: texts per class of each probing and TPP task (default 150)")
-    g.add_argument("--saebench-metrics", default="absorption,probing,tpp", metavar="LIST",
+    g.add_argument("--saebench-metrics", default="absorption,probing,tpp,scr", metavar="LIST",
                    help="with --saebench: the metric families to compute, comma-separated (default "
-                        "absorption,probing,tpp), e.g. tpp alone")
+                        "absorption,probing,tpp,scr), e.g. scr alone")
     p.set_defaults(func=cmd_eval)
 
 

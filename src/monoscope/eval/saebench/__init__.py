@@ -1,4 +1,4 @@
-"""SAEBench-compatible metrics on data that ships offline: feature absorption, sparse probing and TPP.
+"""SAEBench-compatible metrics on data that ships offline: feature absorption, sparse probing, TPP and SCR.
 
 Definitions and defaults follow SAEBench 0.6.0 (`sae_bench.evals.absorption`, `sae_bench.evals.sparse_probing`,
 `sae_bench.evals.scr_and_tpp`);
@@ -6,11 +6,12 @@ every place where monoscope differs is listed in `DIFFERENCES` (written into the
 docs/saebench.md), so a number here is never silently compared with a different definition.
 
 One module per family, each with its definition in its docstring: `first_letter` (absorption, lower is better),
-`probing` (sparse probing, higher is better), `probe_perturbation` (TPP, higher is better); `common` holds what they
-share (residual rows through the model, encoding, probe helpers). This module holds `DIFFERENCES` and the entry
-points (`saebench_metrics`, `run_saebench`, `saebench_many`, `print_saebench_summary`) and re-exports the families'
-public names. (The family modules are not named `absorption` and `tpp`: those are the functions re-exported here,
-and a submodule of the same name would be shadowed by them.)
+`probing` (sparse probing, higher is better), `probe_perturbation` (TPP, higher is better), `spurious_correlation`
+(SCR, higher is better); `common` holds what they share (residual rows through the model, encoding, probe helpers).
+This module holds `DIFFERENCES` and the entry points (`saebench_metrics`, `run_saebench`, `saebench_many`,
+`print_saebench_summary`) and re-exports the families' public names. (The family modules are not named `absorption`,
+`tpp` and `scr`: those are the functions re-exported here, and a submodule of the same name would be shadowed by
+them.)
 """
 
 from __future__ import annotations
@@ -54,13 +55,32 @@ from monoscope.eval.saebench.probing import (
     probe_task,
     sparse_probing,
 )
+from monoscope.eval.saebench.spurious_correlation import (
+    PAIRED,
+    ROLES,
+    SAEBENCH_KEYS,
+    TEMPLATES,
+    SCRConfig,
+    SCRDataset,
+    place_names,
+    scr,
+    scr_accuracies,
+    scr_dataset,
+    scr_datasets,
+    scr_effects,
+    scr_metric,
+    scr_task,
+)
 
 __all__ = [
-    "DIFFERENCES", "EPS", "FAMILIES", "LETTERS", "AbsorptionConfig", "Dataset", "MonoscopeError", "ProbingConfig",
-    "TPPConfig", "ablate_pooled", "absorption", "alpha_tokens", "binary_task", "check_families", "feature_splits",
-    "icl_prompt", "language_dataset", "node_effects", "offline_datasets", "print_saebench_summary", "probe_accuracy",
-    "probe_task", "run_saebench", "saebench_many", "saebench_metrics", "sparse_probing", "top_n_latents", "tpp",
-    "tpp_datasets", "tpp_metric", "tpp_split", "tpp_task", "train_multi_probe", "train_tpp_probe", "word_absorption",
+    "DIFFERENCES", "EPS", "FAMILIES", "LETTERS", "PAIRED", "ROLES", "SAEBENCH_KEYS", "TEMPLATES", "AbsorptionConfig",
+    "Dataset", "MonoscopeError", "ProbingConfig", "SCRConfig", "SCRDataset", "TPPConfig", "ablate_pooled",
+    "absorption", "alpha_tokens", "binary_task", "check_families", "feature_splits", "icl_prompt", "language_dataset",
+    "node_effects",
+    "offline_datasets", "place_names", "print_saebench_summary", "probe_accuracy", "probe_task", "run_saebench",
+    "saebench_many", "saebench_metrics", "scr", "scr_accuracies", "scr_dataset", "scr_datasets", "scr_effects",
+    "scr_metric", "scr_task", "sparse_probing", "top_n_latents", "tpp", "tpp_datasets", "tpp_metric", "tpp_split",
+    "tpp_task", "train_multi_probe", "train_tpp_probe", "word_absorption",
 ]
 
 DIFFERENCES: dict[str, str] = {
@@ -116,19 +136,40 @@ DIFFERENCES: dict[str, str] = {
                    "positive factor that does not change which latents are chosen.",
     "tpp.n_values": "SAEBench asserts n ≤ d_sae for n in 2, 5, 10, 20, 50, 100, 500; monoscope skips the n above d_sae "
                     "(listed in `n_values_skipped`).",
-    "scr": "Spurious correlation removal needs texts that each carry two binary attributes with all four combinations "
-           "well populated, so that a probe is trained on a fully correlated subset (SAEBench: every professor male, "
-           "every nurse female, in bias_in_bios; category x rating in Amazon reviews, 1,000 train texts per "
-           "combination) and the latents of the spurious attribute are ablated. The offline data carries one label "
-           "per text (concept packs: concept or not; language; code or docstring). The one offline candidate with "
-           "two attributes, Django's catalogues (language x the catalogue a message is from, e.g. core vs "
-           "contrib.admin: 104 to 138 messages per combination for de/fr), is about 10x smaller than SAEBench's "
-           "sets and untested as a probe target, so SCR is not computed.",
+    "scr.datasets": "SAEBench pairs bias_in_bios professions (professor/nurse, architect/journalist, "
+                    "surgeon/psychologist, attorney/teacher) with gender, and Amazon review categories (4 pairs) with "
+                    "rating 1 vs 5, from the Hugging Face Hub: 8 runs. monoscope builds the two attributes from data "
+                    "that ships offline: the intended one is a place name's kind (country or territory vs city, "
+                    "Babel's CLDR territory names and time-zone exemplar cities), the spurious one the subject's "
+                    "gender (5 English sentence frames that differ only in He/She, his/her), each diagonal biased "
+                    "once (he-country/she-city and he-city/she-country): 2 runs. The texts are one-sentence "
+                    "templates, not biographies. Language (frames in en, fr, de, es) can be the spurious attribute "
+                    "too (`SCRConfig.pairs`), but is spread over every token: on SmolLM2-135M ablating 500 latents "
+                    "left a language probe at 0.995 and SCR near 0, so it is not a default. Comparable across SAEs of "
+                    "one model, not with SAEBench's published numbers.",
+    "scr.sizes": "SAEBench uses 1,000 train / 250 test texts per quadrant (each of its six keys 2,000 / 500) and "
+                 "asserts its biased quadrants hold more than 2x that; monoscope uses 100 train / 50 test per quadrant "
+                 "(keys of 200 / 100; `train_per_quadrant`, `test_per_quadrant`), what CLDR's 257 territories "
+                 "give: places are split between train and test by CLDR code (a place is in one split in every "
+                 "frame set), 171 countries to train, so a country quadrant's 200 train texts name 171 distinct "
+                 "countries (the rest a second time in another frame; counts in `distinct_names_per_quadrant`). "
+                 "Test is 1/3 rather than 1/5 of the texts so a test accuracy moves in steps of 0.01.",
+    "scr.probe_seed": "SAEBench's probe trainer is followed step for step (as tpp.probe_seed), but each probe starts "
+                      "from its own generator seeded seed + its index (spurious 0, intended 1, biased 2), the same in "
+                      "every run, and trains on its positives then negatives in order (SAEBench first shuffles the "
+                      "set with torch's global generator; the trainer shuffles every epoch either way).",
+    "scr.ablations": "SAEBench also ablates the biased probe's own top-n latents and evaluates every probe then; "
+                     "those accuracies do not enter the metric, and monoscope ablates only the spurious and intended "
+                     "probes' latents.",
+    "scr.ablation": "As tpp.ablation: x − Σ f_j·d_j on the pooled x and f over real tokens.",
+    "scr.effects": "SAEBench's SCR effect |class mean difference × probe·W_dec[j]| (no clamp) with W_dec[j]/c, the "
+                   "raw-space row of a normalised SAE (a positive factor: the same latents chosen).",
+    "scr.n_values": "As tpp.n_values: the n above d_sae are skipped (listed in `n_values_skipped`).",
 }
 
 
-FAMILIES = ("absorption", "probing", "tpp")
-"""The metric families `--saebench-metrics` chooses from (JSON keys absorption, sparse_probing, tpp)."""
+FAMILIES = ("absorption", "probing", "tpp", "scr")
+"""The metric families `--saebench-metrics` chooses from (JSON keys absorption, sparse_probing, tpp, scr)."""
 
 
 def check_families(families: Sequence[str]) -> list[str]:
@@ -144,8 +185,8 @@ def check_families(families: Sequence[str]) -> list[str]:
 
 def saebench_metrics(lm: Any, sae: Any, hook: Any, *, absorption_cfg: AbsorptionConfig | None = None,
                      probing_cfg: ProbingConfig | None = None, tpp_cfg: TPPConfig | None = None,
-                     families: Sequence[str] = FAMILIES) -> dict[str, Any]:
-    """The metric families (all three by default) in one JSON-able dict, with the list of differences from
+                     scr_cfg: SCRConfig | None = None, families: Sequence[str] = FAMILIES) -> dict[str, Any]:
+    """The metric families (all four by default) in one JSON-able dict, with the list of differences from
     SAEBench."""
     from threadpoolctl import threadpool_limits
 
@@ -154,7 +195,7 @@ def saebench_metrics(lm: Any, sae: Any, hook: Any, *, absorption_cfg: Absorption
     _KEEP[0] = True  # sparse probing and TPP share the language texts: one model pass
     try:
         with threadpool_limits(1):  # scikit-learn's small L-BFGS fits are ~3x faster on one BLAS thread
-            return _metrics(lm, sae, hook, absorption_cfg, probing_cfg, tpp_cfg, families)
+            return _metrics(lm, sae, hook, absorption_cfg, probing_cfg, tpp_cfg, scr_cfg, families)
     finally:
         _KEEP[0] = keep
         if not keep:
@@ -162,7 +203,8 @@ def saebench_metrics(lm: Any, sae: Any, hook: Any, *, absorption_cfg: Absorption
 
 
 def _metrics(lm: Any, sae: Any, hook: Any, absorption_cfg: AbsorptionConfig | None,
-             probing_cfg: ProbingConfig | None, tpp_cfg: TPPConfig | None, families: list[str]) -> dict[str, Any]:
+             probing_cfg: ProbingConfig | None, tpp_cfg: TPPConfig | None, scr_cfg: SCRConfig | None,
+             families: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"format": "monoscope-saebench/1", "reference": "SAEBench 0.6.0 (sae_bench.evals)",
                            "families": families}
     if "absorption" in families:
@@ -171,6 +213,8 @@ def _metrics(lm: Any, sae: Any, hook: Any, absorption_cfg: AbsorptionConfig | No
         out["sparse_probing"] = sparse_probing(lm, sae, hook, probing_cfg)
     if "tpp" in families:
         out["tpp"] = tpp(lm, sae, hook, tpp_cfg)
+    if "scr" in families:
+        out["scr"] = scr(lm, sae, hook, scr_cfg)
     out["differences_from_saebench"] = DIFFERENCES
     return out
 
@@ -196,7 +240,7 @@ def run_saebench(sae_dir: str | Any, *, out: str | Any | None = None, model: str
         p_cfg.max_per_class = t_cfg.max_per_class = max_per_class
     torch.manual_seed(0)
     metrics = saebench_metrics(t.lm, t.sae, t.hook, absorption_cfg=a_cfg, probing_cfg=p_cfg, tpp_cfg=t_cfg,
-                               families=families)
+                               scr_cfg=SCRConfig(), families=families)
     metrics["sae"] = {"path": str(sae_dir), "weights_sha256": weights_sha256(sae_dir), "arch": t.sae.cfg.arch,
                       "d_sae": t.sae.cfg.d_sae, "hook": str(t.hook), "model": t.lm.model_id}
     folder = Path(out) if out is not None else default_out(Path(sae_dir))
@@ -231,12 +275,21 @@ def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
         print(f"{label:<40}{', '.join(tp['datasets']) or 'none'}")
         if tp.get("reason"):
             print(f"note: TPP not computed: {tp['reason']}")
+    sc = metrics.get("scr")
+    if sc is not None:
+        for k in sc["higher_is_better"]:
+            print(f"{k + ' (higher is better)':<40} {sc['mean'][k]:.4f}")
+        skipped = ", ".join(s["name"] for s in sc["skipped_datasets"])
+        label = f"SCR datasets (skipped: {skipped})" if skipped else "SCR datasets"
+        print(f"{label:<40}{', '.join(sc['datasets']) or 'none'}")
+        if sc.get("reason"):
+            print(f"note: SCR not computed: {sc['reason']}")
     print(f"results: {path}")
 
 
 def saebench_many(lm: Any, saes: dict[str, Any], hook: Any, *, absorption_cfg: AbsorptionConfig | None = None,
-                  probing_cfg: ProbingConfig | None = None,
-                  tpp_cfg: TPPConfig | None = None) -> dict[str, dict[str, Any]]:
+                  probing_cfg: ProbingConfig | None = None, tpp_cfg: TPPConfig | None = None,
+                  scr_cfg: SCRConfig | None = None) -> dict[str, dict[str, Any]]:
     """`saebench_metrics` for several SAEs on one model and hook, running the model once per text (the residual
     rows are kept for the duration of the call). Each SAE's numbers equal a run of its own."""
     _KEEP[0] = True
@@ -245,7 +298,7 @@ def saebench_many(lm: Any, saes: dict[str, Any], hook: Any, *, absorption_cfg: A
         for name, sae in saes.items():
             torch.manual_seed(0)
             out[name] = saebench_metrics(lm, sae, hook, absorption_cfg=absorption_cfg, probing_cfg=probing_cfg,
-                                         tpp_cfg=tpp_cfg)
+                                         tpp_cfg=tpp_cfg, scr_cfg=scr_cfg)
         return out
     finally:
         _KEEP[0] = False
