@@ -1,4 +1,4 @@
-"""SAEBench-compatible absorption, sparse probing and TPP for several SAEs of one model and hook, in one process.
+"""SAEBench-compatible absorption, sparse probing, TPP and SCR for several SAEs of one model and hook, in one process.
 
     python benchmarks/saebench_small.py topk=runs/small/sae batchtopk=/tmp/sae-batchtopk \\
         matryoshka=/tmp/sae-matryoshka --absorption-words 1000 --probe-per-class 60
@@ -29,7 +29,7 @@ from monoscope.steer.target import open_target
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     rows = ["| SAE | arch | absorption fraction ↓ | full absorption ↓ | letters | probe k=1 ↑ | k=2 ↑ | k=5 ↑ "
-            "| all latents ↑ | residual probe ↑ | TPP n=20 ↑ |", "|" + " --- |" * 11]
+            "| all latents ↑ | residual probe ↑ | TPP n=20 ↑ | SCR n=20 ↑ |", "|" + " --- |" * 12]
 
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
@@ -40,7 +40,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
                     f"{f(a['mean_full_absorption_score'])} | {a['letters_evaluated']} | "
                     f"{f(p['sae_top_1_test_accuracy'])} | {f(p['sae_top_2_test_accuracy'])} | "
                     f"{f(p['sae_top_5_test_accuracy'])} | {f(p['sae_test_accuracy'])} | {f(p['llm_test_accuracy'])} | "
-                    f"{f(m['tpp']['mean'].get('tpp_threshold_20_total_metric'))} |")
+                    f"{f(m['tpp']['mean'].get('tpp_threshold_20_total_metric'))} | "
+                    f"{f(m.get('scr', {}).get('mean', {}).get('scr_metric_threshold_20'))} |")
     return "\n".join(rows)
 
 

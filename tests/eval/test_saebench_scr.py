@@ -4,8 +4,6 @@ importable) a cross-check against SAEBench's own `scr_and_tpp` code on the same 
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 
 from monoscope.eval import saebench as sb
+from tests.eval.saebench_helpers import RawSAE, saebench_scr_and_tpp_functions
 
 
 @pytest.fixture(autouse=True)
@@ -280,40 +279,11 @@ TINY_GOLDEN = {**{f"scr_{k}_threshold_{n}": 0.0 for k in ("dir1", "metric") for 
 
 # ------------------------------------------------------------------------------ cross-check with SAEBench
 def _saebench_scr_functions() -> dict[str, Any]:
-    """SAEBench's SCR functions compiled from its installed `scr_and_tpp/main.py` (importing the module pulls in
-    transformer-lens, sae-lens and tabulate, which these functions do not use)."""
-    pt = pytest.importorskip("sae_bench.evals.sparse_probing.probe_training",
-                             reason="sae_bench not importable (see docs/saebench.md for the cross-check)")
-    einops = pytest.importorskip("einops")
-    import sae_bench.sae_bench_utils.dataset_info as dataset_info
-
-    spec = importlib.util.find_spec("sae_bench")
-    assert spec is not None and spec.submodule_search_locations
-    path = Path(next(iter(spec.submodule_search_locations))) / "evals" / "scr_and_tpp" / "main.py"
-    tree = ast.parse(path.read_text())
-    wanted = {"get_effects_per_class_precomputed_acts", "get_all_node_effects_for_one_sae", "select_top_n_features",
-              "ablated_precomputed_activations", "get_probe_test_accuracy", "get_scr_probe_test_accuracy",
-              "perform_feature_ablations", "get_scr_plotting_dict"}
-    tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
-    assert {n.name for n in tree.body} == wanted
-    ns: dict[str, Any] = {"torch": torch, "einops": einops, "probe_training": pt, "dataset_info": dataset_info,
-                          "SAE": Any}
-    exec(compile(tree, str(path), "exec"), ns)
-    return ns
-
-
-class _RawSAE:
-    """What SAEBench's functions ask of an SAE (`encode`, `decode`, `W_dec`), in raw space, per token."""
-
-    def __init__(self, sae: Any) -> None:
-        self.sae = sae
-        self.W_dec = (sae.W_dec.detach() / sae.cfg.normaliser).clone()
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.sae.encode_raw(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return self.sae.decode_raw(f.reshape(-1, f.shape[-1])).reshape(*f.shape[:-1], -1)
+    """SAEBench's SCR functions (`saebench_helpers`)."""
+    return saebench_scr_and_tpp_functions({
+        "get_effects_per_class_precomputed_acts", "get_all_node_effects_for_one_sae", "select_top_n_features",
+        "ablated_precomputed_activations", "get_probe_test_accuracy", "get_scr_probe_test_accuracy",
+        "perform_feature_ablations", "get_scr_plotting_dict"})
 
 
 def _saebench_name(key: str) -> str:
@@ -371,7 +341,7 @@ def test_scr_matches_saebench_code() -> None:
     ours = sb.scr_task(ours_tr, ours_te, sae.W_dec.detach() / 2.0, cfg,
                        probes={r: (probes[sb.SAEBENCH_KEYS[r]].net.weight.detach()[0],
                                    probes[sb.SAEBENCH_KEYS[r]].net.bias.detach()[0]) for r in sb.ROLES})
-    raw = _RawSAE(sae)
+    raw = RawSAE(sae)
     chosen = list(sb.SAEBENCH_KEYS[r] for r in sb.ROLES)
     theirs_tr = {sb.SAEBENCH_KEYS[k]: v for k, v in train.items()}
     theirs_te = {sb.SAEBENCH_KEYS[k]: v for k, v in test.items()}

@@ -4,6 +4,7 @@ folders, and the comparison used everywhere."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,12 @@ def topk_dense(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Reference TopK: the k largest pre-activations of each row, ReLU'd, others zero."""
     v, i = pre.topk(k, dim=1)
     return torch.zeros_like(pre).scatter_(1, i, v.relu())
+
+
+@dataclass
+class Result:
+    """One CLI invocation's exit code and output, as the tests' subprocess drivers report it."""
+
+    rc: int
+    out: str
+    err: str

@@ -27,6 +27,7 @@ from monoscope.interop.common import InteropError
 from monoscope.interop.published import push_plan, resolve_sae
 from monoscope.interop.saelens import write_saelens
 from monoscope.sae import SAEConfig, build_sae
+from tests.interop.helpers import Result
 from tests.steer.helpers import SRC, make_run
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -77,13 +78,6 @@ def _env(tmp: Path, cache: Path | None = None, offline: bool = True) -> dict[str
         env["HF_HUB_CACHE"] = str(cache)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(SRC.parent), env.get("PYTHONPATH", "")])
     return env
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
 
 
 @dataclass

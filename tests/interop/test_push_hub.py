@@ -27,7 +27,7 @@ from monoscope.interop import load_any
 from monoscope.interop.published import push_plan
 from monoscope.interop.saelens import write_saelens
 from tests.interop.fake_hub import FakeHub
-from tests.interop.helpers import K, assert_close, float32, inputs, make_sae
+from tests.interop.helpers import K, Result, assert_close, float32, inputs, make_sae
 from tests.steer.helpers import SRC
 
 TOKEN = "hf_fakeTokenForTheLocalHub"
@@ -55,13 +55,6 @@ for argv, endpoint in json.load(sys.stdin):
     res.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
 sys.__stdout__.write(json.dumps(res))
 """
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
 
 
 @dataclass

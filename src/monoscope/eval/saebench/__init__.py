@@ -266,24 +266,17 @@ def print_saebench_summary(metrics: dict[str, Any], path: Any) -> None:
     if "sparse_probing" in metrics:
         for k, v in metrics["sparse_probing"]["mean"].items():
             print(f"{k + ' (higher is better)':<40}{v:.4f}")
-    tp = metrics.get("tpp")
-    if tp is not None:
-        for k in tp["higher_is_better"]:
-            print(f"{k + ' (higher is better)':<40} {tp['mean'][k]:.4f}")
-        skipped = ", ".join(s["name"] for s in tp["skipped_datasets"])
-        label = f"TPP datasets (skipped: {skipped})" if skipped else "TPP datasets"
-        print(f"{label:<40}{', '.join(tp['datasets']) or 'none'}")
-        if tp.get("reason"):
-            print(f"note: TPP not computed: {tp['reason']}")
-    sc = metrics.get("scr")
-    if sc is not None:
-        for k in sc["higher_is_better"]:
-            print(f"{k + ' (higher is better)':<40} {sc['mean'][k]:.4f}")
-        skipped = ", ".join(s["name"] for s in sc["skipped_datasets"])
-        label = f"SCR datasets (skipped: {skipped})" if skipped else "SCR datasets"
-        print(f"{label:<40}{', '.join(sc['datasets']) or 'none'}")
-        if sc.get("reason"):
-            print(f"note: SCR not computed: {sc['reason']}")
+    for key, name in (("tpp", "TPP"), ("scr", "SCR")):
+        fam = metrics.get(key)
+        if fam is None:
+            continue
+        for k in fam["higher_is_better"]:
+            print(f"{k + ' (higher is better)':<40} {fam['mean'][k]:.4f}")
+        skipped = ", ".join(s["name"] for s in fam["skipped_datasets"])
+        label = f"{name} datasets (skipped: {skipped})" if skipped else f"{name} datasets"
+        print(f"{label:<40}{', '.join(fam['datasets']) or 'none'}")
+        if fam.get("reason"):
+            print(f"note: {name} not computed: {fam['reason']}")
     print(f"results: {path}")
 
 
