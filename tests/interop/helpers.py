@@ -4,6 +4,7 @@ folders, and the comparison used everywhere."""
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,41 @@ class Result:
     rc: int
     out: str
     err: str
+
+
+# Runs CLI invocations in one interpreter (each interpreter start costs seconds): [[argv, Hub endpoint or null]] on
+# stdin -> [{rc, out, err}] as JSON on stdout. An endpoint sets what HF_ENDPOINT sets at huggingface_hub's import;
+# an exception escaping main is a traceback in err with rc -1, so the other invocations still report.
+CLI_DRIVER = """
+import contextlib, io, json, sys, traceback
+from monoscope.cli import main
+res = []
+for argv, endpoint in json.load(sys.stdin):
+    if endpoint:
+        import huggingface_hub.constants
+        huggingface_hub.constants.ENDPOINT = endpoint
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 2
+        except Exception:
+            traceback.print_exc()
+            rc = -1
+    res.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
+sys.__stdout__.write(json.dumps(res))
+"""
+
+
+def run_parallel(procs: dict[str, tuple[list[str], dict[str, str] | None, str | None]],
+                 timeout: float) -> dict[str, Result]:
+    """Start every (argv, env, stdin) at once and collect each one's Result by name."""
+    running = {name: subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
+               for name, (argv, env, stdin) in procs.items()}
+    results: dict[str, Result] = {}
+    for name, p in running.items():
+        out, err = p.communicate(procs[name][2], timeout=timeout)
+        results[name] = Result(p.returncode, out, err)
+    return results

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from monoscope.interop.common import InteropError
 from monoscope.interop.published import push_plan, resolve_sae
 from monoscope.interop.saelens import write_saelens
 from monoscope.sae import SAEConfig, build_sae
-from tests.interop.helpers import Result
+from tests.interop.helpers import CLI_DRIVER, Result, run_parallel
 from tests.steer.helpers import SRC, make_run
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -35,23 +34,6 @@ REPO = "jbloom/GPT2-Small-SAEs-Reformatted"  # gpt2-small-res-jb in sae-lens's p
 SAE_ID = "blocks.8.hook_resid_pre"
 STEER_ARGS = ["--feature", "3", "--add", "-2", "--prompt", "def add(a, b):", "--max-new-tokens", "4", "--json",
               "--device", "cpu", "--compute-dtype", "fp32"]
-
-# Runs several CLI invocations in one interpreter: argv lists on stdin -> [{rc, out, err}] as JSON on stdout.
-_DRIVER = """
-import contextlib, io, json, sys
-from monoscope.cli import main
-res = []
-for argv in json.load(sys.stdin):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 2
-    res.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
-sys.__stdout__.write(json.dumps(res))
-"""
-
 
 def _gpt2_sized_sae(folder: Path) -> torch.Tensor:
     sae = build_sae(SAEConfig(arch="topk", d_in=768, d_sae=32, k=4, normaliser=1.0, hook="resid_pre.8",
@@ -107,21 +89,15 @@ def hub(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Hub:  # type: ig
                            str(tmp / "conv")], offline, None),
         "steer_hf": ([*cli, "steer", "hf:me/tiny/resid_post.1", *steer], offline, None),
         "push_no_token": ([*cli, "push", str(src), "me/my-sae"], online, None),
-        "driver": ([sys.executable, "-c", _DRIVER], offline, json.dumps([
+        "driver": ([sys.executable, "-c", CLI_DRIVER], offline, json.dumps([[argv, None] for argv in [
             ["convert", "saelens:gpt2-small-res-jb/blocks.99.nope", "--to", "monoscope", "--out", str(tmp / "c2")],
             ["convert", "saelens:no-such-release/x", "--to", "monoscope", "--out", str(tmp / "c3")],
             ["convert", "hf:someone/not-cached/sae", "--to", "monoscope", "--out", str(tmp / "c4")],
             ["steer", str(sae_dir), *steer],
             ["push", str(src), "me/my-sae"],
-        ])),
+        ]])),
     }
-    running = {name: subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
-               for name, (argv, env, stdin) in procs.items()}
-    results: dict[str, Result] = {}
-    for name, p in running.items():
-        out, err = p.communicate(procs[name][2], timeout=600)
-        results[name] = Result(p.returncode, out, err)
+    results = run_parallel(procs, timeout=600)
     drv = results.pop("driver")
     assert drv.rc == 0, drv.err
     names = ["convert_nope", "convert_no_release", "convert_not_cached", "steer_folder", "push_offline"]

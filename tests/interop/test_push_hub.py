@@ -15,7 +15,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,35 +26,11 @@ from monoscope.interop import load_any
 from monoscope.interop.published import push_plan
 from monoscope.interop.saelens import write_saelens
 from tests.interop.fake_hub import FakeHub
-from tests.interop.helpers import K, Result, assert_close, float32, inputs, make_sae
+from tests.interop.helpers import CLI_DRIVER, K, Result, assert_close, float32, inputs, make_sae, run_parallel
 from tests.steer.helpers import SRC
 
 TOKEN = "hf_fakeTokenForTheLocalHub"
 DENIED = "You don't have the rights to create a commit in me/denied"
-
-# Runs CLI invocations in one interpreter: [[argv, endpoint or null]] on stdin -> [{rc, out, err}] as JSON on
-# stdout; an exception escaping main is a traceback in err with rc -1, so the other invocations still report.
-_DRIVER = """
-import contextlib, io, json, sys, traceback
-import huggingface_hub.constants
-from monoscope.cli import main
-res = []
-for argv, endpoint in json.load(sys.stdin):
-    if endpoint:
-        huggingface_hub.constants.ENDPOINT = endpoint  # what HF_ENDPOINT sets at import
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as e:
-            rc = e.code if isinstance(e.code, int) else 2
-        except Exception:
-            traceback.print_exc()
-            rc = -1
-    res.append({"rc": rc, "out": out.getvalue(), "err": err.getvalue()})
-sys.__stdout__.write(json.dumps(res))
-"""
-
 
 @dataclass
 class Pushed:
@@ -94,16 +69,10 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> Pushed:
             (["push", str(src), "me/denied"], None),
             (["push", str(src), "me/xet"], None),
             (["push", str(src), "me/my-sae"], dead)]
-    procs = {"push": ([sys.executable, "-m", "monoscope.cli", "push", str(src), "me/my-sae"], None),
-             "driver": ([sys.executable, "-c", _DRIVER], json.dumps(runs))}
+    procs = {"push": ([sys.executable, "-m", "monoscope.cli", "push", str(src), "me/my-sae"], env, None),
+             "driver": ([sys.executable, "-c", CLI_DRIVER], env, json.dumps(runs))}
     try:
-        running = {name: subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL)
-                   for name, (argv, stdin) in procs.items()}
-        results: dict[str, Result] = {}
-        for name, p in running.items():
-            out, err = p.communicate(procs[name][1], timeout=300)
-            results[name] = Result(p.returncode, out, err)
+        results = run_parallel(procs, timeout=300)
     finally:
         hub.close()
     drv = results.pop("driver")
