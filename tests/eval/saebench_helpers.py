@@ -18,7 +18,8 @@ def saebench_scr_and_tpp_functions(wanted: set[str]) -> dict[str, Any]:
     functions do not use. Skips the test where sae_bench is not importable."""
     pt = pytest.importorskip("sae_bench.evals.sparse_probing.probe_training",
                              reason="sae_bench not importable (see docs/saebench.md for the cross-check)")
-    einops = pytest.importorskip("einops")
+    einops = pytest.importorskip("einops", reason="einops (a dependency of sae-bench, installed by `make test`) is "
+                                                     "missing, so SAEBench's code cannot run for the cross-check")
     import sae_bench.sae_bench_utils.dataset_info as dataset_info
 
     spec = importlib.util.find_spec("sae_bench")

@@ -5,7 +5,6 @@ scans whole rows, and with many ties; and what happens when the kernel cannot be
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -13,11 +12,7 @@ import torch
 
 from monoscope import native
 from monoscope.sae.topk import _order_view, _row_topk
-
-needs_cc = pytest.mark.skipif(
-    shutil.which(os.environ.get("CC") or "cc") is None,
-    reason="no C compiler (cc or $CC) on this machine, so the C kernel cannot be built here; the PyTorch fallback "
-           "that runs instead is tested by the 'fallback' cases (apt-get install gcc to test the kernel too)")
+from tests.native_marks import needs_cc
 
 
 @pytest.fixture(params=[pytest.param("native", marks=needs_cc), "fallback"])

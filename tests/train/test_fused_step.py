@@ -4,8 +4,6 @@ normalize_decoder_ to float rounding; where the Trainer uses it and where not.""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -14,11 +12,12 @@ from monoscope.sae import SAEConfig, build_sae
 from monoscope.sae.base import SAE
 from monoscope.train.fused_step import FusedAdamStep
 from monoscope.train.optim import make_optimizer
+from tests.native_marks import needs_cc
 from tests.train.test_trainer import make_trainer
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                reason="no C compiler on this machine: the fused step cannot be built, the PyTorch "
-                                       "path runs instead (apt-get install gcc to test it)")
+pytestmark = [needs_cc, pytest.mark.skipif(
+    not native.enabled(), reason=f"{native.NATIVE_ENV}=0 in the environment turns the C kernels off, so the PyTorch "
+                                 f"path runs instead: unset it to test the fused step")]
 D, F = 48, 320  # 320 rows: split across threads when torch has several
 
 

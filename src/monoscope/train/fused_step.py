@@ -41,7 +41,7 @@ class FusedAdamStep:
     def make(sae: SAE, optimizer: torch.optim.Optimizer, unit_norm_decoder: bool) -> FusedAdamStep | None:
         """The fused step where it computes what the PyTorch path would: a CPU Adam without weight decay,
         amsgrad or maximize, over contiguous float32 parameters of at most 2 dimensions; None elsewhere."""
-        if not isinstance(optimizer, torch.optim.Adam) or not native.enabled():
+        if not isinstance(optimizer, torch.optim.Adam) or not native.enabled():  # read now: the library is cached
             return None
         for group in optimizer.param_groups:
             if (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group["capturable"]

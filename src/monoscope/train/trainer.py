@@ -366,7 +366,7 @@ class Trainer:
         # on a CPU reading the norm is free, and a step below the limit skips the multiply by exactly 1
         # (a read and write of every gradient) that clip_grad_norm_ would do: the same result, bit for bit (its own
         # test, in the same float32)
-        if self.cfg.grad_clip > 0 and float(self.cfg.grad_clip / (norm + 1e-6)) < 1.0:
+        if self._clip_coef(norm) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(self._params, self.cfg.grad_clip, norm, foreach=True)
         return norm
 

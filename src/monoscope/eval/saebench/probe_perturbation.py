@@ -23,25 +23,38 @@ from monoscope.eval.saebench.probing import Dataset, language_dataset
 
 
 @dataclass
-class TPPConfig:
-    """SAEBench's `ScrAndTppEvalConfig` defaults for TPP (n values, probe trainer, context 128), plus the offline
-    data sizes (see DIFFERENCES)."""
+class ScrAndTppSettings:
+    """What TPP and SCR share of SAEBench's `ScrAndTppEvalConfig`: the n values, the context, the probe trainer's
+    settings and the seed."""
 
     n_values: list[int] = field(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500])
     context_length: int = 128
-    max_per_class: int = 150
-    train_fraction: float = 0.8
     probe_epochs: int = 20
     probe_lr: float = 1e-3
     probe_batch_size: int = 16
     probe_l1_penalty: float = 1e-3
     early_stopping_patience: int = 20
+    seed: int = 42
+    batch: int = 16
+
+    def train_probe(self, x_tr: Tensor, y_tr: Tensor, x_te: Tensor, y_te: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """The i-th probe of a task (`train_tpp_probe` with these settings, seeded seed + i) -> (weight, bias)."""
+        w, b, _ = train_tpp_probe(x_tr, y_tr, x_te, y_te, epochs=self.probe_epochs, lr=self.probe_lr,
+                                  batch_size=self.probe_batch_size, l1_penalty=self.probe_l1_penalty,
+                                  patience=self.early_stopping_patience, seed=self.seed + i)
+        return w, b
+
+
+@dataclass
+class TPPConfig(ScrAndTppSettings):
+    """SAEBench's `ScrAndTppEvalConfig` defaults for TPP, plus the offline data sizes (see DIFFERENCES)."""
+
+    max_per_class: int = 150
+    train_fraction: float = 0.8
     languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ru", "ja"])
     packs: list[str] | None = None
     min_classes: int = 3
     min_per_class: int = 10
-    seed: int = 42
-    batch: int = 16
 
 
 def tpp_datasets(cfg: TPPConfig) -> tuple[list[Dataset], list[dict[str, str]]]:
@@ -212,10 +225,7 @@ def tpp_task(x: np.ndarray, f: np.ndarray, labels: Sequence[str], w_dec_raw: Ten
         te_idx, te_y = binary_task(test, cls, np.random.default_rng([cfg.seed, i, 1]))
         ytr, yte = torch.from_numpy(tr_y), torch.from_numpy(te_y)
         if cls not in probes:
-            w, b, _ = train_tpp_probe(xt[tr_idx], ytr, xt[te_idx], yte, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                                      batch_size=cfg.probe_batch_size, l1_penalty=cfg.probe_l1_penalty,
-                                      patience=cfg.early_stopping_patience, seed=cfg.seed + i)
-            probes[cls] = (w, b)
+            probes[cls] = cfg.train_probe(xt[tr_idx], ytr, xt[te_idx], yte, i)
         w, b = probes[cls]
         tests[cls] = (torch.from_numpy(te_idx), yte)
         clean[cls] = probe_accuracy(w, b, xt[te_idx], yte)

@@ -26,7 +26,12 @@ import torch
 from torch import Tensor
 
 from monoscope.eval.saebench.common import _encode_tokens
-from monoscope.eval.saebench.probe_perturbation import ablate_pooled, probe_accuracy, top_n_latents, train_tpp_probe
+from monoscope.eval.saebench.probe_perturbation import (
+    ScrAndTppSettings,
+    ablate_pooled,
+    probe_accuracy,
+    top_n_latents,
+)
 
 ROLES = ("spurious", "intended", "biased")
 """The three probes, in SAEBench's `PAIRED_CLASS_KEYS` order."""
@@ -70,25 +75,16 @@ _NOT_PLACES = {"EU", "EZ", "UN", "QO", "XA", "XB", "ZZ"}
 
 
 @dataclass
-class SCRConfig:
+class SCRConfig(ScrAndTppSettings):
     """SAEBench's `ScrAndTppEvalConfig` defaults for SCR (n values, probe trainer, context 128), plus the offline data:
     `pairs` of [intended positive, intended negative, spurious positive, spurious negative] (the biased probe's
     positives are intended-positive texts in the spurious-positive language; each pair one run, averaged like
     SAEBench's column-1 pairs) and the texts per quadrant (see DIFFERENCES)."""
 
-    n_values: list[int] = field(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500])
-    context_length: int = 128
     pairs: list[list[str]] = field(default_factory=lambda: [["country", "city", "he", "she"],
                                                             ["city", "country", "he", "she"]])
     train_per_quadrant: int = 100
     test_per_quadrant: int = 50
-    probe_epochs: int = 20
-    probe_lr: float = 1e-3
-    probe_batch_size: int = 16
-    probe_l1_penalty: float = 1e-3
-    early_stopping_patience: int = 20
-    seed: int = 42
-    batch: int = 16
 
 
 @dataclass
@@ -279,10 +275,7 @@ def scr_task(train: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, tu
     probes = dict(probes) if probes is not None else {}
     for i, r in enumerate(ROLES):
         if r not in probes:
-            w, b, _ = train_tpp_probe(*_binary(xtr, r), *_binary(xte, r), epochs=cfg.probe_epochs, lr=cfg.probe_lr,
-                                      batch_size=cfg.probe_batch_size, l1_penalty=cfg.probe_l1_penalty,
-                                      patience=cfg.early_stopping_patience, seed=cfg.seed + i)
-            probes[r] = (w, b)
+            probes[r] = cfg.train_probe(*_binary(xtr, r), *_binary(xte, r), i)
     effects = {}
     for r in ("spurious", "intended"):
         f, y = _binary(ftr, r)
