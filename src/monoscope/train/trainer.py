@@ -18,6 +18,8 @@ One step (every architecture):
   5. Adam step (or --optimizer signum-sf, `optim.py`, whose averaged weights are what `train` saves and
      evaluates); unit-norm decoders are renormalised; dead counters advance with `out.fired`;
   6. relu-l1 (revive=resample): at the resample steps, dead features are resampled (`dead.py`).
+On a CPU with Adam, the removal and clipping of 4 and the update and renormalisation of 5 run as one C step in two
+passes per parameter (`fused_step.py`; the same Adam bit for bit, the rest to float rounding).
 Before step 0, b_dec is set from the first batch (geometric median by default; --transcoder-init sparsify also
 sets the encoder, its bias and a zero decoder there).
 Per-step metrics are summed on the device and read (one host sync) every `log_every` steps. On a
