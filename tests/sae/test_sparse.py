@@ -9,6 +9,7 @@ import torch
 
 from monoscope.sae import SAEConfig, build_sae, gather_linear, sparse_decode
 from monoscope.sae.sparse import SparsePattern
+from tests.native_marks import needs_native
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -216,19 +217,40 @@ def test_sparse_path_gradients_for_input_and_subtracted_b_dec(arch: str, kw: dic
             assert torch.allclose(x1, x2, atol=1e-5)
 
 
-def test_entry_dots_gather_path_matches_the_fused_kernel() -> None:
-    """The gathered path (CUDA bf16 has no fused kernel) gives the same gradient of the values."""
+def test_entry_dots_paths_agree() -> None:
+    """The gathered path (CUDA bf16 has no fused kernel), aten's fused kernel and the C kernel for bf16 give the same
+    gradient of the values."""
     from monoscope.sae.sparse import SparsePattern, entry_dots
 
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50, (6, 4), generator=gen)
     pattern = SparsePattern(idx, 50)
     g, w = torch.randn(6, 8, generator=gen), torch.randn(50, 8, generator=gen)
-    fused, gathered = entry_dots(g, w, pattern, gather=False), entry_dots(g, w, pattern, gather=True)
+    fused, gathered = entry_dots(g, w, pattern, path="aten"), entry_dots(g, w, pattern, path="gather")
     expect = (g.repeat_interleave(4, 0) * w[idx.reshape(-1)]).sum(-1)
     torch.testing.assert_close(fused, expect)
     torch.testing.assert_close(gathered, expect)
     off = torch.tensor([0, 3, 3, 7])  # ragged rows, one empty
     ragged = SparsePattern(torch.randint(0, 50, (9,), generator=gen), 50, off)
     g4 = torch.randn(4, 8, generator=gen)
-    torch.testing.assert_close(entry_dots(g4, w, ragged, gather=True), entry_dots(g4, w, ragged, gather=False))
+    torch.testing.assert_close(entry_dots(g4, w, ragged, path="gather"), entry_dots(g4, w, ragged, path="aten"))
+    with pytest.raises(ValueError, match="entry_dots path must be 'native', 'aten' or 'gather', got 'dense'"):
+        entry_dots(g, w, pattern, path="dense")
+
+
+@needs_native
+@pytest.mark.parametrize("d", [8, 16, 37, 576])
+def test_entry_dots_native_bf16_sums_in_float32(d: int) -> None:
+    """The C kernel for bf16 is the float32 dot product of the bf16 rows (every d: whole vector lanes, a tail, both),
+    over fixed-k and ragged rows; aten's bf16 kernel agrees to bf16 rounding."""
+    from monoscope.sae.sparse import SparsePattern, entry_dots
+
+    gen = torch.Generator().manual_seed(d)
+    g, w = torch.randn(5, d, generator=gen).bfloat16(), torch.randn(300, d, generator=gen).bfloat16()
+    for pattern in (SparsePattern(torch.randint(0, 300, (5, 7), generator=gen), 300),
+                    SparsePattern(torch.randint(0, 300, (9,), generator=gen), 300, torch.tensor([0, 4, 4, 4, 8]))):
+        got = entry_dots(g, w, pattern, path="native")
+        assert got.dtype == torch.float32
+        expect = (g.float().index_select(0, pattern.rows) * w.float().index_select(0, pattern.flat)).sum(-1)
+        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, entry_dots(g, w, pattern, path="aten").float(), rtol=2e-2, atol=2e-2)

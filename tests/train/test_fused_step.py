@@ -12,12 +12,10 @@ from monoscope.sae import SAEConfig, build_sae
 from monoscope.sae.base import SAE
 from monoscope.train.fused_step import FusedAdamStep
 from monoscope.train.optim import make_optimizer
-from tests.native_marks import needs_cc
+from tests.native_marks import needs_native
 from tests.train.test_trainer import make_trainer
 
-pytestmark = [needs_cc, pytest.mark.skipif(
-    not native.enabled(), reason=f"{native.NATIVE_ENV}=0 in the environment turns the C kernels off, so the PyTorch "
-                                 f"path runs instead: unset it to test the fused step")]
+pytestmark = needs_native
 D, F = 48, 320  # 320 rows: split across threads when torch has several
 
 

@@ -56,11 +56,12 @@ def _cpu_flags() -> str:
 
 
 def _build(source: Path) -> Path:
-    """The shared library of `source` in the cache, compiled if it is not there yet."""
+    """The shared library of `source` in the cache, compiled if it is not there yet: with OpenMP (parallel.h says
+    why), or without it where the compiler has none."""
     cc = os.environ.get("CC") or "cc"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), _cpu_flags().encode(),
-                                      " ".join(_CFLAGS).encode()])).hexdigest()[:20]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), (_HERE / "parallel.h").read_bytes(), version.encode(),
+                                      _cpu_flags().encode(), " ".join(_CFLAGS).encode()])).hexdigest()[:20]
     folder = cache_dir() / "native" / key
     lib = folder / (source.stem + ".so")
     if lib.is_file():
@@ -69,9 +70,12 @@ def _build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=lib.name, suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(source), "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
+        for openmp in (["-fopenmp"], []):
+            done = subprocess.run([cc, *_CFLAGS, *openmp, "-I", str(_HERE), "-o", tmp, str(source), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-600:]}")
         os.replace(tmp, lib)
     finally:
@@ -89,8 +93,12 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
         "sum_f64": (ctypes.c_double, [_P, _I64]),
         "adam_rows": (None, [_P, _P, _P, _P, _P, _F32, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _F32, ctypes.c_int]),
     },
+    "entry_dots": {"entry_dots_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
 }
 """Each C source (`<name>.c` beside this file) and its functions' (result, argument) types."""
+_PARALLEL: dict[str, tuple[Any, list[Any]]] = {"set_threads": (None, [ctypes.c_int]),
+                                               "built_with_openmp": (ctypes.c_int, [])}
+"""What every library has from parallel.h."""
 
 
 @functools.cache
@@ -103,7 +111,7 @@ def _lib(name: str) -> ctypes.CDLL | None:
         warnings.warn(f"monoscope's C kernels are off, so CPU training runs slower ({e}); install a C compiler "
                       f"(e.g. gcc) or set {NATIVE_ENV}=0 to silence this", RuntimeWarning, stacklevel=2)
         return None
-    for fname, (res, args) in _SIGNATURES[name].items():
+    for fname, (res, args) in {**_SIGNATURES[name], **_PARALLEL}.items():
         fn = getattr(lib, fname)
         fn.restype, fn.argtypes = res, args
     return lib
@@ -114,8 +122,19 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="monoscope-native")
 
 
-# a forked child inherits the pool object but not its threads, and would wait on them forever: it makes its own
-os.register_at_fork(after_in_child=_pool.cache_clear)
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    """A forked child inherits the pool object and the OpenMP runtime's team, but not their threads, and would wait
+    on them forever: it makes its own pool and leaves OpenMP alone (libgomp cannot run a parallel region after a
+    fork; torch's own ops hang there too)."""
+    global _forked
+    _forked = True
+    _pool.cache_clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _row_parts(n_rows: int) -> list[int]:
@@ -123,9 +142,15 @@ def _row_parts(n_rows: int) -> list[int]:
     return [n_rows * i // parts for i in range(parts + 1)]
 
 
-def _in_parts(n_rows: int, run: Any) -> None:
-    """run(lo, hi) over the rows split across threads (ctypes releases the GIL for each call)."""
+def _in_parts(lib: ctypes.CDLL, n_rows: int, run: Any) -> None:
+    """run(lo, hi) over the rows split across threads (ctypes releases the GIL for each call): one call whose row loop
+    runs on the OpenMP threads where the library has OpenMP (parallel.h), else a call per part on a thread pool."""
     bounds = _row_parts(n_rows)
+    if lib.built_with_openmp() and not _forked:
+        lib.set_threads(len(bounds) - 1)
+        run(0, n_rows)
+        return
+    lib.set_threads(1)
     if len(bounds) == 2:
         run(0, n_rows)
     else:
@@ -165,7 +190,7 @@ def row_topk(keys: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
         codes.append(int(fn(keys.data_ptr() + lo * ld * size, hi - lo, n, ld, k,
                             values.data_ptr() + lo * k * size, index.data_ptr() + lo * k * 8)))
 
-    _in_parts(n_rows, run)
+    _in_parts(lib, n_rows, run)
     if any(codes):
         raise MemoryError(f"the native row top-k could not allocate its buffers for rows of {n} entries")
     return values, index
@@ -189,7 +214,7 @@ def grad_sumsq(g: Tensor, w: Tensor | None = None) -> tuple[float, Tensor | None
         lib.grad_sumsq(g.data_ptr() + lo * d * 4, None if w is None else w.data_ptr() + lo * d * 4,
                        None if coef is None else coef.data_ptr() + lo * 4, rowsq.data_ptr() + lo * 8, hi - lo, d)
 
-    _in_parts(n_rows, run)
+    _in_parts(lib, n_rows, run)
     return float(lib.sum_f64(rowsq.data_ptr(), n_rows)), coef
 
 
@@ -208,4 +233,29 @@ def adam_rows(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor | None, c
                       None if coef is None else coef.data_ptr() + lo * 4, clip, hi - lo, d,
                       w1, b2, c2, bc2s, eps, neg_step, int(renorm))
 
-    _in_parts(n_rows, run)
+    _in_parts(lib, n_rows, run)
+
+
+def entry_dots(g: Tensor, w: Tensor, idx: Tensor, offsets: Tensor) -> Tensor | None:
+    """[nnz] float32 dot products <g[row_n], w[idx[n]]> (row r owns the entries offsets[r] .. offsets[r + 1] - 1),
+    for contiguous bf16 CPU g [B, d] and w [F, d] and int64 idx and offsets. None when the kernel is unavailable or
+    the inputs are not of that kind."""
+    if not (g.device.type == w.device.type == "cpu" and g.dtype == w.dtype == torch.bfloat16 and g.dim() == w.dim() == 2
+            and g.shape[1] == w.shape[1] and g.is_contiguous() and w.is_contiguous() and idx.dtype == offsets.dtype
+            == torch.int64 and idx.is_contiguous() and offsets.is_contiguous() and offsets.numel() == g.shape[0]):
+        return None
+    lib = _lib("entry_dots")
+    if lib is None:
+        return None
+    n_rows, d = g.shape
+    nnz = idx.numel()
+    out = torch.empty(nnz, dtype=torch.float32)
+    if nnz == 0:
+        return out
+
+    def run(lo: int, hi: int) -> None:
+        lib.entry_dots_bf16(g.data_ptr(), w.data_ptr(), idx.data_ptr(), offsets.data_ptr(), n_rows, nnz, lo, hi, d,
+                            out.data_ptr())
+
+    _in_parts(lib, n_rows, run)
+    return out

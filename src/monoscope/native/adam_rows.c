@@ -12,10 +12,13 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "parallel.h"
+
 #define LANES 16
 
 /* rowsq[r] = |g_r - coef[r] w_r|^2 (w != 0, coef filled) or |g_r|^2 (w == 0), for rows [0, n_rows). */
 void grad_sumsq(const float *g, const float *w, float *coef, double *rowsq, int64_t n_rows, int64_t d) {
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (int64_t r = 0; r < n_rows; r++) {
         const float *gr = g + r * d;
         float c = 0.0f;
@@ -76,6 +79,7 @@ double sum_f64(const double *x, int64_t n) {
    bc2s = sqrt(1 - beta2^step), neg_step = -lr / (1 - beta1^step), all float. */
 void adam_rows(float *p, const float *g, float *m, float *v, const float *coef, float clip, int64_t n_rows,
                int64_t d, float w1, float b2, float c2, float bc2s, float eps, float neg_step, int renorm) {
+    #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (int64_t r = 0; r < n_rows; r++) {
         float *pr = p + r * d, *mr = m + r * d, *vr = v + r * d;
         const float *gr = g + r * d;

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "parallel.h"
+
 #define GROUPS 16
 
 #define DEFINE_ROW_TOPK(NAME, S, U)                                                                 \
@@ -32,50 +34,58 @@ static U NAME##_kth(const U *u, int64_t m, int64_t k, int64_t *n_equal) {       
     return prefix;                                                                                  \
 }                                                                                                   \
 /* x: [n_rows, n] keys with row stride ld; writes out_v [n_rows, k] keys and out_i [n_rows, k] column indices. \
-   Returns 0, or -1 when memory runs out (nothing is written then). */                              \
+   Rows are split across n_threads threads (parallel.h), each with its own buffers. Returns 0, or -1 when memory  \
+   runs out (the output is then incomplete). */                                                    \
 int NAME(const S *x, int64_t n_rows, int64_t n, int64_t ld, int64_t k, S *out_v, int64_t *out_i) { \
     const U flip = (U)((U)1 << (8 * sizeof(U) - 1)); /* signed -> unsigned, order kept */            \
-    int64_t cols = n / GROUPS;                                                                      \
-    int grouped = n % GROUPS == 0 && cols >= 2 * k;                                                 \
-    U *cmax = malloc((size_t)cols * sizeof(U) + 1);                                                 \
-    int64_t *best = malloc((size_t)cols * sizeof(int64_t) + 1);                                     \
-    U *cu = malloc((size_t)n * sizeof(U) + 1);                                                      \
-    int64_t *ci = malloc((size_t)n * sizeof(int64_t) + 1);                                          \
-    if (!cmax || !best || !cu || !ci) { free(cmax); free(best); free(cu); free(ci); return -1; }    \
-    for (int64_t r = 0; r < n_rows; r++) {                                                          \
-        const S *row = x + r * ld;                                                                  \
-        int64_t m = 0;                                                                              \
-        if (grouped) {                                                                              \
-            for (int64_t c = 0; c < cols; c++) cmax[c] = (U)row[c] ^ flip;                          \
-            for (int64_t g = 1; g < GROUPS; g++) {                                                  \
-                const S *s = row + g * cols;                                                        \
-                for (int64_t c = 0; c < cols; c++) {                                                \
-                    U v = (U)s[c] ^ flip;                                                           \
-                    cmax[c] = v > cmax[c] ? v : cmax[c];                                            \
+    const int64_t cols = n / GROUPS;                                                                \
+    const int grouped = n % GROUPS == 0 && cols >= 2 * k;                                           \
+    int failed = 0;                                                                                 \
+    _Pragma("omp parallel num_threads(n_threads) if (n_threads > 1)")                               \
+    {                                                                                               \
+        U *cmax = malloc((size_t)cols * sizeof(U) + 1);                                             \
+        int64_t *best = malloc((size_t)cols * sizeof(int64_t) + 1);                                 \
+        U *cu = malloc((size_t)n * sizeof(U) + 1);                                                  \
+        int64_t *ci = malloc((size_t)n * sizeof(int64_t) + 1);                                      \
+        const int ok = cmax && best && cu && ci;                                                    \
+        if (!ok) __atomic_store_n(&failed, 1, __ATOMIC_RELAXED);                                    \
+        _Pragma("omp for schedule(static)")                                                         \
+        for (int64_t r = 0; r < n_rows; r++) {                                                      \
+            if (!ok) continue;                                                                      \
+            const S *row = x + r * ld;                                                              \
+            int64_t m = 0;                                                                          \
+            if (grouped) {                                                                          \
+                for (int64_t c = 0; c < cols; c++) cmax[c] = (U)row[c] ^ flip;                      \
+                for (int64_t g = 1; g < GROUPS; g++) {                                              \
+                    const S *s = row + g * cols;                                                    \
+                    for (int64_t c = 0; c < cols; c++) {                                            \
+                        U v = (U)s[c] ^ flip;                                                       \
+                        cmax[c] = v > cmax[c] ? v : cmax[c];                                        \
+                    }                                                                               \
                 }                                                                                   \
+                int64_t unused, nb = 0;                                                             \
+                U t0 = NAME##_kth(cmax, cols, k, &unused);                                          \
+                for (int64_t c = 0; c < cols; c++)                                                  \
+                    if (cmax[c] >= t0) best[nb++] = c;                                              \
+                for (int64_t g = 0; g < GROUPS; g++)  /* increasing index order: g * cols + c */    \
+                    for (int64_t b = 0; b < nb; b++) {                                              \
+                        int64_t j = g * cols + best[b];                                             \
+                        cu[m] = (U)row[j] ^ flip; ci[m] = j; m++;                                   \
+                    }                                                                               \
+            } else {                                                                                \
+                for (int64_t j = 0; j < n; j++) { cu[j] = (U)row[j] ^ flip; ci[j] = j; }            \
+                m = n;                                                                              \
             }                                                                                       \
-            int64_t unused, nb = 0;                                                                 \
-            U t0 = NAME##_kth(cmax, cols, k, &unused);                                              \
-            for (int64_t c = 0; c < cols; c++)                                                      \
-                if (cmax[c] >= t0) best[nb++] = c;                                                  \
-            for (int64_t g = 0; g < GROUPS; g++)  /* increasing index order: g * cols + c */        \
-                for (int64_t b = 0; b < nb; b++) {                                                  \
-                    int64_t j = g * cols + best[b];                                                 \
-                    cu[m] = (U)row[j] ^ flip; ci[m] = j; m++;                                       \
-                }                                                                                   \
-        } else {                                                                                    \
-            for (int64_t j = 0; j < n; j++) { cu[j] = (U)row[j] ^ flip; ci[j] = j; }                \
-            m = n;                                                                                  \
+            int64_t eq;                                                                             \
+            U t = NAME##_kth(cu, m, k, &eq);                                                        \
+            S *ov = out_v + r * k;                                                                  \
+            int64_t *oi = out_i + r * k, o = 0;                                                     \
+            for (int64_t j = 0; j < m && o < k; j++)                                                \
+                if (cu[j] > t || (cu[j] == t && eq-- > 0)) { ov[o] = (S)(cu[j] ^ flip); oi[o] = ci[j]; o++; }\
         }                                                                                           \
-        int64_t eq;                                                                                 \
-        U t = NAME##_kth(cu, m, k, &eq);                                                            \
-        S *ov = out_v + r * k;                                                                      \
-        int64_t *oi = out_i + r * k, o = 0;                                                         \
-        for (int64_t j = 0; j < m && o < k; j++)                                                    \
-            if (cu[j] > t || (cu[j] == t && eq-- > 0)) { ov[o] = (S)(cu[j] ^ flip); oi[o] = ci[j]; o++; } \
+        free(cmax); free(best); free(cu); free(ci);                                                 \
     }                                                                                               \
-    free(cmax); free(best); free(cu); free(ci);                                                     \
-    return 0;                                                                                       \
+    return failed ? -1 : 0;                                                                         \
 }
 
 DEFINE_ROW_TOPK(row_topk_i16, int16_t, uint16_t)

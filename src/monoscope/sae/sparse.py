@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from monoscope import native
+
 _MODE_SUM = 0  # embedding_bag mode id of "sum" in aten
 
 
@@ -78,17 +80,25 @@ def _transposed_accumulate(pattern: SparsePattern, values: Tensor, rows_src: Ten
     return F.embedding_bag(t_rows, rows_src, t_offsets, mode="sum", per_sample_weights=values.index_select(0, order))
 
 
-def entry_dots(g: Tensor, w: Tensor, pattern: SparsePattern, *, gather: bool | None = None) -> Tensor:
+def entry_dots(g: Tensor, w: Tensor, pattern: SparsePattern, *, path: str | None = None) -> Tensor:
     """[nnz] dot products <g[row_n], w[idx_n]>: the gradient of a sparse decode's values.
 
-    aten's fused kernel where it exists; CUDA has no bf16/fp16 version of it (measured on an H100 with torch
-    2.11: NotImplementedError), so there the rows are gathered and multiplied with an fp32 sum.
-    gather: force one path (tests compare them)."""
-    if gather is None:
-        gather = g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
-    if not gather:
+    Paths: "native", the C kernel for bf16 on a CPU (`monoscope.native.entry_dots`: ~2x aten's fused kernel there,
+    with float32 sums and a float32 result); "aten", aten's fused kernel (the result in w's dtype); "gather", the rows
+    gathered and multiplied with a float32 sum, for CUDA, which has no bf16/fp16 version of aten's kernel (measured
+    on an H100 with torch 2.11: NotImplementedError). path=None picks the first that applies; tests force one."""
+    if path is None:
+        path = "gather" if g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) else "native"
+    if path == "native":
+        got = native.entry_dots(g, w, pattern.flat, pattern.offsets)
+        if got is not None:
+            return got
+        path = "aten"
+    if path == "aten":
         return torch.ops.aten._embedding_bag_per_sample_weights_backward(
             g, w, pattern.flat, pattern.offsets, pattern.rows, _MODE_SUM, -1)
+    if path != "gather":
+        raise ValueError(f"entry_dots path must be 'native', 'aten' or 'gather', got {path!r}")
     return (g.index_select(0, pattern.rows) * w.index_select(0, pattern.flat)).sum(-1, dtype=torch.float32)
 
 
