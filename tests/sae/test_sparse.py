@@ -254,3 +254,26 @@ def test_entry_dots_native_bf16_sums_in_float32(d: int) -> None:
         expect = (g.float().index_select(0, pattern.rows) * w.float().index_select(0, pattern.flat)).sum(-1)
         torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, entry_dots(g, w, pattern, path="aten").float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_sq_err_is_autograds_squared_error(dtype: torch.dtype) -> None:
+    """The fused per-row squared error gives autograd's value and gradient, the gradient in pred's dtype; a target
+    that needs a gradient gets one through plain autograd."""
+    from monoscope.sae.sparse import row_sq_err
+
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(6, 10, generator=gen).to(dtype).requires_grad_()
+    target = torch.randn(6, 10, generator=gen)
+    w = torch.randn(6, generator=gen)
+    (row_sq_err(pred, target) * w).sum().backward()
+    ref = pred.detach().clone().requires_grad_()
+    want = (ref.float() - target).pow(2).sum(-1)
+    (want * w).sum().backward()
+    assert pred.grad is not None and ref.grad is not None and pred.grad.dtype == dtype
+    torch.testing.assert_close(row_sq_err(pred.detach(), target), want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pred.grad, ref.grad)
+    t2 = target.clone().requires_grad_()
+    row_sq_err(pred.detach(), t2).sum().backward()
+    assert t2.grad is not None
+    torch.testing.assert_close(t2.grad, 2 * (t2.detach() - pred.detach().float()))

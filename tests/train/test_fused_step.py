@@ -98,3 +98,44 @@ def test_a_run_follows_the_pytorch_path() -> None:
     for (name, p), q in zip(runs[0].sae.named_parameters(), runs[1].sae.parameters(), strict=True):
         assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
     assert runs[0].last_metrics["fvu"] == pytest.approx(runs[1].last_metrics["fvu"], rel=1e-3)
+
+
+def test_the_step_writes_the_bf16_copies_the_next_forward_reads() -> None:
+    """Where the matmuls run in bf16, the step writes W_enc's (with b_enc's column) and W_dec's bf16 copies as
+    `.to(torch.bfloat16)` rounds them, and the next forward reads them instead of converting: the same loss as an
+    SAE that converts. Any later in-place change to a weight makes its copy stale."""
+    bf16 = torch.bfloat16
+    sae = build_sae(SAEConfig(arch="topk", d_in=D, d_sae=F, k=4, normaliser=1.0, compute_dtype="bfloat16"), seed=0)
+    opt = make_optimizer("adam", sae.parameters(), 3e-3, torch.device("cpu"))
+    fused = FusedAdamStep.make(sae, opt, unit_norm_decoder=True)
+    assert fused is not None
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        sae(x).total.backward()
+        fused.step(float(torch.clamp(1.0 / (fused.grad_norm() + 1e-6), max=1.0)))
+        opt.zero_grad(set_to_none=True)
+        w_aug, dec = sae.copy_buffers(bf16, torch.device("cpu"))
+        assert torch.equal(w_aug[:, :D], sae.W_enc.to(bf16)) and torch.equal(w_aug[:, D], sae.b_enc.to(bf16))
+        assert torch.equal(dec, sae.W_dec.to(bf16))
+        assert sae.decoder_in(bf16) is dec and sae._copy_current("enc", bf16, sae.W_enc, sae.b_enc)
+    converting = build_sae(sae.cfg, seed=0)
+    converting.load_state_dict(sae.state_dict())
+    assert torch.equal(sae(x).total, converting(x).total)
+    with torch.no_grad():
+        sae.W_dec.mul_(1.0)
+        sae.b_enc.add_(0.0)
+    assert sae.decoder_in(bf16) is not dec and not sae._copy_current("enc", bf16, sae.W_enc, sae.b_enc)
+
+
+def test_a_torch_optimizer_step_forgets_the_copies() -> None:
+    """torch's fused Adam updates the weights without bumping their version counters, so the Trainer forgets the
+    fused step's copies after every `optimizer.step()`."""
+    t = make_trainer("topk")
+    t._fused = None
+    t.train_step()
+    bf16 = torch.bfloat16
+    t.sae.copy_buffers(bf16, torch.device("cpu"))
+    t.sae.mark_copies_current(bf16, encoder=True, decoder=True)
+    assert t.sae._copy_current("dec", bf16, t.sae.W_dec)
+    t.train_step()
+    assert not t.sae._copy_keys

@@ -91,7 +91,8 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
     "adam_rows": {
         "grad_sumsq": (None, [_P, _P, _P, _P, _I64, _I64]),
         "sum_f64": (ctypes.c_double, [_P, _I64]),
-        "adam_rows": (None, [_P, _P, _P, _P, _P, _F32, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _F32, ctypes.c_int]),
+        "adam_rows": (None, [_P, _P, _P, _P, _P, _F32, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _F32, ctypes.c_int,
+                             _P, _I64]),
     },
     "entry_dots": {"entry_dots_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
 }
@@ -219,19 +220,28 @@ def grad_sumsq(g: Tensor, w: Tensor | None = None) -> tuple[float, Tensor | None
 
 
 def adam_rows(p: Tensor, g: Tensor, m: Tensor, v: Tensor, coef: Tensor | None, clip: float, *, w1: float, b2: float,
-              c2: float, bc2s: float, eps: float, neg_step: float, renorm: bool) -> None:
+              c2: float, bc2s: float, eps: float, neg_step: float, renorm: bool,
+              bf16_out: Tensor | None = None) -> None:
     """One Adam step of p in place (m, v: its exp_avg and exp_avg_sq) with the gradient (g − coef[r]·p_r)·clip,
     each row rescaled to unit norm after when `renorm`. The float scalars are the ones torch's fused CPU Adam
-    rounds to float (`monoscope.train.fused_step`). Requires `adam_available()`."""
+    rounds to float (`monoscope.train.fused_step`). bf16_out: a bf16 [rows, ≥ d] tensor (rows contiguous, a row
+    stride of its own) that receives p's updated rows as `.to(torch.bfloat16)` would round them. Requires
+    `adam_available()`."""
     lib = _lib("adam_rows")
     assert lib is not None and _f32_rows(p, g, m, v, coef)
     n_rows, d = _rows_of(p)
+    bf_ld = 0
+    if bf16_out is not None:
+        assert (bf16_out.dtype == torch.bfloat16 and bf16_out.device.type == "cpu" and bf16_out.dim() == 2
+                and bf16_out.shape[0] == n_rows and bf16_out.shape[1] >= d and bf16_out.stride(1) == 1)
+        bf_ld = bf16_out.stride(0)
 
     def run(lo: int, hi: int) -> None:
         off = lo * d * 4
         lib.adam_rows(p.data_ptr() + off, g.data_ptr() + off, m.data_ptr() + off, v.data_ptr() + off,
                       None if coef is None else coef.data_ptr() + lo * 4, clip, hi - lo, d,
-                      w1, b2, c2, bc2s, eps, neg_step, int(renorm))
+                      w1, b2, c2, bc2s, eps, neg_step, int(renorm),
+                      None if bf16_out is None else bf16_out.data_ptr() + lo * bf_ld * 2, bf_ld)
 
     _in_parts(lib, n_rows, run)
 

@@ -73,12 +73,21 @@ double sum_f64(const double *x, int64_t n) {
     return s;
 }
 
+/* bf16 of x rounded to nearest even, as torch's conversion rounds it (c10::BFloat16) */
+static inline uint16_t f32_to_bf16(float x) {
+    union { float f; uint32_t u; } b = {x};
+    if ((b.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16);
+}
+
 /* One Adam step of rows [0, n_rows) of p (m: exp_avg, v: exp_avg_sq), with the gradient
    (g - coef[r] p_r) * clip (coef may be 0: no removal; clip 1: no scaling), and each updated row rescaled to unit
    norm when renorm. Scalars as torch's fused kernel rounds them: w1 = 1 - beta1, b2 = beta2, c2 = 1 - beta2,
-   bc2s = sqrt(1 - beta2^step), neg_step = -lr / (1 - beta1^step), all float. */
+   bc2s = sqrt(1 - beta2^step), neg_step = -lr / (1 - beta1^step), all float. bf (may be 0): the updated rows'
+   bf16 copy, row r at bf + r * bf_ld, for the next forward's matmuls (written while the row is in cache). */
 void adam_rows(float *p, const float *g, float *m, float *v, const float *coef, float clip, int64_t n_rows,
-               int64_t d, float w1, float b2, float c2, float bc2s, float eps, float neg_step, int renorm) {
+               int64_t d, float w1, float b2, float c2, float bc2s, float eps, float neg_step, int renorm,
+               uint16_t *bf, int64_t bf_ld) {
     #pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
     for (int64_t r = 0; r < n_rows; r++) {
         float *pr = p + r * d, *mr = m + r * d, *vr = v + r * d;
@@ -105,6 +114,10 @@ void adam_rows(float *p, const float *g, float *m, float *v, const float *coef, 
             for (; j < d; j++) sq += pr[j] * pr[j];
             float norm = fmaxf(sqrtf(sq), 1e-12f);
             for (j = 0; j < d; j++) pr[j] = pr[j] / norm;
+        }
+        if (bf) {
+            uint16_t *br = bf + r * bf_ld;
+            for (int64_t j = 0; j < d; j++) br[j] = f32_to_bf16(pr[j]);
         }
     }
 }

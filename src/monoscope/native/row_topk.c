@@ -1,8 +1,8 @@
 /* Exact per-row top-k of integer keys: the order views of bf16 / float32 pre-activations (monoscope.sae.topk).
  *
  * Per row: the maximum of each column over GROUPS strided slices of the row (one vectorised pass over the row);
- * the k-th largest of those maxima, t0, by a byte-wise radix select; every top-k entry lies in a column whose
- * maximum is >= t0, so the answer is the top k of those columns' entries: a second radix select over them, then
+ * the k-th largest of those maxima, t0, by a bitwise search; every top-k entry lies in a column whose
+ * maximum is >= t0, so the answer is the top k of those columns' entries: a second search over them, then
  * one pass that keeps the entries above the k-th value and, in index order, as many equal to it as are needed.
  * Entries come out in increasing index order. Why not aten's top-k: on a CPU it spends ~1 ns per element whatever
  * k is; here the row is read once and only ~k * GROUPS candidates are looked at twice.
@@ -17,21 +17,21 @@
 #define GROUPS 16
 
 #define DEFINE_ROW_TOPK(NAME, S, U)                                                                 \
-/* the k-th largest of u[0..m) (m >= k), and how many entries equal to it belong to the top k */    \
+/* the k-th largest of u[0..m) (m >= k), and how many entries equal to it belong to the top k: bit by bit from \
+   the top, the largest t with at least k entries >= t, each bit one vectorised counting pass (16 or 32 passes \
+   over ~k * GROUPS keys: ~5x faster than a byte-wise radix select, whose histogram updates are serial) */ \
 static U NAME##_kth(const U *u, int64_t m, int64_t k, int64_t *n_equal) {                           \
-    U prefix = 0, mask = 0;                                                                         \
-    int64_t need = k;                                                                               \
-    for (int shift = 8 * (int)sizeof(U) - 8; shift >= 0; shift -= 8) {                            \
-        int64_t hist[256];                                                                          \
-        memset(hist, 0, sizeof hist);                                                               \
-        for (int64_t i = 0; i < m; i++) hist[(u[i] >> shift) & 255] += (u[i] & mask) == prefix;     \
-        int b = 255;                                                                                \
-        for (; b > 0 && hist[b] < need; b--) need -= hist[b];                                       \
-        prefix |= (U)((U)b << shift);                                                               \
-        mask |= (U)((U)255 << shift);                                                               \
+    U t = 0;                                                                                        \
+    for (int bit = 8 * (int)sizeof(U) - 1; bit >= 0; bit--) {                                      \
+        const U cand = (U)(t | (U)((U)1 << bit));                                                   \
+        int32_t c = 0;                                                                              \
+        for (int64_t i = 0; i < m; i++) c += u[i] >= cand;                                          \
+        if (c >= k) t = cand;                                                                       \
     }                                                                                               \
-    *n_equal = need;                                                                                \
-    return prefix;                                                                                  \
+    int32_t above = 0;                                                                              \
+    for (int64_t i = 0; i < m; i++) above += u[i] > t;                                              \
+    *n_equal = k - above;                                                                           \
+    return t;                                                                                       \
 }                                                                                                   \
 /* x: [n_rows, n] keys with row stride ld; writes out_v [n_rows, k] keys and out_i [n_rows, k] column indices. \
    Rows are split across n_threads threads (parallel.h), each with its own buffers. Returns 0, or -1 when memory  \

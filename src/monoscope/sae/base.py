@@ -23,9 +23,18 @@ from torch import Tensor, nn
 
 from monoscope.devices import bf16_is_fast
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import SparsePattern
+from monoscope.sae.sparse import SparsePattern, row_sq_err
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _version_key(*ts: Tensor) -> tuple[int, ...] | None:
+    """(data pointer, version counter) of each tensor: it changes with every in-place write or replaced storage;
+    None for inference tensors, which have no version counter."""
+    try:
+        return tuple(v for t in ts for v in (t.data_ptr(), t._version))
+    except RuntimeError:
+        return None
 
 
 class ForwardOutput(NamedTuple):
@@ -110,8 +119,12 @@ class SAE(nn.Module):
         into the main path's dense ones in place (`sparse.block_linear_decode`). Off, `out.aux.backward()` on its
         own still gives dense `.grad`s."""
         n_feat, d = cfg.d_sae, cfg.d_in
-        # compute-dtype copies of [W_enc, b_enc] for `_encode_nograd`, refreshed every call
+        # compute-dtype copies of [W_enc, b_enc] (for `_encode_nograd`) and of W_dec (`decoder_in`), converted on
+        # every use unless the CPU's fused optimiser step wrote them and nothing changed the parameters since
+        # (`mark_copies_current`, `_copy_keys`)
         self._w_aug: dict[torch.dtype, Tensor] = {}
+        self._w_dec_c: dict[torch.dtype, Tensor] = {}
+        self._copy_keys: dict[tuple[str, torch.dtype], tuple[int, ...]] = {}
         self.W_enc = nn.Parameter(torch.empty(n_feat, d))  # [F, d]
         self.b_enc = nn.Parameter(torch.zeros(n_feat))  # [F]
         self.W_dec = nn.Parameter(torch.empty(n_feat, d))  # [F, d]
@@ -291,18 +304,65 @@ class SAE(nn.Module):
         a pass that costs ~30% of the bf16 matmul on CPU."""
         n_rows, d = x_c.shape
         dev = x_c.device
-        w_aug = self._w_aug.get(dtype)
-        if (w_aug is None or w_aug.device != dev
-                or (w_aug.is_inference() and not torch.is_inference_mode_enabled())):  # one made under inference_mode
-            w_aug = self._w_aug[dtype] = torch.empty(self.cfg.d_sae, d + 1, dtype=dtype, device=dev)
-        w_aug[:, :d].copy_(self.W_enc)
-        w_aug[:, d].copy_(self.b_enc)
+        w_aug = self.copy_buffers(dtype, dev)[0]
+        if not self._copy_current("enc", dtype, self.W_enc, self.b_enc):
+            w_aug[:, :d].copy_(self.W_enc)
+            w_aug[:, d].copy_(self.b_enc)
         x_aug = torch.empty(n_rows, d + 1, dtype=dtype, device=dev)
         x_aug[:, :d].copy_(x_c)
         x_aug[:, d].fill_(1)
         if out is None:
             return torch.mm(x_aug, w_aug.t())
         return torch.mm(x_aug, w_aug.t(), out=out)
+
+    def copy_buffers(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The buffers of the compute-dtype copies ([F, d + 1] [W_enc, b_enc] and [F, d] W_dec), made on first use."""
+        bufs = []
+        for name, store, shape in (("enc", self._w_aug, (self.cfg.d_sae, self.cfg.d_in + 1)),
+                                   ("dec", self._w_dec_c, tuple(self.W_dec.shape))):
+            t = store.get(dtype)
+            if (t is None or t.device != device or t.shape != shape
+                    or (t.is_inference() and not torch.is_inference_mode_enabled())):  # one made under inference_mode
+                t = store[dtype] = torch.empty(shape, dtype=dtype, device=device)
+                self._copy_keys.pop((name, dtype), None)
+            bufs.append(t)
+        return bufs[0], bufs[1]
+
+    def decoder_in(self, dtype: torch.dtype) -> Tensor:
+        """W_dec in `dtype` (no autograd): the copy the fused optimiser step wrote while it is current, so a
+        forward after that step converts nothing; else a new conversion (not into that buffer, which a backward
+        may still need); W_dec itself when it is already in `dtype`."""
+        if self.W_dec.dtype == dtype:
+            return self.W_dec.detach()
+        if self._copy_current("dec", dtype, self.W_dec):
+            return self._w_dec_c[dtype]
+        return self.W_dec.detach().to(dtype)
+
+    def _copy_current(self, name: str, dtype: torch.dtype, *params: Tensor) -> bool:
+        key = self._copy_keys.get((name, dtype))
+        return key is not None and key == _version_key(*params)
+
+    def invalidate_copies(self) -> None:
+        """Forget that the compute-dtype copies are current: for whoever changes the parameters in a way that may
+        leave their version counters alone (torch's fused Adam does; the Trainer calls this after every
+        `optimizer.step()`)."""
+        self._copy_keys.clear()
+
+    def mark_copies_current(self, dtype: torch.dtype, encoder: bool, decoder: bool) -> None:
+        """Record that the compute-dtype copies hold the parameters as they are now, which the caller wrote (the
+        fused optimiser step; the encoder's bias column is copied here). Only such a record lets a forward skip
+        the conversion, and only while the parameters' (data pointer, version) stay as recorded: any in-place
+        change through torch's ops bumps the version."""
+        if encoder:
+            with torch.no_grad():
+                self._w_aug[dtype][:, self.cfg.d_in].copy_(self.b_enc)
+            key = _version_key(self.W_enc, self.b_enc)
+            if key is not None:
+                self._copy_keys["enc", dtype] = key
+        if decoder:
+            key = _version_key(self.W_dec)
+            if key is not None:
+                self._copy_keys["dec", dtype] = key
 
     def _active_pattern(self, mask: Tensor) -> SparsePattern | None:
         """Pattern of the True entries of mask [B, F] (row-major), or None when more than
@@ -328,8 +388,7 @@ class SAE(nn.Module):
         l0: Tensor,
         fired: Tensor,
     ) -> ForwardOutput:
-        err = x32 - x_hat  # [B, d]
-        sq = err.pow(2).sum(-1)  # [B]
+        sq = row_sq_err(x_hat, x32)  # [B]
         mse = sq.mean()
         zero = x_hat.new_zeros(())
         sparsity = zero if sparsity is None else sparsity

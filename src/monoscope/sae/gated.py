@@ -92,9 +92,12 @@ class GatedSAE(SAE):
         z = gather_linear(z0[pattern.rows, pattern.flat], xs, self.W_enc, no_bias, pattern, shift)  # [nnz]
         pi_gate, pi_mag = self._paths(z, pattern.flat)  # [nnz] each; π_gate > 0 on every entry
         f = torch.relu(pi_mag)
-        x_hat = sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float() + self.b_dec.float()
+        w_c = self.decoder_in(cd)
+        x_hat = (sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern, weight_c=w_c).float()
+                 + self.b_dec.float())
         gate = torch.relu(pi_gate)
-        via_gate = sparse_decode(gate, pattern.flat, w_frozen, dtype=cd, pattern=pattern).float() + b_frozen
+        via_gate = (sparse_decode(gate, pattern.flat, w_frozen, dtype=cd, pattern=pattern, weight_c=w_c).float()
+                    + b_frozen)
         l1 = (gate * norms[pattern.flat]).sum() / n_rows
         with torch.no_grad():
             l0 = (f > 0).sum(dtype=torch.float32) / n_rows

@@ -197,7 +197,8 @@ class JumpReLUSAE(SAE):
         xs, shift = self._sparse_encoder_input(x32, x_c)
         values = gather_linear(pre[pattern.rows, pattern.flat], xs, self.W_enc, self.b_enc, pattern, shift)
         f, l0_rows = _SparseJumpReLUL0.apply(values, self.log_threshold, pattern, eps)  # [nnz], [B]
-        x_hat = sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
+        x_hat = sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
+                              weight_c=self.decoder_in(cd)).float()
         x_hat = x_hat + self.b_dec.float()
         l0 = l0_rows.mean()
         with torch.no_grad():

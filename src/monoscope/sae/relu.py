@@ -102,7 +102,8 @@ class ReluL1SAE(SAE):
         values = pre[pattern.rows, pattern.flat]  # [nnz], all > 0
         xs, shift = self._sparse_encoder_input(x32, x_c)
         vals = gather_linear(values, xs, self.W_enc, self.b_enc, pattern, shift).float()
-        x_hat = sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
+        x_hat = sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
+                              weight_c=self.decoder_in(cd)).float()
         x_hat = x_hat + self.b_dec.float()
         l1 = (vals * norms[pattern.flat]).sum() / n_rows
         with torch.no_grad():

@@ -104,9 +104,10 @@ def entry_dots(g: Tensor, w: Tensor, pattern: SparsePattern, *, path: str | None
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern, dtype: torch.dtype) -> Tensor:
+    def forward(ctx: Any, values: Tensor, weight: Tensor, pattern: SparsePattern, dtype: torch.dtype,
+                weight_c: Tensor | None) -> Tensor:
         v = values.reshape(-1).to(dtype)  # [nnz]
-        w = weight.to(dtype)  # [F, d]
+        w = weight.to(dtype) if weight_c is None else weight_c  # [F, d]
         out = F.embedding_bag(pattern.flat, w, pattern.offsets, mode="sum", per_sample_weights=v)  # [B, d]
         ctx.save_for_backward(v, w)
         ctx.pattern = pattern
@@ -114,7 +115,7 @@ class _SparseDecode(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         v, w = ctx.saved_tensors
         p: SparsePattern = ctx.pattern
         g = grad_out.to(w.dtype).contiguous()  # [B, d]
@@ -124,7 +125,7 @@ class _SparseDecode(torch.autograd.Function):
             grad_v = entry_dots(g, w, p).reshape(ctx.values_shape).to(ctx.values_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = _transposed_accumulate(p, v, g).to(ctx.weight_dtype)  # [F, d], zero rows for unused features
-        return grad_v, grad_w, None, None
+        return grad_v, grad_w, None, None, None
 
 
 def sparse_decode(
@@ -135,16 +136,22 @@ def sparse_decode(
     *,
     dtype: torch.dtype | None = None,
     pattern: SparsePattern | None = None,
+    weight_c: Tensor | None = None,
 ) -> Tensor:
     """x̂[b] = Σ_j values[b, j] · weight[indices[b, j]], differentiable in `values` and `weight`.
 
     values, indices: [B, k] (or [nnz] with `offsets` [B]); weight: [F, d] -> returns [B, d] in
     `dtype` (default: weight's dtype). The decoder bias is not added. Pass `pattern` to share the
-    index bookkeeping with `gather_linear` for the same entries.
+    index bookkeeping with `gather_linear` for the same entries, and `weight_c`, weight already in
+    `dtype` (`SAE.decoder_in`), to skip its conversion.
     """
     if pattern is None:
         pattern = SparsePattern(indices, weight.shape[0], offsets)
-    return _SparseDecode.apply(values, weight, pattern, dtype or weight.dtype)
+    dtype = dtype or weight.dtype
+    if weight_c is not None and (weight_c.dtype != dtype or weight_c.shape != weight.shape):
+        raise ValueError(f"weight_c must be weight {tuple(weight.shape)} in {dtype}, got {weight_c.dtype} "
+                         f"{tuple(weight_c.shape)}")
+    return _SparseDecode.apply(values, weight, pattern, dtype, weight_c)
 
 
 class _GatherLinear(torch.autograd.Function):
@@ -294,3 +301,30 @@ def block_linear_decode(
     row_grads: return w_enc's and w_dec's gradients as sparse rows (`_rows_grad`); only when the same backward
     also gives both weights a dense gradient (AuxK beside the main sparse path)."""
     return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, we_block, b_enc, x_shift, w_dec, row_grads)
+
+
+class _RowSqErr(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, pred: Tensor, target: Tensor) -> Tensor:
+        diff = torch.sub(pred, target)  # [B, d] float32 (promoted), the one intermediate
+        ctx.save_for_backward(diff)
+        ctx.pred_dtype = pred.dtype
+        return torch.linalg.vecdot(diff, diff)  # [B]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (diff,) = ctx.saved_tensors
+        out = torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device)
+        return torch.mul(diff, (2 * grad).unsqueeze(1), out=out), None
+
+
+def row_sq_err(pred: Tensor, target: Tensor) -> Tensor:
+    """‖pred[b] − target[b]‖² per row -> [B] float32, differentiable in pred [B, d] (any float dtype: a bf16 decode
+    stays bf16), target [B, d] float32.
+
+    Why: autograd's sub, pow and sum make ~7 passes over [B, d] forward and backward, each as costly as a small
+    kernel on a CPU; this makes 2 forward and 1 backward, writing the gradient straight in pred's dtype. A target
+    that needs a gradient (attribution through the input) takes plain autograd."""
+    if target.requires_grad:
+        return (pred.float() - target).pow(2).sum(-1)
+    return _RowSqErr.apply(pred, target)

@@ -41,7 +41,7 @@ from monoscope import native
 from monoscope.errors import MonoscopeError
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, sparse_decode
+from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, row_sq_err, sparse_decode
 
 SYNC_FREE_AUXK_DEVICES: set[str] = {"cuda"}
 """Device types whose AuxK takes a fixed-shape top-k over masked pre-activations (`_auxk_fixed_shape`) instead of
@@ -116,12 +116,12 @@ class _TopKStyle(SAE):
         return gather_linear(values, x_c, self.W_enc, self.b_enc, pattern, x_shift)
 
     def _decode_active(self, vals: Tensor, pattern: SparsePattern, cd: torch.dtype, dense: bool) -> Tensor:
-        """Σ_active vals · W_dec[feature]  -> [B, d_in] float32 (no bias)."""
+        """Σ_active vals · W_dec[feature]  -> [B, d_in] in the compute dtype (no bias)."""
         if dense:
             f = torch.zeros(pattern.n_rows, self.cfg.d_sae, dtype=cd, device=vals.device)
             f = f.index_put((pattern.rows, pattern.flat), vals.reshape(-1).to(cd))  # [B, F]
-            return (f @ self.W_dec.to(cd)).float()
-        return sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()
+            return f @ self.W_dec.to(cd)
+        return sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern, weight_c=self.decoder_in(cd))
 
     def _auxk(
         self, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype, sel: _Selected | None = None
@@ -168,7 +168,7 @@ class _TopKStyle(SAE):
             # joint_backward: the main path's gather_linear and sparse_decode give W_enc and W_dec dense gradients
             # in the same backward, into which the block's rows are added
             e_hat = block_linear_decode(codes, dead_idx, sel.xs, self.W_enc, we_dead, self.b_enc, self.W_dec,
-                                        sel.shift, row_grads=self.joint_backward).float()  # [B, d]
+                                        sel.shift, row_grads=self.joint_backward)  # [B, d] in cd
             return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
             with torch.no_grad():
@@ -177,7 +177,8 @@ class _TopKStyle(SAE):
                 values = key_v.view(pre_dead.dtype)
                 pattern = SparsePattern(dead_idx[local], self.cfg.d_sae)
             f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu()
-            e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()  # [B, d]
+            e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
+                                  weight_c=self.decoder_in(cd))  # [B, d] in cd
             return self._aux_term(e_hat, err, scale)
         w_enc = self.W_enc.index_select(0, dead_idx).to(cd)  # [n_dead, d]
         b_enc = self.b_enc.index_select(0, dead_idx).to(cd)  # [n_dead]
@@ -186,12 +187,13 @@ class _TopKStyle(SAE):
             local = _order_view(pre.detach()).topk(k_aux, dim=1, sorted=False).indices  # [B, k_aux]
             keep = torch.zeros_like(pre).scatter_(1, local, 1.0)  # [B, n_dead] 0/1
         f_aux = torch.relu(pre) * keep  # [B, n_dead]
-        e_hat = (f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)).float()  # [B, d]
+        e_hat = f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)  # [B, d] in cd
         return self._aux_term(e_hat, err, scale)
 
     def _aux_term(self, e_hat: Tensor, err: Tensor, scale: float | Tensor) -> Tensor:
-        """aux_coef · scale · mean_b ‖ê − e‖² (module docstring): the one AuxK term every form computes."""
-        return self.cfg.aux_coef * scale * (e_hat - err.detach()).pow(2).sum(-1).mean()
+        """aux_coef · scale · mean_b ‖ê − e‖² (module docstring): the one AuxK term every form computes (ê in the
+        compute dtype or float32)."""
+        return self.cfg.aux_coef * scale * row_sq_err(e_hat, err.detach()).mean()
 
     def _auxk_fixed_shape(self, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
         """`_auxk` without a host sync, for GPUs (where `nonzero`, which sizes the dead list, stalls the CPU until
@@ -208,7 +210,8 @@ class _TopKStyle(SAE):
             pattern = SparsePattern(idx, self.cfg.d_sae)
             scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
         f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu() * keep
-        e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern).float()  # [B, d]
+        e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
+                                  weight_c=self.decoder_in(cd))  # [B, d] in cd
         return self._aux_term(e_hat, err, scale)
 
     # ---------------------------------------------------------------- interface
@@ -242,7 +245,7 @@ class _TopKStyle(SAE):
     ) -> ForwardOutput:
         sel = self._encode_selected(x)
         cd, x32, x_c, dense, vals, pattern, indices, offsets = sel[:8]
-        x_hat = self._decode_active(vals, pattern, cd, dense) + self.b_dec.float()  # [B, d]
+        x_hat = torch.add(self._decode_active(vals, pattern, cd, dense), self.b_dec)  # [B, d] float32 (promoted)
         aux = self._auxk(x_c, x32 - x_hat, dead_mask, cd, sel)
         with torch.no_grad():
             l0 = (vals > 0).sum(dtype=torch.float32) / x.shape[0]

@@ -148,6 +148,9 @@ class Trainer:
         self.resample_steps = set(config.resample_steps)
         self.optimizer = make_optimizer(config.optimizer, sae.parameters(), self.base_lr, self.device)
         self._fused = FusedAdamStep.make(sae, self.optimizer, self.unit_norm_decoder)
+        # the fused step's bf16 copies of the weights are stale after any other update (torch's fused Adam leaves the
+        # parameters' version counters alone)
+        self.optimizer.register_step_post_hook(lambda *_: sae.invalidate_copies())
         """The CPU's two-pass optimiser step (`fused_step`), or None: the PyTorch path."""
         self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens, self.device)
         self.step = 0
