@@ -259,3 +259,35 @@ def test_default_window_fills_the_byte_budget_in_even_windows_and_a_cursor_keeps
                             if k != "shards_per_window"})
     assert legacy.spw == 8
     assert torch.equal(next(legacy).rows, next(store.batches(5, seed=4, shards_per_window=8)).rows)
+
+
+def test_reading_checks_the_fast_digest_and_an_older_store_s_sha256(tmp_path: Path) -> None:
+    """A shard's manifest entry holds sha256 and xxh3-128; reading for training checks xxh3 (naming both of its
+    digests), `verify` checks sha256 too; a store from before xxh3 is read through its sha256."""
+    import json
+
+    import xxhash
+
+    m = make_store(tmp_path / "s")
+    p = tmp_path / "s" / m.shards[1].file
+    assert m.shards[1].xxh3 == xxhash.xxh3_128_hexdigest(p.read_bytes())
+    data = bytearray(p.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    p.write_bytes(bytes(data))
+    store = ActivationStore.open(tmp_path / "s")
+    want = (f"shard {m.shards[1].file} is corrupt: xxh3 {xxhash.xxh3_128_hexdigest(bytes(data))} but the manifest "
+            f"expects {m.shards[1].xxh3}")
+    with pytest.raises(StoreError) as e:
+        store.read_shard(1)
+    assert str(e.value) == want
+    assert "sha256" in store.verify()[0]
+    man = tmp_path / "s" / "manifest.json"
+    rec = json.loads(man.read_text())
+    for s in rec["shards"]:
+        del s["xxh3"]
+    man.write_text(json.dumps(rec))
+    old = ActivationStore.open(tmp_path / "s")
+    assert old.manifest.shards[1].xxh3 is None
+    with pytest.raises(StoreError, match=f"shard {m.shards[1].file} is corrupt: sha256 "):
+        old.read_shard(1)
+    assert old.read_shard(0).rows().shape[0] == m.shards[0].rows

@@ -34,12 +34,15 @@ class ShardInfo:
     sha256: str
     sum_sq: float  # Σ‖x‖² over kept rows, fp64: the normaliser is derived from these, never re-read
     sum_sq_hooks: list[float] | None = None  # per hook of a multi-hook store (Σ‖x_h‖²); absent for one hook
+    xxh3: str | None = None  # xxh3-128 of the file: what reading checks (stores from before it have only sha256)
 
     def record(self) -> dict[str, Any]:
-        """The JSON record (a one-hook store's has no `sum_sq_hooks` key: older stores keep their bytes)."""
+        """The JSON record (no `sum_sq_hooks` key for a one-hook store, no `xxh3` for an older one: older stores
+        keep their bytes)."""
         d = asdict(self)
-        if d["sum_sq_hooks"] is None:
-            del d["sum_sq_hooks"]
+        for key in ("sum_sq_hooks", "xxh3"):
+            if d[key] is None:
+                del d[key]
         return d
 
 

@@ -98,7 +98,7 @@ class ActivationStore:
         problems = []
         for info in self.manifest.shards:
             try:
-                read_shard_bytes(self.folder / info.file, info)
+                read_shard_bytes(self.folder / info.file, info, full=True)
             except StoreError as e:
                 problems.append(str(e))
         listed = {s.file for s in self.manifest.shards}
