@@ -93,7 +93,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(f"OK {n} shards, {store.manifest.n_contexts:,} contexts, {store.n_rows:,} training rows: "
-          f"every size and sha256 matches {Path(args.store) / 'manifest.json'}")
+          f"every size and digest ({'sha256 and xxh3' if all(s.xxh3 for s in store.manifest.shards) else 'sha256'})"
+          f" matches {Path(args.store) / 'manifest.json'}")
     return 0
 
 
