@@ -12,7 +12,7 @@ import torch
 
 from monoscope import native
 from monoscope.sae.topk import _order_view, _row_topk
-from tests.native_marks import needs_cc
+from tests.native_marks import needs_cc, needs_native
 
 
 @pytest.fixture(params=[pytest.param("native", marks=needs_cc), "fallback"])
@@ -110,3 +110,23 @@ def test_a_forked_child_gets_its_own_threads() -> None:
             pytest.fail("the forked child hung in the native row top-k")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+@needs_native
+@pytest.mark.parametrize(("rows", "n", "k"), [(70, 4200, 288), (9, 50, 7), (33, 300, 288), (5, 10, 3)])
+def test_relu_topk_rows_kernel_is_the_pytorch_form(rows: int, n: int, k: int) -> None:
+    """The block AuxK's codes through the C kernel equal the PyTorch form's values: rows with more and with no
+    more than k positive entries, ties at the k-th value (lowest columns kept), negative zeros."""
+    from monoscope.sae.topk import _relu_topk_rows
+
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n)).bfloat16()
+    x[0, : k + 4] = 16.0  # ties straddling the k-th value, above every other entry
+    x[1, :] = -x[1, :].abs()  # no positive entry
+    x[2, :3] = -0.0
+    got = x.clone()
+    assert native.relu_topk_rows(got, k)
+    want = _relu_topk_rows(x.clone(), k)
+    assert torch.equal(got, want)  # as values: the kernel writes +0 where PyTorch's ReLU keeps a -0
+    assert not bool((got.view(torch.int16) < 0).any())
+    assert int((got[0] > 0).sum()) == k and torch.equal(got[0, :k], torch.full((k,), 16.0, dtype=torch.bfloat16))
+    assert not native.relu_topk_rows(x.float(), k)  # float32: the caller's PyTorch form

@@ -95,6 +95,7 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
                              _P, _I64]),
     },
     "entry_dots": {"entry_dots_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
+    "relu_topk": {"relu_topk_rows_bf16": (None, [_P, _I64, _I64, _I64])},
 }
 """Each C source (`<name>.c` beside this file) and its functions' (result, argument) types."""
 _PARALLEL: dict[str, tuple[Any, list[Any]]] = {"set_threads": (None, [ctypes.c_int]),
@@ -269,3 +270,22 @@ def entry_dots(g: Tensor, w: Tensor, idx: Tensor, offsets: Tensor) -> Tensor | N
 
     _in_parts(lib, n_rows, run)
     return out
+
+
+def relu_topk_rows(x: Tensor, k: int) -> bool:
+    """In place: each row of a contiguous bf16 CPU matrix x [rows, n] ReLU'd and cut to its k largest entries (a
+    row with at most k positive entries keeps them all; ties at the k-th value go to the lowest columns). False,
+    with x untouched, when the kernel is unavailable or x is not of that kind."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 2 and x.is_contiguous() and k > 0
+            and x.shape[1] < 2**21):
+        return False
+    lib = _lib("relu_topk")
+    if lib is None:
+        return False
+    n_rows, n = x.shape
+
+    def run(lo: int, hi: int) -> None:
+        lib.relu_topk_rows_bf16(x.data_ptr() + lo * n * 2, hi - lo, n, k)
+
+    _in_parts(lib, n_rows, run)
+    return True

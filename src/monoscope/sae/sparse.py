@@ -231,11 +231,13 @@ class _BlockLinearDecode(torch.autograd.Function):
         x_shift: Tensor | None,
         w_dec: Tensor,
         row_grads: bool,
+        grad_out: Tensor | None,
     ) -> Tensor:
         wd = w_dec.index_select(0, cols).to(codes.dtype)  # [n, d]
         ctx.save_for_backward(codes, wd, cols, x_c, w_enc, we_block)
         ctx.meta = (w_enc.dtype, b_enc.dtype, None if x_shift is None else x_shift.dtype, w_dec.dtype, w_dec.shape[0])
         ctx.row_grads = row_grads
+        ctx.grad_out = grad_out
         return codes @ wd  # [B, d]
 
     @staticmethod
@@ -245,9 +247,11 @@ class _BlockLinearDecode(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = grad.to(f.dtype)  # [B, d]
         # [B, n] d codes through the ReLU and the choice (f is 0 off them): ReLU's own backward kernel, ~7x faster
-        # on a CPU than a masked_fill with a bool mask. wd is transposed into a contiguous [d, n] first: oneDNN
-        # multiplies by a transposed view ~2x slower than by the copy (measured: 4096 x 576 @ 576 x 2,500, bf16)
-        d_pre = torch.ops.aten.threshold_backward(g @ wd.t().contiguous(), f, 0)
+        # on a CPU than a masked_fill with a bool mask, in place. wd is transposed into a contiguous [d, n] first:
+        # oneDNN multiplies by a transposed view ~2x slower than by the copy (measured: 4096 x 576 @ 576 x 2,500,
+        # bf16). grad_out: a reused [B, n] buffer for the product (the caller's), else a new one
+        d_pre = torch.mm(g, wd.t().contiguous(), out=ctx.grad_out)
+        torch.ops.aten.threshold_backward.grad_input(d_pre, f, 0, grad_input=d_pre)
         grad_x = grad_we = grad_be = grad_sh = grad_wd = None
         if need[2]:
             grad_x = (d_pre @ we_block.to(f.dtype)).to(x_c.dtype)  # [B, d]
@@ -262,7 +266,7 @@ class _BlockLinearDecode(torch.autograd.Function):
                 grad_sh = -(g_feat @ we_block.float()).to(sh_dtype)
         if need[7]:
             grad_wd = _rows_grad(cols, (f.t() @ g).to(wd_dtype), (n_feat, wd.shape[1]), ctx.row_grads)
-        return None, None, grad_x, grad_we, None, grad_be, grad_sh, grad_wd, None
+        return None, None, grad_x, grad_we, None, grad_be, grad_sh, grad_wd, None, None
 
 
 def _rows_grad(cols: Tensor, rows: Tensor, shape: tuple[int, ...] | torch.Size, sparse: bool) -> Tensor:
@@ -288,6 +292,7 @@ def block_linear_decode(
     x_shift: Tensor | None = None,
     *,
     row_grads: bool = False,
+    grad_out: Tensor | None = None,
 ) -> Tensor:
     """Σ_j codes[b, j] · w_dec[cols[j]] -> [B, d] over a block of features, in codes' dtype, with the gradients
     that `gather_linear` followed by `sparse_decode` would give for the entries where codes > 0. codes: [B, n] the
@@ -299,8 +304,13 @@ def block_linear_decode(
     on CPUs with fast matmuls: those kernels run far below the matmul peak (`SAE._auxk` chooses).
 
     row_grads: return w_enc's and w_dec's gradients as sparse rows (`_rows_grad`); only when the same backward
-    also gives both weights a dense gradient (AuxK beside the main sparse path)."""
-    return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, we_block, b_enc, x_shift, w_dec, row_grads)
+    also gives both weights a dense gradient (AuxK beside the main sparse path). grad_out: a contiguous tensor
+    shaped and typed like codes that the backward writes the codes' gradient into (a buffer kept across steps)."""
+    if grad_out is not None and (grad_out.shape != codes.shape or grad_out.dtype != codes.dtype
+                                 or not grad_out.is_contiguous()):
+        raise ValueError(f"grad_out must be a contiguous {codes.dtype} {tuple(codes.shape)} tensor, got "
+                         f"{grad_out.dtype} {tuple(grad_out.shape)}")
+    return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, we_block, b_enc, x_shift, w_dec, row_grads, grad_out)
 
 
 class _RowSqErr(torch.autograd.Function):

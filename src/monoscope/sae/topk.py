@@ -57,6 +57,24 @@ def _block_auxk(device: torch.device, cd: torch.dtype, n_dead: int, k_aux: int) 
     return device.type == "cpu" and n_dead <= BLOCK_AUXK_DEAD_PER_K_AUX.get(cd, 0) * k_aux
 
 
+def _relu_topk_rows(pre: Tensor, k: int) -> Tensor:
+    """pre [B, n] in place: ReLU'd, each row cut to its k largest entries (`native.relu_topk_rows` without the
+    kernel). A row with at most k positive entries keeps them all: the ReLU drops the rest, so the top-k runs only
+    on the rows holding more (none late in a run, where rows hold ~100 of k_aux = d/2; a third at the peak of a
+    1M-token run). Positive floats are the positive integers of the order view: clamping those to 1 and summing in
+    int16 (n < 2^15) counts them in ~1.5 ms at 4096 x 2,500, where a bool comparison and sum take ~11."""
+    n = pre.shape[1]
+    keys = _order_view(pre)
+    counts = keys.clamp(0, 1).sum(1, dtype=torch.int16 if n < 2**15 else torch.int32)  # [B]
+    heavy = (counts > k).nonzero().squeeze(1)  # [n_heavy]
+    codes = pre.relu_()  # heavy rows keep > k positive entries: their top k is unchanged
+    if heavy.numel():
+        key_v, local = _row_topk(_order_view(codes.index_select(0, heavy)), k)  # [n_heavy, k]
+        codes.index_copy_(0, heavy, torch.zeros(heavy.numel(), n, dtype=pre.dtype, device=pre.device)
+                          .scatter_(1, local, key_v.view(pre.dtype)))
+    return codes
+
+
 class _Selected(NamedTuple):
     """What `_TopKStyle._encode_selected` hands the decoder half of a forward."""
 
@@ -81,6 +99,19 @@ class _TopKStyle(SAE):
         # Reused [B, d_sae] buffer for the no-grad pre-activations of the sparse path: allocating
         # 75-150 MB per step costs page faults comparable to the matmul itself on CPU.
         self._workspace: Tensor | None = None
+        # the CPU block AuxK's [B, n_dead] matrices (`_scratch`), the same reason: past 32 MB glibc maps every
+        # allocation afresh (measured at 4,096 x 4,200 bf16: a matmul into a new output 19.2 ms, into a reused one 8.5)
+        self._scratch_bufs: dict[str, Tensor] = {}
+
+    def _scratch(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous [rows, cols] view of a flat buffer kept across steps, grown when too small. A later write
+        bumps the buffer's version, so a backward still holding an earlier view fails loudly instead of reading
+        new values."""
+        n = shape[0] * shape[1]
+        buf = self._scratch_bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._scratch_bufs[name] = torch.empty(max(n, n * 5 // 4), dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
     # ---------------------------------------------------------------- selection (per subclass)
     def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
@@ -151,24 +182,16 @@ class _TopKStyle(SAE):
         if sel is not None and not sel.dense and _block_auxk(x_c.device, cd, n_dead, k_aux_cfg):
             with torch.no_grad():  # the dead block's pre-activations: one [B, n_dead] matmul beats a column gather
                 we_dead = self.W_enc.index_select(0, dead_idx)  # [n_dead, d], reused by the block's backward
-                pre_dead = F.linear(sel.xs.detach(), we_dead.to(cd), self.b_enc.index_select(0, dead_idx).to(cd))
-                # a row with at most k_aux positive entries keeps them all: the ReLU drops the rest, so the top-k
-                # runs only on the rows holding more (none late in a run, where rows hold ~100 of k_aux = d/2; a
-                # third at the peak of a 1M-token run). Positive floats are the positive integers of the order
-                # view: clamping those to 1 and summing in int16 (n_dead < 2^15) counts them in ~1.5 ms at
-                # 4096 x 2,500, where a bool comparison and sum take ~11
-                keys = _order_view(pre_dead)
-                counts = keys.clamp(0, 1).sum(1, dtype=torch.int16 if n_dead < 2**15 else torch.int32)  # [B]
-                heavy = (counts > k_aux).nonzero().squeeze(1)  # [n_heavy]
-                codes = pre_dead.relu_()  # heavy rows keep > k_aux positive entries: their top k_aux is unchanged
-                if heavy.numel():
-                    key_v, local = _row_topk(_order_view(codes.index_select(0, heavy)), k_aux)  # [n_heavy, k_aux]
-                    codes.index_copy_(0, heavy, torch.zeros(heavy.numel(), n_dead, dtype=cd, device=codes.device)
-                                      .scatter_(1, local, key_v.view(cd)))
+                xs = sel.xs.detach()
+                pre_dead = torch.addmm(self.b_enc.index_select(0, dead_idx).to(cd), xs, we_dead.to(cd).t(),
+                                       out=self._scratch("auxk_pre", (xs.shape[0], n_dead), cd, xs.device))
+                # each row's top k_aux ReLU'd entries, in place: the C kernel (`native.relu_topk_rows`), or PyTorch
+                codes = pre_dead if native.relu_topk_rows(pre_dead, k_aux) else _relu_topk_rows(pre_dead, k_aux)
             # joint_backward: the main path's gather_linear and sparse_decode give W_enc and W_dec dense gradients
             # in the same backward, into which the block's rows are added
             e_hat = block_linear_decode(codes, dead_idx, sel.xs, self.W_enc, we_dead, self.b_enc, self.W_dec,
-                                        sel.shift, row_grads=self.joint_backward)  # [B, d] in cd
+                                        sel.shift, row_grads=self.joint_backward,
+                                        grad_out=self._scratch("auxk_grad", tuple(codes.shape), cd, codes.device))
             return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
             with torch.no_grad():
