@@ -167,3 +167,32 @@ def test_joint_backward_row_gradients_are_bit_identical(arch: str, monkeypatch: 
         assert grads[1][name][dead].abs().sum() > 0
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_backward_with_transposed_copies_matches(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """Wide blocks' backward (transposed copies of the inputs, the bias gradient from a row of ones) gives the
+    narrow form's gradients: every input's, to the compute dtype's rounding."""
+    from monoscope.sae import sparse
+
+    gen = torch.Generator().manual_seed(0)
+    n_rows, d, n_feat = 40, 12, 30
+    cols = torch.tensor([1, 4, 5, 9, 17, 22, 29])
+    grads = []
+    for min_block in (10**9, 1):
+        monkeypatch.setattr(sparse, "TRANSPOSED_GRAD_MIN_BLOCK", min_block)
+        gen.manual_seed(0)
+        x = torch.randn(n_rows, d, generator=gen)
+        w_enc = torch.randn(n_feat, d, generator=gen).requires_grad_()
+        b_enc = torch.randn(n_feat, generator=gen).requires_grad_()
+        w_dec = torch.randn(n_feat, d, generator=gen).requires_grad_()
+        shift = torch.randn(d, generator=gen).requires_grad_()
+        we = w_enc.detach().index_select(0, cols)
+        codes = torch.relu(x.to(dtype) @ we.to(dtype).t() + b_enc.detach()[cols].to(dtype))
+        out = sparse.block_linear_decode(codes, cols, x.to(dtype), w_enc, we, b_enc, w_dec, shift)
+        (out.float() * torch.randn(n_rows, d, generator=gen)).sum().backward()
+        grads.append([t.grad.clone() for t in (w_enc, b_enc, w_dec, shift)])  # type: ignore[union-attr]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for narrow, wide in zip(*grads, strict=True):
+        assert torch.allclose(wide, narrow, rtol=tol, atol=tol * float(narrow.abs().max())), (narrow, wide)
+    assert bool((grads[1][1] != 0).any())
