@@ -39,7 +39,7 @@ from monoscope.progress import progress_bar
 from monoscope.store.manifest import RowPolicy, ShardInfo
 from monoscope.store.shard import shard_name, write_shard
 from monoscope.store.writer import StoreWriter
-from monoscope.train.distributed import DEFAULT_TIMEOUT_S, ENV_VARS, DistributedError, agree
+from monoscope.train.distributed import DEFAULT_TIMEOUT_S, ENV_VARS, DistributedError, agree, end_process_group
 from monoscope.units import parse_count
 
 
@@ -59,8 +59,11 @@ def capture_distributed(out: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S
             raise MonoscopeError(f"distributed capture needs torchrun's environment ({', '.join(missing)} not set): "
                                  "launch it with `torchrun --nproc-per-node N -m monoscope capture ...`")
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    done = False
     try:
-        return _capture(Path(out), args)
+        result = _capture(Path(out), args)
+        done = True
+        return result
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DistributedError(
@@ -69,8 +72,7 @@ def capture_distributed(out: str | Path, *, timeout_s: float = DEFAULT_TIMEOUT_S
             "the same command to resume") from e
     finally:
         if owned:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            end_process_group(done)
 
 
 def _capture(folder: Path, a: dict[str, Any]) -> CaptureResult | None:

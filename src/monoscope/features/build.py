@@ -26,7 +26,6 @@ one-line error naming the file (with `overwrite`, it is replaced and nothing is 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -585,8 +584,11 @@ def build_features_distributed(sae: str | Path, **kwargs: Any) -> FeaturesResult
             raise MonoscopeError(f"a distributed features pass needs torchrun's environment ({', '.join(missing)} "
                                  "not set): launch it with `torchrun --nproc-per-node N -m monoscope features ...`")
         dist.init_process_group("gloo")
+    done = False
     try:
-        return build_features(sae, **kwargs)
+        result = build_features(sae, **kwargs)
+        done = True
+        return result
     except (RuntimeError, dist.DistError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise MonoscopeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed during the "
@@ -594,8 +596,9 @@ def build_features_distributed(sae: str | Path, **kwargs: Any) -> FeaturesResult
                              "resume from the last checkpoint") from e
     finally:
         if owned:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            from monoscope.train.distributed import end_process_group
+
+            end_process_group(done)
 
 
 # ----------------------------------------------------------------------------- state
