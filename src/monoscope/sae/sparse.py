@@ -237,13 +237,11 @@ class _BlockLinearDecode(torch.autograd.Function):
         x_shift: Tensor | None,
         w_dec: Tensor,
         row_grads: bool,
-        grad_out: Tensor | None,
     ) -> Tensor:
         wd = w_dec.index_select(0, cols).to(codes.dtype)  # [n, d]
         ctx.save_for_backward(codes, wd, cols, x_c, w_enc, we_block)
         ctx.meta = (w_enc.dtype, b_enc.dtype, None if x_shift is None else x_shift.dtype, w_dec.dtype, w_dec.shape[0])
         ctx.row_grads = row_grads
-        ctx.grad_out = grad_out
         return codes @ wd  # [B, d]
 
     @staticmethod
@@ -254,9 +252,10 @@ class _BlockLinearDecode(torch.autograd.Function):
         g = grad.to(f.dtype)  # [B, d]
         # [B, n] d codes through the ReLU and the choice (f is 0 off them): ReLU's own backward kernel, ~7x faster
         # on a CPU than a masked_fill with a bool mask, in place. wd's transposed view, not a contiguous copy (torch
-        # 2.13, 2-core AMX CPU, bf16 into a reused output: 8.2 against 11.5 ms at 4,096 x 4,200, 1.1 against 2.6 at
-        # 512 x 4,200, equal at 4,096 x 2,500). grad_out: a reused [B, n] buffer for the product (the caller's)
-        d_pre = torch.mm(g, wd.t(), out=ctx.grad_out)
+        # 2.13, 2-core AMX CPU, bf16, the output memory reused as `devices.keep_freed_cpu_memory` makes it in the
+        # Trainer: 8.2 against 11.5 ms at 4,096 x 4,200, 1.1 against 2.6 at
+        # 512 x 4,200, equal at 4,096 x 2,500)
+        d_pre = torch.mm(g, wd.t())
         torch.ops.aten.threshold_backward.grad_input(d_pre, f, 0, grad_input=d_pre)
         grad_x = grad_we = grad_be = grad_sh = grad_wd = g_feat = None
         n_rows, d = x_c.shape
@@ -289,7 +288,7 @@ class _BlockLinearDecode(torch.autograd.Function):
             prod = (g.t().contiguous() @ f).t() if wide else f.t() @ g  # [n, d]
             grad_wd = _rows_grad(cols, prod.to(wd_dtype, memory_format=torch.contiguous_format), (n_feat, wd.shape[1]),
                                  ctx.row_grads)
-        return None, None, grad_x, grad_we, None, grad_be, grad_sh, grad_wd, None, None
+        return None, None, grad_x, grad_we, None, grad_be, grad_sh, grad_wd, None
 
 
 def _rows_grad(cols: Tensor, rows: Tensor, shape: tuple[int, ...] | torch.Size, sparse: bool) -> Tensor:
@@ -315,7 +314,6 @@ def block_linear_decode(
     x_shift: Tensor | None = None,
     *,
     row_grads: bool = False,
-    grad_out: Tensor | None = None,
 ) -> Tensor:
     """Σ_j codes[b, j] · w_dec[cols[j]] -> [B, d] over a block of features, in codes' dtype, with the gradients
     that `gather_linear` followed by `sparse_decode` would give for the entries where codes > 0. codes: [B, n] the
@@ -327,13 +325,8 @@ def block_linear_decode(
     on CPUs with fast matmuls: those kernels run far below the matmul peak (`SAE._auxk` chooses).
 
     row_grads: return w_enc's and w_dec's gradients as sparse rows (`_rows_grad`); only when the same backward
-    also gives both weights a dense gradient (AuxK beside the main sparse path). grad_out: a contiguous tensor
-    shaped and typed like codes that the backward writes the codes' gradient into (a buffer kept across steps)."""
-    if grad_out is not None and (grad_out.shape != codes.shape or grad_out.dtype != codes.dtype
-                                 or not grad_out.is_contiguous()):
-        raise ValueError(f"grad_out must be a contiguous {codes.dtype} {tuple(codes.shape)} tensor, got "
-                         f"{grad_out.dtype} {tuple(grad_out.shape)}")
-    return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, we_block, b_enc, x_shift, w_dec, row_grads, grad_out)
+    also gives both weights a dense gradient (AuxK beside the main sparse path)."""
+    return _BlockLinearDecode.apply(codes, cols, x_c, w_enc, we_block, b_enc, x_shift, w_dec, row_grads)
 
 
 class _RowSqErr(torch.autograd.Function):

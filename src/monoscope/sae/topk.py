@@ -99,19 +99,6 @@ class _TopKStyle(SAE):
         # Reused [B, d_sae] buffer for the no-grad pre-activations of the sparse path: allocating
         # 75-150 MB per step costs page faults comparable to the matmul itself on CPU.
         self._workspace: Tensor | None = None
-        # the CPU block AuxK's [B, n_dead] matrices (`_scratch`), the same reason: past 32 MB glibc maps every
-        # allocation afresh (measured at 4,096 x 4,200 bf16: a matmul into a new output 19.2 ms, into a reused one 8.5)
-        self._scratch_bufs: dict[str, Tensor] = {}
-
-    def _scratch(self, name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous [rows, cols] view of a flat buffer kept across steps, grown when too small. A later write
-        bumps the buffer's version, so a backward still holding an earlier view fails loudly instead of reading
-        new values."""
-        n = shape[0] * shape[1]
-        buf = self._scratch_bufs.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
-            buf = self._scratch_bufs[name] = torch.empty(max(n, n * 5 // 4), dtype=dtype, device=device)
-        return buf[:n].view(shape)
 
     # ---------------------------------------------------------------- selection (per subclass)
     def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, Tensor | None]:
@@ -182,16 +169,13 @@ class _TopKStyle(SAE):
         if sel is not None and not sel.dense and _block_auxk(x_c.device, cd, n_dead, k_aux_cfg):
             with torch.no_grad():  # the dead block's pre-activations: one [B, n_dead] matmul beats a column gather
                 we_dead = self.W_enc.index_select(0, dead_idx)  # [n_dead, d], reused by the block's backward
-                xs = sel.xs.detach()
-                pre_dead = torch.addmm(self.b_enc.index_select(0, dead_idx).to(cd), xs, we_dead.to(cd).t(),
-                                       out=self._scratch("auxk_pre", (xs.shape[0], n_dead), cd, xs.device))
+                pre_dead = F.linear(sel.xs.detach(), we_dead.to(cd), self.b_enc.index_select(0, dead_idx).to(cd))
                 # each row's top k_aux ReLU'd entries, in place: the C kernel (`native.relu_topk_rows`), or PyTorch
                 codes = pre_dead if native.relu_topk_rows(pre_dead, k_aux) else _relu_topk_rows(pre_dead, k_aux)
             # joint_backward: the main path's gather_linear and sparse_decode give W_enc and W_dec dense gradients
             # in the same backward, into which the block's rows are added
             e_hat = block_linear_decode(codes, dead_idx, sel.xs, self.W_enc, we_dead, self.b_enc, self.W_dec,
-                                        sel.shift, row_grads=self.joint_backward,
-                                        grad_out=self._scratch("auxk_grad", tuple(codes.shape), cd, codes.device))
+                                        sel.shift, row_grads=self.joint_backward)  # [B, d] in cd
             return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
             with torch.no_grad():
