@@ -17,7 +17,9 @@ def saebench_scr_and_tpp_functions(wanted: set[str]) -> dict[str, Any]:
     that module pulls in transformer-lens, sae-lens and tabulate (slow, and not all installed), which these
     functions do not use. Skips the test where sae_bench is not importable."""
     pt = pytest.importorskip("sae_bench.evals.sparse_probing.probe_training",
-                             reason="sae_bench not importable (see docs/saebench.md for the cross-check)")
+                             reason="sae_bench is not installed, so the cross-check against SAEBench's own code "
+                                    "cannot run: `make test` installs it (pip install --no-deps sae-bench; "
+                                    "docs/saebench.md)")
     einops = pytest.importorskip("einops", reason="einops (a dependency of sae-bench, installed by `make test`) is "
                                                      "missing, so SAEBench's code cannot run for the cross-check")
     import sae_bench.sae_bench_utils.dataset_info as dataset_info

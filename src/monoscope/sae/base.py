@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from monoscope.devices import bf16_is_fast
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import SparsePattern, row_sq_err
+from monoscope.sae.sparse import SparsePattern, row_sq_err, sparse_decode
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -304,7 +304,7 @@ class SAE(nn.Module):
         a pass that costs ~30% of the bf16 matmul on CPU."""
         n_rows, d = x_c.shape
         dev = x_c.device
-        w_aug = self.copy_buffers(dtype, dev)[0]
+        w_aug = self._copy_buffer("enc", dtype, dev)
         if not self._copy_current("enc", dtype, self.W_enc, self.b_enc):
             w_aug[:, :d].copy_(self.W_enc)
             w_aug[:, d].copy_(self.b_enc)
@@ -317,16 +317,27 @@ class SAE(nn.Module):
 
     def copy_buffers(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """The buffers of the compute-dtype copies ([F, d + 1] [W_enc, b_enc] and [F, d] W_dec), made on first use."""
-        bufs = []
-        for name, store, shape in (("enc", self._w_aug, (self.cfg.d_sae, self.cfg.d_in + 1)),
-                                   ("dec", self._w_dec_c, tuple(self.W_dec.shape))):
-            t = store.get(dtype)
-            if (t is None or t.device != device or t.shape != shape
-                    or (t.is_inference() and not torch.is_inference_mode_enabled())):  # one made under inference_mode
-                t = store[dtype] = torch.empty(shape, dtype=dtype, device=device)
-                self._copy_keys.pop((name, dtype), None)
-            bufs.append(t)
-        return bufs[0], bufs[1]
+        return self._copy_buffer("enc", dtype, device), self._copy_buffer("dec", dtype, device)
+
+    def _copy_buffer(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """One of `copy_buffers` ("enc" or "dec"), made on first use: the decoder's only where the fused step asks
+        for it (a forward alone never needs it)."""
+        store, shape = ((self._w_aug, (self.cfg.d_sae, self.cfg.d_in + 1)) if name == "enc"
+                        else (self._w_dec_c, tuple(self.W_dec.shape)))
+        t = store.get(dtype)
+        if (t is None or t.device != device or t.shape != shape
+                or (t.is_inference() and not torch.is_inference_mode_enabled())):  # one made under inference_mode
+            t = store[dtype] = torch.empty(shape, dtype=dtype, device=device)
+            self._copy_keys.pop((name, dtype), None)
+        return t
+
+    def _sparse_decode(self, values: Tensor, pattern: SparsePattern, cd: torch.dtype, weight: Tensor | None = None,
+                       weight_c: Tensor | None = None) -> Tensor:
+        """Σ values · W_dec rows over `pattern` in the compute dtype (`sparse.sparse_decode`), reading the decoder's
+        compute-dtype copy (`decoder_in`, or `weight_c` when the caller holds it): the one decode every
+        architecture's sparse path runs. `weight`: a stand-in for W_dec with its values (gated's frozen copy)."""
+        return sparse_decode(values, pattern.flat, self.W_dec if weight is None else weight, dtype=cd,
+                             pattern=pattern, weight_c=self.decoder_in(cd) if weight_c is None else weight_c)
 
     def decoder_in(self, dtype: torch.dtype) -> Tensor:
         """W_dec in `dtype` (no autograd): the copy the fused optimiser step wrote while it is current, so a

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import gather_linear, sparse_decode
+from monoscope.sae.sparse import gather_linear
 
 
 class GatedSAE(SAE):
@@ -93,11 +93,9 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self._paths(z, pattern.flat)  # [nnz] each; π_gate > 0 on every entry
         f = torch.relu(pi_mag)
         w_c = self.decoder_in(cd)
-        x_hat = (sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern, weight_c=w_c).float()
-                 + self.b_dec.float())
+        x_hat = self._sparse_decode(f, pattern, cd, weight_c=w_c).float() + self.b_dec.float()
         gate = torch.relu(pi_gate)
-        via_gate = (sparse_decode(gate, pattern.flat, w_frozen, dtype=cd, pattern=pattern, weight_c=w_c).float()
-                    + b_frozen)
+        via_gate = self._sparse_decode(gate, pattern, cd, weight=w_frozen, weight_c=w_c).float() + b_frozen
         l1 = (gate * norms[pattern.flat]).sum() / n_rows
         with torch.no_grad():
             l0 = (f > 0).sum(dtype=torch.float32) / n_rows

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
 from monoscope.sae.relu import relu_linear
-from monoscope.sae.sparse import SparsePattern, gather_linear, sparse_decode
+from monoscope.sae.sparse import SparsePattern, gather_linear
 
 
 class _JumpReLUL0(torch.autograd.Function):
@@ -197,8 +197,7 @@ class JumpReLUSAE(SAE):
         xs, shift = self._sparse_encoder_input(x32, x_c)
         values = gather_linear(pre[pattern.rows, pattern.flat], xs, self.W_enc, self.b_enc, pattern, shift)
         f, l0_rows = _SparseJumpReLUL0.apply(values, self.log_threshold, pattern, eps)  # [nnz], [B]
-        x_hat = sparse_decode(f, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
-                              weight_c=self.decoder_in(cd)).float()
+        x_hat = self._sparse_decode(f, pattern, cd).float()
         x_hat = x_hat + self.b_dec.float()
         l0 = l0_rows.mean()
         with torch.no_grad():

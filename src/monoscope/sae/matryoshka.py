@@ -24,7 +24,7 @@ from torch import Tensor
 
 from monoscope.sae.base import ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import SparsePattern, sparse_decode
+from monoscope.sae.sparse import SparsePattern
 from monoscope.sae.topk import BatchTopKSAE
 
 
@@ -57,8 +57,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         group = torch.bucketize(pattern.flat, pattern.flat.new_tensor(prefixes), right=True)  # [nnz] in 0..M-1
         counts = torch.bincount(pattern.rows * m + group, minlength=n_rows * m)  # [B·M]
         bags = SparsePattern(pattern.flat, self.cfg.d_sae, counts.cumsum(0) - counts)
-        parts = sparse_decode(vals.reshape(-1), pattern.flat, self.W_dec, dtype=cd, pattern=bags,
-                              weight_c=self.decoder_in(cd)).float()
+        parts = self._sparse_decode(vals.reshape(-1), bags, cd).float()
         levels = parts.view(n_rows, m, -1).cumsum(1)  # [B, M, d]
         return list(levels.unbind(1))
 

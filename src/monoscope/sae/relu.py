@@ -23,7 +23,7 @@ from torch import Tensor
 
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import gather_linear, sparse_decode
+from monoscope.sae.sparse import gather_linear
 
 
 class _ReluLinear(torch.autograd.Function):
@@ -102,8 +102,7 @@ class ReluL1SAE(SAE):
         values = pre[pattern.rows, pattern.flat]  # [nnz], all > 0
         xs, shift = self._sparse_encoder_input(x32, x_c)
         vals = gather_linear(values, xs, self.W_enc, self.b_enc, pattern, shift).float()
-        x_hat = sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
-                              weight_c=self.decoder_in(cd)).float()
+        x_hat = self._sparse_decode(vals, pattern, cd).float()
         x_hat = x_hat + self.b_dec.float()
         l1 = (vals * norms[pattern.flat]).sum() / n_rows
         with torch.no_grad():

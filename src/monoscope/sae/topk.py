@@ -41,7 +41,7 @@ from monoscope import native
 from monoscope.errors import MonoscopeError
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, row_sq_err, sparse_decode
+from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, row_sq_err
 
 SYNC_FREE_AUXK_DEVICES: set[str] = {"cuda"}
 """Device types whose AuxK takes a fixed-shape top-k over masked pre-activations (`_auxk_fixed_shape`) instead of
@@ -139,7 +139,7 @@ class _TopKStyle(SAE):
             f = torch.zeros(pattern.n_rows, self.cfg.d_sae, dtype=cd, device=vals.device)
             f = f.index_put((pattern.rows, pattern.flat), vals.reshape(-1).to(cd))  # [B, F]
             return f @ self.W_dec.to(cd)
-        return sparse_decode(vals, pattern.flat, self.W_dec, dtype=cd, pattern=pattern, weight_c=self.decoder_in(cd))
+        return self._sparse_decode(vals, pattern, cd)
 
     def _auxk(
         self, x_c: Tensor, err: Tensor, dead_mask: Tensor | None, cd: torch.dtype, sel: _Selected | None = None
@@ -184,8 +184,7 @@ class _TopKStyle(SAE):
                 values = key_v.view(pre_dead.dtype)
                 pattern = SparsePattern(dead_idx[local], self.cfg.d_sae)
             f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu()
-            e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
-                                  weight_c=self.decoder_in(cd))  # [B, d] in cd
+            e_hat = self._sparse_decode(f_aux, pattern, cd)  # [B, d] in cd
             return self._aux_term(e_hat, err, scale)
         w_enc = self.W_enc.index_select(0, dead_idx).to(cd)  # [n_dead, d]
         b_enc = self.b_enc.index_select(0, dead_idx).to(cd)  # [n_dead]
@@ -217,8 +216,7 @@ class _TopKStyle(SAE):
             pattern = SparsePattern(idx, self.cfg.d_sae)
             scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
         f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu() * keep
-        e_hat = sparse_decode(f_aux, pattern.flat, self.W_dec, dtype=cd, pattern=pattern,
-                                  weight_c=self.decoder_in(cd))  # [B, d] in cd
+        e_hat = self._sparse_decode(f_aux, pattern, cd)  # [B, d] in cd
         return self._aux_term(e_hat, err, scale)
 
     # ---------------------------------------------------------------- interface
