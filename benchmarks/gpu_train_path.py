@@ -166,8 +166,11 @@ def _child(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     name = Path(spec["out"]).name
     spec_path, out_path = work / f"spec-{name}.json", work / f"result-{name}.json"
     spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not spec.get("graph", True):
+        env["MONOSCOPE_CUDA_GRAPH"] = "0"
     p = subprocess.run([sys.executable, __file__, "--child", str(spec_path), "--child-out", str(out_path)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=400)
+                       capture_output=True, text=True, env=env, timeout=400)
     if p.returncode != 0 or not out_path.is_file():
         return {"error": (p.stdout + p.stderr)[-3000:]}
     return json.loads(out_path.read_text())
@@ -178,11 +181,32 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     SparseCoder and step on the same store's rows, read into GPU memory before the clock starts (its Trainer
     reads them from the model's hook instead: this is its best case), batches of 4,096 rows, no warm-up for
     either. tokens/s counts the training loop only; wall_s adds set-up (model, store, optimiser)."""
-    from monoscope.units import parse_count
-
     global DEVICE
     DEVICE = spec["device"]
     t_start = time.perf_counter()
+    from monoscope.train.graph_step import GraphedStep
+
+    replays = [0]
+    saved_run = GraphedStep.run
+
+    def counted(self: GraphedStep, *a: Any) -> bool:
+        done = saved_run(self, *a)
+        replays[0] += done
+        if self.failed:
+            replays.append(self.failed)  # type: ignore[arg-type]
+        return done
+
+    GraphedStep.run = counted  # type: ignore[method-assign]
+    res = _run_child(spec, t_start)
+    res["graph_replays"] = replays[0]
+    if len(replays) > 1:
+        res["graph_failed"] = replays[-1]
+    return res
+
+
+def _run_child(spec: dict[str, Any], t_start: float) -> dict[str, Any]:
+    from monoscope.units import parse_count
+
     tokens, arch, batch = parse_count(spec["tokens"]), spec["arch"], int(spec.get("batch", 4096))
     if spec["who"] == "monoscope":
         from monoscope.train import train
@@ -281,22 +305,23 @@ def _resident_monoscope(spec: dict[str, Any], tokens: int, batch: int, t_start: 
 
 def vs_sparsify(store: Path, tc_store: Path | None, work: Path, tokens: str, configs: str) -> dict[str, Any]:
     """monoscope's TopK SAE (and transcoder, given a paired store) against sparsify's, 16x, k=32, A B A B.
-    configs: comma-separated ARCH[:BATCH][:noaux][:resident] (noaux: monoscope with --revive none, as sparsify's
-    auxk_alpha=0; resident: monoscope's Trainer on rows already in GPU memory, as sparsify's are, instead of
-    train() reading the store)."""
+    configs: comma-separated ARCH[:BATCH][:noaux][:resident][:nograph] (noaux: monoscope with --revive none, as
+    sparsify's auxk_alpha=0; resident: monoscope's Trainer on rows already in GPU memory, as sparsify's are, instead
+    of train() reading the store; nograph: MONOSCOPE_CUDA_GRAPH=0, the step not captured as a CUDA graph)."""
     out: dict[str, Any] = {}
     for conf in configs.split(","):
         arch, *rest = conf.split(":")
         batch = int(rest[0]) if rest and rest[0].isdigit() else 4096
         revive = "none" if "noaux" in rest else "auto"
         mono = "monoscope_resident" if "resident" in rest else "monoscope"
+        graph = "nograph" not in rest
         st = tc_store if arch == "transcoder" else store
         if st is None:
             continue
-        row: dict[str, Any] = {"batch": batch, "monoscope_revive": revive}
+        row: dict[str, Any] = {"batch": batch, "monoscope_revive": revive, "monoscope_cuda_graph": graph}
         for rep, who in enumerate((mono, "sparsify") * 2):
             spec = {"who": who, "arch": arch, "store": str(st), "tokens": tokens, "device": DEVICE, "batch": batch,
-                    "revive": revive, "out": str(work / f"vs-{conf.replace(':', '-')}-{who}-{rep}")}
+                    "revive": revive, "graph": graph, "out": str(work / f"vs-{conf.replace(':', '-')}-{who}-{rep}")}
             row.setdefault(who, []).append(_child(spec, work))
         rates = {w: [r.get("tokens_per_s") for r in row[w]] for w in (mono, "sparsify")}
         if all(v for vs in rates.values() for v in vs):

@@ -437,7 +437,7 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
 
 
 def fired_from_sparse(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
-    """[d_sae] bool: features with a non-zero value among (indices, values)."""
-    fired = torch.zeros(d_sae, dtype=torch.bool, device=indices.device)
-    fired[indices[values != 0]] = True
-    return fired
+    """[d_sae] bool: features with a non-zero value among (indices, values). A count per feature, not a boolean-mask
+    index: that one lists the non-zero entries with a host sync on a GPU (and is ~4x slower on a CPU)."""
+    counts = torch.zeros(d_sae, dtype=torch.int32, device=indices.device)
+    return counts.index_add_(0, indices.reshape(-1), (values.reshape(-1) != 0).to(torch.int32)) > 0

@@ -43,7 +43,8 @@ class SparsePattern:
             n_rows, k = indices.shape
             self.flat = indices.reshape(-1)  # [B*k] feature ids
             self.offsets = torch.arange(0, n_rows * k, k, device=indices.device)  # [B]
-            self.rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)  # [B*k]
+            # expand, not repeat_interleave: sizes known on the host, so no sync on a GPU (a captured step needs none)
+            self.rows = torch.arange(n_rows, device=indices.device)[:, None].expand(n_rows, k).reshape(-1)  # [B*k]
         elif indices.dim() == 1 and offsets is not None:
             n_rows = offsets.numel()
             self.flat = indices
@@ -68,7 +69,9 @@ class SparsePattern:
             keys = self.flat.int() if self.n_features < 2**31 else self.flat  # int32 sorts ~2x faster
             order = torch.argsort(keys, stable=True)  # [nnz]
             t_rows = self.rows.index_select(0, order)  # [nnz]
-            counts = torch.bincount(self.flat, minlength=self.n_features)  # [F]
+            # index_add, not bincount: on a GPU bincount reads the indices' min and max back to the host
+            counts = torch.zeros(self.n_features, dtype=torch.int64, device=self.flat.device).index_add_(
+                0, self.flat, torch.ones_like(self.flat, dtype=torch.int64))  # [F]
             t_offsets = counts.cumsum(0) - counts  # [F] start of each feature's entries
             self._transpose = (order, t_rows, t_offsets)
         return self._transpose

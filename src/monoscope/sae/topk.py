@@ -44,8 +44,8 @@ from monoscope.sae.config import SAEConfig
 from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, row_sq_err
 
 SYNC_FREE_AUXK_DEVICES: set[str] = {"cuda"}
-"""Device types whose AuxK takes a fixed-shape top-k over masked pre-activations (`_auxk_fixed_shape`) instead of
-listing the dead latents with a host sync; on a CPU the sync is free and the dead list the smaller top-k."""
+"""Device types whose AuxK takes a top-k over masked pre-activations and dense products (`_auxk_masked`) instead of
+listing the dead latents with a host sync; on a CPU the sync is free, and the dead list the smaller work."""
 BLOCK_AUXK_DEAD_PER_K_AUX: dict[torch.dtype, int] = {torch.bfloat16: 24, torch.float32: 4}
 """On a CPU, AuxK runs as dense matmuls over the dead block (`block_linear_decode`) while n_dead is at most this
 many times k_aux, and through the per-entry sparse kernels above that. Measured on a 2-core AMX CPU (4096 rows,
@@ -158,7 +158,7 @@ class _TopKStyle(SAE):
                 f"dead_mask must be a bool tensor [{self.cfg.d_sae}], got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
         if sel is not None and not sel.dense and x_c.device.type in SYNC_FREE_AUXK_DEVICES:
-            return self._auxk_fixed_shape(err, dead_mask.to(x_c.device), cd, sel)
+            return self._auxk_masked(x_c, err, dead_mask.to(x_c.device), cd, sel)
         dead_idx = dead_mask.to(x_c.device).nonzero().squeeze(1)  # [n_dead]
         n_dead = dead_idx.numel()
         if n_dead == 0:
@@ -201,22 +201,25 @@ class _TopKStyle(SAE):
         compute dtype or float32)."""
         return self.cfg.aux_coef * scale * row_sq_err(e_hat, err.detach()).mean()
 
-    def _auxk_fixed_shape(self, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
+    def _auxk_masked(self, x_c: Tensor, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
         """`_auxk` without a host sync, for GPUs (where `nonzero`, which sizes the dead list, stalls the CPU until
-        the queued kernels finish, every step): each row's top k_aux of the pre-activations with the live latents
-        masked out, a fixed [B, k_aux] shape. Live latents picked when fewer than k_aux are dead are multiplied
-        out, and non-positive picks are zeroed by the ReLU as before, so the loss and the gradients are
-        `_auxk`'s (tests/sae/test_auxk_sparse.py); with no dead latent the term is 0."""
+        the queued kernels finish, and a captured step allows none): each row's top k_aux of the pre-activations
+        with the live latents masked out, kept as a dense [B, F] 0/1 mask, and the term through dense products.
+        Live latents picked when fewer than k_aux are dead are masked out, and non-positive picks are zeroed by
+        the ReLU as before, so the loss and the gradients are `_auxk`'s (tests/sae/test_auxk_sparse.py); with no
+        dead latent the term is 0.
+
+        Why dense: k_aux = d/2 entries per row are ~9x the k active ones. Gathered per entry (4,096 x 288 rows of
+        W_enc and W_dec, forward and backward) they took most of an H200's step; as [B, F] matmuls, which that card
+        runs at hundreds of TFLOP/s, they cost about as much as the encoder's own product."""
         k_aux = int(self.cfg.k_aux)  # type: ignore[arg-type]
         with torch.no_grad():
             masked = sel.pre.masked_fill(~dead, float("-inf"))  # [B, F]
-            key_v, idx = _order_view(masked).topk(min(k_aux, self.cfg.d_sae), dim=1, sorted=False)  # [B, k_aux]
-            values = key_v.view(masked.dtype)
-            keep = dead[idx]  # [B, k_aux]: False where a live latent filled the row
-            pattern = SparsePattern(idx, self.cfg.d_sae)
+            _, idx = _order_view(masked).topk(min(k_aux, self.cfg.d_sae), dim=1, sorted=False)  # [B, k_aux]
+            keep = torch.zeros_like(sel.pre).scatter_(1, idx, dead[idx].to(sel.pre.dtype))  # [B, F] chosen dead
             scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
-        f_aux = gather_linear(values, sel.xs, self.W_enc, self.b_enc, pattern, sel.shift).float().relu() * keep
-        e_hat = self._sparse_decode(f_aux, pattern, cd)  # [B, d] in cd
+        pre = F.linear(x_c, self.W_enc.to(cd), self.b_enc.to(cd))  # [B, F], differentiable
+        e_hat = (torch.relu(pre) * keep) @ self.W_dec.to(cd)  # [B, d] in cd
         return self._aux_term(e_hat, err, scale)
 
     # ---------------------------------------------------------------- interface

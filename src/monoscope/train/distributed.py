@@ -322,6 +322,8 @@ class DistributedTrainer(Trainer):
     or its data-parallel replica (the whole SAE), and whose steps talk to the
     other ranks (module docstring)."""
 
+    graphable = False  # its step talks to the other ranks: not captured as a CUDA graph (`graph_step`)
+
     def __init__(self, sae: SAE, full_cfg: SAEConfig, config: TrainConfig, source: RankSlice, topo: Topology,
                  **kwargs: Any) -> None:
         super().__init__(sae, config, source, **kwargs)

@@ -159,6 +159,8 @@ class E2ETrainer(Trainer):
     """`Trainer` whose loss is measured through the model (module docstring); its source is a
     `ContextBatches` (possibly behind `Peeked`)."""
 
+    graphable = False  # its loss runs the model: not captured as a CUDA graph (`graph_step`)
+
     def __init__(self, *args: Any, lm: LoadedModel, hook: HookPoint, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.cfg.loss not in E2E_LOSSES:

@@ -30,7 +30,7 @@ into a no-op (no update, no step count), and the dead counters, metrics, buffers
 decoder renormalisation are masked by it. `check_pending` reads the verdicts at each log, checkpoint
 and the end, then counts skips or raises `NonFiniteError` naming the first bad step and row, as the
 eager test does; nothing unchecked is ever checkpointed. Both paths train bit for bit alike. AuxK
-takes no host sync on a GPU (`TopKSAE._auxk_fixed_shape`: a fixed-shape top-k over the masked
+takes no host sync on a GPU (`TopKSAE._auxk_masked`: a top-k over the masked
 pre-activations instead of the list of dead features). The host syncs left: for
 batchtopk in training, batch top-k's check for rows that need more candidates (one `any`, more when
 it redoes rows); for relu-l1 and jumprelu with sparse kernels, the active pattern (a `nonzero`).
@@ -64,6 +64,7 @@ from monoscope.train.checkpoint import Checkpoint, CheckpointSink, rng_state, se
 from monoscope.train.config import TrainConfig
 from monoscope.train.dead import DeadFeatureTracker, resample_dead
 from monoscope.train.fused_step import FusedAdamStep
+from monoscope.train.graph_step import GraphedStep
 from monoscope.train.optim import SignumScheduleFree, make_optimizer
 from monoscope.train.schedules import Schedule, schedule_at
 
@@ -115,6 +116,9 @@ class RunOutcome:
 
 class Trainer:
     """Trains `sae` in place on batches from `source` according to `config`."""
+
+    graphable = True
+    """Whether `graph_step` may capture this class's step on a GPU: False for subclasses that change the step."""
 
     def __init__(
         self,
@@ -174,6 +178,9 @@ class Trainer:
         self._pending = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._first_bad = torch.full((3,), -1, dtype=torch.int64, device=self.device)
         self._pending_rows: dict[int, Tensor] = {}
+        self._found_inf: Tensor | None = None  # fused Adam's skip flag, one tensor for every deferred step
+        self._graph = GraphedStep.make(self)
+        """On a GPU, the step captured as a CUDA graph (`graph_step`), or None."""
 
     # ---------------------------------------------------------------- one step
     def schedule(self, step: int | None = None) -> Schedule:
@@ -270,7 +277,8 @@ class Trainer:
         gradient removal, clipping -> (forward output, loss, gradient norm)."""
         sched = self.schedule()
         for group in self.optimizer.param_groups:
-            group["lr"] = sched.lr
+            if not isinstance(group["lr"], Tensor):  # a tensor: a captured step's, set before each replay
+                group["lr"] = sched.lr
         dead_mask = self.dead.dead() if self.use_auxk else None
         out = self.sae(x, sparsity_coef=sched.sparsity_coef, dead_mask=dead_mask)
         total = self._loss(batch, x, out)
@@ -292,36 +300,52 @@ class Trainer:
         """`train_step` without host syncs: the step always runs, and a non-finite batch, loss or
         gradient norm turns it into a no-op on the device (fused Adam's `found_inf` skips the update
         and its step count; dead counters, metrics and the decoder renormalisation are masked).
-        `check_pending` reads the verdict later and stops or counts the skip as the eager step would."""
+        `check_pending` reads the verdict later and stops or counts the skip as the eager step would.
+        Where `graph_step` applies, the same device work is replayed from a CUDA graph."""
         n = batch.acts.shape[0]
-        x = self.scaled(batch.acts)
+        if self._graph is not None and self._graph.run(batch.acts, self.schedule().lr, self.step):
+            x = out = ok = None
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # a replayed step leaves its gradients: add nothing to them
+            x, out, ok = self.device_step(batch, self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+        self._pending_rows[self.step] = batch.rows
+        self.step += 1
+        self.tokens += n
+        if self.step in self.resample_steps:  # rare: read the verdict now (resampling runs no captured step)
+            self.check_pending()
+            if x is not None and out is not None and ok is not None and bool(ok):
+                self._resample(x, out)
+
+    def device_step(self, batch: Batch, step: int | Tensor) -> tuple[Tensor, ForwardOutput, Tensor]:
+        """The device work of a deferred step (no host sync; what `graph_step` captures): forward, backward, the
+        masked update and the bookkeeping on the device -> (x, forward output, ok). `step`: this step's number
+        (a device scalar inside a captured step). The gradients are left in place."""
+        acts = batch.acts
+        x = self.scaled(acts)
         buffers = [(b, b.clone()) for b in self.sae.buffers()]  # state a forward updates (batchtopk's θ)
         out, total, grad_norm = self._forward_backward(batch, x)
         row_ok = torch.isfinite(x).all(1)  # [B]
         x_ok = row_ok.all()
         ok = x_ok & torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
-        self.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
+        if self._found_inf is None:
+            self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._found_inf.copy_(~ok)
+        self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.unit_norm_decoder:
             self.sae.normalize_decoder_(only_if=ok)
-        self.dead.update(out.fired & ok, ok.long() * n)
+        self.dead.update(out.fired & ok, ok.long() * acts.shape[0])
         for b, before in buffers:
             b.copy_(torch.where(ok, b, before))
         with torch.no_grad():
             vals = _metric_values(out, total, grad_norm).to(self._acc.dtype)
             self._acc += torch.where(ok, vals, torch.zeros_like(vals))
             self._pending += torch.stack([ok.long(), (~ok).long()])
-            first = torch.stack([torch.full((), self.step, dtype=torch.int64, device=self.device), x_ok.long(),
-                                 (~row_ok).long().argmax()])  # torch.full: no host-to-device copy
+            step_t = step if isinstance(step, Tensor) else torch.full((), step, dtype=torch.int64, device=self.device)
+            first = torch.stack([step_t, x_ok.long(), (~row_ok).long().argmax()])  # torch.full: no host-to-device copy
             self._first_bad.copy_(torch.where((self._first_bad[0] < 0) & ~ok, first, self._first_bad))
-        self._pending_rows[self.step] = batch.rows
-        self.step += 1
-        self.tokens += n
-        if self.step in self.resample_steps:  # rare: read the verdict now
-            self.check_pending()
-            if bool(ok):
-                self._resample(x, out)
+        return x, out, ok
 
     def check_pending(self) -> None:
         """Read the deferred finiteness verdicts (one host sync): fold the good steps into the metric
@@ -459,6 +483,7 @@ class Trainer:
         set_rng_state(ckpt.tensors["rng"])
         self._tok_log = self.tokens
         self._t_log = time.perf_counter()
+        self._graph = GraphedStep.make(self)  # the optimiser's state tensors were replaced: capture again
 
     @contextmanager
     def averaged_weights(self) -> Iterator[None]:
