@@ -35,7 +35,9 @@ pre-activations instead of the list of dead features). The host syncs left: for
 batchtopk in training, batch top-k's check for rows that need more candidates (one `any`, more when
 it redoes rows); for relu-l1 and jumprelu with sparse kernels, the active pattern (a `nonzero`).
 Each sizes a tensor or takes a branch, so it cannot be deferred. On a GPU, `train()` also reads the
-store through `prefetch.DevicePrefetch` (reads and copies on a background thread).
+store through `prefetch.DevicePrefetch` (reads and copies on a background thread), and a TopK or transcoder
+step, having no host sync left, is captured once as a CUDA graph and replayed per batch (`graph_step.py`;
+`device_step` is the device work both run).
 
 Resume is exact because everything the next step reads is in `state()`: SAE, Adam, dead counters,
 data cursor, step, RNG states, metric accumulators; schedules and resampling draws are functions
