@@ -186,21 +186,19 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     from monoscope.train.graph_step import GraphedStep
 
-    replays = [0]
-    saved_run = GraphedStep.run
+    made: list[GraphedStep] = []  # every trainer's captured step (GraphedStep counts its replays and failure)
+    saved_init = GraphedStep.__init__
 
-    def counted(self: GraphedStep, *a: Any) -> bool:
-        done = saved_run(self, *a)
-        replays[0] += done
-        if self.failed:
-            replays.append(self.failed)  # type: ignore[arg-type]
-        return done
+    def init(self: GraphedStep, *a: Any) -> None:
+        saved_init(self, *a)
+        made.append(self)
 
-    GraphedStep.run = counted  # type: ignore[method-assign]
+    GraphedStep.__init__ = init  # type: ignore[method-assign]
     res = _run_child(spec, t_start)
-    res["graph_replays"] = replays[0]
-    if len(replays) > 1:
-        res["graph_failed"] = replays[-1]
+    res["graph_replays"] = sum(g.replays for g in made)
+    failed = [g.failed for g in made if g.failed]
+    if failed:
+        res["graph_failed"] = failed[0]
     return res
 
 

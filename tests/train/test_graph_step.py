@@ -23,15 +23,16 @@ from tests.train.test_transcoder_init import PairSource
 
 class Replayed:
     """Stands in for a CUDA graph: replay runs the recorded step again (a capture records without running). A
-    graph's backward writes the gradients it captured afresh each replay, as a backward into no gradients does."""
+    graph's backward writes its gradients into the memory it captured, never into the parameters' `.grad`, which
+    stays None between replays: the stand-in clears what its eager backward set."""
 
     def __init__(self, step: Any, params: list[torch.Tensor]) -> None:
         self.step, self.params = step, params
 
     def replay(self) -> None:
+        self.step()
         for p in self.params:
             p.grad = None
-        self.step()
 
 
 TRAINING: list[Trainer] = []  # the trainer `trained` runs now (whose parameters a replay's backward writes)
@@ -136,7 +137,9 @@ def test_which_trainers_are_captured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert reason("topk") == "MONOSCOPE_CUDA_GRAPH=0"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the real capture)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA GPU here: the real graph capture runs only on one (the tests above hold the same "
+                           "step against the deferred one with a stand-in that replays it on the CPU)")
 @pytest.mark.parametrize("arch", ["topk", "transcoder"])
 def test_the_captured_step_trains_like_the_deferred_step_on_a_gpu(arch: str) -> None:
     want = trained(arch, graphed=False, device="cuda")

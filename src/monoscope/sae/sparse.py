@@ -88,8 +88,8 @@ def entry_dots(g: Tensor, w: Tensor, pattern: SparsePattern, *, path: str | None
 
     Paths: "native", the C kernel for bf16 on a CPU (`monoscope.native.entry_dots`: ~2x aten's fused kernel there,
     with float32 sums and a float32 result); "aten", aten's fused kernel (the result in w's dtype); "gather", the rows
-    gathered and multiplied with a float32 sum, for CUDA, which has no bf16/fp16 version of aten's kernel (measured
-    on an H100 with torch 2.11: NotImplementedError). path=None picks the first that applies; a test passes each
+    gathered and multiplied with a float32 sum, for CUDA, where aten's kernel has no bf16/fp16 version (it raised
+    NotImplementedError on an H100 with torch 2.11). path=None picks the first that applies; a test passes each
     path by name to compare them."""
     if path is None:
         path = "gather" if g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) else "native"

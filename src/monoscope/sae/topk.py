@@ -158,7 +158,7 @@ class _TopKStyle(SAE):
                 f"dead_mask must be a bool tensor [{self.cfg.d_sae}], got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
         if sel is not None and not sel.dense and x_c.device.type in SYNC_FREE_AUXK_DEVICES:
-            return self._auxk_masked(x_c, err, dead_mask.to(x_c.device), cd, sel)
+            return self._auxk_masked(err, dead_mask.to(x_c.device), cd, sel)
         dead_idx = dead_mask.to(x_c.device).nonzero().squeeze(1)  # [n_dead]
         n_dead = dead_idx.numel()
         if n_dead == 0:
@@ -201,7 +201,7 @@ class _TopKStyle(SAE):
         compute dtype or float32)."""
         return self.cfg.aux_coef * scale * row_sq_err(e_hat, err.detach()).mean()
 
-    def _auxk_masked(self, x_c: Tensor, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
+    def _auxk_masked(self, err: Tensor, dead: Tensor, cd: torch.dtype, sel: _Selected) -> Tensor:
         """`_auxk` without a host sync, for GPUs (where `nonzero`, which sizes the dead list, stalls the CPU until
         the queued kernels finish, and a captured step allows none): each row's top k_aux of the pre-activations
         with the live latents masked out, kept as a dense [B, F] 0/1 mask, and the term through dense products.
@@ -218,7 +218,7 @@ class _TopKStyle(SAE):
             _, idx = _order_view(masked).topk(min(k_aux, self.cfg.d_sae), dim=1, sorted=False)  # [B, k_aux]
             keep = torch.zeros_like(sel.pre).scatter_(1, idx, dead[idx].to(sel.pre.dtype))  # [B, F] chosen dead
             scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
-        pre = F.linear(x_c, self.W_enc.to(cd), self.b_enc.to(cd))  # [B, F], differentiable
+        pre = F.linear(sel.x_c, self.W_enc.to(cd), self.b_enc.to(cd))  # [B, F], differentiable (b_dec's too)
         e_hat = (torch.relu(pre) * keep) @ self.W_dec.to(cd)  # [B, d] in cd
         return self._aux_term(e_hat, err, scale)
 

@@ -100,7 +100,6 @@ class GraphedStep:
                 self._capture(acts)
             except Exception as e:
                 self.failed = f"{type(e).__name__}: {e}"
-                self.graph = None
                 self.trainer.optimizer.zero_grad(set_to_none=True)
                 warnings.warn(f"CUDA graph capture of the training step failed, training goes on without it "
                               f"({self.failed.splitlines()[0][:300]}); set {ENV_SWITCH}=0 to skip the attempt",
@@ -136,7 +135,9 @@ class GraphedStep:
             for g in groups:
                 g["lr"], g["capturable"] = self.lr, True
             self.graph = record(lambda: t.device_step(batch, self.step), warm, dev)
-            t.optimizer.zero_grad(set_to_none=True)  # the graph keeps its gradients' memory; eager steps start anew
+            # the graph keeps its gradients' memory and replays write there, not to `.grad`: a later eager step
+            # (another batch shape) starts from no gradients, as every deferred step does
+            t.optimizer.zero_grad(set_to_none=True)
         finally:
             for g, (lr, capturable) in zip(groups, saved, strict=True):
                 g["lr"], g["capturable"] = lr, capturable

@@ -180,7 +180,8 @@ class Trainer:
         self._pending = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._first_bad = torch.full((3,), -1, dtype=torch.int64, device=self.device)
         self._pending_rows: dict[int, Tensor] = {}
-        self._found_inf: Tensor | None = None  # fused Adam's skip flag, one tensor for every deferred step
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        """Fused Adam's skip flag in the deferred step: one tensor, so a captured step reads the one it was given."""
         self._graph = GraphedStep.make(self)
         """On a GPU, the step captured as a CUDA graph (`graph_step`), or None."""
 
@@ -305,18 +306,17 @@ class Trainer:
         `check_pending` reads the verdict later and stops or counts the skip as the eager step would.
         Where `graph_step` applies, the same device work is replayed from a CUDA graph."""
         n = batch.acts.shape[0]
-        if self._graph is not None and self._graph.run(batch.acts, self.schedule().lr, self.step):
-            x = out = ok = None
-        else:
-            self.optimizer.zero_grad(set_to_none=True)  # a replayed step leaves its gradients: add nothing to them
-            x, out, ok = self.device_step(batch, self.step)
+        eager = None
+        if self._graph is None or not self._graph.run(batch.acts, self.schedule().lr, self.step):
+            eager = self.device_step(batch, self.step)
             self.optimizer.zero_grad(set_to_none=True)
         self._pending_rows[self.step] = batch.rows
         self.step += 1
         self.tokens += n
-        if self.step in self.resample_steps:  # rare: read the verdict now (resampling runs no captured step)
+        if self.step in self.resample_steps and eager is not None:  # rare: read the verdict now (never captured)
             self.check_pending()
-            if x is not None and out is not None and ok is not None and bool(ok):
+            x, out, ok = eager
+            if bool(ok):
                 self._resample(x, out)
 
     def device_step(self, batch: Batch, step: int | Tensor) -> tuple[Tensor, ForwardOutput, Tensor]:
@@ -330,8 +330,6 @@ class Trainer:
         row_ok = torch.isfinite(x).all(1)  # [B]
         x_ok = row_ok.all()
         ok = x_ok & torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
-        if self._found_inf is None:
-            self._found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
         self._found_inf.copy_(~ok)
         self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
         self.optimizer.step()
