@@ -1,0 +1,104 @@
+"""The dead window of TopK-style SAEs on short runs: the default, 1/40 of the run (`TrainConfig.dead_window`),
+against floors of N mean-rate firings (N x F / k tokens; at N = 64 a feature firing at a sixteenth of the mean rate
+or more is called dead with under 2% chance), on two corpora: held-out FVU, features never active on the held-out rows,
+tokens/s. Each run alone, one after the other (A B per cell). The default is unchanged until this says it should.
+
+    python benchmarks/dead_window_sweep.py --data default=/tmp/tvp-seq --data pydoc=/tmp/tvp-seq-pydoc \
+        --tokens 200k,500k --floors 64 -> benchmarks/results/dead_window_sweep.json
+    ... --tokens 900k --floors 64,128,256 --name dead_window_sweep_900k
+
+A --data folder is what `train_vs_peers.py` prepares (`train_store/`, `heldout.safetensors`), so the held-out rows
+are those of the speed benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import write_result  # noqa: E402
+from monoscope.train import train  # noqa: E402
+from monoscope.units import parse_count  # noqa: E402
+
+
+def load_now() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def d_sae(width: str, d: int) -> int:
+    return int(width[:-1]) * d if width.endswith("x") else int(width)
+
+
+@torch.no_grad()
+def heldout(sae: Any, rows: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
+    """FVU in raw scale and the share of features never active over `rows` [N, d]."""
+    sae.eval()
+    err = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for s in range(0, rows.shape[0], chunk):
+        x = rows[s:s + chunk].float()
+        out = sae(sae.scale(x))
+        err += float((x - sae.unscale(out.x_hat).float()).pow(2).sum())
+        fired |= out.fired.cpu()
+    x = rows.double()
+    denom = float((x - x.mean(0)).pow(2).sum())
+    return {"fvu": err / denom, "dead_heldout": float((~fired).float().mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", action="append", required=True, metavar="NAME=DIR",
+                    help="a folder prepared by train_vs_peers.py (train_store/, heldout.safetensors); repeatable")
+    ap.add_argument("--tokens", default="200k,500k", help="comma-separated run lengths")
+    ap.add_argument("--arch", default="topk")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--width", default="16x")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--floors", default="64", help="comma-separated floors in mean-rate firings (window >= N F / k)")
+    ap.add_argument("--name", default="dead_window_sweep")
+    args = ap.parse_args()
+    load_start = load_now()
+    cells = []
+    for item in args.data:
+        name, _, folder = item.partition("=")
+        rows = load_file(str(Path(folder) / "heldout.safetensors"))["rows"]
+        for tokens in [int(parse_count(t)) for t in args.tokens.split(",")]:
+            for firings in [0] + [int(v) for v in args.floors.split(",") if v.strip()]:
+                rule = f"floor {firings}F/k" if firings else "tokens/40"
+                window = max(args.batch, tokens // 40, firings * d_sae(args.width, rows.shape[1]) // args.k)
+                out = Path(tempfile.mkdtemp(prefix="dws-"))
+                try:
+                    res = train(out / "sae", store=str(Path(folder) / "train_store"), arch=args.arch, k=args.k,
+                                width=args.width, tokens=tokens, batch_size=args.batch, dead_window=window,
+                                seed=0, progress=False, checkpoint_every=0)
+                    cell = {"data": name, "tokens": res.tokens, "rule": rule,
+                            "dead_window": window,
+                            "tokens_per_s": res.tokens / res.seconds, "train_s": res.seconds,
+                            **heldout(res.sae, rows), "load": load_now()}
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+                print(json.dumps(cell), flush=True)
+                cells.append(cell)
+    path = write_result(args.name, {
+        "what": "dead window of TopK-style SAEs: tokens/40 (the default) against floors of N mean-rate firings",
+        "command": "python benchmarks/dead_window_sweep.py " + " ".join(sys.argv[1:]),
+        "config": {"arch": args.arch, "k": args.k, "width": args.width, "batch": args.batch},
+        "load": {"start": load_start, "end": load_now()}, "cells": cells})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
