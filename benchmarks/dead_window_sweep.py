@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,10 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import write_result  # noqa: E402
 from monoscope.train import train  # noqa: E402
 from monoscope.units import parse_count  # noqa: E402
-
-
-def load_now() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
+from peers import load_now  # noqa: E402
 
 
 def d_sae(width: str, d: int) -> int:
