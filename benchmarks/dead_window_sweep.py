@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,29 +28,21 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import write_result  # noqa: E402
+from monoscope.sae.config import parse_width  # noqa: E402
 from monoscope.train import train  # noqa: E402
 from monoscope.units import parse_count  # noqa: E402
-from peers import load_now  # noqa: E402
+from peers import HeldOut, evaluate, load_now  # noqa: E402
+from train_vs_peers import _mono_recon  # noqa: E402
 
 
-def d_sae(width: str, d: int) -> int:
-    return int(width[:-1]) * d if width.endswith("x") else int(width)
-
-
-@torch.no_grad()
-def heldout(sae: Any, rows: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
-    """FVU in raw scale and the share of features never active over `rows` [N, d]."""
-    sae.eval()
-    err = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for s in range(0, rows.shape[0], chunk):
-        x = rows[s:s + chunk].float()
-        out = sae(sae.scale(x))
-        err += float((x - sae.unscale(out.x_hat).float()).pow(2).sum())
-        fired |= out.fired.cpu()
-    x = rows.double()
-    denom = float((x - x.mean(0)).pow(2).sum())
-    return {"fvu": err / denom, "dead_heldout": float((~fired).float().mean())}
+def heldout(sae: Any, held: HeldOut) -> dict[str, float]:
+    """Held-out FVU in raw scale and the share of features never active, as the speed benchmarks measure them."""
+    recon, restore = _mono_recon(sae)()
+    try:
+        ev = evaluate(recon, held, sae.cfg.d_sae)
+    finally:
+        restore()
+    return {"fvu": ev["fvu"], "dead_heldout": ev["dead_heldout_frac"]}
 
 
 def main() -> None:
@@ -70,11 +61,12 @@ def main() -> None:
     cells = []
     for item in args.data:
         name, _, folder = item.partition("=")
-        rows = load_file(str(Path(folder) / "heldout.safetensors"))["rows"]
+        held = HeldOut(load_file(str(Path(folder) / "heldout.safetensors"))["rows"])
+        n_features = parse_width(args.width, held.rows.shape[1])
         for tokens in [int(parse_count(t)) for t in args.tokens.split(",")]:
             for firings in [0] + [int(v) for v in args.floors.split(",") if v.strip()]:
                 rule = f"floor {firings}F/k" if firings else "tokens/40"
-                window = max(args.batch, tokens // 40, firings * d_sae(args.width, rows.shape[1]) // args.k)
+                window = max(args.batch, tokens // 40, firings * n_features // args.k)
                 out = Path(tempfile.mkdtemp(prefix="dws-"))
                 try:
                     res = train(out / "sae", store=str(Path(folder) / "train_store"), arch=args.arch, k=args.k,
@@ -83,7 +75,7 @@ def main() -> None:
                     cell = {"data": name, "tokens": res.tokens, "rule": rule,
                             "dead_window": window,
                             "tokens_per_s": res.tokens / res.seconds, "train_s": res.seconds,
-                            **heldout(res.sae, rows), "load": load_now()}
+                            **heldout(res.sae, held), "load": load_now()}
                 finally:
                     shutil.rmtree(out, ignore_errors=True)
                 print(json.dumps(cell), flush=True)
