@@ -196,3 +196,37 @@ def test_block_backward_with_transposed_copies_matches(monkeypatch: pytest.Monke
     for narrow, wide in zip(*grads, strict=True):
         assert torch.allclose(wide, narrow, rtol=tol, atol=tol * float(narrow.abs().max())), (narrow, wide)
     assert bool((grads[1][1] != 0).any())
+
+
+def test_padded_width_rounds_up_to_few_shapes() -> None:
+    from monoscope.sae.sparse import padded_width
+
+    assert [padded_width(n) for n in (1, 63, 64, 65, 600, 1024, 1025, 1280, 1281, 6000)] == \
+        [64, 64, 64, 128, 640, 1024, 1280, 1280, 1536, 6144]
+
+
+@pytest.mark.parametrize("min_block", [10**9, 1])  # the narrow and the wide (transposed-copies) backward
+def test_padded_block_gives_the_unpadded_results(monkeypatch: pytest.MonkeyPatch, min_block: int) -> None:
+    """A block handed with zero columns of codes and zero rows of we_block past its features (`padded_width`) gives
+    the unpadded block's output and every gradient: the padding never reaches a result."""
+    from monoscope.sae import sparse
+
+    monkeypatch.setattr(sparse, "TRANSPOSED_GRAD_MIN_BLOCK", min_block)
+    gen = torch.Generator().manual_seed(0)
+    n_rows, d, n_feat = 40, 12, 30
+    cols = torch.tensor([1, 4, 5, 9, 17, 22, 29])
+    x = torch.randn(n_rows, d, generator=gen)
+    params = [torch.randn(n_feat, d, generator=gen), torch.randn(n_feat, generator=gen),
+              torch.randn(n_feat, d, generator=gen), torch.randn(d, generator=gen)]
+    upstream = torch.randn(n_rows, d, generator=gen)
+    results = []
+    for n_pad in (len(cols), 16):
+        w_enc, b_enc, w_dec, shift = (p.clone().requires_grad_() for p in params)
+        we = sparse.pad_rows(w_enc.detach().index_select(0, cols), n_pad)
+        codes = torch.relu(x @ we.t() + sparse.pad_rows(b_enc.detach()[cols], n_pad))
+        assert codes.shape == (n_rows, n_pad)
+        out = sparse.block_linear_decode(codes, cols, x, w_enc, we, b_enc, w_dec, shift)
+        (out * upstream).sum().backward()
+        results.append([out.detach(), *(t.grad for t in (w_enc, b_enc, w_dec, shift))])
+    for unpadded, padded in zip(*results, strict=True):
+        torch.testing.assert_close(padded, unpadded, rtol=1e-6, atol=1e-6)

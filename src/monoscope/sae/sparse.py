@@ -242,7 +242,7 @@ class _BlockLinearDecode(torch.autograd.Function):
         w_dec: Tensor,
         row_grads: bool,
     ) -> Tensor:
-        wd = w_dec.index_select(0, cols).to(codes.dtype)  # [n, d]
+        wd = pad_rows(w_dec.index_select(0, cols).to(codes.dtype), codes.shape[1])  # [n_pad, d]
         ctx.save_for_backward(codes, wd, cols, x_c, w_enc, we_block)
         ctx.meta = (w_enc.dtype, b_enc.dtype, None if x_shift is None else x_shift.dtype, w_dec.dtype, w_dec.shape[0])
         ctx.row_grads = row_grads
@@ -263,11 +263,12 @@ class _BlockLinearDecode(torch.autograd.Function):
         torch.ops.aten.threshold_backward.grad_input(d_pre, f, 0, grad_input=d_pre)
         grad_x = grad_we = grad_be = grad_sh = grad_wd = g_feat = None
         n_rows, d = x_c.shape
+        n = cols.numel()  # the block's own features: the padding's rows and columns are cut off every gradient
         if need[2]:
             grad_x = (d_pre @ we_block.to(f.dtype)).to(x_c.dtype)  # [B, d]
         wide = f.shape[1] >= TRANSPOSED_GRAD_MIN_BLOCK
         if need[3] and not wide:
-            grad_we = _rows_grad(cols, (d_pre.t() @ x_c.to(f.dtype)).to(we_dtype), w_enc.shape, ctx.row_grads)
+            grad_we = _rows_grad(cols, (d_pre.t() @ x_c.to(f.dtype))[:n].to(we_dtype), w_enc.shape, ctx.row_grads)
         elif need[3]:
             # the weight gradients as [d, B] @ [B, n] with both operands contiguous, transposed after: oneDNN takes
             # d_preᵀ @ x as a transposed operand, which it copies and multiplies ~1.5x slower (at 4,096 x 4,200 dead:
@@ -277,22 +278,45 @@ class _BlockLinearDecode(torch.autograd.Function):
             x_t[:d].copy_(x_c.t())
             x_t[d].fill_(1)
             prod = x_t @ d_pre  # [d + 1, n]
-            grad_we = _rows_grad(cols, prod[:d].t().to(we_dtype, memory_format=torch.contiguous_format), w_enc.shape,
-                                 ctx.row_grads)
-            g_feat = prod[d].float()  # [n]
+            grad_we = _rows_grad(cols, prod[:d, :n].t().to(we_dtype, memory_format=torch.contiguous_format),
+                                 w_enc.shape, ctx.row_grads)
+            g_feat = prod[d, :n].float()  # [n]
         if need[5] or need[6]:
             if g_feat is None:
-                g_feat = d_pre.sum(0, dtype=torch.float32)  # [n]
+                g_feat = d_pre[:, :n].sum(0, dtype=torch.float32)  # [n]
             if need[5]:
                 grad_be = torch.zeros(w_enc.shape[0], dtype=be_dtype, device=f.device).index_copy_(
                     0, cols, g_feat.to(be_dtype))
             if need[6]:  # x_c = x − shift: d shift = −Σ_f g_feat[f] · W_enc[f]
-                grad_sh = -(g_feat @ we_block.float()).to(sh_dtype)
+                grad_sh = -(g_feat @ we_block[:n].float()).to(sh_dtype)
         if need[7]:
-            prod = (g.t().contiguous() @ f).t() if wide else f.t() @ g  # [n, d]
-            grad_wd = _rows_grad(cols, prod.to(wd_dtype, memory_format=torch.contiguous_format), (n_feat, wd.shape[1]),
-                                 ctx.row_grads)
+            prod = (g.t().contiguous() @ f).t() if wide else f.t() @ g  # [n_pad, d]
+            grad_wd = _rows_grad(cols, prod[:n].to(wd_dtype, memory_format=torch.contiguous_format),
+                                 (n_feat, wd.shape[1]), ctx.row_grads)
         return None, None, grad_x, grad_we, None, grad_be, grad_sh, grad_wd, None
+
+
+BLOCK_PAD = 64
+"""`block_linear_decode`'s callers pad a block of n features to a multiple of this many (`padded_width`; 4x this
+above 1,024): oneDNN builds a new matmul kernel for every shape it has not seen, ~2-4 ms per product on a 2-core AMX
+CPU against ~0.7 for the product itself at 4,096 x 576 x 200, and AuxK's dead count, the block's width, changes
+almost every step. Measured there in a 220-step training run: the dead block's forward product took 3.2 ms per step
+unpadded, and its five products ~15 ms of a ~130 ms step."""
+
+
+def padded_width(n: int) -> int:
+    """n rounded up to the block width `block_linear_decode` is handed (`BLOCK_PAD`)."""
+    step = BLOCK_PAD if n <= 16 * BLOCK_PAD else 4 * BLOCK_PAD
+    return -(-n // step) * step
+
+
+def pad_rows(t: Tensor, n: int) -> Tensor:
+    """t [m, ...] with zero rows appended up to n rows (t itself when it has n)."""
+    if t.shape[0] == n:
+        return t
+    out = t.new_zeros((n, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
 
 
 def _rows_grad(cols: Tensor, rows: Tensor, shape: tuple[int, ...] | torch.Size, sparse: bool) -> Tensor:
@@ -320,9 +344,11 @@ def block_linear_decode(
     row_grads: bool = False,
 ) -> Tensor:
     """Σ_j codes[b, j] · w_dec[cols[j]] -> [B, d] over a block of features, in codes' dtype, with the gradients
-    that `gather_linear` followed by `sparse_decode` would give for the entries where codes > 0. codes: [B, n] the
-    block's chosen ReLU'd pre-activations (of x_c @ w_enc[cols].T + b_enc[cols], computed without autograd), 0
-    elsewhere; we_block: w_enc[cols] as the caller gathered it for them (no grad; its backward reuses it).
+    that `gather_linear` followed by `sparse_decode` would give for the entries where codes > 0. codes: [B, n_pad]
+    the block's chosen ReLU'd pre-activations (of x_c @ w_enc[cols].T + b_enc[cols], computed without autograd), 0
+    elsewhere, including the n_pad − n columns past the block's n = len(cols) (`padded_width`: the padding keeps the
+    matmuls' shapes few); we_block [n_pad, d]: w_enc[cols] as the caller gathered it for them, zero rows after (no
+    grad; its backward reuses it).
 
     Why: when the chosen entries all lie in a block of n features not much wider than the k chosen per row
     (AuxK: k_aux of the n dead latents), three matmuls over the block beat the per-entry embedding-bag kernels

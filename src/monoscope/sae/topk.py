@@ -41,7 +41,14 @@ from monoscope import native
 from monoscope.errors import MonoscopeError
 from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
 from monoscope.sae.config import SAEConfig
-from monoscope.sae.sparse import SparsePattern, block_linear_decode, gather_linear, row_sq_err
+from monoscope.sae.sparse import (
+    SparsePattern,
+    block_linear_decode,
+    gather_linear,
+    pad_rows,
+    padded_width,
+    row_sq_err,
+)
 
 SYNC_FREE_AUXK_DEVICES: set[str] = {"cuda"}
 """Device types whose AuxK takes a top-k over masked pre-activations and dense products (`_auxk_masked`) instead of
@@ -167,9 +174,13 @@ class _TopKStyle(SAE):
         k_aux = min(k_aux_cfg, n_dead)
         scale = min(n_dead / k_aux_cfg, 1.0)
         if sel is not None and not sel.dense and _block_auxk(x_c.device, cd, n_dead, k_aux_cfg):
-            with torch.no_grad():  # the dead block's pre-activations: one [B, n_dead] matmul beats a column gather
-                we_dead = self.W_enc.index_select(0, dead_idx)  # [n_dead, d], reused by the block's backward
-                pre_dead = F.linear(sel.xs.detach(), we_dead.to(cd), self.b_enc.index_select(0, dead_idx).to(cd))
+            with torch.no_grad():  # the dead block's pre-activations: one [B, n_pad] matmul beats a column gather
+                # padded with zero rows to a width of few values (`sparse.padded_width`): their pre-activations are 0,
+                # never chosen, so every result is the unpadded block's
+                n_pad = padded_width(n_dead)
+                we_dead = pad_rows(self.W_enc.index_select(0, dead_idx), n_pad)  # reused by the block's backward
+                pre_dead = F.linear(sel.xs.detach(), we_dead.to(cd), pad_rows(self.b_enc.index_select(0, dead_idx),
+                                                                              n_pad).to(cd))
                 # each row's top k_aux ReLU'd entries, in place: the C kernel (`native.relu_topk_rows`), or PyTorch
                 codes = pre_dead if native.relu_topk_rows(pre_dead, k_aux) else _relu_topk_rows(pre_dead, k_aux)
             # joint_backward: the main path's gather_linear and sparse_decode give W_enc and W_dec dense gradients
