@@ -1,7 +1,8 @@
-"""The dead window of TopK-style SAEs on short runs: the default, 1/40 of the run (`TrainConfig.dead_window`),
-against floors of N mean-rate firings (N x F / k tokens; at N = 64 a feature firing at a sixteenth of the mean rate
-or more is called dead with under 2% chance), on two corpora: held-out FVU, features never active on the held-out rows,
-tokens/s. Each run alone, one after the other (A B per cell). The default is unchanged until this says it should.
+"""The dead window of TopK-style SAEs on short runs: 1/40 of the run, against floors of N mean-rate firings (N x F / k
+tokens; at N = 64 a feature firing at a sixteenth of the mean rate or more is called dead with under 2% chance), on
+two corpora: held-out FVU, features never active on the held-out rows, tokens/s. Each run alone, one after the other
+(A B per cell), every window passed explicitly. This sweep chose the default (`TrainConfig.dead_window`: 1/40 of the
+run with the floor at 64, `DEAD_WINDOW_FIRINGS`).
 
     python benchmarks/dead_window_sweep.py --data default=/tmp/tvp-seq --data pydoc=/tmp/tvp-seq-pydoc \
         --tokens 200k,500k --floors 64 -> benchmarks/results/dead_window_sweep.json
@@ -81,7 +82,7 @@ def main() -> None:
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
     path = write_result(args.name, {
-        "what": "dead window of TopK-style SAEs: tokens/40 (the default) against floors of N mean-rate firings",
+        "what": "dead window of TopK-style SAEs: tokens/40 against floors of N mean-rate firings",
         "command": "python benchmarks/dead_window_sweep.py " + " ".join(sys.argv[1:]),
         "config": {"arch": args.arch, "k": args.k, "width": args.width, "batch": args.batch},
         "load": {"start": load_start, "end": load_now()}, "cells": cells})

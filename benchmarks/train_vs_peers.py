@@ -308,7 +308,8 @@ def child_monoscope_train(spec: dict[str, Any], ctl: Any = None) -> dict[str, An
     call_s = time.perf_counter() - t0
     result: dict[str, Any] = {
         "train_s": res.seconds, "call_s": call_s, "steps": res.steps, "tokens": res.tokens,
-        "dead_train_frac": res.metrics.get("dead_frac"), "own_dead_window": res.config.dead_window_tokens,
+        "dead_train_frac": res.metrics.get("dead_frac"),
+        "own_dead_window": res.config.dead_window_tokens(res.sae.cfg.d_sae),
         "last_log": res.metrics, "notes": res.notes,
         "settings": {"api": "monoscope.train.train(store=train_store, ...)", "train_config": res.config.to_dict(),
                      "compute_dtype": str(res.sae.compute_dtype()).split(".")[-1],

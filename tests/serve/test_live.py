@@ -78,7 +78,9 @@ def test_streamed_steering_equals_monoscope_steer(client: TestClient, tiny_run: 
     t = open_target(tiny_run / "sae", device="cpu", compute_dtype="fp32")
     want = side_by_side(t, [Edit(fid, "clamp", "8x")], "the quick", max_new_tokens=12, temperature=0.8, seed=3)
     assert done["default"] == want["default"] and done["steered"] == want["steered"]
-    assert done["steered"] != done["default"]
+    # the edit moves the model's probabilities (on this random tiny model the sampled texts may still coincide:
+    # its next-token distribution is near uniform, and both runs draw the same random numbers)
+    assert max(abs(tok["delta"]) for tok in want["tokens"]["default"]) > 0.1
     assert done["edits"][0]["raw_value"] == pytest.approx(8 * float(t.max_acts[fid]))
 
 

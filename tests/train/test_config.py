@@ -40,9 +40,15 @@ def test_invalid_settings_name_the_value_and_the_fix(kwargs: dict, needle: str) 
 def test_derived_values() -> None:
     cfg = TrainConfig(arch="relu-l1", tokens=1_000_000, batch_size=1000)
     assert cfg.steps == 1000 and cfg.sparsity_coef == 5.0 and cfg.revive_method == "resample"
-    assert cfg.dead_window_tokens == 25_000  # 1/40 of a run shorter than 400M tokens
+    assert cfg.dead_window_tokens(9216) == 25_000  # 1/40 of a run shorter than 400M tokens; no floor without k
     assert cfg.resample_steps == (200, 400, 600)
-    assert TrainConfig(arch="relu-l1", tokens=10**9).dead_window_tokens == 10_000_000
+    assert TrainConfig(arch="relu-l1", tokens=10**9).dead_window_tokens(9216) == 10_000_000
+    # topk-style: at least 64 mean-rate firings (64 · F / k tokens), 1/40 of the run above that, 10M at most
+    assert TrainConfig(arch="topk", tokens=200_000, k=32).dead_window_tokens(9216) == 18_432
+    assert TrainConfig(arch="topk", tokens=1_000_000, k=32).dead_window_tokens(9216) == 25_000
+    assert TrainConfig(arch="batchtopk", tokens=100_000, k=64, batch_size=8192).dead_window_tokens(4096) == 8192
+    assert TrainConfig(arch="topk", tokens=10**8, k=1).dead_window_tokens(2**20) == 10_000_000
+    assert TrainConfig(arch="topk", tokens=200_000, k=32, dead_window=7).dead_window_tokens(9216) == 7
     topk = TrainConfig(arch="topk", tokens=10_000, k=32)
     assert topk.revive_method == "auxk" and topk.resample_steps == ()
     assert topk.d_sae(576) == 9216 and abs(topk.learning_rate(576) - 1.5e-3 / (9216 / 2**14) ** 0.5) < 1e-12

@@ -40,6 +40,9 @@ RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoint
 """Fields that may change between a run and its resumption: they do not touch the numbers."""
 
 DEFAULT_DEAD_WINDOW = 10_000_000
+DEAD_WINDOW_FIRINGS = 64
+"""The default dead window of a topk-style SAE holds at least this many mean-rate firings (`TrainConfig.dead_window`):
+at 64, a feature firing at a sixteenth of the mean rate or more is called dead with under 2% chance."""
 """Tokens without firing after which a feature counts as dead (Scaling Monosemanticity: 10^7)."""
 
 _DEFAULT_SPARSITY = {"relu-l1": 5.0, "jumprelu": 1.0, "gated": 5.0}
@@ -131,7 +134,12 @@ class TrainConfig:
     """A feature is dead when it has not fired for this many tokens. Default: 10M (the paper), or
     1/40 of the run when that is shorter, so AuxK and resampling act early in short runs (a window
     as long as the run would only call a feature dead after training ended). Measured on a 1M-token
-    topk run: window 200k -> 8.9% of features never fire on held-out rows, 25k -> 1.8%."""
+    topk run: window 200k -> 8.9% of features never fire on held-out rows, 25k -> 1.8%. For topk-style
+    SAEs never below 64·F/k tokens (`DEAD_WINDOW_FIRINGS`): shorter, a feature firing at the mean rate k/F
+    fires ~64 times per window, and a window of a few steps calls merely rare features dead; measured on
+    two corpora (`benchmarks/dead_window_sweep.py`), runs of 200k and 500k tokens then trained at the same
+    held-out FVU, 1-20% faster, with fewer features never active on held-out rows (200k: 12.3% -> 5.9%
+    and 16.5% -> 9.2%)."""
 
     revive: Revive = "auto"
     """How dead features are revived: auxk (topk-style only), resample (Anthropic's resampling; not transcoders),
@@ -328,12 +336,14 @@ class TrainConfig:
             return "none"
         return "auxk" if self.arch in TOPK_STYLE else "resample" if self.arch == "relu-l1" else "none"
 
-    @property
-    def dead_window_tokens(self) -> int:
-        """`dead_window` with the default resolved (see the field)."""
+    def dead_window_tokens(self, d_sae: int) -> int:
+        """`dead_window` with the default resolved for a dictionary of d_sae features (see the field)."""
         if self.dead_window is not None:
             return self.dead_window
-        return max(self.batch_size, min(DEFAULT_DEAD_WINDOW, self.tokens // 40))
+        window = self.tokens // 40
+        if self.arch in TOPK_STYLE and self.k:
+            window = max(window, DEAD_WINDOW_FIRINGS * d_sae // self.k)
+        return max(self.batch_size, min(DEFAULT_DEAD_WINDOW, window))
 
     @property
     def resample_steps(self) -> tuple[int, ...]:

@@ -158,7 +158,7 @@ class Trainer:
         # parameters' version counters alone)
         self.optimizer.register_step_post_hook(lambda *_: sae.invalidate_copies())
         """The CPU's two-pass optimiser step (`fused_step`), or None: the PyTorch path."""
-        self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens, self.device)
+        self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens(sae.cfg.d_sae), self.device)
         self.step = 0
         self.tokens = 0
         self.skipped = 0
