@@ -7,6 +7,7 @@ uninterrupted run of the same world size; impossible combinations are one-line e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -70,6 +71,16 @@ def wait_for_checkpoint(out: Path, procs: list[Any], after: int = 0) -> None:
         assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "no checkpoint appeared"
         time.sleep(0.005)
     assert all(p.is_alive() for p in procs), "the run finished before it could be stopped: give it more steps"
+
+
+def test_sharded_default_dead_window_counts_the_whole_dictionary(store: Path, tmp_path: Path) -> None:
+    """The default dead window's floor (64·F/k tokens) counts the whole dictionary's F, not a shard's: a sharded run
+    calls the same features dead as one process does."""
+    cfg = config(dead_window=None)
+    out = tmp_path / "sae"
+    assert [r["code"] for r in run_ranks(2, tmp_path, store=store, out=out, config=cfg, shard_features=2)] == [0, 0]
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((ckpt / "state.json").read_text())["dead_window"] == cfg.dead_window_tokens(128) == 2048
 
 
 def test_killed_rank_stops_the_others_then_resume_is_exact(store: Path, tmp_path: Path) -> None:

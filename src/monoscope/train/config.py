@@ -40,10 +40,10 @@ RUNTIME_FIELDS: frozenset[str] = frozenset({"checkpoint_every", "keep_checkpoint
 """Fields that may change between a run and its resumption: they do not touch the numbers."""
 
 DEFAULT_DEAD_WINDOW = 10_000_000
+"""Tokens without firing after which a feature counts as dead (Scaling Monosemanticity: 10^7)."""
 DEAD_WINDOW_FIRINGS = 64
 """The default dead window of a topk-style SAE holds at least this many mean-rate firings (`TrainConfig.dead_window`):
 at 64, a feature firing at a sixteenth of the mean rate or more is called dead with under 2% chance."""
-"""Tokens without firing after which a feature counts as dead (Scaling Monosemanticity: 10^7)."""
 
 _DEFAULT_SPARSITY = {"relu-l1": 5.0, "jumprelu": 1.0, "gated": 5.0}
 
