@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from machine import write_result  # noqa: E402
 from monoscope.sae.config import parse_width  # noqa: E402
 from monoscope.train import train  # noqa: E402
+from monoscope.train.config import dead_window_rule  # noqa: E402
 from monoscope.units import parse_count  # noqa: E402
 from peers import HeldOut, evaluate, load_now  # noqa: E402
 from train_vs_peers import _mono_recon  # noqa: E402
@@ -67,7 +68,7 @@ def main() -> None:
         for tokens in [int(parse_count(t)) for t in args.tokens.split(",")]:
             for firings in [0] + [int(v) for v in args.floors.split(",") if v.strip()]:
                 rule = f"floor {firings}F/k" if firings else "tokens/40"
-                window = max(args.batch, tokens // 40, firings * n_features // args.k)
+                window = dead_window_rule(tokens, args.batch, n_features, args.k, firings)
                 out = Path(tempfile.mkdtemp(prefix="dws-"))
                 try:
                     res = train(out / "sae", store=str(Path(folder) / "train_store"), arch=args.arch, k=args.k,

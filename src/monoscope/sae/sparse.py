@@ -312,11 +312,7 @@ def padded_width(n: int) -> int:
 
 def pad_rows(t: Tensor, n: int) -> Tensor:
     """t [m, ...] with zero rows appended up to n rows (t itself when it has n)."""
-    if t.shape[0] == n:
-        return t
-    out = t.new_zeros((n, *t.shape[1:]))
-    out[: t.shape[0]] = t
-    return out
+    return t if t.shape[0] == n else F.pad(t, (0, 0) * (t.dim() - 1) + (0, n - t.shape[0]))
 
 
 def _rows_grad(cols: Tensor, rows: Tensor, shape: tuple[int, ...] | torch.Size, sparse: bool) -> Tensor:

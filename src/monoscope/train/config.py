@@ -45,6 +45,18 @@ DEAD_WINDOW_FIRINGS = 64
 """The default dead window of a topk-style SAE holds at least this many mean-rate firings (`TrainConfig.dead_window`):
 at 64, a feature firing at a sixteenth of the mean rate or more is called dead with under 2% chance."""
 
+
+
+def dead_window_rule(tokens: int, batch: int, d_sae: int, k: int | None, firings: int = DEAD_WINDOW_FIRINGS) -> int:
+    """1/40 of a run of `tokens`, at least `firings` mean-rate firings (firings·d_sae/k tokens, when k is given), at
+    least a batch, at most `DEFAULT_DEAD_WINDOW`: the default dead window (`TrainConfig.dead_window`), and the rule
+    `benchmarks/dead_window_sweep.py` varies `firings` of."""
+    window = tokens // 40
+    if k:
+        window = max(window, firings * d_sae // k)
+    return max(batch, min(DEFAULT_DEAD_WINDOW, window))
+
+
 _DEFAULT_SPARSITY = {"relu-l1": 5.0, "jumprelu": 1.0, "gated": 5.0}
 
 
@@ -340,10 +352,7 @@ class TrainConfig:
         """`dead_window` with the default resolved for a dictionary of d_sae features (see the field)."""
         if self.dead_window is not None:
             return self.dead_window
-        window = self.tokens // 40
-        if self.arch in TOPK_STYLE and self.k:
-            window = max(window, DEAD_WINDOW_FIRINGS * d_sae // self.k)
-        return max(self.batch_size, min(DEFAULT_DEAD_WINDOW, window))
+        return dead_window_rule(self.tokens, self.batch_size, d_sae, self.k if self.arch in TOPK_STYLE else None)
 
     @property
     def resample_steps(self) -> tuple[int, ...]:

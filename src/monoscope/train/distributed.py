@@ -326,8 +326,7 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, sae: SAE, full_cfg: SAEConfig, config: TrainConfig, source: RankSlice, topo: Topology,
                  **kwargs: Any) -> None:
-        super().__init__(sae, config, source, **kwargs)
-        self.dead.window = config.dead_window_tokens(full_cfg.d_sae)  # the whole dictionary's, as one process has it
+        super().__init__(sae, config, source, dictionary_size=full_cfg.d_sae, **kwargs)
         self.topo = topo
         self.full_cfg = full_cfg
         self.sharded_topk = full_cfg.arch in SELECT_SHARDED

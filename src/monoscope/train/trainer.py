@@ -132,6 +132,7 @@ class Trainer:
         log: MetricsSink | None = None,
         describe_row: Callable[[int], str] | None = None,
         meta: dict[str, Any] | None = None,
+        dictionary_size: int | None = None,
     ) -> None:
         self.sae = sae.train()
         sae.joint_backward = True  # every step backpropagates mse + sparsity + aux as one loss
@@ -158,7 +159,10 @@ class Trainer:
         # parameters' version counters alone)
         self.optimizer.register_step_post_hook(lambda *_: sae.invalidate_copies())
         """The CPU's two-pass optimiser step (`fused_step`), or None: the PyTorch path."""
-        self.dead = DeadFeatureTracker(sae.cfg.d_sae, config.dead_window_tokens(sae.cfg.d_sae), self.device)
+        # the window from the whole dictionary's size (`dictionary_size`: a feature shard's trainer gives it), the
+        # counters for this SAE's own features
+        window = config.dead_window_tokens(dictionary_size or sae.cfg.d_sae)
+        self.dead = DeadFeatureTracker(sae.cfg.d_sae, window, self.device)
         self.step = 0
         self.tokens = 0
         self.skipped = 0
