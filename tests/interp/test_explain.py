@@ -146,9 +146,13 @@ def test_feature_selection_and_arguments(db_path: Path) -> None:
         explain_features(db_path.parent / "nowhere", FakeLLM(), progress=False)
 
 
+OPENED: list[dict[str, object]] = []  # what each _fake_open_llm call was given
+
+
 @contextlib.contextmanager
 def _fake_open_llm(spec: str, **kw: object) -> Iterator[FakeLLM]:
     assert spec == "openai:fake" and kw["endpoint"] == "http://127.0.0.1:9/v1" and kw["max_concurrency"] == 2
+    OPENED.append(kw)
     yield FakeLLM(model_name="fake")
 
 
@@ -165,6 +169,7 @@ def test_cli(db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     out = capsys.readouterr().out
     assert "explained 2 of 2 features with fake" in out and "digits and numbers" in out and "fuzzing" in out
     assert f"monoscope show runs/x/sae 0 --db {db_path}" in out
+    assert OPENED[-1]["n_threads"] is None  # llm.default_threads() decides
     with FeatureDB.open(db_path) as db:
         asked = [json.loads(d)["settings"] for (d,) in db.conn.execute("SELECT details FROM scores WHERE scorer IN "
                                                                        "('detection', 'fuzzing') ORDER BY scorer")]
@@ -181,6 +186,15 @@ def test_cli(db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         parser.parse_args(["explain", "runs/x/sae", "--classify-method", "vibes"])
     err = capsys.readouterr().err
     assert "argument --classify-method: invalid choice: 'vibes' (choose from 'logprob', 'text')" in err
+    assert OPENED[-1]["n_threads"] is None
+    args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--endpoint", "http://127.0.0.1:9/v1",
+                              "--features", "0,2", "--scorers", "detection", "--db", str(db_path),
+                              "--concurrency", "2", "--quiet", "--threads", "3"])
+    assert args.func(args) == 0 and OPENED[-1]["n_threads"] == 3
+    args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--threads", "0"])
+    with pytest.raises(MonoscopeError) as e:
+        args.func(args)
+    assert str(e.value) == ("--threads 0: use 1 or more CPU threads (or leave it out: the cores not busy now)")
     args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--scorers", "bogus"])
     with pytest.raises(MonoscopeError, match="unknown scorer"):
         args.func(args)

@@ -277,3 +277,33 @@ def test_parse_completion_shapes() -> None:
     assert none.error and "no message content" in none.error
     assert parse_completion('"just a string"').error
     assert yes_probability(None) is None and yes_probability([{"Maybe": -0.1}]) is None
+
+
+def test_default_threads_leave_busy_cores_to_other_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import monoscope.interp.llm as llm_mod
+
+    cases = [(2, 0.0, 2), (2, 1.0, 1), (2, 3.0, 1), (16, 3.4, 13), (16, 12.0, 8), (1, 0.0, 1), (2, math.inf, 1)]
+    for cores, busy, want in cases:
+        monkeypatch.setattr(llm_mod.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        monkeypatch.setattr(llm_mod, "busy_cores", lambda b=busy: b)
+        assert llm_mod.default_threads() == want, (cores, busy)
+
+
+def test_busy_cores_reads_runnable_tasks_less_the_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import io
+
+    import monoscope.interp.llm as llm_mod
+
+    reads = iter(["1.9 1.5 1.2 3/80 4606\n", "1.9 1.5 1.2 1/80 4607\n", "1.9 1.5 1.2 4/80 4608\n"])
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: io.StringIO(next(reads)) if p == "/proc/loadavg"
+                        else real_open(p, *a, **k))
+    assert llm_mod.busy_cores(reads=3, gap_s=0) == 2.0  # median of 2, 0, 3 runnable others
+
+    def no_proc(p: str, *a: object, **k: object) -> object:
+        raise FileNotFoundError(p)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(llm_mod.os, "getloadavg", lambda: (0.7, 0.5, 0.2))
+    assert llm_mod.busy_cores(gap_s=0) == 0.7  # no /proc: the 1-minute load average

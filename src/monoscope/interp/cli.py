@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from monoscope.errors import MonoscopeError
 from monoscope.features.show import existing_db_path
 from monoscope.fileio import check_output_dir
 from monoscope.interp.explain import (
@@ -82,6 +83,8 @@ def add_explain_parser(subparsers: Any) -> None:
     p.add_argument("--db", default=None, help="feature database (default: the one monoscope features wrote for "
                    "SAE_DIR)")
     p.add_argument("--concurrency", type=int, default=4, help="LLM requests in flight at once (default 4)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of a local: model (default: the cores not busy now, at least half of them)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help=f"seconds one attempt may wait for an answer (default {DEFAULT_TIMEOUT_S:g}; local models: "
                         f"this times --concurrency); after {STALL_AFTER_TIMEOUTS} timed-out attempts in a row the run "
@@ -97,6 +100,9 @@ def add_explain_parser(subparsers: Any) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     scorers = parse_scorers(args.scorers)  # argument errors first, then the files
+    if args.threads is not None and args.threads < 1:
+        raise MonoscopeError(f"--threads {args.threads}: use 1 or more CPU threads (or leave it out: the cores not "
+                             "busy now)")
     parse_features(args.features)
     classify = {n: {"method": args.classify_method} for n in ("detection", "fuzzing") if n in scorers}
     if "intervention" in scorers:
@@ -109,7 +115,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                            db_path=args.db, progress=not args.quiet, max_concurrency=args.concurrency,
                            cache=not args.no_cache, timeout_s=args.timeout, retries=args.retries, model=args.model,
                            device=args.device, steer_strength=args.steer_strength,
-                           style=args.prompt, scorer_options=classify)
+                           style=args.prompt, scorer_options=classify, n_threads=args.threads)
     print_explain_summary(res, sae_dir=args.sae, db_arg=args.db)
     check_explained(res)  # every request failed: exit non-zero with the reason
     return 0

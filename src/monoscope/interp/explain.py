@@ -277,7 +277,7 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
                      model: str | None = None, device: str = "auto",
                      steer_strength: str | float = INTERVENTION_STRENGTH,
                      scorer_options: dict[str, dict[str, Any]] | None = None,
-                     style: str | None = None) -> ExplainResult:
+                     style: str | None = None, n_threads: int | None = None) -> ExplainResult:
     """Explain and score `features` of the SAE whose database is at `db_path` (default: beside `sae_dir`).
 
     `llm_spec` is "openai:MODEL" or "local:PATH" (opened with monoscope.interp.llm.open_llm; answers cached in
@@ -290,6 +290,7 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
     `style`: the explainer prompt, "full" or "compact" (prompts.format_compact_evidence: ~400 tokens instead of
     ~1,400, written for small local models); None = compact for `local:` specs, full otherwise. Explanations and
     scores are stored under the style's prompt version, so both styles can live in one database.
+    `n_threads`: CPU threads of a `local:` model (default `llm.default_threads()`).
     """
     names = parse_scorers(scorers)
     style = default_style(llm_spec) if style is None else style
@@ -325,7 +326,8 @@ def explain_features(sae_dir: str | Path, llm_spec: str | LLMLike, *, endpoint: 
             if retries is not None:
                 limits["retries"] = retries
             llm: LLMLike = stack.enter_context(open_llm(llm_spec, endpoint=endpoint, cache=cache_path,
-                                                        max_concurrency=max_concurrency, **limits))
+                                                        max_concurrency=max_concurrency, n_threads=n_threads,
+                                                        **limits))
         else:
             llm = llm_spec
         model = str(llm.model_name)

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import sqlite3
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -261,14 +262,38 @@ class LocalServer:
 
 
 def default_threads() -> int:
-    """Half the usable cores. llama.cpp's threads wait on each other at every step, so one that the OS
-    deschedules stalls them all: with both cores of a shared 2-core machine SmolLM2 fell from 36 to 2
-    tokens/s while another job ran. Half the cores is also llama.cpp's own choice on hyperthreaded CPUs."""
+    """The usable cores less those other work keeps busy now (`busy_cores`), and at least half of them.
+
+    llama.cpp's threads wait on each other at every step, so one that the OS deschedules stalls them all: with
+    both cores of a shared 2-core machine SmolLM2 fell from 36 to 2 tokens/s while another job ran, hence half
+    the cores on a busy machine. On a quiet one every core pays: on a quiet 2-core Zen 4, 14 requests to
+    Qwen2.5-Coder-1.5B (12 one-excerpt detection prompts and 2 short completions, 2 in flight) took 57-60 s on
+    1 thread and 30-33 s on 2. `--threads` overrides this."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 2
-    return max(1, cores // 2)
+    busy = busy_cores()
+    return max(1, cores // 2, cores - (cores if math.isinf(busy) else round(busy)))
+
+
+def busy_cores(reads: int = 5, gap_s: float = 0.02) -> float:
+    """Tasks running or runnable now other than this reader: /proc/loadavg's fourth field less one, the median of
+    `reads` reads `gap_s` apart (instantaneous, unlike the load averages, which still count a job that ended a
+    minute ago); else the 1-minute load average; inf where neither exists (then the machine counts as shared)."""
+    counts = []
+    try:
+        for i in range(reads):
+            if i:
+                time.sleep(gap_s)
+            with open("/proc/loadavg", encoding="ascii") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        return float(statistics.median(counts))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return math.inf
 
 
 # --- the client -------------------------------------------------------------------------------------------
@@ -561,7 +586,7 @@ def open_llm(spec: str, *, endpoint: str | None = None, cache: str | os.PathLike
     `monoscope.interp.models`, `default` = the strongest installed, announced through `notify`).
 
     The API key is OPENAI_API_KEY, or "none" (local servers ignore it). `n_ctx` (tokens per request) and
-    `n_threads` (default: half the cores) only apply to local models, whose timeout is `timeout_s` times
+    `n_threads` (default: `default_threads()`) only apply to local models, whose timeout is `timeout_s` times
     `max_concurrency`. `price_per_mtok` is (prompt, completion) per million tokens.
     """
     kind, sep, rest = spec.partition(":")
