@@ -210,6 +210,13 @@ def test_marks_hash_and_parsers() -> None:
     assert parse_explanation("blah\nExplanation: digits in dates.") == "digits in dates"
     assert parse_explanation("<think>hmm\nExplanation: no</think>\n\"numbers\"") == "numbers"
     assert parse_explanation("**Explanation:**\nFrench words") == "French words"
+    assert parse_explanation('The feature detects the word "IO" in the excerpts. Explanation: The feature is detecting '
+                             'the word "IO" in the text excerpts, which is a common abbreviation') == \
+        'the word "IO" in the excerpts'
+    assert parse_explanation("Sure. Explanation: opening brackets of Markdown links.") == \
+        "opening brackets of Markdown links"
+    assert parse_explanation("The feature detects Python imports") == "Python imports"
+    assert parse_explanation("The feature detects commas") == "The feature detects commas"  # nothing left
     assert parse_explanation("") is None and parse_explanation("...\n  \n") is None and parse_explanation(None) is None
     assert len(parse_explanation("word " * 200) or "") <= prompts.MAX_EXPLANATION_CHARS
 

@@ -331,7 +331,7 @@ def parse_explanation(text: str | None) -> str | None:
         if m:
             pick = m.group(1).strip() or (lines[i + 1] if i + 1 < len(lines) else "")
     if pick is None:
-        pick = lines[-1]
+        pick = _one_phrase(lines[-1])
     s = pick.strip().strip("*_`").strip()
     if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'“”":
         s = s[1:-1].strip()
@@ -343,6 +343,21 @@ def parse_explanation(text: str | None) -> str | None:
     if not re.search(r"\w", s):
         return None
     return s
+
+
+_MID_EXPLANATION = re.compile(r"[*_\s]*\bexplanation[*_\s]*[:：][*_\s]*", re.I)
+_BOILERPLATE = re.compile(r"^(?:the|this) feature (?:detects|identifies|looks for|fires on)\s+(?=\S+\s+\S)", re.I)
+
+
+def _one_phrase(line: str) -> str:
+    """A one-line answer as its phrase. Small local models often answer "The feature detects X. Explanation: The
+    feature is detecting X, which ..." on one line: the shortest part of at least 3 words is the phrase (a 1-2
+    word lead-in such as "Sure." is not), and a leading "The feature detects" is dropped: with
+    Qwen2.5-Coder-1.5B the phrase kept is about half as long and scores the same detection."""
+    parts = [p.strip() for p in _MID_EXPLANATION.split(line) if p.strip()]
+    long = [p for p in parts if len(p.split()) >= 3]
+    pick = min(long, key=len) if long else max(parts, key=len) if parts else line
+    return _BOILERPLATE.sub("", pick)
 
 
 def parse_number_list(text: str | None, n: int, lo: float, hi: float) -> list[float] | None:
