@@ -228,5 +228,7 @@ def test_padded_block_gives_the_unpadded_results(monkeypatch: pytest.MonkeyPatch
         out = sparse.block_linear_decode(codes, cols, x, w_enc, we, b_enc, w_dec, shift)
         (out * upstream).sum().backward()
         results.append([out.detach(), *(t.grad for t in (w_enc, b_enc, w_dec, shift))])
+    # not bit-exact everywhere: a wider product may take another kernel with another summation order (on a Zen 4
+    # CPU one of 480 outputs moved by 2e-6 relative); padding that leaked into a result would move it by O(1)
     for unpadded, padded in zip(*results, strict=True):
-        torch.testing.assert_close(padded, unpadded, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
