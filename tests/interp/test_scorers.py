@@ -217,6 +217,7 @@ def test_marks_hash_and_parsers() -> None:
         "opening brackets of Markdown links"
     assert parse_explanation("The feature detects Python imports") == "Python imports"
     assert parse_explanation("The feature detects commas") == "The feature detects commas"  # nothing left
+    assert parse_explanation('The feature detects "IO" (6), "TY" (1)') == 'The feature detects "IO" (6), "TY" (1)'
     assert parse_explanation("") is None and parse_explanation("...\n  \n") is None and parse_explanation(None) is None
     assert len(parse_explanation("word " * 200) or "") <= prompts.MAX_EXPLANATION_CHARS
 

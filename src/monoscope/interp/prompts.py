@@ -346,7 +346,8 @@ def parse_explanation(text: str | None) -> str | None:
 
 
 _MID_EXPLANATION = re.compile(r"[*_\s]*\bexplanation[*_\s]*[:：][*_\s]*", re.I)
-_BOILERPLATE = re.compile(r"^(?:the|this) feature (?:detects|identifies|looks for|fires on)\s+(?=\S+\s+\S)", re.I)
+_BOILERPLATE = re.compile(r"^(?:the|this) feature (?:detects|identifies|looks for|fires on)\s+"
+                          r"(?=[^\s\"'“`]\S*\s+\S)", re.I)  # kept when a quoted token or one word would be left
 
 
 def _one_phrase(line: str) -> str:
