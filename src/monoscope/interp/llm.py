@@ -274,7 +274,8 @@ def default_threads() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 2
     busy = busy_cores()
-    return max(1, cores // 2, cores - (cores if math.isinf(busy) else round(busy)))
+    idle = 0 if math.isinf(busy) else cores - round(busy)
+    return max(1, cores // 2, idle)
 
 
 def busy_cores(reads: int = 5, gap_s: float = 0.02) -> float:

@@ -46,7 +46,6 @@ DEAD_WINDOW_FIRINGS = 64
 at 64, a feature firing at a sixteenth of the mean rate or more is called dead with under 2% chance."""
 
 
-
 def dead_window_rule(tokens: int, batch: int, d_sae: int, k: int | None, firings: int = DEAD_WINDOW_FIRINGS) -> int:
     """1/40 of a run of `tokens`, at least `firings` mean-rate firings (firings·d_sae/k tokens, when k is given), at
     least a batch, at most `DEFAULT_DEAD_WINDOW`: the default dead window (`TrainConfig.dead_window`), and the rule
