@@ -8,10 +8,12 @@ Runs `explain_features` on the `--features` most interesting features (default 2
 as `monoscope explain` does, `--chunk` features per call so the JSON is rewritten (atomically) after every
 chunk: a run stopped early keeps what finished (`completed` says how many). `--examples N` is the scoring
 sample per feature: N held-out activating and N non-activating excerpts for detection (N activating for
-fuzzing, half of them mis-marked). `--method logprob` (the scorers' default) asks one excerpt per request
-and reads P("1") from the answer's log-probabilities: the value is the balanced accuracy at the median
-threshold, and the JSON adds per feature the AUROC, the accuracy at 0.5 and the text answers' accuracy;
-`--method text --batch B` is the old way (B excerpts per request, a generated 0/1 array).
+fuzzing, half of them mis-marked). `--method calibrated` (the scorers' default) and `--method logprob` ask one
+excerpt per request and read P("1") from the answer's log-probabilities (calibrated: less the log-odds of the
+same excerpt under a content-free explanation): the value is the balanced accuracy at the median threshold, and
+the JSON adds per feature the AUROC, the accuracy at 0.5, the text answers' accuracy and, when calibrated, the
+uncalibrated value and AUROC (so one calibrated run reports both); `--method text --batch B` is the old way
+(B excerpts per request, a generated 0/1 array).
 Writes benchmarks/results/NAME.json: the model and its file, prompt style and version, sample sizes, mean and
 quartiles per scorer, every feature's explanation and scores, failures, wall time, the LLM usage, the machine
 and its load average before and after (the machine is shared: absolute times vary; accuracies do not depend
@@ -31,7 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import RESULTS, describe
 
-EXTRA = ("auroc", "balanced_accuracy_at_0.5", "text_balanced_accuracy", "threshold", "method", "logprob_fallback")
+EXTRA = ("auroc", "balanced_accuracy_at_0.5", "text_balanced_accuracy", "threshold", "method", "logprob_fallback",
+         "calibration_fallback", "uncalibrated")
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -46,7 +49,7 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=20)
     ap.add_argument("--scorers", default="detection")
     ap.add_argument("--examples", type=int, default=5)
-    ap.add_argument("--method", default="logprob", choices=["logprob", "text"])
+    ap.add_argument("--method", default="calibrated", choices=["calibrated", "logprob", "text"])
     ap.add_argument("--batch", type=int, default=None, help="excerpts per scoring request (method text only)")
     ap.add_argument("--prompt", default=None, choices=["full", "compact"])
     ap.add_argument("--concurrency", type=int, default=2)
@@ -79,7 +82,7 @@ def main() -> None:
             chunk = fids[i:i + args.chunk]
             res = explain_features(args.sae, llm, features=",".join(map(str, chunk)) + ",", scorers=scorers,
                                    progress=False, scorer_options=opts,
-                                   style=args.prompt or default_style(args.llm))
+                                   style=args.prompt or default_style(args.llm, llm))
             for k, v in res.seconds.items():
                 stages[k] = stages.get(k, 0.0) + v
             for f in res.features:
@@ -99,6 +102,9 @@ def main() -> None:
                 if n in ("detection", "fuzzing"):
                     for k in ("auroc", "balanced_accuracy_at_0.5", "text_balanced_accuracy"):
                         s[f"mean_{k}"] = _mean([per[f].get(f"{n}_details", {}).get(k) for f in per])
+                    for k in ("value", "auroc"):
+                        s[f"mean_uncalibrated_{k}"] = _mean([per[f].get(f"{n}_details", {}).get("uncalibrated", {})
+                                                             .get(k) for f in per])
                     s["methods"] = sorted({str(per[f].get(f"{n}_details", {}).get("method")) for f in per})
                 summary[n] = s
             doc = {
@@ -111,7 +117,10 @@ def main() -> None:
                                                 f"excerpts per feature, {batch} per request, method {args.method}",
                                    "fuzzing": f"{args.examples} activating excerpts per feature, half mis-marked, "
                                               f"method {args.method}"},
-                "value": ("balanced accuracy at the median of the feature's P('1') scores (scorers."
+                "value": ("balanced accuracy at the median of the feature's log-odds of P('1') less those under "
+                          "a content-free explanation (scorers.median_threshold_accuracy)"
+                          if args.method == "calibrated" else
+                          "balanced accuracy at the median of the feature's P('1') scores (scorers."
                           "median_threshold_accuracy)" if args.method == "logprob" else
                           "balanced accuracy of the generated 0/1 answers"),
                 "scorer_is_explainer": True, "concurrency": args.concurrency,

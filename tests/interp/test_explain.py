@@ -20,9 +20,11 @@ from monoscope.features.db import FeatureDB
 from monoscope.interp import prompts
 from monoscope.interp.cli import add_explain_parser, print_explain_summary
 from monoscope.interp.explain import explain_features, parse_features, parse_scorers
-from monoscope.interp.prompts import PROMPT_VERSION, evidence_sha256, format_explain_evidence
+from monoscope.interp.prompts import PROMPT_VERSION, Evidence, evidence_sha256, format_explain_evidence
 from monoscope.interp.scorers import ALL_SCORERS, SCORER_NAMES
 from tests.interp.test_scorers import FakeLLM, build_db, competent, evidence
+
+FRENCH = '; fires on tokens such as "boulangerie", "merci", "château", "bonjour"'  # feature 1's explanation suffix
 
 
 @pytest.fixture()
@@ -41,7 +43,10 @@ def test_explain_scores_and_idempotent_rerun(db_path: Path) -> None:
     t0 = time.perf_counter()
     llm = FakeLLM()
     res = explain_features(db_path.parent.parent / "sae", llm, features="0,1,2", progress=False)
-    assert res.explanations == {0: "digits and numbers", 1: "French words", 2: "names of animals"}
+    # the phrase, then the four most frequent marked tokens of the explainer's evidence
+    animals = 'names of animals; fires on tokens such as "sheep", "tiger", "dog", "rabbit"'
+    assert res.explanations == {0: 'digits and numbers; fires on tokens such as "1", "9", "2", "5"',
+                                1: f"French words{FRENCH}", 2: animals}
     assert res.model == "fake-competent" and not res.explain_failures
     assert llm.batches == [None] * 5  # explain + four LLM scorers, one batch each (embedding needs no LLM)
     expl, scores = _rows(db_path)
@@ -50,7 +55,7 @@ def test_explain_scores_and_idempotent_rerun(db_path: Path) -> None:
             assert (model, version) == ("fake-competent", PROMPT_VERSION) and created_by.startswith("monoscope")
             assert sha == evidence_sha256(format_explain_evidence(evidence(db, f)))  # the evidence shown
             assert text == res.explanations[f]
-        assert db.search_labels("animals") == [(2, "names of animals")]
+        assert db.search_labels("animals") == [(2, animals)]
     assert len(scores) == 3 * 5 and {s[2] for s in scores} == set(SCORER_NAMES)
     for f, model, scorer, value, details in scores:
         d = json.loads(details)
@@ -86,9 +91,10 @@ def test_changed_evidence_is_explained_again(db_path: Path) -> None:
     res = explain_features("x", llm, features="1,", scorers="detection", db_path=db_path, progress=False)
     assert res.explanations_reused == 0 and res.scores_reused == {"detection": 0} and llm.calls > 1
     (new,), (score,) = _rows(db_path)
-    assert new[3] != old[3] and new[4] == "French food words" and score[3] == 1.0
+    assert new[3] != old[3] and new[4] == f"French food words{FRENCH}" and score[3] == 1.0
     with FeatureDB.open(db_path) as db:  # the search index holds the new explanation, not the old, and the label
-        assert db.search_labels("food") == [(1, "French food words")] and db.search_labels('"French words"') == []
+        assert db.search_labels("food") == [(1, f"French food words{FRENCH}")]
+        assert db.search_labels('"French words"') == []
         assert db.search_labels("fromage") == [(1, "' fromage'")]
 
 
@@ -173,7 +179,7 @@ def test_cli(db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     with FeatureDB.open(db_path) as db:
         asked = [json.loads(d)["settings"] for (d,) in db.conn.execute("SELECT details FROM scores WHERE scorer IN "
                                                                        "('detection', 'fuzzing') ORDER BY scorer")]
-    assert asked == [['{"method": "logprob"}']] * 4  # (this fake has no log-probs: each fell back to text answers)
+    assert asked == [['{"method": "calibrated"}']] * 4  # (this fake has no log-probs: each fell back to text answers)
     args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--endpoint", "http://127.0.0.1:9/v1",
                               "--features", "0,2", "--scorers", "detection", "--db", str(db_path),
                               "--concurrency", "2", "--quiet", "--classify-method", "text"])
@@ -185,7 +191,7 @@ def test_cli(db_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     with pytest.raises(SystemExit):
         parser.parse_args(["explain", "runs/x/sae", "--classify-method", "vibes"])
     err = capsys.readouterr().err
-    assert "argument --classify-method: invalid choice: 'vibes' (choose from 'logprob', 'text')" in err
+    assert "argument --classify-method: invalid choice: 'vibes' (choose from 'calibrated', 'logprob', 'text')" in err
     assert OPENED[-1]["n_threads"] is None
     args = parser.parse_args(["explain", "runs/x/sae", "--llm", "openai:fake", "--endpoint", "http://127.0.0.1:9/v1",
                               "--features", "0,2", "--scorers", "detection", "--db", str(db_path),
@@ -228,6 +234,18 @@ def test_compact_prompt_style_is_stored_under_its_own_version(db_path: Path, tmp
     from monoscope.interp.prompts import COMPACT_VERSION, compact_explain_messages, format_compact_evidence
 
     assert default_style("local:default") == "compact" and default_style("openai:gpt-4o-mini") == "full"
+
+    class Local:  # an open local LLM: its server runs here, its name is the GGUF file's
+        server = object()
+
+        def __init__(self, model_name: str) -> None:
+            self.model_name = model_name
+
+    assert default_style("local:default", Local("qwen2.5-coder-1.5b-instruct.gguf")) == "full"
+    assert default_style(Local("qwen2.5-coder-1.5b-instruct.gguf")) == "full"
+    assert default_style("local:small", Local("qwen2.5-coder-0.5b-instruct.gguf")) == "compact"
+    assert default_style("local:/m/other.gguf", Local("other.gguf")) == "compact"
+    assert default_style(FakeLLM()) == "full"  # an open LLM behind an endpoint
     with FeatureDB.open(db_path) as db:
         ev = evidence(db, 1)
         full, compact = format_explain_evidence(ev), format_compact_evidence(ev)
@@ -241,7 +259,8 @@ def test_compact_prompt_style_is_stored_under_its_own_version(db_path: Path, tmp
 
     res = explain_features("x", FakeLLM(), features="0,1,2", scorers="detection", db_path=db_path, style="compact",
                            progress=False)
-    assert res.prompt_version == COMPACT_VERSION and res.explanations[1] == "French words"
+    assert res.prompt_version == COMPACT_VERSION  # the phrase, then the prompt's most frequent marked tokens
+    assert res.explanations[1] == f"French words{FRENCH}"
     assert res.scores["detection"][1].value == 1.0
     expl, scores = _rows(db_path)
     assert {(e[1], e[2]) for e in expl} == {("fake-competent", COMPACT_VERSION)}
@@ -260,3 +279,19 @@ def test_compact_prompt_style_is_stored_under_its_own_version(db_path: Path, tmp
     with FeatureDB.open(db_path) as src, FeatureDB.open(copy) as dst:
         assert carry_over(src, dst) == (3, 3, 0)
     assert _rows(copy) == (expl, scores)
+
+
+def test_explanation_names_the_frequent_tokens_not_yet_quoted(db_path: Path) -> None:
+    from monoscope.interp.prompts import MAX_EXPLANATION_CHARS, frequent_marked_tokens, with_frequent_tokens
+
+    with FeatureDB.open(db_path) as db:
+        ev = evidence(db, 1)
+    assert [t for t, _ in frequent_marked_tokens(ev.explain, 6)] == ["boulangerie", "merci", "château", "bonjour",
+                                                                     "fromage", "croissant"]
+    assert with_frequent_tokens('the words "bonjour" and \'merci\'', ev) == (
+        'the words "bonjour" and \'merci\'; fires on tokens such as "boulangerie", "château", "fromage", '
+        '"croissant"')
+    long = "x" * (MAX_EXPLANATION_CHARS - 40)
+    assert with_frequent_tokens(long, ev) == long + '; fires on tokens such as "boulangerie"'
+    assert with_frequent_tokens("y" * MAX_EXPLANATION_CHARS, ev) == "y" * MAX_EXPLANATION_CHARS
+    assert with_frequent_tokens("nothing marked", Evidence(9, 1.0)) == "nothing marked"

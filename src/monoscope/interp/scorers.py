@@ -12,14 +12,16 @@ Choices are deterministic (seeded by the feature id), so a rerun asks the same q
 
 - detection (Paulo et al. 2024, delphi): explanation + a shuffled mix of activating and non-activating
   excerpts, unmarked; the model says which contain the feature. Value: balanced accuracy (mean of the hit
-  rates on activating and on non-activating excerpts), 0.5 = chance. By default (method "logprob", as delphi's
-  log-prob scoring) one excerpt per request, scored by P("1") / (P("1") + P("0")) read from the answer's
-  log-probabilities and thresholded at the median of the feature's excerpts (a yes-biased small model then
-  still scores by its ranking; details add the AUROC and the text answers' accuracy); method "text" asks 5
-  per request and parses a 0/1 array. The method is in the score's details and its key.
+  rates on activating and on non-activating excerpts), 0.5 = chance. By default (method "calibrated") one
+  excerpt per request, scored by the log-odds of P("1") / (P("1") + P("0")) read from the answer's
+  log-probabilities (delphi's log-prob scoring) less the log-odds the same excerpt gets under a content-free
+  explanation (contextual calibration, see CLASSIFY_METHODS), thresholded at the median of the feature's
+  excerpts (a yes-biased small model then still scores by its ranking; details add the AUROC, the uncalibrated
+  scores and the text answers' accuracy); method "logprob" skips the calibration; method "text" asks 5 per
+  request and parses a 0/1 array. The method is in the score's details and its key.
 - fuzzing (delphi): activating excerpts, half with the active tokens marked, half with the same number of
   marks moved to random inactive tokens; the model says whether the marks fit the explanation.
-  Value: balanced accuracy, by either method as detection.
+  Value: balanced accuracy, by any method as detection.
 - simulation (Bills et al. 2023): the model predicts a 0-10 activation for every token of 4 activating and
   2 non-activating excerpts; value: Pearson correlation with the true activations over all their tokens
   (0 when the prediction is constant).
@@ -192,11 +194,24 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 # ---------------------------------------------------------------------------------------------- classification
-CLASSIFY_METHODS = ("logprob", "text")
-"""How detection and fuzzing read the model: "logprob" (default) asks one excerpt per request and reads
-P("1") / (P("1") + P("0")) from the answer token's log-probabilities (delphi's log-prob scoring); "text" asks
-`batch_size` excerpts per request and parses the generated JSON 0/1 array (the scorers' first method)."""
-DEFAULT_CLASSIFY_METHOD = "logprob"
+CLASSIFY_METHODS = ("calibrated", "logprob", "text")
+"""How detection and fuzzing read the model: "logprob" asks one excerpt per request and reads
+P("1") / (P("1") + P("0")) from the answer token's log-probabilities (delphi's log-prob scoring); "calibrated"
+(default) does the same and subtracts, per excerpt, the log-odds the model gives that excerpt under a
+content-free explanation (`CALIBRATION_EXPLANATION`); "text" asks `batch_size` excerpts per request and parses
+the generated JSON 0/1 array (the scorers' first method).
+
+Why calibrate (contextual calibration, Zhao et al. 2021, "Calibrate before use"): a small scorer says "yes" to
+some excerpts whatever the explanation (code, lists, long words), so its P("1") ranks excerpts partly by how
+yes-prone they are. Dividing that out leaves what the explanation adds. The content-free answers do not depend
+on the explanation, so they are asked once per excerpt and reused from the answer cache by every feature,
+explanation and rerun that shows the same excerpt. Measured on the default run's 20 most interesting features
+with Qwen2.5-Coder-1.5B (benchmarks/results/explain_local_*): see the README's local-explainer table."""
+DEFAULT_CLASSIFY_METHOD = "calibrated"
+LOGPROB_METHODS = ("calibrated", "logprob")
+CALIBRATION_EXPLANATION = "N/A"
+"""The content-free explanation of the "calibrated" method (Zhao et al.'s choice)."""
+CALIBRATION_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before taking log-odds
 TEXT_BATCH_SIZE = 5  # excerpts per request of the "text" method
 LOGPROB_TOP = MAX_TOP_LOGPROBS  # candidates asked per position: "1" and "0" are found among them
 
@@ -204,13 +219,14 @@ LOGPROB_TOP = MAX_TOP_LOGPROBS  # candidates asked per position: "1" and "0" are
 def _check_classify(name: str, method: str, batch_size: int | None, n_examples: int) -> int:
     """The batch size to use; a one-line error for an unknown method or a bad size."""
     if method not in CLASSIFY_METHODS:
-        raise MonoscopeError(f"{name} method {method!r} is unknown: use 'logprob' (log-probabilities of the "
-                             "answer, the default) or 'text' (the generated 0/1 answers)")
+        raise MonoscopeError(f"{name} method {method!r} is unknown: use 'calibrated' (log-probabilities of the "
+                             "answer less those under a content-free explanation, the default), 'logprob' (the "
+                             "log-probabilities alone) or 'text' (the generated 0/1 answers)")
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise MonoscopeError(f"{name} n_examples={n_examples!r}: use 1 or more excerpts of each kind (e.g. 10)")
-    if method == "logprob":
+    if method in LOGPROB_METHODS:
         if batch_size not in (None, 1):
-            raise MonoscopeError(f"{name} batch_size={batch_size!r} applies to method 'text' only: the 'logprob' "
+            raise MonoscopeError(f"{name} batch_size={batch_size!r} applies to method 'text' only: the {method!r} "
                                  "method asks one excerpt per request; drop batch_size or pass method='text'")
         return 1
     if batch_size is None:
@@ -254,19 +270,26 @@ def _classify(items: Sequence[ScoreItem], llm: LLMLike, name: str, build: Callab
               build_one: Callable[[str, str], Any], cases: Sequence[tuple[list[str], list[int], dict[str, Any]]],
               batch_size: int, method: str, progress: bool) -> list[ScoreResult]:
     """Shared by detection and fuzzing: per item, excerpts + truth labels. Method "text": asked `batch_size` at
-    a time, answered as a JSON 0/1 array; balanced accuracy over the answered excerpts. Method "logprob": one
-    excerpt per request, scored by P("1"); value = `median_threshold_accuracy`, details add the AUROC, the
-    accuracy at 0.5 and the text answers' balanced accuracy. A feature with an excerpt whose answer came
-    without usable log-probabilities (an endpoint that returns none) is scored from the text answers instead,
-    and its details say so (`method: "text"`, `logprob_fallback`)."""
+    a time, answered as a JSON 0/1 array; balanced accuracy over the answered excerpts. Methods "logprob" and
+    "calibrated": one excerpt per request, scored by P("1") (calibrated: its log-odds less those under
+    `CALIBRATION_EXPLANATION`, asked in a second request per excerpt); value = `median_threshold_accuracy`,
+    details add the AUROC, the accuracy at 0.5, the text answers' balanced accuracy and, when calibrated, the
+    uncalibrated value and AUROC. A feature with an excerpt whose answer came without usable log-probabilities
+    (an endpoint that returns none) is scored from the text answers instead, and its details say so
+    (`method: "text"`, `logprob_fallback`); one whose content-free answers lack them is scored uncalibrated
+    (`calibration_fallback`)."""
+    calibrate = method == "calibrated"
     reqs: list[ChatRequest] = []
     plan: list[list[tuple[int, range]]] = []
     for (_, expl), (texts, _, _) in zip(items, cases, strict=True):
         mine = []
         for b in _batches(len(texts), batch_size):
             mine.append((len(reqs), b))
-            if method == "logprob":
+            if method in LOGPROB_METHODS:
                 reqs.append(ChatRequest(messages=build_one(expl, texts[b[0]]), max_tokens=1, logprobs=LOGPROB_TOP))
+                if calibrate:  # at len(reqs) - 1 == the explanation's request + 1
+                    reqs.append(ChatRequest(messages=build_one(CALIBRATION_EXPLANATION, texts[b[0]]), max_tokens=1,
+                                            logprobs=LOGPROB_TOP))
             else:
                 reqs.append(ChatRequest(messages=build(expl, [texts[i] for i in b]),
                                         max_tokens=list_max_tokens(len(b))))
@@ -276,34 +299,44 @@ def _classify(items: Sequence[ScoreItem], llm: LLMLike, name: str, build: Callab
     for (texts, truth, extra), mine in zip(cases, plan, strict=True):
         pred: list[int | None] = [None] * len(texts)
         probs: list[float | None] = [None] * len(texts)
+        nulls: list[float | None] = [None] * len(texts)
         usable = []
         for ri, b in mine:
             vals = parse_number_list(resps[ri].text, len(b), 0, 1) if resps[ri].text else None
-            if method == "logprob":
+            if method in LOGPROB_METHODS:
                 probs[b[0]] = digit_probability(resps[ri].top_logprobs)
+            if calibrate:
+                nulls[b[0]] = digit_probability(resps[ri + 1].top_logprobs)
             usable.append(vals is not None or probs[b[0]] is not None)
             for i, v in zip(b, vals or [], strict=False):
                 pred[i] = int(v >= 0.5)
         value, counts = _balanced(truth, pred)
         bad = usable.count(False)
         problems, first = _problems([resps[ri] for ri, _ in mine], usable)
-        details: dict[str, Any] = {**extra, "method": method, **counts, "requests": len(mine),
+        details: dict[str, Any] = {**extra, "method": method, **counts, "requests": len(mine) * (1 + calibrate),
                                    "failed_requests": bad, **problems}
-        if method == "logprob":
+        if method in LOGPROB_METHODS:
             got = [i for i, p in enumerate(probs) if p is not None]
             if mine and len(got) == len(texts):
                 details["text_balanced_accuracy"] = value
                 details["text_counts"] = counts
-                scores = [float(p) for p in probs if p is not None]
-                value, thr, mcounts = median_threshold_accuracy(truth, scores)
-                pos = [s for s, t in zip(scores, truth, strict=True) if t]
-                neg = [s for s, t in zip(scores, truth, strict=True) if not t]
-                details.update(mcounts)
+                raw = [float(p) for p in probs if p is not None]
+                scores = raw
+                if calibrate and all(q is not None for q in nulls):
+                    scores = [_log_odds(p) - _log_odds(float(q)) for p, q in zip(raw, nulls, strict=True)]
+                    details["p_null"] = [round(float(q), 4) for q in nulls if q is not None]
+                    details["uncalibrated"] = _ranking_details(truth, raw)
+                elif calibrate:
+                    details["method"] = "logprob"
+                    details["calibration_fallback"] = (
+                        f"{nulls.count(None)} of {len(texts)} content-free answers came without log-probabilities "
+                        "of '1' and '0': scored uncalibrated")
+                ranked = _ranking_details(truth, scores)
+                value = ranked.pop("value")
+                details.update(ranked)
                 details.pop("unanswered", None)
-                details["threshold"] = round(thr, 6)
-                details["auroc"] = round(auroc(pos, neg), 6) if pos and neg else None
-                details["balanced_accuracy_at_0.5"] = _balanced(truth, [int(s >= 0.5) for s in scores])[0]
-                details["p_yes"] = [round(s, 4) for s in scores]
+                details["balanced_accuracy_at_0.5"] = _balanced(truth, [int(p >= 0.5) for p in raw])[0]
+                details["p_yes"] = [round(p, 4) for p in raw]
                 details["truth"] = list(truth)
             elif mine:
                 missing = len(texts) - len(got)
@@ -317,6 +350,20 @@ def _classify(items: Sequence[ScoreItem], llm: LLMLike, name: str, build: Callab
             details["error"] = "too few excerpts: need answered ones of both kinds (feature and not)"
         out.append(ScoreResult(value, details))
     return out
+
+
+def _log_odds(p: float) -> float:
+    p = min(max(p, CALIBRATION_EPS), 1.0 - CALIBRATION_EPS)
+    return math.log(p / (1.0 - p))
+
+
+def _ranking_details(truth: Sequence[int], scores: Sequence[float]) -> dict[str, Any]:
+    """value (`median_threshold_accuracy`), its counts and threshold, and the AUROC of one list of scores."""
+    value, thr, counts = median_threshold_accuracy(truth, scores)
+    pos = [s for s, t in zip(scores, truth, strict=True) if t]
+    neg = [s for s, t in zip(scores, truth, strict=True) if not t]
+    return {"value": value, **counts, "threshold": round(thr, 6),
+            "auroc": round(auroc(pos, neg), 6) if pos and neg else None}
 
 
 def score_detection(items: Sequence[ScoreItem], llm: LLMLike, *, n_examples: int = 10, batch_size: int | None = None,
