@@ -18,6 +18,7 @@ from monoscope.features.db import FeatureDB, FeatureDBError
 from monoscope.features.show import render_feature
 from monoscope.features.tokens import Vocab, vocab_bytes
 from monoscope.interp.explain import _negative_pool, _score_key, explain_features, load_evidence
+from monoscope.interp.prompts import PROMPT_VERSION
 from tests.conftest import make_tokenizer
 from tests.interp.test_scorers import FakeLLM
 from tests.reliability.features_helpers import KW, cli, copy_saes, dump, shared_run
@@ -117,7 +118,7 @@ def test_other_options_refuse_and_overwrite_carries_explanations(built: Path, tm
     expl = _explained(db_path, root / "sae")
     kept, stale = sorted(expl)
     with FeatureDB.open(db_path) as db, db.transaction():  # as if the second's evidence had changed
-        db.put_explanations("fake-competent", "interp-1", [(stale, "0" * 64, expl[stale])], "monoscope test")
+        db.put_explanations("fake-competent", PROMPT_VERSION, [(stale, "0" * 64, expl[stale])], "monoscope test")
     before = dump(db_path)
     p = cli("features", str(root / "sae"), "--tokens", "128", "--batch-contexts", "2", "--no-map", "--quiet")
     assert p.returncode == 2
