@@ -36,6 +36,13 @@ from machine import RESULTS, describe
 EXTRA = ("auroc", "balanced_accuracy_at_0.5", "text_balanced_accuracy", "threshold", "method", "logprob_fallback",
          "calibration_fallback", "uncalibrated")
 
+VALUE_MEANING = {
+    "calibrated": "balanced accuracy at the median of the feature's log-odds of P('1') less those under a "
+                  "content-free explanation (scorers.median_threshold_accuracy)",
+    "logprob": "balanced accuracy at the median of the feature's P('1') scores (scorers.median_threshold_accuracy)",
+    "text": "balanced accuracy of the generated 0/1 answers",
+}
+
 
 def _mean(xs: list[float | None]) -> float | None:
     got = [float(x) for x in xs if x is not None]
@@ -60,7 +67,7 @@ def main() -> None:
 
     from monoscope.features.db import open_for_sae
     from monoscope.fileio import write_json_atomic
-    from monoscope.interp.explain import LLM_CACHE_NAME, _select, default_style, explain_features, parse_scorers
+    from monoscope.interp.explain import LLM_CACHE_NAME, _select, explain_features, parse_scorers
     from monoscope.interp.llm import open_llm
 
     scorers = parse_scorers(args.scorers)
@@ -82,7 +89,7 @@ def main() -> None:
             chunk = fids[i:i + args.chunk]
             res = explain_features(args.sae, llm, features=",".join(map(str, chunk)) + ",", scorers=scorers,
                                    progress=False, scorer_options=opts,
-                                   style=args.prompt or default_style(args.llm, llm))
+                                   style=args.prompt)  # None: explain_features' default for this model
             for k, v in res.seconds.items():
                 stages[k] = stages.get(k, 0.0) + v
             for f in res.features:
@@ -117,12 +124,7 @@ def main() -> None:
                                                 f"excerpts per feature, {batch} per request, method {args.method}",
                                    "fuzzing": f"{args.examples} activating excerpts per feature, half mis-marked, "
                                               f"method {args.method}"},
-                "value": ("balanced accuracy at the median of the feature's log-odds of P('1') less those under "
-                          "a content-free explanation (scorers.median_threshold_accuracy)"
-                          if args.method == "calibrated" else
-                          "balanced accuracy at the median of the feature's P('1') scores (scorers."
-                          "median_threshold_accuracy)" if args.method == "logprob" else
-                          "balanced accuracy of the generated 0/1 answers"),
+                "value": VALUE_MEANING[args.method],
                 "scorer_is_explainer": True, "concurrency": args.concurrency,
                 "explained": sum(per[f]["explanation"] is not None for f in per),
                 "explain_failures": sum(per[f]["failure"] is not None for f in per),

@@ -380,14 +380,15 @@ def default_style(llm_spec: str | LLMLike, llm: LLMLike | None = None) -> str:
     does not); without it a local spec gets the compact prompt."""
     from monoscope.interp.models import prompt_style
 
-    opened = llm if llm is not None else (None if isinstance(llm_spec, str) else llm_spec)
-    if isinstance(llm_spec, str) and not llm_spec.startswith("local:"):
-        return "full"
-    if opened is None:
+    if isinstance(llm_spec, str):
+        if not llm_spec.startswith("local:"):
+            return "full"
+    elif llm is None:
+        llm = llm_spec
+    if llm is None:
         return "compact"
-    if getattr(opened, "server", None) is None and not isinstance(llm_spec, str):
-        return "full"  # an open LLM behind an endpoint
-    return prompt_style(str(opened.model_name))
+    # an open LLM: a local one (its server runs here) by its file, one behind an endpoint gets the full prompt
+    return "full" if getattr(llm, "server", None) is None else prompt_style(str(llm.model_name))
 
 
 def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: dict[int, Evidence],
@@ -415,12 +416,10 @@ def _explain_stage(db: FeatureDB, llm: LLMLike, res: ExplainResult, evidence: di
     rows: list[tuple[int, str, str]] = []
     for (f, _, sha), r in zip(todo, resps, strict=True):
         expl = parse_explanation(r.text) if r.text else None
-        if expl is not None:
-            expl = with_frequent_tokens(expl, evidence[f])
         if expl is None:
             res.explain_failures[f] = str(r.error) if r.error else f"unusable answer: {str(r.text)[:120]!r}"
         else:
-            res.explanations[f] = expl
+            expl = res.explanations[f] = with_frequent_tokens(expl, evidence[f])
             rows.append((f, sha, expl))
     with db.transaction():
         db.put_explanations(res.model, res.prompt_version, rows, f"monoscope {__version__}")
