@@ -265,11 +265,13 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         d_model = spec["data"]["d_model"]
         shape = multi_hook_fields(arch, spec["data"]["hook"].split(","), spec["data"]["hook_normalisers_train"],
                                   d_model, "the paired store")
-        sae_cfg = SAEConfig(arch=arch, d_sae=cfg.d_sae(d_model), k=cfg.k, aux_coef=cfg.aux_coef, model="default",
+        sae_cfg = SAEConfig(arch=arch, d_sae=cfg.d_sae(d_model), k=cfg.k, aux_coef=cfg.aux_coef,
+                            aux_rows=cfg.aux_rows, model="default",
                             dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
                             **shape)  # type: ignore[arg-type]  # init_decoder_norm as train() passes it
     else:
         sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
+                            aux_rows=cfg.aux_rows,
                             normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
                             dtype="float32", compute_dtype=cfg.dtype,  # init_decoder_norm as train() passes it
                             **{"init_decoder_norm": cfg.init_decoder_norm, **spec.get("sae_overrides", {})})
@@ -537,6 +539,9 @@ def main() -> None:
                     help="run only the --tune-l1 sweep and record it (a later full run keeps the record)")
     ap.add_argument("--mono-lr", default="",
                     help="extra monoscope bf16 runs in the group with these learning rates (comma-separated)")
+    ap.add_argument("--aux-rows", default="",
+                    help="extra monoscope bf16 runs in the group with AuxK on at most these many rows of a batch "
+                         "(comma-separated; 0: every row)")
     ap.add_argument("--skip-fp32", action="store_true", help="skip monoscope's float32 run")
     ap.add_argument("--skip-mono-train", action="store_true", help="skip the train()-from-store run")
     ap.add_argument("--skip-sparsify", action="store_true")
@@ -669,6 +674,9 @@ def main() -> None:
     for lr in [float(v) for v in args.mono_lr.split(",") if v.strip()]:
         group.append({**base, "name": f"monoscope_bf16_lr{lr:g}", "kind": "monoscope_trainer", "dtype": "auto",
                       "lr": lr, "eval_steps": quarter})
+    for rows in [int(v) for v in args.aux_rows.split(",") if v.strip()]:
+        group.append({**base, "name": f"monoscope_bf16_auxrows{rows}", "kind": "monoscope_trainer", "dtype": "auto",
+                      "train_overrides": {"aux_rows": rows}, "eval_steps": quarter})
     if not args.skip_sparsify:
         group.append({**base, "name": "sparsify", "kind": "sparsify", "eval_steps": quarter})
     if not args.skip_saelens:
@@ -1071,7 +1079,8 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
         r = summary["rows"][name]
         label = LABELS.get(name) or (f"llamascopium Crosscoder, TopK, grid init, lr {name.rsplit('lr', 1)[-1]}"
                                      if name.startswith("lmsaes") else
-                                     f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}")
+                                     f"monoscope Trainer bf16, AuxK rows {name.rsplit('auxrows', 1)[-1]}"
+                                     if "auxrows" in name else f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}")
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} | | | | | | | | | | |")
             continue

@@ -65,6 +65,22 @@ def test_same_weights_as_one_process(store: Path, reference: Path, tmp_path: Pat
     assert len(torch.load(ckpt / "optimizer.pt", weights_only=True)["ranks"]) == world
 
 
+@pytest.mark.parametrize("shards", [1, 2], ids=["dp2", "fs2"])
+def test_aux_rows_takes_the_rows_of_one_process(store: Path, reference: Path, tmp_path: Path, shards: int) -> None:
+    """AuxK on every 4th row (`aux_rows` 16 of a 64-row batch): two data-parallel ranks (8 of their 32 rows each) or
+    two feature shards end with one process's weights; and those differ from AuxK on every row (the reference), so
+    the cap took effect."""
+    one = tmp_path / "one" / "sae"
+    train(one, store=store, progress=False, **{**COMMON, "aux_rows": 16})
+    out = tmp_path / "dp" / "sae"
+    res = run_ranks(2, tmp_path, store=store, out=out, config=config(aux_rows=16), shard_features=shards,
+                   timeout_s=60)
+    assert [r["code"] for r in res] == [0, 0], res
+    a, b, ref = weights(one), weights(out), weights(reference)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert max(float((a[k] - ref[k]).abs().max()) for k in a) > 1e-3
+
+
 def wait_for_checkpoint(out: Path, procs: list[Any], after: int = 0) -> None:
     deadline = time.monotonic() + 120
     while not any(int(p.name[5:]) > after and (p / "COMPLETE").is_file() for p in (out / "checkpoints").glob("step-*")):

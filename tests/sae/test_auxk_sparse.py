@@ -232,3 +232,39 @@ def test_padded_block_gives_the_unpadded_results(monkeypatch: pytest.MonkeyPatch
     # CPU one of 480 outputs moved by 2e-6 relative); padding that leaked into a result would move it by O(1)
     for unpadded, padded in zip(*results, strict=True):
         torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "transcoder"])  # their rows are encoded alone (not batchtopk's batch)
+@pytest.mark.parametrize("form", ["sparse", "dense", "sync-free"])
+def test_aux_rows_is_auxk_on_every_sth_row(arch: str, form: str, cpu_path: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aux_rows=4` on 10 rows is AuxK on rows 0, 3, 6, 9 (every ⌈10/4⌉-th): the same term and the same gradients
+    as AuxK over a batch of those 4 rows alone, on every form of AuxK."""
+    from monoscope.sae import topk as topk_mod
+
+    monkeypatch.setattr(topk_mod, "SYNC_FREE_AUXK_DEVICES", {"cpu"} if form == "sync-free" else set())
+    width = 2 * D if arch == "transcoder" else D
+    x = torch.randn(B, width, generator=torch.Generator().manual_seed(0)) * 1.5
+    dead = torch.zeros(N_FEAT, dtype=torch.bool)
+    dead[::3] = True
+    results = []
+    for rows, batch in ((4, x), (0, x[::3])):
+        sparse, dense = _pair(arch, aux_rows=rows)
+        sae = dense if form == "dense" else sparse
+        sae.train()
+        out = sae(batch, dead_mask=dead)
+        out.aux.backward()
+        results.append((out.aux.item(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (aux_sub, grads_sub), (aux_ref, grads_ref) = results
+    assert aux_sub > 0 and aux_sub == pytest.approx(aux_ref, rel=1e-5)
+    assert grads_sub.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert torch.allclose(grads_sub[name], grads_ref[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_aux_rows_bad_value_is_named() -> None:
+    from monoscope.sae.config import SAEConfigError
+
+    msg = r"SAEConfig.aux_rows=-1 is out of range \(0: every row\): use an integer >= 0"
+    with pytest.raises(SAEConfigError, match=msg):
+        SAEConfig(arch="topk", d_in=D, d_sae=N_FEAT, k=3, aux_rows=-1)

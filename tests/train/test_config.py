@@ -28,6 +28,8 @@ def test_every_field_has_a_docstring() -> None:
         ({"arch": "relu-l1", "tokens": 10_000, "revive": "auxk"}, "--revive auxk needs a topk-style SAE"),
         ({"arch": "topk-ish", "tokens": 10_000}, "--arch 'topk-ish' is not an SAE architecture: use one of"),
         ({"arch": "topk", "tokens": 10_000, "k": 8, "keep_checkpoints": 0}, "--keep-checkpoints 0"),
+        ({"arch": "topk", "tokens": 10_000, "k": 8, "aux_rows": -4},
+         "--aux-rows -4: use a number of rows >= 1 such as 1024, or 0 for every row"),
     ],
 )
 def test_invalid_settings_name_the_value_and_the_fix(kwargs: dict, needle: str) -> None:  # type: ignore[type-arg]
@@ -59,6 +61,9 @@ def test_diff_lists_fields_and_ignores_runtime_ones() -> None:
     a = TrainConfig(arch="topk", tokens=10_000, k=8).to_dict()
     b = TrainConfig(arch="topk", tokens=10_000, k=16, lr=1e-3, log_every=7, checkpoint_every=3).to_dict()
     assert config_diff(a, b) == ["k: 8 -> 16", "lr: None -> 0.001"]
+    # a run saved before --aux-rows existed ran AuxK on every row: resuming it today names the change
+    old = {k: v for k, v in a.items() if k != "aux_rows"}
+    assert config_diff(old, a) == ["aux_rows: 0 -> 1024"]
 
 
 def test_cli_options_cover_the_config() -> None:

@@ -78,6 +78,11 @@ class SAEConfig:
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss in the total (Gao et al. use 1/32). Only read by topk-style SAEs."""
 
+    aux_rows: int = 0
+    """AuxK on at most this many rows of a batch (every ⌈B/aux_rows⌉-th row, an unbiased estimate of the mean over
+    the batch); 0: every row. Why: AuxK's products scale with the rows, and its term, ~1/32 of the loss, needs
+    fewer rows than the reconstruction does. topk-style only."""
+
     normaliser: float = 1.0
     """Input scale c, estimated by the caller so that E‖c·x_raw‖² = d_in. Training and `forward`
     happen on c·x_raw; the `*_raw` methods fold c in and out."""
@@ -174,6 +179,7 @@ class SAEConfig:
                         f"leave it None, or use arch 'topk' or 'batchtopk'"
                     )
         _check_float("aux_coef", self.aux_coef, lo=0.0)
+        _check_int("aux_rows", self.aux_rows, 0, None, "(0: every row)")
         _check_float("normaliser", self.normaliser, lo=0.0, lo_open=True)
         for name in ("hook", "model"):
             value = getattr(self, name)

@@ -164,6 +164,11 @@ class _TopKStyle(SAE):
             raise ValueError(
                 f"dead_mask must be a bool tensor [{self.cfg.d_sae}], got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
+        sub = self._aux_row_slice(err.shape[0])
+        if sub is not None:  # a strided subset of the rows (`SAEConfig.aux_rows`)
+            x_c, err = x_c[sub], err[sub]
+            if sel is not None:
+                sel = sel._replace(x_c=sel.x_c[sub], xs=sel.xs[sub].contiguous(), pre=sel.pre[sub])
         if sel is not None and not sel.dense and x_c.device.type in SYNC_FREE_AUXK_DEVICES:
             return self._auxk_masked(err, dead_mask.to(x_c.device), cd, sel)
         dead_idx = dead_mask.to(x_c.device).nonzero().squeeze(1)  # [n_dead]
@@ -206,6 +211,11 @@ class _TopKStyle(SAE):
         f_aux = torch.relu(pre) * keep  # [B, n_dead]
         e_hat = f_aux @ self.W_dec.index_select(0, dead_idx).to(cd)  # [B, d] in cd
         return self._aux_term(e_hat, err, scale)
+
+    def _aux_row_slice(self, n_rows: int) -> slice | None:
+        """Every s-th row, s = ⌈n_rows / aux_rows⌉, when a batch holds more than `SAEConfig.aux_rows`; else None."""
+        cap = int(self.cfg.aux_rows)
+        return slice(None, None, -(-n_rows // cap)) if 0 < cap < n_rows else None
 
     def _aux_term(self, e_hat: Tensor, err: Tensor, scale: float | Tensor) -> Tensor:
         """aux_coef · scale · mean_b ‖ê − e‖² (module docstring): the one AuxK term every form computes (ê in the

@@ -141,6 +141,10 @@ class TrainConfig:
     aux_coef: float = 1 / 32
     """topk/batchtopk: weight of the AuxK loss that revives dead latents (Gao et al.: 1/32)."""
 
+    aux_rows: int = 1024
+    """topk-style: AuxK on at most this many rows of each batch (every ⌈batch/N⌉-th row); 0: every row. AuxK's
+    products over the dead latents grow with the rows and its term is 1/32 of the loss."""
+
     dead_window: int | None = None
     """A feature is dead when it has not fired for this many tokens. Default: 10M (the paper), or
     1/40 of the run when that is shorter, so AuxK and resampling act early in short runs (a window
@@ -285,6 +289,7 @@ class TrainConfig:
         _float("sparsity_warmup_frac", self.sparsity_warmup_frac, 0.0, 1.0, "a fraction from 0 to 1 (e.g. 0.05)")
         _float("grad_clip", self.grad_clip, 0.0, None, "a norm > 0 such as 1, or 0 to disable")
         _float("aux_coef", self.aux_coef, 0.0, None, "a weight >= 0 such as 0.03125")
+        _int("aux_rows", self.aux_rows, 0, "a number of rows >= 1 such as 1024, or 0 for every row")
         if self.dead_window is not None:
             _int("dead_window", self.dead_window, 1, "a positive number of tokens such as 10M")
         if self.loss not in get_args(Loss):
@@ -397,9 +402,9 @@ class TrainConfig:
         return cls(**{**ABSENT_MEANS, **data})
 
 
-ABSENT_MEANS: dict[str, Any] = {"transcoder_init": "sae"}
+ABSENT_MEANS: dict[str, Any] = {"transcoder_init": "sae", "aux_rows": 0}
 """Fields whose default changed after runs were saved without them: their absence means this value (a transcoder
-trained before `--transcoder-init` existed started as `sae`)."""
+trained before `--transcoder-init` existed started as `sae`; AuxK ran on every row before `--aux-rows`)."""
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RUNTIME_FIELDS) -> list[str]:

@@ -70,7 +70,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -453,6 +453,9 @@ class DistributedTrainer(Trainer):
         if dead_mask is None:
             return None
         topo, sae = self.topo, self.sae
+        sub = sae._aux_row_slice(err.shape[0])  # the same rows on every shard of a data-parallel rank
+        if sub is not None:
+            x_c, err = x_c[sub], err[sub]
         dead_idx = dead_mask.nonzero().squeeze(1)  # [n_dead_local]
         n_dead_t = torch.tensor([dead_idx.numel()], dtype=torch.int64, device=x_c.device)
         if topo.fs > 1:
@@ -959,6 +962,9 @@ def _train(topo: Topology, out: Path, store: Path, cfg: TrainConfig, resume: boo
         else:  # a data-parallel replica: the whole SAE on every rank
             shard = full
         del full
+        if topo.dp > 1 and sae_cfg.aux_rows:  # AuxK's row cap is the global batch's: each rank takes its share, the
+            # rows one process would take (every s-th, s = ⌈B / aux_rows⌉) when dp divides aux_rows and s divides B/dp
+            shard.cfg = replace(shard.cfg, aux_rows=max(1, sae_cfg.aux_rows // topo.dp))
         shard = shard.to(topo.device)
         log = JsonlLog(out / LOG_NAME) if topo.is_main else None
         meta = {"config": cfg.to_dict(), "data": data.identity, "sae_config": sae_cfg.to_dict()}
