@@ -63,7 +63,7 @@ def test_diff_lists_fields_and_ignores_runtime_ones() -> None:
     assert config_diff(a, b) == ["k: 8 -> 16", "lr: None -> 0.001"]
     # a run saved before --aux-rows existed ran AuxK on every row: resuming it today names the change
     old = {k: v for k, v in a.items() if k != "aux_rows"}
-    assert config_diff(old, a) == ["aux_rows: 0 -> 1024"]
+    assert config_diff(old, a) == ["aux_rows: 0 -> 512"]
 
 
 def test_cli_options_cover_the_config() -> None:

@@ -141,7 +141,7 @@ class TrainConfig:
     aux_coef: float = 1 / 32
     """topk/batchtopk: weight of the AuxK loss that revives dead latents (Gao et al.: 1/32)."""
 
-    aux_rows: int = 1024
+    aux_rows: int = 512
     """topk-style: AuxK on at most this many rows of each batch (every ⌈batch/N⌉-th row); 0: every row. AuxK's
     products over the dead latents grow with the rows and its term is 1/32 of the loss."""
 
