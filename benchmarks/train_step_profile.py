@@ -7,7 +7,8 @@ gradient) and
 bound), (2) one `Trainer.train_step` split into phases by manual timers on a resident batch, the optimiser step
 after the backward timed both ways on the same trainer (the CPU's fused two-pass step and the PyTorch path),
 (2b) the step with n latents marked dead, so AuxK runs, through each CPU form of the sparse AuxK (per-entry
-kernels, matmuls over the dead block, the automatic choice), (3) sparsify's own step on the same rows, and (4)
+kernels, matmuls over the dead block, the automatic choice; that choice also with AuxK on every row instead of
+the default `--aux-rows`), (3) sparsify's own step on the same rows, and (4)
 reading and gathering batches from a store.
 Writes a JSON record to benchmarks/results/. Usage:
 
@@ -21,6 +22,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,8 @@ def main() -> None:
     # reproduced with the same calls)
     cfg = TrainConfig(arch="topk", tokens=10**9, batch_size=b, width=f"{args.width_mult}x", k=args.k,
                       log_every=10**9, checkpoint_every=0, progress=False)
-    sae = build_sae(SAEConfig(arch="topk", d_in=d, d_sae=f, k=args.k, normaliser=store.normaliser), seed=0)
+    sae = build_sae(SAEConfig(arch="topk", d_in=d, d_sae=f, k=args.k, normaliser=store.normaliser,
+                              aux_rows=cfg.aux_rows), seed=0)  # as train() builds it
     src = Resident(first.acts)
     src.normaliser = store.normaliser
     tr = Trainer(sae, cfg, src, sink=MemorySink())
@@ -166,6 +169,10 @@ def main() -> None:
         for path, ratio in (("entries", {}), ("block", {dt: 10**9 for dt in default_ratio}), ("auto", default_ratio)):
             topk_mod.BLOCK_AUXK_DEAD_PER_K_AUX = ratio
             row[path] = round(b / timed(tr.train_step, max(2, args.steps // 2)))
+        capped = sae.cfg  # `auto` above: AuxK on the default `--aux-rows`; here on every row of the batch
+        sae.cfg = replace(capped, aux_rows=0)
+        row["auto, AuxK on every row"] = round(b / timed(tr.train_step, max(2, args.steps // 2)))
+        sae.cfg = capped
         aux_steps[str(n_dead)] = row
     topk_mod.BLOCK_AUXK_DEAD_PER_K_AUX = default_ratio
     tr.dead.dead = real_dead  # type: ignore[method-assign]
