@@ -94,7 +94,7 @@ def main() -> None:
     cfg = TrainConfig(arch="topk", tokens=10**9, batch_size=b, width=f"{args.width_mult}x", k=args.k,
                       log_every=10**9, checkpoint_every=0, progress=False)
     sae = build_sae(SAEConfig(arch="topk", d_in=d, d_sae=f, k=args.k, normaliser=store.normaliser,
-                              aux_rows=cfg.aux_rows), seed=0)  # as train() builds it
+                              aux_rows=cfg.aux_rows or 0), seed=0)  # as train() builds it
     src = Resident(first.acts)
     src.normaliser = store.normaliser
     tr = Trainer(sae, cfg, src, sink=MemorySink())

@@ -266,12 +266,12 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         shape = multi_hook_fields(arch, spec["data"]["hook"].split(","), spec["data"]["hook_normalisers_train"],
                                   d_model, "the paired store")
         sae_cfg = SAEConfig(arch=arch, d_sae=cfg.d_sae(d_model), k=cfg.k, aux_coef=cfg.aux_coef,
-                            aux_rows=cfg.aux_rows, model="default",
+                            aux_rows=cfg.aux_rows or 0, model="default",
                             dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
                             **shape)  # type: ignore[arg-type]  # init_decoder_norm as train() passes it
     else:
         sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
-                            aux_rows=cfg.aux_rows,
+                            aux_rows=cfg.aux_rows or 0,
                             normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
                             dtype="float32", compute_dtype=cfg.dtype,  # init_decoder_norm as train() passes it
                             **{"init_decoder_norm": cfg.init_decoder_norm, **spec.get("sae_overrides", {})})

@@ -29,7 +29,7 @@ def test_every_field_has_a_docstring() -> None:
         ({"arch": "topk-ish", "tokens": 10_000}, "--arch 'topk-ish' is not an SAE architecture: use one of"),
         ({"arch": "topk", "tokens": 10_000, "k": 8, "keep_checkpoints": 0}, "--keep-checkpoints 0"),
         ({"arch": "topk", "tokens": 10_000, "k": 8, "aux_rows": -4},
-         "--aux-rows -4: use a number of rows >= 1 such as 1024, or 0 for every row"),
+         "--aux-rows -4: use a number of rows >= 1 such as 512, or 0 for every row"),
     ],
 )
 def test_invalid_settings_name_the_value_and_the_fix(kwargs: dict, needle: str) -> None:  # type: ignore[type-arg]
@@ -64,6 +64,10 @@ def test_diff_lists_fields_and_ignores_runtime_ones() -> None:
     # a run saved before --aux-rows existed ran AuxK on every row: resuming it today names the change
     old = {k: v for k, v in a.items() if k != "aux_rows"}
     assert config_diff(old, a) == ["aux_rows: 0 -> 512"]
+    # the fewer rows are measured for topk only: the other topk-style architectures keep AuxK on every row
+    assert [TrainConfig(arch=arch, tokens=10_000, k=8).aux_rows for arch in ("topk", "batchtopk", "matryoshka")] \
+        == [512, 0, 0]
+    assert TrainConfig(arch="batchtopk", tokens=10_000, k=8, aux_rows=64).aux_rows == 64
 
 
 def test_cli_options_cover_the_config() -> None:

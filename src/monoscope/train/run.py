@@ -276,7 +276,7 @@ def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
         if data.hook is None or data.hooks is None:  # one hook: exactly what it was before transcoders
             shape.update(hook=data.hook, normaliser=float(normaliser))
         return SAEConfig(
-            arch=cfg.arch, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef, aux_rows=cfg.aux_rows,
+            arch=cfg.arch, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef, aux_rows=cfg.aux_rows or 0,
             prefixes=cfg.prefix_widths(data.d_model),
             model=data.model, dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
             **shape,  # type: ignore[arg-type]
