@@ -1062,6 +1062,15 @@ def turn_speeds(turn_log: list[list[float]] | None, batch: int) -> dict[str, flo
     return {"n": len(rates), "median": rates[len(rates) // 2], "p90": rates[min(len(rates) - 1, int(0.9 * len(rates)))]}
 
 
+def _extra_row_label(name: str) -> str:
+    """The table label of a row added by an option (`--lmsaes-lr`, `--aux-rows`, `--mono-lr`), from its name."""
+    if name.startswith("lmsaes"):
+        return f"llamascopium Crosscoder, TopK, grid init, lr {name.rsplit('lr', 1)[-1]}"
+    if "auxrows" in name:
+        return f"monoscope Trainer bf16, AuxK rows {name.rsplit('auxrows', 1)[-1]}"
+    return f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}"
+
+
 def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any] | None) -> str:
     def f(v: Any, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
@@ -1077,10 +1086,7 @@ def markdown_table(summary: dict[str, Any], t_mono: float, scale: dict[str, Any]
     order[n_mono:n_mono] = [n for n in summary["rows"] if n not in LABELS]  # extra monoscope runs (--mono-lr)
     for name in order:
         r = summary["rows"][name]
-        label = LABELS.get(name) or (f"llamascopium Crosscoder, TopK, grid init, lr {name.rsplit('lr', 1)[-1]}"
-                                     if name.startswith("lmsaes") else
-                                     f"monoscope Trainer bf16, AuxK rows {name.rsplit('auxrows', 1)[-1]}"
-                                     if "auxrows" in name else f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}")
+        label = LABELS.get(name) or _extra_row_label(name)
         if "error" in r:
             lines.append(f"| {label} | failed: {r['error']} | | | | | | | | | | |")
             continue
