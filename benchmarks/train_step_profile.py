@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from machine import matmul_tflops
-from monoscope.sae import SAEConfig, build_sae
+from monoscope.sae import build_sae
 from monoscope.store.batches import Batch
 from monoscope.store.reader import ActivationStore
 from monoscope.train import MemorySink, TrainConfig, Trainer
+from monoscope.train.run import sae_config_for
 
 
 class Resident:
@@ -93,8 +94,8 @@ def main() -> None:
     # reproduced with the same calls)
     cfg = TrainConfig(arch="topk", tokens=10**9, batch_size=b, width=f"{args.width_mult}x", k=args.k,
                       log_every=10**9, checkpoint_every=0, progress=False)
-    sae = build_sae(SAEConfig(arch="topk", d_in=d, d_sae=f, k=args.k, normaliser=store.normaliser,
-                              aux_rows=cfg.aux_rows or 0), seed=0)  # as train() builds it
+    sae = build_sae(sae_config_for(cfg, d, None, d_in=d, hook=store.manifest.hook, normaliser=store.normaliser),
+                    seed=0)  # as train() builds it
     src = Resident(first.acts)
     src.normaliser = store.normaliser
     tr = Trainer(sae, cfg, src, sink=MemorySink())

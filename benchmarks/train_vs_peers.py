@@ -229,9 +229,10 @@ def _mono_recon(sae: Any, trainer: Any = None) -> Any:
 
 def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, Any]:
     """monoscope's training loop (Trainer.run, as train() drives it) on the shared stream."""
-    from monoscope.sae import SAEConfig, build_sae
+    from monoscope.sae import build_sae
     from monoscope.store.batches import Batch
     from monoscope.train import TrainConfig, Trainer
+    from monoscope.train.run import sae_config_for
 
     data, held = _open(spec)
     arch = spec.get("arch", "topk")
@@ -265,25 +266,26 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
         d_model = spec["data"]["d_model"]
         shape = multi_hook_fields(arch, spec["data"]["hook"].split(","), spec["data"]["hook_normalisers_train"],
                                   d_model, "the paired store")
-        sae_cfg = SAEConfig(arch=arch, d_sae=cfg.d_sae(d_model), k=cfg.k, aux_coef=cfg.aux_coef,
-                            aux_rows=cfg.aux_rows or 0, model="default",
-                            dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
-                            **shape)  # type: ignore[arg-type]  # init_decoder_norm as train() passes it
     else:
-        sae_cfg = SAEConfig(arch=arch, d_in=data.d, d_sae=cfg.d_sae(data.d), k=cfg.k, aux_coef=cfg.aux_coef,
-                            aux_rows=cfg.aux_rows or 0,
-                            normaliser=float(spec["data"]["normaliser_train"]), hook=HOOK, model="default",
-                            dtype="float32", compute_dtype=cfg.dtype,  # init_decoder_norm as train() passes it
-                            **{"init_decoder_norm": cfg.init_decoder_norm, **spec.get("sae_overrides", {})})
+        d_model = data.d
+        shape = {"d_in": d_model, "hook": HOOK, "normaliser": float(spec["data"]["normaliser_train"])}
+    sae_cfg = sae_config_for(cfg, d_model, "default", **shape)  # the SAEConfig train() would build
     sae = build_sae(sae_cfg, seed=cfg.seed)
-    trainer = Trainer(sae, cfg, Source())
+    source = Source()
+    trainer = Trainer(sae, cfg, source)
     gate = Gate(spec["name"], held, sae_cfg.d_sae, data.batch, data.steps, _marks(spec), ctl)
     recon = _mono_recon(sae, trainer)
     gate.start()
     trainer.init_b_dec(data.read(0))  # as train() does, from the first batch (on the clock)
     trainer.run(on_step=lambda n: gate.after_step(trainer.step, recon))
     trainer.use_averaged_weights()  # signum-sf: the averaged weights, as train() saves them (no-op with Adam)
-    trainer.calibrate_threshold()  # batchtopk-style: the inference threshold, as train() sets it (no-op otherwise)
+    # batchtopk-style: the inference threshold from the batches after the run, as train() sets it (no-op otherwise);
+    # the shared stream ends with the run, so these are its first batches again, as a store's next pass would be
+    # (off the clock: train() times the run without it)
+    source.i = 0
+    t_cal = time.perf_counter()
+    trainer.calibrate_threshold()
+    gate.clock.excluded += time.perf_counter() - t_cal
     train_s, final = gate.finish(trainer.step, recon)
     return {"train_s": train_s, "curve": gate.rec.curve, "final": final, "turn_log": gate.turn_log,
             "dead_train_frac": float((trainer.dead.since >= spec["dead_window"]).float().mean()),
@@ -542,6 +544,9 @@ def main() -> None:
     ap.add_argument("--aux-rows", default="",
                     help="extra monoscope bf16 runs in the group with AuxK on at most these many rows of a batch "
                          "(comma-separated; 0: every row)")
+    ap.add_argument("--aux-rows-arch", default="topk",
+                    help="the architectures of the --aux-rows runs (comma-separated: topk, batchtopk, matryoshka); "
+                         "each gets one run per --aux-rows value")
     ap.add_argument("--skip-fp32", action="store_true", help="skip monoscope's float32 run")
     ap.add_argument("--skip-mono-train", action="store_true", help="skip the train()-from-store run")
     ap.add_argument("--skip-sparsify", action="store_true")
@@ -600,6 +605,7 @@ def main() -> None:
         return
     os.chdir(ROOT)
     args.hook = HOOK
+    _aux_rows_archs(args.aux_rows_arch)  # a bad value fails here, not after the data is prepared
     if args.crosscoder:
         if args.transcoder:
             raise SystemExit("--crosscoder and --transcoder are separate runs: pass one of them")
@@ -674,9 +680,11 @@ def main() -> None:
     for lr in [float(v) for v in args.mono_lr.split(",") if v.strip()]:
         group.append({**base, "name": f"monoscope_bf16_lr{lr:g}", "kind": "monoscope_trainer", "dtype": "auto",
                       "lr": lr, "eval_steps": quarter})
-    for rows in [int(v) for v in args.aux_rows.split(",") if v.strip()]:
-        group.append({**base, "name": f"monoscope_bf16_auxrows{rows}", "kind": "monoscope_trainer", "dtype": "auto",
-                      "train_overrides": {"aux_rows": rows}, "eval_steps": quarter})
+    for arch in _aux_rows_archs(args.aux_rows_arch):
+        for rows in [int(v) for v in args.aux_rows.split(",") if v.strip()]:
+            group.append({**base, "name": f"monoscope_{'bf16' if arch == 'topk' else arch}_auxrows{rows}",
+                          "kind": "monoscope_trainer", "dtype": "auto", "arch": arch,
+                          "train_overrides": {"aux_rows": rows}, "eval_steps": quarter})
     if not args.skip_sparsify:
         group.append({**base, "name": "sparsify", "kind": "sparsify", "eval_steps": quarter})
     if not args.skip_saelens:
@@ -1062,12 +1070,27 @@ def turn_speeds(turn_log: list[list[float]] | None, batch: int) -> dict[str, flo
     return {"n": len(rates), "median": rates[len(rates) // 2], "p90": rates[min(len(rates) - 1, int(0.9 * len(rates)))]}
 
 
+AUX_ROWS_ARCHS = ("topk", "batchtopk", "matryoshka")
+"""Architectures that --aux-rows-arch takes: the SAEs with AuxK and a plain input (`SAEConfig.aux_rows`)."""
+
+
+def _aux_rows_archs(value: str) -> list[str]:
+    archs = [a.strip() for a in value.split(",") if a.strip()]
+    bad = [a for a in archs if a not in AUX_ROWS_ARCHS]
+    if bad or not archs:
+        raise SystemExit(f"--aux-rows-arch {value!r}: use one or more of {', '.join(AUX_ROWS_ARCHS)}, "
+                         "comma-separated")
+    return archs
+
+
 def _extra_row_label(name: str) -> str:
     """The table label of a row added by an option (`--lmsaes-lr`, `--aux-rows`, `--mono-lr`), from its name."""
     if name.startswith("lmsaes"):
         return f"llamascopium Crosscoder, TopK, grid init, lr {name.rsplit('lr', 1)[-1]}"
     if "auxrows" in name:
-        return f"monoscope Trainer bf16, AuxK rows {name.rsplit('auxrows', 1)[-1]}"
+        arch = name.removeprefix("monoscope_").split("_auxrows")[0]
+        what = "bf16" if arch == "bf16" else f"{arch} (auto dtype)"
+        return f"monoscope Trainer {what}, AuxK rows {name.rsplit('auxrows', 1)[-1]}"
     return f"monoscope Trainer bf16, lr {name.rsplit('lr', 1)[-1]}"
 
 

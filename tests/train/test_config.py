@@ -64,10 +64,11 @@ def test_diff_lists_fields_and_ignores_runtime_ones() -> None:
     # a run saved before --aux-rows existed ran AuxK on every row: resuming it today names the change
     old = {k: v for k, v in a.items() if k != "aux_rows"}
     assert config_diff(old, a) == ["aux_rows: 0 -> 512"]
-    # the fewer rows are measured for topk only: the other topk-style architectures keep AuxK on every row
-    assert [TrainConfig(arch=arch, tokens=10_000, k=8).aux_rows for arch in ("topk", "batchtopk", "matryoshka")] \
-        == [512, 0, 0]
+    # the fewer rows are measured for topk, batchtopk and matryoshka: transcoders and crosscoders keep every row
+    assert [TrainConfig(arch=arch, tokens=10_000, k=8).aux_rows
+            for arch in ("topk", "batchtopk", "matryoshka", "transcoder", "crosscoder")] == [512, 512, 512, 0, 0]
     assert TrainConfig(arch="batchtopk", tokens=10_000, k=8, aux_rows=64).aux_rows == 64
+    assert TrainConfig(arch="relu-l1", tokens=10_000).aux_rows == 0  # no AuxK at all
 
 
 def test_cli_options_cover_the_config() -> None:

@@ -144,10 +144,11 @@ class TrainConfig:
     aux_rows: int | None = None
     """topk-style: AuxK on at most this many rows of each batch (every ⌈batch/N⌉-th row, an unbiased estimate of its
     mean); 0: every row. AuxK's products over the dead latents grow with the rows, and its term is 1/32 of the loss.
-    Default: 512 for topk, every row for the other architectures (not measured with fewer). Measured on two corpora
-    (`benchmarks/train_vs_peers.py --aux-rows`, topk, 1M-token runs, batch 4,096): 256-1,024 rows gave the held-out
-    FVU of every row within 0.0003 at each quarter of the run, 7-21% faster on a CPU without AMX; a resident step
-    with 1,000 dead latents 33% faster."""
+    Default: 512 for topk, batchtopk and matryoshka (`AUX_ROWS_ARCHS`), every row for transcoders and crosscoders
+    (not measured with fewer). Measured on two corpora (`benchmarks/train_vs_peers.py --aux-rows --aux-rows-arch`,
+    1M-token runs, batch 4,096, a CPU without AMX): topk at 256-1,024 rows gave the held-out FVU of every row within
+    0.0003 at each quarter of the run, 7-21% faster (a resident step with 1,000 dead latents 33% faster); batchtopk
+    at 512 rows the same FVU within 0.0007, 38-58% faster; matryoshka at 512 the same FVU within 0.0002, 9% faster."""
 
     dead_window: int | None = None
     """A feature is dead when it has not fired for this many tokens. Default: 10M (the paper), or
@@ -294,7 +295,7 @@ class TrainConfig:
         _float("grad_clip", self.grad_clip, 0.0, None, "a norm > 0 such as 1, or 0 to disable")
         _float("aux_coef", self.aux_coef, 0.0, None, "a weight >= 0 such as 0.03125")
         if self.aux_rows is None:
-            self.aux_rows = AUX_ROWS_TOPK if self.arch == "topk" else 0
+            self.aux_rows = AUX_ROWS_DEFAULT if self.arch in AUX_ROWS_ARCHS else 0
         _int("aux_rows", self.aux_rows, 0, "a number of rows >= 1 such as 512, or 0 for every row")
         if self.dead_window is not None:
             _int("dead_window", self.dead_window, 1, "a positive number of tokens such as 10M")
@@ -408,8 +409,11 @@ class TrainConfig:
         return cls(**{**ABSENT_MEANS, **data})
 
 
-AUX_ROWS_TOPK = 512
-"""`TrainConfig.aux_rows` for topk when not given (the sweep in its docstring)."""
+AUX_ROWS_DEFAULT = 512
+"""`TrainConfig.aux_rows` for the architectures in `AUX_ROWS_ARCHS` when not given (the sweeps in its docstring)."""
+
+AUX_ROWS_ARCHS = ("topk", "batchtopk", "matryoshka")
+"""The architectures whose AuxK runs on `AUX_ROWS_DEFAULT` rows unless told otherwise: those the sweeps measured."""
 
 ABSENT_MEANS: dict[str, Any] = {"transcoder_init": "sae", "aux_rows": 0}
 """Fields whose default changed after runs were saved without them: their absence means this value (a transcoder

@@ -265,24 +265,39 @@ def _sae_config(cfg: TrainConfig, data: TrainData) -> SAEConfig:
     normaliser = data.get_normaliser()
     if normaliser is None:
         raise MonoscopeError("the data source did not provide an input normaliser")
-    d_sae = cfg.d_sae(data.d_model)
+    hooks = data.hooks or [data.hook or ""]
+    where = f"store {data.identity.get('path')}" if data.identity.get("kind") == "store" else "the stream"
+    try:
+        shape = multi_hook_fields(cfg.arch, hooks, data.hook_normalisers or [float(normaliser)], data.d_model, where)
+    except SAEConfigError as e:
+        raise TrainConfigError(_named_as_flags(e)) from None
+    if data.hook is None or data.hooks is None:  # one hook: exactly what it was before transcoders
+        shape.update(hook=data.hook, normaliser=float(normaliser))
+    return sae_config_for(cfg, data.d_model, data.model, **shape)
+
+
+def sae_config_for(cfg: TrainConfig, d_model: int, model: str | None, **shape: Any) -> SAEConfig:
+    """The SAEConfig that `train()` builds for `cfg` on inputs of width `d_model`; `shape`: the fields that
+    `multi_hook_fields` gives (d_in, hook, normaliser, and a transcoder's or crosscoder's targets). One place, so
+    that a benchmark driving `Trainer` itself trains the SAE a user's `train()` would."""
+    d_sae = cfg.d_sae(d_model)
     if cfg.k is not None and cfg.k > d_sae:
         raise TrainConfigError(f"--k {cfg.k} is more than the {d_sae:,} features of --width {cfg.width} (d_model "
-                               f"{data.d_model}): lower --k or raise --width")
+                               f"{d_model}): lower --k or raise --width")
     try:
-        hooks = data.hooks or [data.hook or ""]
-        where = f"store {data.identity.get('path')}" if data.identity.get("kind") == "store" else "the stream"
-        shape = multi_hook_fields(cfg.arch, hooks, data.hook_normalisers or [float(normaliser)], data.d_model, where)
-        if data.hook is None or data.hooks is None:  # one hook: exactly what it was before transcoders
-            shape.update(hook=data.hook, normaliser=float(normaliser))
         return SAEConfig(
             arch=cfg.arch, d_sae=d_sae, k=cfg.k, aux_coef=cfg.aux_coef, aux_rows=cfg.aux_rows or 0,
-            prefixes=cfg.prefix_widths(data.d_model),
-            model=data.model, dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
-            **shape,  # type: ignore[arg-type]
+            prefixes=cfg.prefix_widths(d_model),
+            model=model, dtype="float32", compute_dtype=cfg.dtype, init_decoder_norm=cfg.init_decoder_norm,
+            **shape,
         )
-    except SAEConfigError as e:  # name the option the user typed, not the internal class
-        raise TrainConfigError(re.sub(r"SAEConfig\.(\w+)=", lambda m: cli_flag(m.group(1)) + " ", str(e))) from None
+    except SAEConfigError as e:
+        raise TrainConfigError(_named_as_flags(e)) from None
+
+
+def _named_as_flags(e: SAEConfigError) -> str:
+    """An SAEConfig error with the option the user typed in place of the internal field."""
+    return re.sub(r"SAEConfig\.(\w+)=", lambda m: cli_flag(m.group(1)) + " ", str(e))
 
 
 def _check_same_run(meta: dict[str, Any], cfg: TrainConfig, data: TrainData, out: Path) -> None:
