@@ -543,7 +543,7 @@ def main() -> None:
                     help="extra monoscope bf16 runs in the group with these learning rates (comma-separated)")
     ap.add_argument("--aux-rows", default="",
                     help="extra monoscope bf16 runs in the group with AuxK on at most these many rows of a batch "
-                         "(comma-separated; 0: every row)")
+                         "(comma-separated; 0: every row); with --transcoder, extra transcoder runs")
     ap.add_argument("--aux-rows-arch", default="topk",
                     help="the architectures of the --aux-rows runs (comma-separated: topk, batchtopk, matryoshka); "
                          "each gets one run per --aux-rows value")
@@ -784,13 +784,16 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
         group.insert(-1, {**base, "name": "monoscope_transcoder_sae_init", "kind": "monoscope_trainer",
                           "dtype": "auto", "arch": "transcoder", "train_overrides": {"transcoder_init": "sae"},
                           "eval_steps": quarter})
+    for rows in [int(v) for v in args.aux_rows.split(",") if v.strip()]:  # the transcoder's AuxK row cap
+        group.insert(-1, {**base, "name": f"monoscope_transcoder_auxrows{rows}", "kind": "monoscope_trainer",
+                          "dtype": "auto", "arch": "transcoder", "train_overrides": {"aux_rows": rows},
+                          "eval_steps": quarter})
     runs, group_info = run_trainers(group, work, args, mono="monoscope_transcoder")
     t_mono = group_info["t_mono"] or runs["monoscope_transcoder"].get("train_s") or 0.0
     peaks_end = _peaks_now(args.batch, d, base["width"])
     summary = summarise(runs, peaks, peaks_end, d, base["width"], info["tokens"], t_mono)
     p = summary["rows"].get("sparsify_transcoder", {})
-    for name in ("monoscope_transcoder_revive_none", "monoscope_transcoder_signum_sf",  # the other monoscope rows
-                 "monoscope_transcoder_sae_init"):
+    for name in [n for n in summary["rows"] if n.startswith("monoscope_transcoder_")]:  # the other monoscope rows
         m = summary["rows"].get(name, {})
         if "tokens_per_s" in m and "tokens_per_s" in p:
             sp = m["tokens_per_s"] / p["tokens_per_s"]
