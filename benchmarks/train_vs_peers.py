@@ -283,9 +283,9 @@ def child_monoscope_trainer(spec: dict[str, Any], ctl: Any = None) -> dict[str, 
     # the shared stream ends with the run, so these are its first batches again, as a store's next pass would be
     # (off the clock: train() times the run without it)
     source.i = 0
-    t_cal = time.perf_counter()
+    gate.clock.pause()
     trainer.calibrate_threshold()
-    gate.clock.excluded += time.perf_counter() - t_cal
+    gate.clock.resume()
     train_s, final = gate.finish(trainer.step, recon)
     return {"train_s": train_s, "curve": gate.rec.curve, "final": final, "turn_log": gate.turn_log,
             "dead_train_frac": float((trainer.dead.since >= spec["dead_window"]).float().mean()),
@@ -681,7 +681,7 @@ def main() -> None:
         group.append({**base, "name": f"monoscope_bf16_lr{lr:g}", "kind": "monoscope_trainer", "dtype": "auto",
                       "lr": lr, "eval_steps": quarter})
     for arch in _aux_rows_archs(args.aux_rows_arch):
-        for rows in [int(v) for v in args.aux_rows.split(",") if v.strip()]:
+        for rows in _aux_rows_values(args.aux_rows):
             group.append({**base, "name": f"monoscope_{'bf16' if arch == 'topk' else arch}_auxrows{rows}",
                           "kind": "monoscope_trainer", "dtype": "auto", "arch": arch,
                           "train_overrides": {"aux_rows": rows}, "eval_steps": quarter})
@@ -784,7 +784,7 @@ def transcoder_main(args: argparse.Namespace, base: dict[str, Any], info: dict[s
         group.insert(-1, {**base, "name": "monoscope_transcoder_sae_init", "kind": "monoscope_trainer",
                           "dtype": "auto", "arch": "transcoder", "train_overrides": {"transcoder_init": "sae"},
                           "eval_steps": quarter})
-    for rows in [int(v) for v in args.aux_rows.split(",") if v.strip()]:  # the transcoder's AuxK row cap
+    for rows in _aux_rows_values(args.aux_rows):  # the transcoder's AuxK row cap
         group.insert(-1, {**base, "name": f"monoscope_transcoder_auxrows{rows}", "kind": "monoscope_trainer",
                           "dtype": "auto", "arch": "transcoder", "train_overrides": {"aux_rows": rows},
                           "eval_steps": quarter})
@@ -1073,11 +1073,15 @@ def turn_speeds(turn_log: list[list[float]] | None, batch: int) -> dict[str, flo
     return {"n": len(rates), "median": rates[len(rates) // 2], "p90": rates[min(len(rates) - 1, int(0.9 * len(rates)))]}
 
 
-AUX_ROWS_ARCHS = ("topk", "batchtopk", "matryoshka")
-"""Architectures that --aux-rows-arch takes: the SAEs with AuxK and a plain input (`SAEConfig.aux_rows`)."""
+def _aux_rows_values(value: str) -> list[int]:
+    """--aux-rows: the row caps of the extra runs."""
+    return [int(v) for v in value.split(",") if v.strip()]
 
 
 def _aux_rows_archs(value: str) -> list[str]:
+    """--aux-rows-arch: the architectures whose AuxK row cap the sweeps measure (`train.config.AUX_ROWS_ARCHS`)."""
+    from monoscope.train.config import AUX_ROWS_ARCHS
+
     archs = [a.strip() for a in value.split(",") if a.strip()]
     bad = [a for a in archs if a not in AUX_ROWS_ARCHS]
     if bad or not archs:
