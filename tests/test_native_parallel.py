@@ -46,15 +46,23 @@ def _kernels() -> dict[str, Callable[[], list[torch.Tensor]]]:
         assert got is not None
         return [got]
 
+    def feature_rows() -> list[torch.Tensor]:
+        order, rows, offsets = pattern.transpose()
+        got = native.feature_rows(gb, torch.randn(pattern.nnz, generator=torch.Generator().manual_seed(1)).bfloat16(),
+                                  order, rows, offsets)
+        assert got is not None
+        return [got]
+
     def relu_topk() -> list[torch.Tensor]:
         x = pre.clone()
         assert native.relu_topk_rows(x, 64)
         return [x]
 
-    return {"row_topk": topk, "grad_sumsq": sumsq, "adam_rows": adam, "entry_dots": dots, "relu_topk": relu_topk}
+    return {"row_topk": topk, "grad_sumsq": sumsq, "adam_rows": adam, "entry_dots": dots, "relu_topk": relu_topk,
+            "feature_rows": feature_rows}
 
 
-@pytest.mark.parametrize("name", ["row_topk", "grad_sumsq", "adam_rows", "entry_dots", "relu_topk"])
+@pytest.mark.parametrize("name", ["row_topk", "grad_sumsq", "adam_rows", "entry_dots", "relu_topk", "feature_rows"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_openmp_and_pool_paths_agree(monkeypatch: pytest.MonkeyPatch, name: str, threads: int) -> None:
     monkeypatch.setattr(native, "_MIN_ROWS_PER_THREAD", 8)  # several parts even for these few rows

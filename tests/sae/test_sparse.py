@@ -256,6 +256,33 @@ def test_entry_dots_native_bf16_sums_in_float32(d: int) -> None:
         torch.testing.assert_close(got, entry_dots(g, w, pattern, path="aten").float(), rtol=2e-2, atol=2e-2)
 
 
+@needs_native
+@pytest.mark.parametrize("d", [8, 37, 192, 576, 700])
+def test_feature_rows_native_sums_in_float32_in_entry_order(d: int) -> None:
+    """The weight gradient's C kernel (`_transposed_accumulate` for bf16 inputs and a float32 weight) is, bit for bit,
+    each feature's float32 sum of v · src[row] in entry order (every d: whole register passes of 192 floats, a tail,
+    only a tail), with zero rows for features no entry has and one feature in every row; aten's bag, rounded to bf16
+    before it is widened, agrees to bf16 rounding."""
+    from monoscope.sae.sparse import _transposed_accumulate
+
+    gen = torch.Generator().manual_seed(d)
+    src, n_feat = torch.randn(40, d, generator=gen).bfloat16(), 300
+    idx = torch.randint(1, n_feat - 50, (40, 6), generator=gen)
+    idx[:, 0] = 0  # feature 0 in every row; features past n_feat - 50 in none
+    pattern = SparsePattern(idx, n_feat)
+    v = torch.randn(pattern.nnz, generator=gen).bfloat16()
+    got = _transposed_accumulate(pattern, v, src, torch.float32)
+    expect = torch.zeros(n_feat, d)
+    for n in range(pattern.nnz):  # entry order: a feature's entries by row, as the transposed pattern holds them
+        r, f = int(pattern.rows[n]), int(pattern.flat[n])
+        expect[f] = expect[f] + v[n].float() * src[r].float()
+    assert got.dtype == torch.float32 and torch.equal(got, expect)
+    assert not bool(got[n_feat - 50:].any())
+    bag = torch.nn.functional.embedding_bag(pattern.transpose()[1], src, pattern.transpose()[2], mode="sum",
+                                            per_sample_weights=v.index_select(0, pattern.transpose()[0]))
+    torch.testing.assert_close(got, bag.float(), rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_sq_err_is_autograds_squared_error(dtype: torch.dtype) -> None:
     """The fused per-row squared error gives autograd's value and gradient, the gradient in pred's dtype; a target

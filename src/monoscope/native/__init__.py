@@ -96,6 +96,7 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
     },
     "entry_dots": {"entry_dots_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
     "relu_topk": {"relu_topk_rows_bf16": (None, [_P, _I64, _I64, _I64])},
+    "feature_rows": {"feature_rows_bf16": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
 }
 """Each C source (`<name>.c` beside this file) and its functions' (result, argument) types."""
 _PARALLEL: dict[str, tuple[Any, list[Any]]] = {"set_threads": (None, [ctypes.c_int]),
@@ -269,6 +270,31 @@ def entry_dots(g: Tensor, w: Tensor, idx: Tensor, offsets: Tensor) -> Tensor | N
                             out.data_ptr())
 
     _in_parts(lib, n_rows, run)
+    return out
+
+
+def feature_rows(src: Tensor, v: Tensor, order: Tensor, rows: Tensor, offsets: Tensor) -> Tensor | None:
+    """[F, d] float32: out[f] = Σ v[order[n]] · src[rows[n]] over the entries n of feature f (offsets[f] ..
+    offsets[f + 1] − 1), for a contiguous bf16 CPU src [B, d], bf16 v [nnz] and int64 order, rows [nnz] and
+    offsets [F]. None when the kernel is unavailable or the inputs are not of that kind."""
+    if not (src.device.type == v.device.type == "cpu" and src.dtype == v.dtype == torch.bfloat16 and src.dim() == 2
+            and src.is_contiguous() and v.is_contiguous() and v.dim() == 1
+            and order.dtype == rows.dtype == offsets.dtype == torch.int64 and order.is_contiguous()
+            and rows.is_contiguous() and offsets.is_contiguous() and order.numel() == rows.numel() == v.numel()):
+        return None
+    lib = _lib("feature_rows")
+    if lib is None:
+        return None
+    n_feat, d, nnz = offsets.numel(), src.shape[1], rows.numel()
+    out = torch.empty(n_feat, d, dtype=torch.float32)
+    if n_feat == 0:
+        return out
+
+    def run(lo: int, hi: int) -> None:
+        lib.feature_rows_bf16(src.data_ptr(), v.data_ptr(), order.data_ptr(), rows.data_ptr(), offsets.data_ptr(),
+                              n_feat, nnz, lo, hi, d, out.data_ptr())
+
+    _in_parts(lib, n_feat, run)
     return out
 
 

@@ -77,10 +77,18 @@ class SparsePattern:
         return self._transpose
 
 
-def _transposed_accumulate(pattern: SparsePattern, values: Tensor, rows_src: Tensor) -> Tensor:
-    """out[f] = Σ_{entries n with feature f} values[n] · rows_src[row_n]  -> [F, d]."""
+def _transposed_accumulate(pattern: SparsePattern, values: Tensor, rows_src: Tensor, dtype: torch.dtype) -> Tensor:
+    """out[f] = Σ_{entries n with feature f} values[n] · rows_src[row_n]  -> [F, d] in `dtype` (the weight's).
+
+    bf16 inputs and a float32 result on a CPU: the C kernel (`native.feature_rows`), which sums in float32 and writes
+    each row once, where aten's bag would round to bf16 and a second pass widen to float32."""
     order, t_rows, t_offsets = pattern.transpose()
-    return F.embedding_bag(t_rows, rows_src, t_offsets, mode="sum", per_sample_weights=values.index_select(0, order))
+    if dtype == torch.float32:
+        got = native.feature_rows(rows_src, values, order, t_rows, t_offsets)
+        if got is not None:
+            return got
+    return F.embedding_bag(t_rows, rows_src, t_offsets, mode="sum",
+                           per_sample_weights=values.index_select(0, order)).to(dtype)
 
 
 def entry_dots(g: Tensor, w: Tensor, pattern: SparsePattern, *, path: str | None = None) -> Tensor:
@@ -128,7 +136,7 @@ class _SparseDecode(torch.autograd.Function):
             # d vals[n] = <g[row_n], W[idx_n]>, one dot product per active entry.
             grad_v = entry_dots(g, w, p).reshape(ctx.values_shape).to(ctx.values_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = _transposed_accumulate(p, v, g).to(ctx.weight_dtype)  # [F, d], zero rows for unused features
+            grad_w = _transposed_accumulate(p, v, g, ctx.weight_dtype)  # [F, d], zero rows for unused features
         return grad_v, grad_w, None, None, None
 
 
@@ -189,7 +197,7 @@ class _GatherLinear(torch.autograd.Function):
                 p.flat, weight.to(dtype), p.offsets, mode="sum", per_sample_weights=g.to(dtype)
             )  # [B, d]
         if ctx.needs_input_grad[2]:
-            grad_w = _transposed_accumulate(p, g.to(dtype), x_c).to(weight.dtype)  # [F, d]
+            grad_w = _transposed_accumulate(p, g.to(dtype), x_c, weight.dtype)  # [F, d]
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             g_feat = torch.zeros(p.n_features, dtype=torch.float32, device=g.device)
             g_feat.index_add_(0, p.flat, g.float())  # [F] Σ of the gradient per feature
