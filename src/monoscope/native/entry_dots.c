@@ -4,8 +4,15 @@
  * Why not aten's `_embedding_bag_per_sample_weights_backward`: on a CPU it ran ~2x slower than this loop (10.5 against
  * 5.6 ms at 4096 x 32 entries, d 576, on a 2-core AMX machine), and returns bf16, which this rounds only once, to
  * float32. The 16 partial sums are independent lanes, so the compiler vectorises the loop without reordering any
- * float addition: the result does not depend on the vector width. */
+ * float addition: the result does not depend on the vector width. Where the CPU has AVX512-BF16 (the build is
+ * -march=native), whole blocks of 32 go through vdpbf16ps instead, which multiplies and adds pairs of bf16 in one
+ * instruction: each product is exact in float32, the additions are paired differently, so the last bits of a sum
+ * may differ from a build without it. Inside a training step at the shape above on a 2-core Zen 4: 4.8-5.3 -> 2.5-3.0
+ * ms (1.8 against 6.4 ms with the rows in cache). */
 #include <stdint.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "parallel.h"
 
@@ -19,15 +26,24 @@ static inline float bf16_to_f32(uint16_t h) {
 }
 
 static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t d) {
-    float acc[LANES] = {0};
     int64_t j = 0;
+#if defined(__AVX512BF16__)
+    /* vdpbf16ps: 32 products per instruction, each exact in float32 (8-bit mantissas), added pairwise into 16 lanes */
+    __m512 vacc = _mm512_setzero_ps();
+    for (; j + 32 <= d; j += 32)
+        vacc = _mm512_dpbf16_ps(vacc, (__m512bh)_mm512_loadu_si512(a + j), (__m512bh)_mm512_loadu_si512(b + j));
+    float head = _mm512_reduce_add_ps(vacc);
+#else
+    const float head = 0.f;
+#endif
+    float acc[LANES] = {0};
     for (; j + LANES <= d; j += LANES)
         for (int l = 0; l < LANES; l++) acc[l] += bf16_to_f32(a[j + l]) * bf16_to_f32(b[j + l]);
     float tail = 0.f;
     for (; j < d; j++) tail += bf16_to_f32(a[j]) * bf16_to_f32(b[j]);
     float t = 0.f;
     for (int l = 0; l < LANES; l++) t += acc[l];
-    return t + tail;
+    return head + t + tail;
 }
 
 /* out[n] for the entries n of rows r in [lo, hi): row r owns entries offsets[r] .. offsets[r + 1] - 1 (the last row
