@@ -5,8 +5,9 @@ is 99.7% zeros, and the dense backward of the encoder does the same. Here both o
 active rows:
 
 * `sparse_decode`: x̂[b] = Σ_j vals[b, j] · W[idx[b, j]] via `embedding_bag`; its backward gives
-  d vals (one dot product per active entry) and d W (rows of W that were used, accumulated with a
-  second `embedding_bag` over the transposed pattern). No [B, d_sae] tensor is ever built.
+  d vals (one dot product per active entry) and d W (rows of W that were used, accumulated over the
+  transposed pattern: a C kernel on CPUs, a second `embedding_bag` elsewhere). No [B, d_sae] tensor is
+  ever built.
 * `gather_linear`: the values of the active pre-activations, `(x_c @ W.T + b)[b, idx]`, taken from a
   dense matrix the caller already computed without autograd (it needs all of them to choose the
   top k). Its backward is sparse: d W = Σ over active entries of g · x_c[row], d b = bincount, and
