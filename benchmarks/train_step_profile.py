@@ -8,7 +8,8 @@ bound), (2) one `Trainer.train_step` split into phases by manual timers on a res
 after the backward timed both ways on the same trainer (the CPU's fused two-pass step and the PyTorch path),
 (2b) the step with n latents marked dead, so AuxK runs, through each CPU form of the sparse AuxK (per-entry
 kernels, matmuls over the dead block, the automatic choice; that choice also with AuxK on every row instead of
-the default `--aux-rows`), (3) sparsify's own step on the same rows, and (4)
+the default `--aux-rows`), (2c) the seconds per step in each of the step's kernels, timed where the step calls
+them, (3) sparsify's own step on the same rows, and (4)
 reading and gathering batches from a store.
 Writes a JSON record to benchmarks/results/. Usage:
 
@@ -60,6 +61,57 @@ def timed(fn: Any, reps: int) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - t) / reps
+
+
+def _kernel_times(tr: Trainer, steps: int) -> dict[str, float]:
+    """Seconds per step spent in each of the step's kernels, timed by wrapping the functions the step calls (the
+    sparse kernels' backward halves run inside autograd, so a phase timer cannot separate them) over `steps`
+    trainer steps; "rest": the step's time that none of them covers (input preparation, AuxK, autograd, counters)."""
+    from monoscope.sae import base, sparse
+    from monoscope.sae import topk as topk_mod
+
+    targets = {
+        "encoder product (bias folded in)": (base.SAE, "_encode_nograd"),
+        "row top-k": (topk_mod, "_row_topk"),
+        "decode (forward)": (base.SAE, "_sparse_decode"),
+        "loss and metrics (forward)": (base.SAE, "_output"),
+        "value gradient (entry dots)": (sparse, "entry_dots"),
+        "weight gradients (W_enc, W_dec)": (sparse, "_transposed_accumulate"),
+    }
+    if tr._fused is not None:
+        targets["clipping norm pass"] = (tr._fused, "grad_norm")
+        targets["Adam pass (removal, clipping, renorm, bf16 copies)"] = (tr._fused, "step")
+    spent = dict.fromkeys(targets, 0.0)
+    saved = {name: getattr(owner, attr) for name, (owner, attr) in targets.items()}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def timed_call(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return timed_call
+
+    for name, (owner, attr) in targets.items():
+        setattr(owner, attr, wrap(name, saved[name]))
+    try:
+        tr.train_step()  # warm
+        spent = dict.fromkeys(targets, 0.0)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tr.train_step()
+        total = time.perf_counter() - t0
+    finally:
+        for name, (owner, attr) in targets.items():
+            if owner is tr._fused:
+                delattr(owner, attr)  # the class's method again
+            else:
+                setattr(owner, attr, saved[name])
+    out = {name: round(v / steps, 4) for name, v in spent.items()}
+    out["rest"] = round((total - sum(spent.values())) / steps, 4)
+    out["step"] = round(total / steps, 4)
+    return out
 
 
 def main() -> None:
@@ -178,6 +230,10 @@ def main() -> None:
     topk_mod.BLOCK_AUXK_DEAD_PER_K_AUX = default_ratio
     tr.dead.dead = real_dead  # type: ignore[method-assign]
 
+    # (2c) the trainer's own steps (no dead latent forced) with the step's kernels timed where they are called, so a
+    # change to one of them can be seen in place; "rest" is what the timed calls leave of the step
+    kernels = _kernel_times(tr, args.steps)
+
     # (3) sparsify's SparseCoder step on the same resident rows (Adam here; its Trainer defaults to signum,
     # an elementwise update as cheap as Adam's: the step is dominated by the encoder), no dead mask
     sparsify_s = None
@@ -220,6 +276,7 @@ def main() -> None:
         "store_batch_s": round(t_data, 4), "store_tok_s": round(b / t_data),
         "compute_dtype": str(sae.compute_dtype()).removeprefix("torch."),
         "step_tok_s_with_n_dead_by_auxk_path": aux_steps,
+        "kernels_in_step_s": kernels,
         "serial_step_plus_data_tok_s": round(b / (t_step + t_data)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
