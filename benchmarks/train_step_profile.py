@@ -97,7 +97,7 @@ def _kernel_times(tr: Trainer, steps: int) -> dict[str, float]:
         setattr(owner, attr, wrap(name, saved[name]))
     try:
         tr.train_step()  # warm
-        spent = dict.fromkeys(targets, 0.0)
+        spent.update(dict.fromkeys(targets, 0.0))
         t0 = time.perf_counter()
         for _ in range(steps):
             tr.train_step()

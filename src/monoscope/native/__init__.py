@@ -7,11 +7,11 @@ top-k of a [B, F] pre-activation matrix is one read of it here, against several 
 aten (`monoscope.sae.topk._row_topk`).
 
 The library is built with `-O3 -march=native` into `$MONOSCOPE_CACHE/native/<key>/` (default
-`~/.cache/monoscope`), where the key hashes the source, the compiler's version and the CPU's flags, so a cache
-shared between machines never hands one a library built for another. The build writes to a temporary name and
-renames it, so concurrent first uses are safe. `MONOSCOPE_NATIVE=0` turns the kernels off; `CC` names the
-compiler (default `cc`). A failed build is reported once (a warning with the compiler's message) and the
-fallback is used.
+`~/.cache/monoscope`), where the key hashes the source, the headers beside it, the compiler's version and the
+CPU's flags, so a cache shared between machines never hands one a library built for another. The build writes to a
+temporary name and renames it, so concurrent first uses are safe. `MONOSCOPE_NATIVE=0` turns the kernels off;
+`CC` names the compiler (default `cc`). A failed build is reported once (a warning with the compiler's message) and
+the fallback is used.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def _build(source: Path) -> Path:
     why), or without it where the compiler has none."""
     cc = os.environ.get("CC") or "cc"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), (_HERE / "parallel.h").read_bytes(), version.encode(),
-                                      _cpu_flags().encode(), " ".join(_CFLAGS).encode()])).hexdigest()[:20]
+    headers = [h.read_bytes() for h in sorted(_HERE.glob("*.h"))]  # parallel.h, bf16.h: what a source includes
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, version.encode(), _cpu_flags().encode(),
+                                      " ".join(_CFLAGS).encode()])).hexdigest()[:20]
     folder = cache_dir() / "native" / key
     lib = folder / (source.stem + ".so")
     if lib.is_file():

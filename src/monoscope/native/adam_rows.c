@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 #define LANES 16
@@ -71,13 +72,6 @@ double sum_f64(const double *x, int64_t n) {
     double s = 0.0;
     for (int64_t i = 0; i < n; i++) s += x[i];
     return s;
-}
-
-/* bf16 of x rounded to nearest even, as torch's conversion rounds it (c10::BFloat16) */
-static inline uint16_t f32_to_bf16(float x) {
-    union { float f; uint32_t u; } b = {x};
-    if ((b.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    return (uint16_t)((b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16);
 }
 
 /* One Adam step of rows [0, n_rows) of p (m: exp_avg, v: exp_avg_sq), with the gradient

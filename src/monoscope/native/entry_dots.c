@@ -14,16 +14,11 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "parallel.h"
 
 #define LANES 16
 #define AHEAD 4 /* entries whose weight rows are prefetched ahead of use */
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
 
 static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t d) {
     int64_t j = 0;

@@ -16,13 +16,8 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "parallel.h"
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
 
 #if defined(__AVX512F__)
 #define VEC 16

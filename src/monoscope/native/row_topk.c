@@ -23,66 +23,52 @@
 
 #define GROUPS 16
 
-/* how many of u[0..m) are >= cand (u unsigned keys) */
-static inline int64_t count_ge_u16(const uint16_t *u, int64_t m, uint16_t cand) {
-    int64_t c = 0, i = 0;
+/* VEC_W: keys of W bits that one 512-bit compare takes (0 where the CPU has no such compare: the scalar loops do it
+   all); GE_U_W / GE_S_W(p, t): the bit mask of the VEC_W keys at p that are >= t, unsigned / signed */
 #if defined(__AVX512BW__)
-    const __m512i t = _mm512_set1_epi16((short)cand);
-    for (; i + 32 <= m; i += 32) c += __builtin_popcount(_mm512_cmpge_epu16_mask(_mm512_loadu_si512(u + i), t));
+#define VEC_16 32
+#define GE_U_16(p, t) _mm512_cmpge_epu16_mask(_mm512_loadu_si512(p), _mm512_set1_epi16((short)(t)))
+#define GE_S_16(p, t) _mm512_cmpge_epi16_mask(_mm512_loadu_si512(p), _mm512_set1_epi16(t))
+#else
+#define VEC_16 0
+#define GE_U_16(p, t) 0u
+#define GE_S_16(p, t) 0u
 #endif
-    for (; i < m; i++) c += u[i] >= cand;
-    return c;
-}
-
-static inline int64_t count_ge_u32(const uint32_t *u, int64_t m, uint32_t cand) {
-    int64_t c = 0, i = 0;
 #if defined(__AVX512F__)
-    const __m512i t = _mm512_set1_epi32((int)cand);
-    for (; i + 16 <= m; i += 16) c += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + i), t));
+#define VEC_32 16
+#define GE_U_32(p, t) _mm512_cmpge_epu32_mask(_mm512_loadu_si512(p), _mm512_set1_epi32((int)(t)))
+#define GE_S_32(p, t) _mm512_cmpge_epi32_mask(_mm512_loadu_si512(p), _mm512_set1_epi32(t))
+#else
+#define VEC_32 0
+#define GE_U_32(p, t) 0u
+#define GE_S_32(p, t) 0u
 #endif
-    for (; i < m; i++) c += u[i] >= cand;
-    return c;
+
+#define DEFINE_KEY_SCANS(W)                                                                          \
+/* how many of u[0..m) are >= cand (unsigned keys) */                                                \
+static inline int64_t count_ge_u##W(const uint##W##_t *u, int64_t m, uint##W##_t cand) {             \
+    int64_t c = 0, i = 0;                                                                            \
+    for (; VEC_##W && i + VEC_##W <= m; i += VEC_##W) c += __builtin_popcount((uint32_t)GE_U_##W(u + i, cand)); \
+    for (; i < m; i++) c += u[i] >= cand;                                                            \
+    return c;                                                                                        \
+}                                                                                                    \
+/* the entries of row[0..n) whose key is >= t (signed), in index order: their unsigned keys (x ^ flip) into cu \
+   and their columns into ci; returns how many */                                                    \
+static inline int64_t scan_ge_i##W(const int##W##_t *row, int64_t n, int##W##_t t, uint##W##_t flip, \
+                                   uint##W##_t *cu, int64_t *ci) {                                   \
+    int64_t m = 0, j = 0;                                                                            \
+    for (; VEC_##W && j + VEC_##W <= n; j += VEC_##W)                                                \
+        for (uint32_t hit = (uint32_t)GE_S_##W(row + j, t); hit; hit &= hit - 1) {                   \
+            const int64_t c = j + __builtin_ctz(hit);                                                \
+            cu[m] = (uint##W##_t)row[c] ^ flip; ci[m] = c; m++;                                      \
+        }                                                                                            \
+    for (; j < n; j++)                                                                               \
+        if (row[j] >= t) { cu[m] = (uint##W##_t)row[j] ^ flip; ci[m] = j; m++; }                     \
+    return m;                                                                                        \
 }
 
-/* the entries of row[0..n) whose key is >= t (signed), in index order: their unsigned keys (x ^ flip) into cu and
-   their columns into ci; returns how many */
-static inline int64_t scan_ge_i16(const int16_t *row, int64_t n, int16_t t, uint16_t flip, uint16_t *cu,
-                                  int64_t *ci) {
-    int64_t m = 0, j = 0;
-#if defined(__AVX512BW__)
-    const __m512i tv = _mm512_set1_epi16(t);
-    for (; j + 32 <= n; j += 32) {
-        uint32_t hit = _mm512_cmpge_epi16_mask(_mm512_loadu_si512(row + j), tv);
-        while (hit) {
-            const int64_t c = j + __builtin_ctz(hit);
-            cu[m] = (uint16_t)row[c] ^ flip; ci[m] = c; m++;
-            hit &= hit - 1;
-        }
-    }
-#endif
-    for (; j < n; j++)
-        if (row[j] >= t) { cu[m] = (uint16_t)row[j] ^ flip; ci[m] = j; m++; }
-    return m;
-}
-
-static inline int64_t scan_ge_i32(const int32_t *row, int64_t n, int32_t t, uint32_t flip, uint32_t *cu,
-                                  int64_t *ci) {
-    int64_t m = 0, j = 0;
-#if defined(__AVX512F__)
-    const __m512i tv = _mm512_set1_epi32(t);
-    for (; j + 16 <= n; j += 16) {
-        uint32_t hit = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(row + j), tv);
-        while (hit) {
-            const int64_t c = j + __builtin_ctz(hit);
-            cu[m] = (uint32_t)row[c] ^ flip; ci[m] = c; m++;
-            hit &= hit - 1;
-        }
-    }
-#endif
-    for (; j < n; j++)
-        if (row[j] >= t) { cu[m] = (uint32_t)row[j] ^ flip; ci[m] = j; m++; }
-    return m;
-}
+DEFINE_KEY_SCANS(16)
+DEFINE_KEY_SCANS(32)
 
 #define DEFINE_ROW_TOPK(NAME, S, U, COUNT_GE, SCAN_GE)                                              \
 /* the k-th largest of u[0..m) (m >= k), and how many entries equal to it belong to the top k: bit by bit from \
