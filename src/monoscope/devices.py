@@ -31,6 +31,19 @@ The test suite sets 0, so that its golden values hold on CPUs with and without A
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (`avx512_vnni`, `amx_bf16`, ...); empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16: the CPUs where bf16 matmuls run natively (elsewhere they are emulated and slower)."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
@@ -39,14 +52,9 @@ def _cpu_has_native_bf16() -> bool:
     if forced:
         raise MonoscopeError(f"{CPU_BF16_ENV}={forced!r}: use 0 (float32 on the CPU), 1 (bf16) or leave it unset "
                              "(bf16 where the CPU has AMX or AVX512-BF16)")
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
-    except OSError:  # not Linux: ask oneDNN instead
-        pass
-    try:
+    if cpu_flags():
+        return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    try:  # not Linux: ask oneDNN instead
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

@@ -98,6 +98,13 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
     "entry_dots": {"entry_dots_bf16": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
     "relu_topk": {"relu_topk_rows_bf16": (None, [_P, _I64, _I64, _I64])},
     "feature_rows": {"feature_rows_bf16": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
+    "screen_topk": {
+        "screen_vnni": (ctypes.c_int, []),
+        "screen_packed_bytes": (_I64, [_I64, _I64]),
+        "screen_pack_w": (ctypes.c_int, [_P, _I64, _I64, _I64, ctypes.c_int, _P, _P, _P, _I64, _I64]),
+        "screen_topk_bf16": (ctypes.c_int, [_P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P,
+                                            _P]),
+    },
 }
 """Each C source (`<name>.c` beside this file) and its functions' (result, argument) types."""
 _PARALLEL: dict[str, tuple[Any, list[Any]]] = {"set_threads": (None, [ctypes.c_int]),
@@ -316,3 +323,75 @@ def relu_topk_rows(x: Tensor, k: int) -> bool:
 
     _in_parts(lib, n_rows, run)
     return True
+
+
+SCREEN_BLOCK = 64
+"""Features per block of `screen_pack`'s layout (screen_topk.c's NB)."""
+
+
+def screen_fast() -> bool:
+    """Whether the int8 screen of `screen_topk` runs on AVX512-VNNI here (elsewhere it runs as plain C: right, and
+    slower than the bf16 product it replaces)."""
+    lib = _lib("screen_topk")
+    return lib is not None and bool(lib.screen_vnni())
+
+
+def screen_pack(w: Tensor, d: int, with_bias: bool) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The int8 weights of `screen_topk` from a bf16 CPU matrix w [F, ld] whose rows hold the d weights of a feature
+    and, when `with_bias`, its bias at column d: (packed bytes, per-feature scales, biases float32; the last two
+    padded with 0s to whole blocks of `SCREEN_BLOCK`). None when the kernel is unavailable or w is not of that
+    kind."""
+    if not (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and w.stride(1) == 1
+            and 0 < d <= w.shape[1] - int(with_bias)):
+        return None
+    lib = _lib("screen_topk")
+    if lib is None:
+        return None
+    n_feat, ld = w.shape[0], w.stride(0)
+    n_blocks = -(-n_feat // SCREEN_BLOCK)
+    packed = torch.empty(int(lib.screen_packed_bytes(n_feat, d)), dtype=torch.uint8)
+    scale = torch.empty(n_blocks * SCREEN_BLOCK, dtype=torch.float32)  # padded to whole blocks
+    bias = torch.empty(n_blocks * SCREEN_BLOCK, dtype=torch.float32)
+    codes: list[int] = []
+
+    def run(lo: int, hi: int) -> None:
+        codes.append(int(lib.screen_pack_w(w.data_ptr(), n_feat, d, ld, int(with_bias), packed.data_ptr(),
+                                           scale.data_ptr(), bias.data_ptr(), lo, hi)))
+
+    _in_parts(lib, n_blocks, run)
+    if any(codes):
+        raise MemoryError(f"the native encoder screen could not allocate its buffers for rows of {d} weights")
+    return packed, scale, bias
+
+
+def screen_topk(x: Tensor, w: Tensor, screen: tuple[Tensor, Tensor, Tensor], d: int, k: int,
+                m: int) -> tuple[Tensor, Tensor] | None:
+    """Each row's k largest entries of x[:, :d_dot] · w[:, :d_dot]ᵀ (d_dot = w's row length less its padding: the
+    common width of x and w), chosen among the m best of an int8 screen of the first d columns (`screen_pack` of
+    w): (bf16 values as their int16 order view [B, k], feature indices [B, k] int64, in increasing order). x, w:
+    bf16 CPU, rows contiguous. None when the kernel is unavailable or the inputs are not of that kind."""
+    n_feat = w.shape[0]
+    if not (x.device.type == w.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and x.dim() == w.dim()
+            == 2 and x.stride(1) == w.stride(1) == 1 and x.shape[1] == w.shape[1] and 0 < k <= m <= n_feat
+            and d <= x.shape[1]):
+        return None
+    lib = _lib("screen_topk")
+    if lib is None:
+        return None
+    packed, scale, bias = screen
+    n_rows, d_dot = x.shape
+    values = torch.empty(n_rows, k, dtype=torch.int16)
+    index = torch.empty(n_rows, k, dtype=torch.int64)
+    codes: list[int] = []
+
+    def run(lo: int, hi: int) -> None:
+        codes.append(int(lib.screen_topk_bf16(x.data_ptr() + lo * x.stride(0) * 2, hi - lo, x.stride(0), d,
+                                              packed.data_ptr(), scale.data_ptr(), bias.data_ptr(), w.data_ptr(),
+                                              w.stride(0), d_dot, n_feat, m, k, values.data_ptr() + lo * k * 2,
+                                              index.data_ptr() + lo * k * 8)))
+
+    if n_rows:
+        _in_parts(lib, n_rows, run)
+    if any(codes):
+        raise MemoryError(f"the native encoder screen could not allocate its buffers for {n_feat} features")
+    return values, index

@@ -302,18 +302,27 @@ class SAE(nn.Module):
         The bias is folded into the matmul as an extra input column of ones ([x_c, 1] @
         [W_enc, b_enc]ᵀ): addmm would first copy the bias into every row of the [B, F] output,
         a pass that costs ~30% of the bf16 matmul on CPU."""
-        n_rows, d = x_c.shape
-        dev = x_c.device
-        w_aug = self._copy_buffer("enc", dtype, dev)
-        if not self._copy_current("enc", dtype, self.W_enc, self.b_enc):
-            w_aug[:, :d].copy_(self.W_enc)
-            w_aug[:, d].copy_(self.b_enc)
-        x_aug = torch.empty(n_rows, d + 1, dtype=dtype, device=dev)
-        x_aug[:, :d].copy_(x_c)
-        x_aug[:, d].fill_(1)
+        w_aug = self.encoder_in(dtype, x_c.device)
+        x_aug = with_ones(x_c, dtype)
         if out is None:
             return torch.mm(x_aug, w_aug.t())
         return torch.mm(x_aug, w_aug.t(), out=out)
+
+    @torch.no_grad()
+    def encoder_in(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """[W_enc, b_enc] [F, d + 1] in `dtype` (no autograd): the copy the fused optimiser step wrote while it is
+        current, else refreshed from the parameters."""
+        w_aug = self._copy_buffer("enc", dtype, device)
+        if not self._copy_current("enc", dtype, self.W_enc, self.b_enc):
+            d = self.cfg.d_in
+            w_aug[:, :d].copy_(self.W_enc)
+            w_aug[:, d].copy_(self.b_enc)
+        return w_aug
+
+    def encoder_copy_key(self, dtype: torch.dtype) -> tuple[int, ...] | None:
+        """What identifies the parameters `encoder_in` holds while the fused step's record of them stands (None
+        when there is none: the copy may have been refreshed by any forward)."""
+        return self._copy_keys.get(("enc", dtype)) if self._copy_current("enc", dtype, self.W_enc, self.b_enc) else None
 
     def copy_buffers(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """The buffers of the compute-dtype copies ([F, d + 1] [W_enc, b_enc] and [F, d] W_dec), made on first use."""
@@ -441,3 +450,11 @@ def fired_from_sparse(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
     index: that one lists the non-zero entries with a host sync on a GPU (and is ~4x slower on a CPU)."""
     counts = torch.zeros(d_sae, dtype=torch.int32, device=indices.device)
     return counts.index_add_(0, indices.reshape(-1), (values.reshape(-1) != 0).to(torch.int32)) > 0
+
+
+def with_ones(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[x, 1] [B, d + 1] in `dtype`: the encoder input that meets `encoder_in`'s bias column."""
+    out = torch.empty(x.shape[0], x.shape[1] + 1, dtype=dtype, device=x.device)
+    out[:, : x.shape[1]].copy_(x)
+    out[:, x.shape[1]].fill_(1)
+    return out

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from monoscope import native
+from monoscope.devices import cpu_flags
 from monoscope.errors import MonoscopeError
-from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse
+from monoscope.sae.base import SAE, ForwardOutput, fired_from_sparse, with_ones
 from monoscope.sae.config import SAEConfig
 from monoscope.sae.sparse import (
     SparsePattern,
@@ -58,6 +59,23 @@ BLOCK_AUXK_DEAD_PER_K_AUX: dict[torch.dtype, int] = {torch.bfloat16: 24, torch.f
 many times k_aux, and through the per-entry sparse kernels above that. Measured on a 2-core AMX CPU (4096 rows,
 576 -> 9,216, k_aux 288): the block is 1.8x faster at 2,500 dead and even at 6,000 in bf16, and breaks even near
 3,000 in float32, whose matmuls are ~8x slower (an AVX2 CPU without AMX is slower still, hence the float32 margin)."""
+
+
+SCREEN_CANDIDATES_PER_K = 2
+"""The int8 screen re-scores this many candidates per active feature exactly (`SAEConfig.encoder_screen`). On 4,096
+held-out rows of a 16x SAE trained on the default corpus (k 32): with 1.25k candidates 99.8% of the rows chose the
+bf16 product's features, with 2k every row (benchmarks/screen_topk.py)."""
+SCREEN_MIN_ROWS, SCREEN_MIN_FEATURES = 256, 2048
+"""`encoder_screen="auto"` screens batches of at least this many rows and SAEs of at least this many features."""
+
+
+def _screen_applies(mode: str, x_c: Tensor, cd: torch.dtype, n_feat: int, k: int) -> bool:
+    if mode == "off" or x_c.device.type != "cpu" or cd != torch.bfloat16 or SCREEN_CANDIDATES_PER_K * k > n_feat:
+        return False
+    if mode == "int8":
+        return True
+    return (x_c.shape[0] >= SCREEN_MIN_ROWS and n_feat >= SCREEN_MIN_FEATURES and "amx_bf16" not in cpu_flags()
+            and native.screen_fast())
 
 
 def _block_auxk(device: torch.device, cd: torch.dtype, n_dead: int, k_aux: int) -> bool:
@@ -93,7 +111,8 @@ class _Selected(NamedTuple):
     pattern: SparsePattern
     indices: Tensor
     offsets: Tensor | None
-    pre: Tensor  # [B, F] pre-activations (no grad on the sparse path: the reused workspace)
+    pre: Tensor | None  # [B, F] pre-activations (no grad on the sparse path: the reused workspace); None when
+    # the int8 screen chose the entries (`_screened_select`)
     xs: Tensor  # encoder input for `gather_linear`
     shift: Tensor | None  # its x_shift (b_dec when subtracted from x needing no gradient)
 
@@ -125,6 +144,15 @@ class _TopKStyle(SAE):
         if ws is None or ws.shape != shape or ws.dtype != cd or ws.device != x_c.device:
             ws = self._workspace = torch.empty(shape, dtype=cd, device=x_c.device)
         return self._encode_nograd(x_c, cd, out=ws)
+
+    def _dense_pre(self, sel: _Selected, cd: torch.dtype) -> Tensor:
+        """The forward's no-grad [B, F] pre-activations of `sel`'s rows, computed now when the screen skipped them."""
+        return sel.pre if sel.pre is not None else self._pre_acts(sel.x_c, cd, with_grad=False)
+
+    def _screened_select(self, x_c: Tensor, cd: torch.dtype) -> tuple[Tensor, SparsePattern, Tensor, None] | None:
+        """`_select`'s result through the int8 screen (`SAEConfig.encoder_screen`), or None where it does not
+        apply: per-row top-k only (`TopKSAE`)."""
+        return None
 
     def _gather(
         self,
@@ -168,7 +196,8 @@ class _TopKStyle(SAE):
         if sub is not None:  # a strided subset of the rows (`SAEConfig.aux_rows`)
             x_c, err = x_c[sub], err[sub]
             if sel is not None:
-                sel = sel._replace(x_c=sel.x_c[sub], xs=sel.xs[sub].contiguous(), pre=sel.pre[sub])
+                sel = sel._replace(x_c=sel.x_c[sub], xs=sel.xs[sub].contiguous(),
+                                   pre=None if sel.pre is None else sel.pre[sub])
         if sel is not None and not sel.dense and x_c.device.type in SYNC_FREE_AUXK_DEVICES:
             return self._auxk_masked(err, dead_mask.to(x_c.device), cd, sel)
         dead_idx = dead_mask.to(x_c.device).nonzero().squeeze(1)  # [n_dead]
@@ -195,7 +224,7 @@ class _TopKStyle(SAE):
             return self._aux_term(e_hat, err, scale)
         if sel is not None and not sel.dense:
             with torch.no_grad():
-                pre_dead = sel.pre.index_select(1, dead_idx)  # [B, n_dead]
+                pre_dead = self._dense_pre(sel, cd).index_select(1, dead_idx)  # [B, n_dead]
                 key_v, local = _row_topk(_order_view(pre_dead), k_aux)  # [B, k_aux]
                 values = key_v.view(pre_dead.dtype)
                 pattern = SparsePattern(dead_idx[local], self.cfg.d_sae)
@@ -235,9 +264,9 @@ class _TopKStyle(SAE):
         runs at hundreds of TFLOP/s, they cost about as much as the encoder's own product."""
         k_aux = int(self.cfg.k_aux)  # type: ignore[arg-type]
         with torch.no_grad():
-            masked = sel.pre.masked_fill(~dead, float("-inf"))  # [B, F]
+            masked = self._dense_pre(sel, cd).masked_fill(~dead, float("-inf"))  # [B, F]
             _, idx = _order_view(masked).topk(min(k_aux, self.cfg.d_sae), dim=1, sorted=False)  # [B, k_aux]
-            keep = torch.zeros_like(sel.pre).scatter_(1, idx, dead[idx].to(sel.pre.dtype))  # [B, F] chosen dead
+            keep = torch.zeros_like(masked).scatter_(1, idx, dead[idx].to(masked.dtype))  # [B, F] chosen dead
             scale = (dead.sum() / k_aux).clamp(max=1.0)  # min(n_dead / k_aux, 1), on the device
         pre = F.linear(sel.x_c, self.W_enc.to(cd), self.b_enc.to(cd))  # [B, F], differentiable (b_dec's too)
         e_hat = (torch.relu(pre) * keep) @ self.W_dec.to(cd)  # [B, d] in cd
@@ -262,9 +291,13 @@ class _TopKStyle(SAE):
         cd = self.compute_dtype(x.device)
         x32, x_c = self._prepare_input(x, cd)
         dense = not self.cfg.sparse_kernels
-        pre = self._pre_acts(x_c, cd, with_grad=dense)  # [B, F]
-        with torch.no_grad():
-            values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
+        screened = None if dense else self._screened_select(x_c, cd)
+        if screened is not None:  # no [B, F] product: `pre` is made only if AuxK asks for it (`_dense_pre`)
+            pre, (values, pattern, indices, offsets) = None, screened
+        else:
+            pre = self._pre_acts(x_c, cd, with_grad=dense)  # [B, F]
+            with torch.no_grad():
+                values, pattern, indices, offsets = self._select(pre.detach(), update=self.training)
         xs, shift = self._sparse_encoder_input(x32, x_c)
         vals = self._gather(pre, values, pattern, xs, dense, shift).float().relu()  # like `values`
         return _Selected(cd, x32, x_c, dense, vals, pattern, indices, offsets, pre, xs, shift)
@@ -289,12 +322,33 @@ class TopKSAE(_TopKStyle):
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__(cfg)
+        # the int8 weights of the encoder screen and the `encoder_copy_key` they were packed from
+        self._screen_w: tuple[Tensor, Tensor, Tensor] | None = None
+        self._screen_key: tuple[int, ...] | None = None
         self._finish_init(generator)
 
     def _select(self, pre: Tensor, update: bool = False) -> tuple[Tensor, SparsePattern, Tensor, None]:
         key_v, top_i = _row_topk(_order_view(pre), int(self.cfg.k))  # type: ignore[arg-type]
         top_v = key_v.view(pre.dtype)  # [B, k]
         return top_v, SparsePattern(top_i, self.cfg.d_sae), top_i, None
+
+    def _screened_select(self, x_c: Tensor, cd: torch.dtype) -> tuple[Tensor, SparsePattern, Tensor, None] | None:
+        k = int(self.cfg.k)  # type: ignore[arg-type]
+        if not _screen_applies(self.cfg.encoder_screen, x_c, cd, self.cfg.d_sae, k):
+            return None
+        w_aug = self.encoder_in(cd, x_c.device)  # [F, d + 1]
+        key = self.encoder_copy_key(cd)
+        if key is None or self._screen_key != key or self._screen_w is None:
+            self._screen_w = native.screen_pack(w_aug, self.cfg.d_in, with_bias=True)
+            self._screen_key = key
+        if self._screen_w is None:
+            return None
+        got = native.screen_topk(with_ones(x_c, cd), w_aug, self._screen_w, self.cfg.d_in, k,
+                                 min(self.cfg.d_sae, SCREEN_CANDIDATES_PER_K * k))
+        if got is None:
+            return None
+        key_v, top_i = got
+        return key_v.view(cd), SparsePattern(top_i, self.cfg.d_sae), top_i, None
 
 
 class BatchTopKSAE(_TopKStyle):
