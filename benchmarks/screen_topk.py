@@ -35,14 +35,14 @@ def best_of(fn: Any, reps: int) -> float:
     return min(times)
 
 
-def shared(a: torch.Tensor, b: torch.Tensor, n_feat: int) -> tuple[float, float]:
-    """(fraction of a's chosen features that b chose too, fraction of rows where both chose the same)."""
+def shared(a: torch.Tensor, b: torch.Tensor, n_feat: int) -> dict[str, float]:
+    """The fraction of a's chosen features that b chose too, and of the rows where both chose the same."""
     rows = torch.arange(a.shape[0]).unsqueeze(1)
     ma = torch.zeros(a.shape[0], n_feat, dtype=torch.bool)
     ma[rows, a] = True
     mb = torch.zeros_like(ma)
     mb[rows, b] = True
-    return float((ma & mb).sum() / a.numel()), float((ma == mb).all(1).float().mean())
+    return {"features": float((ma & mb).sum() / a.numel()), "rows": float((ma == mb).all(1).float().mean())}
 
 
 def main() -> None:
@@ -72,8 +72,7 @@ def main() -> None:
             return _row_topk(_order_view(out), k)[1]
 
         bf16 = whole()
-        agreement: dict[str, Any] = {"bf16 product vs float32": dict(zip(("features", "rows"),
-                                                                          shared(bf16, exact32, n_feat)))}
+        agreement: dict[str, Any] = {"bf16 product vs float32": shared(bf16, exact32, n_feat)}
         packed = native.screen_pack(w_aug, d, with_bias=True)
         if packed is None:
             raise SystemExit("the C kernels are off or could not be built here: the screen needs them")
@@ -81,9 +80,15 @@ def main() -> None:
         for m in ms:
             got = native.screen_topk(x_aug, w_aug, packed, d, k, m)
             assert got is not None
-            agreement[f"screen m={m} vs bf16 product"] = dict(zip(("features", "rows"), shared(got[1], bf16, n_feat)))
-            agreement[f"screen m={m} vs float32"] = dict(zip(("features", "rows"), shared(got[1], exact32, n_feat)))
+            agreement[f"screen m={m} vs bf16 product"] = shared(got[1], bf16, n_feat)
+            agreement[f"screen m={m} vs float32"] = shared(got[1], exact32, n_feat)
         m = SCREEN_CANDIDATES_PER_K * k
+        got = native.screen_topk(x_aug, w_aug, packed, d, k, m)
+        assert got is not None
+        same = got[1] == bf16  # [B, k] entries where both chose the same feature at the same place
+        bf16_vals = _order_view(out).gather(1, bf16)
+        agreement[f"screen m={m}: values equal to the bf16 product's where the features agree"] = float(
+            (got[0] == bf16_vals)[same].float().mean())
         t_whole = best_of(whole, args.reps)
         t_pack = best_of(lambda: native.screen_pack(w_aug, d, with_bias=True), args.reps)
         t_screen = best_of(lambda: native.screen_topk(x_aug, w_aug, packed, d, k, m), args.reps)

@@ -67,12 +67,15 @@ def _kernel_times(tr: Trainer, steps: int) -> dict[str, float]:
     """Seconds per step spent in each of the step's kernels, timed by wrapping the functions the step calls (the
     sparse kernels' backward halves run inside autograd, so a phase timer cannot separate them) over `steps`
     trainer steps; "rest": the step's time that none of them covers (input preparation, AuxK, autograd, counters)."""
+    from monoscope import native
     from monoscope.sae import base, sparse
     from monoscope.sae import topk as topk_mod
 
     targets = {
         "encoder product (bias folded in)": (base.SAE, "_encode_nograd"),
         "row top-k": (topk_mod, "_row_topk"),
+        "int8 screen (product, top-k, exact re-score)": (native, "screen_topk"),
+        "int8 screen's weight packing": (native, "screen_pack"),
         "decode (forward)": (base.SAE, "_sparse_decode"),
         "loss and metrics (forward)": (base.SAE, "_output"),
         "value gradient (entry dots)": (sparse, "entry_dots"),
