@@ -54,6 +54,9 @@ class RowStream(ABC):
         the permutation, one copy of the batch instead of a copy of the whole window and then of the batch."""
         if self._cached is not None and self._cached[0] == index:
             return self._cached[1], self._cached[2]
+        # the old window goes before the new one is read: its memory (hundreds of MB) is then free for the new one to
+        # reuse, which the trainer has glibc keep (`devices.keep_freed_cpu_memory`), instead of being page-faulted in
+        self._cached = None
         chunk = self.load_chunk(index)
         if chunk is None:
             self._cached = None
@@ -81,6 +84,7 @@ class RowStream(ABC):
             offset += take
             if offset >= len(chunk.rows):
                 chunk_i, offset = chunk_i + 1, 0
+            del got, chunk, perm, idx  # no reference to this window while the next one loads (`_shuffled`)
         if need:  # the source ended: the partial tail is dropped so every batch has batch_size rows
             raise StopIteration
         self._chunk, self._offset = chunk_i, offset
