@@ -12,15 +12,19 @@
  *
  * Per block of ROWS rows, the int8 product of the block and all features goes into a buffer that stays in the
  * core's L2 (48 x 9,216 16-bit keys: 0.9 MB), and the top-m search reads it there, instead of a [B, F] matrix from
- * memory. The product's inner kernel keeps 6 rows x 64 features of int32 sums in 24 zmm registers: on a 2-core
- * Zen 4 it runs at ~0.9 of the CPU's 0.83 int8 TOPS... measured in benchmarks/screen_topk.py. Without AVX512-VNNI
- * the same arithmetic runs as plain C (exact, slow: the caller does not choose the screen there). */
+ * memory. The product's inner kernel keeps 6 rows x 64 features of int32 sums in 24 zmm registers (the scores are
+ * made from them in a second loop: computed in the same loop, they pushed the sums out of their registers) and runs
+ * at one vpdpbusd per cycle per core, ~0.9 int8 TOPS on a 2-core Zen 4 (benchmarks/screen_topk.py times the whole
+ * screen). Without AVX512-VNNI the same arithmetic runs as plain C (same results, slow: "auto" does not choose the
+ * screen there). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define SCREEN_VNNI 1
 #else
 #define SCREEN_VNNI 0
