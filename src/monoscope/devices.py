@@ -52,8 +52,9 @@ def _cpu_has_native_bf16() -> bool:
     if forced:
         raise MonoscopeError(f"{CPU_BF16_ENV}={forced!r}: use 0 (float32 on the CPU), 1 (bf16) or leave it unset "
                              "(bf16 where the CPU has AMX or AVX512-BF16)")
-    if cpu_flags():
-        return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    flags = cpu_flags()
+    if flags:
+        return bool({"amx_bf16", "avx512_bf16"} & flags)
     try:  # not Linux: ask oneDNN instead
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

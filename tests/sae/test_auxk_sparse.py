@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monoscope.sae import SAEConfig, build_sae
+from monoscope.sae import SAEConfig
+from tests.sae.sae_pairs import sae_pair
 
 D, N_FEAT, B = 12, 48, 10
 CPU_PATHS = {"entries": {}, "block": {torch.float32: 10**6, torch.bfloat16: 10**6}}
@@ -24,20 +25,10 @@ def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _pair(arch: str, **kw: object) -> tuple[torch.nn.Module, torch.nn.Module]:
-    extra: dict[str, object] = {"target_hook": "mlp_out.1", "target_normaliser": 0.7, "hook": "mlp_in.1",
-                                "b_dec_to_input": False} if arch == "transcoder" else {}
-    if arch == "matryoshka":
-        extra["prefixes"] = [16, 48]
-    saes = []
-    for sparse in (True, False):
-        cfg = SAEConfig(arch=arch, d_in=D, d_sae=N_FEAT, k=3, k_aux=5, aux_coef=0.5, sparse_kernels=sparse,
-                        **{"compute_dtype": "float32", **extra, **kw})  # type: ignore[arg-type]
-        sae = build_sae(cfg, seed=0)
-        with torch.no_grad():
-            sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-            sae.b_dec.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
-        saes.append(sae)
-    return saes[0], saes[1]
+    """(sparse kernels, dense reference) of one architecture, in float32 unless `kw` says otherwise."""
+    return sae_pair(arch, "sparse_kernels", (True, False), 0.3, 0.5,
+                    **{"d_in": D, "d_sae": N_FEAT, "k": 3, "k_aux": 5, "aux_coef": 0.5, "compute_dtype": "float32",
+                       **kw})
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka", "transcoder"])

@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from monoscope import native
-from monoscope.sae import SAEConfig, build_sae
+from monoscope.devices import cpu_flags
+from monoscope.sae import SAEConfig
 from monoscope.sae import topk as topk_mod
 from monoscope.sae.config import SAEConfigError
 from monoscope.sae.topk import _order_view
 from tests.native_marks import needs_native
+from tests.sae.sae_pairs import sae_pair
 
 _WITHOUT = {"plain C": "-mno-avx512vnni -mno-avxvnni", "no AVX-512": "-mno-avx512f"}
 
@@ -66,7 +68,7 @@ def test_all_candidates_give_the_exact_top_k(build: str, n_rows: int, d: int, n_
     for bit, whatever the int8 product says. Shapes: whole blocks, a feature count and a d that are not (padding of
     the last block of 64 features and of d to a multiple of 4), more rows than one block of 48."""
     x, w = _inputs(n_rows, d, n_feat, seed=n_feat)
-    assert native.screen_fast() == (build == "native" and "avx512_vnni" in _flags())
+    assert native.screen_fast() == (build == "native" and "avx512_vnni" in cpu_flags())
     packed = native.screen_pack(w, d, with_bias=True)
     assert packed is not None
     got = native.screen_topk(x, w, packed, d, k, m=n_feat)
@@ -111,25 +113,10 @@ def test_packed_scales_and_padding(build: str) -> None:
     assert packed[:4].tolist() == q.tolist()
 
 
-def _flags() -> frozenset[str]:
-    from monoscope.devices import cpu_flags
-
-    return cpu_flags()
-
-
-def _sae_pair(arch: str = "topk", **kw: object) -> tuple[torch.nn.Module, torch.nn.Module]:
-    extra: dict[str, object] = {"target_hook": "mlp_out.1", "target_normaliser": 0.7, "hook": "mlp_in.1",
-                                "b_dec_to_input": False} if arch == "transcoder" else {}
-    saes = []
-    for mode in ("int8", "off"):
-        cfg = SAEConfig(arch=arch, d_in=64, d_sae=512, k=8, k_aux=16, aux_coef=0.5, compute_dtype="bfloat16",
-                        encoder_screen=mode, **{**extra, **kw})  # type: ignore[arg-type]
-        sae = build_sae(cfg, seed=0)
-        with torch.no_grad():
-            sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-            sae.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
-        saes.append(sae)
-    return saes[0], saes[1]
+def _sae_pair(arch: str = "topk") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(screened, whole product) of one architecture in bf16."""
+    return sae_pair(arch, "encoder_screen", ("int8", "off"), 0.1, 0.3, d_in=64, d_sae=512, k=8, k_aux=16,
+                    aux_coef=0.5, compute_dtype="bfloat16")
 
 
 @needs_native

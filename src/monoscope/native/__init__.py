@@ -100,6 +100,7 @@ _SIGNATURES: dict[str, dict[str, tuple[Any, list[Any]]]] = {
     "feature_rows": {"feature_rows_bf16": (None, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P])},
     "screen_topk": {
         "screen_vnni": (ctypes.c_int, []),
+        "screen_block": (_I64, []),
         "screen_packed_bytes": (_I64, [_I64, _I64]),
         "screen_pack_w": (ctypes.c_int, [_P, _I64, _I64, _I64, ctypes.c_int, _P, _P, _P, _I64, _I64]),
         "screen_topk_bf16": (ctypes.c_int, [_P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P,
@@ -325,10 +326,6 @@ def relu_topk_rows(x: Tensor, k: int) -> bool:
     return True
 
 
-SCREEN_BLOCK = 64
-"""Features per block of `screen_pack`'s layout (screen_topk.c's NB)."""
-
-
 def screen_fast() -> bool:
     """Whether the int8 screen of `screen_topk` runs on AVX512-VNNI here (elsewhere it runs as plain C: right, and
     slower than the bf16 product it replaces)."""
@@ -339,7 +336,7 @@ def screen_fast() -> bool:
 def screen_pack(w: Tensor, d: int, with_bias: bool) -> tuple[Tensor, Tensor, Tensor] | None:
     """The int8 weights of `screen_topk` from a bf16 CPU matrix w [F, ld] whose rows hold the d weights of a feature
     and, when `with_bias`, its bias at column d: (packed bytes, per-feature scales, biases float32; the last two
-    padded with 0s to whole blocks of `SCREEN_BLOCK`). None when the kernel is unavailable or w is not of that
+    padded with 0s to whole blocks of the layout's features). None when the kernel is unavailable or w is not of that
     kind."""
     if not (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and w.stride(1) == 1
             and 0 < d <= w.shape[1] - int(with_bias)):
@@ -348,10 +345,11 @@ def screen_pack(w: Tensor, d: int, with_bias: bool) -> tuple[Tensor, Tensor, Ten
     if lib is None:
         return None
     n_feat, ld = w.shape[0], w.stride(0)
-    n_blocks = -(-n_feat // SCREEN_BLOCK)
+    block = int(lib.screen_block())
+    n_blocks = -(-n_feat // block)
     packed = torch.empty(int(lib.screen_packed_bytes(n_feat, d)), dtype=torch.uint8)
-    scale = torch.empty(n_blocks * SCREEN_BLOCK, dtype=torch.float32)  # padded to whole blocks
-    bias = torch.empty(n_blocks * SCREEN_BLOCK, dtype=torch.float32)
+    scale = torch.empty(n_blocks * block, dtype=torch.float32)  # padded to whole blocks
+    bias = torch.empty(n_blocks * block, dtype=torch.float32)
     codes: list[int] = []
 
     def run(lo: int, hi: int) -> None:

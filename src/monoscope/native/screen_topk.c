@@ -41,6 +41,9 @@
 
 int screen_vnni(void) { return SCREEN_VNNI; }
 
+/* features per block of the packed layout (the caller pads its per-feature arrays to whole blocks) */
+int64_t screen_block(void) { return NB; }
+
 static inline int64_t k4_of(int64_t d) { return (d + 3) / 4 * 4; }
 
 /* q[0..d) = v / scale rounded to int8 (to nearest even, within +-127), scale = max |v| / 127 (0 for a row of 0s),
